@@ -1,0 +1,418 @@
+"""Element-wise activations sigma and their backward functions (notes, 7.3-7.4).
+
+For an element-wise module u = sigma(z) the backward function is
+
+    B[sigma, z](v) = sigma'(z) (.) v                                    (7.69)
+
+Every rule below is written for one example and works on any shape. Each is
+wired the same way: a public forward ``f``, ``f_fwd`` returning the output and a
+small NamedTuple of residuals, ``f_bwd`` returning one cotangent per primal
+argument, and ``defvjp``. Kink conventions follow ``jax.nn``: the derivative of
+``relu`` at 0 is 0, the derivative of ``leaky_relu`` at 0 is ``gamma``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.scipy.special import erf
+
+from fnbp import _validate
+from fnbp.checking import check, check_finite
+
+
+def _float_input(fn: str, z: Array) -> Array:
+    _validate.require_float(fn, "z", z)
+    check_finite(fn, "z", z)
+    return jnp.asarray(z)
+
+
+def _scalar_setting(fn: str, name: str, value, z: Array) -> Array:
+    """A scalar setting as an array; a Python number takes z's dtype."""
+    if isinstance(value, (int, float)):
+        return jnp.asarray(value, dtype=z.dtype)
+    _validate.require_float(fn, name, value)
+    _validate.require_scalar(fn, name, value)
+    return jnp.asarray(value)
+
+
+# --- ReLU (7.11) -------------------------------------------------------------
+
+
+class ReluResiduals(NamedTuple):
+    """``mask = 1[z > 0]``: a boolean, all B[relu, z] needs."""
+
+    mask: Array
+
+
+def _relu_forward(z: Array) -> Array:
+    return jnp.maximum(z, jnp.zeros((), z.dtype))
+
+
+@jax.custom_vjp
+def _relu(z: Array) -> Array:
+    return _relu_forward(z)
+
+
+def relu_fwd(z: Array) -> tuple[Array, ReluResiduals]:
+    """Forward pass of :func:`relu` with its residuals."""
+    return _relu_forward(z), ReluResiduals(z > 0)
+
+
+def relu_bwd(res: ReluResiduals, v: Array) -> tuple[Array]:
+    """B[relu, z](v) = 1[z > 0] (.) v; the derivative at z = 0 is 0."""
+    return (jnp.where(res.mask, v, jnp.zeros((), v.dtype)),)
+
+
+_relu.defvjp(relu_fwd, relu_bwd)
+
+
+def relu(z: Array) -> Array:
+    """ReLU(z) = max(z, 0) (eq. 7.11), element-wise.
+
+    Kink convention: relu'(0) = 0, as ``jax.nn.relu``.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      Array of z's shape and dtype.
+    """
+    return _relu(_float_input("relu", z))
+
+
+# --- sigmoid (7.24) ------------------------------------------------------------
+
+
+class SigmoidResiduals(NamedTuple):
+    """The output ``s = sigmoid(z)``: sigma'(z) = s (1 - s) needs nothing else."""
+
+    s: Array
+
+
+@jax.custom_vjp
+def _sigmoid(z: Array) -> Array:
+    return jax.lax.logistic(z)
+
+
+def sigmoid_fwd(z: Array) -> tuple[Array, SigmoidResiduals]:
+    """Forward pass of :func:`sigmoid` with its residuals."""
+    s = jax.lax.logistic(z)
+    return s, SigmoidResiduals(s)
+
+
+def sigmoid_bwd(res: SigmoidResiduals, v: Array) -> tuple[Array]:
+    """B[sigmoid, z](v) = s (1 - s) (.) v with s = sigmoid(z)."""
+    s = res.s
+    return (s * (1 - s) * v,)
+
+
+_sigmoid.defvjp(sigmoid_fwd, sigmoid_bwd)
+
+
+def sigmoid(z: Array) -> Array:
+    """sigmoid(z) = 1 / (1 + exp(-z)) (eq. 7.24), element-wise, stable for all z.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      Array of z's shape and dtype.
+    """
+    return _sigmoid(_float_input("sigmoid", z))
+
+
+# --- tanh (7.25) ---------------------------------------------------------------
+
+
+class TanhResiduals(NamedTuple):
+    """The output ``y = tanh(z)``: tanh'(z) = 1 - y^2."""
+
+    y: Array
+
+
+@jax.custom_vjp
+def _tanh(z: Array) -> Array:
+    return jnp.tanh(z)
+
+
+def tanh_fwd(z: Array) -> tuple[Array, TanhResiduals]:
+    """Forward pass of :func:`tanh` with its residuals."""
+    y = jnp.tanh(z)
+    return y, TanhResiduals(y)
+
+
+def tanh_bwd(res: TanhResiduals, v: Array) -> tuple[Array]:
+    """B[tanh, z](v) = (1 - tanh(z)^2) (.) v."""
+    y = res.y
+    return ((1 - y * y) * v,)
+
+
+_tanh.defvjp(tanh_fwd, tanh_bwd)
+
+
+def tanh(z: Array) -> Array:
+    """tanh(z) = (e^z - e^-z) / (e^z + e^-z) (eq. 7.25), element-wise.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      Array of z's shape and dtype.
+    """
+    return _tanh(_float_input("tanh", z))
+
+
+# --- leaky ReLU (7.26) ---------------------------------------------------------
+
+
+class LeakyReluResiduals(NamedTuple):
+    """The input ``z`` (its sign and, for d gamma, its value) and ``gamma``."""
+
+    z: Array
+    gamma: Array
+
+
+def _leaky_relu_forward(z: Array, gamma: Array) -> Array:
+    return jnp.where(z > 0, z, gamma.astype(z.dtype) * z)
+
+
+@jax.custom_vjp
+def _leaky_relu(z: Array, gamma: Array) -> Array:
+    return _leaky_relu_forward(z, gamma)
+
+
+def leaky_relu_fwd(z: Array, gamma: Array) -> tuple[Array, LeakyReluResiduals]:
+    """Forward pass of :func:`leaky_relu` with its residuals."""
+    return _leaky_relu_forward(z, gamma), LeakyReluResiduals(z, gamma)
+
+
+def leaky_relu_bwd(res: LeakyReluResiduals, v: Array) -> tuple[Array, Array]:
+    """B[leaky_relu, z](v) = where(z > 0, 1, gamma) (.) v; at z = 0 the slope is gamma.
+
+    The scalar ``gamma`` gets its cotangent too,
+    d gamma = sum over all entries of where(z > 0, 0, z) (.) v,
+    so a learnable slope (PReLU) trains with the same rule.
+    """
+    z, gamma = res
+    positive = z > 0
+    dz = jnp.where(positive, v, gamma.astype(v.dtype) * v)
+    dgamma = jnp.sum(jnp.where(positive, jnp.zeros((), v.dtype), z * v),
+                     dtype=jnp.promote_types(gamma.dtype, jnp.float32))
+    return dz, dgamma.astype(gamma.dtype)
+
+
+_leaky_relu.defvjp(leaky_relu_fwd, leaky_relu_bwd)
+
+
+def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
+    """Leaky ReLU max(z, gamma z) (eq. 7.26) for gamma in (0, 1), element-wise.
+
+    Kink convention: the derivative at z = 0 is ``gamma`` (``where(z > 0, 1,
+    gamma)``), as ``jax.nn.leaky_relu``.
+
+    Args:
+      z: floating array of any shape.
+      gamma: scalar slope for z <= 0, in the open interval (0, 1); a Python
+        number takes z's dtype. It is differentiable.
+
+    Returns:
+      Array of z's shape and dtype.
+
+    Raises:
+      ValueError: a concrete ``gamma`` outside (0, 1) or not a scalar. A
+        traced ``gamma`` is checked at run time under :func:`fnbp.checked`.
+    """
+    z = _float_input("leaky_relu", z)
+    gamma = _scalar_setting("leaky_relu", "gamma", gamma, z)
+    _validate.require_open_interval("leaky_relu", "gamma", gamma, 0.0, 1.0)
+    check((gamma > 0) & (gamma < 1),
+          "leaky_relu: gamma must lie in the open interval (0, 1)")
+    return _leaky_relu(z, gamma)
+
+
+# --- GELU (7.27) ---------------------------------------------------------------
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_K = math.sqrt(2.0 / math.pi)
+_TANH_C = 0.044715
+
+
+class GeluResiduals(NamedTuple):
+    """The input ``z``: GELU'(z) = Phi(z) + z phi(z) needs it."""
+
+    z: Array
+
+
+def _gelu_forward(z: Array, approximate: bool) -> Array:
+    if approximate:
+        inner = _TANH_K * (z + _TANH_C * z * z * z)
+        return 0.5 * z * (1 + jnp.tanh(inner))
+    return 0.5 * z * (1 + erf(z / _SQRT_2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gelu(z: Array, approximate: bool) -> Array:
+    return _gelu_forward(z, approximate)
+
+
+def gelu_fwd(z: Array, approximate: bool = False) -> tuple[Array, GeluResiduals]:
+    """Forward pass of :func:`gelu` with its residuals."""
+    return _gelu_forward(z, approximate), GeluResiduals(z)
+
+
+def gelu_bwd(approximate: bool, res: GeluResiduals, v: Array) -> tuple[Array]:
+    """B[GELU, z](v) = (Phi(z) + z phi(z)) (.) v for the exact form.
+
+    Phi is the standard normal CDF, phi its density. For ``approximate=True``
+    the derivative of the tanh form
+    0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2), with
+    t = tanh(sqrt(2/pi) (z + 0.044715 z^3)).
+    """
+    z = res.z
+    if approximate:
+        t = jnp.tanh(_TANH_K * (z + _TANH_C * z * z * z))
+        slope = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _TANH_K * (1 + 3 * _TANH_C * z * z)
+    else:
+        cdf = 0.5 * (1 + erf(z / _SQRT_2))
+        pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
+        slope = cdf + z * pdf
+    return (slope.astype(v.dtype) * v,)
+
+
+_gelu.defvjp(gelu_fwd, gelu_bwd)
+
+
+def gelu(z: Array, approximate: bool = False) -> Array:
+    """GELU(z) = z Phi(z) = (z / 2)(1 + erf(z / sqrt 2)) (eq. 7.27), element-wise.
+
+    Args:
+      z: floating array of any shape.
+      approximate: a static bool; ``False`` (default) is the exact erf form of
+        the notes, ``True`` the tanh approximation
+        0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).
+
+    Returns:
+      Array of z's shape and dtype.
+    """
+    if not isinstance(approximate, bool):
+        raise TypeError(
+            f"gelu: approximate must be a Python bool (a static setting), got "
+            f"{type(approximate).__name__}"
+        )
+    return _gelu(_float_input("gelu", z), approximate)
+
+
+# --- softplus (7.28) -----------------------------------------------------------
+
+
+class SoftplusResiduals(NamedTuple):
+    """``z``, ``beta``, the output ``u`` and ``s = sigmoid(beta z)``."""
+
+    z: Array
+    beta: Array
+    u: Array
+    s: Array
+
+
+def _softplus_forward(z: Array, beta: Array) -> Array:
+    beta = beta.astype(z.dtype)
+    return jnp.logaddexp(jnp.zeros((), z.dtype), beta * z) / beta
+
+
+@jax.custom_vjp
+def _softplus(z: Array, beta: Array) -> Array:
+    return _softplus_forward(z, beta)
+
+
+def softplus_fwd(z: Array, beta: Array) -> tuple[Array, SoftplusResiduals]:
+    """Forward pass of :func:`softplus` with its residuals."""
+    u = _softplus_forward(z, beta)
+    s = jax.lax.logistic(beta.astype(z.dtype) * z)
+    return u, SoftplusResiduals(z, beta, u, s)
+
+
+def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
+    """B[softplus, z](v) = sigmoid(beta z) (.) v, stable for any beta z.
+
+    The scalar ``beta`` gets its cotangent
+    d beta = sum of (z s - u) / beta (.) v, with s = sigmoid(beta z), u the output.
+    """
+    z, beta, u, s = res
+    dz = s * v
+    dbeta = jnp.sum((z * s - u) * v / beta.astype(z.dtype),
+                    dtype=jnp.promote_types(beta.dtype, jnp.float32))
+    return dz, dbeta.astype(beta.dtype)
+
+
+_softplus.defvjp(softplus_fwd, softplus_bwd)
+
+
+def softplus(z: Array, beta: float | Array = 1.0) -> Array:
+    """softplus(z) = (1 / beta) log(1 + exp(beta z)) (eq. 7.28), element-wise.
+
+    Computed as ``logaddexp(0, beta z) / beta``: no overflow for large beta z.
+
+    Args:
+      z: floating array of any shape.
+      beta: scalar > 0; a Python number takes z's dtype. It is differentiable.
+
+    Returns:
+      Array of z's shape and dtype.
+
+    Raises:
+      ValueError: a concrete ``beta`` <= 0 or not a scalar.
+    """
+    z = _float_input("softplus", z)
+    beta = _scalar_setting("softplus", "beta", beta, z)
+    _validate.require_positive("softplus", "beta", beta)
+    check(beta > 0, "softplus: beta must be > 0")
+    return _softplus(z, beta)
+
+
+# --- SiLU / swish ----------------------------------------------------------------
+
+
+class SiluResiduals(NamedTuple):
+    """The input ``z`` and ``s = sigmoid(z)``."""
+
+    z: Array
+    s: Array
+
+
+@jax.custom_vjp
+def _silu(z: Array) -> Array:
+    return z * jax.lax.logistic(z)
+
+
+def silu_fwd(z: Array) -> tuple[Array, SiluResiduals]:
+    """Forward pass of :func:`silu` with its residuals."""
+    s = jax.lax.logistic(z)
+    return z * s, SiluResiduals(z, s)
+
+
+def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
+    """B[silu, z](v) = s (1 + z (1 - s)) (.) v with s = sigmoid(z)."""
+    z, s = res
+    return (s * (1 + z * (1 - s)) * v,)
+
+
+_silu.defvjp(silu_fwd, silu_bwd)
+
+
+def silu(z: Array) -> Array:
+    """SiLU (swish with beta = 1): silu(z) = z sigmoid(z), element-wise.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      Array of z's shape and dtype.
+    """
+    return _silu(_float_input("silu", z))

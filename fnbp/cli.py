@@ -1,0 +1,38 @@
+"""The ``fnbp`` command line.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)``
+and ``run(args) -> int`` (the exit status):
+
+- ``fnbp check``: :mod:`fnbp.check_command`
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS = {
+    "check": ("fnbp.check_command", "check every built-in rule against autodiff"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fnbp`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="fnbp", description="Hand-written backpropagation on JAX."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(subparsers.add_parser(name, help=help_text,
+                                                   description=module.__doc__))
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

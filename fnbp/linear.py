@@ -1,0 +1,142 @@
+"""The matrix multiplication module MM (CS229 notes, eq. 7.35) and its rule.
+
+Forward, per example::
+
+    MM_{W,b}(z) = W z + b,        z in R^m, W in R^{n x m}, b in R^n    (7.35)
+
+Backward function B[MM, z] and the parameter cotangents::
+
+    B[MM, z](v) = W^T v                                                  (7.63)
+    B[MM, W](v) = v z^T                                                  (7.65)
+    B[MM, b](v) = v                                                      (7.66)
+
+Leading axes of ``z`` are example axes (eq. 7.84: examples stacked as rows,
+Z = X W^T + b). The parameter cotangents are summed over all of them with one
+contraction: ``dW = V^T Z`` is a single ``dot_general`` over the example
+axes, never a stack of per-example outer products.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fnbp import _validate
+from fnbp._dtypes import accumulation_dtype
+from fnbp.checking import check_finite
+
+
+class MMResiduals(NamedTuple):
+    """What B[MM, .] needs: the input (for v z^T) and the weight (for W^T v).
+
+    ``b`` is kept only so the rule knows whether there is a bias (``None``
+    or not): it is a parameter that stays alive anyway, so this costs nothing.
+    """
+
+    z: Array
+    W: Array
+    b: Array | None
+
+
+def _example_axes(x: Array) -> tuple[int, ...]:
+    return tuple(range(x.ndim - 1))
+
+
+def _forward(z: Array, W: Array, b: Array | None) -> Array:
+    out_dtype = jnp.result_type(z, W) if b is None else jnp.result_type(z, W, b)
+    # Z W^T as one dot_general over the feature axis (eq. 7.84).
+    u = jax.lax.dot_general(
+        z, W, (((z.ndim - 1,), (1,)), ((), ())),
+        preferred_element_type=accumulation_dtype(z, W),
+    )
+    if b is not None:
+        u = u + b
+    return u.astype(out_dtype)
+
+
+@jax.custom_vjp
+def _mm(z: Array, W: Array, b: Array | None) -> Array:
+    return _forward(z, W, b)
+
+
+def mm_fwd(z: Array, W: Array, b: Array | None = None) -> tuple[Array, MMResiduals]:
+    """Forward pass of :func:`mm` that also returns the residuals B needs."""
+    return _forward(z, W, b), MMResiduals(z, W, b)
+
+
+def mm_bwd(res: MMResiduals, v: Array) -> tuple[Array, Array, Array | None]:
+    """B[MM, .]: map the cotangent ``v`` of shape (..., n) to (dz, dW, db).
+
+    Args:
+      res: the residuals returned by :func:`mm_fwd`.
+      v: dJ/du for u = MM(z), shape (..., n).
+
+    Returns:
+      ``dz = v W`` (eq. 7.63, W^T v per example), shape (..., m);
+      ``dW = sum over examples of v z^T`` (eq. 7.65), shape (n, m), one
+      contraction over all leading axes; ``db = sum over examples of v``
+      (eq. 7.66), shape (n,), or ``None`` when there is no bias.
+    """
+    z, W, b = res
+    acc = accumulation_dtype(z, W, v)
+    dz = jax.lax.dot_general(
+        v, W, (((v.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc
+    ).astype(z.dtype)
+    examples = _example_axes(v)
+    dW = jax.lax.dot_general(
+        v, z, ((examples, examples), ((), ())), preferred_element_type=acc
+    ).astype(W.dtype)
+    db = jnp.sum(v, axis=examples, dtype=acc).astype(b.dtype) if b is not None else None
+    return dz, dW, db
+
+
+_mm.defvjp(mm_fwd, mm_bwd)
+
+
+def mm(z: Array, W: Array, b: Array | None = None) -> Array:
+    """The matrix multiplication module MM_{W,b}(z) = W z + b (eq. 7.35).
+
+    Per example ``z`` is a vector of m features; any leading axes of ``z`` are
+    example axes, so a batch Z of shape (n_examples, m) gives Z W^T + b
+    (eq. 7.84). The gradient comes from the hand-written rule
+    :func:`mm_bwd` (eqs. 7.63, 7.65, 7.66).
+
+    Args:
+      z: input, shape (..., m), floating.
+      W: weight, shape (n, m), floating.
+      b: bias, shape (n,), or ``None`` for no bias.
+
+    Returns:
+      ``u`` of shape (..., n) and dtype ``result_type(z, W, b)``.
+
+    Raises:
+      ValueError: W not 2-D, z's last axis not W's second, b not (n,).
+      TypeError: a non-floating z, W or b.
+    """
+    _validate.require_float("mm", "z", z)
+    _validate.require_float("mm", "W", W)
+    _validate.require_ndim("mm", "W", W, 2, "(n outputs, m inputs)")
+    _validate.require_min_ndim("mm", "z", z, 1, "(..., m)")
+    z, W = jnp.asarray(z), jnp.asarray(W)
+    n, m = W.shape
+    if z.shape[-1] != m:
+        raise ValueError(
+            f"mm: z has {z.shape[-1]} features but W expects {m} "
+            f"(W.shape={W.shape}, z.shape={z.shape}); pass z with shape (..., {m}) "
+            f"or W with shape ({n}, {z.shape[-1]})"
+        )
+    if b is not None:
+        _validate.require_float("mm", "b", b)
+        b = jnp.asarray(b)
+        if b.shape != (n,):
+            raise ValueError(
+                f"mm: b must have shape ({n},) to match W.shape={W.shape}, "
+                f"got b.shape={b.shape}"
+            )
+        check_finite("mm", "b", b)
+    check_finite("mm", "z", z)
+    check_finite("mm", "W", W)
+    return _mm(z, W, b)
