@@ -27,8 +27,10 @@ from fnbp.activations import (
     tanh_bwd,
     tanh_fwd,
 )
+from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
 from fnbp.backward import backward
 from fnbp.checking import checked
+from fnbp.conv import conv1d, conv1d_bwd, conv1d_fwd, conv2d, conv2d_bwd, conv2d_fwd
 from fnbp.linear import mm, mm_bwd, mm_fwd
 from fnbp.losses import (
     cross_entropy_loss,
@@ -41,10 +43,89 @@ from fnbp.losses import (
     mse_loss_bwd,
     mse_loss_fwd,
 )
+from fnbp.normalization import (
+    layer_norm,
+    layer_norm_bwd,
+    layer_norm_fwd,
+    layer_norm_s,
+    layer_norm_s_bwd,
+    layer_norm_s_fwd,
+    rms_norm,
+    rms_norm_bwd,
+    rms_norm_fwd,
+)
+from fnbp.pooling import (
+    avg_pool,
+    avg_pool_bwd,
+    avg_pool_fwd,
+    max_pool,
+    max_pool_bwd,
+    max_pool_fwd,
+)
+from fnbp.network import (
+    Flatten,
+    Gelu,
+    LeakyRelu,
+    Layer,
+    Linear,
+    Relu,
+    Sigmoid,
+    Silu,
+    Softplus,
+    Tanh,
+    activation_layer,
+    make_layer,
+    mlp,
+    remat,
+    residual,
+    resnet_s,
+    serial,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "avg_pool",
+    "avg_pool_bwd",
+    "avg_pool_fwd",
+    "conv1d",
+    "conv1d_bwd",
+    "conv1d_fwd",
+    "conv2d",
+    "conv2d_bwd",
+    "conv2d_fwd",
+    "layer_norm",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+    "layer_norm_s",
+    "layer_norm_s_bwd",
+    "layer_norm_s_fwd",
+    "max_pool",
+    "max_pool_bwd",
+    "max_pool_fwd",
+    "rms_norm",
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "Flatten",
+    "Gelu",
+    "Layer",
+    "LeakyRelu",
+    "Linear",
+    "Relu",
+    "Sigmoid",
+    "Silu",
+    "Softplus",
+    "Tanh",
+    "activation_layer",
+    "backprop",
+    "make_layer",
+    "mlp",
+    "per_example_grad_norms",
+    "per_example_grads",
+    "remat",
+    "residual",
+    "resnet_s",
+    "serial",
     "backward",
     "checked",
     "cross_entropy_loss",

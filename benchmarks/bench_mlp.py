@@ -1,0 +1,270 @@
+"""fnbp's hand-written backprop against autodiff of the same plain network.
+
+Run: ``python benchmarks/bench_mlp.py`` (``--quick`` for a short run,
+``--json FILE`` to keep the figures). All timings are ratios measured in one
+process (see ``timing.py``): time(fnbp) / time(autodiff), so < 1 means fnbp is
+faster.
+
+Rows, for an MLP 784-1024-1024-10, float32, at batch 32, 256 and 1024:
+
+- ``train step``: the documented batch path, ``fnbp.backprop`` + an optax SGD
+  update, jitted, against ``jax.value_and_grad`` of the plain network + the
+  same update;
+- ``jax.grad(apply)``: ``jax.grad`` of the mean loss through ``model.apply``
+  (the model's own custom_vjp) + the same update;
+- ``per-example grads``: ``fnbp.per_example_grads`` against
+  ``jax.vmap(jax.grad(...))`` of the plain per-example loss;
+- ``vmap(loss) mean``: the mean loss written as ``jax.vmap`` of the
+  per-example loss through ``model.apply``, differentiated with ``jax.grad``;
+- compiled temporary memory and compile time of the train step;
+- cost against depth: time(forward + backward) / time(forward) for depth 2..32
+  (Theorem 7.4.1), and step time against depth (linear growth).
+Where PyTorch is installed, its eager training step of the same network is
+added as a column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fnbp  # noqa: E402
+from timing import compare, compile_seconds, temp_bytes  # noqa: E402
+
+WIDTHS = (1024, 1024, 10)
+INPUT = 784
+
+
+def plain_apply(params, x):
+    """The same network in plain jnp, differentiated by autodiff (the baseline)."""
+    h = x
+    for p in params:
+        if p:
+            h = h @ p["W"].T + p["b"]
+        else:
+            h = jnp.maximum(h, 0.0)
+    return h
+
+
+def plain_loss(t, y):
+    t_y = jnp.take_along_axis(t, y[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(t, axis=-1) - t_y
+
+
+def plain_mean_loss(params, x, y):
+    return jnp.mean(plain_loss(plain_apply(params, x), y))
+
+
+def make_data(batch, seed=0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (batch, INPUT), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, WIDTHS[-1])
+    return x, y
+
+
+def steps(model, optimizer):
+    loss = fnbp.cross_entropy_loss
+
+    def fnbp_step(params, state, x, y):
+        J, grads = fnbp.backprop(model, loss, params, x, y)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, J
+
+    def grad_apply_step(params, state, x, y):
+        J, grads = jax.value_and_grad(lambda p: jnp.mean(loss(model.apply(p, x), y)))(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, J
+
+    def autodiff_step(params, state, x, y):
+        J, grads = jax.value_and_grad(plain_mean_loss)(params, x, y)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, J
+
+    return fnbp_step, grad_apply_step, autodiff_step
+
+
+def per_example(model):
+    def fnbp_pe(params, x, y):
+        return fnbp.per_example_grads(model, fnbp.cross_entropy_loss, params, x, y)
+
+    def autodiff_pe(params, x, y):
+        one = jax.value_and_grad(lambda p, x_i, y_i: plain_loss(plain_apply(p, x_i), y_i))
+        return jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
+
+    return fnbp_pe, autodiff_pe
+
+
+def vmapped_mean(model):
+    def fnbp_vm(params, x, y):
+        def mean_loss(p):
+            per = jax.vmap(lambda x_i, y_i: fnbp.cross_entropy_loss(model.apply(p, x_i), y_i))
+            return jnp.mean(per(x, y))
+        return jax.value_and_grad(mean_loss)(params)
+
+    def autodiff_vm(params, x, y):
+        def mean_loss(p):
+            per = jax.vmap(lambda x_i, y_i: plain_loss(plain_apply(p, x_i), y_i))
+            return jnp.mean(per(x, y))
+        return jax.value_and_grad(mean_loss)(params)
+
+    return fnbp_vm, autodiff_vm
+
+
+def torch_step_seconds(batch, repeats):
+    try:
+        import torch
+    except ImportError:
+        return None
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    layers, width = [], INPUT
+    for i, w in enumerate(WIDTHS):
+        layers.append(torch.nn.Linear(width, w))
+        if i < len(WIDTHS) - 1:
+            layers.append(torch.nn.ReLU())
+        width = w
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = torch.randn(batch, INPUT)
+    y = torch.randint(0, WIDTHS[-1], (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_batches(batches, repeats):
+    model = fnbp.mlp(WIDTHS, "relu")
+    _, params = model.init(jax.random.PRNGKey(0), (INPUT,), jnp.float32)
+    optimizer = optax.sgd(0.01)
+    state = optimizer.init(params)
+    fnbp_step, grad_apply_step, autodiff_step = (jax.jit(f) for f in steps(model, optimizer))
+    fnbp_pe, autodiff_pe = (jax.jit(f) for f in per_example(model))
+    fnbp_vm, autodiff_vm = (jax.jit(f) for f in vmapped_mean(model))
+    rows = []
+    for batch in batches:
+        x, y = make_data(batch)
+        step_args = (params, state, x, y)
+        t = compare({"fnbp": (fnbp_step, step_args), "grad_apply": (grad_apply_step, step_args),
+                     "autodiff": (autodiff_step, step_args)}, repeats=repeats)
+        pe = compare({"fnbp": (fnbp_pe, (params, x, y)), "autodiff": (autodiff_pe, (params, x, y))},
+                     repeats=max(repeats // 2, 5))
+        vm = compare({"fnbp": (fnbp_vm, (params, x, y)), "autodiff": (autodiff_vm, (params, x, y))},
+                     repeats=max(repeats // 2, 5))
+        torch_s = torch_step_seconds(batch, repeats)
+        rows.append({
+            "batch": batch,
+            "step_autodiff_ms": 1e3 * t["autodiff"],
+            "step_fnbp_ms": 1e3 * t["fnbp"],
+            "train_step_ratio": t["fnbp"] / t["autodiff"],
+            "grad_apply_ratio": t["grad_apply"] / t["autodiff"],
+            "per_example_ratio": pe["fnbp"] / pe["autodiff"],
+            "vmap_mean_ratio": vm["fnbp"] / vm["autodiff"],
+            "torch_eager_step_ms": None if torch_s is None else 1e3 * torch_s,
+        })
+    x, y = make_data(256)
+    step_args = (params, state, x, y)
+    mem = {"fnbp": temp_bytes(steps(model, optimizer)[0], step_args),
+           "autodiff": temp_bytes(steps(model, optimizer)[2], step_args)}
+    comp = {"fnbp": compile_seconds(steps(model, optimizer)[0], step_args),
+            "autodiff": compile_seconds(steps(model, optimizer)[2], step_args)}
+    return rows, mem, comp
+
+
+def bench_depth(depths, repeats, batch=256, width=256):
+    rows = []
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, width), jnp.float32)
+    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+    for depth in depths:
+        model = fnbp.mlp([width] * (depth - 1) + [10], "relu")
+        _, params = model.init(jax.random.PRNGKey(0), (width,), jnp.float32)
+        forward = jax.jit(lambda p, x, y, m=model: jnp.mean(fnbp.cross_entropy_loss(m.apply(p, x), y)))
+        both = jax.jit(lambda p, x, y, m=model: fnbp.backprop(m, fnbp.cross_entropy_loss, p, x, y))
+        t = compare({"forward": (forward, (params, x, y)), "both": (both, (params, x, y))},
+                    repeats=repeats)
+        rows.append({"depth": depth, "forward_ms": 1e3 * t["forward"],
+                     "forward_backward_ms": 1e3 * t["both"],
+                     "backward_cost_ratio": t["both"] / t["forward"]})
+    return rows
+
+
+def remat_memory(depth=16, width=512, batch=256):
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, width), jnp.float32)
+    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+    out = {}
+    for k in (0, 4):
+        model = fnbp.mlp([width] * (depth - 1) + [10], "relu", remat_every=k)
+        _, params = model.init(jax.random.PRNGKey(0), (width,), jnp.float32)
+        out[k] = temp_bytes(lambda p, x, y, m=model: fnbp.backprop(m, fnbp.cross_entropy_loss, p, x, y),
+                            (params, x, y))
+    return {"depth": depth, "width": width, "batch": batch,
+            "temp_bytes_store_all": out[0], "temp_bytes_remat_every_4": out[4]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and depths")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    repeats = 21 if args.quick else 41
+    depths = (2, 8, 32) if args.quick else (2, 4, 8, 16, 32)
+
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+    rows, mem, comp = bench_batches((32, 256, 1024), repeats)
+    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median of "
+          f"{repeats} interleaved repeats")
+    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'grad(apply)':>12} "
+          f"{'per-example':>12} {'vmap mean':>10} {'torch ms':>9}")
+    for r in rows:
+        torch_ms = "-" if r["torch_eager_step_ms"] is None else f"{r['torch_eager_step_ms']:.2f}"
+        print(f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
+              f"{r['train_step_ratio']:>11.3f} {r['grad_apply_ratio']:>12.3f} "
+              f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}")
+    print(f"\ncompiled temporary memory (batch 256): fnbp {mem['fnbp']} B, autodiff {mem['autodiff']} B")
+    print(f"compile time: fnbp {comp['fnbp']:.3f} s, autodiff {comp['autodiff']:.3f} s, "
+          f"ratio {comp['fnbp'] / comp['autodiff']:.3f}")
+    depth_rows = bench_depth(depths, repeats)
+    print("\ncost against depth (width 256, batch 256): time(forward + backward) / time(forward)")
+    for r in depth_rows:
+        print(f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
+              f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}")
+    slope = np.polyfit([r["depth"] for r in depth_rows],
+                       [r["forward_backward_ms"] for r in depth_rows], 1)
+    fit = np.poly1d(slope)
+    worst = max(abs(fit(r["depth"]) - r["forward_backward_ms"]) / r["forward_backward_ms"]
+                for r in depth_rows)
+    print(f"  linear fit: {slope[0]:.3f} ms per layer; worst deviation from the line {100 * worst:.1f}%")
+    rm = remat_memory()
+    print(f"\nrematerialization (MLP depth {rm['depth']}, width {rm['width']}, batch {rm['batch']}): "
+          f"temp memory {rm['temp_bytes_store_all']} B storing all, "
+          f"{rm['temp_bytes_remat_every_4']} B with remat_every=4")
+    if args.json:
+        args.json.write_text(json.dumps({"batches": rows, "memory": mem, "compile": comp,
+                                         "depth": depth_rows, "remat": rm}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Algorithm 3: the forward pass that stores, the backward pass that chains B.
+
+For a network J = loss(M_k(... M_1(x)), y) the gradient is computed exactly as
+the notes' backpropagation (Section 7.4, Algorithm 3):
+
+1. forward pass: u[0] = x, u[i] = M_i(u[i-1]), storing what each backward
+   function needs (the residuals);
+2. the training objective is the mean over examples, J = (1/n) sum_i J^(i)
+   (eq. 7.2), so the loss cotangent starts at dJ/dJ^(i) = 1/n and
+   dJ/du[k] = B[loss, u[k]](1/n);
+3. backward pass: for i = k .. 1, (dJ/dparams_i, dJ/du[i-1]) =
+   B[M_i, u[i-1]](dJ/du[i]); each parameter gradient is taken as soon as
+   dJ/du[i] is known (interleaving, Remark 7.4.3).
+
+Every step uses the hand-written backward functions of the rules; nothing here
+differentiates primitives with autodiff. The loss' own rule is called through
+``jax.vjp``, so a user's loss with a ``jax.custom_vjp`` rule works too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fnbp.network import Layer, Params
+
+Loss = Callable[[Array, Array], Array]
+
+
+def _check(fn: str, model: Any, loss: Any, x: Array, y: Array) -> None:
+    if not isinstance(model, Layer):
+        raise TypeError(
+            f"{fn}: model must be a fnbp Layer (fnbp.mlp(...), fnbp.serial(...)), "
+            f"got {type(model).__name__}"
+        )
+    if not callable(loss):
+        raise TypeError(f"{fn}: loss must be callable (t, y) -> per-example loss, "
+                        f"got {type(loss).__name__}")
+    x_shape, y_shape = jnp.shape(x), jnp.shape(y)
+    if x_shape and y_shape and x_shape[0] != y_shape[0]:
+        raise ValueError(
+            f"{fn}: x has {x_shape[0]} examples (x.shape={x_shape}) but y has "
+            f"{y_shape[0]} (y.shape={y_shape}); pass one label per example"
+        )
+
+
+def _loss_and_cotangent(loss: Loss, t: Array, y: Array, seed: float | None):
+    """Per-example losses and dJ/dt, for J = mean (seed None) or J^(i) (seed 1)."""
+    losses, loss_vjp = jax.vjp(lambda t: loss(t, y), t)
+    n = losses.size
+    v = jnp.full(losses.shape, 1.0 / n if seed is None else seed, losses.dtype)
+    (dt,) = loss_vjp(v)
+    return losses, dt
+
+
+def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+    """J and dJ/dparams by Algorithm 3, with J the mean loss over examples (eq. 7.2).
+
+    Args:
+      model: a :class:`fnbp.Layer` (e.g. ``fnbp.mlp([1024, 1024, 10])``).
+      loss: per-example loss ``loss(t, y)``, e.g. ``fnbp.cross_entropy_loss``.
+      params: the model's parameter pytree (from ``model.init``).
+      x: inputs; leading axes are example axes.
+      y: targets with the same leading axes.
+
+    Returns:
+      ``(J, grads)``: the scalar mean loss (at least float32) and a pytree
+      like ``params`` with dJ/dparams in the parameters' dtypes.
+
+    Jit it with the model and loss static:
+    ``jax.jit(fnbp.backprop, static_argnums=(0, 1))``.
+    """
+    _check("backprop", model, loss, x, y)
+    t, residuals = model.forward(params, x)                    # forward pass, stored
+    losses, dt = _loss_and_cotangent(loss, t, y, seed=None)     # dJ/du[k] = B[loss](1/n)
+    grads, _ = model.backward(params, residuals, dt)            # backward pass
+    J = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))
+    return J, grads
+
+
+def per_example_grads(
+    model: Layer, loss: Loss, params: Params, x: Array, y: Array
+) -> tuple[Array, Params]:
+    """Each example's loss J^(i) and its gradient dJ^(i)/dparams.
+
+    Args:
+      model, loss, params: as :func:`backprop`.
+      x: inputs of shape (n, *example_shape): exactly one leading example axis.
+      y: targets of shape (n, ...).
+
+    Returns:
+      ``(losses, grads)``: losses of shape (n,) and a pytree like ``params``
+      whose leaves have a leading axis of length n.
+    """
+    _check("per_example_grads", model, loss, x, y)
+
+    def one(x_i, y_i):
+        return backprop(model, loss, params, x_i, y_i)
+
+    return jax.vmap(one)(x, y)
+
+
+def per_example_grad_norms(
+    model: Layer, loss: Loss, params: Params, x: Array, y: Array
+) -> tuple[Array, Array]:
+    """Each example's loss and the Euclidean norm of its whole parameter gradient.
+
+    For DP-SGD-style clipping. When every parametrized layer of ``model`` has a
+    ``sq_norms`` rule (MM layers and all parameter-free layers do), the norms
+    are computed from one batched backward pass without materializing any
+    per-example weight gradient: for MM, ||v z^T||_F = ||v|| ||z||. Otherwise
+    they are the norms of :func:`per_example_grads`.
+
+    Args:
+      model, loss, params: as :func:`backprop`.
+      x: inputs of shape (n, *example_shape): exactly one leading example axis.
+      y: targets of shape (n, ...).
+
+    Returns:
+      ``(losses, norms)``, both of shape (n,).
+    """
+    _check("per_example_grad_norms", model, loss, x, y)
+    if model.sq_norms is None:
+        losses, grads = per_example_grads(model, loss, params, x, y)
+        leaves = jax.tree_util.tree_leaves(grads)
+        sq = sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))),
+                         axis=tuple(range(1, g.ndim))) for g in leaves)
+        return losses, jnp.sqrt(sq)
+    t, residuals = model.forward(params, x)
+    losses, dt = _loss_and_cotangent(loss, t, y, seed=1.0)     # dJ^(i)/du[k] per example
+    sq, _ = model.sq_norms(params, residuals, dt)
+    return losses, jnp.sqrt(jnp.broadcast_to(sq, losses.shape))

@@ -1,0 +1,545 @@
+"""Layers as pure functions over parameter pytrees, and the networks built from them.
+
+A network is a composition of modules, J = M_k(M_{k-1}(... M_1(x))) (eq. 7.60).
+Each module is a :class:`Layer`: an immutable record of pure functions
+
+- ``init(key, input_shape, dtype) -> (output_shape, params)``: parameters for
+  one example of shape ``input_shape`` (no batch axis);
+- ``forward(params, z) -> (u, residuals)``: the forward pass that stores what
+  the backward function needs (Algorithm 3, forward pass);
+- ``backward(params, residuals, v) -> (dparams, dz)``: the backward function
+  B[M, z] for the parameters and the input, built from the hand-written rules;
+- ``apply(params, z) -> u``: the forward alone, itself a ``jax.custom_vjp``
+  whose rule is ``forward``/``backward``, so ``jax.grad`` in user code gets
+  the same hand-written gradients;
+- ``sq_norms(params, residuals, v) -> (per_example_sq_norm, dz)``, or ``None``:
+  the squared norm of each example's parameter gradient without building the
+  per-example gradients (see :func:`fnbp.per_example_grad_norms`).
+
+Leading axes of ``z`` beyond the example shape are example axes (eq. 7.84).
+:func:`serial` composes layers and its backward is Algorithm 3 over its
+children; :func:`residual` is Res(z) = z + block(z) (eq. 7.38).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fnbp import activations as act
+from fnbp import linear
+
+Shape = tuple[int, ...]
+Params = Any
+Residuals = Any
+
+
+class Layer(NamedTuple):
+    """A module M of the notes as a record of pure functions (see the module doc)."""
+
+    name: str
+    init: Callable[..., tuple[Shape, Params]]
+    forward: Callable[[Params, Array], tuple[Array, Residuals]]
+    backward: Callable[[Params, Residuals, Array], tuple[Params, Array]]
+    apply: Callable[[Params, Array], Array]
+    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None
+
+    def __repr__(self) -> str:
+        return f"Layer({self.name})"
+
+
+def _make_apply(forward, backward):
+    """``apply`` as a custom_vjp whose rule is the layer's own forward/backward."""
+
+    @jax.custom_vjp
+    def apply(params, z):
+        return forward(params, z)[0]
+
+    def apply_fwd(params, z):
+        u, residuals = forward(params, z)
+        return u, (params, residuals)
+
+    def apply_bwd(saved, v):
+        params, residuals = saved
+        return backward(params, residuals, v)
+
+    apply.defvjp(apply_fwd, apply_bwd)
+    return apply
+
+
+def make_layer(
+    name: str,
+    init: Callable[..., tuple[Shape, Params]],
+    forward: Callable[[Params, Array], tuple[Array, Residuals]],
+    backward: Callable[[Params, Residuals, Array], tuple[Params, Array]],
+    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
+) -> Layer:
+    """Build a :class:`Layer` from its init, forward and backward functions.
+
+    Use this for your own modules: write ``forward`` (returning the output and
+    the residuals) and ``backward`` (the backward function B), and the layer
+    composes with fnbp's in :func:`serial`, :func:`residual` and
+    :func:`fnbp.backprop`.
+    """
+    return Layer(name, init, forward, backward, _make_apply(forward, backward), sq_norms)
+
+
+def _example_count(z: Array, example_ndim: int) -> int:
+    shape = z.shape[: z.ndim - example_ndim]
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+# --- parameter-free layers: the activations -------------------------------------
+
+
+def _no_params(key, input_shape, dtype=jnp.float32):
+    del key, dtype
+    return tuple(input_shape), ()
+
+
+def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
+    """A layer for an element-wise rule u = sigma(z): B[sigma, z](v) = sigma'(z) (.) v."""
+
+    def forward(params, z):
+        return fwd(z)
+
+    def backward(params, residuals, v):
+        return (), bwd(residuals, v)[0]
+
+    def sq_norms(params, residuals, v):
+        dz = bwd(residuals, v)[0]
+        return jnp.zeros((), v.dtype), dz
+
+    return make_layer(name, _no_params, forward, backward, sq_norms)
+
+
+Relu = _elementwise_layer("relu", act.relu_fwd, act.relu_bwd)
+Sigmoid = _elementwise_layer("sigmoid", act.sigmoid_fwd, act.sigmoid_bwd)
+Tanh = _elementwise_layer("tanh", act.tanh_fwd, act.tanh_bwd)
+Silu = _elementwise_layer("silu", act.silu_fwd, act.silu_bwd)
+
+
+def Gelu(approximate: bool = False) -> Layer:
+    """GELU layer (eq. 7.27); ``approximate`` selects the tanh form."""
+    return _elementwise_layer(
+        f"gelu(approximate={approximate})",
+        lambda z: act.gelu_fwd(z, approximate),
+        lambda res, v: act.gelu_bwd(approximate, res, v),
+    )
+
+
+def LeakyRelu(gamma: float = 0.01) -> Layer:
+    """Leaky ReLU layer (eq. 7.26) with a fixed slope ``gamma`` in (0, 1)."""
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"LeakyRelu: gamma must lie in (0, 1), got {gamma}")
+
+    def fwd(z):
+        return act.leaky_relu_fwd(z, jnp.asarray(gamma, z.dtype))
+
+    return _elementwise_layer(f"leaky_relu(gamma={gamma})", fwd, act.leaky_relu_bwd)
+
+
+def Softplus(beta: float = 1.0) -> Layer:
+    """Softplus layer (eq. 7.28) with a fixed ``beta`` > 0."""
+    if not beta > 0.0:
+        raise ValueError(f"Softplus: beta must be > 0, got {beta}")
+
+    def fwd(z):
+        return act.softplus_fwd(z, jnp.asarray(beta, z.dtype))
+
+    return _elementwise_layer(f"softplus(beta={beta})", fwd, act.softplus_bwd)
+
+
+_ACTIVATIONS = {
+    "relu": lambda: Relu,
+    "sigmoid": lambda: Sigmoid,
+    "tanh": lambda: Tanh,
+    "silu": lambda: Silu,
+    "gelu": lambda: Gelu(),
+    "leaky_relu": lambda: LeakyRelu(),
+    "softplus": lambda: Softplus(),
+}
+_ACTIVATION_FUNCTIONS = {
+    act.relu: "relu", act.sigmoid: "sigmoid", act.tanh: "tanh", act.silu: "silu",
+    act.gelu: "gelu", act.leaky_relu: "leaky_relu", act.softplus: "softplus",
+}
+# He initialization keeps the variance of ReLU-like activations; Glorot that of
+# the saturating ones (tanh, sigmoid).
+_HE_ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "softplus")
+
+
+def activation_layer(activation: str | Callable | Layer) -> Layer:
+    """The layer for an activation given by name, by fnbp function or as a Layer."""
+    if isinstance(activation, Layer):
+        return activation
+    name = _ACTIVATION_FUNCTIONS.get(activation, activation)
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(_ACTIVATIONS)}, the matching fnbp "
+            f"function (e.g. fnbp.relu) or a Layer; got {activation!r}"
+        )
+    return _ACTIVATIONS[name]()
+
+
+def _activation_name(layer: Layer) -> str:
+    return layer.name.split("(")[0]
+
+
+# --- MM (linear) ------------------------------------------------------------------
+
+
+def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
+    """The MM module as a layer: u = W z + b (eq. 7.35), W of shape (n, m).
+
+    Args:
+      n: output width.
+      bias: whether there is a bias b (initialized to zero).
+      init: ``"he"`` (normal, variance 2/m; for ReLU-like activations),
+        ``"glorot"`` (normal, variance 2/(m + n); for tanh/sigmoid) or
+        ``"lecun"`` (normal, variance 1/m), the fan-in m being z's width.
+
+    Returns:
+      A :class:`Layer` with params ``{"W": (n, m), "b": (n,)}`` (no ``"b"``
+      when ``bias=False``).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"Linear: n must be a positive int, got {n!r}")
+    initializers = {
+        "he": jax.nn.initializers.he_normal(in_axis=-1, out_axis=-2),
+        "glorot": jax.nn.initializers.glorot_normal(in_axis=-1, out_axis=-2),
+        "lecun": jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
+    }
+    if init not in initializers:
+        raise ValueError(f"Linear: init must be one of {sorted(initializers)}, got {init!r}")
+    name = f"linear({n})"
+
+    def init_fn(key, input_shape, dtype=jnp.float32):
+        if len(input_shape) < 1:
+            raise ValueError(f"{name}: needs inputs of shape (..., m), got {input_shape}")
+        m = input_shape[-1]
+        params = {"W": initializers[init](key, (n, m), dtype)}
+        if bias:
+            params["b"] = jnp.zeros((n,), dtype)
+        return tuple(input_shape[:-1]) + (n,), params
+
+    def forward(params, z):
+        _check_linear_params(name, params, z, bias)
+        return linear.mm_fwd(z, params["W"], params.get("b"))
+
+    def backward(params, residuals, v):
+        dz, dW, db = linear.mm_bwd(residuals, v)
+        return ({"W": dW, "b": db} if bias else {"W": dW}), dz
+
+    def sq_norms(params, residuals, v):
+        # ||v z^T||_F^2 = ||v||^2 ||z||^2 per example (and ||v||^2 for b): the
+        # per-example weight gradients are never built. Inputs with extra
+        # per-example axes (a sequence) use the Gram form
+        # ||sum_t v_t z_t^T||^2 = sum_{t,s} (v_t . v_s)(z_t . z_s).
+        z = residuals.z
+        dz, _, _ = linear.mm_bwd(residuals._replace(b=None), v)
+        acc = jnp.promote_types(v.dtype, jnp.float32)
+        vv, zz = v.astype(acc), z.astype(acc)
+        if v.ndim <= 2:
+            v_sq = jnp.sum(vv * vv, axis=-1)
+            sq = v_sq * jnp.sum(zz * zz, axis=-1)
+            if bias:
+                sq = sq + v_sq
+            return sq, dz
+        vv = vv.reshape(v.shape[0], -1, v.shape[-1])
+        zz = zz.reshape(z.shape[0], -1, z.shape[-1])
+        gram_v = jnp.einsum("btn,bsn->bts", vv, vv)
+        gram_z = jnp.einsum("btm,bsm->bts", zz, zz)
+        sq = jnp.sum(gram_v * gram_z, axis=(1, 2))
+        if bias:
+            v_sum = jnp.sum(vv, axis=1)
+            sq = sq + jnp.sum(v_sum * v_sum, axis=-1)
+        return sq, dz
+
+    return make_layer(name, init_fn, forward, backward, sq_norms)
+
+
+def _check_linear_params(name: str, params: Params, z: Array, bias: bool) -> None:
+    expected = {"W", "b"} if bias else {"W"}
+    if not isinstance(params, dict) or set(params) != expected:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(
+            f"{name}: params must be a dict with keys {sorted(expected)}, got {got}; "
+            f"pass the params made by this model's init"
+        )
+    W = params["W"]
+    if jnp.ndim(W) != 2 or (bias and jnp.shape(params["b"]) != (W.shape[0],)):
+        raise ValueError(
+            f"{name}: params have W.shape={jnp.shape(W)}"
+            + (f", b.shape={jnp.shape(params['b'])}" if bias else "")
+            + "; expected W of shape (n, m) and b of shape (n,)"
+        )
+    if jnp.ndim(z) < 1 or z.shape[-1] != W.shape[1]:
+        raise ValueError(
+            f"{name}: input has shape {jnp.shape(z)} but W.shape={W.shape} expects "
+            f"{W.shape[1]} features in the last axis; pass inputs of shape (..., {W.shape[1]})"
+        )
+
+
+# --- combinators ------------------------------------------------------------------
+
+
+def serial(*layers: Layer, name: str | None = None) -> Layer:
+    """Compose layers: serial(M_1, ..., M_k)(z) = M_k(... M_1(z)) (eq. 7.60).
+
+    Its ``backward`` is Algorithm 3: given the residuals stored by the forward
+    pass, it chains the children's backward functions from the last to the
+    first, taking each child's parameter gradient as soon as the cotangent of
+    its output is known. Params are a tuple, one entry per child.
+    """
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(
+                f"serial: argument {i} is {type(layer).__name__}, not a Layer; "
+                f"use fnbp.Linear(n), fnbp.Relu, ... or fnbp.make_layer"
+            )
+    name = name or "serial(" + ", ".join(layer.name for layer in layers) + ")"
+
+    def where(i: int) -> str:
+        return f"{name.split('(')[0]}[{i}]"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        params = []
+        shape = tuple(input_shape)
+        for layer, layer_key in zip(layers, jax.random.split(key, max(len(layers), 1))):
+            shape, layer_params = layer.init(layer_key, shape, dtype)
+            params.append(layer_params)
+        return shape, tuple(params)
+
+    def _check_params(params):
+        if not isinstance(params, (tuple, list)) or len(params) != len(layers):
+            got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
+            raise ValueError(
+                f"{name}: params must be a tuple of {len(layers)} entries (one per layer), "
+                f"got {got}; pass the params made by this model's init"
+            )
+
+    def forward(params, z):
+        _check_params(params)
+        residuals = []
+        for i, (layer, layer_params) in enumerate(zip(layers, params)):
+            try:
+                z, layer_residuals = layer.forward(layer_params, z)
+            except (ValueError, TypeError) as error:
+                message = str(error)
+                if not message.startswith(layers[i].name):
+                    message = f"{layers[i].name}: {message}"
+                raise type(error)(f"{where(i)} {message}") from None
+            residuals.append(layer_residuals)
+        return z, tuple(residuals)
+
+    def backward(params, residuals, v):
+        grads = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            grads[i], v = layers[i].backward(params[i], residuals[i], v)
+        return tuple(grads), v
+
+    sq_norms = None
+    if all(layer.sq_norms is not None for layer in layers):
+
+        def sq_norms(params, residuals, v):
+            total = jnp.zeros((), jnp.promote_types(v.dtype, jnp.float32))
+            for i in reversed(range(len(layers))):
+                sq, v = layers[i].sq_norms(params[i], residuals[i], v)
+                total = total + sq
+            return total, v
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+def residual(block: Layer) -> Layer:
+    """The residual module Res(z) = z + block(z) (eq. 7.38).
+
+    B[Res, z](v) = v + B[block, z](v): the identity path adds the incoming
+    cotangent to the block's input cotangent.
+    """
+    name = f"residual({block.name})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        output_shape, params = block.init(key, input_shape, dtype)
+        if tuple(output_shape) != tuple(input_shape):
+            raise ValueError(
+                f"{name}: the block maps shape {tuple(input_shape)} to "
+                f"{tuple(output_shape)}; Res(z) = z + block(z) needs them equal"
+            )
+        return output_shape, params
+
+    def forward(params, z):
+        u, residuals = block.forward(params, z)
+        return z + u, residuals
+
+    def backward(params, residuals, v):
+        grads, dz = block.backward(params, residuals, v)
+        return grads, v + dz
+
+    sq_norms = None
+    if block.sq_norms is not None:
+
+        def sq_norms(params, residuals, v):
+            sq, dz = block.sq_norms(params, residuals, v)
+            return sq, v + dz
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+def remat(layer: Layer) -> Layer:
+    """Store only the layer's input; recompute its residuals in the backward pass.
+
+    The memory of the residuals inside ``layer`` (pre-activations, masks, the
+    inputs of inner MMs) is traded for one more forward pass of ``layer``
+    during the backward pass. The recomputation is fenced with
+    ``jax.lax.optimization_barrier`` so the compiler cannot merge it with the
+    first forward pass (which would store everything again).
+    """
+    name = f"remat({layer.name})"
+
+    def forward(params, z):
+        u, _ = layer.forward(params, z)
+        return u, z
+
+    def backward(params, z, v):
+        params, z, v = jax.lax.optimization_barrier((params, z, v))
+        _, residuals = layer.forward(params, z)
+        return layer.backward(params, residuals, v)
+
+    sq_norms = None
+    if layer.sq_norms is not None:
+
+        def sq_norms(params, z, v):
+            params, z, v = jax.lax.optimization_barrier((params, z, v))
+            _, residuals = layer.forward(params, z)
+            return layer.sq_norms(params, residuals, v)
+
+    return make_layer(name, layer.init, forward, backward, sq_norms)
+
+
+def Flatten(ndim: int) -> Layer:
+    """Flatten the last ``ndim`` (per-example) axes into one: (..., H, W, C) -> (..., H W C)."""
+    if not isinstance(ndim, int) or ndim < 1:
+        raise ValueError(f"Flatten: ndim must be a positive int, got {ndim!r}")
+    name = f"flatten({ndim})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        if len(input_shape) < ndim:
+            raise ValueError(f"{name}: input shape {tuple(input_shape)} has fewer than {ndim} axes")
+        size = 1
+        for s in input_shape[len(input_shape) - ndim:]:
+            size *= s
+        return tuple(input_shape[: len(input_shape) - ndim]) + (size,), ()
+
+    def forward(params, z):
+        if z.ndim < ndim:
+            raise ValueError(f"{name}: input of shape {z.shape} has fewer than {ndim} axes")
+        example_shape = _StaticShape(z.shape[z.ndim - ndim:])
+        return z.reshape(z.shape[: z.ndim - ndim] + (-1,)), example_shape
+
+    def backward(params, example_shape, v):
+        return (), v.reshape(v.shape[:-1] + example_shape.shape)
+
+    def sq_norms(params, example_shape, v):
+        return jnp.zeros((), v.dtype), backward(params, example_shape, v)[1]
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+@jax.tree_util.register_static
+class _StaticShape:
+    """A per-example shape kept in residuals as static data (a pytree with no leaves)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __hash__(self):
+        return hash(self.shape)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticShape) and other.shape == self.shape
+
+
+# --- builders ---------------------------------------------------------------------
+
+
+def mlp(
+    widths: Sequence[int],
+    activation: str | Callable | Layer = "relu",
+    *,
+    remat_every: int = 0,
+) -> Layer:
+    """The multi-layer perceptron of eq. 7.36: MM, sigma, MM, sigma, ..., MM.
+
+    There is no activation after the last MM. Weights use He initialization for
+    ReLU-like activations and Glorot for tanh and sigmoid; biases start at 0.
+
+    Args:
+      widths: output width of each MM, e.g. ``[1024, 1024, 10]``; the input
+        width comes from ``init``'s input shape.
+      activation: name (``"relu"``, ``"gelu"``, ``"tanh"``, ...), the fnbp
+        function (``fnbp.relu``) or a Layer.
+      remat_every: 0 stores every activation (the notes' Algorithm 3). k > 0
+        groups the hidden (MM, sigma) pairs into segments of k pairs and
+        stores only each segment's input (:func:`remat`), recomputing the rest
+        in the backward pass.
+
+    Returns:
+      A :class:`Layer`; ``init(key, (m,))`` gives params, a tuple with one
+      entry per MM and activation layer.
+    """
+    widths = list(widths)
+    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ValueError(f"mlp: widths must be a non-empty list of positive ints, got {widths!r}")
+    sigma = activation_layer(activation)
+    init = "he" if _activation_name(sigma) in _HE_ACTIVATIONS else "glorot"
+    hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
+    if remat_every:
+        if remat_every < 0:
+            raise ValueError(f"mlp: remat_every must be >= 0, got {remat_every}")
+        hidden = [
+            remat(serial(*hidden[i:i + remat_every], name="segment"))
+            for i in range(0, len(hidden), remat_every)
+        ]
+        return serial(*hidden, Linear(widths[-1], init=init), name="mlp")
+    layers = []
+    for w in widths[:-1]:
+        layers += [Linear(w, init=init), sigma]
+    return serial(*layers, Linear(widths[-1], init=init), name="mlp")
+
+
+def resnet_s(
+    width: int,
+    depth: int,
+    num_outputs: int,
+    activation: str | Callable | Layer = "relu",
+) -> Layer:
+    """ResNet-S (eq. 7.39): MM(Res(Res(... Res(MM_in(x))))).
+
+    Each Res(z) = z + sigma(MM(sigma(MM(z)))) (eq. 7.38) keeps the width.
+    An input MM maps x to ``width`` so the blocks fit inputs of any width;
+    the final MM maps to ``num_outputs``.
+
+    Args:
+      width: width of the residual stream and of each block's hidden MM.
+      depth: number of Res blocks (>= 1).
+      num_outputs: output width.
+      activation: as in :func:`mlp`.
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"resnet_s: depth must be a positive int, got {depth!r}")
+    sigma = activation_layer(activation)
+    init = "he" if _activation_name(sigma) in _HE_ACTIVATIONS else "glorot"
+    blocks = [
+        residual(serial(Linear(width, init=init), sigma, Linear(width, init=init), sigma,
+                        name="block"))
+        for _ in range(depth)
+    ]
+    return serial(Linear(width, init=init), *blocks, Linear(num_outputs, init=init),
+                  name="resnet_s")
