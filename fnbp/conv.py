@@ -1,0 +1,438 @@
+"""Convolutions Conv1D and Conv2D (CS229 notes, eqs. 7.48-7.51) and their rules.
+
+Forward, per example, channels last. Conv1D-S with a filter w in R^k,
+k = 2l + 1, on z in R^m with zero padding (eq. 7.48)::
+
+    Conv1D-S(z)_i = sum_{j=1}^{k} w_j z_{i - l + (j - 1)},   z_t = 0 outside 1..m
+
+a cross-correlation (the filter is not flipped). It is linear in z: it equals
+Q z for the banded m x m matrix Q with Q_{i, i-l+j-1} = w_j (eq. 7.49); fnbp
+never builds Q. With C input and C2 output channels, z is m x C and the filters
+are k x C x C2 (eq. 7.50); Conv2D does the same over two spatial axes (7.51).
+Stride s, dilation d and explicit padding generalize the index to
+``u[i] = sum_j w[j] zpad[s i + d j]``.
+
+Backward, written as convolutions (never a dense matrix, never autodiff of
+the forward). With the cotangent v of u:
+
+- B[Conv, z](v) = Q^T v: the transposed convolution, i.e. a convolution of v,
+  dilated by the stride (``lhs_dilation = s``), with the spatially flipped
+  kernel whose channel roles are swapped (C2 -> C), padded by
+  ``(d (k - 1) - low, m + low - 1 - s (m' - 1))`` per axis.
+- B[Conv, w](v) = sum over examples and positions of zpad[s i + d j] v[i]^T:
+  a convolution of z with v in which the examples are the contracted axis,
+  the input channels play the batch, the forward dilation is the stride and
+  the forward stride the dilation. One convolution sums over every example.
+- B[Conv, b](v) = sum of v over examples and positions.
+
+Layout: channels last throughout (NWC/WIO for 1-D, NHWC/HWIO for 2-D) in the
+forward and in both backward convolutions, as autodiff of the same forward
+would use. Leading axes of z are example axes: they are flattened into one
+batch axis for the convolutions and restored after.
+
+``padding="same"`` is the notes' zero padding: l = (k_eff - 1) / 2 zeros on
+each side, k_eff = d (k - 1) + 1 the dilated kernel size, so the output length
+is m for stride 1 and ceil(m / s) for stride s. It needs an odd k_eff; an even
+k_eff with ``"same"`` is refused (there is no symmetric padding) and the error
+says to pass an explicit ``(low, high)`` pair, e.g. ``(k_eff // 2 - 1,
+k_eff // 2)``, the padding XLA's "SAME" would choose for stride 1. For stride
+s > 1 fnbp's "same" pads l on both sides, which can differ from XLA's "SAME"
+(XLA pads as little as needed for ceil(m / s) outputs, and more on the high
+side).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from fnbp import _validate
+from fnbp._dtypes import accumulation_dtype
+from fnbp.checking import check_finite
+
+Padding = Union[str, int, Sequence]
+Pairs = tuple[tuple[int, int], ...]
+Ints = tuple[int, ...]
+
+# Channels-last dimension numbers, one set per number of spatial axes.
+# Forward: u = conv(z, w).
+_FWD_DN = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+# Input cotangent: conv(v, flip(w)) with w's channel roles swapped (read O as
+# w's C axis, I as its C2 axis), so the kernel is never transposed in memory.
+_DZ_DN = {1: ("NWC", "WOI", "NWC"), 2: ("NHWC", "HWOI", "NHWC")}
+# Weight cotangent: conv(z, v) with z's channels as the batch and the examples
+# as the contracted features; the output lands in w's (k..., C, C2) layout.
+_DW_DN = {1: ("CWN", "IWO", "WNC"), 2: ("CHWN", "IHWO", "HWNC")}
+
+_NAME = {1: "conv1d", 2: "conv2d"}
+_W_MEANING = {1: "(k, C, C2)", 2: "(kh, kw, C, C2)"}
+_Z_MEANING = {1: "(..., m, C)", 2: "(..., H, W, C)"}
+
+
+# --- settings ------------------------------------------------------------------------
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _per_axis_ints(fn: str, name: str, value, n: int) -> Ints:
+    """stride / dilation: one int >= 1 or one per spatial axis."""
+    if _is_int(value):
+        values = (int(value),) * n
+    elif (isinstance(value, (tuple, list)) and len(value) == n
+          and all(_is_int(x) for x in value)):
+        values = tuple(int(x) for x in value)
+    else:
+        per_axis = "an int" if n == 1 else f"an int or a tuple of {n} ints (one per spatial axis)"
+        raise TypeError(f"{fn}: {name} must be {per_axis}, got {name}={value!r}")
+    if any(x < 1 for x in values):
+        raise ValueError(f"{fn}: {name} must be >= 1 in every spatial axis, got "
+                         f"{name}={value!r}; use {name}=1 for the notes' convolution")
+    return values
+
+
+def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
+    if isinstance(spec, str):
+        mode = spec.lower()
+        if mode == "valid":
+            return (0, 0)
+        if mode == "same":
+            if k_eff % 2 == 0:
+                raise ValueError(
+                    f"{fn}: padding='same' needs an odd dilated kernel size along "
+                    f"{axis} (the notes' k = 2l + 1 with l zeros on each side), got "
+                    f"k_eff = dilation * (k - 1) + 1 = {k_eff}; fnbp refuses to pad "
+                    f"asymmetrically on its own: pass padding=({k_eff // 2 - 1}, "
+                    f"{k_eff // 2}) for XLA's 'SAME' choice, or use an odd kernel"
+                )
+            return ((k_eff - 1) // 2, (k_eff - 1) // 2)
+        raise ValueError(f"{fn}: padding must be 'same', 'valid', an int or a "
+                         f"(low, high) pair, got padding={spec!r}")
+    if _is_int(spec):
+        pair = (int(spec), int(spec))
+    elif (isinstance(spec, (tuple, list)) and len(spec) == 2
+          and all(_is_int(x) for x in spec)):
+        pair = (int(spec[0]), int(spec[1]))
+    else:
+        raise TypeError(f"{fn}: padding along {axis} must be 'same', 'valid', an int or "
+                        f"a (low, high) pair of ints, got {spec!r}")
+    if min(pair) < 0:
+        raise ValueError(f"{fn}: padding must be >= 0 (zeros added), got {pair} along "
+                         f"{axis}; crop the input instead of padding negatively")
+    return pair
+
+
+def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
+    """Normalize ``padding`` to one (low, high) pair per spatial axis.
+
+    1-D: 'same', 'valid', an int, a (low, high) pair or a 1-tuple of one. 2-D: one of 'same',
+    'valid', an int for both axes, or a sequence of 2 per-axis entries, each
+    'same', 'valid', an int or a (low, high) pair. Idempotent.
+    """
+    n = len(k_eff)
+    axes = ("the length axis",) if n == 1 else ("H", "W")
+    if isinstance(padding, str) or _is_int(padding):
+        specs = (padding,) * n
+    elif (n == 1 and isinstance(padding, (tuple, list)) and len(padding) == 2
+          and all(_is_int(x) for x in padding)):
+        specs = (padding,)
+    elif isinstance(padding, (tuple, list)) and len(padding) == n:
+        specs = tuple(padding)
+    else:
+        raise TypeError(
+            f"{fn}: padding must be 'same', 'valid', an int, or {n} per-axis entries "
+            f"(each 'same', 'valid', an int or a (low, high) pair), got {padding!r}"
+        )
+    return tuple(_axis_padding(fn, s, k, a) for s, k, a in zip(specs, k_eff, axes))
+
+
+def _settings(n: int, w_shape: tuple[int, ...], stride, padding, dilation
+              ) -> tuple[Ints, Pairs, Ints]:
+    fn = _NAME[n]
+    stride = _per_axis_ints(fn, "stride", stride, n)
+    dilation = _per_axis_ints(fn, "dilation", dilation, n)
+    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dilation, w_shape[:n]))
+    return stride, _padding(fn, padding, k_eff), dilation
+
+
+def _out_size(m: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
+    return (m + pad[0] + pad[1] - (d * (k - 1) + 1)) // s + 1
+
+
+# --- the convolutions ----------------------------------------------------------------
+
+
+def _flat(z: Array, n: int) -> Array:
+    """(..., *spatial, C) -> (N, *spatial, C): leading axes as one example axis."""
+    return z.reshape((-1,) + z.shape[z.ndim - n - 1:])
+
+
+def _pet(compute, *arrays):
+    """preferred_element_type: float32 accumulation for half inputs, else default."""
+    acc = accumulation_dtype(*arrays)
+    return None if acc == compute else acc
+
+
+def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
+             dilation: Ints) -> Array:
+    n = w.ndim - 2
+    out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
+    compute = jnp.result_type(z, w)
+    zf = _flat(z, n).astype(compute)
+    u = jax.lax.conv_general_dilated(
+        zf, w.astype(compute), window_strides=stride, padding=padding,
+        rhs_dilation=dilation, dimension_numbers=_FWD_DN[n],
+        preferred_element_type=_pet(compute, zf),
+    )
+    if b is not None:
+        u = u + b.astype(u.dtype)
+    return u.astype(out).reshape(z.shape[:z.ndim - n - 1] + u.shape[1:])
+
+
+class ConvResiduals(NamedTuple):
+    """What B[Conv, .] needs: the input z (for B[Conv, w]) and the kernel w (for Q^T v).
+
+    ``b`` is kept only so the rule knows whether there is a bias and its dtype.
+    """
+
+    z: Array
+    w: Array
+    b: Array | None
+
+
+def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
+             dilation: Ints) -> Array:
+    """B[Conv, z](v) = Q^T v as a convolution of the stride-dilated v with flip(w)."""
+    n = w.ndim - 2
+    m = z.shape[z.ndim - n - 1:z.ndim - 1]
+    out = v.shape[1:1 + n]
+    pads = []
+    for i in range(n):
+        k_eff = dilation[i] * (w.shape[i] - 1) + 1
+        low = k_eff - 1 - padding[i][0]
+        high = m[i] + padding[i][0] - 1 - stride[i] * (out[i] - 1)
+        pads.append((low, high))
+    w_flipped = jax.lax.rev(w.astype(v.dtype), tuple(range(n)))
+    return jax.lax.conv_general_dilated(
+        v, w_flipped, window_strides=(1,) * n, padding=pads, lhs_dilation=stride,
+        rhs_dilation=dilation, dimension_numbers=_DZ_DN[n],
+        preferred_element_type=_pet(v.dtype, v),
+    )
+
+
+def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
+             dilation: Ints) -> Array:
+    """B[Conv, w](v) = sum over examples, positions of zpad[s i + d j] v[i]^T, one conv."""
+    n = w.ndim - 2
+    m = zf.shape[1:1 + n]
+    out = v.shape[1:1 + n]
+    pads = []
+    for i in range(n):
+        # Pad so that exactly k kernel taps fit: the high side may crop (negative).
+        used = dilation[i] * (w.shape[i] - 1) + stride[i] * (out[i] - 1) + 1
+        pads.append((padding[i][0], used - m[i] - padding[i][0]))
+    return jax.lax.conv_general_dilated(
+        zf.astype(v.dtype), v, window_strides=dilation, padding=pads,
+        rhs_dilation=stride, dimension_numbers=_DW_DN[n],
+        preferred_element_type=_pet(v.dtype, v),
+    )
+
+
+def _conv_bwd(stride: Ints, padding: Pairs, dilation: Ints, res: ConvResiduals,
+              v: Array) -> tuple[Array, Array, Array | None]:
+    z, w, b = res
+    n = w.ndim - 2
+    compute = v.dtype
+    vf = _flat(v, n)
+    zf = _flat(z, n)
+    dz = _conv_dz(z, w, vf, stride, padding, dilation)
+    dz = dz.astype(z.dtype).reshape(z.shape)
+    dw = _conv_dw(zf, w, vf, stride, padding, dilation).astype(w.dtype)
+    db = None
+    if b is not None:
+        db = jnp.sum(vf, axis=tuple(range(n + 1)),
+                     dtype=accumulation_dtype(compute)).astype(b.dtype)
+    return dz, dw, db
+
+
+def _validate_conv(n: int, z, w, b, stride, padding, dilation):
+    fn = _NAME[n]
+    _validate.require_float(fn, "z", z)
+    _validate.require_float(fn, "w", w)
+    _validate.require_ndim(fn, "w", w, n + 2, _W_MEANING[n])
+    _validate.require_min_ndim(fn, "z", z, n + 1, _Z_MEANING[n])
+    z, w = jnp.asarray(z), jnp.asarray(w)
+    C, C2 = w.shape[n], w.shape[n + 1]
+    if z.shape[-1] != C:
+        raise ValueError(
+            f"{fn}: z has {z.shape[-1]} channels (last axis, z.shape={z.shape}) but w "
+            f"expects C={C} (w.shape={w.shape} is {_W_MEANING[n]}); pass z with shape "
+            f"{_Z_MEANING[n][:-2]}{C}) or w with C={z.shape[-1]}"
+        )
+    if min(w.shape) < 1:
+        raise ValueError(f"{fn}: w has an empty axis, w.shape={w.shape}")
+    if b is not None:
+        _validate.require_float(fn, "b", b)
+        b = jnp.asarray(b)
+        if b.shape != (C2,):
+            raise ValueError(f"{fn}: b must have shape ({C2},) to match w.shape="
+                             f"{w.shape} (C2={C2} output channels), got b.shape={b.shape}")
+        check_finite(fn, "b", b)
+    stride, pads, dilation = _settings(n, w.shape, stride, padding, dilation)
+    spatial = z.shape[z.ndim - n - 1:z.ndim - 1]
+    for i in range(n):
+        k_eff = dilation[i] * (w.shape[i] - 1) + 1
+        padded = spatial[i] + pads[i][0] + pads[i][1]
+        if padded < k_eff:
+            axis = "" if n == 1 else f" along {'HW'[i]}"
+            raise ValueError(
+                f"{fn}: the kernel{axis} (size {w.shape[i]}, dilated size {k_eff}) is "
+                f"longer than the padded input (size {spatial[i]} + padding {pads[i]} = "
+                f"{padded}), z.shape={z.shape}, w.shape={w.shape}; use a smaller kernel "
+                f"or dilation, more padding, or padding='same'"
+            )
+    check_finite(fn, "z", z)
+    check_finite(fn, "w", w)
+    return z, w, b, stride, pads, dilation
+
+
+# --- Conv1D (7.48-7.50) --------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv1d(z, w, b, stride, padding, dilation):
+    return _forward(z, w, b, stride, padding, dilation)
+
+
+def conv1d_fwd(z: Array, w: Array, b: Array | None, stride: int | Ints,
+               padding: Padding, dilation: int | Ints) -> tuple[Array, ConvResiduals]:
+    """Forward pass of :func:`conv1d` with its residuals (settings as in conv1d)."""
+    stride, padding, dilation = _settings(1, w.shape, stride, padding, dilation)
+    return _forward(z, w, b, stride, padding, dilation), ConvResiduals(z, w, b)
+
+
+def conv1d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
+               res: ConvResiduals, v: Array) -> tuple[Array, Array, Array | None]:
+    """B[Conv1D, .]: map v (..., m', C2) to (dz, dw, db), each as a convolution.
+
+    ``dz = Q^T v`` (the transposed convolution: v dilated by the stride,
+    correlated with the flipped kernel), shape (..., m, C); ``dw[j, c, c2] =
+    sum over examples and i of zpad[s i + d j, c] v[i, c2]``, one convolution
+    over all examples, shape (k, C, C2); ``db = sum of v`` over examples and
+    positions, shape (C2,), or ``None`` without a bias. The static settings
+    come first, as ``jax.custom_vjp``'s ``nondiff_argnums`` pass them.
+    """
+    stride, padding, dilation = _settings(1, res.w.shape, stride, padding, dilation)
+    return _conv_bwd(stride, padding, dilation, res, v)
+
+
+_conv1d.defvjp(conv1d_fwd, conv1d_bwd)
+
+
+def conv1d(z: Array, w: Array, b: Array | None = None, *, stride: int = 1,
+           padding: Padding = "same", dilation: int = 1) -> Array:
+    """Conv1D: the notes' 1-D convolution (eqs. 7.48-7.50), channels last.
+
+    ``u[i, c2] = b[c2] + sum_{j, c} w[j, c, c2] zpad[s i + d j, c]``: a
+    cross-correlation (the kernel is not flipped), as eq. 7.48 with
+    ``zpad`` the zero-padded z. For stride 1 and ``padding="same"`` it is
+    Conv1D-S, equal to Q z with the banded matrix Q of eq. 7.49. Leading axes
+    of z are example axes; the parameter cotangents are summed over them.
+    Gradient from :func:`conv1d_bwd`.
+
+    Args:
+      z: input, shape (..., m, C), floating.
+      w: filters, shape (k, C, C2), floating.
+      b: bias, shape (C2,), or ``None``.
+      stride: int s >= 1 (static).
+      padding: ``"same"`` (default: (k_eff - 1) / 2 zeros on each side, the
+        notes' zero padding; needs an odd dilated kernel size k_eff = d (k - 1)
+        + 1, even sizes are refused), ``"valid"`` (none), an int p (p zeros on
+        each side) or a ``(low, high)`` pair (static).
+      dilation: int d >= 1, spacing between kernel taps (static).
+
+    Returns:
+      u of shape (..., m', C2), m' = floor((m + low + high - k_eff) / s) + 1,
+      dtype ``result_type(z, w, b)``.
+
+    Raises:
+      ValueError: w not 3-D, channel mismatch, b not (C2,), stride or dilation
+        < 1, negative padding, "same" with an even dilated kernel, or a kernel
+        longer than the padded input.
+      TypeError: a non-floating array or a malformed setting.
+    """
+    z, w, b, stride, padding, dilation = _validate_conv(1, z, w, b, stride, padding,
+                                                       dilation)
+    return _conv1d(z, w, b, stride, padding, dilation)
+
+
+# --- Conv2D (7.51) ---------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv2d(z, w, b, stride, padding, dilation):
+    return _forward(z, w, b, stride, padding, dilation)
+
+
+def conv2d_fwd(z: Array, w: Array, b: Array | None, stride: int | Ints,
+               padding: Padding, dilation: int | Ints) -> tuple[Array, ConvResiduals]:
+    """Forward pass of :func:`conv2d` with its residuals (settings as in conv2d)."""
+    stride, padding, dilation = _settings(2, w.shape, stride, padding, dilation)
+    return _forward(z, w, b, stride, padding, dilation), ConvResiduals(z, w, b)
+
+
+def conv2d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
+               res: ConvResiduals, v: Array) -> tuple[Array, Array, Array | None]:
+    """B[Conv2D, .]: map v (..., H', W', C2) to (dz, dw, db), each as a convolution.
+
+    As :func:`conv1d_bwd` over two spatial axes: ``dz`` (..., H, W, C) is the
+    transposed convolution of v with the flipped kernel; ``dw`` (kh, kw, C, C2)
+    one convolution of z with v over all examples; ``db`` (C2,) the sum of v.
+    """
+    stride, padding, dilation = _settings(2, res.w.shape, stride, padding, dilation)
+    return _conv_bwd(stride, padding, dilation, res, v)
+
+
+_conv2d.defvjp(conv2d_fwd, conv2d_bwd)
+
+
+def conv2d(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
+           padding: Padding = "same", dilation: int | Ints = 1) -> Array:
+    """Conv2D (eq. 7.51), channels last: a 2-D cross-correlation of z with w.
+
+    ``u[i1, i2, c2] = b[c2] + sum_{j1, j2, c} w[j1, j2, c, c2]
+    zpad[s1 i1 + d1 j1, s2 i2 + d2 j2, c]``. Leading axes of z are example
+    axes; the parameter cotangents are summed over them. Gradient from
+    :func:`conv2d_bwd`.
+
+    Args:
+      z: input, shape (..., H, W, C), floating.
+      w: filters, shape (kh, kw, C, C2), floating.
+      b: bias, shape (C2,), or ``None``.
+      stride: int >= 1 or (sh, sw) (static).
+      padding: ``"same"`` (default; (k_eff - 1) / 2 zeros on each side of each
+        axis, needs odd dilated kernel sizes), ``"valid"``, an int for every
+        side, or two per-axis entries ``(ph, pw)`` each ``"same"``,
+        ``"valid"``, an int or a ``(low, high)`` pair, e.g. ``((0, 1), 2)``
+        (static). A pair of ints ``(1, 2)`` means 1 on both sides of H and 2 on
+        both sides of W.
+      dilation: int >= 1 or (dh, dw) (static).
+
+    Returns:
+      u of shape (..., H', W', C2), dtype ``result_type(z, w, b)``.
+
+    Raises:
+      ValueError: w not 4-D, channel mismatch, b not (C2,), stride or dilation
+        < 1, negative padding, "same" with an even dilated kernel, or a kernel
+        longer than the padded input.
+      TypeError: a non-floating array or a malformed setting.
+    """
+    z, w, b, stride, padding, dilation = _validate_conv(2, z, w, b, stride, padding,
+                                                       dilation)
+    return _conv2d(z, w, b, stride, padding, dilation)

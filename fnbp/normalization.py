@@ -1,0 +1,387 @@
+"""Layer normalization LN-S, LN (CS229 notes, eqs. 7.40-7.42) and RMSNorm, with their rules.
+
+Forward, per example, over the last axis z in R^m::
+
+    mu = (1/m) sum_i z_i,    sigma = sqrt((1/m) sum_i (z_i - mu)^2 + eps)
+    LN-S(z) = (z - mu) / sigma                                          (7.40)
+    LN(z)   = beta + gamma * LN-S(z)                                    (7.41)
+    RMSNorm(z) = gamma * z / r,   r = sqrt((1/m) sum_i z_i^2 + eps)
+
+The variance is the biased one of the notes (divide by m). The notes have no
+epsilon; ``eps = 0.0`` gives their LN-S exactly, ``eps > 0`` (the default, as
+common practice) keeps sigma away from 0 for a constant example.
+
+Backward function of LN-S. Write y = LN-S(z) and s = sigma. Since
+d mu / d z_j = 1/m and d s / d z_j = (z_j - mu) / (m s) = y_j / m (eps
+included, because d(s^2)/d z_j = (2/m)(z_j - mu): the sum of z - mu is 0),
+
+    d y_i / d z_j = (1/s) (delta_ij - 1/m - y_i y_j / m),
+
+a symmetric matrix, so for an incoming cotangent g::
+
+    B[LN-S, z](g) = (1/s) (g - mean(g) - y mean(g (.) y))
+
+For LN the cotangent reaching LN-S is g = gamma (.) v, and
+
+    B[LN, gamma](v) = sum of v (.) y,   B[LN, beta](v) = sum of v,
+
+summed over the example axes (and over the features too when gamma, beta are
+scalars, as in the notes). The eps cotangent is d y / d eps = -y / (2 s^2),
+so B[LN-S, eps](g) = -sum over every entry of g (.) y / (2 s^2).
+
+RMSNorm the same way, with y = z / r and d r / d z_j = y_j / m::
+
+    B[RMS, z](v) = (1/r) (g - y mean(g (.) y)),   g = gamma (.) v.
+
+With eps = 0 and an example whose entries are all equal (LN-S) or all zero
+(RMSNorm), sigma (or r) is 0 and the output is NaN: the function is not
+defined there. Under :func:`fnbp.checked` this raises instead.
+
+Scale invariance (7.42): LN-S(a z) = LN-S(z) for a > 0 exactly when eps = 0
+(with eps > 0 up to a relative O(eps / var(z))), so LN(MM_{aW, ab}(z)) =
+LN(MM_{W, b}(z)).
+
+All arithmetic runs in at least float32 (float16 and bfloat16 inputs are
+promoted, the results cast back): dtype in = dtype out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fnbp import _validate
+from fnbp._dtypes import accumulation_dtype
+from fnbp.checking import check, check_finite, is_checking
+
+
+# --- shared argument handling ----------------------------------------------------
+
+
+def _float_input(fn: str, z) -> Array:
+    _validate.require_float(fn, "z", z)
+    _validate.require_min_ndim(fn, "z", z, 1, "(..., m): the last axis is normalized")
+    z = jnp.asarray(z)
+    if z.shape[-1] < 1:
+        raise ValueError(f"{fn}: z's last axis is empty (z.shape={z.shape}); "
+                         f"there is nothing to normalize")
+    check_finite(fn, "z", z)
+    return z
+
+
+def _eps_argument(fn: str, eps, z: Array) -> Array:
+    """``eps`` as a scalar array; a Python number takes z's accumulation dtype."""
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        if eps < 0:
+            raise ValueError(f"{fn}: eps must be >= 0, got eps={eps}; pass eps=0.0 "
+                             f"for the notes' exact form or a small positive number")
+        return jnp.asarray(eps, dtype=accumulation_dtype(z))
+    _validate.require_float(fn, "eps", eps)
+    _validate.require_scalar(fn, "eps", eps)
+    value = _validate.concrete_float(eps)
+    if value is not None and value < 0:
+        raise ValueError(f"{fn}: eps must be >= 0, got eps={value}; pass eps=0.0 "
+                         f"for the notes' exact form or a small positive number")
+    eps = jnp.asarray(eps)
+    check(eps >= 0, f"{fn}: eps must be >= 0")
+    return eps
+
+
+def _affine_argument(fn: str, name: str, p, z: Array) -> Array:
+    """gamma or beta: a scalar (the notes) or a vector of z's last-axis length."""
+    if isinstance(p, (int, float)) and not isinstance(p, bool):
+        return jnp.asarray(p, dtype=z.dtype)
+    _validate.require_float(fn, name, p)
+    p = jnp.asarray(p)
+    m = z.shape[-1]
+    if p.shape not in ((), (m,)):
+        raise ValueError(
+            f"{fn}: {name} must be a scalar (shape ()) or a vector of length m={m}, "
+            f"z's last axis (z.shape={z.shape}), got {name}.shape={p.shape}; pass "
+            f"{name} with shape () or ({m},)"
+        )
+    check_finite(fn, name, p)
+    return p
+
+
+def _check_spread(fn: str, what: str, spread: Array) -> None:
+    check(jnp.all(spread > 0),
+          f"{fn}: an example has {what} = 0 with eps = 0, so the output is 0/0 = NaN; "
+          f"pass eps > 0 or drop constant examples")
+
+
+def _sum_to(x: Array, shape: tuple[int, ...], dtype) -> Array:
+    """Sum ``x`` (..., m) over its example axes, and over m too when ``shape == ()``."""
+    axes = tuple(range(x.ndim)) if shape == () else tuple(range(x.ndim - 1))
+    return jnp.sum(x, axis=axes).astype(dtype)
+
+
+def _mean_last(x: Array) -> Array:
+    return jnp.mean(x, axis=-1, keepdims=True)
+
+
+# --- LN-S (7.40) -------------------------------------------------------------------
+
+
+class LayerNormSResiduals(NamedTuple):
+    """What B[LN-S, .] needs: y = LN-S(z) and 1/sigma per example (accumulation dtype).
+
+    ``z_like`` and ``eps`` are kept for the dtypes of the cotangents; ``eps`` is
+    a scalar, ``z_like`` an empty array (no memory) with z's dtype.
+    """
+
+    y: Array
+    inv_sigma: Array
+    eps: Array
+    z_like: Array
+
+
+def _standardize(z: Array, eps: Array) -> tuple[Array, Array, Array]:
+    """(y, 1/sigma, sigma^2) in the accumulation dtype."""
+    acc = accumulation_dtype(z, eps)
+    za = z.astype(acc)
+    d = za - _mean_last(za)
+    var = _mean_last(d * d) + eps.astype(acc)
+    inv_sigma = jax.lax.rsqrt(var)
+    return d * inv_sigma, inv_sigma, var
+
+
+def _empty_like(z: Array) -> Array:
+    return jnp.zeros((0,), z.dtype)
+
+
+def _ln_s_dz(y: Array, inv_sigma: Array, g: Array) -> Array:
+    """B[LN-S, z](g) = (1/sigma)(g - mean(g) - y mean(g y))."""
+    return inv_sigma * (g - _mean_last(g) - y * _mean_last(g * y))
+
+
+def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
+    """B[., eps](g) = -sum of g (.) y / (2 sigma^2), over every entry."""
+    per_example = jnp.sum(g * y, axis=-1, keepdims=True) * (inv_sigma * inv_sigma)
+    return (-0.5 * jnp.sum(per_example)).astype(eps.dtype)
+
+
+@jax.custom_vjp
+def _layer_norm_s(z: Array, eps: Array) -> Array:
+    return _standardize(z, eps)[0].astype(z.dtype)
+
+
+def layer_norm_s_fwd(z: Array, eps: Array) -> tuple[Array, LayerNormSResiduals]:
+    """Forward pass of :func:`layer_norm_s` with its residuals."""
+    y, inv_sigma, _ = _standardize(z, eps)
+    return y.astype(z.dtype), LayerNormSResiduals(y, inv_sigma, eps, _empty_like(z))
+
+
+def layer_norm_s_bwd(res: LayerNormSResiduals, v: Array) -> tuple[Array, Array]:
+    """B[LN-S, .]: map the cotangent ``v`` (..., m) to (dz, deps).
+
+    ``dz = (1/sigma)(v - mean(v) - y mean(v (.) y))`` per example (see the
+    module docstring for the derivation); ``deps = -sum v (.) y / (2 sigma^2)``
+    over every entry.
+    """
+    y, inv_sigma, eps, z_like = res
+    g = v.astype(y.dtype)
+    dz = _ln_s_dz(y, inv_sigma, g).astype(z_like.dtype)
+    return dz, _d_eps(y, inv_sigma, g, eps)
+
+
+_layer_norm_s.defvjp(layer_norm_s_fwd, layer_norm_s_bwd)
+
+
+def layer_norm_s(z: Array, eps: float | Array = 1e-5) -> Array:
+    """LN-S(z) = (z - mu) / sigma over the last axis (eq. 7.40).
+
+    mu is the mean and sigma^2 = mean((z - mu)^2) + eps the biased variance
+    of each example, as in the notes; ``eps = 0.0`` is the notes' exact LN-S.
+    Leading axes are example axes. The gradient comes from the hand-written
+    rule :func:`layer_norm_s_bwd`.
+
+    Args:
+      z: input, shape (..., m), floating.
+      eps: scalar >= 0 added to the variance (default 1e-5). A Python number
+        takes z's accumulation dtype (float32 for half inputs); an array gets a
+        cotangent.
+
+    Returns:
+      Array of z's shape and dtype: each example has mean 0 and mean square
+      var / (var + eps) (exactly 1 for eps = 0).
+
+    Raises:
+      ValueError: z a scalar or with an empty last axis; eps negative or not a
+        scalar.
+      TypeError: a non-floating z or eps.
+    """
+    z = _float_input("layer_norm_s", z)
+    eps = _eps_argument("layer_norm_s", eps, z)
+    if is_checking():
+        _check_spread("layer_norm_s", "variance", _standardize(z, eps)[2])
+    return _layer_norm_s(z, eps)
+
+
+# --- LN (7.41) -----------------------------------------------------------------------
+
+
+class LayerNormResiduals(NamedTuple):
+    """y = LN-S(z), 1/sigma (accumulation dtype), gamma, beta, eps and z's dtype."""
+
+    y: Array
+    inv_sigma: Array
+    gamma: Array
+    beta: Array
+    eps: Array
+    z_like: Array
+
+
+def _affine(y: Array, gamma: Array, beta: Array, z: Array) -> Array:
+    out = jnp.result_type(z, gamma, beta)
+    acc = y.dtype
+    return (beta.astype(acc) + gamma.astype(acc) * y).astype(out)
+
+
+@jax.custom_vjp
+def _layer_norm(z: Array, gamma: Array, beta: Array, eps: Array) -> Array:
+    return _affine(_standardize(z, eps)[0], gamma, beta, z)
+
+
+def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
+                   ) -> tuple[Array, LayerNormResiduals]:
+    """Forward pass of :func:`layer_norm` with its residuals."""
+    y, inv_sigma, _ = _standardize(z, eps)
+    u = _affine(y, gamma, beta, z)
+    return u, LayerNormResiduals(y, inv_sigma, gamma, beta, eps, _empty_like(z))
+
+
+def layer_norm_bwd(res: LayerNormResiduals, v: Array
+                   ) -> tuple[Array, Array, Array, Array]:
+    """B[LN, .]: map the cotangent ``v`` (..., m) to (dz, dgamma, dbeta, deps).
+
+    With g = gamma (.) v: ``dz = (1/sigma)(g - mean(g) - y mean(g (.) y))``;
+    ``dgamma = sum of v (.) y`` and ``dbeta = sum of v`` over the example axes
+    (and the feature axis too for scalar gamma, beta); ``deps = -sum of
+    g (.) y / (2 sigma^2)``.
+    """
+    y, inv_sigma, gamma, beta, eps, z_like = res
+    va = v.astype(y.dtype)
+    g = gamma.astype(y.dtype) * va
+    dz = _ln_s_dz(y, inv_sigma, g).astype(z_like.dtype)
+    dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
+    dbeta = _sum_to(va, beta.shape, beta.dtype)
+    return dz, dgamma, dbeta, _d_eps(y, inv_sigma, g, eps)
+
+
+_layer_norm.defvjp(layer_norm_fwd, layer_norm_bwd)
+
+
+def layer_norm(z: Array, gamma: float | Array, beta: float | Array,
+               eps: float | Array = 1e-5) -> Array:
+    """LN(z) = beta + gamma * LN-S(z) over the last axis (eq. 7.41).
+
+    ``gamma`` and ``beta`` are scalars, as in the notes, or vectors of the last
+    axis' length (per-feature scale and shift, common practice); each may be
+    either. Leading axes of z are example axes and the parameter cotangents are
+    summed over them. Gradient from :func:`layer_norm_bwd`.
+
+    Args:
+      z: input, shape (..., m), floating.
+      gamma: scale, shape () or (m,); a Python number takes z's dtype.
+      beta: shift, shape () or (m,); a Python number takes z's dtype.
+      eps: scalar >= 0 added to the variance (default 1e-5); 0.0 is the notes'.
+
+    Returns:
+      Array of z's shape and dtype ``result_type(z, gamma, beta)``.
+
+    Raises:
+      ValueError: gamma or beta neither a scalar nor of length m; eps negative.
+      TypeError: a non-floating argument.
+    """
+    z = _float_input("layer_norm", z)
+    gamma = _affine_argument("layer_norm", "gamma", gamma, z)
+    beta = _affine_argument("layer_norm", "beta", beta, z)
+    eps = _eps_argument("layer_norm", eps, z)
+    if is_checking():
+        _check_spread("layer_norm", "variance", _standardize(z, eps)[2])
+    return _layer_norm(z, gamma, beta, eps)
+
+
+# --- RMSNorm ---------------------------------------------------------------------------
+
+
+class RmsNormResiduals(NamedTuple):
+    """y = z / r, 1/r (accumulation dtype), gamma, eps and z's dtype."""
+
+    y: Array
+    inv_r: Array
+    gamma: Array
+    eps: Array
+    z_like: Array
+
+
+def _rms_scale(z: Array, eps: Array) -> tuple[Array, Array, Array]:
+    acc = accumulation_dtype(z, eps)
+    za = z.astype(acc)
+    ms = _mean_last(za * za) + eps.astype(acc)
+    inv_r = jax.lax.rsqrt(ms)
+    return za * inv_r, inv_r, ms
+
+
+def _rms_output(y: Array, gamma: Array, z: Array) -> Array:
+    return (gamma.astype(y.dtype) * y).astype(jnp.result_type(z, gamma))
+
+
+@jax.custom_vjp
+def _rms_norm(z: Array, gamma: Array, eps: Array) -> Array:
+    return _rms_output(_rms_scale(z, eps)[0], gamma, z)
+
+
+def rms_norm_fwd(z: Array, gamma: Array, eps: Array) -> tuple[Array, RmsNormResiduals]:
+    """Forward pass of :func:`rms_norm` with its residuals."""
+    y, inv_r, _ = _rms_scale(z, eps)
+    return _rms_output(y, gamma, z), RmsNormResiduals(y, inv_r, gamma, eps, _empty_like(z))
+
+
+def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
+    """B[RMSNorm, .]: map ``v`` (..., m) to (dz, dgamma, deps).
+
+    With g = gamma (.) v and y = z / r: ``dz = (1/r)(g - y mean(g (.) y))``;
+    ``dgamma = sum of v (.) y`` over the example axes (and the feature axis for
+    a scalar gamma); ``deps = -sum of g (.) y / (2 r^2)``.
+    """
+    y, inv_r, gamma, eps, z_like = res
+    va = v.astype(y.dtype)
+    g = gamma.astype(y.dtype) * va
+    dz = (inv_r * (g - y * _mean_last(g * y))).astype(z_like.dtype)
+    dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
+    return dz, dgamma, _d_eps(y, inv_r, g, eps)
+
+
+_rms_norm.defvjp(rms_norm_fwd, rms_norm_bwd)
+
+
+def rms_norm(z: Array, gamma: float | Array, eps: float | Array = 1e-6) -> Array:
+    """RMSNorm(z) = gamma * z / sqrt(mean(z^2) + eps) over the last axis.
+
+    No centering (no mean subtracted) and no shift, unlike LN (7.41).
+    ``gamma`` is a scalar or a vector of the last axis' length. Leading axes of
+    z are example axes. Gradient from :func:`rms_norm_bwd`.
+
+    Args:
+      z: input, shape (..., m), floating.
+      gamma: scale, shape () or (m,); a Python number takes z's dtype.
+      eps: scalar >= 0 added to the mean square (default 1e-6).
+
+    Returns:
+      Array of z's shape and dtype ``result_type(z, gamma)``.
+
+    Raises:
+      ValueError: gamma neither a scalar nor of length m; eps negative.
+      TypeError: a non-floating argument.
+    """
+    z = _float_input("rms_norm", z)
+    gamma = _affine_argument("rms_norm", "gamma", gamma, z)
+    eps = _eps_argument("rms_norm", eps, z)
+    if is_checking():
+        _check_spread("rms_norm", "mean square", _rms_scale(z, eps)[2])
+    return _rms_norm(z, gamma, eps)
