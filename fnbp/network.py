@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from fnbp import activations as act
-from fnbp import linear
+from fnbp import conv, linear, normalization, pooling
 
 Shape = tuple[int, ...]
 Params = Any
@@ -466,6 +466,147 @@ class _StaticShape:
         return isinstance(other, _StaticShape) and other.shape == self.shape
 
 
+# --- structured layers: convolution, pooling, normalization -------------------------
+
+
+def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, bias: bool
+                ) -> Layer:
+    fwd, bwd = (conv.conv1d_fwd, conv.conv1d_bwd) if n == 1 else (conv.conv2d_fwd, conv.conv2d_bwd)
+    check = conv.conv1d if n == 1 else conv.conv2d
+    kernel = (kernel_size,) * n if isinstance(kernel_size, int) else tuple(kernel_size)
+    name = f"conv{n}d({channels}, {kernel_size})"
+    # He initialization with fan-in k * C (kh * kw * C for 2-D).
+    initializer = jax.nn.initializers.he_normal(in_axis=tuple(range(n + 1)), out_axis=n + 1)
+
+    def init(key, input_shape, dtype=jnp.float32):
+        if len(input_shape) < n + 1:
+            raise ValueError(f"{name}: needs per-example inputs of shape "
+                             f"({'m, ' if n == 1 else 'H, W, '}C), got {tuple(input_shape)}")
+        w = initializer(key, kernel + (input_shape[-1], channels), dtype)
+        params = {"w": w, "b": jnp.zeros((channels,), dtype)} if bias else {"w": w}
+        output_shape = jax.eval_shape(
+            lambda z: check(z, w, params.get("b"), stride=stride, padding=padding,
+                            dilation=dilation),
+            jax.ShapeDtypeStruct(tuple(input_shape), dtype)).shape
+        return output_shape, params
+
+    def forward(params, z):
+        # The public rule validates shapes and settings at trace time (its
+        # messages name the argument); the stored forward follows.
+        jax.eval_shape(lambda z, p: check(z, p["w"], p.get("b"), stride=stride,
+                                          padding=padding, dilation=dilation), z, params)
+        return fwd(z, params["w"], params.get("b"), stride, padding, dilation)
+
+    def backward(params, residuals, v):
+        dz, dw, db = bwd(stride, padding, dilation, residuals, v)
+        return ({"w": dw, "b": db} if bias else {"w": dw}), dz
+
+    return make_layer(name, init, forward, backward)
+
+
+def Conv1D(channels: int, kernel_size: int, *, stride=1, padding="same", dilation=1,
+           bias: bool = True) -> Layer:
+    """Conv1D as a layer (eqs. 7.48-7.50): params ``{"w": (k, C, C2), "b": (C2,)}``.
+
+    Inputs are (..., m, C), channels last; settings as :func:`fnbp.conv1d`.
+    Filters use He initialization (fan-in k C), the bias starts at 0.
+    """
+    return _conv_layer(1, channels, kernel_size, stride, padding, dilation, bias)
+
+
+def Conv2D(channels: int, kernel_size, *, stride=1, padding="same", dilation=1,
+           bias: bool = True) -> Layer:
+    """Conv2D as a layer (eq. 7.51): params ``{"w": (kh, kw, C, C2), "b": (C2,)}``.
+
+    Inputs are (..., H, W, C), channels last; settings as :func:`fnbp.conv2d`.
+    Filters use He initialization (fan-in kh kw C), the bias starts at 0.
+    """
+    return _conv_layer(2, channels, kernel_size, stride, padding, dilation, bias)
+
+
+def _pool_layer(kind: str, window, stride) -> Layer:
+    fwd, bwd, check = {
+        "max": (pooling.max_pool_fwd, pooling.max_pool_bwd, pooling.max_pool),
+        "avg": (pooling.avg_pool_fwd, pooling.avg_pool_bwd, pooling.avg_pool),
+    }[kind]
+    name = f"{kind}_pool({window})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        shape = jax.eval_shape(lambda z: check(z, window, stride),
+                               jax.ShapeDtypeStruct(tuple(input_shape), dtype)).shape
+        return shape, ()
+
+    def forward(params, z):
+        jax.eval_shape(lambda z: check(z, window, stride), z)
+        return fwd(z, window, stride)
+
+    def backward(params, residuals, v):
+        return (), bwd(window, stride, residuals, v)[0]
+
+    def sq_norms(params, residuals, v):
+        return jnp.zeros((), v.dtype), backward(params, residuals, v)[1]
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+def MaxPool(window, stride=None) -> Layer:
+    """Max pooling over the spatial axes (see :func:`fnbp.max_pool`); no params."""
+    return _pool_layer("max", window, stride)
+
+
+def AvgPool(window, stride=None) -> Layer:
+    """Average pooling over the spatial axes (see :func:`fnbp.avg_pool`); no params."""
+    return _pool_layer("avg", window, stride)
+
+
+def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
+    """LN(z) = beta + gamma * LN-S(z) over the last axis (eq. 7.41) as a layer.
+
+    Params ``{"gamma", "beta"}``: vectors of the last axis' length
+    (``per_feature=True``, common practice) or scalars (the notes), starting at
+    gamma = 1, beta = 0. ``eps`` is a fixed setting (not trained).
+    """
+    name = f"layer_norm(eps={eps})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        shape = (input_shape[-1],) if per_feature else ()
+        return tuple(input_shape), {"gamma": jnp.ones(shape, dtype), "beta": jnp.zeros(shape, dtype)}
+
+    def forward(params, z):
+        gamma, beta = params["gamma"], params["beta"]
+        eps_z = jnp.asarray(eps, z.dtype)
+        jax.eval_shape(normalization.layer_norm, z, gamma, beta, eps_z)
+        return normalization.layer_norm_fwd(z, gamma, beta, eps_z)
+
+    def backward(params, residuals, v):
+        dz, dgamma, dbeta, _ = normalization.layer_norm_bwd(residuals, v)
+        return {"gamma": dgamma, "beta": dbeta}, dz
+
+    return make_layer(name, init, forward, backward)
+
+
+def RMSNorm(eps: float = 1e-6) -> Layer:
+    """RMSNorm(z) = gamma * z / sqrt(mean(z^2) + eps) over the last axis, as a layer.
+
+    Params ``{"gamma": (m,)}`` starting at 1; ``eps`` is a fixed setting.
+    """
+    name = f"rms_norm(eps={eps})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        return tuple(input_shape), {"gamma": jnp.ones((input_shape[-1],), dtype)}
+
+    def forward(params, z):
+        eps_z = jnp.asarray(eps, z.dtype)
+        jax.eval_shape(normalization.rms_norm, z, params["gamma"], eps_z)
+        return normalization.rms_norm_fwd(z, params["gamma"], eps_z)
+
+    def backward(params, residuals, v):
+        dz, dgamma, _ = normalization.rms_norm_bwd(residuals, v)
+        return {"gamma": dgamma}, dz
+
+    return make_layer(name, init, forward, backward)
+
+
 # --- builders ---------------------------------------------------------------------
 
 
@@ -543,3 +684,36 @@ def resnet_s(
     ]
     return serial(Linear(width, init=init), *blocks, Linear(num_outputs, init=init),
                   name="resnet_s")
+
+
+def cnn(
+    num_classes: int,
+    channels: Sequence[int] = (16, 32),
+    *,
+    kernel_size: int = 3,
+    pool: int = 2,
+    activation: str | Callable | Layer = "relu",
+) -> Layer:
+    """A small convolutional network for channels-last images (H, W, C).
+
+    For each entry c of ``channels``: Conv2D(c, kernel_size, "same"), the
+    activation, MaxPool(pool); then Flatten and one MM to ``num_classes``
+    (Section 7.3's Conv2D, eq. 7.51, followed by eq. 7.35).
+
+    Args:
+      num_classes: output width (logits).
+      channels: output channels of each convolution stage.
+      kernel_size: odd kernel size of every convolution.
+      pool: window and stride of every max pooling (1 for none).
+      activation: as in :func:`mlp`.
+    """
+    if not channels:
+        raise ValueError("cnn: channels must name at least one convolution stage")
+    sigma = activation_layer(activation)
+    layers = []
+    for c in channels:
+        layers += [Conv2D(c, kernel_size), sigma]
+        if pool > 1:
+            layers.append(MaxPool((pool, pool)))
+    layers += [Flatten(3), Linear(num_classes, init="glorot")]
+    return serial(*layers, name="cnn")
