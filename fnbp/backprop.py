@@ -40,18 +40,31 @@ def _check(fn: str, model: Any, loss: Any, x: Array, y: Array) -> None:
         raise TypeError(f"{fn}: loss must be callable (t, y) -> per-example loss, "
                         f"got {type(loss).__name__}")
     x_shape, y_shape = jnp.shape(x), jnp.shape(y)
-    if x_shape and y_shape and x_shape[0] != y_shape[0]:
+    # A 1-D x is one example of a vector-input model (e.g. under jax.vmap): its
+    # axis holds features, not examples, and y's may hold targets (mse_loss).
+    if len(x_shape) >= 2 and y_shape and x_shape[0] != y_shape[0]:
         raise ValueError(
             f"{fn}: x has {x_shape[0]} examples (x.shape={x_shape}) but y has "
             f"{y_shape[0]} (y.shape={y_shape}); pass one label per example"
         )
 
 
-def _loss_and_cotangent(loss: Loss, t: Array, y: Array, seed: float | None):
-    """Per-example losses and dJ/dt, for J = mean (seed None) or J^(i) (seed 1)."""
+def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = None):
+    """The losses and dJ/dt.
+
+    ``examples`` None: J is the mean of all the losses (eq. 7.2). ``examples``
+    n: one J^(i) per example along the first axis, the mean of that example's
+    losses (one loss per position of a sequence, say), so the rows of dJ/dt
+    are the per-example dJ^(i)/dt.
+    """
     losses, loss_vjp = jax.vjp(lambda t: loss(t, y), t)
-    n = losses.size
-    v = jnp.full(losses.shape, 1.0 / n if seed is None else seed, losses.dtype)
+    if examples is not None and jnp.shape(losses)[:1] != (examples,):
+        raise ValueError(
+            f"per_example_grad_norms: the loss returned shape {jnp.shape(losses)} for "
+            f"{examples} examples; it must return one loss per example, shape ({examples}, ...)"
+        )
+    count = losses.size if examples is None else losses.size // examples
+    v = jnp.full(losses.shape, 1.0 / count, losses.dtype)
     (dt,) = loss_vjp(v)
     return losses, dt
 
@@ -74,8 +87,13 @@ def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tu
     ``jax.jit(fnbp.backprop, static_argnums=(0, 1))``.
     """
     _check("backprop", model, loss, x, y)
+    return _backprop(model, loss, params, x, y)
+
+
+def _backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array):
+    """:func:`backprop` without the argument checks (for one example under vmap)."""
     t, residuals = model.forward(params, x)                    # forward pass, stored
-    losses, dt = _loss_and_cotangent(loss, t, y, seed=None)     # dJ/du[k] = B[loss](1/n)
+    losses, dt = _loss_and_cotangent(loss, t, y)                # dJ/du[k] = B[loss](1/n)
     grads, _ = model.backward(params, residuals, dt)            # backward pass
     J = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))
     return J, grads
@@ -98,7 +116,7 @@ def per_example_grads(
     _check("per_example_grads", model, loss, x, y)
 
     def one(x_i, y_i):
-        return backprop(model, loss, params, x_i, y_i)
+        return _backprop(model, loss, params, x_i, y_i)
 
     return jax.vmap(one)(x, y)
 
@@ -129,7 +147,11 @@ def per_example_grad_norms(
         sq = sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))),
                          axis=tuple(range(1, g.ndim))) for g in leaves)
         return losses, jnp.sqrt(sq)
+    n = jnp.shape(x)[0]
     t, residuals = model.forward(params, x)
-    losses, dt = _loss_and_cotangent(loss, t, y, seed=1.0)     # dJ^(i)/du[k] per example
+    losses, dt = _loss_and_cotangent(loss, t, y, examples=n)   # dJ^(i)/du[k] per example
     sq, _ = model.sq_norms(params, residuals, dt)
+    if losses.ndim > 1:     # J^(i) = mean of example i's losses, as per_example_grads
+        losses = jnp.mean(losses.reshape(n, -1), axis=1,
+                          dtype=jnp.promote_types(losses.dtype, jnp.float32))
     return losses, jnp.sqrt(jnp.broadcast_to(sq, losses.shape))

@@ -71,6 +71,33 @@ def _cross_entropy_args(key, dtype):
     return (_normal(kt, (5, 4), dtype) * 2, jax.random.randint(ky, (5,), 0, 4))
 
 
+def _layer_norm_s_args(key, dtype):
+    return (_normal(key, (5, 8), dtype) * 2 + 1, jnp.asarray(0.1, dtype))
+
+
+def _layer_norm_args(key, dtype):
+    kz, kg, kb = jax.random.split(key, 3)
+    return (_normal(kz, (5, 8), dtype) * 2 + 1, _normal(kg, (8,), dtype) + 1,
+            _normal(kb, (8,), dtype), jnp.asarray(0.1, dtype))
+
+
+def _rms_norm_args(key, dtype):
+    kz, kg = jax.random.split(key)
+    return (_normal(kz, (5, 8), dtype), _normal(kg, (8,), dtype) + 1, jnp.asarray(0.1, dtype))
+
+
+def _conv_args(spatial, kernel):
+    def make(key, dtype):
+        kz, kw, kb = jax.random.split(key, 3)
+        return (_normal(kz, (2,) + spatial + (2,), dtype),
+                _normal(kw, kernel + (2, 3), dtype), _normal(kb, (3,), dtype))
+    return make
+
+
+def _pool_args(key, dtype):
+    return (_normal(key, (2, 6, 7, 3), dtype),)
+
+
 def _with_scalar(value):
     def make(key, dtype):
         return _elementwise(key, dtype) + (jnp.asarray(value, dtype),)
@@ -93,4 +120,17 @@ CASES: tuple[RuleCase, ...] = (
     RuleCase("cross_entropy_loss", fnbp.cross_entropy_loss, reference.cross_entropy_loss,
              _cross_entropy_args),
     # Structured rules (normalization, convolution, pooling) are added below.
+    RuleCase("layer_norm_s", fnbp.layer_norm_s, reference.layer_norm_s, _layer_norm_s_args),
+    RuleCase("layer_norm", fnbp.layer_norm, reference.layer_norm, _layer_norm_args),
+    RuleCase("rms_norm", fnbp.rms_norm, reference.rms_norm, _rms_norm_args),
+    RuleCase("conv1d", fnbp.conv1d, reference.conv1d, _conv_args((9,), (3,))),
+    RuleCase("conv1d(s2, p(1,2), d2)", fnbp.conv1d, reference.conv1d,
+             _conv_args((9,), (3,)), {"stride": 2, "padding": (1, 2), "dilation": 2}),
+    RuleCase("conv2d", fnbp.conv2d, reference.conv2d, _conv_args((7, 6), (3, 3))),
+    RuleCase("conv2d(s2, valid)", fnbp.conv2d, reference.conv2d,
+             _conv_args((7, 6), (3, 2)), {"stride": 2, "padding": "valid"}),
+    RuleCase("avg_pool", fnbp.avg_pool, reference.avg_pool, _pool_args, {"window": (2, 2)}),
+    RuleCase("max_pool", fnbp.max_pool, reference.max_pool, _pool_args, {"window": (2, 2)}),
+    RuleCase("max_pool(3x3, s1)", fnbp.max_pool, reference.max_pool, _pool_args,
+             {"window": (3, 3), "stride": 1}),
 )

@@ -15,6 +15,7 @@ from typing import Sequence
 
 COMMANDS = {
     "check": ("fnbp.check_command", "check every built-in rule against autodiff"),
+    "train": ("fnbp.train_command", "train a network with hand-written backprop on real data"),
 }
 
 

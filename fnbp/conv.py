@@ -131,9 +131,9 @@ def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
 def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
     """Normalize ``padding`` to one (low, high) pair per spatial axis.
 
-    1-D: 'same', 'valid', an int, a (low, high) pair or a 1-tuple of one. 2-D: one of 'same',
-    'valid', an int for both axes, or a sequence of 2 per-axis entries, each
-    'same', 'valid', an int or a (low, high) pair. Idempotent.
+    1-D: 'same', 'valid', an int, a (low, high) pair or a 1-tuple of one.
+    2-D: 'same', 'valid', an int for both axes, or a sequence of 2 per-axis
+    entries, each 'same', 'valid', an int or a (low, high) pair. Idempotent.
     """
     n = len(k_eff)
     axes = ("the length axis",) if n == 1 else ("H", "W")
@@ -144,10 +144,13 @@ def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
         specs = (padding,)
     elif isinstance(padding, (tuple, list)) and len(padding) == n:
         specs = tuple(padding)
+    elif n == 1:
+        raise TypeError(f"{fn}: padding must be 'same', 'valid', an int or a (low, high) "
+                        f"pair of ints, got padding={padding!r}")
     else:
         raise TypeError(
             f"{fn}: padding must be 'same', 'valid', an int, or {n} per-axis entries "
-            f"(each 'same', 'valid', an int or a (low, high) pair), got {padding!r}"
+            f"(each 'same', 'valid', an int or a (low, high) pair), got padding={padding!r}"
         )
     return tuple(_axis_padding(fn, s, k, a) for s, k, a in zip(specs, k_eff, axes))
 
@@ -166,6 +169,8 @@ def _out_size(m: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
 
 
 # --- the convolutions ----------------------------------------------------------------
+# The forward and backward bodies are jitted: one compiled call each when used
+# eagerly, inlined when the caller is itself jitted.
 
 
 def _flat(z: Array, n: int) -> Array:
@@ -179,6 +184,7 @@ def _pet(compute, *arrays):
     return None if acc == compute else acc
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
              dilation: Ints) -> Array:
     n = w.ndim - 2
@@ -244,6 +250,7 @@ def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _conv_bwd(stride: Ints, padding: Pairs, dilation: Ints, res: ConvResiduals,
               v: Array) -> tuple[Array, Array, Array | None]:
     z, w, b = res

@@ -25,6 +25,16 @@ from fnbp import _validate
 from fnbp.checking import check, check_finite
 
 
+def _common_dtype(t: Array, y: Array) -> tuple[Array, Array]:
+    """t and y cast to one floating dtype before the rule.
+
+    The rule then sees one dtype, and the casts, outside it, hand each argument
+    its cotangent in its own dtype (t float32 with y float64 gets a float32 dt).
+    """
+    dtype = jnp.result_type(t, y)
+    return jnp.asarray(t, dtype), jnp.asarray(y, dtype)
+
+
 def _same_shape(fn: str, t: Array, y: Array, what: str) -> None:
     if jnp.shape(t) != jnp.shape(y):
         raise ValueError(
@@ -85,7 +95,7 @@ def mse_loss(t: Array, y: Array) -> Array:
     _validate.require_float("mse_loss", "y", y)
     _validate.require_min_ndim("mse_loss", "t", t, 1, "(..., k); for one output use (..., 1)")
     _same_shape("mse_loss", t, y, "(..., k)")
-    t, y = jnp.asarray(t), jnp.asarray(y)
+    t, y = _common_dtype(t, y)
     check_finite("mse_loss", "t", t)
     check_finite("mse_loss", "y", y)
     return _mse_loss(t, y)
@@ -145,7 +155,7 @@ def logistic_loss(t: Array, y: Array) -> Array:
     _validate.require_float("logistic_loss", "t", t)
     _validate.require_float("logistic_loss", "y", y)
     _same_shape("logistic_loss", t, y, "(one logit and one target per example)")
-    t, y = jnp.asarray(t), jnp.asarray(y)
+    t, y = _common_dtype(t, y)
     check_finite("logistic_loss", "t", t)
     check_finite("logistic_loss", "y", y)
     check(jnp.all((y >= 0) & (y <= 1)),

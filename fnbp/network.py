@@ -229,7 +229,7 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         return tuple(input_shape[:-1]) + (n,), params
 
     def forward(params, z):
-        _check_linear_params(name, params, z, bias)
+        _check_linear_params(name, params, z, bias, n)
         return linear.mm_fwd(z, params["W"], params.get("b"))
 
     def backward(params, residuals, v):
@@ -264,7 +264,7 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
     return make_layer(name, init_fn, forward, backward, sq_norms)
 
 
-def _check_linear_params(name: str, params: Params, z: Array, bias: bool) -> None:
+def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int) -> None:
     expected = {"W", "b"} if bias else {"W"}
     if not isinstance(params, dict) or set(params) != expected:
         got = sorted(params) if isinstance(params, dict) else type(params).__name__
@@ -273,11 +273,11 @@ def _check_linear_params(name: str, params: Params, z: Array, bias: bool) -> Non
             f"pass the params made by this model's init"
         )
     W = params["W"]
-    if jnp.ndim(W) != 2 or (bias and jnp.shape(params["b"]) != (W.shape[0],)):
+    if jnp.ndim(W) != 2 or W.shape[0] != n or (bias and jnp.shape(params["b"]) != (n,)):
         raise ValueError(
             f"{name}: params have W.shape={jnp.shape(W)}"
             + (f", b.shape={jnp.shape(params['b'])}" if bias else "")
-            + "; expected W of shape (n, m) and b of shape (n,)"
+            + f"; expected W of shape ({n}, m)" + (f" and b of shape ({n},)" if bias else "")
         )
     if jnp.ndim(z) < 1 or z.shape[-1] != W.shape[1]:
         raise ValueError(
@@ -342,7 +342,8 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
         grads = [None] * len(layers)
         for i in reversed(range(len(layers))):
             grads[i], v = layers[i].backward(params[i], residuals[i], v)
-        return tuple(grads), v
+        # the same container as params (a list stays a list: custom_vjp needs it)
+        return (grads if isinstance(params, list) else tuple(grads)), v
 
     sq_norms = None
     if all(layer.sq_norms is not None for layer in layers):

@@ -42,7 +42,10 @@ Scale invariance (7.42): LN-S(a z) = LN-S(z) for a > 0 exactly when eps = 0
 LN(MM_{W, b}(z)).
 
 All arithmetic runs in at least float32 (float16 and bfloat16 inputs are
-promoted, the results cast back): dtype in = dtype out.
+promoted, the results cast back): dtype in = dtype out. The ``_fwd`` and
+``_bwd`` functions are jitted (one compiled call each when used eagerly,
+inlined under an outer ``jax.jit``); the primal is the forward's output, the
+unused residuals are dropped by the compiler.
 """
 
 from __future__ import annotations
@@ -166,15 +169,17 @@ def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
 
 @jax.custom_vjp
 def _layer_norm_s(z: Array, eps: Array) -> Array:
-    return _standardize(z, eps)[0].astype(z.dtype)
+    return layer_norm_s_fwd(z, eps)[0]
 
 
+@jax.jit
 def layer_norm_s_fwd(z: Array, eps: Array) -> tuple[Array, LayerNormSResiduals]:
     """Forward pass of :func:`layer_norm_s` with its residuals."""
     y, inv_sigma, _ = _standardize(z, eps)
     return y.astype(z.dtype), LayerNormSResiduals(y, inv_sigma, eps, _empty_like(z))
 
 
+@jax.jit
 def layer_norm_s_bwd(res: LayerNormSResiduals, v: Array) -> tuple[Array, Array]:
     """B[LN-S, .]: map the cotangent ``v`` (..., m) to (dz, deps).
 
@@ -243,9 +248,10 @@ def _affine(y: Array, gamma: Array, beta: Array, z: Array) -> Array:
 
 @jax.custom_vjp
 def _layer_norm(z: Array, gamma: Array, beta: Array, eps: Array) -> Array:
-    return _affine(_standardize(z, eps)[0], gamma, beta, z)
+    return layer_norm_fwd(z, gamma, beta, eps)[0]
 
 
+@jax.jit
 def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
                    ) -> tuple[Array, LayerNormResiduals]:
     """Forward pass of :func:`layer_norm` with its residuals."""
@@ -254,6 +260,7 @@ def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
     return u, LayerNormResiduals(y, inv_sigma, gamma, beta, eps, _empty_like(z))
 
 
+@jax.jit
 def layer_norm_bwd(res: LayerNormResiduals, v: Array
                    ) -> tuple[Array, Array, Array, Array]:
     """B[LN, .]: map the cotangent ``v`` (..., m) to (dz, dgamma, dbeta, deps).
@@ -333,15 +340,17 @@ def _rms_output(y: Array, gamma: Array, z: Array) -> Array:
 
 @jax.custom_vjp
 def _rms_norm(z: Array, gamma: Array, eps: Array) -> Array:
-    return _rms_output(_rms_scale(z, eps)[0], gamma, z)
+    return rms_norm_fwd(z, gamma, eps)[0]
 
 
+@jax.jit
 def rms_norm_fwd(z: Array, gamma: Array, eps: Array) -> tuple[Array, RmsNormResiduals]:
     """Forward pass of :func:`rms_norm` with its residuals."""
     y, inv_r, _ = _rms_scale(z, eps)
     return _rms_output(y, gamma, z), RmsNormResiduals(y, inv_r, gamma, eps, _empty_like(z))
 
 
+@jax.jit
 def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
     """B[RMSNorm, .]: map ``v`` (..., m) to (dz, dgamma, deps).
 

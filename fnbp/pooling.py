@@ -23,12 +23,23 @@ scattered to the strided positions s i + j by one ``lax.pad`` with interior
 padding s - 1 per offset (for max, masked to the windows whose selected
 offset is j). No dense matrix, no scatter of indices.
 
+Forward passes: max uses ``lax.reduce_window`` (max), and the forward rule
+also records, per output, the offset of the selected maximum (an int8, the
+only residual). avg sums the |K| strided slices z[s i + j] instead of a
+``reduce_window`` sum: XLA on CPU then fuses a preceding element-wise module
+(ReLU) into the same loop; with ``reduce_window`` it materialized a
+broadcast zero tensor of the input's size and the whole conv-net step ran
+1.7x slower (``benchmarks/bench_conv.py --pool avg``).
+
 Tie convention for max: when several entries of a window share the maximum,
 the whole cotangent of that window goes to the *first* of them in row-major
 window order (smallest row offset, then smallest column offset), the
 convention of XLA's select-and-scatter (and so of autodiff through
 ``lax.reduce_window`` with ``max``). A NaN in a window makes that output NaN
 and its cotangent goes to offset 0.
+
+The forward and backward bodies are jitted with the window and stride static:
+one compiled call each when used eagerly, inlined under an outer ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -129,6 +140,10 @@ def _offsets(window: Ints):
     return itertools.product(*(range(k) for k in window))
 
 
+def _out_shape(zf: Array, window: Ints, stride: Ints) -> Ints:
+    return tuple((m - k) // s + 1 for m, k, s in zip(zf.shape[1:-1], window, stride))
+
+
 def _tap(zf: Array, offset: Ints, stride: Ints, out: Ints) -> Array:
     """z[:, s i + j, :] for every output position i: the entries at window offset j."""
     n = len(offset)
@@ -165,11 +180,13 @@ class AvgPoolResiduals(NamedTuple):
     z_shape: Array
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _avg_forward(z: Array, window: Ints, stride: Ints) -> Array:
     n = len(window)
     acc = accumulation_dtype(z)
     zf = _flat(z, n).astype(acc)
-    total = _reduce_window(zf, jnp.zeros((), acc), jax.lax.add, window, stride)
+    out = _out_shape(zf, window, stride)
+    total = functools.reduce(jnp.add, (_tap(zf, j, stride, out) for j in _offsets(window)))
     return _unflat((total / math.prod(window)).astype(z.dtype), z.shape, n)
 
 
@@ -182,9 +199,13 @@ def avg_pool_fwd(z: Array, window: Window, stride: Window | None = None
                  ) -> tuple[Array, AvgPoolResiduals]:
     """Forward pass of :func:`avg_pool` with its residuals."""
     window = _window("avg_pool", window)
-    stride = _stride("avg_pool", stride, window)
-    u = _avg_forward(z, window, stride)
-    return u, AvgPoolResiduals(_shape_record(_flat(z, len(window)), len(window)))
+    return _avg_fwd(z, window, _stride("avg_pool", stride, window))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _avg_fwd(z: Array, window: Ints, stride: Ints) -> tuple[Array, AvgPoolResiduals]:
+    n = len(window)
+    return _avg_forward(z, window, stride), AvgPoolResiduals(_shape_record(_flat(z, n), n))
 
 
 def avg_pool_bwd(window: Window, stride: Window | None, res: AvgPoolResiduals,
@@ -195,14 +216,18 @@ def avg_pool_bwd(window: Window, stride: Window | None, res: AvgPoolResiduals,
     positions s i + j (``lax.pad`` with interior padding s - 1).
     """
     window = _window("avg_pool", window)
-    stride = _stride("avg_pool", stride, window)
+    return (_avg_bwd(window, _stride("avg_pool", stride, window), res, v),)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _avg_bwd(window: Ints, stride: Ints, res: AvgPoolResiduals, v: Array) -> Array:
     n = len(window)
     spatial = _spatial_of(res.z_shape)
     vf = _flat(v, n)
     share = (vf.astype(accumulation_dtype(vf)) / math.prod(window))
     dz = sum(_place(share, j, stride, spatial) for j in _offsets(window))
     dz = dz.astype(res.z_shape.dtype)
-    return (dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:]),)
+    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
 
 
 _avg_pool.defvjp(avg_pool_fwd, avg_pool_bwd)
@@ -246,20 +271,30 @@ class MaxPoolResiduals(NamedTuple):
 
 
 def _max_forward(zf: Array, window: Ints, stride: Ints) -> Array:
-    return _reduce_window(zf, jnp.asarray(-jnp.inf, zf.dtype), jax.lax.max, window, stride)
+    # A concrete numpy init value makes this reduce_window_max, not a generic reduction.
+    return _reduce_window(zf, np.array(-np.inf, zf.dtype), jax.lax.max, window, stride)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _max_primal(z: Array, window: Ints, stride: Ints) -> Array:
+    n = len(window)
+    return _unflat(_max_forward(_flat(z, n), window, stride), z.shape, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _max_pool(z: Array, window: Ints, stride: Ints) -> Array:
-    n = len(window)
-    return _unflat(_max_forward(_flat(z, n), window, stride), z.shape, n)
+    return _max_primal(z, window, stride)
 
 
 def max_pool_fwd(z: Array, window: Window, stride: Window | None = None
                  ) -> tuple[Array, MaxPoolResiduals]:
     """Forward pass of :func:`max_pool`; residuals are the selected offsets."""
     window = _window("max_pool", window)
-    stride = _stride("max_pool", stride, window)
+    return _max_fwd(z, window, _stride("max_pool", stride, window))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _max_fwd(z: Array, window: Ints, stride: Ints) -> tuple[Array, MaxPoolResiduals]:
     n = len(window)
     zf = _flat(z, n)
     u = _max_forward(zf, window, stride)
@@ -282,7 +317,11 @@ def max_pool_bwd(window: Window, stride: Window | None, res: MaxPoolResiduals,
     placed at the positions s i + j (``lax.pad`` with interior padding s - 1).
     """
     window = _window("max_pool", window)
-    stride = _stride("max_pool", stride, window)
+    return (_max_bwd(window, _stride("max_pool", stride, window), res, v),)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _max_bwd(window: Ints, stride: Ints, res: MaxPoolResiduals, v: Array) -> Array:
     n = len(window)
     spatial = _spatial_of(res.z_shape)
     vf = _flat(v, n)
@@ -291,7 +330,7 @@ def max_pool_bwd(window: Window, stride: Window | None, res: MaxPoolResiduals,
     dz = sum(_place(jnp.where(selected == number, vf, zero), j, stride, spatial)
              for number, j in enumerate(_offsets(window)))
     dz = dz.astype(res.z_shape.dtype)
-    return (dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:]),)
+    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
 
 
 _max_pool.defvjp(max_pool_fwd, max_pool_bwd)

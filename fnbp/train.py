@@ -1,0 +1,385 @@
+"""Training with fnbp's hand-written gradients and any optax optimizer.
+
+One training step is the notes' recipe for minibatch stochastic gradient
+descent (Section 7.2) with the gradient computed by backpropagation
+(Algorithm 3, :func:`fnbp.backprop`) and the update done by an optax
+``GradientTransformation`` (plain SGD is theta <- theta - alpha dJ/dtheta;
+momentum and Adam keep state)::
+
+    J, grads = fnbp.backprop(model, loss, params, x, y)   # J = mean over examples (7.2)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+:func:`make_train_step` jits exactly that, :func:`make_eval_step` computes the
+loss and accuracy without gradients, and :func:`fit` loops over epochs of
+shuffled minibatches and returns the trained parameters and a metrics history.
+
+Randomness is explicit and reproducible. The order of the examples in epoch
+``e`` is :func:`epoch_order` ``(key, e, n)``: a pure function of the key and
+the epoch, so two runs with the same key take the same steps, and a run
+resumed from a checkpoint at any step continues exactly as if it had never
+stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import Array
+
+from fnbp.backprop import Loss, backprop
+from fnbp.network import Layer, Params
+
+Metrics = dict[str, Array]
+
+
+class TrainState(NamedTuple):
+    """Everything :func:`fit` needs to continue a run exactly.
+
+    Attributes:
+      params: the parameter pytree.
+      opt_state: the optimizer state (``optimizer.init(params)`` at step 0).
+      step: optimizer steps taken so far; the epoch is
+        ``step // steps_per_epoch``.
+      loss_sum: sum of the training losses of this epoch's steps so far.
+      correct_sum: sum of the training accuracies of this epoch's steps so far.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    step: int = 0
+    loss_sum: float = 0.0
+    correct_sum: float = 0.0
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      params: the trained parameters.
+      history: one dict per finished epoch: ``epoch`` (1-based), ``step``,
+        ``train_loss`` and ``train_accuracy`` (means over the epoch's steps),
+        and ``test_loss``/``test_accuracy`` when test data were given.
+      state: the final :class:`TrainState` (to save, or to continue with more
+        epochs).
+    """
+
+    params: Params
+    history: list[dict[str, float]]
+    state: TrainState
+
+
+def _initialize(model: Layer, optimizer: optax.GradientTransformation,
+                input_shape: tuple[int, ...], dtype: Any, key: Array) -> tuple[Params, Any]:
+    _, params = model.init(key, input_shape, dtype)
+    return params, optimizer.init(params)
+
+
+# Model, loss and optimizer are static arguments (records of functions, hashed by
+# identity), so each compiled function is reused for every call with the same
+# model, loss and optimizer instead of being traced again.
+_initialize_jit = jax.jit(_initialize, static_argnums=(0, 1, 2, 3))
+
+
+def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array,
+               input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> TrainState:
+    """Initial parameters and optimizer state at step 0, in one compiled call.
+
+    ``params = model.init(key, input_shape, dtype)[1]`` and
+    ``opt_state = optimizer.init(params)``, jitted together so that the many
+    small random draws of the initializers compile once instead of one by one.
+
+    Args:
+      model: a :class:`fnbp.Layer`.
+      optimizer: an optax ``GradientTransformation``.
+      key: the PRNG key of the initialization.
+      input_shape: the shape of one example (no batch axis).
+      dtype: the parameters' dtype.
+
+    Returns:
+      A :class:`TrainState` at step 0.
+
+    Raises:
+      ValueError: the model does not fit inputs of ``input_shape`` (from the
+        model's own init).
+    """
+    _check_parts("init_state", model, accuracy, optimizer)
+    input_shape = tuple(int(d) for d in input_shape)
+    params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype), key)
+    return TrainState(params, opt_state)
+
+
+def accuracy(t: Array, y: Array) -> Array:
+    """Fraction of examples whose largest logit is the label: mean(argmax t == y)."""
+    return jnp.mean((jnp.argmax(t, axis=-1) == y).astype(jnp.float32))
+
+
+def _is_classification(t: Any, y: Any) -> bool:
+    return jnp.issubdtype(y.dtype, jnp.integer) and len(t.shape) == len(y.shape) + 1
+
+
+def train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
+               params: Params, opt_state: Any, x: Array, y: Array
+               ) -> tuple[Params, Any, Metrics]:
+    """One training step, not jitted (see :func:`make_train_step` for the jitted one).
+
+    The gradient is :func:`fnbp.backprop` (Algorithm 3 with the hand-written
+    backward functions); ``metrics`` holds ``loss`` (J before the update) and,
+    for integer labels, ``accuracy``.
+    """
+    J, grads = backprop(model, loss, params, x, y)
+    metrics = {"loss": J}
+    y = jnp.asarray(y)
+    if _is_classification(jax.eval_shape(model.apply, params, x), y):
+        # a second forward call; under jit XLA shares it with backprop's forward pass
+        metrics["accuracy"] = accuracy(model.apply(params, x), y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+_train_step_jit = jax.jit(train_step, static_argnums=(0, 1, 2))
+
+
+def _batch_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
+                batch_size: int, params: Params, opt_state: Any, x: Array, y: Array,
+                order: Array, start: Array) -> tuple[Params, Any, Metrics]:
+    """The step on the minibatch ``order[start:start + batch_size]`` of (x, y)."""
+    idx = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
+    return train_step(model, loss, optimizer, params, opt_state,
+                      jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
+
+
+_batch_step_jit = jax.jit(_batch_step, static_argnums=(0, 1, 2, 3))
+
+
+def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+                    ) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
+    """A jitted training step: gradients from :func:`fnbp.backprop`, update from optax.
+
+    Args:
+      model: a :class:`fnbp.Layer` (e.g. ``fnbp.mlp([256, 256, 10])``).
+      loss: a per-example loss ``loss(t, y)``, e.g. ``fnbp.cross_entropy_loss``.
+      optimizer: any optax ``GradientTransformation`` (``optax.sgd(0.1)``,
+        ``optax.adam(1e-3)``, a chain, ...).
+
+    Returns:
+      ``step(params, opt_state, x, y) -> (params, opt_state, metrics)`` with
+      ``metrics = {"loss": J, "accuracy": ...}`` (accuracy for integer labels
+      only), J the minibatch's mean loss before the update (eq. 7.2). The
+      compiled code is shared by every step made from the same model, loss
+      and optimizer objects.
+
+    Example::
+
+        optimizer = optax.adam(1e-3)
+        step = fnbp.make_train_step(model, fnbp.cross_entropy_loss, optimizer)
+        opt_state = optimizer.init(params)
+        params, opt_state, metrics = step(params, opt_state, x, y)
+    """
+    _check_parts("make_train_step", model, loss, optimizer)
+    return functools.partial(_train_step_jit, model, loss, optimizer)
+
+
+def eval_step(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> Metrics:
+    """Mean loss (and accuracy, for integer labels) of ``model`` on (x, y), no gradient."""
+    t = model.apply(params, x)
+    losses = loss(t, y)
+    metrics = {"loss": jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))}
+    y = jnp.asarray(y)
+    if _is_classification(t, y):
+        metrics["accuracy"] = accuracy(t, y)
+    return metrics
+
+
+_eval_step_jit = jax.jit(eval_step, static_argnums=(0, 1))
+
+
+def make_eval_step(model: Layer, loss: Loss) -> Callable[[Params, Array, Array], Metrics]:
+    """A jitted evaluation: ``eval_step(params, x, y) -> {"loss", "accuracy"}``.
+
+    The loss is the mean over examples of ``loss(model.apply(params, x), y)``,
+    computed without any gradient; ``accuracy`` is present for integer labels.
+    """
+    _check_parts("make_eval_step", model, loss, None)
+    return functools.partial(_eval_step_jit, model, loss)
+
+
+def evaluate(eval_step: Callable[[Params, Array, Array], Metrics], params: Params,
+             x: Array, y: Array, batch_size: int = 1024) -> dict[str, float]:
+    """Metrics over a whole dataset, in batches of ``batch_size`` examples.
+
+    Batch means are combined weighted by the batch sizes, so the result is the
+    mean over all examples whatever the batching.
+
+    Returns:
+      A dict of Python floats, e.g. ``{"loss": 0.08, "accuracy": 0.975}``.
+    """
+    n = int(np.shape(x)[0])
+    if n == 0:
+        raise ValueError("evaluate: x holds no examples")
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    totals: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        metrics = eval_step(params, x[start:stop], y[start:stop])
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * (stop - start)
+    return {name: total / n for name, total in totals.items()}
+
+
+def epoch_order(key: Array, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the examples in epoch ``epoch``: a pure function of (key, epoch).
+
+    A permutation of 0 .. num_examples - 1 drawn by NumPy's PCG64 generator
+    seeded with the key's bits and the epoch number. It is computed on the
+    host: the order is data bookkeeping, not part of the computation that is
+    differentiated, and this way it costs no compilation.
+
+    Args:
+      key: a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey``).
+      epoch: the epoch number, >= 0.
+      num_examples: the number of training examples n.
+
+    Returns:
+      An int32 NumPy array of shape (n,).
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch_order: epoch must be >= 0, got {epoch}")
+    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = [int(w) for w in np.asarray(key, dtype=np.uint32).ravel()]
+    generator = np.random.Generator(np.random.PCG64([*words, int(epoch)]))
+    return generator.permutation(num_examples).astype(np.int32)
+
+
+def _check_parts(fn: str, model: Any, loss: Any, optimizer: Any) -> None:
+    if not isinstance(model, Layer):
+        raise TypeError(f"{fn}: model must be a fnbp Layer (fnbp.mlp(...), fnbp.serial(...)), "
+                        f"got {type(model).__name__}")
+    if not callable(loss):
+        raise TypeError(f"{fn}: loss must be callable (t, y) -> per-example loss, "
+                        f"got {type(loss).__name__}")
+    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation "
+                        f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}")
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full minibatches per epoch; the last ``num_examples % batch_size`` are skipped.
+
+    The skipped examples differ from epoch to epoch, since the order does.
+    """
+    return num_examples // batch_size
+
+
+def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, params: Params,
+        x: Any, y: Any, *, key: Array, epochs: int, batch_size: int,
+        x_test: Any = None, y_test: Any = None, state: TrainState | None = None,
+        history: list[dict[str, float]] | None = None,
+        on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+        on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
+        eval_batch_size: int = 1024) -> FitResult:
+    """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
+
+    Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
+    order :func:`epoch_order` gives; each step is :func:`make_train_step`'s
+    (gradients from :func:`fnbp.backprop`, update from ``optimizer``). After
+    each epoch the test data (if any) are evaluated and a history entry added.
+
+    To continue a run, pass the saved ``state`` and ``history``: training
+    resumes at ``state.step`` (mid-epoch too) and ends after ``epochs`` epochs
+    in total, with exactly the parameters an uninterrupted run would have.
+
+    Args:
+      model: a :class:`fnbp.Layer`.
+      loss: a per-example loss, e.g. ``fnbp.cross_entropy_loss``.
+      optimizer: an optax ``GradientTransformation``.
+      params: the initial parameters (ignored when ``state`` is given).
+      x: training inputs, shape (n, *input_shape).
+      y: training targets, shape (n, ...); integer labels get an accuracy.
+      key: the PRNG key of the shuffling (``jax.random.key(seed)``).
+      epochs: total number of epochs (including any done before ``state``).
+      batch_size: examples per step, 1 <= batch_size <= n.
+      x_test: held-out inputs evaluated after every epoch (optional).
+      y_test: held-out targets.
+      state: a :class:`TrainState` to continue from.
+      history: the history of the epochs already done (with ``state``).
+      on_step: called after every step with the state and the running means
+        of this epoch (``{"loss": ..., "accuracy": ...}``, Python floats). A
+        state saved here continues exactly, except at the last step of an
+        epoch, whose history entry is not made yet: save those in ``on_epoch``.
+      on_epoch: called after every epoch (its history entry made) with the
+        state and the history.
+      eval_batch_size: batch size of the test evaluation.
+
+    Returns:
+      A :class:`FitResult` ``(params, history, state)``.
+
+    Raises:
+      ValueError: a batch size outside [1, n], a non-positive epoch count,
+        inputs and targets of different lengths, or a state past ``epochs``.
+    """
+    _check_parts("fit", model, loss, optimizer)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    n = x.shape[0] if x.ndim else 0
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
+                         f"target per example")
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
+        raise ValueError(f"fit: batch_size must be an int in [1, {n}] (the number of "
+                         f"training examples), got {batch_size!r}")
+    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+    if (x_test is None) != (y_test is None):
+        raise ValueError("fit: pass both x_test and y_test, or neither")
+    per_epoch = steps_per_epoch(n, batch_size)
+    total = epochs * per_epoch
+    if state is None:
+        state = TrainState(params, optimizer.init(params))
+    if state.step > total:
+        raise ValueError(f"fit: the state is at step {state.step}, past the {total} steps of "
+                         f"{epochs} epochs; pass more epochs")
+    history = list(history or [])
+    evaluator = make_eval_step(model, loss) if x_test is not None else None
+    if evaluator is not None:
+        x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+
+    params, opt_state, step = state.params, state.opt_state, int(state.step)
+    loss_sum, correct_sum = float(state.loss_sum), float(state.correct_sum)
+    while step < total:
+        epoch = step // per_epoch
+        order = jnp.asarray(epoch_order(key, epoch, n))
+        for i in range(step % per_epoch, per_epoch):
+            params, opt_state, metrics = _batch_step_jit(
+                model, loss, optimizer, int(batch_size), params, opt_state, x, y, order,
+                i * batch_size)
+            step += 1
+            loss_sum += float(metrics["loss"])
+            correct_sum += float(metrics.get("accuracy", 0.0))
+            if on_step is not None:
+                done = i + 1
+                running = {"loss": loss_sum / done}
+                if "accuracy" in metrics:
+                    running["accuracy"] = correct_sum / done
+                on_step(TrainState(params, opt_state, step, loss_sum, correct_sum), running)
+        entry: dict[str, float] = {"epoch": epoch + 1, "step": step,
+                                   "train_loss": loss_sum / per_epoch}
+        if "accuracy" in metrics:
+            entry["train_accuracy"] = correct_sum / per_epoch
+        if evaluator is not None:
+            for name, value in evaluate(evaluator, params, x_test, y_test,
+                                        eval_batch_size).items():
+                entry[f"test_{name}"] = value
+        history.append(entry)
+        loss_sum = correct_sum = 0.0
+        state = TrainState(params, opt_state, step, 0.0, 0.0)
+        if on_epoch is not None:
+            on_epoch(state, history)
+    state = TrainState(params, opt_state, step, loss_sum, correct_sum)
+    return FitResult(params, history, state)

@@ -1,0 +1,468 @@
+"""fnbp train: train a network with fnbp's hand-written backprop on real data.
+
+With no flags it trains an MLP (64-1024-1024-10, Adam) on the handwritten
+digits that ship with scikit-learn and writes, into a new run folder under
+runs/: config.json, metrics.json (per-epoch history and the test metrics),
+plot.png (loss and accuracy per epoch) and checkpoint.npz (parameters,
+optimizer state, step and PRNG key; saved after every epoch, and every N
+steps with --checkpoint-every). --resume RUN_FOLDER continues a run exactly
+where its last checkpoint left it.
+
+Examples:
+  fnbp train
+  fnbp train --dataset spirals
+  fnbp train --model cnn --epochs 5
+  fnbp train --data-path mydata.npz --out runs/mine
+  fnbp train --resume runs/digits-mlp-seed0 --epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+MODELS = ("mlp", "cnn", "resnet-s")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+CHECKPOINT = "checkpoint.npz"
+
+# Defaults chosen per dataset (measured: see the README's training section).
+_DATASET_DEFAULTS = {
+    "digits": {"width": 1024, "epochs": 10, "lr_scale": 1.0},
+    "spirals": {"width": 256, "epochs": 30, "lr_scale": 10.0},
+}
+_OTHER_DEFAULTS = {"width": 256, "epochs": 10, "lr_scale": 1.0}
+_MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, "depth": 2}}
+_LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
+_MOMENTUM = 0.9
+_BATCH_SIZE = 32
+_TEST_FRACTION = 0.2
+
+# Flags that define a run; on --resume they come from the checkpoint.
+_RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
+              "batch_size", "seed", "test_fraction", "num_examples")
+
+
+class UsageError(Exception):
+    """A problem with the command line; printed as one line, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--dataset", choices=("digits", "spirals", "moons", "npz", "csv", "idx"),
+                        help="data to train on (default digits; npz, csv and idx read "
+                             "--data-path, and are inferred from it when it is given alone)")
+    parser.add_argument("--data-path", help="your .npz or .csv file, or a folder of "
+                                            "MNIST-format IDX files")
+    parser.add_argument("--model", choices=MODELS, help="network (default mlp)")
+    parser.add_argument("--width", type=int,
+                        help="mlp/resnet-s hidden width, cnn channels of the first stage "
+                             "(default 1024 for mlp on digits, 256 for mlp elsewhere and "
+                             "resnet-s, 32 for cnn)")
+    parser.add_argument("--depth", type=int,
+                        help="hidden layers (mlp), residual blocks (resnet-s) or "
+                             "convolution stages (cnn); default 2")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="optax optimizer (default "
+                                                                 "adam; momentum is 0.9)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, "
+                                                 "0.05 for sgd, 0.01 for momentum; 10x on "
+                                                 "spirals)")
+    parser.add_argument("--batch-size", type=int, help=f"examples per step (default "
+                                                       f"{_BATCH_SIZE})")
+    parser.add_argument("--epochs", type=int, help="total epochs (default 10; 30 on spirals)")
+    parser.add_argument("--seed", type=int, help="seed of the initialization and the "
+                                                 "shuffling (default 0)")
+    parser.add_argument("--test-fraction", type=float,
+                        help=f"fraction held out for testing when the data have no split "
+                             f"(default {_TEST_FRACTION})")
+    parser.add_argument("--num-examples", type=int,
+                        help="number of points for spirals and moons (default 2000)")
+    parser.add_argument("--out", help="run folder to create (default runs/<dataset>-<model>-"
+                                      "seed<seed>, numbered if taken)")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the run in this folder (or from this checkpoint file)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="also save a checkpoint every N steps (default: every epoch only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def one_line_error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = one_line_error  # argparse's errors as one line too
+
+
+# --- resolving and validating the configuration -------------------------------------
+
+
+def _infer_dataset(data_path: str) -> str:
+    if os.path.isdir(data_path):
+        return "idx"
+    extension = os.path.splitext(data_path)[1].lower()
+    if extension in (".npz", ".csv"):
+        return extension[1:]
+    raise UsageError(f"cannot tell the format of --data-path {data_path}; pass --dataset "
+                     f"npz, csv or idx")
+
+
+def _checkpoint_path(resume: str) -> str:
+    if os.path.isdir(resume):
+        return os.path.join(resume, CHECKPOINT)
+    if not os.path.exists(resume):
+        raise UsageError(f"--resume {resume}: no such run folder or checkpoint file")
+    return resume
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The run's config (flags, defaults, or the resumed run's) and its checkpoint path."""
+    from fnbp.checkpoint import read_checkpoint_metadata
+
+    given = {name: getattr(args, name) for name in _RUN_FLAGS}
+    if given["data_path"] is not None:
+        given["data_path"] = os.path.abspath(given["data_path"])
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = _checkpoint_path(args.resume)
+        stored = read_checkpoint_metadata(checkpoint).get("config")
+        if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
+            raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
+                             f"not written by fnbp train")
+        for name, value in given.items():
+            if value is not None and value != stored[name]:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"--resume: the run was made with {flag} "
+                                 f"{stored[name]} but {flag} {value} was given; drop "
+                                 f"{flag} to continue it, or start a new run")
+        config = {name: stored[name] for name in _RUN_FLAGS}
+        config["epochs"] = args.epochs if args.epochs is not None else stored["epochs"]
+    else:
+        config = dict(given)
+        if config["dataset"] is None:
+            config["dataset"] = ("digits" if config["data_path"] is None
+                                 else _infer_dataset(config["data_path"]))
+        config["model"] = config["model"] or "mlp"
+        config["optimizer"] = config["optimizer"] or "adam"
+        dataset_defaults = _DATASET_DEFAULTS.get(config["dataset"], _OTHER_DEFAULTS)
+        model_defaults = _MODEL_DEFAULTS.get(config["model"], {})
+        if config["width"] is None:
+            config["width"] = model_defaults.get("width", dataset_defaults["width"])
+        if config["depth"] is None:
+            config["depth"] = model_defaults.get("depth", 2)
+        if config["lr"] is None:
+            config["lr"] = _LR[config["optimizer"]] * dataset_defaults["lr_scale"]
+        for name, value in (("batch_size", _BATCH_SIZE), ("seed", 0),
+                            ("test_fraction", _TEST_FRACTION)):
+            if config[name] is None:
+                config[name] = value
+        config["epochs"] = (args.epochs if args.epochs is not None
+                            else dataset_defaults["epochs"])
+    config["checkpoint_every"] = args.checkpoint_every
+    _validate(config)
+    return config, checkpoint
+
+
+def _validate(config: dict[str, Any]) -> None:
+    def positive_int(name: str) -> None:
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {config[name]}")
+
+    for name in ("batch_size", "epochs", "width", "depth"):
+        positive_int(name)
+    if config["num_examples"] is not None:
+        positive_int("num_examples")
+    lr = config["lr"]
+    if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {lr}")
+    if not 0.0 < config["test_fraction"] < 1.0:
+        raise UsageError(f"--test-fraction must lie strictly between 0 and 1, got "
+                         f"{config['test_fraction']}")
+    if not 0 <= config["seed"] < 2**32:
+        raise UsageError(f"--seed must lie in [0, 2**32), got {config['seed']}")
+    if config["checkpoint_every"] < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
+                         f"{config['checkpoint_every']}")
+    if config["num_examples"] is not None and config["dataset"] not in ("spirals", "moons"):
+        raise UsageError(f"--num-examples only applies to spirals and moons, not "
+                         f"{config['dataset']}")
+    if config["dataset"] in ("npz", "csv", "idx") and config["data_path"] is None:
+        raise UsageError(f"--dataset {config['dataset']} reads your data; pass --data-path")
+    if config["dataset"] not in ("npz", "csv", "idx") and config["data_path"] is not None:
+        raise UsageError(f"--data-path is read only by --dataset npz, csv or idx, not "
+                         f"{config['dataset']}")
+
+
+def _out_folder(args: argparse.Namespace, config: dict[str, Any], checkpoint: Any) -> str:
+    """The run folder; checked here, created only once everything else is valid."""
+    if args.out is None and checkpoint is not None:
+        return os.path.dirname(os.path.abspath(checkpoint))
+    if args.out is not None:
+        out = os.path.abspath(args.out)
+        resuming_here = (checkpoint is not None and
+                         os.path.dirname(os.path.abspath(checkpoint)) == out)
+        if os.path.exists(out) and not resuming_here:
+            if not os.path.isdir(out):
+                raise UsageError(f"--out {args.out} is a file; pass a folder")
+            if os.listdir(out):
+                raise UsageError(f"--out {args.out} already holds files; choose a new folder, "
+                                 f"or pass --resume {args.out} to continue that run")
+        return out
+    base = os.path.abspath(os.path.join(
+        "runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}"))
+    out, number = base, 1
+    while os.path.exists(out):
+        number += 1
+        out = f"{base}-{number}"
+    return out
+
+
+# --- data and model ----------------------------------------------------------------
+
+
+def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
+    """Reshape the inputs for the model: vectors for mlp/resnet-s, (H, W, C) for cnn."""
+    x_train, x_test = dataset.x_train, dataset.x_test
+    if config["model"] == "cnn":
+        shape = dataset.input_shape
+        if len(shape) == 2:
+            return x_train[..., None], x_test[..., None]
+        if len(shape) != 3:
+            raise UsageError(f"--model cnn needs images, examples of shape (H, W) or "
+                             f"(H, W, C), but {config['dataset']} examples have shape "
+                             f"{shape}; use --model mlp")
+        return x_train, x_test
+    return x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+
+
+# Models and optimizers are records of functions; the training step is compiled
+# once per (model, optimizer) object. Building them through a cache lets
+# repeated runs in one process (a notebook, the tests) reuse the compiled code.
+@functools.lru_cache(maxsize=16)
+def _build_model(model: str, width: int, depth: int, num_classes: int) -> Any:
+    import fnbp
+
+    if model == "mlp":
+        return fnbp.mlp([width] * depth + [num_classes])
+    if model == "resnet-s":
+        return fnbp.resnet_s(width, depth, num_classes)
+    return fnbp.cnn(num_classes, tuple(width * 2**i for i in range(depth)))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(name: str, lr: float) -> Any:
+    import optax
+
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=_MOMENTUM)
+    return optax.sgd(lr)
+
+
+def _fingerprint(*arrays: Any) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+# --- outputs -----------------------------------------------------------------------
+
+
+def _write_json(path: str, document: Any) -> None:
+    from fnbp.checkpoint import atomic_write
+
+    text = json.dumps(document, indent=2) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _plot(path: str, history: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] for entry in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-o"), ("test", "-s")):
+        if f"{split}_loss" in history[0]:
+            loss_axes.plot(epochs, [e[f"{split}_loss"] for e in history], style, label=split)
+        if f"{split}_accuracy" in history[0]:
+            accuracy_axes.plot(epochs, [100 * e[f"{split}_accuracy"] for e in history], style,
+                               label=split)
+    loss_axes.set(xlabel="epoch", ylabel="mean cross-entropy loss", title="loss")
+    loss_axes.set_yscale("log")
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    from fnbp.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    plt.close(figure)
+
+
+# --- the command -------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fnbp train``; user errors print one line and return 2."""
+    from fnbp.checkpoint import CheckpointError
+    from fnbp.data import DataError
+
+    try:
+        return _train(args)
+    except (UsageError, DataError, CheckpointError) as error:
+        message = " ".join(str(error).split())
+        print(f"fnbp train: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fnbp train: interrupted; the last checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    config, resume_from = _resolve(args)
+    out = _out_folder(args, config, resume_from)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import fnbp
+    from fnbp import checkpoint as ckpt
+    from fnbp import train
+    from fnbp.data import load_dataset
+
+    started = time.perf_counter()
+    dataset = load_dataset(config["dataset"], path=config["data_path"],
+                           test_fraction=config["test_fraction"],
+                           num_examples=config["num_examples"])
+    x_train, x_test = _prepare_inputs(config, dataset)
+    y_train, y_test = dataset.y_train, dataset.y_test
+    n = len(x_train)
+    if config["batch_size"] > n:
+        raise UsageError(f"--batch-size {config['batch_size']} is larger than the {n} "
+                         f"training examples; pass --batch-size {min(n, _BATCH_SIZE)} or less")
+    data_sha256 = _fingerprint(x_train, y_train, x_test, y_test)
+    per_epoch = train.steps_per_epoch(n, config["batch_size"])
+
+    model = _build_model(config["model"], config["width"], config["depth"],
+                         dataset.num_classes)
+    optimizer = _optimizer(config["optimizer"], config["lr"])
+    root = jax.random.key(config["seed"])
+    init_key, shuffle_key = jax.random.split(root)
+    try:
+        state = train.init_state(model, optimizer, init_key, x_train.shape[1:], jnp.float32)
+    except ValueError as error:
+        raise UsageError(f"--model {config['model']} does not fit {config['dataset']} "
+                         f"examples of shape {x_train.shape[1:]}: {error}") from error
+    history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, state.params, state.opt_state)
+        meta = loaded.metadata
+        if meta.get("data_sha256") != data_sha256:
+            raise UsageError(f"--resume: the data of {config['dataset']} differ from those "
+                             f"the run was trained on; restore them or start a new run")
+        if loaded.key is None or not np.array_equal(jax.random.key_data(loaded.key),
+                                                    jax.random.key_data(root)):
+            raise CheckpointError(f"checkpoint {resume_from}: its PRNG key does not belong "
+                                  f"to seed {config['seed']}; the file is corrupted")
+        if loaded.step > config["epochs"] * per_epoch:
+            raise UsageError(f"--resume: the run is at step {loaded.step} (epoch "
+                             f"{loaded.step / per_epoch:g}), past --epochs "
+                             f"{config['epochs']}; pass more epochs")
+        history = list(meta.get("history", []))
+        state = train.TrainState(loaded.params, loaded.opt_state, loaded.step,
+                                 float(meta.get("loss_sum", 0.0)),
+                                 float(meta.get("correct_sum", 0.0)))
+
+    # Everything is valid: from here on the run folder is written.
+    os.makedirs(out, exist_ok=True)
+    run_config = {**config, "out": out, "num_classes": dataset.num_classes,
+                  "input_shape": list(x_train.shape[1:]), "num_train": n,
+                  "num_test": len(x_test), "steps_per_epoch": per_epoch,
+                  "fnbp_version": fnbp.__version__,
+                  "jax_version": jax.__version__, "backend": jax.default_backend()}
+    _write_json(os.path.join(out, "config.json"), run_config)
+    checkpoint_file = os.path.join(out, CHECKPOINT)
+
+    def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
+        ckpt.save_checkpoint(checkpoint_file, current.params, current.opt_state,
+                             step=current.step, key=root,
+                             metadata={"config": config, "history": epochs_done,
+                                       "loss_sum": current.loss_sum,
+                                       "correct_sum": current.correct_sum,
+                                       "data_sha256": data_sha256})
+
+    from tqdm import tqdm
+
+    total = config["epochs"] * per_epoch
+    print(f"fnbp train: {config['model']} on {config['dataset']} ({n} train, {len(x_test)} "
+          f"test, {dataset.num_classes} classes), {config['optimizer']} lr {config['lr']:g}, "
+          f"batch {config['batch_size']}, {config['epochs']} epochs; run folder {out}")
+    bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=args.no_progress, file=sys.stderr)
+
+    history_so_far = list(history)
+
+    def on_step(current: Any, running: dict[str, float]) -> None:
+        if not math.isfinite(running["loss"]):
+            raise _Diverged(current.step)
+        epoch = (current.step - 1) // per_epoch + 1
+        bar.set_description(f"epoch {epoch}/{config['epochs']}", refresh=False)
+        postfix = {"loss": f"{running['loss']:.4f}"}
+        if "accuracy" in running:
+            postfix["acc"] = f"{100 * running['accuracy']:.2f}%"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        every = config["checkpoint_every"]
+        if every and current.step % every == 0 and current.step % per_epoch:
+            save(current, history_so_far)
+
+    def on_epoch(current: Any, epochs_done: list[dict[str, Any]]) -> None:
+        history_so_far[:] = epochs_done
+        save(current, epochs_done)
+
+    try:
+        result = train.fit(model, fnbp.cross_entropy_loss, optimizer, state.params,
+                           x_train, y_train, key=shuffle_key, epochs=config["epochs"],
+                           batch_size=config["batch_size"], x_test=x_test, y_test=y_test,
+                           state=state, history=history, on_step=on_step, on_epoch=on_epoch)
+    except _Diverged as diverged:
+        bar.close()
+        print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
+              f"lower --lr (now {config['lr']:g}); the last checkpoint is kept", file=sys.stderr)
+        return 1
+    bar.close()
+    seconds = time.perf_counter() - started
+    final = result.history[-1]
+    save(result.state, result.history)
+    metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
+               "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
+               "epochs": len(result.history), "steps": result.state.step,
+               "seconds": seconds, "history": result.history}
+    _write_json(os.path.join(out, "metrics.json"), metrics)
+    _plot(os.path.join(out, "plot.png"), result.history,
+          f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
+          f"lr {config['lr']:g}")
+    print(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
+          f"{final['test_loss']:.4f}  ({len(x_test)} test examples, {result.state.step} "
+          f"steps, {seconds:.1f} s)")
+    print(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
+    return 0
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step

@@ -1,0 +1,261 @@
+"""Oracles and the rule contract shared by the rule tests.
+
+A rule is checked against ``jax.vjp`` of an independent plain-jnp reference
+that each test file writes for itself. Each file lists its rules as
+:class:`Case` objects, provides a ``case`` fixture over them and subclasses
+:class:`RuleContract`, whose tests then run for every case.
+
+Errors are measured per array as the relative error
+``max|got - want| / max|want|`` (see :func:`rel_err`). Tolerances:
+
+- float64: ``F64_RTOL = 1e-10`` against the float64 oracle.
+- float32: ``F32_RTOL = 2e-5`` against the float64 oracle evaluated at the
+  same (float32-rounded) inputs: about 150 float32 ulps (eps = 1.2e-7), room
+  for the rounding of a few chained operations and of short sums.
+- float16, bfloat16: 1e-2 and 6e-2, about 10 ulps (eps = 9.8e-4 and 7.8e-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core
+
+F64_RTOL = 1e-10
+F32_RTOL = 2e-5
+TOLERANCE = {"float16": 1e-2, "bfloat16": 6e-2, "float32": F32_RTOL, "float64": F64_RTOL}
+DTYPES = tuple(TOLERANCE)
+
+
+# --- measuring -------------------------------------------------------------------
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """``max|got - want| / max|want|`` over the leaves of two equal pytrees."""
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree, f"structures differ: {got_tree} vs {want_tree}"
+    worst = 0.0
+    for a, b in zip(got_leaves, want_leaves):
+        assert np.shape(a) == np.shape(b), f"shapes differ: {np.shape(a)} vs {np.shape(b)}"
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), np.finfo(np.float64).tiny)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)) / scale)
+    return worst
+
+
+def assert_close(got: Any, want: Any, rtol: float) -> None:
+    """Assert ``rel_err(got, want) <= rtol`` and that ``got`` is finite."""
+    for leaf in jax.tree_util.tree_leaves(got):
+        assert np.all(np.isfinite(np.asarray(leaf, dtype=np.float64))), "non-finite value"
+    error = rel_err(got, want)
+    assert error <= rtol, f"relative error {error:.3e} > {rtol:.0e}"
+
+
+def iter_eqns(jaxpr: core.Jaxpr) -> Iterator[core.JaxprEqn]:
+    """Every equation of ``jaxpr``, including those of its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in core.jaxprs_in_params(eqn.params):
+            yield from iter_eqns(sub)
+
+
+def primitive_names(f: Callable[..., Any], *args: Any) -> list[str]:
+    """The primitive of every equation in ``make_jaxpr(f)(*args)``, nested ones too."""
+    return [e.primitive.name for e in iter_eqns(jax.make_jaxpr(f)(*args).jaxpr)]
+
+
+# --- cases -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A rule, its independent plain-jnp reference and how to draw arguments.
+
+    Attributes:
+      name: test id.
+      rule: the fnbp function, positional arguments only.
+      reference: plain jnp function with the same arguments (its autodiff is
+        the oracle).
+      make_args: ``(rng, dtype, batch) -> args`` with ``rng`` a
+        ``numpy.random.Generator``; ``batch`` is the tuple of leading example
+        axes, ``()`` for a single example.
+      diff: positions of the arguments that have a cotangent.
+      shared: positions of the parameters (W, b, gamma, beta): not batched,
+        their cotangent is summed over the examples.
+    """
+
+    name: str
+    rule: Callable[..., jax.Array]
+    reference: Callable[..., jax.Array]
+    make_args: Callable[[np.random.Generator, Any, tuple[int, ...]], tuple]
+    diff: tuple[int, ...] = (0,)
+    shared: tuple[int, ...] = ()
+
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any,
+           scale: float = 1.0) -> jax.Array:
+    """Standard normal draws (times ``scale``) rounded to ``dtype``.
+
+    Drawn with numpy: no compilation per shape, so drawing is free.
+    """
+    return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
+
+
+def draw(case: Case, dtype: Any, batch: tuple[int, ...] = (), seed: int = 0):
+    """Arguments of ``case`` and a random cotangent ``v`` shaped like its output."""
+    rng = np.random.default_rng(seed)
+    args = case.make_args(rng, jnp.dtype(dtype), batch)
+    out = jax.eval_shape(case.rule, *args)
+    return args, normal(rng, out.shape, out.dtype)
+
+
+def upcast(tree: Any) -> Any:
+    """Floating leaves to float64, integer leaves unchanged (cast in numpy)."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.asarray(x, np.float64))
+        if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree,
+    )
+
+
+def cotangents(f: Callable[..., Any], args: tuple, v: jax.Array, diff: tuple[int, ...]):
+    """``(f(*args), cotangents of the arguments in diff)`` from ``jax.vjp``."""
+
+    out, pull = jax.vjp(lambda *d: f(*_replace(args, diff, d)), *(args[i] for i in diff))
+    return out, pull(v)
+
+
+def hvp(f: Callable[..., Any], args: tuple, v: jax.Array, tangents: tuple,
+        diff: tuple[int, ...]) -> tuple:
+    """Hessian-vector product of ``sum(v * f(args))`` with ``tangents``.
+
+    Reverse over reverse: the gradient of ``<grad(phi)(x), t>``. (Forward mode
+    does not go through ``jax.custom_vjp``.)
+    """
+
+    def phi(*d):
+        return jnp.sum(v * f(*_replace(args, diff, d)))
+
+    def directional(*d):
+        grads = jax.grad(phi, argnums=tuple(range(len(d))))(*d)
+        return sum(jnp.sum(g * t) for g, t in zip(grads, tangents))
+
+    return jax.grad(directional, argnums=tuple(range(len(diff))))(
+        *(args[i] for i in diff))
+
+
+def _replace(args: tuple, positions: tuple[int, ...], values: tuple) -> tuple:
+    full = list(args)
+    for i, x in zip(positions, values):
+        full[i] = x
+    return tuple(full)
+
+
+# Jitted once per (function, shapes): eager dispatch of the references' many
+# small operations is what would make the suite slow.
+jit_cotangents = jax.jit(cotangents, static_argnums=(0, 3))
+jit_hvp = jax.jit(hvp, static_argnums=(0, 4))
+
+
+# The glue below (indexing, stacking) runs in numpy: eager jnp would compile
+# one small XLA program per operation and shape.
+
+
+def example(args: tuple, index: Any, shared: tuple[int, ...]) -> tuple:
+    """The arguments of one example: batched arguments indexed, parameters kept."""
+    return tuple(a if i in shared else jnp.asarray(np.asarray(a)[index])
+                 for i, a in enumerate(args))
+
+
+def stack(rows: list) -> Any:
+    """Stack equal pytrees of arrays along a new leading axis (in numpy)."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+
+
+def per_example_cotangents(f, args, v, diff, shared):
+    """Per-example cotangents with ``jax.vmap`` over the leading axis."""
+    in_axes = tuple(None if i in shared else 0 for i in range(len(args)))
+    return jax.vmap(lambda a, u: cotangents(f, a, u, diff), in_axes=(in_axes, 0))(args, v)
+
+
+def loop_cotangents(f, args, v, diff, shared):
+    """Per-example cotangents with a Python loop over the leading axis, stacked."""
+    v = np.asarray(v)
+    return stack([jit_cotangents(f, example(args, i, shared), v[i], diff)
+                  for i in range(v.shape[0])])
+
+
+# --- the contract every rule meets ------------------------------------------------------
+
+
+class RuleContract:
+    """Tests run for every ``case`` (a fixture defined by the subclass' module).
+
+    The oracle side is always jitted (it is the reference, not under test);
+    the rule side runs eagerly in the first test and under the named
+    transformation in the others.
+    """
+
+    def test_vjp_equals_oracle_float64(self, case):
+        args, v = draw(case, jnp.float64, (4,))
+        got = cotangents(case.rule, args, v, case.diff)
+        want = jit_cotangents(case.reference, args, v, case.diff)
+        assert_close(got, want, F64_RTOL)
+
+    def test_vjp_of_one_example_under_jit_equals_oracle(self, case):
+        args, v = draw(case, jnp.float64, (), seed=1)
+        got = jit_cotangents(case.rule, args, v, case.diff)
+        want = jit_cotangents(case.reference, args, v, case.diff)
+        assert_close(got, want, F64_RTOL)
+
+    @pytest.mark.parametrize("transform", ["vmap", "jit(vmap)"])
+    def test_per_example_cotangents_equal_loop(self, case, transform):
+        args, v = draw(case, jnp.float64, (4,), seed=2)
+        per_example = lambda a, u: per_example_cotangents(  # noqa: E731
+            case.rule, a, u, case.diff, case.shared)
+        if transform == "jit(vmap)":
+            per_example = jax.jit(per_example)
+        want = loop_cotangents(case.reference, args, v, case.diff, case.shared)
+        assert_close(per_example(args, v), want, F64_RTOL)
+
+    def test_hessian_vector_product_equals_oracle(self, case):
+        args, v = draw(case, jnp.float64, (3,), seed=3)
+        rng = np.random.default_rng(4)
+        tangents = tuple(normal(rng, args[i].shape, args[i].dtype) for i in case.diff)
+        got = jit_hvp(case.rule, args, v, tangents, case.diff)
+        want = jit_hvp(case.reference, args, v, tangents, case.diff)
+        assert_close(got, want, F64_RTOL)
+
+    @pytest.mark.parametrize("batch", [(4,), (2, 3)], ids=str)
+    def test_batch_equals_stacked_examples(self, case, batch):
+        args, v = draw(case, jnp.float64, batch, seed=5)
+        out, cts = jit_cotangents(case.rule, args, v, case.diff)
+        v = np.asarray(v)
+        rows_out, rows_cts = stack([
+            jit_cotangents(case.rule, example(args, i, case.shared), v[i], case.diff)
+            for i in np.ndindex(*batch)])
+        assert_close(out, rows_out.reshape(out.shape), F64_RTOL)
+        for k, position in enumerate(case.diff):
+            if position in case.shared:
+                want = rows_cts[k].sum(axis=0)  # parameters: summed over examples
+            else:
+                want = rows_cts[k].reshape(cts[k].shape)
+            assert_close(cts[k], want, F64_RTOL)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_dtype_in_equals_dtype_out_under_jit(self, case, dtype):
+        """Output and cotangents keep the input dtype; values match the float64
+        oracle at the rounded inputs within the dtype's tolerance."""
+        args, v = draw(case, dtype, (4,), seed=1)
+        out, cts = jit_cotangents(case.rule, args, v, case.diff)
+        assert out.dtype == jnp.dtype(dtype)
+        assert [c.dtype for c in cts] == [args[i].dtype for i in case.diff]
+        want = jit_cotangents(case.reference, upcast(args), upcast(v), case.diff)
+        assert_close((out, cts), want, TOLERANCE[dtype])

@@ -1,0 +1,188 @@
+"""Element-wise activations: every rule against autodiff of a plain reference.
+
+The references below are written independently of fnbp (the exact GELU as
+z Phi(z) with Phi from jax.scipy.stats, tanh from exponentials), with the same
+kink conventions: relu'(0) = 0, leaky_relu'(0) = gamma. Every drawn z holds an
+exact 0 per example, so the kinks are exercised by every contract test.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _oracle import Case, RuleContract
+
+import fnbp
+
+
+def relu_ref(z):
+    return jnp.where(z > 0, z, 0.0)
+
+
+def sigmoid_ref(z):
+    return 1.0 / (1.0 + jnp.exp(-z))
+
+
+def tanh_ref(z):
+    return (jnp.exp(z) - jnp.exp(-z)) / (jnp.exp(z) + jnp.exp(-z))
+
+
+def leaky_relu_ref(z, gamma):
+    return jnp.where(z > 0, z, gamma * z)
+
+
+def gelu_ref(z):
+    return z * jax.scipy.stats.norm.cdf(z)
+
+
+def gelu_tanh_ref(z):
+    return 0.5 * z * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def softplus_ref(z, beta):
+    return jnp.log1p(jnp.exp(beta * z)) / beta
+
+
+def silu_ref(z):
+    return z / (1.0 + jnp.exp(-z))
+
+
+def _z(rng, dtype, batch):
+    """Five entries per example, the first exactly 0 (the kink)."""
+    z = 2.0 * rng.standard_normal(batch + (5,))
+    z[..., 0] = 0.0
+    return jnp.asarray(z, dtype)
+
+
+def _z_and(value):
+    def make(rng, dtype, batch):
+        return _z(rng, dtype, batch), jnp.asarray(value, dtype)
+    return make
+
+
+def _z_only(rng, dtype, batch):
+    return (_z(rng, dtype, batch),)
+
+
+CASES = [
+    Case("relu", fnbp.relu, relu_ref, _z_only),
+    Case("sigmoid", fnbp.sigmoid, sigmoid_ref, _z_only),
+    Case("tanh", fnbp.tanh, tanh_ref, _z_only),
+    Case("leaky_relu", fnbp.leaky_relu, leaky_relu_ref, _z_and(0.1), diff=(0, 1), shared=(1,)),
+    Case("gelu", fnbp.gelu, gelu_ref, _z_only),
+    Case("gelu(approximate)", functools.partial(fnbp.gelu, approximate=True), gelu_tanh_ref,
+         _z_only),
+    Case("softplus", fnbp.softplus, softplus_ref, _z_and(1.7), diff=(0, 1), shared=(1,)),
+    Case("silu", fnbp.silu, silu_ref, _z_only),
+]
+ELEMENTWISE = {
+    "relu": fnbp.relu, "sigmoid": fnbp.sigmoid, "tanh": fnbp.tanh,
+    "leaky_relu": fnbp.leaky_relu, "gelu": fnbp.gelu, "softplus": fnbp.softplus,
+    "silu": fnbp.silu,
+}
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.name)
+def case(request):
+    return request.param
+
+
+class TestActivationContract(RuleContract):
+    pass
+
+
+# --- kinks -------------------------------------------------------------------------
+
+
+def test_relu_derivative_at_zero_is_zero():
+    assert jax.grad(fnbp.relu)(0.0) == 0.0
+    z = jnp.array([-1.0, 0.0, 2.0])
+    v = jnp.array([3.0, 5.0, 7.0])
+    (dz,) = fnbp.relu_bwd(fnbp.relu_fwd(z)[1], v)
+    np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
+
+
+@pytest.mark.parametrize("gamma", [0.01, 0.3])
+def test_leaky_relu_derivative_at_zero_is_gamma(gamma):
+    assert jax.grad(fnbp.leaky_relu)(0.0, gamma) == pytest.approx(gamma, rel=1e-15)
+    z = jnp.array([-1.0, 0.0, 2.0])
+    v = jnp.array([3.0, 5.0, 7.0])
+    dz, _ = jax.vjp(lambda z: fnbp.leaky_relu(z, gamma), z)[1](v), None
+    np.testing.assert_allclose(dz[0], [3.0 * gamma, 5.0 * gamma, 7.0], rtol=1e-15)
+
+
+def test_leaky_relu_gamma_cotangent_sums_nonpositive_entries():
+    z = jnp.array([[-1.0, 0.0], [2.0, -3.0]])
+    v = jnp.array([[1.0, 4.0], [5.0, 2.0]])
+    _, dgamma = fnbp.backward(fnbp.leaky_relu, z, jnp.asarray(0.2))(v)
+    assert dgamma == pytest.approx(-1.0 * 1.0 + 0.0 * 4.0 + -3.0 * 2.0, rel=1e-15)
+
+
+# --- stability ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softplus_and_sigmoid_are_finite_for_large_inputs(dtype):
+    z = jnp.array([-1e4, 1e4], dtype)
+    np.testing.assert_array_equal(fnbp.softplus(z, 2.0), [0.0, 1e4])
+    np.testing.assert_array_equal(jax.grad(lambda z: fnbp.softplus(z, 2.0).sum())(z), [0.0, 1.0])
+    np.testing.assert_array_equal(fnbp.sigmoid(z), [0.0, 1.0])
+    np.testing.assert_array_equal(jax.grad(lambda z: fnbp.sigmoid(z).sum())(z), [0.0, 0.0])
+    np.testing.assert_array_equal(fnbp.silu(z), [0.0, 1e4])
+    np.testing.assert_array_equal(jax.grad(lambda z: fnbp.silu(z).sum())(z), [0.0, 1.0])
+
+
+# --- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("bad", [jnp.arange(3), jnp.ones(3, jnp.complex64)], ids=["int", "complex"])
+def test_activation_rejects_non_float_z(name, bad):
+    with pytest.raises(TypeError, match=rf"^{name}: z has dtype {bad.dtype}, but a real "
+                                        r"floating dtype is needed .* z\.astype\(jnp\.float32\)"):
+        ELEMENTWISE[name](bad)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, -0.5, 1.5, 1])
+@pytest.mark.parametrize("as_array", [False, True])
+def test_leaky_relu_rejects_gamma_outside_open_unit_interval(gamma, as_array):
+    if as_array:
+        gamma = jnp.asarray(float(gamma))
+    with pytest.raises(ValueError, match=r"^leaky_relu: gamma must lie in the open interval "
+                                         rf"\(0\.0, 1\.0\), got {float(gamma)}$"):
+        fnbp.leaky_relu(jnp.ones(3), gamma)
+
+
+def test_leaky_relu_rejects_non_scalar_gamma():
+    with pytest.raises(ValueError, match=r"^leaky_relu: gamma must be a scalar, "
+                                         r"got gamma\.shape=\(2,\)$"):
+        fnbp.leaky_relu(jnp.ones(3), jnp.array([0.1, 0.2]))
+
+
+def test_leaky_relu_rejects_integer_gamma_array():
+    with pytest.raises(TypeError, match=r"^leaky_relu: gamma has dtype int"):
+        fnbp.leaky_relu(jnp.ones(3), jnp.asarray(0))
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, 0])
+def test_softplus_rejects_nonpositive_beta(beta):
+    with pytest.raises(ValueError, match=rf"^softplus: beta must be > 0, got {float(beta)}$"):
+        fnbp.softplus(jnp.ones(3), beta)
+
+
+def test_softplus_rejects_non_scalar_beta():
+    with pytest.raises(ValueError, match=r"^softplus: beta must be a scalar, "
+                                         r"got beta\.shape=\(1, 2\)$"):
+        fnbp.softplus(jnp.ones(3), jnp.ones((1, 2)))
+
+
+@pytest.mark.parametrize("approximate", ["yes", 1, 0, None, np.bool_(True)])
+def test_gelu_rejects_non_bool_approximate(approximate):
+    with pytest.raises(TypeError, match=r"^gelu: approximate must be a Python bool "
+                                        rf"\(a static setting\), got {type(approximate).__name__}$"):
+        fnbp.gelu(jnp.ones(3), approximate)

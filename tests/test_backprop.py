@@ -1,0 +1,594 @@
+"""Algorithm 3 (fnbp.backprop) and the per-example engine against autodiff.
+
+The oracle is a plain-jnp network written below, independently of fnbp: its
+own forward pass reads the same parameter pytree that ``model.init`` makes
+(eq. 7.36 for the MLP, eq. 7.39 for ResNet-S), and ``jax.grad`` of its mean
+loss (eq. 7.2) gives the reference gradient. In float64 every gradient, every
+per-example gradient and norm, and every Hessian-vector product must agree
+with it to a relative error of 1e-10.
+
+Relative error is ``max|got - want| / max|want|`` per array, the worst over a
+pytree's leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import erf
+
+import fnbp
+
+F64_RTOL = 1e-10
+F32_RTOL = 1e-4     # float32 network against the float64 oracle at the same values
+BF16_RTOL = 3e-2    # bfloat16 parameters (eps = 7.8e-3) against float32
+
+
+def rel_err(got, want) -> float:
+    """The worst ``max|got - want| / max|want|`` over the leaves of two equal pytrees."""
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree, f"structures differ: {got_tree} vs {want_tree}"
+    worst = 0.0
+    for a, b in zip(got_leaves, want_leaves):
+        assert np.shape(a) == np.shape(b), f"shapes differ: {np.shape(a)} vs {np.shape(b)}"
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)) / scale)
+    return worst
+
+
+def tree_vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --- the independent reference network ---------------------------------------------
+
+REF_SIGMA = {
+    "relu": lambda z: jnp.where(z > 0, z, 0.0),
+    "gelu": lambda z: 0.5 * z * (1.0 + erf(z / math.sqrt(2.0))),
+    "tanh": lambda z: (jnp.exp(2 * z) - 1.0) / (jnp.exp(2 * z) + 1.0),
+    "sigmoid": lambda z: 1.0 / (1.0 + jnp.exp(-z)),
+    "silu": lambda z: z / (1.0 + jnp.exp(-z)),
+    "leaky_relu": lambda z: jnp.where(z > 0, z, 0.01 * z),
+    "softplus": lambda z: jnp.log1p(jnp.exp(z)),
+}
+
+
+def ref_mm(p, z):
+    """W z + b per example, written for a batch as z W^T + b."""
+    return jnp.einsum("...m,nm->...n", z, p["W"]) + p["b"]
+
+
+def ref_mlp(params, x, sigma):
+    """MM(sigma(MM(... sigma(MM(x))))) (eq. 7.36); params = (mm, (), mm, (), ..., mm)."""
+    linears = params[0::2]
+    assert all(p == () for p in params[1::2])
+    h = x
+    for i, p in enumerate(linears):
+        h = ref_mm(p, h)
+        if i < len(linears) - 1:
+            h = sigma(h)
+    return h
+
+
+def ref_resnet_s(params, x, sigma):
+    """MM(Res(... Res(MM_in(x)))) (eq. 7.39), Res(z) = z + sigma(MM(sigma(MM(z)))) (7.38)."""
+    h = ref_mm(params[0], x)
+    for block in params[1:-1]:
+        first, _, second, _ = block
+        h = h + sigma(ref_mm(second, sigma(ref_mm(first, h))))
+    return ref_mm(params[-1], h)
+
+
+def ref_cross_entropy(t, y):
+    top = jnp.max(t, axis=-1, keepdims=True)
+    log_z = top[..., 0] + jnp.log(jnp.sum(jnp.exp(t - top), axis=-1))
+    return log_z - jnp.take_along_axis(t, y[..., None], axis=-1)[..., 0]
+
+
+def ref_mse(t, y):
+    return 0.5 * jnp.sum((t - y) ** 2, axis=-1)
+
+
+def ref_logistic(t, y):
+    return y * jnp.log1p(jnp.exp(-t)) + (1.0 - y) * jnp.log1p(jnp.exp(t))
+
+
+def ref_objective(ref_apply, ref_loss, params, x, y):
+    """J = (1/n) sum_i loss(f(x_i), y_i) (eq. 7.2)."""
+    return jnp.mean(ref_loss(ref_apply(params, x), y))
+
+
+# --- cases ---------------------------------------------------------------------------
+
+D_IN, WIDTH, K, N = 5, 7, 4, 4
+
+MODEL_IDS = (
+    [f"mlp-{depth}-{a}" for a in ("relu", "gelu", "tanh") for depth in range(2, 7)]
+    + [f"mlp-3-{a}" for a in ("sigmoid", "silu", "leaky_relu", "softplus")]
+    + ["resnet_s-1-relu", "resnet_s-2-tanh", "resnet_s-3-gelu"]
+)
+
+
+def perturb(params, key, scale=0.2):
+    """Every leaf moved by scale * N(0, 1), so biases are not zero."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten(
+        [leaf + (scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
+         for leaf, k in zip(leaves, keys)]
+    )
+
+
+def build_model(model_id: str):
+    kind, depth, activation = model_id.split("-", 2)
+    depth = int(depth)
+    sigma = REF_SIGMA[activation]
+    if kind == "mlp":
+        model = fnbp.mlp([WIDTH] * (depth - 1) + [K], activation)
+        ref = functools.partial(ref_mlp, sigma=sigma)
+    else:
+        model = fnbp.resnet_s(WIDTH, depth, K, activation)
+        ref = functools.partial(ref_resnet_s, sigma=sigma)
+    return model, ref
+
+
+@functools.lru_cache(maxsize=None)
+def setup(model_id: str, dtype: str = "float64", n: int = N):
+    """(model, ref, params, x, y) with classification labels, cached per id."""
+    model, ref = build_model(model_id)
+    out_shape, params = model.init(jax.random.key(0), (D_IN,), jnp.dtype(dtype))
+    assert out_shape == (K,)
+    params = perturb(params, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (n, D_IN), dtype)
+    y = jax.random.randint(jax.random.key(3), (n,), 0, K)
+    return model, ref, params, x, y
+
+
+def apply_objective(model, loss, params, x, y):
+    """The user's way: plain code around model.apply, differentiated by jax.grad."""
+    return jnp.mean(loss(model.apply(params, x), y))
+
+
+def direction(params):
+    """A random direction t shaped like params, for Hessian-vector products."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype)
+                           for leaf, k in zip(leaves, keys)])
+
+
+def hvp(grad_fn, params, t):
+    """H t = d/dparams <grad J(params), t>: reverse mode over reverse mode."""
+    return jax.grad(lambda p: tree_vdot(grad_fn(p), t))(params)
+
+
+def oracle_loop(ref, ref_loss, params, x, y):
+    """One jax.grad of the oracle per example, in a Python loop."""
+    grad_one = jax.value_and_grad(ref_objective, argnums=2)
+    results = [grad_one(ref, ref_loss, params, x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
+    losses = jnp.stack([J for J, _ in results])
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for _, g in results])
+    return losses, grads
+
+
+def grad_norms(grads):
+    leaves = jax.tree.leaves(grads)
+    return jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves))
+
+
+def oracle_everything(ref, ref_loss, params, x, y, t):
+    """Everything the oracle knows about one network."""
+    J, (grads, dx) = jax.value_and_grad(ref_objective, argnums=(2, 3))(
+        ref, ref_loss, params, x, y)
+    losses, pe_grads = oracle_loop(ref, ref_loss, params, x, y)
+    return {
+        "J": J,
+        "grads": grads,
+        "dx": dx,
+        "losses": losses,
+        "per_example_grads": pe_grads,
+        "norms": grad_norms(pe_grads),
+        "hvp": hvp(lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_loss, p, x, y),
+                   params, t),
+    }
+
+
+def fnbp_everything(model, loss, params, x, y, t):
+    """The same quantities from fnbp."""
+    J, grads = fnbp.backprop(model, loss, params, x, y)
+    J_apply, (grads_apply, dx_apply) = jax.value_and_grad(apply_objective, argnums=(2, 3))(
+        model, loss, params, x, y)
+    pe_losses, pe_grads = fnbp.per_example_grads(model, loss, params, x, y)
+    norm_losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
+    return {
+        "J": J,
+        "grads": grads,
+        "J_apply": J_apply,
+        "grads_apply": grads_apply,
+        "dx_apply": dx_apply,
+        "pe_losses": pe_losses,
+        "per_example_grads": pe_grads,
+        "norm_losses": norm_losses,
+        "norms": norms,
+        "hvp_backprop": hvp(lambda p: fnbp.backprop(model, loss, p, x, y)[1], params, t),
+        "hvp_apply": hvp(lambda p: jax.grad(apply_objective, argnums=2)(model, loss, p, x, y),
+                         params, t),
+    }
+
+
+# Eager evaluation reuses the primitives compiled for the first network across
+# all networks of the same widths; a one-off shape or dtype is cheaper compiled
+# whole.
+fnbp_everything_jit = jax.jit(fnbp_everything, static_argnums=(0, 1))
+oracle_everything_jit = jax.jit(oracle_everything, static_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def results(model_id: str):
+    """(fnbp's, the oracle's) results for one network, computed once."""
+    model, ref, params, x, y = setup(model_id)
+    t = direction(params)
+    got = fnbp_everything(model, fnbp.cross_entropy_loss, params, x, y, t)
+    want = oracle_everything(ref, ref_cross_entropy, params, x, y, t)
+    return got, want
+
+
+# --- Algorithm 3 against the oracle --------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_backprop_equals_oracle(model_id):
+    got, want = results(model_id)
+    assert got["J"].shape == () and got["J"].dtype == jnp.float64
+    assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(got["grads"]))
+    assert rel_err(got["J"], want["J"]) <= F64_RTOL
+    assert rel_err(got["grads"], want["grads"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_jax_grad_through_apply_equals_backprop(model_id):
+    got, want = results(model_id)
+    assert rel_err(got["J_apply"], got["J"]) <= F64_RTOL
+    assert rel_err(got["grads_apply"], got["grads"]) <= F64_RTOL
+    assert rel_err(got["dx_apply"], want["dx"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_per_example_grads_equal_oracle_loop(model_id):
+    got, want = results(model_id)
+    assert got["pe_losses"].shape == (N,)
+    assert rel_err(got["pe_losses"], want["losses"]) <= F64_RTOL
+    assert rel_err(got["per_example_grads"], want["per_example_grads"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_per_example_grad_norms_equal_norms_of_oracle_loop(model_id):
+    assert build_model(model_id)[0].sq_norms is not None   # the path with no per-example grads
+    got, want = results(model_id)
+    assert got["norms"].shape == (N,)
+    assert rel_err(got["norm_losses"], want["losses"]) <= F64_RTOL
+    assert rel_err(got["norms"], want["norms"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_hessian_vector_products_equal_oracle(model_id):
+    got, want = results(model_id)
+    assert rel_err(got["hvp_backprop"], want["hvp"]) <= F64_RTOL
+    assert rel_err(got["hvp_apply"], want["hvp"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", ["mlp-4-gelu", "resnet_s-2-tanh"])
+def test_under_jit(model_id):
+    # All of it in one compiled program, the model and the loss static.
+    model, _, params, x, y = setup(model_id)
+    _, want = results(model_id)
+    got = fnbp_everything_jit(
+        model, fnbp.cross_entropy_loss, params, x, y, direction(params))
+    assert_matches(got, want, F64_RTOL)
+    # and the engine's functions jitted on their own, as their docstrings say
+    J, grads = jax.jit(fnbp.backprop, static_argnums=(0, 1))(
+        model, fnbp.cross_entropy_loss, params, x, y)
+    assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", ["mlp-3-relu", "resnet_s-2-tanh"])
+def test_apply_is_a_custom_vjp_and_jax_grad_runs_algorithm_3(model_id):
+    model, _, params, x, y = setup(model_id)
+    objective = functools.partial(apply_objective, model, fnbp.cross_entropy_loss)
+    jaxpr = str(jax.make_jaxpr(objective)(params, x, y))
+    # one custom_vjp_call for the model's apply, one for the loss
+    assert jaxpr.count("custom_vjp_call") == 2
+    # jax.grad then runs the model's own rule, not autodiff of the forward's
+    # primitives: its jaxpr has the same matrix products as Algorithm 3
+    # (per MM: Z W^T forward, V W and V^T Z backward).
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(objective))(params, x, y))
+    bp_jaxpr = str(jax.make_jaxpr(functools.partial(
+        fnbp.backprop, model, fnbp.cross_entropy_loss))(params, x, y))
+    assert grad_jaxpr.count("dot_general") == bp_jaxpr.count("dot_general")
+
+
+# --- per-example gradients and their norms -----------------------------------------
+
+
+def _all_shapes(jaxpr):
+    """Shapes of every value a jaxpr computes, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield tuple(var.aval.shape)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_shapes(inner)
+
+
+def test_per_example_grad_norms_builds_no_per_example_weight_gradient():
+    n = 16
+    model, _, params, x, y = setup("mlp-4-relu", n=n)
+    per_example_W = {(n,) + tuple(p["W"].shape) for p in params[0::2]}
+    norms_jaxpr = jax.make_jaxpr(functools.partial(
+        fnbp.per_example_grad_norms, model, fnbp.cross_entropy_loss))(params, x, y)
+    assert not per_example_W & set(_all_shapes(norms_jaxpr.jaxpr))
+    # whereas per_example_grads has to build them
+    grads_jaxpr = jax.make_jaxpr(functools.partial(
+        fnbp.per_example_grads, model, fnbp.cross_entropy_loss))(params, x, y)
+    assert per_example_W <= set(_all_shapes(grads_jaxpr.jaxpr))
+
+
+def _scale_layer() -> fnbp.Layer:
+    """u = a z with a learned scalar a; written by hand, with no sq_norms rule."""
+
+    def init(key, input_shape, dtype=jnp.float32):
+        return tuple(input_shape), {"a": jnp.asarray(1.5, dtype)}
+
+    def forward(params, z):
+        return params["a"] * z, z
+
+    def backward(params, z, v):
+        return {"a": jnp.sum(v * z)}, params["a"] * v
+
+    return fnbp.make_layer("scale", init, forward, backward)
+
+
+def assert_matches(got, want, rtol):
+    """fnbp_everything's results against oracle_everything's."""
+    pairs = [("J", "J"), ("grads", "grads"), ("J_apply", "J"), ("grads_apply", "grads"),
+             ("dx_apply", "dx"), ("pe_losses", "losses"),
+             ("per_example_grads", "per_example_grads"), ("norm_losses", "losses"),
+             ("norms", "norms"), ("hvp_backprop", "hvp"), ("hvp_apply", "hvp")]
+    for mine, theirs in pairs:
+        err = rel_err(got[mine], want[theirs])
+        assert err <= rtol, f"{mine}: relative error {err:.3g} > {rtol:.3g}"
+
+
+def scale_ref(params, x):
+    first, _, scale, last = params
+    return ref_mm(last, scale["a"] * REF_SIGMA["tanh"](ref_mm(first, x)))
+
+
+def test_a_layer_without_sq_norms_uses_the_per_example_fallback():
+    model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, _scale_layer(), fnbp.Linear(K))
+    assert model.sq_norms is None
+    _, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
+    params = perturb(params, jax.random.key(1))
+    _, _, _, x, y = setup("mlp-2-relu")
+    t = direction(params)
+    got = fnbp_everything(model, fnbp.cross_entropy_loss, params, x, y, t)
+    want = oracle_everything(scale_ref, ref_cross_entropy, params, x, y, t)
+    assert_matches(got, want, F64_RTOL)
+
+
+def summed_cross_entropy(t, y):
+    return jnp.sum(fnbp.cross_entropy_loss(t, y), axis=-1)
+
+
+def summed_ref_cross_entropy(t, y):
+    return jnp.sum(ref_cross_entropy(t, y), axis=-1)
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["loss-per-position", "loss-per-sequence"])
+def test_per_example_engine_with_a_sequence_axis_per_example(summed):
+    # Each example is a (T, d) sequence: the MM norms take the Gram form. With
+    # one loss per position, J^(i) is the mean over the example's positions
+    # (as J is the mean over all of them); a loss may also sum them itself.
+    model, ref, params, _, _ = setup("mlp-3-tanh")
+    T = 3
+    x = jax.random.normal(jax.random.key(5), (N, T, D_IN))
+    y = jax.random.randint(jax.random.key(6), (N, T), 0, K)
+    loss, ref_loss = ((summed_cross_entropy, summed_ref_cross_entropy) if summed
+                      else (fnbp.cross_entropy_loss, ref_cross_entropy))
+    t = direction(params)
+    got = fnbp_everything_jit(model, loss, params, x, y, t)
+    want = oracle_everything_jit(ref, ref_loss, params, x, y, t)
+    assert got["norms"].shape == got["norm_losses"].shape == (N,)
+    assert_matches(got, want, F64_RTOL)
+
+
+# --- other losses ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "logistic"])
+@pytest.mark.parametrize("kind", ["mlp-3-tanh", "resnet_s-1-relu"])
+def test_mse_and_logistic_losses(loss_name, kind):
+    kind_name, depth, activation = kind.split("-")
+    sigma = REF_SIGMA[activation]
+    outputs = K if loss_name == "mse" else 1
+    if kind_name == "mlp":
+        model = fnbp.mlp([WIDTH, WIDTH, outputs], activation)
+        ref = functools.partial(ref_mlp, sigma=sigma)
+    else:
+        model = fnbp.resnet_s(WIDTH, int(depth), outputs, activation)
+        ref = functools.partial(ref_resnet_s, sigma=sigma)
+    _, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
+    params = perturb(params, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (N, D_IN))
+    if loss_name == "mse":
+        loss, ref_loss = fnbp.mse_loss, ref_mse
+        y = jax.random.normal(jax.random.key(3), (N, K))
+    else:
+        loss, ref_loss = fnbp.logistic_loss, ref_logistic
+        y = jax.random.uniform(jax.random.key(3), (N, 1))   # soft targets in [0, 1]
+    t = direction(params)
+    got = fnbp_everything_jit(model, loss, params, x, y, t)
+    want = oracle_everything_jit(ref, ref_loss, params, x, y, t)
+    assert_matches(got, want, F64_RTOL)
+
+
+# --- transformations: vmap, leading axes -------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", ["mlp-3-relu", "resnet_s-1-relu"])
+def test_vmap_of_grad_through_apply_gives_per_example_losses_and_grads(model_id):
+    model, _, params, x, y = setup(model_id)
+    _, want = results(model_id)
+
+    def one(params, x_i, y_i):       # one example: x_i of shape (d,), y_i a scalar label
+        return fnbp.cross_entropy_loss(model.apply(params, x_i), y_i)
+
+    per_example = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))
+    losses, grads = jax.jit(per_example)(params, x, y)
+    assert losses.shape == (N,)
+    assert rel_err(losses, want["losses"]) <= F64_RTOL
+    assert rel_err(grads, want["per_example_grads"]) <= F64_RTOL
+    # the mean of vmapped per-example losses gives the batch gradient
+    J, grads = jax.jit(jax.value_and_grad(
+        lambda p: jnp.mean(jax.vmap(one, (None, 0, 0))(p, x, y))))(params)
+    assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
+
+
+def test_vmap_of_backprop_over_groups():
+    model, ref, params, _, _ = setup("mlp-3-tanh")
+    x = jax.random.normal(jax.random.key(8), (3, N, D_IN))
+    y = jax.random.randint(jax.random.key(9), (3, N), 0, K)
+    Js, grads = jax.jit(jax.vmap(functools.partial(fnbp.backprop, model, fnbp.cross_entropy_loss),
+                                 in_axes=(None, 0, 0)))(params, x, y)
+    oracle = jax.jit(jax.value_and_grad(functools.partial(ref_objective, ref, ref_cross_entropy)))
+    for g in range(3):
+        J_ref, g_ref = oracle(params, x[g], y[g])
+        assert rel_err(Js[g], J_ref) <= F64_RTOL
+        assert rel_err(jax.tree.map(lambda a: a[g], grads), g_ref) <= F64_RTOL
+
+
+@pytest.mark.parametrize("model_id", ["mlp-3-relu", "resnet_s-2-tanh"])
+def test_any_leading_batch_axes_equal_the_flattened_batch(model_id):
+    model, ref, params, _, _ = setup(model_id)
+    x = jax.random.normal(jax.random.key(10), (2, 3, D_IN))
+    y = jax.random.randint(jax.random.key(11), (2, 3), 0, K)
+    loss = fnbp.cross_entropy_loss
+
+    @jax.jit
+    def run(x, y):
+        return (fnbp.backprop(model, loss, params, x, y),
+                jax.value_and_grad(apply_objective, argnums=2)(model, loss, params, x, y),
+                model.apply(params, x))
+
+    (J, grads), (J_apply, grads_apply), t = run(x, y)
+    (J_flat, grads_flat), _, t_flat = run(x.reshape(6, D_IN), y.reshape(6))
+    assert t.shape == (2, 3, K)
+    assert rel_err(t.reshape(6, K), t_flat) <= F64_RTOL
+    assert rel_err(J, J_flat) <= F64_RTOL and rel_err(grads, grads_flat) <= F64_RTOL
+    J_ref, grads_ref = jax.value_and_grad(ref_objective, argnums=2)(
+        ref, ref_cross_entropy, params, x.reshape(6, D_IN), y.reshape(6))
+    assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
+    assert rel_err(J_apply, J_ref) <= F64_RTOL and rel_err(grads_apply, grads_ref) <= F64_RTOL
+
+
+# --- dtypes ---------------------------------------------------------------------------
+
+
+def _as(tree, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+
+@pytest.mark.parametrize("model_id", ["mlp-5-gelu", "resnet_s-2-tanh"])
+def test_float32_against_the_float64_oracle(model_id):
+    model, ref, params, x, y = setup(model_id, "float32")
+    t = direction(params)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((params, x, t)))
+    got = fnbp_everything_jit(model, fnbp.cross_entropy_loss, params, x, y, t)
+    want = oracle_everything_jit(ref, ref_cross_entropy, _as(params, jnp.float64),
+                             _as(x, jnp.float64), y, _as(t, jnp.float64))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+    assert_matches(got, want, F32_RTOL)
+
+
+@pytest.mark.parametrize("model_id", ["mlp-4-relu", "resnet_s-2-gelu"])
+def test_bfloat16_params_with_float32_inputs(model_id):
+    model, _, params32, x, y = setup(model_id, "float32")
+    params = _as(params32, jnp.bfloat16)
+    t = direction(params)
+    got = fnbp_everything_jit(model, fnbp.cross_entropy_loss, params, x, y, t)
+    # the float32 network at the same (bfloat16-rounded) values
+    want = fnbp_everything_jit(model, fnbp.cross_entropy_loss, _as(params, jnp.float32), x, y,
+                           _as(t, jnp.float32))
+    for name in ("grads", "grads_apply", "per_example_grads", "hvp_backprop", "hvp_apply"):
+        assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(got[name])), name
+    for name in ("J", "J_apply", "dx_apply", "pe_losses", "norm_losses", "norms"):
+        assert got[name].dtype == jnp.float32, name
+    for name in ("J", "grads", "J_apply", "grads_apply", "dx_apply", "pe_losses",
+                 "per_example_grads", "norm_losses", "norms"):
+        err = rel_err(got[name], want[name])
+        assert err <= BF16_RTOL, f"{name}: relative error {err:.3g}"
+
+
+# --- bad input ------------------------------------------------------------------------
+
+ENGINE = [fnbp.backprop, fnbp.per_example_grads, fnbp.per_example_grad_norms]
+
+
+@pytest.mark.parametrize("fn", ENGINE, ids=lambda f: f.__name__)
+def test_labels_with_another_number_of_examples_are_rejected(fn):
+    model, _, params, x, y = setup("mlp-2-relu")
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: x has 4 examples \(x.shape=\(4, 5\)\)"
+                                         r" but y has 3 \(y.shape=\(3,\)\)"):
+        fn(model, fnbp.cross_entropy_loss, params, x, y[:3])
+
+
+def test_labels_whose_inner_leading_axes_differ_are_rejected():
+    model, _, params, _, _ = setup("mlp-2-relu")
+    x = jnp.zeros((2, 3, D_IN))
+    y = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"cross_entropy_loss: y must have shape"):
+        fnbp.backprop(model, fnbp.cross_entropy_loss, params, x, y)
+
+
+@pytest.mark.parametrize("fn", ENGINE, ids=lambda f: f.__name__)
+def test_input_that_does_not_fit_the_first_layer_names_the_layer(fn):
+    model, _, params, _, y = setup("mlp-3-relu")
+    x = jnp.zeros((N, D_IN + 2))
+    with pytest.raises(ValueError, match=r"mlp\[0\] linear\(7\): input has shape \(.*7,?\) but "
+                                         r"W.shape=\(7, 5\) expects 5 features"):
+        fn(model, fnbp.cross_entropy_loss, params, x, y)
+    with pytest.raises(ValueError, match=r"mlp\[0\] linear\(7\)"):
+        jax.jit(fn, static_argnums=(0, 1))(model, fnbp.cross_entropy_loss, params, x, y)
+
+
+def test_input_that_does_not_fit_apply_names_the_layer():
+    model, _, params, _, y = setup("resnet_s-1-relu")
+    with pytest.raises(ValueError, match=r"resnet_s\[0\] linear\(7\): input has shape \(4, 6\)"):
+        jax.grad(apply_objective, argnums=2)(
+            model, fnbp.cross_entropy_loss, params, jnp.zeros((N, D_IN + 1)), y)
+
+
+def test_engine_rejects_a_model_that_is_not_a_layer_and_a_loss_that_is_not_callable():
+    model, _, params, x, y = setup("mlp-2-relu")
+    with pytest.raises(TypeError, match=r"backprop: model must be a fnbp Layer.*got function"):
+        fnbp.backprop(lambda p, x: x, fnbp.cross_entropy_loss, params, x, y)
+    with pytest.raises(TypeError, match=r"backprop: loss must be callable.*got str"):
+        fnbp.backprop(model, "cross_entropy", params, x, y)
+
+
+def test_mismatched_params_are_rejected_by_the_engine():
+    model, _, params, x, y = setup("mlp-3-relu")
+    with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries .*got 4"):
+        fnbp.backprop(model, fnbp.cross_entropy_loss, params[:4], x, y)
+    other = setup("resnet_s-1-relu")[2]
+    with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries"):
+        fnbp.per_example_grads(model, fnbp.cross_entropy_loss, other, x, y)

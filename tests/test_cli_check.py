@@ -1,0 +1,60 @@
+"""`fnbp check`: one PASS row per built-in rule and dtype, exit status 0; 1 on a failure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import fnbp
+from fnbp import cli
+from fnbp.catalog import CASES, RuleCase
+
+
+def _row(name: str, dtype: str, result: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(name)}\s+{dtype}\s+\S+\s+\S+\s+{result}$", re.MULTILINE)
+
+
+def test_fnbp_check_passes_every_rule_in_the_catalog(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"fnbp check on {jax.default_backend()}")
+    for case in CASES:
+        for dtype in ("float64", "float32"):
+            assert _row(case.name, dtype, "PASS").search(out), (case.name, dtype)
+    assert "FAIL" not in out
+    assert out.rstrip().endswith("all rules PASS")
+
+
+@jax.custom_vjp
+def _doubled_relu(z):
+    return fnbp.relu(z)
+
+
+_doubled_relu.defvjp(fnbp.relu_fwd, lambda res, v: (2 * fnbp.relu_bwd(res, v)[0],))
+
+
+def test_fnbp_check_fails_with_status_1_on_a_wrong_rule(capsys, monkeypatch):
+    wrong = RuleCase("doubled_relu", _doubled_relu, lambda z: jnp.where(z > 0, z, 0.0),
+                     lambda key, dtype: (jnp.array([-1.0, 0.5, 2.0], dtype),))
+    monkeypatch.setattr("fnbp.catalog.CASES", (wrong,))
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert _row("doubled_relu", "float64", "FAIL").search(out)
+    assert _row("doubled_relu", "float32", "FAIL").search(out)
+    assert out.rstrip().endswith("2 FAIL")
+
+
+def test_fnbp_console_script_exits_0():
+    script = Path(sys.executable).with_name("fnbp")
+    command = [str(script)] if script.exists() else None
+    command = command or ([shutil.which("fnbp")] if shutil.which("fnbp") else None)
+    command = command or [sys.executable, "-m", "fnbp.cli"]
+    done = subprocess.run(command + ["check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all rules PASS" in done.stdout

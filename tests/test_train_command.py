@@ -1,0 +1,309 @@
+"""Tests of `fnbp train`: outputs, determinism, resume after a real kill, clean errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from fnbp import cli
+
+# A small, fast configuration: 200 spiral points, one hidden layer of 16.
+SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
+         "--batch-size", "20", "--epochs", "2", "--no-progress"]
+
+
+def train(*args):
+    return cli.main(["train", *map(str, args)])
+
+
+def params_of(run_folder):
+    """The parameter arrays of a run's checkpoint, by name."""
+    with np.load(os.path.join(run_folder, "checkpoint.npz"), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files if name.startswith("params.")}
+
+
+def metadata_of(run_folder):
+    with np.load(os.path.join(run_folder, "checkpoint.npz"), allow_pickle=False) as archive:
+        return json.loads(archive["__metadata__"].tobytes())
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes, to prove nothing was written."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, folder)] = handle.read()
+    return files
+
+
+# --- a successful run ---------------------------------------------------------------
+
+
+def test_train_writes_metrics_plot_config_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*SMALL, "--out", out) == 0
+    printed = capsys.readouterr()
+    assert "test accuracy" in printed.out and str(out) in printed.out
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json",
+                                       "plot.png"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "spirals" and config["model"] == "mlp"
+    assert config["optimizer"] == "adam" and config["lr"] == pytest.approx(1e-2)
+    assert config["num_train"] == 160 and config["num_test"] == 40
+    assert config["steps_per_epoch"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["steps"] == 16
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = metadata_of(out)
+    assert meta["step"] == 16 and meta["metadata"]["config"]["width"] == 16
+    assert meta["metadata"]["history"] == metrics["history"]
+
+
+def test_train_progress_bar_shows_running_loss_and_accuracy(tmp_path, capsys):
+    args = [a for a in SMALL if a != "--no-progress"]
+    assert train(*args, "--epochs", "1", "--out", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "8/8" in err
+
+
+def test_train_same_seed_identical_parameters(tmp_path, capsys):
+    assert train(*SMALL, "--seed", "3", "--out", tmp_path / "a") == 0
+    assert train(*SMALL, "--seed", "3", "--out", tmp_path / "b") == 0
+    assert_same_params(params_of(tmp_path / "a"), params_of(tmp_path / "b"))
+    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
+    assert history(tmp_path / "a") == history(tmp_path / "b")
+    assert train(*SMALL, "--seed", "4", "--out", tmp_path / "c") == 0
+    assert not np.array_equal(params_of(tmp_path / "a")["params.0"],
+                              params_of(tmp_path / "c")["params.0"])
+
+
+def test_resume_continues_to_the_uninterrupted_result(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(*SMALL, "--epochs", "3", "--out", straight) == 0
+    assert train(*SMALL, "--epochs", "1", "--out", split) == 0
+    assert metadata_of(split)["step"] == 8
+    # the run's flags come from the checkpoint; only --epochs is raised
+    assert train("--resume", split, "--epochs", "3", "--no-progress") == 0
+    assert_same_params(params_of(straight), params_of(split))
+    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
+    assert history(split) == history(straight)
+
+
+def test_default_out_folder_is_numbered_not_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [*SMALL, "--epochs", "1"]
+    assert train(*args) == 0 and train(*args) == 0
+    assert sorted(os.listdir(tmp_path / "runs")) == ["spirals-mlp-seed0", "spirals-mlp-seed0-2"]
+
+
+def test_train_user_npz_images_with_cnn_and_resnet_s(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = rng.normal(size=(60, 6, 6)) + y[:, None, None]  # (n, H, W): a channel axis is added
+    np.savez(tmp_path / "images.npz", x=x, y=y)
+    common = ["--data-path", tmp_path / "images.npz", "--epochs", "1", "--batch-size", "16",
+              "--width", "4", "--depth", "1", "--no-progress"]
+    assert train(*common, "--model", "cnn", "--out", tmp_path / "cnn") == 0
+    config = json.loads((tmp_path / "cnn" / "config.json").read_text())
+    assert config["dataset"] == "npz" and config["input_shape"] == [6, 6, 1]
+    assert train(*common, "--model", "resnet-s", "--optimizer", "momentum",
+                 "--out", tmp_path / "res") == 0
+    config = json.loads((tmp_path / "res" / "config.json").read_text())
+    assert config["input_shape"] == [36] and config["lr"] == pytest.approx(0.01)
+
+
+# --- a real kill, then --resume --------------------------------------------------------
+
+
+KILL_ARGS = ["--dataset", "spirals", "--width", "16", "--depth", "1", "--batch-size", "16",
+             "--epochs", "4", "--checkpoint-every", "10", "--seed", "1", "--no-progress"]
+
+
+def spawn(out, *extra):
+    command = [sys.executable, "-m", "fnbp.cli", "train", *KILL_ARGS, "--out", str(out), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
+    reference = spawn(tmp_path / "reference")
+    victim = spawn(tmp_path / "victim")
+    checkpoint = tmp_path / "victim" / "checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    reference_out = reference.communicate(timeout=180)
+    assert reference.returncode == 0, reference_out[1].decode()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = metadata_of(tmp_path / "victim")["step"]
+    total = metadata_of(tmp_path / "reference")["step"]
+    assert 0 < killed_at < total == 400  # really killed mid-way, with a checkpoint written
+    assert not (tmp_path / "victim" / "metrics.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "fnbp.cli", "train", "--resume",
+                              str(tmp_path / "victim"), "--no-progress"],
+                             capture_output=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert_same_params(params_of(tmp_path / "victim"), params_of(tmp_path / "reference"))
+    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
+    assert history(tmp_path / "victim") == history(tmp_path / "reference")
+
+
+# --- user errors: one line, exit status 2, nothing written -------------------------------
+
+
+def assert_clean_error(tmp_path, capsys, args, match):
+    before = snapshot(tmp_path)
+    assert train(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnbp train: error: ") and err.endswith("\n")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert match in err, err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--lr", "-0.1"], "--lr must be a positive finite number, got -0.1"),
+    (["--lr", "nan"], "--lr must be a positive finite number"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--batch-size", "500"], "--batch-size 500 is larger than the 160 training examples"),
+    (["--model", "cnn"], "--model cnn needs images"),
+    (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
+    (["--data-path", "x.npz"], "--data-path is read only by --dataset npz, csv or idx"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+])
+def test_bad_flags(tmp_path, capsys, extra, match):
+    assert_clean_error(tmp_path, capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "missing.npz", "no such file"),
+    (lambda d: write_npz(d / "shape.npz", x=np.ones((10, 2)), y=np.zeros(9, int)),
+     "x has 10 examples but y has 9 labels"),
+    (lambda d: write_npz(d / "onehot.npz", x=np.ones((10, 2)), y=np.eye(10)[:, :2]),
+     "labels must have shape (n,)"),
+    (lambda d: write_npz(d / "nan.npz", x=np.where(np.eye(10, 2) > 0, np.nan, 1.0),
+                         y=np.arange(10) % 2), "x contains NaN or infinity"),
+    (lambda d: write_npz(d / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10)),
+     "non-integer labels"),
+    (lambda d: write_npz(d / "keys.npz", inputs=np.ones((10, 2))), "but fnbp expects"),
+])
+def test_bad_data(tmp_path, capsys, make, match):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = make(data_dir)
+    assert_clean_error(tmp_path, capsys, ["--data-path", path, "--out", tmp_path / "run"], match)
+
+
+def test_bad_csv_labels(tmp_path, capsys):
+    (tmp_path / "d.csv").write_text("a,b,label\n1,2,0\n3,4,1.5\n5,6,1\n")
+    assert_clean_error(tmp_path, capsys, ["--data-path", tmp_path / "d.csv", "--dataset", "csv",
+                                          "--out", tmp_path / "run"], "non-integer labels")
+
+
+def test_out_folder_in_use_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
+                       "already holds files")
+
+
+@pytest.fixture
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train(*SMALL, "--epochs", "1", "--out", out) == 0
+    return out
+
+
+def test_resume_with_a_different_model_is_refused(finished_run, capsys):
+    capsys.readouterr()
+    assert_clean_error(finished_run.parent, capsys,
+                       ["--resume", finished_run, "--model", "cnn", "--epochs", "2"],
+                       "the run was made with --model mlp but --model cnn was given")
+
+
+def test_resume_with_a_different_batch_size_is_refused(finished_run, capsys):
+    capsys.readouterr()
+    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2",
+                                                     "--batch-size", "10"],
+                       "--batch-size 20 but --batch-size 10 was given")
+
+
+def rewrite_checkpoint(run, change):
+    path = run / "checkpoint.npz"
+    content = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            content[name] = change(name, archive.read(name))
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in content.items():
+            archive.writestr(name, data)
+
+
+def test_corrupted_checkpoint_is_refused(finished_run, capsys):
+    capsys.readouterr()
+    path = finished_run / "checkpoint.npz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
+                       "corrupted")
+    path.write_bytes(b"\x00" * 100)
+    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run], "corrupted")
+
+
+def test_checkpoint_whose_arrays_do_not_match_its_config_is_refused(finished_run, capsys):
+    capsys.readouterr()
+
+    def widen(name, content):
+        if name != "__metadata__.npy":
+            return content
+        meta = json.loads(np.load(io.BytesIO(content)).tobytes())
+        meta["metadata"]["config"]["width"] = 32
+        buffer = io.BytesIO()
+        np.save(buffer, np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        return buffer.getvalue()
+
+    rewrite_checkpoint(finished_run, widen)
+    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
+                       "has shape (16, 2) and dtype float32, but this model needs (32, 2)")
+
+
+def test_resume_of_a_missing_run(tmp_path, capsys):
+    assert_clean_error(tmp_path, capsys, ["--resume", tmp_path / "nothing"],
+                       "no such run folder or checkpoint file")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(tmp_path, capsys, ["--resume", tmp_path / "empty"], "no such file")
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train("--batch-size", "many")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'many'" in err
