@@ -130,7 +130,7 @@ def save_checkpoint(path: str | os.PathLike, params: Any, opt_state: Any, *, ste
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
     arrays: dict[str, np.ndarray] = {}
     trees: dict[str, Any] = {}
-    for tree_name, tree in zip(_TREES, (params, opt_state)):
+    for tree_name, tree in zip(_TREES, (params, opt_state), strict=True):
         leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
         records = []
         for i, (leaf_path, leaf) in enumerate(leaves_with_paths):
@@ -213,9 +213,10 @@ def _open(path: str) -> tuple[Any, dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"checkpoint {path}: its metadata is not valid JSON "
                                   f"({error}); the file is corrupted") from error
-        if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else None
+        if found != FORMAT:
             raise CheckpointError(f"checkpoint {path} is not an fnbp checkpoint (format "
-                                  f"{document.get('format') if isinstance(document, dict) else None!r})")
+                                  f"{found!r})")
         if document.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {path} has format version "
                                   f"{document.get('version')!r}; this fnbp reads version "
@@ -290,7 +291,7 @@ def _restore_tree(path: str, archive: Any, tree_name: str, record: Any,
                               f"model/optimizer ({detail}); use the same --model and "
                               f"--optimizer as the run that wrote it")
     leaves = []
-    for (leaf_path, leaf), entry in zip(leaves_with_paths, stored):
+    for (leaf_path, leaf), entry in zip(leaves_with_paths, stored, strict=True):
         where = jax.tree_util.keystr(leaf_path)
         want_shape = tuple(np.shape(leaf))
         want_dtype = jnp.result_type(leaf)

@@ -323,10 +323,8 @@ def load_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not rows:
         raise DataError(f"csv: {path} is empty")
     label_column = -1
-    first_line, first = rows[0]
-    try:
-        [float(cell) for cell in first]
-    except ValueError:
+    _, first = rows[0]
+    if not all(_is_number(cell) for cell in first):
         names = [cell.strip().lower() for cell in first]
         for name in _LABEL_COLUMNS:
             if name in names:
@@ -488,7 +486,7 @@ def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2
     per_class[extra] += 1
     rng = np.random.default_rng(seed)
     test_parts, train_parts = [], []
-    for c, k in zip(classes, per_class):
+    for c, k in zip(classes, per_class, strict=True):
         idx = rng.permutation(np.flatnonzero(y == c))
         test_parts.append(idx[:k])
         train_parts.append(idx[k:])

@@ -341,6 +341,7 @@ def _train(args: argparse.Namespace) -> int:
     import fnbp
     from fnbp import checkpoint as ckpt
     from fnbp import train
+    from fnbp.checkpoint import CheckpointError
     from fnbp.data import load_dataset
 
     started = time.perf_counter()
@@ -396,7 +397,11 @@ def _train(args: argparse.Namespace) -> int:
     _write_json(os.path.join(out, "config.json"), run_config)
     checkpoint_file = os.path.join(out, CHECKPOINT)
 
+    saved_at = [state.step if resume_from is not None and
+                os.path.dirname(os.path.abspath(resume_from)) == out else None]
+
     def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
+        saved_at[0] = current.step
         ckpt.save_checkpoint(checkpoint_file, current.params, current.opt_state,
                              step=current.step, key=root,
                              metadata={"config": config, "history": epochs_done,
@@ -446,7 +451,8 @@ def _train(args: argparse.Namespace) -> int:
     bar.close()
     seconds = time.perf_counter() - started
     final = result.history[-1]
-    save(result.state, result.history)
+    if saved_at[0] != result.state.step:  # e.g. an already finished run resumed elsewhere
+        save(result.state, result.history)
     metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
                "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
                "epochs": len(result.history), "steps": result.state.step,

@@ -460,38 +460,24 @@ def _batched_inputs(fk, sel, A, V):
     return jax.vmap(functools.partial(_B, fk, sel))(A, V)
 
 
-def _reference(refk, sel, second: bool, args, V, v0, U):
-    """The reference's output, B_ref(V[j]) and, if asked, grad <B_ref(v0), U[j]>."""
-    first = jax.vmap(functools.partial(_B, refk, sel), in_axes=(None, 0))(args, V)
-    grad2 = None
-    if second:
-        grad2 = jax.vmap(functools.partial(_second, refk, sel), in_axes=(None, None, 0))(
-            args, v0, U)
-    return refk(*args), first, grad2
-
-
-def _probe(fk, sel, second: bool, args, v0):
-    """What finite differences evaluate: f and, for 2nd order, B[f, .](v0)."""
-    return fk(*args), (_B(fk, sel, args, v0) if second else None)
-
-
 _static = functools.partial(jax.jit, static_argnums=(0, 1))
 _core_jit = _static(_core)
 _batched_v_jit = _static(_batched_v)
 _batched_inputs_jit = _static(_batched_inputs)
 _second_jit = _static(_second)
-_reference_jit = jax.jit(_reference, static_argnums=(0, 1, 2))
-_probe_jit = jax.jit(_probe, static_argnums=(0, 1, 2))
 
 
 class _Checker:
     """One call of :func:`check_vjp`: the random draws, the programs and the rows.
 
-    Every compiled program is a module-level function jitted with f, the
-    reference and the selection of arguments as static arguments, built once
-    and called many times; the float64 oracles are shared by checks of the
-    same function at other dtypes. Arrays are stacked, cast and sliced in
-    numpy, so no XLA program is compiled for that.
+    Compiling dominates the cost of a check, so there are few programs, each
+    called many times: module-level functions jitted with f (or the
+    reference) and the selection of arguments as static arguments. The
+    float64 oracles reuse them: the reference runs ``_core`` and ``_second``
+    of the reference in float64; finite differences run ``_core`` of f in
+    float64 (f and B[f, .](v0) at each point). Checks of the same function at
+    other dtypes or seeds share those programs. Arrays are stacked, cast and
+    sliced in numpy, so no XLA program is compiled for that.
     """
 
     def __init__(self, fk, refk, args: tuple, infos: list[_Arg], diff: list[int],
@@ -744,7 +730,7 @@ class _Checker:
 
         def fd():
             weights = [C64, U64] if second else [C64]
-            F = lambda a: _probe_jit(fk, sel, second, a, v064)  # noqa: E731
+            F = lambda a: _core_jit(fk, sel, a, v064)[::2]  # noqa: E731  (f, B(v0))
             return self.fd_probe(F, args64, weights)
         probes = self.attempt("eager", fd, "finite diff")
         fd1, fd2 = (probes[0], probes[1] if second else None) if probes else (None, None)
@@ -753,11 +739,12 @@ class _Checker:
         ref = None
         if self.refk is not None:
             def reference():
+                refk = self.refk
                 with _x64():
-                    out = _reference_jit(self.refk, sel, second, args64, _stack(C64), v064,
-                                         _stack(U64) if second else None)
-                return (_fetch(out[0]), _unstack(out[1], n),
-                        _unstack(out[2], n) if second else None)
+                    first = [_fetch(_core_jit(refk, sel, args64, c)) for c in C64]
+                    grad2 = [_fetch(_second_jit(refk, sel, args64, v064, u))
+                             for u in U64] if second else None
+                return first[0][0], [r[2] for r in first], grad2
             ref = self.attempt("eager", reference, "reference")
 
         results: dict[str, list[Cotangents]] = {}

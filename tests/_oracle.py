@@ -198,19 +198,15 @@ def loop_cotangents(f, args, v, diff, shared):
 class RuleContract:
     """Tests run for every ``case`` (a fixture defined by the subclass' module).
 
-    The oracle side is always jitted (it is the reference, not under test);
-    the rule side runs eagerly in the first test and under the named
-    transformation in the others.
+    Everything runs under ``jax.jit`` except the plain ``jax.vmap`` test:
+    eagerly every small operation would be compiled on its own, which is what
+    makes a suite slow, and a rule traces the same Python either way. Shapes
+    are shared between tests so that compilations are reused.
     """
 
-    def test_vjp_equals_oracle_float64(self, case):
-        args, v = draw(case, jnp.float64, (4,))
-        got = cotangents(case.rule, args, v, case.diff)
-        want = jit_cotangents(case.reference, args, v, case.diff)
-        assert_close(got, want, F64_RTOL)
-
-    def test_vjp_of_one_example_under_jit_equals_oracle(self, case):
-        args, v = draw(case, jnp.float64, (), seed=1)
+    @pytest.mark.parametrize("batch", [(), (4,)], ids=str)
+    def test_vjp_under_jit_equals_oracle_float64(self, case, batch):
+        args, v = draw(case, jnp.float64, batch, seed=1)
         got = jit_cotangents(case.rule, args, v, case.diff)
         want = jit_cotangents(case.reference, args, v, case.diff)
         assert_close(got, want, F64_RTOL)

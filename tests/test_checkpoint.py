@@ -30,13 +30,16 @@ def adam_state(params):
     """An Adam state with non-trivial mu, nu and count (as after a few updates)."""
     state = optax.adam(1e-2).init(params)
     rng = np.random.default_rng(1)
-    fill = lambda leaf: jnp.asarray(rng.uniform(1, 2, np.shape(leaf)), jnp.result_type(leaf))
+
+    def fill(leaf):
+        return jnp.asarray(rng.uniform(1, 2, np.shape(leaf)), jnp.result_type(leaf))
+
     return params, jax.tree_util.tree_map(fill, state)
 
 
 def assert_trees_equal(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         assert jnp.result_type(x) == jnp.result_type(y)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -210,7 +213,8 @@ def test_valid_zip_with_altered_data_fails_the_digest(saved, tmp_path):
 
     target = tmp_path / "altered.npz"
     rewrite(path, target, change)
-    with pytest.raises(CheckpointError, match=r"params\['dense'\]\['W'\] do not match their SHA-256"):
+    with pytest.raises(CheckpointError,
+                       match=r"params\['dense'\]\['W'\] do not match their SHA-256"):
         ckpt.load_checkpoint(target, params, state)
 
 

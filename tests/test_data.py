@@ -138,7 +138,8 @@ def test_validate_arrays_accepts_whole_float_labels_and_casts():
     (np.ones(4), np.zeros(4), r"x has shape \(4,\).*one row per example"),
     (np.ones((4, 2)), np.zeros(3), "x has 4 examples but y has 3 labels"),
     (np.ones((4, 2)), np.eye(4)[:, :2], r"y has shape \(4, 2\).*argmax"),
-    (np.array([[1.0], [np.nan]]), np.zeros(2), r"x contains NaN or infinity \(first in example 1\)"),
+    (np.array([[1.0], [np.nan]]), np.zeros(2),
+     r"x contains NaN or infinity \(first in example 1\)"),
     (np.array([[1.0], [np.inf]]), np.zeros(2), "NaN or infinity"),
     (np.ones((3, 1)), np.array([0.0, 1.5, 1.0]), r"non-integer labels \(e.g. 1.5 in example 1\)"),
     (np.ones((2, 1)), np.array([0, -1]), "negative labels"),
@@ -264,7 +265,8 @@ def test_read_idx_errors(tmp_path):
     write_idx(good, array)
     raw = good.read_bytes()
     cases = {
-        "truncated": (raw[:-1], r"holds 23 bytes but its header \(shape \(3, 4\), uint8\) needs 24"),
+        "truncated": (raw[:-1],
+                      r"holds 23 bytes but its header \(shape \(3, 4\), uint8\) needs 24"),
         "padded": (raw + b"\x00", "needs 24; the file is truncated or corrupted"),
         "magic": (b"\x01" + raw[1:], "not an IDX file"),
         "type": (raw[:2] + b"\x07" + raw[3:], "not an IDX file"),

@@ -42,7 +42,7 @@ def rel_err(a, b):
 
 def assert_trees_identical(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -207,8 +207,11 @@ def test_fit_is_the_minibatch_sgd_loop_and_learns():
 
 def test_fit_same_key_same_parameters_float32():
     params, x, y = problem(dtype=jnp.float32)
-    run = lambda seed: train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y,
-                                 key=jax.random.key(seed), epochs=2, batch_size=5)
+
+    def run(seed):
+        return train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y,
+                         key=jax.random.key(seed), epochs=2, batch_size=5)
+
     first, second = run(3), run(3)
     assert_trees_identical(first.params, second.params)
     assert first.history == second.history

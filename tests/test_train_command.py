@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,10 @@ def params_of(run_folder):
 def metadata_of(run_folder):
     with np.load(os.path.join(run_folder, "checkpoint.npz"), allow_pickle=False) as archive:
         return json.loads(archive["__metadata__"].tobytes())
+
+
+def history_of(run_folder):
+    return json.loads((run_folder / "metrics.json").read_text())["history"]
 
 
 def assert_same_params(a, b):
@@ -90,8 +95,7 @@ def test_train_same_seed_identical_parameters(tmp_path, capsys):
     assert train(*SMALL, "--seed", "3", "--out", tmp_path / "a") == 0
     assert train(*SMALL, "--seed", "3", "--out", tmp_path / "b") == 0
     assert_same_params(params_of(tmp_path / "a"), params_of(tmp_path / "b"))
-    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
-    assert history(tmp_path / "a") == history(tmp_path / "b")
+    assert history_of(tmp_path / "a") == history_of(tmp_path / "b")
     assert train(*SMALL, "--seed", "4", "--out", tmp_path / "c") == 0
     assert not np.array_equal(params_of(tmp_path / "a")["params.0"],
                               params_of(tmp_path / "c")["params.0"])
@@ -105,8 +109,7 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path, capsys):
     # the run's flags come from the checkpoint; only --epochs is raised
     assert train("--resume", split, "--epochs", "3", "--no-progress") == 0
     assert_same_params(params_of(straight), params_of(split))
-    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
-    assert history(split) == history(straight)
+    assert history_of(split) == history_of(straight)
 
 
 def test_default_out_folder_is_numbered_not_overwritten(tmp_path, monkeypatch, capsys):
@@ -139,14 +142,19 @@ KILL_ARGS = ["--dataset", "spirals", "--width", "16", "--depth", "1", "--batch-s
              "--epochs", "4", "--checkpoint-every", "10", "--seed", "1", "--no-progress"]
 
 
-def spawn(out, *extra):
-    command = [sys.executable, "-m", "fnbp.cli", "train", *KILL_ARGS, "--out", str(out), *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def spawn(env, *args):
+    command = [sys.executable, "-m", "fnbp.cli", "train", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
-    reference = spawn(tmp_path / "reference")
-    victim = spawn(tmp_path / "victim")
+    # Three processes; JAX's persistent compilation cache lets the last reuse the
+    # executables the first two compiled (the same executables, the same numbers).
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    reference = spawn(env, *KILL_ARGS, "--out", tmp_path / "reference")
+    victim = spawn(env, *KILL_ARGS, "--out", tmp_path / "victim")
     checkpoint = tmp_path / "victim" / "checkpoint.npz"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -160,13 +168,11 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
     total = metadata_of(tmp_path / "reference")["step"]
     assert 0 < killed_at < total == 400  # really killed mid-way, with a checkpoint written
     assert not (tmp_path / "victim" / "metrics.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "fnbp.cli", "train", "--resume",
-                              str(tmp_path / "victim"), "--no-progress"],
-                             capture_output=True, timeout=180)
-    assert resumed.returncode == 0, resumed.stderr.decode()
+    resumed = spawn(env, "--resume", tmp_path / "victim", "--no-progress")
+    resumed_out = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, resumed_out[1].decode()
     assert_same_params(params_of(tmp_path / "victim"), params_of(tmp_path / "reference"))
-    history = lambda run: json.loads((run / "metrics.json").read_text())["history"]
-    assert history(tmp_path / "victim") == history(tmp_path / "reference")
+    assert history_of(tmp_path / "victim") == history_of(tmp_path / "reference")
 
 
 # --- user errors: one line, exit status 2, nothing written -------------------------------
@@ -234,11 +240,17 @@ def test_out_folder_in_use_is_refused(tmp_path, capsys):
                        "already holds files")
 
 
-@pytest.fixture
-def finished_run(tmp_path_factory):
+@pytest.fixture(scope="module")
+def finished_run_original(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     assert train(*SMALL, "--epochs", "1", "--out", out) == 0
     return out
+
+
+@pytest.fixture
+def finished_run(finished_run_original, tmp_path):
+    """A private copy of a finished one-epoch run, free to damage."""
+    return shutil.copytree(finished_run_original, tmp_path / "run")
 
 
 def test_resume_with_a_different_model_is_refused(finished_run, capsys):
@@ -277,21 +289,33 @@ def test_corrupted_checkpoint_is_refused(finished_run, capsys):
     assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run], "corrupted")
 
 
-def test_checkpoint_whose_arrays_do_not_match_its_config_is_refused(finished_run, capsys):
-    capsys.readouterr()
-
-    def widen(name, content):
+def edit_metadata(run, edit):
+    def change(name, content):
         if name != "__metadata__.npy":
             return content
         meta = json.loads(np.load(io.BytesIO(content)).tobytes())
-        meta["metadata"]["config"]["width"] = 32
+        edit(meta)
         buffer = io.BytesIO()
         np.save(buffer, np.frombuffer(json.dumps(meta).encode(), np.uint8))
         return buffer.getvalue()
 
-    rewrite_checkpoint(finished_run, widen)
+    rewrite_checkpoint(run, change)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["metadata"]["config"].update(width=32),
+     "has shape (16, 2) and dtype float32, but this model needs (32, 2)"),
+    (lambda m: m["metadata"]["config"].update(model="cnn"), "--model cnn needs images"),
+    (lambda m: m["key"].update(data=[0, 7]), "its PRNG key does not belong to seed 0"),
+    (lambda m: m["metadata"].update(data_sha256="0" * 64),
+     "the data of spirals differ from those the run was trained on"),
+    (lambda m: m["metadata"].pop("config"), "holds no fnbp train config"),
+])
+def test_checkpoint_that_does_not_fit_its_run_is_refused(finished_run, capsys, edit, match):
+    capsys.readouterr()
+    edit_metadata(finished_run, edit)
     assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
-                       "has shape (16, 2) and dtype float32, but this model needs (32, 2)")
+                       match)
 
 
 def test_resume_of_a_missing_run(tmp_path, capsys):
