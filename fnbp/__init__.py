@@ -88,6 +88,18 @@ from fnbp.network import (
     resnet_s,
     serial,
 )
+from fnbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fnbp.data import DataError, Dataset, load_dataset
+from fnbp.train import (
+    FitResult,
+    TrainState,
+    epoch_order,
+    evaluate,
+    fit,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -172,4 +184,18 @@ __all__ = [
     "tanh",
     "tanh_bwd",
     "tanh_fwd",
+    "CheckpointError",
+    "DataError",
+    "Dataset",
+    "FitResult",
+    "TrainState",
+    "epoch_order",
+    "evaluate",
+    "fit",
+    "init_state",
+    "load_checkpoint",
+    "load_dataset",
+    "make_eval_step",
+    "make_train_step",
+    "save_checkpoint",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -330,7 +331,15 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
+def _require_train_extra() -> None:
+    missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"fnbp train needs {' and '.join(missing)}, from the train extra: "
+                         f"python -m pip install \"fnbp[train]\"")
+
+
 def _train(args: argparse.Namespace) -> int:
+    _require_train_extra()
     config, resume_from = _resolve(args)
     out = _out_folder(args, config, resume_from)
 

@@ -297,7 +297,10 @@ def _as_leaf(fn: str, name: str, leaf: Any) -> jax.Array:
             f"{fn}: argument {name!r} holds a {type(leaf).__name__} leaf, not an array; "
             f"pass static settings through static_kwargs={{...}} or functools.partial"
         )
-    leaf = jnp.asarray(leaf)
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        leaf = _put(leaf)
+    elif not isinstance(leaf, jax.Array):
+        leaf = jnp.asarray(leaf)   # a Python number: weakly typed, as JAX treats it
     if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
         raise TypeError(f"{fn}: argument {name!r} is complex; only real floating and "
                         f"integer arguments are supported")
@@ -317,6 +320,11 @@ def _coarsest(dtypes: Sequence[Any]) -> np.dtype:
 
 
 # --- comparisons ------------------------------------------------------------------
+
+
+def _put(x: np.ndarray) -> jax.Array:
+    # jax.device_put compiles nothing; jnp.asarray compiles a program per shape.
+    return jax.device_put(x)
 
 
 def _f64(x: Any) -> np.ndarray:
@@ -377,16 +385,16 @@ def _x64():
 
 def _as_dtype(x: np.ndarray, dtype: Any) -> jax.Array:
     # The cast happens in numpy, so no XLA program is compiled for it.
-    return jnp.asarray(np.asarray(x).astype(np.dtype(dtype)))
+    return _put(np.asarray(x).astype(np.dtype(dtype)))
 
 
 def _stack(trees: Sequence[Any]) -> Any:
-    return jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])),
+    return jax.tree_util.tree_map(lambda *xs: _put(np.stack([np.asarray(x) for x in xs])),
                                   *trees)
 
 
 def _to64(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(_f64(x)), tree)
+    return jax.tree_util.tree_map(lambda x: _put(_f64(x)), tree)
 
 
 def _fetch(tree: Any) -> Any:
@@ -460,11 +468,31 @@ def _batched_inputs(fk, sel, A, V):
     return jax.vmap(functools.partial(_B, fk, sel))(A, V)
 
 
-_static = functools.partial(jax.jit, static_argnums=(0, 1))
-_core_jit = _static(_core)
-_batched_v_jit = _static(_batched_v)
-_batched_inputs_jit = _static(_batched_inputs)
-_second_jit = _static(_second)
+FAST_COMPILE: Mapping[str, Any] = MappingProxyType({
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+})
+"""XLA options of the verifier's programs on CPU.
+
+The programs are small and each runs a few times, so compiling is nearly all
+their cost; LLVM's optimizations (which do not change IEEE results) would
+double it. Other backends compile with their defaults.
+"""
+
+
+@functools.cache
+def _compiled(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    options = dict(FAST_COMPILE) if backend == "cpu" else None
+    return jax.jit(fn, static_argnums=(0, 1), compiler_options=options)
+
+
+def jit_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``jax.jit(fn)`` with its first two arguments static, compiled for speed.
+
+    Used for the verifier's own programs (and by ``fnbp check`` for the
+    catalog's example arguments); see :data:`FAST_COMPILE`.
+    """
+    return _compiled(fn, jax.default_backend())
 
 
 class _Checker:
@@ -505,7 +533,7 @@ class _Checker:
 
     def core(self, args: tuple, v: Any):
         """f, the primal output and B(v): jitted when "jit" is checked, else eager."""
-        return _fetch((_core_jit if self.jit else _core)(self.fk, self.sel, args, v))
+        return _fetch((jit_fast(_core) if self.jit else _core)(self.fk, self.sel, args, v))
 
     @staticmethod
     def _unit(leaves: list[np.ndarray]) -> list[np.ndarray]:
@@ -525,7 +553,7 @@ class _Checker:
 
     def args64(self) -> tuple:
         """The arguments with every floating leaf up-cast (exactly) to float64."""
-        return tuple(info.with_floats([jnp.asarray(_f64(info.leaves[k])) for k in info.floats])
+        return tuple(info.with_floats([_put(_f64(info.leaves[k])) for k in info.floats])
                      for info in self.infos)
 
     def u_like(self, structure: Cotangents, j: int) -> Cotangents:
@@ -619,7 +647,7 @@ class _Checker:
                         outs = []
                         for step in (h[k], -h[k]):
                             a = list(args64)
-                            a[i] = info.with_floats([jnp.asarray(x + step * t)
+                            a[i] = info.with_floats([_put(x + step * t)
                                                      for x, t in zip(xs, self.T[p][j])])
                             outs.append([leaves(y) for y in F(tuple(a))])
                         for m in range(len(weights)):
@@ -730,7 +758,7 @@ class _Checker:
 
         def fd():
             weights = [C64, U64] if second else [C64]
-            F = lambda a: _core_jit(fk, sel, a, v064)[::2]  # noqa: E731  (f, B(v0))
+            F = lambda a: jit_fast(_core)(fk, sel, a, v064)[::2]  # noqa: E731  (f, B(v0))
             return self.fd_probe(F, args64, weights)
         probes = self.attempt("eager", fd, "finite diff")
         fd1, fd2 = (probes[0], probes[1] if second else None) if probes else (None, None)
@@ -741,8 +769,8 @@ class _Checker:
             def reference():
                 refk = self.refk
                 with _x64():
-                    first = [_fetch(_core_jit(refk, sel, args64, c)) for c in C64]
-                    grad2 = [_fetch(_second_jit(refk, sel, args64, v064, u))
+                    first = [_fetch(jit_fast(_core)(refk, sel, args64, c)) for c in C64]
+                    grad2 = [_fetch(jit_fast(_second)(refk, sel, args64, v064, u))
                              for u in U64] if second else None
                 return first[0][0], [r[2] for r in first], grad2
             ref = self.attempt("eager", reference, "reference")
@@ -771,9 +799,9 @@ class _Checker:
         members = _stack(self.members)
         batched = {
             "vmap": lambda: _batched_v(fk, sel, args, C_stack),
-            "jit(vmap)": lambda: _batched_v_jit(fk, sel, args, C_stack),
+            "jit(vmap)": lambda: jit_fast(_batched_v)(fk, sel, args, C_stack),
             "vmap(inputs)": lambda: _batched_inputs(fk, sel, members, C_stack),
-            "jit(vmap(inputs))": lambda: _batched_inputs_jit(fk, sel, members, C_stack),
+            "jit(vmap(inputs))": lambda: jit_fast(_batched_inputs)(fk, sel, members, C_stack),
         }
         member_loop = None
         for transform, compute in batched.items():
@@ -793,7 +821,7 @@ class _Checker:
 
         if second:
             got = self.attempt("2nd order", lambda: [
-                _fetch(_second_jit(fk, sel, args, self.v0, u)) for u in U])
+                _fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U])
             if got is not None:
                 if ref is not None:
                     self.compare("2nd order", "reference", got, ref[2], label="u")

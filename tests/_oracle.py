@@ -17,6 +17,7 @@ Errors are measured per array as the relative error
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -117,17 +118,20 @@ def draw(case: Case, dtype: Any, batch: tuple[int, ...] = (), seed: int = 0):
 
 
 def upcast(tree: Any) -> Any:
-    """Floating leaves to float64, integer leaves unchanged (cast in numpy)."""
+    """Floating leaves to float64, integer leaves unchanged (works under jit)."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(np.asarray(x, np.float64))
-        if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree,
-    )
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _replace(args: tuple, positions: tuple[int, ...], values: tuple) -> tuple:
+    full = list(args)
+    for i, x in zip(positions, values):
+        full[i] = x
+    return tuple(full)
 
 
 def cotangents(f: Callable[..., Any], args: tuple, v: jax.Array, diff: tuple[int, ...]):
     """``(f(*args), cotangents of the arguments in diff)`` from ``jax.vjp``."""
-
     out, pull = jax.vjp(lambda *d: f(*_replace(args, diff, d)), *(args[i] for i in diff))
     return out, pull(v)
 
@@ -147,36 +151,30 @@ def hvp(f: Callable[..., Any], args: tuple, v: jax.Array, tangents: tuple,
         grads = jax.grad(phi, argnums=tuple(range(len(d))))(*d)
         return sum(jnp.sum(g * t) for g, t in zip(grads, tangents))
 
-    return jax.grad(directional, argnums=tuple(range(len(diff))))(
-        *(args[i] for i in diff))
+    return jax.grad(directional, argnums=tuple(range(len(diff))))(*(args[i] for i in diff))
 
 
-def _replace(args: tuple, positions: tuple[int, ...], values: tuple) -> tuple:
-    full = list(args)
-    for i, x in zip(positions, values):
-        full[i] = x
-    return tuple(full)
-
-
-# Jitted once per (function, shapes): eager dispatch of the references' many
-# small operations is what would make the suite slow.
-jit_cotangents = jax.jit(cotangents, static_argnums=(0, 3))
-jit_hvp = jax.jit(hvp, static_argnums=(0, 4))
-
-
-# The glue below (indexing, stacking) runs in numpy: eager jnp would compile
-# one small XLA program per operation and shape.
-
-
-def example(args: tuple, index: Any, shared: tuple[int, ...]) -> tuple:
+def example(args: tuple, index: tuple[int, ...], shared: tuple[int, ...]) -> tuple:
     """The arguments of one example: batched arguments indexed, parameters kept."""
-    return tuple(a if i in shared else jnp.asarray(np.asarray(a)[index])
-                 for i, a in enumerate(args))
+    return tuple(a if i in shared else a[index] for i, a in enumerate(args))
 
 
-def stack(rows: list) -> Any:
-    """Stack equal pytrees of arrays along a new leading axis (in numpy)."""
-    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+def loop_over_examples(f, args, v, diff, shared, batch, sum_shared):
+    """``f`` called example by example (a Python loop), results stacked to ``batch``.
+
+    With ``sum_shared`` the parameters' cotangents are summed over the examples
+    (what one batched call must give); otherwise they are per example.
+    """
+    rows = [cotangents(f, example(args, i, shared), v[i], diff) for i in np.ndindex(*batch)]
+
+    def stacked(xs):
+        return jnp.stack(xs).reshape(batch + xs[0].shape)
+
+    cts = tuple(
+        jnp.sum(jnp.stack([r[1][k] for r in rows]), axis=0) if sum_shared and p in shared
+        else stacked([r[1][k] for r in rows])
+        for k, p in enumerate(diff))
+    return stacked([r[0] for r in rows]), cts
 
 
 def per_example_cotangents(f, args, v, diff, shared):
@@ -185,11 +183,32 @@ def per_example_cotangents(f, args, v, diff, shared):
     return jax.vmap(lambda a, u: cotangents(f, a, u, diff), in_axes=(in_axes, 0))(args, v)
 
 
-def loop_cotangents(f, args, v, diff, shared):
-    """Per-example cotangents with a Python loop over the leading axis, stacked."""
-    v = np.asarray(v)
-    return stack([jit_cotangents(f, example(args, i, shared), v[i], diff)
-                  for i in range(v.shape[0])])
+# One compiled program per test and case, rule and oracle together: compiling
+# is what costs time on a CPU (run eagerly, every small operation would be
+# compiled on its own). The oracle always sees float64 (the rounded inputs
+# upcast).
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def rule_and_oracle(rule, reference, args, v, diff):
+    """``(cotangents(rule, ...), cotangents(reference, ... in float64))``."""
+    return cotangents(rule, args, v, diff), cotangents(reference, upcast(args), upcast(v), diff)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def hvp_rule_and_oracle(rule, reference, args, v, tangents, diff):
+    return hvp(rule, args, v, tangents, diff), hvp(reference, args, v, tangents, diff)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def batch_and_examples(rule, args, v, diff, shared, batch):
+    """One batched call of ``rule`` and the per-example calls (parameters summed)."""
+    return (cotangents(rule, args, v, diff),
+            loop_over_examples(rule, args, v, diff, shared, batch, sum_shared=True))
+
+
+jit_loop_over_examples = jax.jit(loop_over_examples, static_argnums=(0, 3, 4, 5, 6))
+jit_cotangents = jax.jit(cotangents, static_argnums=(0, 3))
 
 
 # --- the contract every rule meets ------------------------------------------------------
@@ -198,17 +217,15 @@ def loop_cotangents(f, args, v, diff, shared):
 class RuleContract:
     """Tests run for every ``case`` (a fixture defined by the subclass' module).
 
-    Everything runs under ``jax.jit`` except the plain ``jax.vmap`` test:
-    eagerly every small operation would be compiled on its own, which is what
-    makes a suite slow, and a rule traces the same Python either way. Shapes
-    are shared between tests so that compilations are reused.
+    Everything runs under ``jax.jit`` except the plain ``jax.vmap`` test: a
+    rule traces the same Python either way, and compiling each small
+    operation on its own is what makes a suite slow.
     """
 
     @pytest.mark.parametrize("batch", [(), (4,)], ids=str)
     def test_vjp_under_jit_equals_oracle_float64(self, case, batch):
         args, v = draw(case, jnp.float64, batch, seed=1)
-        got = jit_cotangents(case.rule, args, v, case.diff)
-        want = jit_cotangents(case.reference, args, v, case.diff)
+        got, want = rule_and_oracle(case.rule, case.reference, args, v, case.diff)
         assert_close(got, want, F64_RTOL)
 
     @pytest.mark.parametrize("transform", ["vmap", "jit(vmap)"])
@@ -218,40 +235,31 @@ class RuleContract:
             case.rule, a, u, case.diff, case.shared)
         if transform == "jit(vmap)":
             per_example = jax.jit(per_example)
-        want = loop_cotangents(case.reference, args, v, case.diff, case.shared)
+        want = jit_loop_over_examples(case.reference, args, v, case.diff, case.shared, (4,),
+                                      False)
         assert_close(per_example(args, v), want, F64_RTOL)
 
     def test_hessian_vector_product_equals_oracle(self, case):
         args, v = draw(case, jnp.float64, (3,), seed=3)
         rng = np.random.default_rng(4)
         tangents = tuple(normal(rng, args[i].shape, args[i].dtype) for i in case.diff)
-        got = jit_hvp(case.rule, args, v, tangents, case.diff)
-        want = jit_hvp(case.reference, args, v, tangents, case.diff)
+        got, want = hvp_rule_and_oracle(case.rule, case.reference, args, v, tangents,
+                                        case.diff)
         assert_close(got, want, F64_RTOL)
 
-    @pytest.mark.parametrize("batch", [(4,), (2, 3)], ids=str)
-    def test_batch_equals_stacked_examples(self, case, batch):
+    def test_batch_equals_stacked_examples(self, case):
+        """Two leading example axes; parameter cotangents are the per-example sums."""
+        batch = (2, 3)
         args, v = draw(case, jnp.float64, batch, seed=5)
-        out, cts = jit_cotangents(case.rule, args, v, case.diff)
-        v = np.asarray(v)
-        rows_out, rows_cts = stack([
-            jit_cotangents(case.rule, example(args, i, case.shared), v[i], case.diff)
-            for i in np.ndindex(*batch)])
-        assert_close(out, rows_out.reshape(out.shape), F64_RTOL)
-        for k, position in enumerate(case.diff):
-            if position in case.shared:
-                want = rows_cts[k].sum(axis=0)  # parameters: summed over examples
-            else:
-                want = rows_cts[k].reshape(cts[k].shape)
-            assert_close(cts[k], want, F64_RTOL)
+        got, want = batch_and_examples(case.rule, args, v, case.diff, case.shared, batch)
+        assert_close(got, want, F64_RTOL)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_dtype_in_equals_dtype_out_under_jit(self, case, dtype):
         """Output and cotangents keep the input dtype; values match the float64
         oracle at the rounded inputs within the dtype's tolerance."""
         args, v = draw(case, dtype, (4,), seed=1)
-        out, cts = jit_cotangents(case.rule, args, v, case.diff)
+        (out, cts), want = rule_and_oracle(case.rule, case.reference, args, v, case.diff)
         assert out.dtype == jnp.dtype(dtype)
         assert [c.dtype for c in cts] == [args[i].dtype for i in case.diff]
-        want = jit_cotangents(case.reference, upcast(args), upcast(v), case.diff)
         assert_close((out, cts), want, TOLERANCE[dtype])

@@ -331,3 +331,13 @@ def test_argparse_errors_are_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value: 'many'" in err
+
+
+def test_missing_train_extra_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a))
+    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
+                       'needs tqdm, from the train extra: python -m pip install "fnbp[train]"')
