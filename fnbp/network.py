@@ -194,13 +194,24 @@ def _activation_name(layer: Layer) -> str:
 # --- MM (linear) ------------------------------------------------------------------
 
 
+def _normal_init(scale: float, mode: str, in_axis, out_axis):
+    """Variance-scaling initializer with a plain (untruncated) normal.
+
+    He: variance 2 / fan_in; Glorot: 2 / (fan_in + fan_out); LeCun: 1 / fan_in.
+    A plain normal compiles much faster than the truncated one and keeps the
+    stated variance exactly.
+    """
+    return jax.nn.initializers.variance_scaling(scale, mode, "normal",
+                                                in_axis=in_axis, out_axis=out_axis)
+
+
 def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
     """The MM module as a layer: u = W z + b (eq. 7.35), W of shape (n, m).
 
     Args:
       n: output width.
       bias: whether there is a bias b (initialized to zero).
-      init: ``"he"`` (normal, variance 2/m; for ReLU-like activations),
+      init: ``"he"`` (plain normal, variance 2/m; for ReLU-like activations),
         ``"glorot"`` (normal, variance 2/(m + n); for tanh/sigmoid) or
         ``"lecun"`` (normal, variance 1/m), the fan-in m being z's width.
 
@@ -211,9 +222,9 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"Linear: n must be a positive int, got {n!r}")
     initializers = {
-        "he": jax.nn.initializers.he_normal(in_axis=-1, out_axis=-2),
-        "glorot": jax.nn.initializers.glorot_normal(in_axis=-1, out_axis=-2),
-        "lecun": jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
+        "he": _normal_init(2.0, "fan_in", in_axis=-1, out_axis=-2),
+        "glorot": _normal_init(1.0, "fan_avg", in_axis=-1, out_axis=-2),
+        "lecun": _normal_init(1.0, "fan_in", in_axis=-1, out_axis=-2),
     }
     if init not in initializers:
         raise ValueError(f"Linear: init must be one of {sorted(initializers)}, got {init!r}")
@@ -477,7 +488,7 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
     kernel = (kernel_size,) * n if isinstance(kernel_size, int) else tuple(kernel_size)
     name = f"conv{n}d({channels}, {kernel_size})"
     # He initialization with fan-in k * C (kh * kw * C for 2-D).
-    initializer = jax.nn.initializers.he_normal(in_axis=tuple(range(n + 1)), out_axis=n + 1)
+    initializer = _normal_init(2.0, "fan_in", in_axis=tuple(range(n + 1)), out_axis=n + 1)
 
     def init(key, input_shape, dtype=jnp.float32):
         if len(input_shape) < n + 1:
