@@ -19,19 +19,28 @@ Randomness is explicit and reproducible. The order of the examples in epoch
 the epoch, so two runs with the same key take the same steps, and a run
 resumed from a checkpoint at any step continues exactly as if it had never
 stopped.
+
+On several devices, pass a mesh (:func:`fnbp.make_mesh`) to
+:func:`make_train_step`, :func:`make_eval_step`, :func:`init_state` and
+:func:`fit`: the step is then jitted with ``in_shardings``/``out_shardings``
+from :mod:`fnbp.sharding` (the batch split over the devices, the parameters
+replicated or, on an FSDP mesh, the large ones split), and is the same
+computation as on one device, up to the order of floating-point additions.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import Array
+from jax.sharding import Mesh
 
+from fnbp import sharding as _sharding
 from fnbp.backprop import Loss, backprop
 from fnbp.network import Layer, Params
 
@@ -87,12 +96,18 @@ _initialize_jit = jax.jit(_initialize, static_argnums=(0, 1, 2, 3))
 
 
 def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array,
-               input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> TrainState:
+               input_shape: tuple[int, ...], dtype: Any = jnp.float32, *,
+               mesh: Mesh | None = None,
+               min_shard_size: int = _sharding.MIN_SHARD_SIZE) -> TrainState:
     """Initial parameters and optimizer state at step 0, in one compiled call.
 
     ``params = model.init(key, input_shape, dtype)[1]`` and
     ``opt_state = optimizer.init(params)``, jitted together so that the many
     small random draws of the initializers compile once instead of one by one.
+    With a ``mesh`` they are created where the training step wants them
+    (``out_shardings``): replicated, or on an FSDP mesh the large ones split,
+    so no device ever holds a whole sharded parameter; the values are the
+    same as without a mesh.
 
     Args:
       model: a :class:`fnbp.Layer`.
@@ -100,6 +115,9 @@ def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array
       key: the PRNG key of the initialization.
       input_shape: the shape of one example (no batch axis).
       dtype: the parameters' dtype.
+      mesh: a device mesh from :func:`fnbp.make_mesh`, or None (one device).
+      min_shard_size: on an FSDP mesh, parameters with fewer elements stay
+        replicated (see :func:`fnbp.sharding.param_spec`).
 
     Returns:
       A :class:`TrainState` at step 0.
@@ -110,7 +128,17 @@ def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array
     """
     _check_parts("init_state", model, accuracy, optimizer)
     input_shape = tuple(int(d) for d in input_shape)
-    params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype), key)
+    if mesh is None:
+        params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype),
+                                            key)
+        return TrainState(params, opt_state)
+    _sharding.check_mesh("init_state", mesh)
+    shapes = jax.eval_shape(
+        functools.partial(_initialize, model, optimizer, input_shape, jnp.dtype(dtype)), key)
+    initialize = _sharded_initialize_jit(
+        model, optimizer, input_shape, jnp.dtype(dtype), mesh,
+        _layout(shapes[0], mesh, min_shard_size), _layout(shapes[1], mesh, min_shard_size))
+    params, opt_state = initialize(_sharding.put(key, _sharding.replicated(mesh)))
     return TrainState(params, opt_state)
 
 
@@ -157,22 +185,35 @@ def _batch_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformatio
 _batch_step_jit = jax.jit(_batch_step, static_argnums=(0, 1, 2, 3))
 
 
-def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation
+def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
+                    mesh: Mesh | None = None, min_shard_size: int = _sharding.MIN_SHARD_SIZE
                     ) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
     """A jitted training step: gradients from :func:`fnbp.backprop`, update from optax.
+
+    With a ``mesh`` (:func:`fnbp.make_mesh`) the step is data parallel: the
+    batch's example axis is split over the mesh and the parameters are
+    replicated, or on an FSDP mesh the large ones are split over ``"fsdp"``
+    (:mod:`fnbp.sharding`). It is one program jitted with
+    ``in_shardings``/``out_shardings``; XLA sums the devices' parameter
+    cotangents, so the step computes what the single-device step does.
 
     Args:
       model: a :class:`fnbp.Layer` (e.g. ``fnbp.mlp([256, 256, 10])``).
       loss: a per-example loss ``loss(t, y)``, e.g. ``fnbp.cross_entropy_loss``.
       optimizer: any optax ``GradientTransformation`` (``optax.sgd(0.1)``,
         ``optax.adam(1e-3)``, a chain, ...).
+      mesh: a device mesh, or None for one device.
+      min_shard_size: on an FSDP mesh, parameters with fewer elements stay
+        replicated.
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, metrics)`` with
       ``metrics = {"loss": J, "accuracy": ...}`` (accuracy for integer labels
       only), J the minibatch's mean loss before the update (eq. 7.2). The
       compiled code is shared by every step made from the same model, loss
-      and optimizer objects.
+      and optimizer objects (and mesh). On a mesh it is a
+      :class:`ShardedTrainStep`, which raises ValueError for a batch whose
+      length the mesh's device count does not divide.
 
     Example::
 
@@ -182,7 +223,10 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
         params, opt_state, metrics = step(params, opt_state, x, y)
     """
     _check_parts("make_train_step", model, loss, optimizer)
-    return functools.partial(_train_step_jit, model, loss, optimizer)
+    if mesh is None:
+        return functools.partial(_train_step_jit, model, loss, optimizer)
+    _sharding.check_mesh("make_train_step", mesh)
+    return ShardedTrainStep(model, loss, optimizer, mesh, min_shard_size)
 
 
 def eval_step(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> Metrics:
@@ -199,14 +243,138 @@ def eval_step(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> M
 _eval_step_jit = jax.jit(eval_step, static_argnums=(0, 1))
 
 
-def make_eval_step(model: Layer, loss: Loss) -> Callable[[Params, Array, Array], Metrics]:
+def make_eval_step(model: Layer, loss: Loss, *, mesh: Mesh | None = None,
+                   min_shard_size: int = _sharding.MIN_SHARD_SIZE
+                   ) -> Callable[[Params, Array, Array], Metrics]:
     """A jitted evaluation: ``eval_step(params, x, y) -> {"loss", "accuracy"}``.
 
     The loss is the mean over examples of ``loss(model.apply(params, x), y)``,
     computed without any gradient; ``accuracy`` is present for integer labels.
+    With a ``mesh`` it is a :class:`ShardedEvalStep`.
     """
     _check_parts("make_eval_step", model, loss, None)
-    return functools.partial(_eval_step_jit, model, loss)
+    if mesh is None:
+        return functools.partial(_eval_step_jit, model, loss)
+    _sharding.check_mesh("make_eval_step", mesh)
+    return ShardedEvalStep(model, loss, mesh, min_shard_size)
+
+
+# --- the compiled steps on a mesh -----------------------------------------------------
+
+Layout = tuple[Any, tuple[Any, ...]]
+
+
+def _layout(tree: Any, mesh: Mesh, min_shard_size: int) -> Layout:
+    """(treedef, one NamedSharding per leaf): a hashable key for the compiled step."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(
+        jax.sharding.NamedSharding(mesh, _sharding.param_spec(np.shape(leaf), mesh,
+                                                              min_shard_size))
+        for leaf in leaves)
+
+
+def _shardings(layout: Layout) -> Any:
+    treedef, leaves = layout
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# Each is compiled once per (model, loss, optimizer, mesh, layout): later calls
+# with the same objects reuse the compiled program.
+@functools.lru_cache(maxsize=32)
+def _sharded_initialize_jit(model: Layer, optimizer: optax.GradientTransformation,
+                            input_shape: tuple[int, ...], dtype: Any, mesh: Mesh,
+                            params_layout: Layout, state_layout: Layout) -> Callable:
+    return jax.jit(functools.partial(_initialize, model, optimizer, input_shape, dtype),
+                   in_shardings=_sharding.replicated(mesh),
+                   out_shardings=(_shardings(params_layout), _shardings(state_layout)))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_train_step_jit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
+                            mesh: Mesh, params_layout: Layout, state_layout: Layout
+                            ) -> Callable:
+    params, state = _shardings(params_layout), _shardings(state_layout)
+    batch = _sharding.batch_sharding(mesh)
+    return jax.jit(functools.partial(train_step, model, loss, optimizer),
+                   in_shardings=(params, state, batch, batch),
+                   out_shardings=(params, state, _sharding.replicated(mesh)))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_eval_step_jit(model: Layer, loss: Loss, mesh: Mesh, params_layout: Layout,
+                           data: Hashable) -> Callable:
+    return jax.jit(functools.partial(eval_step, model, loss),
+                   in_shardings=(_shardings(params_layout), data, data),
+                   out_shardings=_sharding.replicated(mesh))
+
+
+class ShardedTrainStep:
+    """:func:`make_train_step`'s step on a device mesh.
+
+    ``step(params, opt_state, x, y)`` places its arguments (the batch split
+    over the mesh, ``PartitionSpec("data")`` or ``PartitionSpec(("data",
+    "fsdp"))``; the parameters and optimizer state by
+    :func:`fnbp.sharding.param_spec`), runs the training step jitted with
+    those ``in_shardings``/``out_shardings``, and returns the new parameters
+    and state laid out the same way and the metrics replicated.
+    ``step.lower(...)`` gives the ``jax.stages.Lowered`` program, whose
+    ``compile().input_shardings`` are the layouts actually used.
+    """
+
+    def __init__(self, model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
+                 mesh: Mesh, min_shard_size: int):
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.mesh, self.min_shard_size = mesh, min_shard_size
+
+    def compiled_for(self, params: Params, opt_state: Any) -> tuple[Callable, Any, Any]:
+        """The jitted step for parameters and state of these shapes, and their shardings."""
+        params_layout = _layout(params, self.mesh, self.min_shard_size)
+        state_layout = _layout(opt_state, self.mesh, self.min_shard_size)
+        step = _sharded_train_step_jit(self.model, self.loss, self.optimizer, self.mesh,
+                                       params_layout, state_layout)
+        return step, _shardings(params_layout), _shardings(state_layout)
+
+    def _placed(self, params: Params, opt_state: Any, x: Any, y: Any) -> tuple[Callable, tuple]:
+        if np.ndim(x) == 0:
+            raise ValueError("train_step: x must have a leading example axis, got a scalar")
+        _sharding.check_batch("train_step", self.mesh, int(np.shape(x)[0]))
+        step, params_sharding, state_sharding = self.compiled_for(params, opt_state)
+        batch = _sharding.batch_sharding(self.mesh)
+        return step, (_sharding.put_tree(params, params_sharding),
+                      _sharding.put_tree(opt_state, state_sharding),
+                      _sharding.put(x, batch), _sharding.put(y, batch))
+
+    def __call__(self, params: Params, opt_state: Any, x: Any, y: Any
+                 ) -> tuple[Params, Any, Metrics]:
+        step, arguments = self._placed(params, opt_state, x, y)
+        return step(*arguments)
+
+    def lower(self, params: Params, opt_state: Any, x: Any, y: Any) -> Any:
+        """The lowered program for these arguments (``.compile().input_shardings``)."""
+        step, arguments = self._placed(params, opt_state, x, y)
+        return step.lower(*arguments)
+
+
+class ShardedEvalStep:
+    """:func:`make_eval_step`'s evaluation on a device mesh.
+
+    The batch is split over the mesh when its length divides evenly and is
+    replicated otherwise (the last, shorter batch of :func:`evaluate`); the
+    parameters are laid out as in training and the metrics are replicated.
+    """
+
+    def __init__(self, model: Layer, loss: Loss, mesh: Mesh, min_shard_size: int):
+        self.model, self.loss = model, loss
+        self.mesh, self.min_shard_size = mesh, min_shard_size
+
+    def __call__(self, params: Params, x: Any, y: Any) -> Metrics:
+        params_layout = _layout(params, self.mesh, self.min_shard_size)
+        data = (_sharding.batch_sharding(self.mesh)
+                if np.ndim(x) and np.shape(x)[0] % _sharding.batch_split(self.mesh) == 0
+                else _sharding.replicated(self.mesh))
+        step = _sharded_eval_step_jit(self.model, self.loss, self.mesh, params_layout, data)
+        return step(_sharding.put_tree(params, _shardings(params_layout)),
+                    _sharding.put(x, data), _sharding.put(y, data))
 
 
 def evaluate(eval_step: Callable[[Params, Array, Array], Metrics], params: Params,
@@ -284,7 +452,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         history: list[dict[str, float]] | None = None,
         on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
         on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
-        eval_batch_size: int = 1024) -> FitResult:
+        eval_batch_size: int = 1024, mesh: Mesh | None = None,
+        min_shard_size: int = _sharding.MIN_SHARD_SIZE) -> FitResult:
     """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
 
     Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
@@ -295,6 +464,15 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     To continue a run, pass the saved ``state`` and ``history``: training
     resumes at ``state.step`` (mid-epoch too) and ends after ``epochs`` epochs
     in total, with exactly the parameters an uninterrupted run would have.
+
+    With a ``mesh`` (:func:`fnbp.make_mesh`) training is data parallel: each
+    step's minibatch (the same examples as without a mesh) is gathered on the
+    host and split over the mesh, the parameters and optimizer state are
+    replicated or, on an FSDP mesh, the large ones split, and the step is
+    :class:`ShardedTrainStep`'s. The losses and parameters equal the
+    single-device run's up to float rounding; a run continued on the same
+    mesh is again exact. With several processes every process passes the
+    same host data.
 
     Args:
       model: a :class:`fnbp.Layer`.
@@ -317,16 +495,25 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
       on_epoch: called after every epoch (its history entry made) with the
         state and the history.
       eval_batch_size: batch size of the test evaluation.
+      mesh: a device mesh, or None for one device.
+      min_shard_size: on an FSDP mesh, parameters with fewer elements stay
+        replicated.
 
     Returns:
       A :class:`FitResult` ``(params, history, state)``.
 
     Raises:
       ValueError: a batch size outside [1, n], a non-positive epoch count,
-        inputs and targets of different lengths, or a state past ``epochs``.
+        inputs and targets of different lengths, a state past ``epochs``, or
+        on a mesh a batch size its device count does not divide.
     """
     _check_parts("fit", model, loss, optimizer)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    if mesh is None:
+        x, y = jnp.asarray(x), jnp.asarray(y)
+    else:
+        _sharding.check_mesh("fit", mesh)
+        # kept on the host: each step's minibatch is placed from here
+        x, y = np.asarray(x), np.asarray(y)
     n = x.shape[0] if x.ndim else 0
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
@@ -338,6 +525,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if (x_test is None) != (y_test is None):
         raise ValueError("fit: pass both x_test and y_test, or neither")
+    if mesh is not None:
+        _sharding.check_batch("fit", mesh, int(batch_size), f"batch_size {batch_size}")
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
     if state is None:
@@ -346,19 +535,35 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         raise ValueError(f"fit: the state is at step {state.step}, past the {total} steps of "
                          f"{epochs} epochs; pass more epochs")
     history = list(history or [])
-    evaluator = make_eval_step(model, loss) if x_test is not None else None
-    if evaluator is not None:
-        x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+    evaluator = None
+    if x_test is not None:
+        evaluator = make_eval_step(model, loss, mesh=mesh, min_shard_size=min_shard_size)
+        convert = jnp.asarray if mesh is None else np.asarray
+        x_test, y_test = convert(x_test), convert(y_test)
 
     params, opt_state, step = state.params, state.opt_state, int(state.step)
+    if mesh is not None:
+        sharded_step, params_sharding, state_sharding = ShardedTrainStep(
+            model, loss, optimizer, mesh, min_shard_size).compiled_for(params, opt_state)
+        params = _sharding.put_tree(params, params_sharding)
+        opt_state = _sharding.put_tree(opt_state, state_sharding)
+        batch_sharding = _sharding.batch_sharding(mesh)
     loss_sum, correct_sum = float(state.loss_sum), float(state.correct_sum)
     while step < total:
         epoch = step // per_epoch
-        order = jnp.asarray(epoch_order(key, epoch, n))
+        order = epoch_order(key, epoch, n)
+        if mesh is None:
+            order = jnp.asarray(order)
         for i in range(step % per_epoch, per_epoch):
-            params, opt_state, metrics = _batch_step_jit(
-                model, loss, optimizer, int(batch_size), params, opt_state, x, y, order,
-                i * batch_size)
+            if mesh is None:
+                params, opt_state, metrics = _batch_step_jit(
+                    model, loss, optimizer, int(batch_size), params, opt_state, x, y, order,
+                    i * batch_size)
+            else:
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                params, opt_state, metrics = sharded_step(
+                    params, opt_state, _sharding.put(x[idx], batch_sharding),
+                    _sharding.put(y[idx], batch_sharding))
             step += 1
             loss_sum += float(metrics["loss"])
             correct_sum += float(metrics.get("accuracy", 0.0))

@@ -8,12 +8,21 @@ optimizer state, step and PRNG key; saved after every epoch, and every N
 steps with --checkpoint-every). --resume RUN_FOLDER continues a run exactly
 where its last checkpoint left it.
 
+On several devices the run is data parallel: every batch is split over
+--devices N (default: all of them) and the parameters are replicated; --fsdp
+also splits the large parameters and their optimizer state over the devices.
+Several hosts run the same command, each with --coordinator HOST:PORT (of
+process 0), --num-processes and its own --process-id; process 0 writes the
+run folder.
+
 Examples:
   fnbp train
   fnbp train --dataset spirals
   fnbp train --model cnn --epochs 5
   fnbp train --data-path mydata.npz --out runs/mine
   fnbp train --resume runs/digits-mlp-seed0 --epochs 20
+  fnbp train --devices 8 --batch-size 256
+  fnbp train --devices 8 --fsdp 4 --batch-size 256
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ _MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, 
 _LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
 _MOMENTUM = 0.9
 _BATCH_SIZE = 32
+_ALL = "all"  # --fsdp given alone
 _TEST_FRACTION = 0.2
 
 # Flags that define a run; on --resume they come from the checkpoint.
@@ -91,6 +101,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="also save a checkpoint every N steps (default: every epoch only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parallel = parser.add_argument_group("several devices and hosts")
+    parallel.add_argument("--devices", type=int, metavar="N",
+                          help="train data parallel on N devices: each batch is split over "
+                               "them, so --batch-size must be a multiple of N (default: all "
+                               "devices, of every process; 1 is one device)")
+    parallel.add_argument("--fsdp", type=int, nargs="?", const=_ALL, metavar="K",
+                          help="also split the large parameters and their optimizer state "
+                               "over K of the devices, FSDP-style (--fsdp alone: over all "
+                               "--devices; default: replicated on every device)")
+    parallel.add_argument("--coordinator", metavar="HOST:PORT",
+                          help="several hosts: the address of process 0, the same on "
+                               "every process")
+    parallel.add_argument("--num-processes", type=int, metavar="P",
+                          help="several hosts: the number of processes (default 1)")
+    parallel.add_argument("--process-id", type=int, metavar="I",
+                          help="several hosts: this process' number, 0 .. P-1")
 
     def one_line_error(message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
@@ -164,7 +190,61 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                             else dataset_defaults["epochs"])
     config["checkpoint_every"] = args.checkpoint_every
     _validate(config)
+    _validate_parallel(args)
     return config, checkpoint
+
+
+def _validate_parallel(args: argparse.Namespace) -> None:
+    """The flags of several devices and hosts, as far as they can be checked without JAX."""
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices must be a positive integer, got {args.devices}")
+    if args.fsdp not in (None, _ALL) and args.fsdp < 1:
+        raise UsageError(f"--fsdp must be a positive integer, got {args.fsdp}")
+    processes = args.num_processes
+    if processes is not None and processes < 1:
+        raise UsageError(f"--num-processes must be a positive integer, got {processes}")
+    if processes is None or processes == 1:
+        if args.process_id not in (None, 0):
+            raise UsageError(f"--process-id {args.process_id} needs --num-processes "
+                             f"greater than {args.process_id}")
+        return
+    if args.coordinator is None:
+        raise UsageError(f"--num-processes {processes} needs --coordinator HOST:PORT, the "
+                         f"address of process 0, on every process")
+    if args.process_id is None or not 0 <= args.process_id < processes:
+        raise UsageError(f"--num-processes {processes} needs --process-id, this process' "
+                         f"number in 0 .. {processes - 1}, got {args.process_id}")
+
+
+def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
+    """The device mesh of the run (None: one device), after the device checks."""
+    import jax
+
+    from fnbp import sharding
+
+    present = jax.device_count()
+    devices = args.devices if args.devices is not None else present
+    if devices > present:
+        raise UsageError(f"--devices {devices}: only {present} devices are present "
+                         f"({jax.default_backend()}); pass --devices {present} or fewer")
+    fsdp = devices if args.fsdp == _ALL else (args.fsdp or 1)
+    if devices % fsdp:
+        raise UsageError(f"--fsdp {fsdp} does not divide --devices {devices}; the devices "
+                         f"form a ({devices} // fsdp) x fsdp mesh, so pass an --fsdp that "
+                         f"divides {devices}")
+    if batch_size % devices:
+        lower = batch_size - batch_size % devices
+        example = f"{lower} or {lower + devices}" if lower else f"{devices}"
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over --devices "
+                         f"{devices} (every device takes an equal part of each batch); pass "
+                         f"a --batch-size that is a multiple of {devices} ({example}) or "
+                         f"fewer --devices")
+    if devices == 1 and jax.process_count() == 1:
+        return None
+    try:
+        return sharding.make_mesh(devices, fsdp=fsdp)
+    except ValueError as error:
+        raise UsageError(f"--devices {devices}: {error}") from error
 
 
 def _validate(config: dict[str, Any]) -> None:
@@ -349,9 +429,17 @@ def _train(args: argparse.Namespace) -> int:
 
     import fnbp
     from fnbp import checkpoint as ckpt
-    from fnbp import train
+    from fnbp import sharding, train
     from fnbp.checkpoint import CheckpointError
     from fnbp.data import load_dataset
+
+    # before anything asks JAX for its devices
+    try:
+        processes = sharding.initialize_distributed(args.coordinator, args.num_processes,
+                                                    args.process_id)
+    except ValueError as error:
+        raise UsageError(f"--coordinator {args.coordinator}: {error}") from error
+    leader = jax.process_index() == 0  # process 0 writes the run folder and prints
 
     started = time.perf_counter()
     dataset = load_dataset(config["dataset"], path=config["data_path"],
@@ -363,6 +451,7 @@ def _train(args: argparse.Namespace) -> int:
     if config["batch_size"] > n:
         raise UsageError(f"--batch-size {config['batch_size']} is larger than the {n} "
                          f"training examples; pass --batch-size {min(n, _BATCH_SIZE)} or less")
+    mesh = _mesh(args, config["batch_size"])
     data_sha256 = _fingerprint(x_train, y_train, x_test, y_test)
     per_epoch = train.steps_per_epoch(n, config["batch_size"])
 
@@ -372,7 +461,8 @@ def _train(args: argparse.Namespace) -> int:
     root = jax.random.key(config["seed"])
     init_key, shuffle_key = jax.random.split(root)
     try:
-        state = train.init_state(model, optimizer, init_key, x_train.shape[1:], jnp.float32)
+        state = train.init_state(model, optimizer, init_key, x_train.shape[1:], jnp.float32,
+                                 mesh=mesh)
     except ValueError as error:
         raise UsageError(f"--model {config['model']} does not fit {config['dataset']} "
                          f"examples of shape {x_train.shape[1:]}: {error}") from error
@@ -397,13 +487,18 @@ def _train(args: argparse.Namespace) -> int:
                                  float(meta.get("correct_sum", 0.0)))
 
     # Everything is valid: from here on the run folder is written.
-    os.makedirs(out, exist_ok=True)
+    devices = 1 if mesh is None else mesh.size
     run_config = {**config, "out": out, "num_classes": dataset.num_classes,
                   "input_shape": list(x_train.shape[1:]), "num_train": n,
                   "num_test": len(x_test), "steps_per_epoch": per_epoch,
                   "fnbp_version": fnbp.__version__,
-                  "jax_version": jax.__version__, "backend": jax.default_backend()}
-    _write_json(os.path.join(out, "config.json"), run_config)
+                  "jax_version": jax.__version__, "backend": jax.default_backend(),
+                  "devices": devices,
+                  "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
+                  "processes": processes}
+    if leader:
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, "config.json"), run_config)
     checkpoint_file = os.path.join(out, CHECKPOINT)
 
     saved_at = [state.step if resume_from is not None and
@@ -411,7 +506,12 @@ def _train(args: argparse.Namespace) -> int:
 
     def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
         saved_at[0] = current.step
-        ckpt.save_checkpoint(checkpoint_file, current.params, current.opt_state,
+        params, opt_state = current.params, current.opt_state
+        if processes > 1:  # every process takes part in gathering the sharded arrays
+            params, opt_state = sharding.to_host((params, opt_state))
+        if not leader:
+            return
+        ckpt.save_checkpoint(checkpoint_file, params, opt_state,
                              step=current.step, key=root,
                              metadata={"config": config, "history": epochs_done,
                                        "loss_sum": current.loss_sum,
@@ -421,11 +521,14 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     total = config["epochs"] * per_epoch
-    print(f"fnbp train: {config['model']} on {config['dataset']} ({n} train, {len(x_test)} "
-          f"test, {dataset.num_classes} classes), {config['optimizer']} lr {config['lr']:g}, "
-          f"batch {config['batch_size']}, {config['epochs']} epochs; run folder {out}")
+    where = "" if mesh is None else f", data parallel on {sharding.describe(mesh)}"
+    if leader:
+        print(f"fnbp train: {config['model']} on {config['dataset']} ({n} train, "
+              f"{len(x_test)} test, {dataset.num_classes} classes), {config['optimizer']} lr "
+              f"{config['lr']:g}, batch {config['batch_size']}, {config['epochs']} epochs"
+              f"{where}; run folder {out}")
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=args.no_progress, file=sys.stderr)
+               disable=args.no_progress or not leader, file=sys.stderr)
 
     history_so_far = list(history)
 
@@ -451,7 +554,8 @@ def _train(args: argparse.Namespace) -> int:
         result = train.fit(model, fnbp.cross_entropy_loss, optimizer, state.params,
                            x_train, y_train, key=shuffle_key, epochs=config["epochs"],
                            batch_size=config["batch_size"], x_test=x_test, y_test=y_test,
-                           state=state, history=history, on_step=on_step, on_epoch=on_epoch)
+                           state=state, history=history, on_step=on_step, on_epoch=on_epoch,
+                           mesh=mesh)
     except _Diverged as diverged:
         bar.close()
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
@@ -462,6 +566,8 @@ def _train(args: argparse.Namespace) -> int:
     final = result.history[-1]
     if saved_at[0] != result.state.step:  # e.g. an already finished run resumed elsewhere
         save(result.state, result.history)
+    if not leader:
+        return 0
     metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
                "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
                "epochs": len(result.history), "steps": result.state.step,

@@ -114,6 +114,9 @@ MODEL_IDS = (
     + [f"mlp-3-{a}" for a in ("sigmoid", "silu", "leaky_relu", "softplus")]
     + ["resnet_s-1-relu", "resnet_s-2-tanh", "resnet_s-3-gelu"]
 )
+# Second derivatives: each of the main activations once, at several depths, and
+# ResNet-S (the other activations' second derivatives are their rules' tests).
+HVP_IDS = ["mlp-2-relu", "mlp-4-gelu", "mlp-6-tanh", "resnet_s-2-tanh"]
 
 
 def perturb(params, key, scale=0.2):
@@ -140,33 +143,20 @@ def build_model(model_id: str):
 
 
 @functools.lru_cache(maxsize=None)
-def setup(model_id: str, dtype: str = "float64", n: int = N):
+def setup(model_id: str, dtype: str = "float64"):
     """(model, ref, params, x, y) with classification labels, cached per id."""
     model, ref = build_model(model_id)
     out_shape, params = model.init(jax.random.key(0), (D_IN,), jnp.dtype(dtype))
     assert out_shape == (K,)
     params = perturb(params, jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (n, D_IN), dtype)
-    y = jax.random.randint(jax.random.key(3), (n,), 0, K)
+    x = jax.random.normal(jax.random.key(2), (N, D_IN), dtype)
+    y = jax.random.randint(jax.random.key(3), (N,), 0, K)
     return model, ref, params, x, y
 
 
 def apply_objective(model, loss, params, x, y):
     """The user's way: plain code around model.apply, differentiated by jax.grad."""
     return jnp.mean(loss(model.apply(params, x), y))
-
-
-def direction(params):
-    """A random direction t shaped like params, for Hessian-vector products."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    return tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype)
-                           for leaf, k in zip(leaves, keys)])
-
-
-def hvp(grad_fn, params, t):
-    """H t = d/dparams <grad J(params), t>: reverse mode over reverse mode."""
-    return jax.grad(lambda p: tree_vdot(grad_fn(p), t))(params)
 
 
 def oracle_loop(ref, ref_loss, params, x, y):
@@ -179,65 +169,57 @@ def oracle_loop(ref, ref_loss, params, x, y):
 
 
 def grad_norms(grads):
+    """The norm of each example's whole gradient (leaves have a leading example axis)."""
     leaves = jax.tree.leaves(grads)
     return jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves))
 
 
-def oracle_everything(ref, ref_loss, params, x, y, t):
-    """Everything the oracle knows about one network."""
+def oracle_grads(ref, ref_loss, params, x, y):
+    """What the oracle says about one network and batch."""
     J, (grads, dx) = jax.value_and_grad(ref_objective, argnums=(2, 3))(
         ref, ref_loss, params, x, y)
     losses, pe_grads = oracle_loop(ref, ref_loss, params, x, y)
-    return {
-        "J": J,
-        "grads": grads,
-        "dx": dx,
-        "losses": losses,
-        "per_example_grads": pe_grads,
-        "norms": grad_norms(pe_grads),
-        "hvp": hvp(lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_loss, p, x, y),
-                   params, t),
-    }
+    return {"J": J, "grads": grads, "dx": dx, "losses": losses,
+            "per_example_grads": pe_grads, "norms": grad_norms(pe_grads)}
 
 
-def fnbp_everything(model, loss, params, x, y, t):
-    """The same quantities from fnbp."""
+def fnbp_grads(model, loss, params, x, y):
+    """The same quantities from fnbp: the engine, and jax.grad through model.apply."""
     J, grads = fnbp.backprop(model, loss, params, x, y)
     J_apply, (grads_apply, dx_apply) = jax.value_and_grad(apply_objective, argnums=(2, 3))(
         model, loss, params, x, y)
     pe_losses, pe_grads = fnbp.per_example_grads(model, loss, params, x, y)
     norm_losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
-    return {
-        "J": J,
-        "grads": grads,
-        "J_apply": J_apply,
-        "grads_apply": grads_apply,
-        "dx_apply": dx_apply,
-        "pe_losses": pe_losses,
-        "per_example_grads": pe_grads,
-        "norm_losses": norm_losses,
-        "norms": norms,
-        "hvp_backprop": hvp(lambda p: fnbp.backprop(model, loss, p, x, y)[1], params, t),
-        "hvp_apply": hvp(lambda p: jax.grad(apply_objective, argnums=2)(model, loss, p, x, y),
-                         params, t),
-    }
+    return {"J": J, "grads": grads, "J_apply": J_apply, "grads_apply": grads_apply,
+            "dx_apply": dx_apply, "pe_losses": pe_losses, "per_example_grads": pe_grads,
+            "norm_losses": norm_losses, "norms": norms}
 
 
-# Eager evaluation reuses the primitives compiled for the first network across
-# all networks of the same widths; a one-off shape or dtype is cheaper compiled
-# whole.
-fnbp_everything_jit = jax.jit(fnbp_everything, static_argnums=(0, 1))
-oracle_everything_jit = jax.jit(oracle_everything, static_argnums=(0, 1))
+# Which oracle entry each of fnbp's results must equal.
+ORACLE_KEY = {"J": "J", "grads": "grads", "J_apply": "J", "grads_apply": "grads",
+              "dx_apply": "dx", "pe_losses": "losses", "per_example_grads": "per_example_grads",
+              "norm_losses": "losses", "norms": "norms"}
+
+
+def assert_matches(got, want, rtol):
+    """Every fnbp result against the oracle's."""
+    for name, value in got.items():
+        err = rel_err(value, want[ORACLE_KEY[name]])
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.3g}"
+
+
+# Eager evaluation compiles each primitive once and reuses it for every network
+# of the same widths, which makes the sweep below cheap; a one-off dtype is
+# cheaper compiled whole.
+fnbp_grads_jit = jax.jit(fnbp_grads, static_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=None)
 def results(model_id: str):
     """(fnbp's, the oracle's) results for one network, computed once."""
     model, ref, params, x, y = setup(model_id)
-    t = direction(params)
-    got = fnbp_everything(model, fnbp.cross_entropy_loss, params, x, y, t)
-    want = oracle_everything(ref, ref_cross_entropy, params, x, y, t)
-    return got, want
+    return (fnbp_grads(model, fnbp.cross_entropy_loss, params, x, y),
+            oracle_grads(ref, ref_cross_entropy, params, x, y))
 
 
 # --- Algorithm 3 against the oracle --------------------------------------------------
@@ -277,24 +259,42 @@ def test_per_example_grad_norms_equal_norms_of_oracle_loop(model_id):
     assert rel_err(got["norms"], want["norms"]) <= F64_RTOL
 
 
-@pytest.mark.parametrize("model_id", MODEL_IDS)
+def direction(params):
+    """A random direction t shaped like params, for Hessian-vector products."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype)
+                           for leaf, k in zip(leaves, keys)])
+
+
+def hvp(grad_fn, params, t):
+    """H t = d/dparams <grad J(params), t>: reverse mode over reverse mode."""
+    return jax.grad(lambda p: tree_vdot(grad_fn(p), t))(params)
+
+
+@pytest.mark.parametrize("model_id", HVP_IDS)
 def test_hessian_vector_products_equal_oracle(model_id):
-    got, want = results(model_id)
-    assert rel_err(got["hvp_backprop"], want["hvp"]) <= F64_RTOL
-    assert rel_err(got["hvp_apply"], want["hvp"]) <= F64_RTOL
+    model, ref, params, x, y = setup(model_id)
+    loss, t = fnbp.cross_entropy_loss, direction(params)
+    want = hvp(lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_cross_entropy, p, x, y),
+               params, t)
+    by_backprop = hvp(lambda p: fnbp.backprop(model, loss, p, x, y)[1], params, t)
+    by_apply = hvp(lambda p: jax.grad(apply_objective, argnums=2)(model, loss, p, x, y),
+                   params, t)
+    assert rel_err(by_backprop, want) <= F64_RTOL
+    assert rel_err(by_apply, want) <= F64_RTOL
 
 
 @pytest.mark.parametrize("model_id", ["mlp-4-gelu", "resnet_s-2-tanh"])
 def test_under_jit(model_id):
-    # All of it in one compiled program, the model and the loss static.
     model, _, params, x, y = setup(model_id)
     _, want = results(model_id)
-    got = fnbp_everything_jit(
-        model, fnbp.cross_entropy_loss, params, x, y, direction(params))
-    assert_matches(got, want, F64_RTOL)
-    # and the engine's functions jitted on their own, as their docstrings say
-    J, grads = jax.jit(fnbp.backprop, static_argnums=(0, 1))(
-        model, fnbp.cross_entropy_loss, params, x, y)
+    loss = fnbp.cross_entropy_loss
+    if model_id.startswith("mlp"):
+        # all of it in one compiled program, the model and the loss static
+        assert_matches(fnbp_grads_jit(model, loss, params, x, y), want, F64_RTOL)
+    # the engine's functions jitted on their own, as their docstrings say
+    J, grads = jax.jit(fnbp.backprop, static_argnums=(0, 1))(model, loss, params, x, y)
     assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
 
 
@@ -330,9 +330,8 @@ def _all_shapes(jaxpr):
 
 
 def test_per_example_grad_norms_builds_no_per_example_weight_gradient():
-    n = 16
-    model, _, params, x, y = setup("mlp-4-relu", n=n)
-    per_example_W = {(n,) + tuple(p["W"].shape) for p in params[0::2]}
+    model, _, params, x, y = setup("mlp-4-relu")
+    per_example_W = {(N,) + tuple(p["W"].shape) for p in params[0::2]}
     norms_jaxpr = jax.make_jaxpr(functools.partial(
         fnbp.per_example_grad_norms, model, fnbp.cross_entropy_loss))(params, x, y)
     assert not per_example_W & set(_all_shapes(norms_jaxpr.jaxpr))
@@ -357,17 +356,6 @@ def _scale_layer() -> fnbp.Layer:
     return fnbp.make_layer("scale", init, forward, backward)
 
 
-def assert_matches(got, want, rtol):
-    """fnbp_everything's results against oracle_everything's."""
-    pairs = [("J", "J"), ("grads", "grads"), ("J_apply", "J"), ("grads_apply", "grads"),
-             ("dx_apply", "dx"), ("pe_losses", "losses"),
-             ("per_example_grads", "per_example_grads"), ("norm_losses", "losses"),
-             ("norms", "norms"), ("hvp_backprop", "hvp"), ("hvp_apply", "hvp")]
-    for mine, theirs in pairs:
-        err = rel_err(got[mine], want[theirs])
-        assert err <= rtol, f"{mine}: relative error {err:.3g} > {rtol:.3g}"
-
-
 def scale_ref(params, x):
     first, _, scale, last = params
     return ref_mm(last, scale["a"] * REF_SIGMA["tanh"](ref_mm(first, x)))
@@ -379,10 +367,8 @@ def test_a_layer_without_sq_norms_uses_the_per_example_fallback():
     _, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
     params = perturb(params, jax.random.key(1))
     _, _, _, x, y = setup("mlp-2-relu")
-    t = direction(params)
-    got = fnbp_everything(model, fnbp.cross_entropy_loss, params, x, y, t)
-    want = oracle_everything(scale_ref, ref_cross_entropy, params, x, y, t)
-    assert_matches(got, want, F64_RTOL)
+    got = fnbp_grads(model, fnbp.cross_entropy_loss, params, x, y)
+    assert_matches(got, oracle_grads(scale_ref, ref_cross_entropy, params, x, y), F64_RTOL)
 
 
 def summed_cross_entropy(t, y):
@@ -391,37 +377,6 @@ def summed_cross_entropy(t, y):
 
 def summed_ref_cross_entropy(t, y):
     return jnp.sum(ref_cross_entropy(t, y), axis=-1)
-
-
-def fnbp_grads(model, loss, params, x, y):
-    """fnbp's gradients, per-example gradients and norms (no HVPs)."""
-    J, grads = fnbp.backprop(model, loss, params, x, y)
-    J_apply, grads_apply = jax.value_and_grad(apply_objective, argnums=2)(
-        model, loss, params, x, y)
-    pe_losses, pe_grads = fnbp.per_example_grads(model, loss, params, x, y)
-    norm_losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
-    return {"J": J, "grads": grads, "J_apply": J_apply, "grads_apply": grads_apply,
-            "pe_losses": pe_losses, "per_example_grads": pe_grads,
-            "norm_losses": norm_losses, "norms": norms}
-
-
-fnbp_grads_jit = jax.jit(fnbp_grads, static_argnums=(0, 1))
-
-
-def oracle_grads(ref, ref_loss, params, x, y):
-    J, grads = jax.value_and_grad(ref_objective, argnums=2)(ref, ref_loss, params, x, y)
-    losses, pe_grads = oracle_loop(ref, ref_loss, params, x, y)
-    return {"J": J, "grads": grads, "losses": losses, "per_example_grads": pe_grads,
-            "norms": grad_norms(pe_grads)}
-
-
-def assert_grads_match(got, want, rtol):
-    pairs = [("J", "J"), ("grads", "grads"), ("J_apply", "J"), ("grads_apply", "grads"),
-             ("pe_losses", "losses"), ("per_example_grads", "per_example_grads"),
-             ("norm_losses", "losses"), ("norms", "norms")]
-    for mine, theirs in pairs:
-        err = rel_err(got[mine], want[theirs])
-        assert err <= rtol, f"{mine}: relative error {err:.3g} > {rtol:.3g}"
 
 
 @pytest.mark.parametrize("summed", [False, True], ids=["loss-per-position", "loss-per-sequence"])
@@ -433,9 +388,13 @@ def test_per_example_engine_with_a_sequence_axis_per_example(summed):
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
     loss, ref_loss = ((summed_cross_entropy, summed_ref_cross_entropy) if summed
                       else (fnbp.cross_entropy_loss, ref_cross_entropy))
-    got = fnbp_grads(model, loss, params, x, y)
-    assert got["norms"].shape == got["norm_losses"].shape == (2,)
-    assert_grads_match(got, oracle_grads(ref, ref_loss, params, x, y), F64_RTOL)
+    losses_ref, grads_ref = oracle_loop(ref, ref_loss, params, x, y)
+    losses, grads = fnbp.per_example_grads(model, loss, params, x, y)
+    assert rel_err(losses, losses_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
+    losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
+    assert losses.shape == norms.shape == (2,)
+    assert rel_err(losses, losses_ref) <= F64_RTOL
+    assert rel_err(norms, grad_norms(grads_ref)) <= F64_RTOL
 
 
 # --- other losses ---------------------------------------------------------------------
@@ -451,10 +410,8 @@ def test_mse_and_logistic_losses(loss_name, model_id):
     else:   # K independent logits per example, soft targets in [0, 1]
         loss, ref_loss = fnbp.logistic_loss, ref_logistic
         y = jax.random.uniform(jax.random.key(3), (N, K))
-    t = direction(params)
-    got = fnbp_everything(model, loss, params, x, y, t)
-    want = oracle_everything(ref, ref_loss, params, x, y, t)
-    assert_matches(got, want, F64_RTOL)
+    got = fnbp_grads(model, loss, params, x, y)
+    assert_matches(got, oracle_grads(ref, ref_loss, params, x, y), F64_RTOL)
 
 
 # --- transformations: vmap, leading axes -------------------------------------------
@@ -483,19 +440,6 @@ def test_vmap_of_grad_through_apply_gives_per_example_losses_and_grads(model_id)
         assert rel_err(grads, want["per_example_grads"]) <= F64_RTOL
 
 
-def test_vmap_of_backprop_over_groups():
-    model, ref, params, x, y = setup("mlp-3-tanh")
-    groups = [setup("mlp-3-tanh", n=N)[3:], (x[::-1], y[::-1])]
-    xs, ys = jnp.stack([g[0] for g in groups]), jnp.stack([g[1] for g in groups])
-    Js, grads = jax.vmap(functools.partial(fnbp.backprop, model, fnbp.cross_entropy_loss),
-                         in_axes=(None, 0, 0))(params, xs, ys)
-    for g, (x_g, y_g) in enumerate(groups):
-        J_ref, g_ref = jax.value_and_grad(ref_objective, argnums=2)(
-            ref, ref_cross_entropy, params, x_g, y_g)
-        assert rel_err(Js[g], J_ref) <= F64_RTOL
-        assert rel_err(jax.tree.map(lambda a: a[g], grads), g_ref) <= F64_RTOL
-
-
 @pytest.mark.parametrize("model_id", ["mlp-3-relu", "resnet_s-2-tanh"])
 def test_any_leading_batch_axes_equal_the_flattened_batch(model_id):
     model, _, params, x, y = setup(model_id)
@@ -520,24 +464,22 @@ def _as(tree, dtype):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
 
 
-@pytest.mark.parametrize("model_id", ["mlp-4-gelu", "resnet_s-2-tanh"])
-def test_float32_against_the_float64_oracle(model_id):
-    model, ref, params, x, y = setup(model_id, "float32")
+def test_float32_against_the_float64_oracle():
+    model, ref, params, x, y = setup("mlp-4-gelu", "float32")
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((params, x)))
     got = fnbp_grads_jit(model, fnbp.cross_entropy_loss, params, x, y)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
     want = oracle_grads(ref, ref_cross_entropy, _as(params, jnp.float64), _as(x, jnp.float64), y)
-    assert_grads_match(got, want, F32_RTOL)
+    assert_matches(got, want, F32_RTOL)
 
 
-@pytest.mark.parametrize("model_id", ["mlp-4-gelu", "resnet_s-2-tanh"])
-def test_bfloat16_params_with_float32_inputs(model_id):
-    model, _, params32, x, y = setup(model_id, "float32")
+def test_bfloat16_params_with_float32_inputs():
+    model, _, params32, x, y = setup("mlp-4-gelu", "float32")
     params = _as(params32, jnp.bfloat16)
     got = fnbp_grads_jit(model, fnbp.cross_entropy_loss, params, x, y)
     for name in ("grads", "grads_apply", "per_example_grads"):
         assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(got[name])), name
-    for name in ("J", "J_apply", "pe_losses", "norm_losses", "norms"):
+    for name in ("J", "J_apply", "dx_apply", "pe_losses", "norm_losses", "norms"):
         assert got[name].dtype == jnp.float32, name
     # against the float32 network at the same (bfloat16-rounded) values
     want = fnbp_grads_jit(model, fnbp.cross_entropy_loss, _as(params, jnp.float32), x, y)

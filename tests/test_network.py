@@ -1,0 +1,503 @@
+"""Layers, combinators and builders: fnbp.serial, residual, remat, Flatten, make_layer, mlp.
+
+Gradients are checked against ``jax.grad`` of plain-jnp references written
+below, independently of fnbp, reading the same parameter pytrees; float64,
+relative error <= 1e-10 (``max|got - want| / max|want|`` per array). Remat is
+checked against the same network without it, and the memory it saves is
+measured on the residuals ``model.forward`` stores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnbp
+
+F64_RTOL = 1e-10
+D_IN, WIDTH, K, N = 5, 7, 4, 4
+LOSS = fnbp.cross_entropy_loss
+
+
+def rel_err(got, want) -> float:
+    """The worst ``max|got - want| / max|want|`` over the leaves of two equal pytrees."""
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree, f"structures differ: {got_tree} vs {want_tree}"
+    worst = 0.0
+    for a, b in zip(got_leaves, want_leaves):
+        assert np.shape(a) == np.shape(b), f"shapes differ: {np.shape(a)} vs {np.shape(b)}"
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)) / scale)
+    return worst
+
+
+# --- plain-jnp references ----------------------------------------------------------
+
+
+def ref_mm(p, z):
+    return jnp.einsum("...m,nm->...n", z, p["W"]) + p["b"]
+
+
+def ref_tanh(z):
+    return (jnp.exp(2 * z) - 1.0) / (jnp.exp(2 * z) + 1.0)
+
+
+def ref_relu(z):
+    return jnp.where(z > 0, z, 0.0)
+
+
+def ref_cross_entropy(t, y):
+    top = jnp.max(t, axis=-1, keepdims=True)
+    log_z = top[..., 0] + jnp.log(jnp.sum(jnp.exp(t - top), axis=-1))
+    return log_z - jnp.take_along_axis(t, y[..., None], axis=-1)[..., 0]
+
+
+def ref_objective(ref, params, x, y):
+    return jnp.mean(ref_cross_entropy(ref(params, x), y))
+
+
+def apply_objective(model, params, x, y):
+    return jnp.mean(LOSS(model.apply(params, x), y))
+
+
+def perturb(params, key, scale=0.2):
+    """Every leaf moved by scale * N(0, 1), so biases are not zero."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten([leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+                           for leaf, k in zip(leaves, keys)])
+
+
+def init(model, input_shape=(D_IN,)):
+    _, params = model.init(jax.random.key(0), input_shape, jnp.float64)
+    return perturb(params, jax.random.key(1))
+
+
+def data(example_shape=(D_IN,)):
+    x = jax.random.normal(jax.random.key(2), (N,) + example_shape, jnp.float64)
+    y = jax.random.randint(jax.random.key(3), (N,), 0, K)
+    return x, y
+
+
+def assert_gradients_equal_oracle(model, ref, params, x, y):
+    """fnbp.backprop and jax.grad through model.apply against jax.grad of ref."""
+    J_ref, grads_ref = jax.value_and_grad(ref_objective, argnums=1)(ref, params, x, y)
+    J, grads = fnbp.backprop(model, LOSS, params, x, y)
+    assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
+    J, grads = jax.value_and_grad(apply_objective, argnums=1)(model, params, x, y)
+    assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
+
+
+# --- builders -----------------------------------------------------------------------
+
+
+def test_mlp_init_shapes_and_params():
+    model = fnbp.mlp([WIDTH, WIDTH, K], "relu")
+    out_shape, params = model.init(jax.random.key(0), (D_IN,))
+    assert out_shape == (K,)
+    assert len(params) == 5 and params[1] == () and params[3] == ()
+    assert [p["W"].shape for p in params[0::2]] == [(WIDTH, D_IN), (WIDTH, WIDTH), (K, WIDTH)]
+    assert [p["b"].shape for p in params[0::2]] == [(WIDTH,), (WIDTH,), (K,)]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))   # the default
+    assert all(not np.any(p["b"]) for p in params[0::2])                        # biases at 0
+    _, params64 = model.init(jax.random.key(0), (D_IN,), jnp.float64)
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params64))
+    # leading axes of the input are example axes
+    assert model.apply(params, jnp.zeros((2, 3, D_IN), jnp.float32)).shape == (2, 3, K)
+
+
+@pytest.mark.parametrize("activation, variance", [
+    ("relu", lambda m, n: 2.0 / m),           # He: ReLU-like activations
+    ("gelu", lambda m, n: 2.0 / m),
+    ("tanh", lambda m, n: 2.0 / (m + n)),     # Glorot: saturating activations
+    ("sigmoid", lambda m, n: 2.0 / (m + n)),
+])
+def test_mlp_initializers(activation, variance):
+    m, n = 300, 200
+    _, params = fnbp.mlp([n, 10], activation).init(jax.random.key(0), (m,))
+    W = np.asarray(params[0]["W"])
+    assert W.shape == (n, m)
+    assert abs(W.var() / variance(m, n) - 1.0) < 0.05
+    assert abs(W.mean()) < 0.01 * np.sqrt(variance(m, n))
+
+
+def test_resnet_s_init_shapes_and_params():
+    model = fnbp.resnet_s(WIDTH, 2, K, "tanh")
+    out_shape, params = model.init(jax.random.key(0), (D_IN,))
+    assert out_shape == (K,)
+    assert len(params) == 4                  # MM_in, Res, Res, MM_out
+    assert params[0]["W"].shape == (WIDTH, D_IN) and params[-1]["W"].shape == (K, WIDTH)
+    for block in params[1:3]:
+        first, act1, second, act2 = block
+        assert first["W"].shape == second["W"].shape == (WIDTH, WIDTH)
+        assert act1 == act2 == ()
+
+
+def test_activation_given_by_name_function_or_layer_builds_the_same_network():
+    x, y = data()
+    by_name = fnbp.mlp([WIDTH, K], "gelu")
+    params = init(by_name)
+    for other in (fnbp.mlp([WIDTH, K], fnbp.gelu), fnbp.mlp([WIDTH, K], fnbp.Gelu())):
+        assert rel_err(other.apply(params, x), by_name.apply(params, x)) == 0.0
+    assert fnbp.activation_layer("tanh") is fnbp.Tanh
+
+
+# --- make_layer: a user's own module -----------------------------------------------
+
+
+def scale_layer() -> fnbp.Layer:
+    """u = a (.) z with a learned per-feature scale a: B[., z](v) = a (.) v, B[., a](v) = sum v z."""
+
+    def init(key, input_shape, dtype=jnp.float32):
+        return tuple(input_shape), {"a": jnp.full(input_shape[-1:], 1.5, dtype)}
+
+    def forward(params, z):
+        return params["a"] * z, z
+
+    def backward(params, z, v):
+        da = jnp.sum(v * z, axis=tuple(range(v.ndim - 1)))
+        return {"a": da}, params["a"] * v
+
+    return fnbp.make_layer("scale", init, forward, backward)
+
+
+def straight_through_round() -> fnbp.Layer:
+    """u = round(z) with the straight-through rule B(v) = v (not autodiff's 0)."""
+
+    def forward(params, z):
+        return jnp.round(z), None
+
+    def backward(params, residuals, v):
+        return (), v
+
+    return fnbp.make_layer("round", lambda key, shape, dtype=None: (tuple(shape), ()),
+                           forward, backward)
+
+
+def test_make_layer_composes_in_serial_and_backprop():
+    model = fnbp.serial(fnbp.Linear(WIDTH), scale_layer(), fnbp.Tanh, fnbp.Linear(K))
+    params = init(model)
+    assert params[1]["a"].shape == (WIDTH,)
+    x, y = data()
+
+    def ref(params, x):
+        first, scale, _, last = params
+        return ref_mm(last, ref_tanh(scale["a"] * ref_mm(first, x)))
+
+    assert_gradients_equal_oracle(model, ref, params, x, y)
+    # with no sq_norms of its own, the norms come from per-example gradients
+    assert model.sq_norms is None
+    losses, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
+    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
+    want = np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
+                       for g in jax.tree.leaves(grads)))
+    assert rel_err(norms, want) <= F64_RTOL
+
+
+def test_make_layer_rule_is_the_one_used_by_jax_grad_and_backprop():
+    # autodiff of round() gives 0; the layer's own rule passes v through
+    model = fnbp.serial(fnbp.Linear(WIDTH), straight_through_round(), fnbp.Linear(K))
+    params = init(model)
+    x, y = data()
+    x = 3.0 * x
+
+    def ref(params, x):
+        first, _, last = params
+        z = ref_mm(first, x)
+        return ref_mm(last, z + jax.lax.stop_gradient(jnp.round(z) - z))
+
+    assert_gradients_equal_oracle(model, ref, params, x, y)
+    _, grads = fnbp.backprop(model, LOSS, params, x, y)
+    assert np.any(grads[0]["W"])
+
+
+# --- residual -----------------------------------------------------------------------
+
+
+def test_residual_backward_is_v_plus_the_blocks_dz():
+    block = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, fnbp.Linear(D_IN), name="block")
+    res = fnbp.residual(block)
+    params = init(res)
+    z, _ = data()
+    v = jax.random.normal(jax.random.key(4), z.shape, jnp.float64)
+
+    u, residuals = res.forward(params, z)
+    u_block, block_residuals = block.forward(params, z)
+    assert rel_err(u, z + u_block) <= F64_RTOL
+    grads, dz = res.backward(params, residuals, v)
+    block_grads, block_dz = block.backward(params, block_residuals, v)
+    assert rel_err(grads, block_grads) == 0.0
+    assert rel_err(dz, v + block_dz) == 0.0
+
+    def ref(params, z):       # Res(z) = z + block(z) (eq. 7.38)
+        first, _, second = params
+        return z + ref_mm(second, ref_tanh(ref_mm(first, z)))
+
+    _, ref_vjp = jax.vjp(ref, params, z)
+    want_grads, want_dz = ref_vjp(v)
+    assert rel_err(grads, want_grads) <= F64_RTOL and rel_err(dz, want_dz) <= F64_RTOL
+    # the same through jax.vjp of apply, and through the sq_norms path
+    _, apply_vjp = jax.vjp(res.apply, params, z)
+    assert rel_err(apply_vjp(v), (want_grads, want_dz)) <= F64_RTOL
+    _, sq_dz = res.sq_norms(params, residuals, v)
+    assert rel_err(sq_dz, want_dz) <= F64_RTOL
+
+
+# --- Flatten ----------------------------------------------------------------------
+
+
+def test_flatten_round_trips_shapes():
+    flat = fnbp.Flatten(2)
+    assert flat.init(jax.random.key(0), (3, 4, 5)) == ((3, 20), ())
+    z = jax.random.normal(jax.random.key(4), (2, 3, 4, 5), jnp.float64)
+    u, residuals = flat.forward((), z)
+    assert u.shape == (2, 3, 20) and np.array_equal(u, z.reshape(2, 3, 20))
+    v = jax.random.normal(jax.random.key(5), u.shape, jnp.float64)
+    grads, dz = flat.backward((), residuals, v)
+    assert grads == () and dz.shape == z.shape and np.array_equal(dz, v.reshape(z.shape))
+    _, vjp = jax.vjp(flat.apply, (), z)
+    assert np.array_equal(vjp(v)[1], v.reshape(z.shape))
+    assert jax.jit(flat.apply)((), z).shape == (2, 3, 20)
+
+
+def test_flatten_in_a_network_equals_the_oracle():
+    model = fnbp.serial(fnbp.Flatten(2), fnbp.Linear(WIDTH), fnbp.Relu, fnbp.Linear(K))
+    assert model.init(jax.random.key(0), (3, 2))[0] == (K,)
+    params = init(model, (3, 2))
+    x, y = data((3, 2))
+
+    def ref(params, x):
+        _, first, _, last = params
+        return ref_mm(last, ref_relu(ref_mm(first, x.reshape(x.shape[0], 6))))
+
+    assert_gradients_equal_oracle(model, ref, params, x, y)
+    losses, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
+    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
+    want = np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
+                       for g in jax.tree.leaves(grads)))
+    assert rel_err(norms, want) <= F64_RTOL
+
+
+def test_flatten_rejects_bad_ndim_and_inputs_with_too_few_axes():
+    with pytest.raises(ValueError, match=r"Flatten: ndim must be a positive int, got 0"):
+        fnbp.Flatten(0)
+    with pytest.raises(ValueError, match=r"flatten\(3\): input shape \(4, 5\) has fewer than 3"):
+        fnbp.Flatten(3).init(jax.random.key(0), (4, 5))
+
+
+# --- remat ------------------------------------------------------------------------
+
+
+def residual_size(model, params, x) -> int:
+    """Number of array entries in the residuals model.forward stores."""
+    _, residuals = jax.eval_shape(model.forward, params, x)
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(residuals))
+
+
+def relayout(params, like):
+    """params' leaves (in order) in the pytree structure of ``like``."""
+    return jax.tree.structure(like).unflatten(jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("remat_every", [1, 2, 3])
+def test_mlp_remat_gives_the_same_gradients_and_stores_less(remat_every):
+    widths = [WIDTH] * 4 + [K]
+    plain = fnbp.mlp(widths, "tanh")
+    rematted = fnbp.mlp(widths, "tanh", remat_every=remat_every)
+    params = init(plain)
+    params_r = relayout(params, rematted.init(jax.random.key(0), (D_IN,))[1])
+    x, y = data()
+
+    J, grads = fnbp.backprop(plain, LOSS, params, x, y)
+    J_r, grads_r = fnbp.backprop(rematted, LOSS, params_r, x, y)
+    assert rel_err(J_r, J) <= 1e-14
+    assert rel_err(jax.tree.leaves(grads_r), jax.tree.leaves(grads)) <= 1e-14
+    _, grads_apply = jax.value_and_grad(apply_objective, argnums=1)(rematted, params_r, x, y)
+    assert rel_err(jax.tree.leaves(grads_apply), jax.tree.leaves(grads)) <= 1e-14
+    _, norms = fnbp.per_example_grad_norms(plain, LOSS, params, x, y)
+    _, norms_r = fnbp.per_example_grad_norms(rematted, LOSS, params_r, x, y)
+    assert rel_err(norms_r, norms) <= 1e-14
+
+    assert residual_size(rematted, params_r, x) < residual_size(plain, params, x)
+
+
+def test_more_remat_stores_less():
+    widths = [16] * 6 + [K]
+    x = jnp.zeros((32, D_IN))
+    sizes = []
+    for k in (0, 1, 2, 3):
+        model = fnbp.mlp(widths, "relu", remat_every=k)
+        _, params = model.init(jax.random.key(0), (D_IN,))
+        sizes.append(residual_size(model, params, x))
+    # remat_every=1 stores each (MM, relu) pair's input; 2 and 3 store fewer inputs
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+
+
+def test_remat_of_any_layer_gives_the_same_gradients():
+    model = fnbp.resnet_s(WIDTH, 2, K, "relu")
+    params = init(model)
+    x, y = data()
+    whole = fnbp.remat(model)
+    assert whole.name == f"remat({model.name})"
+    J, grads = fnbp.backprop(model, LOSS, params, x, y)
+    J_r, grads_r = fnbp.backprop(whole, LOSS, params, x, y)
+    assert rel_err(J_r, J) <= 1e-14 and rel_err(grads_r, grads) <= 1e-14
+    _, grads_apply = jax.value_and_grad(apply_objective, argnums=1)(whole, params, x, y)
+    assert rel_err(grads_apply, grads) <= 1e-14
+    # what it stores is the input alone
+    _, residuals = jax.eval_shape(whole.forward, params, x)
+    assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [x.shape]
+    assert residual_size(whole, params, x) < residual_size(model, params, x)
+
+
+# --- params as a list --------------------------------------------------------------
+
+
+def test_params_as_a_list_give_grads_as_a_list():
+    model = fnbp.mlp([WIDTH, K], "tanh")
+    params = init(model)
+    x, y = data()
+    _, want = fnbp.backprop(model, LOSS, params, x, y)
+    grads = jax.grad(apply_objective, argnums=1)(model, list(params), x, y)
+    assert isinstance(grads, list)
+    assert rel_err(tuple(grads), want) <= F64_RTOL
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_serial_rejects_a_non_layer():
+    with pytest.raises(TypeError, match=r"serial: argument 1 is function, not a Layer; use "
+                                        r"fnbp.Linear\(n\)"):
+        fnbp.serial(fnbp.Linear(3), fnbp.relu)
+
+
+@pytest.mark.parametrize("widths", [[], [0], [7, -1], [3.5], ["16"]])
+def test_mlp_rejects_bad_widths(widths):
+    with pytest.raises(ValueError, match=r"mlp: widths must be a non-empty list of positive ints"):
+        fnbp.mlp(widths)
+
+
+@pytest.mark.parametrize("activation", ["relux", jnp.tanh, 3])
+def test_mlp_rejects_an_unknown_activation(activation):
+    with pytest.raises(ValueError, match=r"activation must be one of \['gelu', 'leaky_relu', "
+                                         r"'relu', 'sigmoid', 'silu', 'softplus', 'tanh'\]"):
+        fnbp.mlp([WIDTH, K], activation)
+
+
+def test_builders_and_layers_reject_bad_settings():
+    with pytest.raises(ValueError, match=r"mlp: remat_every must be >= 0, got -1"):
+        fnbp.mlp([WIDTH, K], remat_every=-1)
+    with pytest.raises(ValueError, match=r"resnet_s: depth must be a positive int, got 0"):
+        fnbp.resnet_s(WIDTH, 0, K)
+    with pytest.raises(ValueError, match=r"Linear: n must be a positive int, got 0"):
+        fnbp.Linear(0)
+    with pytest.raises(ValueError, match=r"Linear: init must be one of \['glorot', 'he', "
+                                         r"'lecun'\], got 'xavier'"):
+        fnbp.Linear(3, init="xavier")
+    with pytest.raises(ValueError, match=r"LeakyRelu: gamma must lie in \(0, 1\), got 1.5"):
+        fnbp.LeakyRelu(1.5)
+    with pytest.raises(ValueError, match=r"Softplus: beta must be > 0, got 0.0"):
+        fnbp.Softplus(0.0)
+
+
+def test_residual_block_that_changes_the_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"residual\(linear\(7\)\): the block maps shape \(5,\) "
+                                         r"to \(7,\); Res\(z\) = z \+ block\(z\) needs them equal"):
+        fnbp.residual(fnbp.Linear(WIDTH)).init(jax.random.key(0), (D_IN,))
+    model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.residual(fnbp.Linear(K)))
+    with pytest.raises(ValueError, match=r"the block maps shape \(7,\) to \(4,\)"):
+        model.init(jax.random.key(0), (D_IN,))
+
+
+@pytest.fixture(scope="module")
+def mlp_and_params():
+    model = fnbp.mlp([16, 16, K], "relu")
+    _, params = model.init(jax.random.key(0), (8,), jnp.float64)
+    x = jnp.ones((3, 8))
+    y = jnp.zeros((3,), jnp.int32)
+    return model, params, x, y
+
+
+def _every_entry_point(model, params, x, y):
+    """Each way a user runs the model; each must raise the same clear error."""
+    return [
+        lambda: model.apply(params, x),
+        lambda: model.forward(params, x),
+        lambda: jax.grad(apply_objective, argnums=1)(model, params, x, y),
+        lambda: fnbp.backprop(model, LOSS, params, x, y),
+        lambda: jax.jit(fnbp.backprop, static_argnums=(0, 1))(model, LOSS, params, x, y),
+        lambda: fnbp.per_example_grad_norms(model, LOSS, params, x, y),
+    ]
+
+
+def test_params_with_the_wrong_number_of_entries_are_rejected(mlp_and_params):
+    model, params, x, y = mlp_and_params
+    for run in _every_entry_point(model, params[:4], x, y):
+        with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries \(one per "
+                                             r"layer\), got 4; pass the params made by this "
+                                             r"model's init"):
+            run()
+    with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries .*got dict"):
+        model.apply({"W": params[0]["W"]}, x)
+
+
+def test_params_dict_with_a_missing_key_is_rejected(mlp_and_params):
+    model, params, x, y = mlp_and_params
+    bad = ({"W": params[0]["W"]},) + params[1:]
+    for run in _every_entry_point(model, bad, x, y):
+        with pytest.raises(ValueError, match=r"mlp\[0\] linear\(16\): params must be a dict with "
+                                             r"keys \['W', 'b'\], got \['W'\]"):
+            run()
+
+
+def test_params_with_a_W_of_the_wrong_shape_are_rejected(mlp_and_params):
+    model, params, x, y = mlp_and_params
+    short = params[:2] + ({"W": params[2]["W"][:8], "b": params[2]["b"]},) + params[3:]
+    for run in _every_entry_point(model, short, x, y):
+        with pytest.raises(ValueError, match=r"mlp\[2\] linear\(16\): params have "
+                                             r"W.shape=\(8, 16\), b.shape=\(16,\); expected W "
+                                             r"of shape \(16, m\) and b of shape \(16,\)"):
+            run()
+    outputs = params[:4] + ({"W": params[4]["W"][:3], "b": params[4]["b"][:3]},)
+    with pytest.raises(ValueError, match=r"mlp\[4\] linear\(4\): params have W.shape=\(3, 16\), "
+                                         r"b.shape=\(3,\); expected W of shape \(4, m\) and b of "
+                                         r"shape \(4,\)"):
+        model.apply(outputs, x)
+    narrow = params[:2] + ({"W": params[2]["W"][:, :15], "b": params[2]["b"]},) + params[3:]
+    with pytest.raises(ValueError, match=r"mlp\[2\] linear\(16\): input has shape \(3, 16\) but "
+                                         r"W.shape=\(16, 15\) expects 15 features"):
+        fnbp.backprop(model, LOSS, narrow, x, y)
+
+
+def test_params_of_another_model_are_rejected(mlp_and_params):
+    model, _, x, y = mlp_and_params
+    _, other = fnbp.mlp([16, K]).init(jax.random.key(0), (8,))
+    with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries"):
+        fnbp.backprop(model, LOSS, other, x, y)
+
+
+def test_input_that_does_not_fit_the_first_layer_names_the_layer(mlp_and_params):
+    model, params, _, y = mlp_and_params
+    x = jnp.ones((3, 7))
+    for run in _every_entry_point(model, params, x, y):
+        with pytest.raises(ValueError, match=r"mlp\[0\] linear\(16\): input has shape \(3, 7\) "
+                                             r"but W.shape=\(16, 8\) expects 8 features in the "
+                                             r"last axis; pass inputs of shape \(\.\.\., 8\)"):
+            run()
+
+
+def test_errors_inside_nested_layers_name_the_path():
+    model = fnbp.resnet_s(WIDTH, 2, K)
+    _, params = model.init(jax.random.key(0), (D_IN,))
+    block = params[2]
+    bad = params[:2] + ((block[0], block[1], {"W": block[2]["W"]}, block[3]),) + params[3:]
+    with pytest.raises(ValueError, match=r"resnet_s\[2\] residual\(block\): block\[2\] "
+                                         r"linear\(7\): params must be a dict"):
+        model.apply(bad, jnp.ones((2, D_IN)))
