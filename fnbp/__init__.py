@@ -90,8 +90,12 @@ from fnbp.network import (
 )
 from fnbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.data import DataError, Dataset, load_dataset
+from fnbp import sharding
+from fnbp.sharding import initialize_distributed, make_mesh
 from fnbp.train import (
     FitResult,
+    ShardedEvalStep,
+    ShardedTrainStep,
     TrainState,
     epoch_order,
     evaluate,
@@ -100,6 +104,7 @@ from fnbp.train import (
     make_eval_step,
     make_train_step,
 )
+from fnbp.verify import VJPReport, check_vjp
 
 __version__ = "0.1.0"
 
@@ -198,4 +203,11 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "save_checkpoint",
+    "ShardedEvalStep",
+    "ShardedTrainStep",
+    "initialize_distributed",
+    "make_mesh",
+    "sharding",
+    "VJPReport",
+    "check_vjp",
 ]

@@ -7,8 +7,9 @@ For an element-wise module u = sigma(z) the backward function is
 Every rule below is written for one example and works on any shape. Each is
 wired the same way: a public forward ``f``, ``f_fwd`` returning the output and a
 small NamedTuple of residuals, ``f_bwd`` returning one cotangent per primal
-argument, and ``defvjp``. Kink conventions follow ``jax.nn``: the derivative of
-``relu`` at 0 is 0, the derivative of ``leaky_relu`` at 0 is ``gamma``.
+argument, and ``defvjp``. Kink conventions: the derivative of ``relu`` at 0 is
+0 (as ``jax.nn.relu``), the derivative of ``leaky_relu`` at 0 is ``gamma`` (the
+slope of the z <= 0 side; ``jax.nn.leaky_relu`` takes 1 there).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
     """Leaky ReLU max(z, gamma z) (eq. 7.26) for gamma in (0, 1), element-wise.
 
     Kink convention: the derivative at z = 0 is ``gamma`` (``where(z > 0, 1,
-    gamma)``), as ``jax.nn.leaky_relu``.
+    gamma)``); note that ``jax.nn.leaky_relu`` takes 1 there.
 
     Args:
       z: floating array of any shape.

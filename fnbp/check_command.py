@@ -15,20 +15,21 @@ everything passed, 1 when a check failed, 2 when the command could not run
 (an unknown rule, a module that does not import).
 
 The default matrix fits in a minute on a 2-core CPU, where compiling is
-nearly all the work: in float64 every jitted transform (``jit``,
-``jit(vmap)``, ``jit(vmap(inputs))``, ``2nd order``) and ``eager``; in
-float32, bfloat16 and float16 ``jit``, the transform whose numerics change
-with the dtype. Every row is checked against the float64 reference and
-finite differences and for the properties of a backward function.
-``--full`` runs all of :data:`fnbp.verify.TRANSFORMS` at every dtype
-(``--dtype`` picks dtypes).
+nearly all the work: in float64 every compiled transform (``jit``,
+``jit(vmap)``, ``jit(vmap(inputs))``, ``2nd order``); in float32, bfloat16
+and float16 ``jit``, which is where the numerics change with the dtype. Each
+is checked against the float64 reference and finite differences and for
+the properties of a backward function. ``--full`` adds the op-by-op
+transforms (``eager``, ``vmap``, ``vmap(inputs)``, each op compiled on its
+own) and runs all of :data:`fnbp.verify.TRANSFORMS` at every dtype: several
+minutes on the same CPU. ``--dtype`` picks dtypes.
 
 Your own function: ``fnbp check MODULE:FUNCTION`` imports MODULE (the current
 directory is searched first) and checks FUNCTION with
 
 - example arguments from ``--args MODULE:FACTORY``, else the module's
   ``example_args``: a callable ``(key, dtype) -> tuple`` of positional
-  arguments (like the catalog's ``make_args``, called once per dtype), or
+  arguments (like the catalog's ``make_args``; see :func:`example_args`), or
   ``() -> tuple`` (called once, at the dtypes it chooses);
 - a reference from ``--reference MODULE:FN``, else the module's ``reference``
   if it has one; without one, finite differences are the oracle;
@@ -67,8 +68,8 @@ from typing import Any, Callable
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 USER_DTYPES = ("float64", "float32")
-FULL_DTYPE_TRANSFORMS = ("jit", "jit(vmap)", "jit(vmap(inputs))", "2nd order")
-LOW_DTYPE_TRANSFORMS = ("jit",)
+FLOAT64_TRANSFORMS = ("jit", "jit(vmap)", "jit(vmap(inputs))", "2nd order")
+OTHER_TRANSFORMS = ("jit",)
 
 
 class UsageError(Exception):
@@ -204,26 +205,34 @@ def _plan(target: _Target, args: argparse.Namespace) -> list[tuple[str | None, t
     dtypes = args.dtypes or (DTYPES if target.builtin else USER_DTYPES)
     if args.full or not target.builtin:
         return [(d, TRANSFORMS) for d in dtypes]
-    return [(d, FULL_DTYPE_TRANSFORMS if d == "float64" else LOW_DTYPE_TRANSFORMS)
+    return [(d, FLOAT64_TRANSFORMS if d == "float64" else OTHER_TRANSFORMS)
             for d in dtypes]
 
 
 def _call_factory(make_args, dtype, key):
-    return tuple(make_args(key, dtype))
+    return _as_tuple(make_args(key, dtype))
 
 
-def _example_args(target: _Target, dtype: str | None, seed: int,
-                  drawn: dict[str, tuple]) -> tuple:
-    """The target's example arguments at ``dtype``.
+def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
+                 drawn: dict | None = None) -> tuple:
+    """Example arguments from a factory ``make_args(key, dtype)`` (a RuleCase's).
 
-    A factory ``(key, dtype)`` is run once per target, in float64, as one
-    fast-compiled program (random sampling compiles slowly, and would
-    otherwise compile again for every dtype); at another dtype each floating
-    argument is that draw rounded to the dtype the factory gives it there
-    (found by tracing the factory, which compiles nothing). For the catalog's
-    factories, which draw and then cast, this is exactly what they return.
-    A factory that cannot be traced, or whose arguments change structure with
-    the dtype, is simply called.
+    The factory runs once, in float64, as one fast-compiled program (random
+    sampling compiles slowly, and would compile again for every dtype); at
+    another dtype each argument is that draw cast to the dtype the factory
+    gives it there (found by tracing the factory at that dtype, which compiles
+    nothing). For factories that draw and then cast, as the catalog's do,
+    this is exactly what they return. A factory that cannot be traced, or
+    whose arguments change structure with the dtype, is simply called.
+
+    Args:
+      make_args: the factory.
+      dtype: the dtype name, e.g. ``"bfloat16"``.
+      seed: seed of ``jax.random.PRNGKey``.
+      drawn: a dict the caller keeps to reuse float64 draws across dtypes.
+
+    Returns:
+      The tuple of positional arguments.
     """
     import jax
     import jax.numpy as jnp
@@ -231,17 +240,14 @@ def _example_args(target: _Target, dtype: str | None, seed: int,
 
     from fnbp.verify import jit_fast
 
-    if dtype is None:
-        made = target.make_args()
-        return tuple(made) if isinstance(made, (tuple, list)) else (made,)
     key = jax.random.PRNGKey(seed)
+    drawn = {} if drawn is None else drawn
     try:
-        if target.name not in drawn:
-            drawn[target.name] = jit_fast(_call_factory)(target.make_args,
-                                                        jnp.dtype("float64"), key)
-        base = drawn[target.name]
-        shape = jax.eval_shape(lambda k: _call_factory(target.make_args, jnp.dtype(dtype), k),
-                               key)
+        if (make_args, seed) not in drawn:
+            drawn[make_args, seed] = jit_fast(_call_factory)(make_args, jnp.dtype("float64"),
+                                                             key)
+        base = drawn[make_args, seed]
+        shape = jax.eval_shape(lambda k: _call_factory(make_args, jnp.dtype(dtype), k), key)
         leaves, treedef = jax.tree_util.tree_flatten(base)
         wanted, wanted_def = jax.tree_util.tree_flatten(shape)
         if treedef != wanted_def or [x.shape for x in leaves] != [w.shape for w in wanted]:
@@ -250,8 +256,11 @@ def _example_args(target: _Target, dtype: str | None, seed: int,
             x if x.dtype == w.dtype else jax.device_put(np.asarray(x).astype(w.dtype))
             for x, w in zip(leaves, wanted)])
     except Exception:  # a factory that cannot be traced runs as it is
-        made = target.make_args(key, jnp.dtype(dtype))
-        return tuple(made) if isinstance(made, (tuple, list)) else (made,)
+        return _as_tuple(make_args(key, jnp.dtype(dtype)))
+
+
+def _as_tuple(made: Any) -> tuple:
+    return tuple(made) if isinstance(made, (tuple, list)) else (made,)
 
 
 # --- output -----------------------------------------------------------------------
@@ -311,14 +320,15 @@ def run(args: argparse.Namespace) -> int:
     device = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
     started = time.perf_counter()
     results = []
-    drawn: dict[str, tuple] = {}
+    drawn: dict = {}
     for target in targets:
         for dtype, transforms in _plan(target, args):
             t0 = time.perf_counter()
             result: dict[str, Any] = {"rule": target.name, "dtype": dtype,
                                       "transforms": list(transforms)}
             try:
-                example = _example_args(target, dtype, args.seed, drawn)
+                example = (_as_tuple(target.make_args()) if dtype is None
+                           else example_args(target.make_args, dtype, args.seed, drawn))
                 result["report"] = check_vjp(
                     target.rule, *example, reference=target.reference,
                     static_kwargs=target.kwargs, transforms=transforms, seed=args.seed)

@@ -139,8 +139,9 @@ def make_mesh(devices: int | None = None, *, fsdp: int = 1) -> Mesh:
         raise ValueError(f"make_mesh: devices must be a positive int, got {devices!r}")
     devices = int(devices)
     if devices > len(present):
+        are = "is" if len(present) == 1 else "are"
         raise ValueError(f"make_mesh: a mesh of {devices} devices was asked for but only "
-                         f"{len(present)} are present ({_device_summary(present)}); pass "
+                         f"{len(present)} {are} present ({_device_summary(present)}); pass "
                          f"devices={len(present)} or fewer")
     if not isinstance(fsdp, (int, np.integer)) or isinstance(fsdp, bool) or fsdp < 1:
         raise ValueError(f"make_mesh: fsdp must be a positive int, got {fsdp!r}")

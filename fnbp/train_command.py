@@ -52,12 +52,22 @@ _MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, 
 _LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
 _MOMENTUM = 0.9
 _BATCH_SIZE = 32
-_ALL = "all"  # --fsdp given alone
 _TEST_FRACTION = 0.2
 
 # Flags that define a run; on --resume they come from the checkpoint.
 _RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
               "batch_size", "seed", "test_fraction", "num_examples")
+
+
+class _AllDevices:
+    """The value of --fsdp given alone: all of --devices (not a string, which argparse
+    would convert with type=int)."""
+
+    def __repr__(self) -> str:
+        return "all"
+
+
+_ALL = _AllDevices()
 
 
 class UsageError(Exception):
@@ -198,7 +208,7 @@ def _validate_parallel(args: argparse.Namespace) -> None:
     """The flags of several devices and hosts, as far as they can be checked without JAX."""
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be a positive integer, got {args.devices}")
-    if args.fsdp not in (None, _ALL) and args.fsdp < 1:
+    if args.fsdp is not None and args.fsdp is not _ALL and args.fsdp < 1:
         raise UsageError(f"--fsdp must be a positive integer, got {args.fsdp}")
     processes = args.num_processes
     if processes is not None and processes < 1:
@@ -225,9 +235,10 @@ def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
     present = jax.device_count()
     devices = args.devices if args.devices is not None else present
     if devices > present:
-        raise UsageError(f"--devices {devices}: only {present} devices are present "
+        are = "device is" if present == 1 else "devices are"
+        raise UsageError(f"--devices {devices}: only {present} {are} present "
                          f"({jax.default_backend()}); pass --devices {present} or fewer")
-    fsdp = devices if args.fsdp == _ALL else (args.fsdp or 1)
+    fsdp = devices if args.fsdp is _ALL else (args.fsdp or 1)
     if devices % fsdp:
         raise UsageError(f"--fsdp {fsdp} does not divide --devices {devices}; the devices "
                          f"form a ({devices} // fsdp) x fsdp mesh, so pass an --fsdp that "

@@ -155,6 +155,12 @@ class VJPCheck:
     passed: bool
     note: str = ""
 
+    def __post_init__(self) -> None:
+        # Plain Python numbers (not numpy scalars), so that to_dict() is JSON-able.
+        for name in ("max_abs_err", "max_rel_err", "rtol", "atol"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "passed", bool(self.passed))
+
     def describe(self) -> str:
         """One line naming the argument, transform and oracle, and the numbers."""
         where = f" at {self.worst_index}" if self.worst_index else ""

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _oracle import Case, RuleContract
+from _oracle import Case, RuleContract, jit_cotangents
 
 import fnbp
 
@@ -99,28 +99,30 @@ class TestActivationContract(RuleContract):
 # --- kinks -------------------------------------------------------------------------
 
 
+KINK_Z = jnp.array([-1.0, 0.0, 2.0])
+KINK_V = jnp.array([3.0, 5.0, 7.0])
+
+
 def test_relu_derivative_at_zero_is_zero():
-    assert jax.grad(fnbp.relu)(0.0) == 0.0
-    z = jnp.array([-1.0, 0.0, 2.0])
-    v = jnp.array([3.0, 5.0, 7.0])
-    (dz,) = fnbp.relu_bwd(fnbp.relu_fwd(z)[1], v)
+    assert jax.grad(fnbp.relu)(0.0) == 0.0 == jax.grad(jax.nn.relu)(0.0)
+    _, (dz,) = jit_cotangents(fnbp.relu, (KINK_Z,), KINK_V, (0,))
+    np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
+    (dz,) = fnbp.relu_bwd(fnbp.relu_fwd(KINK_Z)[1], KINK_V)  # B[relu, z] called directly
     np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
 
 
 @pytest.mark.parametrize("gamma", [0.01, 0.3])
 def test_leaky_relu_derivative_at_zero_is_gamma(gamma):
-    assert jax.grad(fnbp.leaky_relu)(0.0, gamma) == pytest.approx(gamma, rel=1e-15)
-    z = jnp.array([-1.0, 0.0, 2.0])
-    v = jnp.array([3.0, 5.0, 7.0])
-    dz, _ = jax.vjp(lambda z: fnbp.leaky_relu(z, gamma), z)[1](v), None
-    np.testing.assert_allclose(dz[0], [3.0 * gamma, 5.0 * gamma, 7.0], rtol=1e-15)
+    assert jax.grad(fnbp.leaky_relu)(0.0, gamma) == np.float64(gamma)
+    _, (dz, _) = jit_cotangents(fnbp.leaky_relu, (KINK_Z, jnp.asarray(gamma)), KINK_V, (0, 1))
+    np.testing.assert_allclose(dz, [3.0 * gamma, 5.0 * gamma, 7.0], rtol=1e-15)
 
 
 def test_leaky_relu_gamma_cotangent_sums_nonpositive_entries():
-    z = jnp.array([[-1.0, 0.0], [2.0, -3.0]])
-    v = jnp.array([[1.0, 4.0], [5.0, 2.0]])
-    _, dgamma = fnbp.backward(fnbp.leaky_relu, z, jnp.asarray(0.2))(v)
-    assert dgamma == pytest.approx(-1.0 * 1.0 + 0.0 * 4.0 + -3.0 * 2.0, rel=1e-15)
+    """d gamma = sum of where(z > 0, 0, z) v: the slope is learnable (PReLU)."""
+    _, (_, dgamma) = jit_cotangents(fnbp.leaky_relu, (KINK_Z, jnp.asarray(0.2)), KINK_V,
+                                    (0, 1))
+    assert dgamma == -1.0 * 3.0 + 0.0 * 5.0
 
 
 # --- stability ---------------------------------------------------------------------
@@ -191,6 +193,7 @@ def test_softplus_rejects_non_scalar_beta():
 
 @pytest.mark.parametrize("approximate", ["yes", 1, 0, None, np.bool_(True)])
 def test_gelu_rejects_non_bool_approximate(approximate):
+    kind = type(approximate).__name__
     with pytest.raises(TypeError, match=r"^gelu: approximate must be a Python bool "
-                                        rf"\(a static setting\), got {type(approximate).__name__}$"):
+                                        rf"\(a static setting\), got {kind}$"):
         fnbp.gelu(jnp.ones(3), approximate)

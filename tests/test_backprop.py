@@ -119,14 +119,32 @@ MODEL_IDS = (
 HVP_IDS = ["mlp-2-relu", "mlp-4-gelu", "mlp-6-tanh", "resnet_s-2-tanh"]
 
 
-def perturb(params, key, scale=0.2):
-    """Every leaf moved by scale * N(0, 1), so biases are not zero."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return tree.unflatten(
-        [leaf + (scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
-         for leaf, k in zip(leaves, keys)]
-    )
+def random_params(model, input_shape=(D_IN,), dtype="float64", seed=1):
+    """Params shaped as ``model.init`` makes them, drawn with NumPy (nothing to compile).
+
+    W ~ N(0, 1/m) as fan-in initializers draw it; b ~ N(0, 0.2^2), so biases are
+    not zero; other leaves ~ N(1, 0.2^2).
+    """
+    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, jnp.dtype(dtype))[1],
+                            jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if len(leaf.shape) == 2:
+            value = rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[1])
+        elif len(leaf.shape) == 1:
+            value = 0.2 * rng.standard_normal(leaf.shape)
+        else:
+            value = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree.map(draw, shapes)
+
+
+def random_like(tree, seed):
+    """A random pytree shaped like ``tree`` (a direction for Hessian-vector products)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
 
 
 def build_model(model_id: str):
@@ -146,11 +164,10 @@ def build_model(model_id: str):
 def setup(model_id: str, dtype: str = "float64"):
     """(model, ref, params, x, y) with classification labels, cached per id."""
     model, ref = build_model(model_id)
-    out_shape, params = model.init(jax.random.key(0), (D_IN,), jnp.dtype(dtype))
-    assert out_shape == (K,)
-    params = perturb(params, jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (N, D_IN), dtype)
-    y = jax.random.randint(jax.random.key(3), (N,), 0, K)
+    params = random_params(model, dtype=dtype)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((N, D_IN)), dtype)
+    y = jnp.asarray(rng.integers(0, K, N), jnp.int32)
     return model, ref, params, x, y
 
 
@@ -261,10 +278,7 @@ def test_per_example_grad_norms_equal_norms_of_oracle_loop(model_id):
 
 def direction(params):
     """A random direction t shaped like params, for Hessian-vector products."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    return tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype)
-                           for leaf, k in zip(leaves, keys)])
+    return random_like(params, seed=7)
 
 
 def hvp(grad_fn, params, t):
@@ -364,8 +378,7 @@ def scale_ref(params, x):
 def test_a_layer_without_sq_norms_uses_the_per_example_fallback():
     model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, _scale_layer(), fnbp.Linear(K))
     assert model.sq_norms is None
-    _, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
-    params = perturb(params, jax.random.key(1))
+    params = random_params(model)
     _, _, _, x, y = setup("mlp-2-relu")
     got = fnbp_grads(model, fnbp.cross_entropy_loss, params, x, y)
     assert_matches(got, oracle_grads(scale_ref, ref_cross_entropy, params, x, y), F64_RTOL)
@@ -388,10 +401,14 @@ def test_per_example_engine_with_a_sequence_axis_per_example(summed):
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
     loss, ref_loss = ((summed_cross_entropy, summed_ref_cross_entropy) if summed
                       else (fnbp.cross_entropy_loss, ref_cross_entropy))
-    losses_ref, grads_ref = oracle_loop(ref, ref_loss, params, x, y)
-    losses, grads = fnbp.per_example_grads(model, loss, params, x, y)
+    # new shapes: compiled whole rather than primitive by primitive
+    losses_ref, grads_ref = jax.jit(oracle_loop, static_argnums=(0, 1))(
+        ref, ref_loss, params, x, y)
+    losses, grads = jax.jit(fnbp.per_example_grads, static_argnums=(0, 1))(
+        model, loss, params, x, y)
     assert rel_err(losses, losses_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
-    losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
+    losses, norms = jax.jit(fnbp.per_example_grad_norms, static_argnums=(0, 1))(
+        model, loss, params, x, y)
     assert losses.shape == norms.shape == (2,)
     assert rel_err(losses, losses_ref) <= F64_RTOL
     assert rel_err(norms, grad_norms(grads_ref)) <= F64_RTOL
@@ -406,10 +423,10 @@ def test_mse_and_logistic_losses(loss_name, model_id):
     model, ref, params, x, _ = setup(model_id)
     if loss_name == "mse":
         loss, ref_loss = fnbp.mse_loss, ref_mse
-        y = jax.random.normal(jax.random.key(3), (N, K))
+        y = jnp.asarray(np.random.default_rng(3).standard_normal((N, K)))
     else:   # K independent logits per example, soft targets in [0, 1]
         loss, ref_loss = fnbp.logistic_loss, ref_logistic
-        y = jax.random.uniform(jax.random.key(3), (N, K))
+        y = jnp.asarray(np.random.default_rng(3).uniform(size=(N, K)))
     got = fnbp_grads(model, loss, params, x, y)
     assert_matches(got, oracle_grads(ref, ref_loss, params, x, y), F64_RTOL)
 

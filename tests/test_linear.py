@@ -98,10 +98,9 @@ def test_mm_batched_weight_cotangent_is_one_contraction(batch, jit):
 # --- bad input ---------------------------------------------------------------------------
 
 
-def _bad_mm(z=(5, M), W=(N, M), b=(N,), dtype=jnp.float32):
-    def make(shape, dt=jnp.float32):
-        return None if shape is None else jnp.ones(shape, dt)
-    return make(z, dtype), make(W), make(b)
+def _bad_mm(z=(5, M), W=(N, M), b=(N,)):
+    """Arguments of mm with the given shapes (valid by default)."""
+    return jnp.ones(z), jnp.ones(W), jnp.ones(b)
 
 
 @pytest.mark.parametrize("W_shape", [(M,), (2, N, M)], ids=str)
@@ -135,7 +134,7 @@ def test_mm_rejects_scalar_z():
 def test_mm_rejects_non_float_arguments(name, dtype):
     z, W, b = _bad_mm()
     args = {"z": z, "W": W, "b": b}
-    args[name] = args[name].astype(dtype)
+    args[name] = jnp.ones(args[name].shape, dtype)
     with pytest.raises(TypeError, match=rf"^mm: {name} has dtype {jnp.dtype(dtype)}, but a "
                                         r"real floating dtype is needed"):
         fnbp.mm(**args)

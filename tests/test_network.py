@@ -66,50 +66,85 @@ def apply_objective(model, params, x, y):
     return jnp.mean(LOSS(model.apply(params, x), y))
 
 
-def perturb(params, key, scale=0.2):
-    """Every leaf moved by scale * N(0, 1), so biases are not zero."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return tree.unflatten([leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
-                           for leaf, k in zip(leaves, keys)])
+def init(model, input_shape=(D_IN,), seed=1):
+    """Params shaped as ``model.init`` makes them, drawn with NumPy (nothing to compile).
+
+    W ~ N(0, 1/m) as fan-in initializers draw it; b ~ N(0, 0.2^2), so biases are
+    not zero; other leaves ~ N(1, 0.2^2).
+    """
+    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, jnp.float64)[1],
+                            jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if len(leaf.shape) == 2:
+            return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[1]))
+        if len(leaf.shape) == 1:
+            return jnp.asarray(0.2 * rng.standard_normal(leaf.shape))
+        return jnp.asarray(1.0 + 0.2 * rng.standard_normal(leaf.shape))
+
+    return jax.tree.map(draw, shapes)
 
 
-def init(model, input_shape=(D_IN,)):
-    _, params = model.init(jax.random.key(0), input_shape, jnp.float64)
-    return perturb(params, jax.random.key(1))
-
-
-def data(example_shape=(D_IN,)):
-    x = jax.random.normal(jax.random.key(2), (N,) + example_shape, jnp.float64)
-    y = jax.random.randint(jax.random.key(3), (N,), 0, K)
+def data(example_shape=(D_IN,), seed=2):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((N,) + example_shape))
+    y = jnp.asarray(rng.integers(0, K, N), jnp.int32)
     return x, y
+
+
+def normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
+
+
+# Each network here is new, so its programs are compiled whole (cheaper than
+# compiling every primitive of it on its own).
+backprop = jax.jit(fnbp.backprop, static_argnums=(0, 1))
+apply_value_and_grad = jax.jit(jax.value_and_grad(apply_objective, argnums=1), static_argnums=0)
+oracle_value_and_grad = jax.jit(jax.value_and_grad(ref_objective, argnums=1), static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def per_example_norms(model, params, x, y):
+    """(fnbp.per_example_grad_norms, the norms of fnbp.per_example_grads)."""
+    _, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
+    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
+    leaves = jax.tree.leaves(grads)
+    return norms, jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves))
 
 
 def assert_gradients_equal_oracle(model, ref, params, x, y):
     """fnbp.backprop and jax.grad through model.apply against jax.grad of ref."""
-    J_ref, grads_ref = jax.value_and_grad(ref_objective, argnums=1)(ref, params, x, y)
-    J, grads = fnbp.backprop(model, LOSS, params, x, y)
+    J_ref, grads_ref = oracle_value_and_grad(ref, params, x, y)
+    J, grads = backprop(model, LOSS, params, x, y)
     assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
-    J, grads = jax.value_and_grad(apply_objective, argnums=1)(model, params, x, y)
+    J, grads = apply_value_and_grad(model, params, x, y)
     assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
 
 
 # --- builders -----------------------------------------------------------------------
 
 
+def shapes_of_init(model, input_shape=(D_IN,), *dtype):
+    """What model.init returns, as shapes and dtypes (traced, not run)."""
+    return jax.eval_shape(lambda key: model.init(key, input_shape, *dtype)[1], jax.random.key(0))
+
+
 def test_mlp_init_shapes_and_params():
     model = fnbp.mlp([WIDTH, WIDTH, K], "relu")
-    out_shape, params = model.init(jax.random.key(0), (D_IN,))
+    out_shape, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
     assert out_shape == (K,)
     assert len(params) == 5 and params[1] == () and params[3] == ()
     assert [p["W"].shape for p in params[0::2]] == [(WIDTH, D_IN), (WIDTH, WIDTH), (K, WIDTH)]
     assert [p["b"].shape for p in params[0::2]] == [(WIDTH,), (WIDTH,), (K,)]
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))   # the default
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params))
     assert all(not np.any(p["b"]) for p in params[0::2])                        # biases at 0
-    _, params64 = model.init(jax.random.key(0), (D_IN,), jnp.float64)
-    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params64))
+    assert all(np.all(np.isfinite(p["W"])) and np.any(p["W"]) for p in params[0::2])
+    default = shapes_of_init(model)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(default))  # the default
     # leading axes of the input are example axes
-    assert model.apply(params, jnp.zeros((2, 3, D_IN), jnp.float32)).shape == (2, 3, K)
+    out = jax.eval_shape(model.apply, default, jax.ShapeDtypeStruct((2, 3, D_IN), jnp.float32))
+    assert out.shape == (2, 3, K) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("activation, variance", [
@@ -129,8 +164,7 @@ def test_mlp_initializers(activation, variance):
 
 def test_resnet_s_init_shapes_and_params():
     model = fnbp.resnet_s(WIDTH, 2, K, "tanh")
-    out_shape, params = model.init(jax.random.key(0), (D_IN,))
-    assert out_shape == (K,)
+    params = shapes_of_init(model)
     assert len(params) == 4                  # MM_in, Res, Res, MM_out
     assert params[0]["W"].shape == (WIDTH, D_IN) and params[-1]["W"].shape == (K, WIDTH)
     for block in params[1:3]:
@@ -193,10 +227,7 @@ def test_make_layer_composes_in_serial_and_backprop():
     assert_gradients_equal_oracle(model, ref, params, x, y)
     # with no sq_norms of its own, the norms come from per-example gradients
     assert model.sq_norms is None
-    losses, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
-    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
-    want = np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
-                       for g in jax.tree.leaves(grads)))
+    norms, want = per_example_norms(model, params, x, y)
     assert rel_err(norms, want) <= F64_RTOL
 
 
@@ -213,7 +244,7 @@ def test_make_layer_rule_is_the_one_used_by_jax_grad_and_backprop():
         return ref_mm(last, z + jax.lax.stop_gradient(jnp.round(z) - z))
 
     assert_gradients_equal_oracle(model, ref, params, x, y)
-    _, grads = fnbp.backprop(model, LOSS, params, x, y)
+    _, grads = backprop(model, LOSS, params, x, y)
     assert np.any(grads[0]["W"])
 
 
@@ -225,7 +256,7 @@ def test_residual_backward_is_v_plus_the_blocks_dz():
     res = fnbp.residual(block)
     params = init(res)
     z, _ = data()
-    v = jax.random.normal(jax.random.key(4), z.shape, jnp.float64)
+    v = normal(z.shape, 4)
 
     u, residuals = res.forward(params, z)
     u_block, block_residuals = block.forward(params, z)
@@ -255,10 +286,10 @@ def test_residual_backward_is_v_plus_the_blocks_dz():
 def test_flatten_round_trips_shapes():
     flat = fnbp.Flatten(2)
     assert flat.init(jax.random.key(0), (3, 4, 5)) == ((3, 20), ())
-    z = jax.random.normal(jax.random.key(4), (2, 3, 4, 5), jnp.float64)
+    z = normal((2, 3, 4, 5), 4)
     u, residuals = flat.forward((), z)
     assert u.shape == (2, 3, 20) and np.array_equal(u, z.reshape(2, 3, 20))
-    v = jax.random.normal(jax.random.key(5), u.shape, jnp.float64)
+    v = normal(u.shape, 5)
     grads, dz = flat.backward((), residuals, v)
     assert grads == () and dz.shape == z.shape and np.array_equal(dz, v.reshape(z.shape))
     _, vjp = jax.vjp(flat.apply, (), z)
@@ -268,19 +299,16 @@ def test_flatten_round_trips_shapes():
 
 def test_flatten_in_a_network_equals_the_oracle():
     model = fnbp.serial(fnbp.Flatten(2), fnbp.Linear(WIDTH), fnbp.Relu, fnbp.Linear(K))
-    assert model.init(jax.random.key(0), (3, 2))[0] == (K,)
     params = init(model, (3, 2))
     x, y = data((3, 2))
+    assert jax.eval_shape(model.apply, params, x).shape == (N, K)
 
     def ref(params, x):
         _, first, _, last = params
         return ref_mm(last, ref_relu(ref_mm(first, x.reshape(x.shape[0], 6))))
 
     assert_gradients_equal_oracle(model, ref, params, x, y)
-    losses, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
-    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
-    want = np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
-                       for g in jax.tree.leaves(grads)))
+    norms, want = per_example_norms(model, params, x, y)
     assert rel_err(norms, want) <= F64_RTOL
 
 
@@ -311,17 +339,17 @@ def test_mlp_remat_gives_the_same_gradients_and_stores_less(remat_every):
     plain = fnbp.mlp(widths, "tanh")
     rematted = fnbp.mlp(widths, "tanh", remat_every=remat_every)
     params = init(plain)
-    params_r = relayout(params, rematted.init(jax.random.key(0), (D_IN,))[1])
+    params_r = relayout(params, init(rematted))
     x, y = data()
 
-    J, grads = fnbp.backprop(plain, LOSS, params, x, y)
-    J_r, grads_r = fnbp.backprop(rematted, LOSS, params_r, x, y)
+    J, grads = backprop(plain, LOSS, params, x, y)
+    J_r, grads_r = backprop(rematted, LOSS, params_r, x, y)
     assert rel_err(J_r, J) <= 1e-14
     assert rel_err(jax.tree.leaves(grads_r), jax.tree.leaves(grads)) <= 1e-14
-    _, grads_apply = jax.value_and_grad(apply_objective, argnums=1)(rematted, params_r, x, y)
+    _, grads_apply = apply_value_and_grad(rematted, params_r, x, y)
     assert rel_err(jax.tree.leaves(grads_apply), jax.tree.leaves(grads)) <= 1e-14
-    _, norms = fnbp.per_example_grad_norms(plain, LOSS, params, x, y)
-    _, norms_r = fnbp.per_example_grad_norms(rematted, LOSS, params_r, x, y)
+    norms, _ = per_example_norms(plain, params, x, y)
+    norms_r, _ = per_example_norms(rematted, params_r, x, y)
     assert rel_err(norms_r, norms) <= 1e-14
 
     assert residual_size(rematted, params_r, x) < residual_size(plain, params, x)
@@ -333,8 +361,7 @@ def test_more_remat_stores_less():
     sizes = []
     for k in (0, 1, 2, 3):
         model = fnbp.mlp(widths, "relu", remat_every=k)
-        _, params = model.init(jax.random.key(0), (D_IN,))
-        sizes.append(residual_size(model, params, x))
+        sizes.append(residual_size(model, shapes_of_init(model), x))
     # remat_every=1 stores each (MM, relu) pair's input; 2 and 3 store fewer inputs
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
 
@@ -345,10 +372,10 @@ def test_remat_of_any_layer_gives_the_same_gradients():
     x, y = data()
     whole = fnbp.remat(model)
     assert whole.name == f"remat({model.name})"
-    J, grads = fnbp.backprop(model, LOSS, params, x, y)
-    J_r, grads_r = fnbp.backprop(whole, LOSS, params, x, y)
+    J, grads = backprop(model, LOSS, params, x, y)
+    J_r, grads_r = backprop(whole, LOSS, params, x, y)
     assert rel_err(J_r, J) <= 1e-14 and rel_err(grads_r, grads) <= 1e-14
-    _, grads_apply = jax.value_and_grad(apply_objective, argnums=1)(whole, params, x, y)
+    _, grads_apply = apply_value_and_grad(whole, params, x, y)
     assert rel_err(grads_apply, grads) <= 1e-14
     # what it stores is the input alone
     _, residuals = jax.eval_shape(whole.forward, params, x)
@@ -363,8 +390,8 @@ def test_params_as_a_list_give_grads_as_a_list():
     model = fnbp.mlp([WIDTH, K], "tanh")
     params = init(model)
     x, y = data()
-    _, want = fnbp.backprop(model, LOSS, params, x, y)
-    grads = jax.grad(apply_objective, argnums=1)(model, list(params), x, y)
+    _, want = backprop(model, LOSS, params, x, y)
+    _, grads = apply_value_and_grad(model, list(params), x, y)
     assert isinstance(grads, list)
     assert rel_err(tuple(grads), want) <= F64_RTOL
 
@@ -410,16 +437,16 @@ def test_builders_and_layers_reject_bad_settings():
 def test_residual_block_that_changes_the_shape_is_rejected():
     with pytest.raises(ValueError, match=r"residual\(linear\(7\)\): the block maps shape \(5,\) "
                                          r"to \(7,\); Res\(z\) = z \+ block\(z\) needs them equal"):
-        fnbp.residual(fnbp.Linear(WIDTH)).init(jax.random.key(0), (D_IN,))
+        init(fnbp.residual(fnbp.Linear(WIDTH)))
     model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.residual(fnbp.Linear(K)))
     with pytest.raises(ValueError, match=r"the block maps shape \(7,\) to \(4,\)"):
-        model.init(jax.random.key(0), (D_IN,))
+        init(model)
 
 
 @pytest.fixture(scope="module")
 def mlp_and_params():
     model = fnbp.mlp([16, 16, K], "relu")
-    _, params = model.init(jax.random.key(0), (8,), jnp.float64)
+    params = init(model, (8,))
     x = jnp.ones((3, 8))
     y = jnp.zeros((3,), jnp.int32)
     return model, params, x, y
@@ -478,7 +505,7 @@ def test_params_with_a_W_of_the_wrong_shape_are_rejected(mlp_and_params):
 
 def test_params_of_another_model_are_rejected(mlp_and_params):
     model, _, x, y = mlp_and_params
-    _, other = fnbp.mlp([16, K]).init(jax.random.key(0), (8,))
+    other = init(fnbp.mlp([16, K]), (8,))
     with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries"):
         fnbp.backprop(model, LOSS, other, x, y)
 
@@ -495,7 +522,7 @@ def test_input_that_does_not_fit_the_first_layer_names_the_layer(mlp_and_params)
 
 def test_errors_inside_nested_layers_name_the_path():
     model = fnbp.resnet_s(WIDTH, 2, K)
-    _, params = model.init(jax.random.key(0), (D_IN,))
+    params = init(model)
     block = params[2]
     bad = params[:2] + ((block[0], block[1], {"W": block[2]["W"]}, block[3]),) + params[3:]
     with pytest.raises(ValueError, match=r"resnet_s\[2\] residual\(block\): block\[2\] "

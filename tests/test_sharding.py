@@ -1,0 +1,544 @@
+"""Tests of fnbp.sharding and of training on a mesh: data parallel, FSDP, several processes.
+
+The suite runs on one device. The checks that need several run this file as a
+script in subprocesses whose XLA_FLAGS force 8 CPU devices (set before JAX is
+imported there): one process does every 8-device check and prints JSON, and a
+pair of processes with 2 devices each trains through ``jax.distributed``.
+Both start once, together, and the tests read what they printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fnbp
+from fnbp import cli, sharding, train
+
+HERE = Path(__file__).resolve()
+SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
+         "--epochs", "1", "--no-progress"]
+SUBPROCESS_TIMEOUT = 240
+
+# --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
+
+
+def ref_mlp(params, x):
+    h = x
+    for p in params:
+        if p == ():
+            h = jnp.where(h > 0, h, 0.0)
+        else:
+            h = h @ p["W"].T + p["b"]
+    return h
+
+
+def ref_loss(params, x, y):
+    t = ref_mlp(params, x)
+    t_y = jnp.take_along_axis(t, y[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(t, axis=1) - t_y)
+
+
+def problem(dtype, n=64, seed=0):
+    """MLP 4-16-16-3 parameters (He-scaled normals), inputs and labels."""
+    rng = np.random.default_rng(seed)
+
+    def linear(out, m):
+        return {"W": np.asarray(rng.normal(size=(out, m)) * np.sqrt(2 / m), dtype),
+                "b": np.asarray(rng.normal(size=out) * 0.1, dtype)}
+
+    params = (linear(16, 4), (), linear(16, 16), (), linear(3, 16))
+    x = np.asarray(rng.normal(size=(n, 4)), dtype)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    return params, x, y
+
+
+MODEL = fnbp.mlp([16, 16, 3])
+ADAM = optax.adam(1e-2)
+SGD = optax.sgd(0.1)
+
+
+# --- the worker: runs in a subprocess with 8 (or 2 per process) CPU devices ----------------
+
+
+def spec_of(array):
+    """The PartitionSpec of an array's NamedSharding as JSON: entries None, "a" or ["a", "b"]."""
+    return [e if e is None or isinstance(e, str) else list(e) for e in array.sharding.spec]
+
+
+def specs(tree):
+    return [spec_of(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64))))
+               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                               strict=True))
+
+
+def identical(a, b):
+    return all(np.array_equal(np.asarray(p), np.asarray(q))
+               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                               strict=True))
+
+
+def error_of(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def cli_run(*args):
+    """``fnbp train`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = cli.main(["train", *map(str, args)])
+        except SystemExit as exit_info:
+            status = exit_info.code
+    return status, out.getvalue(), err.getvalue()
+
+
+def eight_device_checks(tmp: Path) -> dict:
+    """Every check that needs 8 devices; returns JSON-able findings."""
+    found: dict = {"devices": jax.device_count()}
+    loss = fnbp.cross_entropy_loss
+
+    # float64: one data-parallel step against jax.grad of the plain reference
+    jax.config.update("jax_enable_x64", True)
+    params64, x64, y64 = problem(np.float64)
+    mesh = fnbp.make_mesh(8)
+    step = train.make_train_step(MODEL, loss, SGD, mesh=mesh)
+    new_params, _, metrics = step(params64, SGD.init(params64), x64[:16], y64[:16])
+    J, grads = jax.jit(jax.value_and_grad(ref_loss))(params64, x64[:16], y64[:16])
+    got = jax.tree_util.tree_map(lambda p, q: (np.asarray(p) - np.asarray(q)) / 0.1,
+                                 params64, new_params)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(grads))
+    found["dp_f64_grad_rel_err"] = max_diff(got, grads) / scale
+    found["dp_f64_loss_err"] = abs(float(metrics["loss"]) - float(J)) / abs(float(J))
+    jax.config.update("jax_enable_x64", False)
+
+    params, x, y = problem(np.float32)
+    key = jax.random.key(7)
+    kwargs = dict(key=key, epochs=2, batch_size=16, x_test=x[:40], y_test=y[:40])
+    single = train.fit(MODEL, loss, ADAM, params, x, y, **kwargs)
+
+    # data parallel: the input and parameter shardings of the compiled step
+    step = train.make_train_step(MODEL, loss, ADAM, mesh=mesh)
+    compiled = step.lower(params, ADAM.init(params), x[:16], y[:16]).compile()
+    in_params, in_state, in_x, in_y = compiled.input_shardings[0]
+    found["dp_in_x"], found["dp_in_y"] = spec_of_sharding(in_x), spec_of_sharding(in_y)
+    found["dp_in_params"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_params)]
+    out_params, out_state, out_metrics = step(params, ADAM.init(params), x[:16], y[:16])
+    found["dp_out_params"] = specs(out_params)
+    found["dp_out_params_devices"] = [len(p.sharding.device_set)
+                                      for p in jax.tree_util.tree_leaves(out_params)]
+    found["dp_out_mu"] = specs(out_state[0].mu)
+    found["dp_out_loss"] = spec_of(out_metrics["loss"])
+    batch = fnbp.sharding.shard_batch(mesh, x[:16])
+    found["dp_batch"] = spec_of(batch)
+    found["dp_batch_shards"] = sorted(list(s.data.shape) for s in batch.addressable_shards)
+    found["dp_batch_rows"] = sorted(s.index[0].start for s in batch.addressable_shards)
+
+    # init_state on an FSDP mesh: created split, the same values as one device's draw
+    # (a toy layer with a cheap initializer: the real ones compile slowly)
+    def toy_init(key, input_shape, dtype=jnp.float32):
+        return (16,), {"W": jax.random.normal(key, (16,) + tuple(input_shape), dtype),
+                       "b": jnp.zeros((16,), dtype)}
+
+    toy = fnbp.make_layer("toy", toy_init, lambda p, z: (z @ p["W"].T, z),
+                          lambda p, z, v: ({"W": v.T @ z, "b": v.sum(0)}, v @ p["W"]))
+    key3 = jax.random.key(3)
+    state = train.init_state(toy, ADAM, key3, (4,), mesh=fnbp.make_mesh(8, fsdp=8),
+                             min_shard_size=64)
+    found["init_identical"] = identical(state.params["W"], jax.random.normal(key3, (16, 4)))
+    found["init_specs"] = [specs(state.params), specs(state.opt_state[0].mu)]
+
+    # data parallel fit: the same trajectory as one device, in float32
+    seen = []
+    parallel = train.fit(MODEL, loss, ADAM, params, x, y, mesh=mesh,
+                         on_step=lambda s, running: seen.append(specs(s.params)), **kwargs)
+    found["dp_fit_step_specs"] = seen[0]
+    found["dp_fit_steps"] = len(seen)
+    found["dp_history"] = [parallel.history, single.history]
+    found["dp_params_max_diff"] = max_diff(parallel.params, single.params)
+    found["dp_result_specs"] = specs(parallel.params)
+
+    # exact resume on the mesh: stop mid-epoch, go through host memory, continue
+    class Stop(Exception):
+        pass
+
+    saved = {}
+
+    def stop_at_5(s, running):
+        if s.step == 5:
+            saved["state"] = s
+            raise Stop
+
+    try:
+        train.fit(MODEL, loss, ADAM, params, x, y, mesh=mesh, on_step=stop_at_5, **kwargs)
+    except Stop:
+        pass
+    host_state = train.TrainState(*sharding.to_host(saved["state"]))
+    resumed = train.fit(MODEL, loss, ADAM, None, x, y, mesh=mesh, state=host_state,
+                        history=[parallel.history[0]], **kwargs)
+    found["resume_identical"] = (identical(resumed.params, parallel.params)
+                                 and identical(resumed.state.opt_state, parallel.state.opt_state)
+                                 and resumed.history == parallel.history)
+
+    # FSDP: a (data=2, fsdp=4) mesh, parameters of >= 32 elements split
+    fsdp_mesh = fnbp.make_mesh(8, fsdp=4)
+    step = train.make_train_step(MODEL, loss, ADAM, mesh=fsdp_mesh, min_shard_size=32)
+    compiled = step.lower(params, ADAM.init(params), x[:16], y[:16]).compile()
+    in_params, in_state, in_x, in_y = compiled.input_shardings[0]
+    found["fsdp_in_x"] = spec_of_sharding(in_x)
+    found["fsdp_in_params"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_params)]
+    found["fsdp_in_mu"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_state[0].mu)]
+    sharded = train.fit(MODEL, loss, ADAM, params, x, y, mesh=fsdp_mesh, min_shard_size=32,
+                        **kwargs)
+    found["fsdp_result_specs"] = specs(sharded.params)
+    found["fsdp_result_mu_specs"] = specs(sharded.state.opt_state[0].mu)
+    first = jax.tree_util.tree_leaves(sharded.params)[0]
+    found["fsdp_w1_shard_shapes"] = sorted({tuple(s.data.shape) for s in first.addressable_shards})
+    found["fsdp_history"] = sharded.history
+    found["fsdp_params_max_diff"] = max_diff(sharded.params, single.params)
+
+    # clear errors
+    found["err_fit_batch"] = error_of(lambda: train.fit(
+        MODEL, loss, ADAM, params, x, y, key=key, epochs=1, batch_size=12, mesh=mesh))
+    found["err_step_batch"] = error_of(lambda: step(params, ADAM.init(params), x[:12], y[:12]))
+    found["err_mesh_16"] = error_of(lambda: fnbp.make_mesh(16))
+    found["err_mesh_fsdp"] = error_of(lambda: fnbp.make_mesh(8, fsdp=3))
+    found["err_other_axes"] = error_of(lambda: train.make_train_step(
+        MODEL, loss, ADAM, mesh=jax.sharding.Mesh(np.array(jax.devices()), ("batch",))))
+
+    # the command line: errors on one line with exit status 2, and a real run
+    found["cli_devices_16"] = cli_run(*SMALL, "--devices", "16", "--batch-size", "16",
+                                      "--out", tmp / "bad1")
+    found["cli_batch_20"] = cli_run(*SMALL, "--batch-size", "20", "--out", tmp / "bad2")
+    found["cli_fsdp_3"] = cli_run(*SMALL, "--fsdp", "3", "--batch-size", "16",
+                                  "--out", tmp / "bad3")
+    found["cli_nothing_written"] = not any((tmp / f"bad{i}").exists() for i in (1, 2, 3))
+    return found
+
+
+def spec_of_sharding(named):
+    return [e if e is None or isinstance(e, str) else list(e) for e in named.spec]
+
+
+def checkpoint_params(run):
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as archive:
+        return [archive[name] for name in sorted(archive.files) if name.startswith("params.")]
+
+
+def worker_main(argv: list[str]) -> int:
+    """``python test_sharding.py eight TMP`` or ``... process ID PORT OUT``."""
+    if argv[0] == "eight":
+        print("RESULT " + json.dumps(eight_device_checks(Path(argv[1]))), flush=True)
+        return 0
+    process_id, port, out = int(argv[1]), argv[2], argv[3]
+    return cli.main(["train", *SMALL, "--batch-size", "16", "--fsdp", "--out", out,
+                     "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                     "--process-id", str(process_id)])
+
+
+# --- the subprocesses, started once for the whole module ---------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(args, devices, log):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # the default in newer JAX
+    return subprocess.Popen([sys.executable, str(HERE), *map(str, args)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)
+
+
+def wait(process, log_path):
+    try:
+        status = process.wait(timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        status = "timeout"
+    return status, Path(log_path).read_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def started(tmp_path_factory):
+    """Start the 8-device worker and the two processes of the multi-host run, together,
+    while the one-device tests run."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    port = free_port()
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("eight", "p0", "p1")}
+    processes = {
+        "eight": start(["eight", tmp], 8, logs["eight"]),
+        "p0": start(["process", 0, port, tmp / "multi"], 2, logs["p0"]),
+        "p1": start(["process", 1, port, tmp / "multi"], 2, logs["p1"]),
+    }
+    yield tmp, processes, logs
+    for name, process in processes.items():  # a test that failed early: stop them
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        logs[name].close()
+
+
+@pytest.fixture(scope="module")
+def one_device_run(started):
+    """``fnbp train`` on this process' one device, done while the subprocesses work."""
+    tmp = started[0]
+    return cli_run(*SMALL, "--batch-size", "16", "--out", tmp / "one"), tmp / "one"
+
+
+@pytest.fixture(scope="module")
+def workers(started, one_device_run):
+    """Wait for the subprocesses: name -> (exit status, output), and the folder."""
+    tmp, processes, logs = started
+    results = {}
+    for name, process in processes.items():
+        logs[name].flush()
+        results[name] = wait(process, tmp / f"{name}.log")
+    results["tmp"] = tmp
+    return results
+
+
+@pytest.fixture(scope="module")
+def eight(workers):
+    status, log = workers["eight"]
+    assert status == 0, log[-3000:]
+    line = next(line for line in log.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+# --- in this process: one device ---------------------------------------------------------
+
+
+def test_make_mesh_on_one_device_and_its_errors():
+    mesh = fnbp.make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count() == 1
+    assert sharding.batch_spec(mesh) == jax.sharding.PartitionSpec("data")
+    with pytest.raises(ValueError, match=r"a mesh of 2 devices was asked for but only 1 is "
+                                         r"present \(1 cpu\); pass devices=1 or fewer"):
+        fnbp.make_mesh(2)
+    with pytest.raises(ValueError, match="devices must be a positive int, got 0"):
+        fnbp.make_mesh(0)
+    with pytest.raises(ValueError, match="fsdp must be a positive int"):
+        fnbp.make_mesh(1, fsdp=0)
+
+
+class FakeMesh:
+    """The two attributes param_spec and check_batch read, for meshes larger than this host."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+        self.axis_names = tuple(shape)
+
+
+P = jax.sharding.PartitionSpec
+
+
+@pytest.mark.parametrize("shape, want", [
+    ((1024, 784), P("fsdp")),          # largest axis divides: the output features
+    ((10, 1024), P(None, "fsdp")),     # 10 does not divide by 4: the input features
+    ((3, 3, 16, 32), P(None, None, None, "fsdp")),  # a conv kernel: its largest axis
+    ((64, 64), P("fsdp")),             # a tie: the first axis
+    ((1024,), P("fsdp")),
+    ((15,), P()),                      # under min_shard_size
+    ((1001, 33), P()),                 # no axis divides by 4
+    ((), P()),                         # Adam's count
+])
+def test_param_spec_shards_large_leaves_along_their_largest_divisible_axis(shape, want):
+    assert sharding.param_spec(shape, FakeMesh(data=2, fsdp=4), min_shard_size=16) == want
+    # a data-parallel mesh replicates everything
+    assert sharding.param_spec(shape, FakeMesh(data=8), min_shard_size=0) == P()
+
+
+def test_check_batch_message():
+    with pytest.raises(ValueError, match=r"fit: batch_size 30 does not split evenly over the 8 "
+                                         r"devices of the mesh \(data=2, fsdp=4\); pass a "
+                                         r"batch size that is a multiple of 8 \(e.g. 24 or 32\)"):
+        sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 30, "batch_size 30")
+    sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 32)
+
+
+def test_initialize_distributed_degrades_to_one_process():
+    assert sharding.initialize_distributed() == 1
+    assert sharding.initialize_distributed(num_processes=1, process_id=0) == 1
+    assert not jax.distributed.is_initialized()
+    with pytest.raises(ValueError, match="2 processes need a coordinator_address"):
+        sharding.initialize_distributed(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match=r"process_id must be an int in \[0, 2\), got 2"):
+        sharding.initialize_distributed("localhost:1", num_processes=2, process_id=2)
+    with pytest.raises(ValueError, match="process_id 1 needs num_processes > 1"):
+        sharding.initialize_distributed(process_id=1)
+
+
+def test_wrong_mesh_is_refused():
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD, mesh="data")
+
+
+def cli_error(capsys, args, match):
+    assert cli.main(["train", *map(str, args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnbp train: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--devices", "2"], "--devices 2: only 1 device is present (cpu); pass --devices 1"),
+    (["--devices", "0"], "--devices must be a positive integer, got 0"),
+    (["--fsdp", "0"], "--fsdp must be a positive integer, got 0"),
+    (["--num-processes", "2", "--process-id", "0"],
+     "--num-processes 2 needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "localhost:1"],
+     "--num-processes 2 needs --process-id, this process' number in 0 .. 1, got None"),
+    (["--process-id", "1"], "--process-id 1 needs --num-processes greater than 1"),
+])
+def test_cli_parallel_flag_errors_are_one_line(tmp_path, capsys, extra, match):
+    cli_error(capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
+    assert not (tmp_path / "run").exists()
+
+
+# --- with 8 devices (the subprocess) -------------------------------------------------------
+
+
+def test_data_parallel_step_equals_the_float64_oracle(eight):
+    assert eight["devices"] == 8
+    assert eight["dp_f64_grad_rel_err"] <= 1e-10
+    assert eight["dp_f64_loss_err"] <= 1e-12
+
+
+def test_data_parallel_shardings_actually_used(eight):
+    # the compiled step's inputs: the batch split over "data", the parameters replicated
+    assert eight["dp_in_x"] == ["data"] and eight["dp_in_y"] == ["data"]
+    assert all(spec == [] for spec in eight["dp_in_params"]) and len(eight["dp_in_params"]) == 6
+    # what the step returns: replicated over all 8 devices, and so is the loss
+    assert all(spec == [] for spec in eight["dp_out_params"] + eight["dp_out_mu"])
+    assert eight["dp_out_params_devices"] == [8] * 6
+    assert eight["dp_out_loss"] == []
+    # a batch of 16 placed on the mesh: 8 slices of 2 rows each
+    assert eight["dp_batch"] == ["data"]
+    assert eight["dp_batch_shards"] == [[2, 4]] * 8
+    assert eight["dp_batch_rows"] == list(range(0, 16, 2))
+    assert eight["dp_fit_step_specs"] == [[]] * 6 and eight["dp_result_specs"] == [[]] * 6
+
+
+def assert_same_trajectory(got, want, tol=2e-5):
+    assert [h["step"] for h in got] == [h["step"] for h in want]
+    for a, b in zip(got, want, strict=True):
+        for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+            assert a[name] == pytest.approx(b[name], rel=tol, abs=tol), name
+
+
+def test_data_parallel_fit_equals_single_device_fit_float32(eight):
+    parallel, single = eight["dp_history"]
+    assert eight["dp_fit_steps"] == 8
+    assert_same_trajectory(parallel, single)
+    assert eight["dp_params_max_diff"] <= 1e-5
+
+
+def test_init_state_on_a_mesh_is_the_same_draw(eight):
+    assert eight["init_identical"] is True
+    # W (16, 4) has 64 elements: split over the 8 fsdp devices, its Adam moments too
+    assert eight["init_specs"] == [[["fsdp"], []], [["fsdp"], []]]
+
+
+def test_resume_on_the_mesh_is_exact(eight):
+    assert eight["resume_identical"] is True
+
+
+def test_fsdp_shardings_and_trajectory(eight):
+    # leaves in tree order: W1 (16, 4), b1 (16,) under 32 elements, W2 (16, 16), b2,
+    # W3 (3, 16) split along its 16 inputs, b3
+    ordered = [["fsdp"], [], ["fsdp"], [], [None, "fsdp"], []]
+    assert eight["fsdp_in_x"] == [["data", "fsdp"]]
+    assert eight["fsdp_in_params"] == ordered and eight["fsdp_in_mu"] == ordered
+    assert eight["fsdp_result_specs"] == ordered == eight["fsdp_result_mu_specs"]
+    assert eight["fsdp_w1_shard_shapes"] == [[4, 4]]  # W1 (16, 4): 4 rows per fsdp device
+    assert_same_trajectory(eight["fsdp_history"], eight["dp_history"][1])
+    assert eight["fsdp_params_max_diff"] <= 1e-5
+
+
+def test_clear_errors_with_8_devices(eight):
+    assert eight["err_fit_batch"] == (
+        "ValueError: fit: batch_size 12 does not split evenly over the 8 devices of the mesh "
+        "(data=8); pass a batch size that is a multiple of 8 (e.g. 8 or 16)")
+    assert eight["err_step_batch"].startswith(
+        "ValueError: train_step: a batch of 12 examples does not split evenly over the 8 "
+        "devices of the mesh (data=2, fsdp=4)")
+    assert eight["err_mesh_16"] == (
+        "ValueError: make_mesh: a mesh of 16 devices was asked for but only 8 are present "
+        "(8 cpu); pass devices=8 or fewer")
+    assert "fsdp=3 does not divide devices=8" in eight["err_mesh_fsdp"]
+    assert "the mesh axes must be ('data',) or ('data', 'fsdp'), got ('batch',)" in \
+        eight["err_other_axes"]
+
+
+@pytest.mark.parametrize("name, match", [
+    ("cli_devices_16", "--devices 16: only 8 devices are present (cpu); pass --devices 8 or "
+                       "fewer"),
+    ("cli_batch_20", "--batch-size 20 does not split evenly over --devices 8"),
+    ("cli_fsdp_3", "--fsdp 3 does not divide --devices 8"),
+])
+def test_cli_errors_with_8_devices(eight, name, match):
+    status, out, err = eight[name]
+    assert status == 2 and out == ""
+    assert err.startswith("fnbp train: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    assert eight["cli_nothing_written"] is True
+
+
+def run_outputs(run):
+    config = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    return config, history, checkpoint_params(run)
+
+
+# --- two processes of 2 devices each, joined by jax.distributed ---------------------------
+
+
+def test_two_processes_train_as_one_device_does(workers, one_device_run):
+    (status, out, err), one = one_device_run
+    assert status == 0, err
+    assert "data parallel" not in out
+    want_config, want_history, want_params = run_outputs(one)
+    assert (want_config["devices"], want_config["processes"]) == (1, 1)
+    for name in ("p0", "p1"):
+        status, log = workers[name]
+        assert status == 0, log[-3000:]
+    # process 0 prints and writes the run folder; process 1 only computes
+    assert "data parallel on 4 cpu devices, mesh (data=1, fsdp=4)" in workers["p0"][1]
+    assert "test accuracy" in workers["p0"][1] and "test accuracy" not in workers["p1"][1]
+    config, history, params = run_outputs(workers["tmp"] / "multi")
+    assert (config["devices"], config["fsdp"], config["processes"]) == (4, 4, 2)
+    # the parameters, split over the devices of both processes and gathered for the
+    # checkpoint, and the losses are the one-device run's
+    assert [h["step"] for h in history] == [10] and [p.shape for p in params] == [
+        (16, 2), (16,), (2, 16), (2,)]
+    assert_same_trajectory(history, want_history)
+    assert max_diff(params, want_params) <= 1e-5
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
