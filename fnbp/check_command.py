@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 USER_DTYPES = ("float64", "float32")
-FLOAT64_TRANSFORMS = ("jit", "jit(vmap)", "jit(vmap(inputs))", "2nd order")
+FLOAT64_TRANSFORMS = ("eager", "vmap", "vmap(inputs)", "jit", "jit(vmap)", "jit(vmap(inputs))", "2nd order")
 OTHER_TRANSFORMS = ("jit",)
 
 

@@ -477,6 +477,7 @@ def _batched_inputs(fk, sel, A, V):
 FAST_COMPILE: Mapping[str, Any] = MappingProxyType({
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
 })
 """XLA options of the verifier's programs on CPU.
 

@@ -401,15 +401,17 @@ def test_per_example_engine_with_a_sequence_axis_per_example(summed):
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
     loss, ref_loss = ((summed_cross_entropy, summed_ref_cross_entropy) if summed
                       else (fnbp.cross_entropy_loss, ref_cross_entropy))
-    # new shapes: compiled whole rather than primitive by primitive
-    losses_ref, grads_ref = jax.jit(oracle_loop, static_argnums=(0, 1))(
-        ref, ref_loss, params, x, y)
-    losses, grads = jax.jit(fnbp.per_example_grads, static_argnums=(0, 1))(
-        model, loss, params, x, y)
+
+    @jax.jit    # new shapes: compiled whole rather than primitive by primitive
+    def run(params, x, y):
+        return (oracle_loop(ref, ref_loss, params, x, y),
+                fnbp.per_example_grads(model, loss, params, x, y),
+                fnbp.per_example_grad_norms(model, loss, params, x, y))
+
+    (losses_ref, grads_ref), (losses, grads), (norm_losses, norms) = run(params, x, y)
     assert rel_err(losses, losses_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
-    losses, norms = jax.jit(fnbp.per_example_grad_norms, static_argnums=(0, 1))(
-        model, loss, params, x, y)
-    assert losses.shape == norms.shape == (2,)
+    assert norm_losses.shape == norms.shape == (2,)
+    losses = norm_losses
     assert rel_err(losses, losses_ref) <= F64_RTOL
     assert rel_err(norms, grad_norms(grads_ref)) <= F64_RTOL
 
@@ -463,14 +465,18 @@ def test_any_leading_batch_axes_equal_the_flattened_batch(model_id):
     _, want = results(model_id)         # for x of shape (4, d), y of shape (4,)
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
     loss = fnbp.cross_entropy_loss
-    t = model.apply(params, x)
+
+    @jax.jit    # new shapes: compiled whole rather than primitive by primitive
+    def run(params, x, y):
+        return (model.apply(params, x), fnbp.backprop(model, loss, params, x, y),
+                jax.value_and_grad(apply_objective, argnums=(2, 3))(model, loss, params, x, y))
+
+    t, (J, grads), (J_apply, (grads_apply, dx)) = run(params, x, y)
     assert t.shape == (2, 2, K)
     assert rel_err(t.reshape(N, K), model.apply(params, x.reshape(N, D_IN))) <= F64_RTOL
-    J, grads = fnbp.backprop(model, loss, params, x, y)
     assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
-    J, (grads, dx) = jax.value_and_grad(apply_objective, argnums=(2, 3))(
-        model, loss, params, x, y)
-    assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
+    assert rel_err(J_apply, want["J"]) <= F64_RTOL
+    assert rel_err(grads_apply, want["grads"]) <= F64_RTOL
     assert rel_err(dx.reshape(N, D_IN), want["dx"]) <= F64_RTOL
 
 

@@ -4,7 +4,7 @@ The full default matrix (every rule, four dtypes, every transform in float64)
 takes a minute or more on a 2-core CPU, too long to run twice in the suite:
 the in-process run covers every rule of the catalog at float32 (each checked
 against the float64 reference and finite differences), the console script
-runs two rules at every dtype.
+runs one rule at every dtype.
 """
 
 from __future__ import annotations
@@ -67,10 +67,9 @@ def test_fnbp_console_script_exits_0():
         command = [shutil.which("fnbp")]
     else:
         command = [sys.executable, "-m", "fnbp.cli"]
-    done = subprocess.run(command + ["check", "relu", "mm"], capture_output=True, text=True,
+    done = subprocess.run(command + ["check", "relu"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("relu", "mm"):
-        for dtype in ("float64", "float32", "bfloat16", "float16"):
-            assert _row(name, dtype, "PASS").search(done.stdout), (name, dtype)
+    for dtype in ("float64", "float32", "bfloat16", "float16"):
+        assert _row("relu", dtype, "PASS").search(done.stdout), dtype
     assert "all rules PASS" in done.stdout

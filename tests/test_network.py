@@ -97,29 +97,33 @@ def normal(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
 
 
-# Each network here is new, so its programs are compiled whole (cheaper than
-# compiling every primitive of it on its own).
-backprop = jax.jit(fnbp.backprop, static_argnums=(0, 1))
-apply_value_and_grad = jax.jit(jax.value_and_grad(apply_objective, argnums=1), static_argnums=0)
-oracle_value_and_grad = jax.jit(jax.value_and_grad(ref_objective, argnums=1), static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def gradients_and_oracle(model, ref, params, x, y):
+    """fnbp's (J, grads) both ways, the oracle's, and per-example norms both ways.
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def per_example_norms(model, params, x, y):
-    """(fnbp.per_example_grad_norms, the norms of fnbp.per_example_grads)."""
+    Each network here is new, so this is compiled whole, once per network.
+    """
     _, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
-    _, grads = fnbp.per_example_grads(model, LOSS, params, x, y)
-    leaves = jax.tree.leaves(grads)
-    return norms, jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves))
+    _, pe_grads = fnbp.per_example_grads(model, LOSS, params, x, y)
+    leaves = jax.tree.leaves(pe_grads)
+    return {
+        "backprop": fnbp.backprop(model, LOSS, params, x, y),
+        "apply": jax.value_and_grad(apply_objective, argnums=1)(model, params, x, y),
+        "oracle": jax.value_and_grad(ref_objective, argnums=1)(ref, params, x, y),
+        "norms": norms,
+        "norms of per_example_grads": jnp.sqrt(
+            sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves)),
+    }
 
 
 def assert_gradients_equal_oracle(model, ref, params, x, y):
-    """fnbp.backprop and jax.grad through model.apply against jax.grad of ref."""
-    J_ref, grads_ref = oracle_value_and_grad(ref, params, x, y)
-    J, grads = backprop(model, LOSS, params, x, y)
-    assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
-    J, grads = apply_value_and_grad(model, params, x, y)
-    assert rel_err(J, J_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
+    """fnbp.backprop and jax.grad through model.apply against jax.grad of ref; and
+    per_example_grad_norms against the norms of per_example_grads."""
+    out = gradients_and_oracle(model, ref, params, x, y)
+    assert rel_err(out["backprop"], out["oracle"]) <= F64_RTOL
+    assert rel_err(out["apply"], out["oracle"]) <= F64_RTOL
+    assert rel_err(out["norms"], out["norms of per_example_grads"]) <= F64_RTOL
+    return out
 
 
 # --- builders -----------------------------------------------------------------------
@@ -132,14 +136,13 @@ def shapes_of_init(model, input_shape=(D_IN,), *dtype):
 
 def test_mlp_init_shapes_and_params():
     model = fnbp.mlp([WIDTH, WIDTH, K], "relu")
-    out_shape, params = model.init(jax.random.key(0), (D_IN,), jnp.float64)
-    assert out_shape == (K,)
+    out_shape, _ = jax.eval_shape(lambda key: model.init(key, (D_IN,)), jax.random.key(0))
+    assert len(out_shape) == 1                     # the output shape (K,)
+    params = shapes_of_init(model, (D_IN,), jnp.float64)
     assert len(params) == 5 and params[1] == () and params[3] == ()
     assert [p["W"].shape for p in params[0::2]] == [(WIDTH, D_IN), (WIDTH, WIDTH), (K, WIDTH)]
     assert [p["b"].shape for p in params[0::2]] == [(WIDTH,), (WIDTH,), (K,)]
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params))
-    assert all(not np.any(p["b"]) for p in params[0::2])                        # biases at 0
-    assert all(np.all(np.isfinite(p["W"])) and np.any(p["W"]) for p in params[0::2])
     default = shapes_of_init(model)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(default))  # the default
     # leading axes of the input are example axes
@@ -155,11 +158,13 @@ def test_mlp_init_shapes_and_params():
 ])
 def test_mlp_initializers(activation, variance):
     m, n = 300, 200
-    _, params = fnbp.mlp([n, 10], activation).init(jax.random.key(0), (m,))
+    out_shape, params = fnbp.mlp([n, 10], activation).init(jax.random.key(0), (m,))
+    assert out_shape == (10,)
     W = np.asarray(params[0]["W"])
     assert W.shape == (n, m)
     assert abs(W.var() / variance(m, n) - 1.0) < 0.05
     assert abs(W.mean()) < 0.01 * np.sqrt(variance(m, n))
+    assert not np.any(params[0]["b"]) and not np.any(params[2]["b"])   # biases start at 0
 
 
 def test_resnet_s_init_shapes_and_params():
@@ -224,11 +229,9 @@ def test_make_layer_composes_in_serial_and_backprop():
         first, scale, _, last = params
         return ref_mm(last, ref_tanh(scale["a"] * ref_mm(first, x)))
 
-    assert_gradients_equal_oracle(model, ref, params, x, y)
     # with no sq_norms of its own, the norms come from per-example gradients
     assert model.sq_norms is None
-    norms, want = per_example_norms(model, params, x, y)
-    assert rel_err(norms, want) <= F64_RTOL
+    assert_gradients_equal_oracle(model, ref, params, x, y)
 
 
 def test_make_layer_rule_is_the_one_used_by_jax_grad_and_backprop():
@@ -243,41 +246,54 @@ def test_make_layer_rule_is_the_one_used_by_jax_grad_and_backprop():
         z = ref_mm(first, x)
         return ref_mm(last, z + jax.lax.stop_gradient(jnp.round(z) - z))
 
-    assert_gradients_equal_oracle(model, ref, params, x, y)
-    _, grads = backprop(model, LOSS, params, x, y)
+    _, grads = assert_gradients_equal_oracle(model, ref, params, x, y)["backprop"]
     assert np.any(grads[0]["W"])
 
 
 # --- residual -----------------------------------------------------------------------
 
 
+RES_BLOCK = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, fnbp.Linear(D_IN), name="block")
+RES = fnbp.residual(RES_BLOCK)
+
+
+def ref_res(params, z):
+    """Res(z) = z + block(z) (eq. 7.38)."""
+    first, _, second = params
+    return z + ref_mm(second, ref_tanh(ref_mm(first, z)))
+
+
+@jax.jit
+def residual_cotangents(params, z, v):
+    u, residuals = RES.forward(params, z)
+    u_block, block_residuals = RES_BLOCK.forward(params, z)
+    _, ref_vjp = jax.vjp(ref_res, params, z)
+    _, apply_vjp = jax.vjp(RES.apply, params, z)
+    return {
+        "u": u, "z + block(z)": z + u_block,
+        "backward": RES.backward(params, residuals, v),
+        "block backward": RES_BLOCK.backward(params, block_residuals, v),
+        "oracle": ref_vjp(v),
+        "apply": apply_vjp(v),
+        "sq_norms dz": RES.sq_norms(params, residuals, v)[1],
+    }
+
+
 def test_residual_backward_is_v_plus_the_blocks_dz():
-    block = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, fnbp.Linear(D_IN), name="block")
-    res = fnbp.residual(block)
-    params = init(res)
+    params = init(RES)
     z, _ = data()
     v = normal(z.shape, 4)
-
-    u, residuals = res.forward(params, z)
-    u_block, block_residuals = block.forward(params, z)
-    assert rel_err(u, z + u_block) <= F64_RTOL
-    grads, dz = res.backward(params, residuals, v)
-    block_grads, block_dz = block.backward(params, block_residuals, v)
+    out = residual_cotangents(params, z, v)
+    assert rel_err(out["u"], out["z + block(z)"]) <= F64_RTOL
+    grads, dz = out["backward"]
+    block_grads, block_dz = out["block backward"]
     assert rel_err(grads, block_grads) == 0.0
-    assert rel_err(dz, v + block_dz) == 0.0
-
-    def ref(params, z):       # Res(z) = z + block(z) (eq. 7.38)
-        first, _, second = params
-        return z + ref_mm(second, ref_tanh(ref_mm(first, z)))
-
-    _, ref_vjp = jax.vjp(ref, params, z)
-    want_grads, want_dz = ref_vjp(v)
+    assert rel_err(dz, v + block_dz) <= 1e-15
+    want_grads, want_dz = out["oracle"]
     assert rel_err(grads, want_grads) <= F64_RTOL and rel_err(dz, want_dz) <= F64_RTOL
     # the same through jax.vjp of apply, and through the sq_norms path
-    _, apply_vjp = jax.vjp(res.apply, params, z)
-    assert rel_err(apply_vjp(v), (want_grads, want_dz)) <= F64_RTOL
-    _, sq_dz = res.sq_norms(params, residuals, v)
-    assert rel_err(sq_dz, want_dz) <= F64_RTOL
+    assert rel_err(out["apply"], (want_grads, want_dz)) <= F64_RTOL
+    assert rel_err(out["sq_norms dz"], want_dz) <= F64_RTOL
 
 
 # --- Flatten ----------------------------------------------------------------------
@@ -307,9 +323,8 @@ def test_flatten_in_a_network_equals_the_oracle():
         _, first, _, last = params
         return ref_mm(last, ref_relu(ref_mm(first, x.reshape(x.shape[0], 6))))
 
+    assert model.sq_norms is not None
     assert_gradients_equal_oracle(model, ref, params, x, y)
-    norms, want = per_example_norms(model, params, x, y)
-    assert rel_err(norms, want) <= F64_RTOL
 
 
 def test_flatten_rejects_bad_ndim_and_inputs_with_too_few_axes():
@@ -333,26 +348,32 @@ def relayout(params, like):
     return jax.tree.structure(like).unflatten(jax.tree.leaves(params))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def all_gradients(model, params, x, y):
+    """backprop's gradients, jax.grad's through apply, and the per-example norms."""
+    J, grads = fnbp.backprop(model, LOSS, params, x, y)
+    _, grads_apply = jax.value_and_grad(apply_objective, argnums=1)(model, params, x, y)
+    _, norms = fnbp.per_example_grad_norms(model, LOSS, params, x, y)
+    return J, jax.tree.leaves(grads), jax.tree.leaves(grads_apply), norms
+
+
+REMAT_WIDTHS = [WIDTH] * 4 + [K]
+NO_REMAT = fnbp.mlp(REMAT_WIDTHS, "tanh")
+
+
 @pytest.mark.parametrize("remat_every", [1, 2, 3])
 def test_mlp_remat_gives_the_same_gradients_and_stores_less(remat_every):
-    widths = [WIDTH] * 4 + [K]
-    plain = fnbp.mlp(widths, "tanh")
-    rematted = fnbp.mlp(widths, "tanh", remat_every=remat_every)
-    params = init(plain)
+    rematted = fnbp.mlp(REMAT_WIDTHS, "tanh", remat_every=remat_every)
+    params = init(NO_REMAT)
     params_r = relayout(params, init(rematted))
     x, y = data()
-
-    J, grads = backprop(plain, LOSS, params, x, y)
-    J_r, grads_r = backprop(rematted, LOSS, params_r, x, y)
+    J, grads, grads_apply, norms = all_gradients(NO_REMAT, params, x, y)
+    J_r, grads_r, grads_apply_r, norms_r = all_gradients(rematted, params_r, x, y)
     assert rel_err(J_r, J) <= 1e-14
-    assert rel_err(jax.tree.leaves(grads_r), jax.tree.leaves(grads)) <= 1e-14
-    _, grads_apply = apply_value_and_grad(rematted, params_r, x, y)
-    assert rel_err(jax.tree.leaves(grads_apply), jax.tree.leaves(grads)) <= 1e-14
-    norms, _ = per_example_norms(plain, params, x, y)
-    norms_r, _ = per_example_norms(rematted, params_r, x, y)
+    assert rel_err(grads_r, grads) <= 1e-14
+    assert rel_err(grads_apply_r, grads) <= 1e-14
     assert rel_err(norms_r, norms) <= 1e-14
-
-    assert residual_size(rematted, params_r, x) < residual_size(plain, params, x)
+    assert residual_size(rematted, params_r, x) < residual_size(NO_REMAT, params, x)
 
 
 def test_more_remat_stores_less():
@@ -372,11 +393,10 @@ def test_remat_of_any_layer_gives_the_same_gradients():
     x, y = data()
     whole = fnbp.remat(model)
     assert whole.name == f"remat({model.name})"
-    J, grads = backprop(model, LOSS, params, x, y)
-    J_r, grads_r = backprop(whole, LOSS, params, x, y)
+    J, grads, _, norms = all_gradients(model, params, x, y)
+    J_r, grads_r, grads_apply_r, norms_r = all_gradients(whole, params, x, y)
     assert rel_err(J_r, J) <= 1e-14 and rel_err(grads_r, grads) <= 1e-14
-    _, grads_apply = apply_value_and_grad(whole, params, x, y)
-    assert rel_err(grads_apply, grads) <= 1e-14
+    assert rel_err(grads_apply_r, grads) <= 1e-14 and rel_err(norms_r, norms) <= 1e-14
     # what it stores is the input alone
     _, residuals = jax.eval_shape(whole.forward, params, x)
     assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [x.shape]
@@ -390,8 +410,8 @@ def test_params_as_a_list_give_grads_as_a_list():
     model = fnbp.mlp([WIDTH, K], "tanh")
     params = init(model)
     x, y = data()
-    _, want = backprop(model, LOSS, params, x, y)
-    _, grads = apply_value_and_grad(model, list(params), x, y)
+    _, want = fnbp.backprop(model, LOSS, params, x, y)
+    grads = jax.grad(apply_objective, argnums=1)(model, list(params), x, y)
     assert isinstance(grads, list)
     assert rel_err(tuple(grads), want) <= F64_RTOL
 
