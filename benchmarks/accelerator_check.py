@@ -165,8 +165,9 @@ def summary_ratios(out: Path) -> list[str]:
     if mlp.exists():
         rows = json.loads(mlp.read_text()).get("batches", [])
         for row in rows:
-            lines.append(f"  MLP train step, batch {row['batch']:>5}: fnbp {row['step_fnbp_ms']:.3f}"
-                         f" ms, autodiff {row['step_autodiff_ms']:.3f} ms, ratio "
+            lines.append(f"  MLP train step, batch {row['batch']:>5}: fnbp "
+                         f"{row['step_fnbp_ms']:.3f} ms, autodiff "
+                         f"{row['step_autodiff_ms']:.3f} ms, ratio "
                          f"{row['train_step_ratio']:.3f} (per-example "
                          f"{row['per_example_ratio']:.3f})")
     conv = out / "bench_conv.json"

@@ -138,7 +138,9 @@ def per_example_grad_norms(
       y: targets of shape (n, ...).
 
     Returns:
-      ``(losses, norms)``, both of shape (n,).
+      ``(losses, norms)``, both of shape (n,). When the loss returns several
+      values per example (one per position of a sequence), J^(i) is their
+      mean, as in :func:`per_example_grads`.
     """
     _check("per_example_grad_norms", model, loss, x, y)
     if model.sq_norms is None:

@@ -83,7 +83,8 @@ def initialize_distributed(coordinator_address: str | None = None,
       ValueError: inconsistent arguments, or ``jax.distributed.initialize``
         failing (the backend already in use, the coordinator unreachable).
     """
-    if jax.distributed.is_initialized():
+    # jax.distributed.is_initialized is newer than some JAX versions fnbp supports
+    if getattr(jax.distributed, "is_initialized", lambda: False)():
         return jax.process_count()
     if num_processes is None or num_processes == 1:
         if process_id not in (None, 0):
@@ -261,7 +262,10 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh,
 
 
 def param_shardings(tree: Any, mesh: Mesh, min_shard_size: int = MIN_SHARD_SIZE) -> Any:
-    """A pytree like ``tree`` (arrays or ShapeDtypeStructs) of NamedShardings by :func:`param_spec`."""
+    """A pytree like ``tree`` (of arrays or ShapeDtypeStructs) of NamedShardings.
+
+    Each leaf's sharding is ``NamedSharding(mesh, param_spec(leaf.shape, ...))``.
+    """
     return jax.tree_util.tree_map(
         lambda leaf: NamedSharding(mesh, param_spec(np.shape(leaf), mesh, min_shard_size)),
         tree)

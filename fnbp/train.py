@@ -326,8 +326,12 @@ class ShardedTrainStep:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.mesh, self.min_shard_size = mesh, min_shard_size
 
-    def compiled_for(self, params: Params, opt_state: Any) -> tuple[Callable, Any, Any]:
-        """The jitted step for parameters and state of these shapes, and their shardings."""
+    def jitted_for(self, params: Params, opt_state: Any) -> tuple[Callable, Any, Any]:
+        """The jitted step for parameters and state of these shapes, and their shardings.
+
+        Compiled at its first call; later steps made from the same model, loss,
+        optimizer and mesh reuse it.
+        """
         params_layout = _layout(params, self.mesh, self.min_shard_size)
         state_layout = _layout(opt_state, self.mesh, self.min_shard_size)
         step = _sharded_train_step_jit(self.model, self.loss, self.optimizer, self.mesh,
@@ -338,7 +342,7 @@ class ShardedTrainStep:
         if np.ndim(x) == 0:
             raise ValueError("train_step: x must have a leading example axis, got a scalar")
         _sharding.check_batch("train_step", self.mesh, int(np.shape(x)[0]))
-        step, params_sharding, state_sharding = self.compiled_for(params, opt_state)
+        step, params_sharding, state_sharding = self.jitted_for(params, opt_state)
         batch = _sharding.batch_sharding(self.mesh)
         return step, (_sharding.put_tree(params, params_sharding),
                       _sharding.put_tree(opt_state, state_sharding),
@@ -544,7 +548,7 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     params, opt_state, step = state.params, state.opt_state, int(state.step)
     if mesh is not None:
         sharded_step, params_sharding, state_sharding = ShardedTrainStep(
-            model, loss, optimizer, mesh, min_shard_size).compiled_for(params, opt_state)
+            model, loss, optimizer, mesh, min_shard_size).jitted_for(params, opt_state)
         params = _sharding.put_tree(params, params_sharding)
         opt_state = _sharding.put_tree(opt_state, state_sharding)
         batch_sharding = _sharding.batch_sharding(mesh)

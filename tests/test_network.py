@@ -191,7 +191,7 @@ def test_activation_given_by_name_function_or_layer_builds_the_same_network():
 
 
 def scale_layer() -> fnbp.Layer:
-    """u = a (.) z with a learned per-feature scale a: B[., z](v) = a (.) v, B[., a](v) = sum v z."""
+    """u = a (.) z, a learned per-feature scale: B[., z](v) = a (.) v, B[., a](v) = sum v z."""
 
     def init(key, input_shape, dtype=jnp.float32):
         return tuple(input_shape), {"a": jnp.full(input_shape[-1:], 1.5, dtype)}

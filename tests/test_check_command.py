@@ -1,0 +1,197 @@
+"""`fnbp check` as the verifier's command line: built-in rules, --json, your own function."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+
+import pytest
+
+from fnbp import cli
+from fnbp.check_command import FLOAT64_TRANSFORMS, OTHER_TRANSFORMS
+from fnbp.verify import TRANSFORMS
+
+CUBE = '''
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def cube(z):
+    return z * z * z
+
+
+def cube_fwd(z):
+    return z * z * z, z
+
+
+def cube_bwd(z, v):
+    return ({factor} * z * z * v,)
+
+
+cube.defvjp(cube_fwd, cube_bwd)
+
+
+def reference(z):
+    return z ** 3
+
+
+def example_args(key, dtype):
+    return (jax.random.normal(key, (4, 3)).astype(dtype),)
+'''
+
+SCALED = '''
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _primal(z, scale, squared):
+    return (scale * z) ** 2 if squared else scale * z
+
+
+scaled = jax.custom_vjp(_primal, nondiff_argnums=(2,))
+
+
+def _fwd(z, scale, squared):
+    return _primal(z, scale, squared), (z, scale)
+
+
+def _bwd(squared, res, v):
+    z, scale = res
+    if squared:
+        return 2 * scale * scale * z * v, jnp.sum(2 * scale * z * z * v)
+    return scale * v, jnp.sum(z * v)
+
+
+scaled.defvjp(_fwd, _bwd)
+
+
+def plain(z, scale, squared):
+    u = scale * z
+    return u * u if squared else u
+
+
+def point():
+    return np.linspace(-1.0, 1.0, 6), np.array(1.5)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a module into a temporary current directory; forget it afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    written = []
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_one_passing_report_per_rule_and_dtype(capsys):
+    assert cli.main(["check", "relu", "sigmoid", "--json"]) == 0
+    data = _json(capsys)
+    assert data["passed"] is True
+    cells = {(r["rule"], r["dtype"]) for r in data["results"]}
+    assert cells == {(rule, dtype) for rule in ("relu", "sigmoid")
+                     for dtype in ("float64", "float32", "bfloat16", "float16")}
+    for result in data["results"]:
+        assert result["passed"] and result["report"]["passed"]
+        want = FLOAT64_TRANSFORMS if result["dtype"] == "float64" else OTHER_TRANSFORMS
+        assert result["transforms"] == list(want)
+        assert {row["transform"] for row in result["report"]["rows"]} == set(want)
+        assert all(row["passed"] for row in result["report"]["rows"])
+
+
+def test_verbose_table_prints_every_check(capsys):
+    assert cli.main(["check", "relu", "--dtype", "float32", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^relu\s+float32\s+(\d+)/\1\s+\S+\s+\S+\s+PASS$", out, re.MULTILINE)
+    assert "check_vjp(relu) dtype=float32" in out
+    assert re.search(r"^z\s+jit\s+reference\s.*PASS", out, re.MULTILINE)
+    assert out.rstrip().endswith("all rules PASS")
+
+
+def test_unknown_rule_exits_2(capsys):
+    assert cli.main(["check", "no_such_rule"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown rule 'no_such_rule'" in err and "MODULE:FUNCTION" in err
+
+
+def test_your_function_with_module_defaults_passes(user_module, capsys):
+    name = user_module("fnbp_user_cube_ok", CUBE.format(factor=3))
+    assert cli.main(["check", f"{name}:cube", "--json"]) == 0
+    data = _json(capsys)
+    assert [r["dtype"] for r in data["results"]] == ["float64", "float32"]
+    for result in data["results"]:
+        assert result["passed"] and result["transforms"] == list(TRANSFORMS)
+        oracles = {row["oracle"] for row in result["report"]["rows"]}
+        assert {"reference", "finite diff", "loop"} <= oracles
+
+
+def test_your_wrong_function_fails_with_status_1_and_says_where(user_module, capsys):
+    name = user_module("fnbp_user_cube_wrong", CUBE.format(factor=2))
+    assert cli.main(["check", f"{name}:cube", "--dtype", "float64"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^{name}:cube\s+float64\s+\d+/\d+\s+\S+\s+\S+\s+FAIL$", out, re.MULTILINE)
+    assert f"{name}:cube (float64) failing checks:" in out
+    assert re.search(r"^z\s+jit\s+reference\s.*FAIL", out, re.MULTILINE)
+    assert re.search(r"^z\s+eager\s+finite diff\s.*FAIL", out, re.MULTILINE)
+    assert out.rstrip().endswith("1 of 1 FAIL")
+
+
+def test_your_wrong_function_in_json(user_module, capsys):
+    name = user_module("fnbp_user_cube_wrong_json", CUBE.format(factor=2))
+    assert cli.main(["check", f"{name}:cube", "--dtype", "float32", "--json"]) == 1
+    data = _json(capsys)
+    assert data["passed"] is False
+    failing = {(row["argument"], row["transform"], row["oracle"])
+               for row in data["results"][0]["report"]["rows"] if not row["passed"]}
+    assert ("z", "jit", "reference") in failing
+
+
+def test_flags_give_reference_factory_and_static_settings(user_module, capsys):
+    name = user_module("fnbp_user_scaled", SCALED)
+    for squared in ("false", "true"):
+        assert cli.main(["check", f"{name}:scaled", "--reference", f"{name}:plain",
+                         "--args", f"{name}:point", "--kwargs", f'{{"squared": {squared}}}',
+                         "--json"]) == 0
+        data = _json(capsys)
+        (result,) = data["results"]          # a factory without (key, dtype): one report
+        assert result["dtype"] == "float64" and result["passed"]
+        arguments = {row["argument"] for row in result["report"]["rows"]}
+        assert {"z", "scale"} <= arguments
+
+
+def test_missing_example_args_and_bad_modules_exit_2(user_module, capsys):
+    name = user_module("fnbp_user_no_args", "def f(z):\n    return z\n")
+    assert cli.main(["check", f"{name}:f"]) == 2
+    assert "define example_args(key, dtype)" in capsys.readouterr().err
+    assert cli.main(["check", "fnbp_user_does_not_exist:f"]) == 2
+    assert "cannot import 'fnbp_user_does_not_exist'" in capsys.readouterr().err
+    assert cli.main(["check", f"{name}:g"]) == 2
+    assert f"{name!r} has no attribute 'g'" in capsys.readouterr().err
+    assert cli.main(["check", f"{name}:f", "--args", f"{name}:f", "--kwargs", "[1"]) == 2
+    assert "--kwargs is not JSON" in capsys.readouterr().err
+
+
+def test_bad_input_to_the_verifier_is_a_failed_row(user_module, capsys):
+    source = CUBE.format(factor=3) + "\n\ndef wrong_shape(z):\n    return jnp.sum(z)\n"
+    name = user_module("fnbp_user_cube_bad_reference", source)
+    assert cli.main(["check", f"{name}:cube", "--reference", f"{name}:wrong_shape",
+                     "--dtype", "float64"]) == 1
+    out = capsys.readouterr().out
+    assert "the reference returns shape () but cube returns shape (4, 3)" in out
+    assert out.rstrip().endswith("1 of 1 FAIL")
