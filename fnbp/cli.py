@@ -4,6 +4,7 @@ Each subcommand lives in its own module, which provides ``add_arguments(parser)`
 and ``run(args) -> int`` (the exit status):
 
 - ``fnbp check``: :mod:`fnbp.check_command`
+- ``fnbp train``: :mod:`fnbp.train_command`
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "check": ("fnbp.check_command", "check every built-in rule against autodiff"),
+    "check": ("fnbp.check_command",
+              "verify hand-written rules (built-in or yours) against autodiff"),
     "train": ("fnbp.train_command", "train a network with hand-written backprop on real data"),
 }
 
