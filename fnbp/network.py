@@ -653,9 +653,9 @@ def mlp(
     sigma = activation_layer(activation)
     init = "he" if _activation_name(sigma) in _HE_ACTIVATIONS else "glorot"
     hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
+    if not isinstance(remat_every, int) or isinstance(remat_every, bool) or remat_every < 0:
+        raise ValueError(f"mlp: remat_every must be an int >= 0, got {remat_every!r}")
     if remat_every:
-        if remat_every < 0:
-            raise ValueError(f"mlp: remat_every must be >= 0, got {remat_every}")
         hidden = [
             remat(serial(*hidden[i:i + remat_every], name="segment"))
             for i in range(0, len(hidden), remat_every)

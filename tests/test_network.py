@@ -439,7 +439,9 @@ def test_mlp_rejects_an_unknown_activation(activation):
 
 
 def test_builders_and_layers_reject_bad_settings():
-    with pytest.raises(ValueError, match=r"mlp: remat_every must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"mlp: remat_every must be an int >= 0, got 1.5"):
+        fnbp.mlp([4, 2], remat_every=1.5)
+    with pytest.raises(ValueError, match=r"mlp: remat_every must be an int >= 0, got -1"):
         fnbp.mlp([WIDTH, K], remat_every=-1)
     with pytest.raises(ValueError, match=r"resnet_s: depth must be a positive int, got 0"):
         fnbp.resnet_s(WIDTH, 0, K)
