@@ -174,14 +174,20 @@ class CrossEntropyResiduals(NamedTuple):
     valid: Array
 
 
-def _cross_entropy_forward(t: Array, y: Array) -> tuple[Array, Array]:
+def _cross_entropy_forward(t: Array, y: Array) -> tuple[Array, Array, Array]:
+    """Per-example losses, label validity and softmax(t), from one pass of exp."""
     k = t.shape[-1]
     valid = (y >= 0) & (y < k)
     safe_y = jnp.where(valid, y, 0)
     t_y = jnp.take_along_axis(t, safe_y[..., None], axis=-1)[..., 0]
-    lse = jax.nn.logsumexp(t, axis=-1)
+    # logsumexp(t) = m + log(sum exp(t - m)) with m = max(t): no overflow; the
+    # same exponentials give softmax(t) for the backward function.
+    m = jax.lax.stop_gradient(jnp.max(t, axis=-1, keepdims=True))
+    e = jnp.exp(t - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(total))[..., 0]
     loss = jnp.where(valid, lse - t_y, jnp.asarray(jnp.nan, t.dtype))
-    return loss, valid
+    return loss, valid, e / total
 
 
 @jax.custom_vjp
@@ -191,8 +197,8 @@ def _cross_entropy_loss(t: Array, y: Array) -> Array:
 
 def cross_entropy_loss_fwd(t: Array, y: Array) -> tuple[Array, CrossEntropyResiduals]:
     """Forward pass of :func:`cross_entropy_loss` with its residuals."""
-    loss, valid = _cross_entropy_forward(t, y)
-    return loss, CrossEntropyResiduals(jax.nn.softmax(t, axis=-1), y, valid)
+    loss, valid, p = _cross_entropy_forward(t, y)
+    return loss, CrossEntropyResiduals(p, y, valid)
 
 
 def cross_entropy_loss_bwd(res: CrossEntropyResiduals, v: Array) -> tuple[Array, None]:
