@@ -23,24 +23,11 @@ import pytest
 from jax.scipy.special import erf
 
 import fnbp
+from _oracle import rel_err
 
 F64_RTOL = 1e-10
 F32_RTOL = 1e-4     # float32 network against the float64 oracle at the same values
 BF16_RTOL = 3e-2    # bfloat16 parameters (eps = 7.8e-3) against float32
-
-
-def rel_err(got, want) -> float:
-    """The worst ``max|got - want| / max|want|`` over the leaves of two equal pytrees."""
-    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
-    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
-    assert got_tree == want_tree, f"structures differ: {got_tree} vs {want_tree}"
-    worst = 0.0
-    for a, b in zip(got_leaves, want_leaves):
-        assert np.shape(a) == np.shape(b), f"shapes differ: {np.shape(a)} vs {np.shape(b)}"
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
-        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)) / scale)
-    return worst
 
 
 def tree_vdot(a, b):

@@ -35,22 +35,6 @@ SUBPROCESS_TIMEOUT = 240
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
 
 
-def ref_mlp(params, x):
-    h = x
-    for p in params:
-        if p == ():
-            h = jnp.where(h > 0, h, 0.0)
-        else:
-            h = h @ p["W"].T + p["b"]
-    return h
-
-
-def ref_loss(params, x, y):
-    t = ref_mlp(params, x)
-    t_y = jnp.take_along_axis(t, y[:, None], axis=1)[:, 0]
-    return jnp.mean(jax.nn.logsumexp(t, axis=1) - t_y)
-
-
 def problem(dtype, n=64, seed=0):
     """MLP 4-16-16-3 parameters (He-scaled normals), inputs and labels."""
     rng = np.random.default_rng(seed)
@@ -115,6 +99,10 @@ def cli_run(*args):
 
 def eight_device_checks(tmp: Path) -> dict:
     """Every check that needs 8 devices; returns JSON-able findings."""
+    # Imported here, not at the top: the two-process run imports this file too
+    # and must not touch a JAX backend before jax.distributed.initialize.
+    from _oracle import ref_loss
+
     found: dict = {"devices": jax.device_count()}
     loss = fnbp.cross_entropy_loss
 

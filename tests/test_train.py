@@ -10,25 +10,9 @@ import pytest
 
 import fnbp
 from fnbp import train
+from _oracle import ref_loss, ref_mlp
 
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
-
-
-def ref_mlp(params, x):
-    """MM, ReLU, ..., MM for fnbp.mlp's params (dicts for MM, () for the activation)."""
-    h = x
-    for p in params:
-        if p == ():
-            h = jnp.where(h > 0, h, 0.0)
-        else:
-            h = h @ p["W"].T + p["b"]
-    return h
-
-
-def ref_loss(params, x, y):
-    t = ref_mlp(params, x)
-    t_y = jnp.take_along_axis(t, y[:, None], axis=1)[:, 0]
-    return jnp.mean(jax.nn.logsumexp(t, axis=1) - t_y)
 
 
 ref_value_and_grad = jax.jit(jax.value_and_grad(ref_loss))
