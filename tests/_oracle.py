@@ -1,5 +1,8 @@
 """Oracles and the rule contract shared by the rule tests.
 
+Also the relative error used by the network tests and one independent
+plain-jnp MLP reference (``ref_mlp``, ``ref_loss``) for the training tests.
+
 A rule is checked against ``jax.vjp`` of an independent plain-jnp reference
 that each test file writes for itself. Each file lists its rules as
 :class:`Case` objects, provides a ``case`` fixture over them and subclasses
@@ -26,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core
+
+import fnbp
 
 F64_RTOL = 1e-10
 F32_RTOL = 2e-5
@@ -233,6 +238,17 @@ class RuleContract:
     operation on its own is what makes a suite slow.
     """
 
+    def test_custom_rule_is_used_and_backward_equals_vjp(self, case):
+        args, v = draw(case, jnp.float64, (2,))
+        assert "custom_vjp_call" in primitive_names(case.rule, *args)
+        got = fnbp.backward(case.rule, *args)(v)
+        want = jax.vjp(case.rule, *args)[1](v)
+        for g, w in zip(got, want, strict=True):
+            if g is None:  # no cotangent: an integer argument (float0) or None
+                assert all(leaf.dtype == jax.dtypes.float0 for leaf in jax.tree.leaves(w))
+            else:
+                assert_close(g, w, 0.0)
+
     def test_vjp_of_one_example_under_jit_equals_oracle_float64(self, case):
         args, v = draw(case, jnp.float64, (), seed=1)
         got = jit_cotangents(case.rule, args, v, case.diff)
@@ -281,3 +297,23 @@ class RuleContract:
         assert out.dtype == jnp.dtype(dtype)
         assert [c.dtype for c in cts] == [args[i].dtype for i in case.diff]
         assert_close((out, cts), want, TOLERANCE[dtype])
+
+
+# --- an independent reference network: fnbp.mlp's params, eqs. 7.36 and 2.14 --------------
+
+
+def ref_mlp(params, x):
+    """MM, ReLU, ..., MM for fnbp.mlp's params (dicts for MM, () for the activation)."""
+    h = x
+    for p in params:
+        if p == ():
+            h = jnp.where(h > 0, h, 0.0)
+        else:
+            h = h @ p["W"].T + p["b"]
+    return h
+
+
+def ref_loss(params, x, y):
+    t = ref_mlp(params, x)
+    t_y = jnp.take_along_axis(t, y[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(t, axis=1) - t_y)
