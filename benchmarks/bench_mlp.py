@@ -3,7 +3,9 @@
 Run: ``python benchmarks/bench_mlp.py`` (``--quick`` for a short run,
 ``--json FILE`` to keep the figures). All timings are ratios measured in one
 process (see ``timing.py``): time(fnbp) / time(autodiff), so < 1 means fnbp is
-faster.
+faster. The ratios are medians of per-round ratios, each round timing fnbp and
+autodiff side by side; the ``A/A`` column times autodiff against a second
+compiled copy of itself and shows how far from 1.00 noise alone moves a ratio.
 
 Rows, for an MLP 784-1024-1024-10, float32, at batch 32, 256 and 1024:
 
@@ -38,7 +40,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fnbp  # noqa: E402
-from timing import compare, compile_seconds, temp_bytes  # noqa: E402
+from timing import compare, compile_seconds, paired_ratios, temp_bytes  # noqa: E402
 
 WIDTHS = (1024, 1024, 10)
 INPUT = 784
@@ -155,41 +157,50 @@ def torch_step_seconds(batch, repeats):
     return statistics.median(times)
 
 
-def bench_batches(batches, repeats):
+def bench_batches(batches, repeats, rounds):
     model = fnbp.mlp(WIDTHS, "relu")
     _, params = model.init(jax.random.PRNGKey(0), (INPUT,), jnp.float32)
     optimizer = optax.sgd(0.01)
     state = optimizer.init(params)
-    fnbp_step, grad_apply_step, autodiff_step = (jax.jit(f) for f in steps(model, optimizer))
-    fnbp_pe, autodiff_pe = (jax.jit(f) for f in per_example(model))
-    fnbp_vm, autodiff_vm = (jax.jit(f) for f in vmapped_mean(model))
+    fnbp_step, grad_apply_step, autodiff_step = steps(model, optimizer)
+    fnbp_pe, autodiff_pe = per_example(model)
+    fnbp_vm, autodiff_vm = vmapped_mean(model)
     rows = []
     for batch in batches:
         x, y = make_data(batch)
-        step_args = (params, state, x, y)
-        t = compare({"fnbp": (fnbp_step, step_args), "grad_apply": (grad_apply_step, step_args),
-                     "autodiff": (autodiff_step, step_args)}, repeats=repeats)
-        pe = compare({"fnbp": (fnbp_pe, (params, x, y)), "autodiff": (autodiff_pe, (params, x, y))},
-                     repeats=max(repeats // 2, 5))
-        vm = compare({"fnbp": (fnbp_vm, (params, x, y)), "autodiff": (autodiff_vm, (params, x, y))},
-                     repeats=max(repeats // 2, 5))
+        step_args, grad_args = (params, state, x, y), (params, x, y)
+        # Each ratio is the median of per-round ratios against a baseline
+        # timed right beside it; "A/A" is autodiff against a second compiled
+        # copy of itself, the noise floor of the machine.
+        step = paired_ratios(
+            {"fnbp": (jax.jit(fnbp_step), step_args),
+             "grad_apply": (jax.jit(grad_apply_step), step_args),
+             "aa": (jax.jit(autodiff_step), step_args)},
+            (jax.jit(autodiff_step), step_args), rounds=rounds)
+        pe = paired_ratios({"fnbp": (jax.jit(fnbp_pe), grad_args)},
+                           (jax.jit(autodiff_pe), grad_args), rounds=max(rounds // 2, 11))
+        vm = paired_ratios({"fnbp": (jax.jit(fnbp_vm), grad_args)},
+                           (jax.jit(autodiff_vm), grad_args), rounds=max(rounds // 2, 11))
+        t = compare({"fnbp": (jax.jit(fnbp_step), step_args),
+                     "autodiff": (jax.jit(autodiff_step), step_args)}, repeats=repeats)
         torch_s = torch_step_seconds(batch, repeats)
         rows.append({
             "batch": batch,
             "step_autodiff_ms": 1e3 * t["autodiff"],
             "step_fnbp_ms": 1e3 * t["fnbp"],
-            "train_step_ratio": t["fnbp"] / t["autodiff"],
-            "grad_apply_ratio": t["grad_apply"] / t["autodiff"],
-            "per_example_ratio": pe["fnbp"] / pe["autodiff"],
-            "vmap_mean_ratio": vm["fnbp"] / vm["autodiff"],
+            "train_step_ratio": step["fnbp"],
+            "grad_apply_ratio": step["grad_apply"],
+            "autodiff_aa_ratio": step["aa"],
+            "per_example_ratio": pe["fnbp"],
+            "vmap_mean_ratio": vm["fnbp"],
             "torch_eager_step_ms": None if torch_s is None else 1e3 * torch_s,
         })
     x, y = make_data(256)
     step_args = (params, state, x, y)
-    mem = {"fnbp": temp_bytes(steps(model, optimizer)[0], step_args),
-           "autodiff": temp_bytes(steps(model, optimizer)[2], step_args)}
-    comp = {"fnbp": compile_seconds(steps(model, optimizer)[0], step_args),
-            "autodiff": compile_seconds(steps(model, optimizer)[2], step_args)}
+    mem = {"fnbp": temp_bytes(fnbp_step, step_args),
+           "autodiff": temp_bytes(autodiff_step, step_args)}
+    comp = {"fnbp": compile_seconds(fnbp_step, step_args),
+            "autodiff": compile_seconds(autodiff_step, step_args)}
     return rows, mem, comp
 
 
@@ -241,19 +252,21 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     repeats = 21 if args.quick else 41
+    rounds = 31 if args.quick else 101
     depths = (2, 8, 32) if args.quick else (2, 4, 8, 16, 32)
 
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"{platform.processor() or platform.machine()}")
-    rows, mem, comp = bench_batches((32, 256, 1024), repeats)
-    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median of "
-          f"{repeats} interleaved repeats")
-    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'grad(apply)':>12} "
-          f"{'per-example':>12} {'vmap mean':>10} {'torch ms':>9}")
+    rows, mem, comp = bench_batches((32, 256, 1024), repeats, rounds)
+    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median over "
+          f"{rounds} rounds of side-by-side timings (A/A: autodiff against a copy of itself)")
+    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'A/A':>6} "
+          f"{'grad(apply)':>12} {'per-example':>12} {'vmap mean':>10} {'torch ms':>9}")
     for r in rows:
         torch_ms = "-" if r["torch_eager_step_ms"] is None else f"{r['torch_eager_step_ms']:.2f}"
         print(f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
-              f"{r['train_step_ratio']:>11.3f} {r['grad_apply_ratio']:>12.3f} "
+              f"{r['train_step_ratio']:>11.3f} {r['autodiff_aa_ratio']:>6.3f} "
+              f"{r['grad_apply_ratio']:>12.3f} "
               f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}")
     print(f"\ncompiled temporary memory (batch 256): fnbp {mem['fnbp']} B, autodiff {mem['autodiff']} B")
     print(f"compile time: fnbp {comp['fnbp']:.3f} s, autodiff {comp['autodiff']:.3f} s, "
@@ -263,12 +276,13 @@ def main(argv=None):
     for r in depth_rows:
         print(f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
               f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}")
-    slope = np.polyfit([r["depth"] for r in depth_rows],
-                       [r["forward_backward_ms"] for r in depth_rows], 1)
-    fit = np.poly1d(slope)
-    worst = max(abs(fit(r["depth"]) - r["forward_backward_ms"]) / r["forward_backward_ms"]
-                for r in depth_rows)
-    print(f"  linear fit: {slope[0]:.3f} ms per layer; worst deviation from the line {100 * worst:.1f}%")
+    depth_ms = np.array([[r["depth"], r["forward_backward_ms"]] for r in depth_rows])
+    slope, intercept = np.polyfit(depth_ms[:, 0], depth_ms[:, 1], 1)
+    fitted = slope * depth_ms[:, 0] + intercept
+    r2 = 1 - np.sum((depth_ms[:, 1] - fitted) ** 2) / np.sum((depth_ms[:, 1] - depth_ms[:, 1].mean()) ** 2)
+    per_layer = ", ".join(f"{ms / d:.3f}" for d, ms in depth_ms)
+    print(f"  step time against depth: linear fit {slope:.3f} ms per layer, R^2 {r2:.4f}; "
+          f"time per layer {per_layer} ms")
     rm = remat_memory()
     print(f"\nrematerialization (MLP depth {rm['depth']}, width {rm['width']}, batch {rm['batch']}):")
     print(f"  residuals stored by the forward pass: {rm['stored_bytes_remat_0']} B storing all, "

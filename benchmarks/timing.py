@@ -4,6 +4,14 @@ Every figure is a ratio of two functions timed in the same process: both are
 compiled and warmed up first, then their calls are interleaved (A, B, A, B,
 ...) so that a slow spell of the machine hits both alike, each call is waited
 for with ``jax.block_until_ready``, and the median of the repeats is kept.
+
+:func:`paired_ratios` goes one step further for the headline ratios: each
+round times the candidate right next to the baseline (in alternating order)
+and keeps their ratio, and the figure is the median of those per-round ratios.
+A slow spell of a shared machine then cancels within the round instead of
+shifting one median more than the other. Timing the baseline against a second
+compiled copy of itself (the A/A control) shows how far from 1.00 a ratio can
+land by noise alone.
 """
 
 from __future__ import annotations
@@ -47,6 +55,43 @@ def compare(
         for name, (fn, args) in candidates.items():
             samples[name].append(sum(_once(fn, args) for _ in range(inner)) / inner)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def paired_ratios(
+    candidates: dict[str, tuple[Callable[..., Any], Sequence[Any]]],
+    baseline: tuple[Callable[..., Any], Sequence[Any]],
+    *,
+    rounds: int = 101,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median over rounds of time(candidate) / time(baseline), timed side by side.
+
+    Args:
+      candidates: name -> (compiled function, positional arguments).
+      baseline: (compiled function, positional arguments) every candidate is
+        divided by; its calls are interleaved with each candidate's, the
+        baseline first in even rounds and second in odd ones.
+      rounds: timed rounds per candidate.
+      warmup: untimed calls of each function first.
+
+    Returns:
+      name -> median of the per-round ratios.
+    """
+    base_fn, base_args = baseline
+    for fn, args in [*candidates.values(), baseline]:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    ratios: dict[str, list[float]] = {name: [] for name in candidates}
+    for r in range(rounds):
+        for name, (fn, args) in candidates.items():
+            if r % 2:
+                t_base = _once(base_fn, base_args)
+                t = _once(fn, args)
+            else:
+                t = _once(fn, args)
+                t_base = _once(base_fn, base_args)
+            ratios[name].append(t / t_base)
+    return {name: statistics.median(values) for name, values in ratios.items()}
 
 
 def compile_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int = 3) -> float:
