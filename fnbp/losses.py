@@ -210,7 +210,7 @@ def cross_entropy_loss_bwd(res: CrossEntropyResiduals, v: Array) -> tuple[Array,
     depend on the labels alone, so XLA computes them apart from the forward
     pass: on XLA:CPU a step that starts with two independent operations is run
     on the runtime's worker pool from its first matmul on, which measured
-    5-10% faster at batch 32-256 on two cores (``benchmarks/bench_mlp.py``).
+    5-15% faster at batch 32-256 on two cores (``benchmarks/bench_mlp.py``).
 
     An out-of-range label gives a NaN cotangent row, like its NaN loss.
     """
