@@ -138,7 +138,8 @@ def per_example_grad_norms(
       y: targets of shape (n, ...).
 
     Returns:
-      ``(losses, norms)``, both of shape (n,). When the loss returns several
+      ``(losses, norms)``, both of shape (n,) and at least float32 (as the
+      losses of :func:`per_example_grads`). When the loss returns several
       values per example (one per position of a sequence), J^(i) is their
       mean, as in :func:`per_example_grads`.
     """
@@ -153,7 +154,7 @@ def per_example_grad_norms(
     t, residuals = model.forward(params, x)
     losses, dt = _loss_and_cotangent(loss, t, y, examples=n)   # dJ^(i)/du[k] per example
     sq, _ = model.sq_norms(params, residuals, dt)
-    if losses.ndim > 1:     # J^(i) = mean of example i's losses, as per_example_grads
-        losses = jnp.mean(losses.reshape(n, -1), axis=1,
-                          dtype=jnp.promote_types(losses.dtype, jnp.float32))
+    # J^(i) = mean of example i's losses, at least float32: as per_example_grads.
+    losses = jnp.mean(losses.reshape(n, -1), axis=1,
+                      dtype=jnp.promote_types(losses.dtype, jnp.float32))
     return losses, jnp.sqrt(jnp.broadcast_to(sq, losses.shape))

@@ -496,6 +496,24 @@ def test_bfloat16_params_with_float32_inputs():
         assert err <= BF16_RTOL, f"{name}: relative error {err:.3g}"
 
 
+
+@pytest.mark.parametrize("with_sq_norms", [True, False], ids=["sq_norms", "per-example-fallback"])
+def test_grad_norms_dtypes_agree_on_both_paths_for_bfloat16(with_sq_norms):
+    layers = [fnbp.Linear(WIDTH), fnbp.Tanh] + ([] if with_sq_norms else [_scale_layer()])
+    model = fnbp.serial(*layers, fnbp.Linear(K))
+    assert (model.sq_norms is not None) == with_sq_norms
+    params = random_params(model, dtype="bfloat16")
+    _, _, _, x, y = setup("mlp-2-relu", "float32")
+    x = x.astype(jnp.bfloat16)
+    losses, norms = fnbp.per_example_grad_norms(model, fnbp.cross_entropy_loss, params, x, y)
+    pe_losses, pe_grads = fnbp.per_example_grads(model, fnbp.cross_entropy_loss, params, x, y)
+    assert losses.dtype == norms.dtype == pe_losses.dtype == jnp.float32
+    assert losses.shape == norms.shape == (N,)
+    want = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+                        for g in jax.tree.leaves(pe_grads)))
+    assert rel_err(losses, pe_losses) <= BF16_RTOL
+    assert rel_err(norms, want) <= BF16_RTOL
+
 # --- bad input ------------------------------------------------------------------------
 
 ENGINE = [fnbp.backprop, fnbp.per_example_grads, fnbp.per_example_grad_norms]
