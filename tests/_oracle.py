@@ -230,6 +230,14 @@ jit_cotangents = jit(cotangents, static_argnums=(0, 3))
 # --- the contract every rule meets ------------------------------------------------------
 
 
+def assert_batch_vjp_equals_reference_float64(case, batch=(2, 3), seed=7) -> None:
+    """The rule's cotangents equal its reference's on a float64 batch, under jit."""
+    args, v = draw(case, jnp.float64, batch, seed=seed)
+    got = jit_cotangents(case.rule, args, v, case.diff)
+    want = jit_cotangents(case.reference, args, v, case.diff)
+    assert_close(got, want, F64_RTOL)
+
+
 class RuleContract:
     """Tests run for every ``case`` (a fixture defined by the subclass' module).
 

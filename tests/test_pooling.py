@@ -17,12 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _oracle import (
-    F64_RTOL,
     Case,
     RuleContract,
-    assert_close,
-    draw,
-    jit_cotangents,
+    assert_batch_vjp_equals_reference_float64,
     normal,
 )
 
@@ -94,10 +91,7 @@ class TestPoolingContract(RuleContract):
 
 @pytest.mark.parametrize("case", SETTINGS, ids=lambda c: c.name)
 def test_vjp_equals_oracle_float64_for_more_settings(case):
-    args, v = draw(case, jnp.float64, (2, 3), seed=7)
-    got = jit_cotangents(case.rule, args, v, case.diff)
-    want = jit_cotangents(case.reference, args, v, case.diff)
-    assert_close(got, want, F64_RTOL)
+    assert_batch_vjp_equals_reference_float64(case)
 
 
 # --- tie convention, shapes, residuals --------------------------------------------------------
