@@ -218,13 +218,14 @@ def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
                  drawn: dict | None = None) -> tuple:
     """Example arguments from a factory ``make_args(key, dtype)`` (a RuleCase's).
 
-    The factory runs once, in float64, as one fast-compiled program (random
-    sampling compiles slowly, and would compile again for every dtype); at
-    another dtype each argument is that draw cast to the dtype the factory
-    gives it there (found by tracing the factory at that dtype, which compiles
-    nothing). For factories that draw and then cast, as the catalog's do,
-    this is exactly what they return. A factory that cannot be traced, or
-    whose arguments change structure with the dtype, is simply called.
+    A factory that draws with ``jax.random`` runs once, in float64, as one
+    fast-compiled program (eager random sampling compiles slowly, and would
+    compile again for every dtype); at another dtype each argument is that
+    draw cast to the dtype the factory gives it there (found by tracing the
+    factory at that dtype, which compiles nothing). For factories that draw
+    and then cast, this is exactly what they return. A factory that cannot be
+    traced (the catalog's draw with NumPy, which compiles nothing), or whose
+    arguments change structure with the dtype, is simply called.
 
     Args:
       make_args: the factory.
