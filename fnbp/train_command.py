@@ -9,7 +9,8 @@ steps with --checkpoint-every). --resume RUN_FOLDER continues a run exactly
 where its last checkpoint left it.
 
 On several devices the run is data parallel: every batch is split over
---devices N (default: all of them) and the parameters are replicated; --fsdp
+--devices N (default: all of them, or as many as the batch splits evenly
+over) and the parameters are replicated; --fsdp
 also splits the large parameters and their optimizer state over the devices.
 Several hosts run the same command, each with --coordinator HOST:PORT (of
 process 0), --num-processes and its own --process-id; process 0 writes the
@@ -115,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parallel.add_argument("--devices", type=int, metavar="N",
                           help="train data parallel on N devices: each batch is split over "
                                "them, so --batch-size must be a multiple of N (default: all "
-                               "devices, of every process; 1 is one device)")
+                               "devices, of every process; on one host, as many as the batch "
+                               "splits evenly over; 1 is one device)")
     parallel.add_argument("--fsdp", type=int, nargs="?", const=_ALL, metavar="K",
                           help="also split the large parameters and their optimizer state "
                                "over K of the devices, FSDP-style (--fsdp alone: over all "
@@ -234,6 +236,15 @@ def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
 
     present = jax.device_count()
     devices = args.devices if args.devices is not None else present
+    if args.devices is None and jax.process_count() == 1 and batch_size % devices:
+        # By default, as many devices as the batch splits evenly over (3 GPUs and
+        # --batch-size 32: 2 of them); an explicit --devices is taken as given.
+        group = args.fsdp if isinstance(args.fsdp, int) and args.fsdp > 0 else 1
+        devices = max((d for d in range(group, present + 1, group) if batch_size % d == 0),
+                      default=devices)
+        print(f"fnbp train: --batch-size {batch_size} does not split evenly over the "
+              f"{present} devices present; training on {devices} (pass --devices to choose)",
+              file=sys.stderr)
     if devices > present:
         are = "device is" if present == 1 else "devices are"
         raise UsageError(f"--devices {devices}: only {present} {are} present "

@@ -217,7 +217,11 @@ def eight_device_checks(tmp: Path) -> dict:
     # the command line: errors on one line with exit status 2, and a real run
     found["cli_devices_16"] = cli_run(*SMALL, "--devices", "16", "--batch-size", "16",
                                       "--out", tmp / "bad1")
-    found["cli_batch_20"] = cli_run(*SMALL, "--batch-size", "20", "--out", tmp / "bad2")
+    found["cli_batch_20"] = cli_run(*SMALL, "--devices", "8", "--batch-size", "20",
+                                    "--out", tmp / "bad2")
+    # without --devices: as many of the 8 as the batch of 20 splits evenly over
+    found["cli_auto_devices"] = cli_run(*SMALL, "--batch-size", "20", "--out", tmp / "auto")
+    found["cli_auto_devices_config"] = json.loads((tmp / "auto" / "config.json").read_text())
     found["cli_fsdp_3"] = cli_run(*SMALL, "--fsdp", "3", "--batch-size", "16",
                                   "--out", tmp / "bad3")
     found["cli_nothing_written"] = not any((tmp / f"bad{i}").exists() for i in (1, 2, 3))
@@ -495,6 +499,14 @@ def test_cli_errors_with_8_devices(eight, name, match):
     assert err.startswith("fnbp train: error: ") and err.count("\n") == 1, err
     assert match in err, err
     assert eight["cli_nothing_written"] is True
+
+
+def test_cli_without_devices_uses_as_many_as_the_batch_splits_over(eight):
+    status, _, err = eight["cli_auto_devices"]
+    assert status == 0, err
+    assert ("fnbp train: --batch-size 20 does not split evenly over the 8 devices present; "
+            "training on 5 (pass --devices to choose)") in err
+    assert eight["cli_auto_devices_config"]["devices"] == 5
 
 
 def run_outputs(run):
