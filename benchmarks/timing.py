@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
@@ -57,13 +57,20 @@ def compare(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+class Paired(NamedTuple):
+    """What :func:`paired_ratios` measured."""
+
+    ratios: dict[str, float]    # name -> median of time(candidate) / time(baseline) per round
+    seconds: dict[str, float]   # name (and "baseline") -> median seconds per call
+
+
 def paired_ratios(
     candidates: dict[str, tuple[Callable[..., Any], Sequence[Any]]],
     baseline: tuple[Callable[..., Any], Sequence[Any]],
     *,
     rounds: int = 101,
     warmup: int = 3,
-) -> dict[str, float]:
+) -> Paired:
     """Median over rounds of time(candidate) / time(baseline), timed side by side.
 
     Args:
@@ -75,13 +82,15 @@ def paired_ratios(
       warmup: untimed calls of each function first.
 
     Returns:
-      name -> median of the per-round ratios.
+      The per-candidate medians of the per-round ratios, and the median
+      seconds per call of every candidate and of the baseline.
     """
     base_fn, base_args = baseline
     for fn, args in [*candidates.values(), baseline]:
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
     ratios: dict[str, list[float]] = {name: [] for name in candidates}
+    seconds: dict[str, list[float]] = {name: [] for name in [*candidates, "baseline"]}
     for r in range(rounds):
         for name, (fn, args) in candidates.items():
             if r % 2:
@@ -91,7 +100,10 @@ def paired_ratios(
                 t = _once(fn, args)
                 t_base = _once(base_fn, base_args)
             ratios[name].append(t / t_base)
-    return {name: statistics.median(values) for name, values in ratios.items()}
+            seconds[name].append(t)
+            seconds["baseline"].append(t_base)
+    return Paired({name: statistics.median(v) for name, v in ratios.items()},
+                  {name: statistics.median(v) for name, v in seconds.items()})
 
 
 def compile_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int = 3) -> float:
