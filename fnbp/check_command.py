@@ -244,11 +244,16 @@ def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
 
     key = jax.random.PRNGKey(seed)
     drawn = {} if drawn is None else drawn
-    try:
-        if (make_args, seed) not in drawn:
+    if (make_args, seed) not in drawn:
+        try:
             drawn[make_args, seed] = jit_fast(_call_factory)(make_args, jnp.dtype("float64"),
                                                              key)
-        base = drawn[make_args, seed]
+        except Exception:  # cannot be traced: remembered, so it is tried once
+            drawn[make_args, seed] = None
+    base = drawn[make_args, seed]
+    if base is None:
+        return _as_tuple(make_args(key, jnp.dtype(dtype)))
+    try:
         shape = jax.eval_shape(lambda k: _call_factory(make_args, jnp.dtype(dtype), k), key)
         leaves, treedef = jax.tree_util.tree_flatten(base)
         wanted, wanted_def = jax.tree_util.tree_flatten(shape)
@@ -257,7 +262,7 @@ def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
         return treedef.unflatten([
             x if x.dtype == w.dtype else jax.device_put(np.asarray(x).astype(w.dtype))
             for x, w in zip(leaves, wanted)])
-    except Exception:  # a factory that cannot be traced runs as it is
+    except Exception:  # a factory that cannot be traced at this dtype runs as it is
         return _as_tuple(make_args(key, jnp.dtype(dtype)))
 
 
