@@ -325,3 +325,23 @@ def ref_loss(params, x, y):
     t = ref_mlp(params, x)
     t_y = jnp.take_along_axis(t, y[:, None], axis=1)[:, 0]
     return jnp.mean(jax.nn.logsumexp(t, axis=1) - t_y)
+
+
+def mlp_problem(widths, n, dtype, seed=0):
+    """fnbp.mlp-shaped parameters, inputs and labels as NumPy arrays (nothing touches JAX).
+
+    ``widths`` = (input, hidden..., classes): one MM per consecutive pair with a
+    () between them for the ReLU, W He-scaled normal and b ~ N(0, 0.1^2); x is
+    standard normal of shape (n, input) and y int32 labels in [0, classes).
+    """
+    rng = np.random.default_rng(seed)
+
+    def linear(out, m):
+        return {"W": np.asarray(rng.normal(size=(out, m)) * np.sqrt(2 / m), dtype),
+                "b": np.asarray(rng.normal(size=out) * 0.1, dtype)}
+
+    layers = [linear(out, m) for m, out in zip(widths[:-1], widths[1:])]
+    params = tuple(p for layer in layers for p in (layer, ()))[:-1]
+    x = np.asarray(rng.normal(size=(n, widths[0])), dtype)
+    y = rng.integers(0, widths[-1], size=n).astype(np.int32)
+    return params, x, y

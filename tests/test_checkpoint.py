@@ -15,6 +15,7 @@ import pytest
 
 from fnbp import checkpoint as ckpt
 from fnbp.checkpoint import CheckpointError
+from _checkpoint_files import edit_metadata, rewrite_members
 
 
 def make_params(seed=0, hidden=3, dtype=jnp.float32):
@@ -126,13 +127,6 @@ def test_save_rejects_a_negative_step(tmp_path):
         ckpt.save_checkpoint(tmp_path / "c.npz", {}, (), step=-1)
 
 
-def rewrite(path, target, change):
-    """Copy a checkpoint, letting ``change(name, bytes) -> bytes`` edit members."""
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(target, "w") as out:
-        for item in source.namelist():
-            out.writestr(item, change(item, source.read(item)))
-
-
 # --- corrupted files ------------------------------------------------------------------
 
 
@@ -162,7 +156,7 @@ def test_pickled_member_is_refused_not_executed(tmp_path, saved):
     buffer = io.BytesIO()
     np.save(buffer, np.array([print], dtype=object), allow_pickle=True)
     evil = tmp_path / "evil.npz"
-    rewrite(path, evil, lambda name, c: buffer.getvalue() if name == "params.0.npy" else c)
+    rewrite_members(path, evil, lambda name, c: buffer.getvalue() if name == "params.0.npy" else c)
     params = make_params()
     with pytest.raises(CheckpointError, match=r"params.0 is unreadable.*pickle"):
         ckpt.load_checkpoint(evil, params, optax.adam(1e-2).init(params))
@@ -187,19 +181,6 @@ def test_truncated_and_bit_flipped_files(saved, tmp_path):
         ckpt.load_checkpoint(bad, params, state)
 
 
-def edit_metadata(path, target, edit):
-    def change(name, content):
-        if name != "__metadata__.npy":
-            return content
-        meta = json.loads(np.load(io.BytesIO(content)).tobytes())
-        edit(meta)
-        buffer = io.BytesIO()
-        np.save(buffer, np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        return buffer.getvalue()
-
-    rewrite(path, target, change)
-
-
 def test_valid_zip_with_altered_data_fails_the_digest(saved, tmp_path):
     path, params, state, _ = saved
 
@@ -212,7 +193,7 @@ def test_valid_zip_with_altered_data_fails_the_digest(saved, tmp_path):
         return buffer.getvalue()
 
     target = tmp_path / "altered.npz"
-    rewrite(path, target, change)
+    rewrite_members(path, target, change)
     with pytest.raises(CheckpointError,
                        match=r"params\['dense'\]\['W'\] do not match their SHA-256"):
         ckpt.load_checkpoint(target, params, state)
@@ -241,7 +222,7 @@ def test_metadata_that_is_not_json(saved, tmp_path):
     buffer = io.BytesIO()
     np.save(buffer, np.frombuffer(b"{not json", np.uint8))
     target = tmp_path / "notjson.npz"
-    rewrite(path, target, lambda n, c: buffer.getvalue() if n == "__metadata__.npy" else c)
+    rewrite_members(path, target, lambda n, c: buffer.getvalue() if n == "__metadata__.npy" else c)
     with pytest.raises(CheckpointError, match="metadata is not valid JSON"):
         ckpt.read_checkpoint_metadata(target)
 

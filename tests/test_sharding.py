@@ -35,20 +35,6 @@ SUBPROCESS_TIMEOUT = 240
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
 
 
-def problem(dtype, n=64, seed=0):
-    """MLP 4-16-16-3 parameters (He-scaled normals), inputs and labels."""
-    rng = np.random.default_rng(seed)
-
-    def linear(out, m):
-        return {"W": np.asarray(rng.normal(size=(out, m)) * np.sqrt(2 / m), dtype),
-                "b": np.asarray(rng.normal(size=out) * 0.1, dtype)}
-
-    params = (linear(16, 4), (), linear(16, 16), (), linear(3, 16))
-    x = np.asarray(rng.normal(size=(n, 4)), dtype)
-    y = rng.integers(0, 3, size=n).astype(np.int32)
-    return params, x, y
-
-
 MODEL = fnbp.mlp([16, 16, 3])
 ADAM = optax.adam(1e-2)
 SGD = optax.sgd(0.1)
@@ -101,14 +87,14 @@ def eight_device_checks(tmp: Path) -> dict:
     """Every check that needs 8 devices; returns JSON-able findings."""
     # Imported here, not at the top: the two-process run imports this file too
     # and must not touch a JAX backend before jax.distributed.initialize.
-    from _oracle import ref_loss
+    from _oracle import mlp_problem, ref_loss
 
     found: dict = {"devices": jax.device_count()}
     loss = fnbp.cross_entropy_loss
 
     # float64: one data-parallel step against jax.grad of the plain reference
     jax.config.update("jax_enable_x64", True)
-    params64, x64, y64 = problem(np.float64)
+    params64, x64, y64 = mlp_problem((4, 16, 16, 3), 64, np.float64)
     mesh = fnbp.make_mesh(8)
     step = train.make_train_step(MODEL, loss, SGD, mesh=mesh)
     new_params, _, metrics = step(params64, SGD.init(params64), x64[:16], y64[:16])
@@ -120,7 +106,7 @@ def eight_device_checks(tmp: Path) -> dict:
     found["dp_f64_loss_err"] = abs(float(metrics["loss"]) - float(J)) / abs(float(J))
     jax.config.update("jax_enable_x64", False)
 
-    params, x, y = problem(np.float32)
+    params, x, y = mlp_problem((4, 16, 16, 3), 64, np.float32)
     key = jax.random.key(7)
     kwargs = dict(key=key, epochs=2, batch_size=16, x_test=x[:40], y_test=y[:40])
     single = train.fit(MODEL, loss, ADAM, params, x, y, **kwargs)

@@ -10,7 +10,7 @@ import pytest
 
 import fnbp
 from fnbp import train
-from _oracle import ref_loss, ref_mlp
+from _oracle import mlp_problem, ref_loss, ref_mlp
 
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
 
@@ -40,16 +40,7 @@ N = 20
 
 def problem(dtype=jnp.float64, seed=0):
     """Parameters of MODEL for inputs of width 4 (He-scaled normals), x and labels."""
-    rng = np.random.default_rng(seed)
-
-    def linear(n, m):
-        return {"W": jnp.asarray(rng.normal(size=(n, m)) * np.sqrt(2 / m), dtype),
-                "b": jnp.asarray(rng.normal(size=n) * 0.1, dtype)}
-
-    params = (linear(6, 4), (), linear(5, 6), (), linear(3, 5))
-    x = jnp.asarray(rng.normal(size=(N, 4)), dtype)
-    y = jnp.asarray(rng.integers(0, 3, size=N), jnp.int32)
-    return params, x, y
+    return jax.tree.map(jnp.asarray, mlp_problem((4, 6, 5, 3), N, dtype, seed))
 
 
 # --- one step ------------------------------------------------------------------------

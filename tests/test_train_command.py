@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -10,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pytest
 
 from fnbp import cli
+from _checkpoint_files import edit_metadata
 
 # A small, fast configuration: 200 spiral points, one hidden layer of 16.
 SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
@@ -267,17 +266,6 @@ def test_resume_with_a_different_batch_size_is_refused(finished_run, capsys):
                        "--batch-size 20 but --batch-size 10 was given")
 
 
-def rewrite_checkpoint(run, change):
-    path = run / "checkpoint.npz"
-    content = {}
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            content[name] = change(name, archive.read(name))
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in content.items():
-            archive.writestr(name, data)
-
-
 def test_corrupted_checkpoint_is_refused(finished_run, capsys):
     capsys.readouterr()
     path = finished_run / "checkpoint.npz"
@@ -287,19 +275,6 @@ def test_corrupted_checkpoint_is_refused(finished_run, capsys):
                        "corrupted")
     path.write_bytes(b"\x00" * 100)
     assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run], "corrupted")
-
-
-def edit_metadata(run, edit):
-    def change(name, content):
-        if name != "__metadata__.npy":
-            return content
-        meta = json.loads(np.load(io.BytesIO(content)).tobytes())
-        edit(meta)
-        buffer = io.BytesIO()
-        np.save(buffer, np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        return buffer.getvalue()
-
-    rewrite_checkpoint(run, change)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -313,7 +288,8 @@ def edit_metadata(run, edit):
 ])
 def test_checkpoint_that_does_not_fit_its_run_is_refused(finished_run, capsys, edit, match):
     capsys.readouterr()
-    edit_metadata(finished_run, edit)
+    path = finished_run / "checkpoint.npz"
+    edit_metadata(path, path, edit)
     assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
                        match)
 
