@@ -96,6 +96,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnbp._compile import FAST_CPU_COMPILE, fast_compile_options
 from fnbp.backward import _uses_custom_vjp
 
 
@@ -487,25 +488,24 @@ def _batched_inputs(fk, sel, A, V):
     return jax.vmap(functools.partial(_B, fk, sel))(A, V)
 
 
-FAST_COMPILE: Mapping[str, Any] = MappingProxyType({
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-})
-"""XLA options of the verifier's programs on CPU.
+FAST_COMPILE: Mapping[str, Any] = FAST_CPU_COMPILE
+"""XLA options of the verifier's programs on CPU (speed only).
 
 The programs are small and each runs a few times, so compiling is nearly all
 their cost: without LLVM's optimizations and with XLA's classic elemental
 emitters it is 2-5 times cheaper on a 2-core CPU. Results agree with the
 default build to a few ulps (transcendental functions), far below every
-tolerance. Other backends compile with their defaults.
+tolerance. An option the installed jaxlib does not know is skipped (each is
+probed once, see :func:`fnbp._compile.supported_options`), so the verifier
+runs on every supported jax. Other backends compile with their defaults.
 """
 
 
 @functools.cache
-def _compiled(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
-    options = dict(FAST_COMPILE) if backend == "cpu" else None
-    return jax.jit(fn, static_argnums=(0, 1), compiler_options=options)
+def _compiled(fn: Callable[..., Any], backend: str,
+              options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    return jax.jit(fn, static_argnums=(0, 1),
+                   compiler_options=fast_compile_options(backend, dict(options)))
 
 
 def jit_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -514,7 +514,7 @@ def jit_fast(fn: Callable[..., Any]) -> Callable[..., Any]:
     Used for the verifier's own programs (and by ``fnbp check`` for the
     catalog's example arguments); see :data:`FAST_COMPILE`.
     """
-    return _compiled(fn, jax.default_backend())
+    return _compiled(fn, jax.default_backend(), tuple(sorted(FAST_COMPILE.items())))
 
 
 class _Checker:

@@ -31,6 +31,7 @@ import pytest
 from jax.extend import core
 
 import fnbp
+from fnbp._compile import fast_compile_options
 
 F64_RTOL = 1e-10
 F32_RTOL = 2e-5
@@ -208,9 +209,9 @@ _FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0,
 
 
 def jit(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """``jax.jit`` with fast compilation on a CPU."""
-    options = _FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
-    return jax.jit(fn, compiler_options=options, **kwargs)
+    """``jax.jit`` with fast compilation on a CPU (the options this jaxlib knows)."""
+    return jax.jit(fn, compiler_options=fast_compile_options(options=_FAST_CPU_COMPILE),
+                   **kwargs)
 
 
 @functools.partial(jit, static_argnums=(0, 1, 4))

@@ -392,3 +392,33 @@ def test_unknown_transform_and_too_few_directions():
         check_vjp(cube, np.ones(3), n_directions=1)
     with pytest.raises(TypeError, match="static_kwargs must be a dict"):
         check_vjp(cube, np.ones(3), static_kwargs=[("a", 1)])
+
+
+# --- speed-only compile options ------------------------------------------------------
+
+
+def test_verifier_runs_when_a_compile_option_is_unknown(monkeypatch):
+    """An XLA option this jaxlib does not know is skipped, never an error."""
+    import fnbp.verify
+    from fnbp._compile import supported_options
+
+    unknown = "xla_fnbp_option_that_no_jaxlib_has"
+    options = {**fnbp.verify.FAST_COMPILE, unknown: True}
+    assert unknown not in supported_options(options)
+    monkeypatch.setattr(fnbp.verify, "FAST_COMPILE", options)
+    z = jnp.asarray(RNG.normal(size=(3, 4)), jnp.float32)
+    report = check_vjp(fnbp.tanh, z, reference=jnp.tanh, transforms=("jit",))
+    report.assert_ok()
+    assert any(row.transform == "jit" for row in report.rows)
+
+
+def test_supported_options_keeps_options_that_compile():
+    from fnbp._compile import fast_compile_options, supported_options
+
+    assert supported_options({}) == {}
+    if jax.default_backend() == "cpu":
+        kept = fast_compile_options()
+        # At least one of the speed options is known to every supported jaxlib.
+        assert kept and set(kept) <= set(fnbp.verify.FAST_COMPILE)
+    else:
+        assert fast_compile_options() is None
