@@ -399,13 +399,13 @@ def test_unknown_transform_and_too_few_directions():
 
 def test_verifier_runs_when_a_compile_option_is_unknown(monkeypatch):
     """An XLA option this jaxlib does not know is skipped, never an error."""
-    import fnbp.verify
+    import fnbp.verify.programs
     from fnbp._compile import supported_options
 
     unknown = "xla_fnbp_option_that_no_jaxlib_has"
     options = {**fnbp.verify.FAST_COMPILE, unknown: True}
     assert unknown not in supported_options(options)
-    monkeypatch.setattr(fnbp.verify, "FAST_COMPILE", options)
+    monkeypatch.setattr(fnbp.verify.programs, "FAST_COMPILE", options)
     z = jnp.asarray(RNG.normal(size=(3, 4)), jnp.float32)
     report = check_vjp(fnbp.tanh, z, reference=jnp.tanh, transforms=("jit",))
     report.assert_ok()

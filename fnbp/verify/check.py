@@ -1,0 +1,153 @@
+"""check_vjp: the verifier's entry point (see :mod:`fnbp.verify`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fnbp.backward import _uses_custom_vjp
+from fnbp.verify.arguments import _argument_names, _coarsest, _describe_arg
+from fnbp.verify.checker import _Checker
+from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
+from fnbp.verify.programs import TRANSFORMS, _Bound
+from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPReport
+
+
+def check_vjp(
+    f: Callable[..., Any],
+    *args: Any,
+    reference: Callable[..., Any] | None = None,
+    static_kwargs: Mapping[str, Any] | None = None,
+    transforms: Sequence[str] | None = None,
+    n_directions: int = 3,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    fd_rtol: float = FD_RTOL,
+    fd_step: float = FD_STEP,
+) -> VJPReport:
+    """Check f's backward function B[f, z](v) = (df/dz)^T v at ``args``.
+
+    B comes from f's own rule through ``jax.vjp`` (for a ``jax.custom_vjp``
+    function, its hand-written bwd). It is run under each of ``transforms``
+    and compared with ``jax.vjp`` of ``reference`` (float64), with float64
+    central differences (the dot-product test <J t, c> = <t, J^T c>), with a
+    loop over examples for the batched transforms, and checked for the
+    properties of a backward function (linear in v, B(0) = 0, cotangent
+    shapes and dtypes, the fwd rule's primal output, determinism). See the
+    module docstring for the oracles, the kink handling and the tolerance table.
+
+    Example::
+
+        report = fnbp.check_vjp(fnbp.mm, z, W, b, reference=lambda z, W, b: z @ W.T + b)
+        print(report)
+        report.assert_ok()
+
+    Args:
+      f: the function to check, e.g. a ``jax.custom_vjp`` function or a
+        function built from such rules. Its outputs must be floating arrays (a
+        pytree of them).
+      *args: the point z: positional arguments of ``f``, pytrees of arrays.
+        Integer leaves get no cotangent (float0) and no rows.
+      reference: a plain implementation of the same function with the same
+        signature, differentiated by autodiff as the oracle. ``None``: finite
+        differences only.
+      static_kwargs: keyword settings passed, never traced, to ``f`` and
+        ``reference`` (``functools.partial`` does the same).
+      transforms: a subset of :data:`TRANSFORMS` (default: all).
+      n_directions: cotangents v_j and directions t_j drawn (at least 2).
+      seed: seed of those random draws (numpy; results are reproducible).
+      rtol: relative tolerance; default from :data:`DEFAULT_TOLERANCES`
+        for the coarsest floating dtype of the inputs and outputs.
+      atol: absolute tolerance; default from the same table.
+      fd_rtol: relative tolerance of the float64 finite differences.
+      fd_step: central-difference step relative to max(1, max |x|).
+
+    Returns:
+      A :class:`VJPReport`; nothing is raised for a wrong B: call
+      :meth:`VJPReport.assert_ok` for that.
+
+    Raises:
+      TypeError: f or reference not callable, a non-array leaf in args, a
+        non-floating output of f.
+      ValueError: f (or reference) rejects args, the reference's output has
+        another structure or shape than f's, no floating argument to check,
+        an unknown transform.
+    """
+    fn = "check_vjp"
+    if not callable(f):
+        raise TypeError(f"{fn}: f must be callable, got {type(f).__name__}")
+    if reference is not None and not callable(reference):
+        raise TypeError(f"{fn}: reference must be callable or None, "
+                        f"got {type(reference).__name__}")
+    if static_kwargs is not None and not isinstance(static_kwargs, Mapping):
+        raise TypeError(f"{fn}: static_kwargs must be a dict of keyword settings, "
+                        f"got {type(static_kwargs).__name__}")
+    transforms = TRANSFORMS if transforms is None else tuple(transforms)
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise ValueError(f"{fn}: unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 2:
+        raise ValueError(f"{fn}: n_directions must be an int >= 2, got {n_directions!r}")
+
+    kwargs = dict(static_kwargs or {})
+    name = getattr(f, "__name__", None) or type(f).__name__
+    fk = _Bound(f, kwargs)
+    refk = None if reference is None else _Bound(reference, kwargs)
+
+    names = _argument_names(f, len(args))
+    infos = [_describe_arg(n, a) for n, a in zip(names, args)]
+    args = tuple(info.rebuild(info.leaves) for info in infos)
+
+    try:  # tracing runs f's own checks of shapes and dtypes, and compiles nothing
+        jaxpr, out_shape = jax.make_jaxpr(fk, return_shape=True)(*args)
+    except Exception as err:
+        raise ValueError(
+            f"{fn}: f(*args) raised {type(err).__name__}: {err}; pass arguments that "
+            f"{name} accepts (static settings go in static_kwargs)") from err
+    out_structs, out_treedef = jax.tree_util.tree_flatten(out_shape)
+    if not out_structs:
+        raise ValueError(f"{fn}: {name} returns no array, there is nothing to differentiate")
+    for leaf in out_structs:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"{fn}: {name} returns a {leaf.dtype} output; check_vjp needs floating "
+                f"outputs (wrap f so it returns only its floating outputs)")
+    if refk is not None:
+        try:
+            ref_shape = jax.eval_shape(refk, *args)
+        except Exception as err:
+            raise ValueError(f"{fn}: reference(*args) raised {type(err).__name__}: {err}; "
+                             f"the reference must take f's arguments") from err
+        ref_structs, ref_treedef = jax.tree_util.tree_flatten(ref_shape)
+        shapes = [tuple(s.shape) for s in out_structs]
+        ref_shapes = [tuple(s.shape) for s in ref_structs]
+        if ref_treedef != out_treedef or ref_shapes != shapes:
+            show = (lambda s: s[0] if len(s) == 1 else s)  # noqa: E731
+            raise ValueError(
+                f"{fn}: the reference returns shape {show(ref_shapes)} but {name} returns "
+                f"shape {show(shapes)} for the same arguments; the reference must compute "
+                f"the same function as f")
+
+    diff = [k for k, info in enumerate(infos) if info.floats]
+    if not diff:
+        raise ValueError(f"{fn}: no argument of {name} has a floating leaf, so there is "
+                         f"no cotangent to check")
+    dtype = _coarsest([info.leaves[k].dtype for info in infos for k in info.floats]
+                      + [s.dtype for s in out_structs])
+    default = DEFAULT_TOLERANCES.get(dtype.name, DEFAULT_TOLERANCES["float32"])
+    tol = Tolerance(default.rtol if rtol is None else rtol,
+                    default.atol if atol is None else atol)
+
+    checker = _Checker(fk, refk, args, infos, diff, out_structs, out_treedef, tol, fd_rtol,
+                       fd_step, n_directions, seed, transforms)
+    checker.run()
+    notes = []
+    if not _uses_custom_vjp(jaxpr.jaxpr):
+        notes.append(f"{name} has no jax.custom_vjp rule: its derivative comes from autodiff")
+    if checker.kinks:
+        notes.append("at a kink: " + ", ".join(infos[i].name for i in checker.kinks)
+                     + " (finite differences leave those directions out)")
+    return VJPReport(name, dtype.name, jax.default_backend(), tuple(checker.rows), tuple(notes))
