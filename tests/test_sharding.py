@@ -1,10 +1,13 @@
 """Tests of fnbp.sharding and of training on a mesh: data parallel, FSDP, several processes.
 
-The suite runs on one device. The checks that need several run this file as a
-script in subprocesses whose XLA_FLAGS force 8 CPU devices (set before JAX is
-imported there): one process does every 8-device check and prints JSON, and a
-pair of processes with 2 devices each trains through ``jax.distributed``.
-Both start once, together, and the tests read what they printed.
+The in-process tests run on whatever devices jax gives this process (one CPU,
+one GPU, several GPUs): their expectations take the backend and the device
+count from jax. The checks that need several devices run this file as a script
+in subprocesses on the CPU with 8 devices (jax's own ``JAX_NUM_CPU_DEVICES``
+setting, read before JAX starts there): one process does every 8-device check
+and prints JSON, and a pair of processes with 2 devices each trains through
+``jax.distributed``. Both start once, together, and the tests read what they
+printed.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ def eight_device_checks(tmp: Path) -> dict:
     key3 = jax.random.key(3)
     state = train.init_state(toy, ADAM, key3, (4,), mesh=fnbp.make_mesh(8, fsdp=8),
                              min_shard_size=64)
-    found["init_identical"] = identical(state.params["W"], jax.random.normal(key3, (16, 4)))
+    found["init_max_diff"] = float(np.max(np.abs(np.asarray(state.params["W"])
+                                                - np.asarray(jax.random.normal(key3, (16, 4))))))
     found["init_specs"] = [specs(state.params), specs(state.opt_state[0].mu)]
 
     # data parallel fit: the same trajectory as one device, in float32
@@ -244,8 +248,8 @@ def free_port() -> int:
 
 
 def start(args, devices, log):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # the default in newer JAX
     return subprocess.Popen([sys.executable, str(HERE), *map(str, args)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)
@@ -311,13 +315,22 @@ def eight(workers):
 # --- in this process: one device ---------------------------------------------------------
 
 
-def test_make_mesh_on_one_device_and_its_errors():
+def present() -> tuple[int, str]:
+    """This process' device count and fnbp's summary of them, e.g. ``(1, "1 cpu")``."""
+    n = jax.device_count()
+    return n, f"{n} {jax.devices()[0].platform}"
+
+
+def test_make_mesh_on_this_process_devices_and_its_errors():
+    n, summary = present()
     mesh = fnbp.make_mesh()
-    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count() == 1
+    assert mesh.axis_names == ("data",) and mesh.size == n
     assert sharding.batch_spec(mesh) == jax.sharding.PartitionSpec("data")
-    with pytest.raises(ValueError, match=r"a mesh of 2 devices was asked for but only 1 is "
-                                         r"present \(1 cpu\); pass devices=1 or fewer"):
-        fnbp.make_mesh(2)
+    are = "is" if n == 1 else "are"
+    with pytest.raises(ValueError) as error:
+        fnbp.make_mesh(n + 1)
+    assert str(error.value) == (f"make_mesh: a mesh of {n + 1} devices was asked for but only "
+                                f"{n} {are} present ({summary}); pass devices={n} or fewer")
     with pytest.raises(ValueError, match="devices must be a positive int, got 0"):
         fnbp.make_mesh(0)
     with pytest.raises(ValueError, match="fsdp must be a positive int"):
@@ -384,7 +397,6 @@ def cli_error(capsys, args, match):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--devices", "2"], "--devices 2: only 1 device is present (cpu); pass --devices 1"),
     (["--devices", "0"], "--devices must be a positive integer, got 0"),
     (["--fsdp", "0"], "--fsdp must be a positive integer, got 0"),
     (["--num-processes", "2", "--process-id", "0"],
@@ -395,6 +407,15 @@ def cli_error(capsys, args, match):
 ])
 def test_cli_parallel_flag_errors_are_one_line(tmp_path, capsys, extra, match):
     cli_error(capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_more_devices_than_present_is_one_line(tmp_path, capsys):
+    n = jax.device_count()
+    are = "device is" if n == 1 else "devices are"
+    cli_error(capsys, [*SMALL, "--devices", n + 1, "--out", tmp_path / "run"],
+              f"--devices {n + 1}: only {n} {are} present ({jax.default_backend()}); pass "
+              f"--devices {n} or fewer")
     assert not (tmp_path / "run").exists()
 
 
@@ -437,7 +458,9 @@ def test_data_parallel_fit_equals_single_device_fit_float32(eight):
 
 
 def test_init_state_on_a_mesh_is_the_same_draw(eight):
-    assert eight["init_identical"] is True
+    # The same random bits; turning them into normal draws may round differently by an
+    # ulp when XLA lays out the split program otherwise (seen with jax 0.12 on CPU).
+    assert eight["init_max_diff"] <= 1e-6
     # W (16, 4) has 64 elements: split over the 8 fsdp devices, its Adam moments too
     assert eight["init_specs"] == [[["fsdp"], []], [["fsdp"], []]]
 
