@@ -40,8 +40,9 @@ import optax
 from jax import Array
 from jax.sharding import Mesh
 
+from fnbp import precision as _precision
 from fnbp import sharding as _sharding
-from fnbp.backprop import Loss, backprop
+from fnbp.backprop import Loss
 from fnbp.network import Layer, Params
 
 Metrics = dict[str, Array]
@@ -158,9 +159,10 @@ def train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation
 
     The gradient is :func:`fnbp.backprop` (Algorithm 3 with the hand-written
     backward functions); ``metrics`` holds ``loss`` (J before the update) and,
-    for integer labels, ``accuracy``.
+    for integer labels, ``accuracy``. With a :func:`fnbp.loss_scaled` optimizer
+    the loss is scaled by the S in ``opt_state`` (:mod:`fnbp.precision`).
     """
-    J, grads = backprop(model, loss, params, x, y)
+    J, grads = _precision.scaled_backprop(model, loss, params, x, y, opt_state)
     metrics = {"loss": J}
     y = jnp.asarray(y)
     if _is_classification(jax.eval_shape(model.apply, params, x), y):
@@ -186,8 +188,8 @@ _batch_step_jit = jax.jit(_batch_step, static_argnums=(0, 1, 2, 3))
 
 
 def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
-                    mesh: Mesh | None = None, min_shard_size: int = _sharding.MIN_SHARD_SIZE
-                    ) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
+                    mesh: Mesh | None = None, min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+                    precision: _precision.Precision | str | None = None) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
     """A jitted training step: gradients from :func:`fnbp.backprop`, update from optax.
 
     With a ``mesh`` (:func:`fnbp.make_mesh`) the step is data parallel: the
@@ -205,6 +207,11 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
       mesh: a device mesh, or None for one device.
       min_shard_size: on an FSDP mesh, parameters with fewer elements stay
         replicated.
+      precision: a mixed precision policy, :class:`fnbp.Precision` or its name
+        (``"bfloat16"``, ``"float16"``, ...): the passes run in its compute
+        dtype while parameters, gradients, loss and optimizer state stay
+        float32 (:func:`fnbp.with_precision`); float16 needs a
+        :func:`fnbp.loss_scaled` optimizer. None: no casts (the default).
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, metrics)`` with
@@ -223,6 +230,7 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
         params, opt_state, metrics = step(params, opt_state, x, y)
     """
     _check_parts("make_train_step", model, loss, optimizer)
+    model = _precision.applied("make_train_step", model, precision)
     if mesh is None:
         return functools.partial(_train_step_jit, model, loss, optimizer)
     _sharding.check_mesh("make_train_step", mesh)
@@ -244,15 +252,18 @@ _eval_step_jit = jax.jit(eval_step, static_argnums=(0, 1))
 
 
 def make_eval_step(model: Layer, loss: Loss, *, mesh: Mesh | None = None,
-                   min_shard_size: int = _sharding.MIN_SHARD_SIZE
+                   min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+                   precision: _precision.Precision | str | None = None
                    ) -> Callable[[Params, Array, Array], Metrics]:
     """A jitted evaluation: ``eval_step(params, x, y) -> {"loss", "accuracy"}``.
 
     The loss is the mean over examples of ``loss(model.apply(params, x), y)``,
     computed without any gradient; ``accuracy`` is present for integer labels.
-    With a ``mesh`` it is a :class:`ShardedEvalStep`.
+    With a ``mesh`` it is a :class:`ShardedEvalStep`; with a ``precision`` it
+    computes as :func:`make_train_step`'s step does.
     """
     _check_parts("make_eval_step", model, loss, None)
+    model = _precision.applied("make_eval_step", model, precision)
     if mesh is None:
         return functools.partial(_eval_step_jit, model, loss)
     _sharding.check_mesh("make_eval_step", mesh)
@@ -457,7 +468,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
         on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
         eval_batch_size: int = 1024, mesh: Mesh | None = None,
-        min_shard_size: int = _sharding.MIN_SHARD_SIZE) -> FitResult:
+        min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+        precision: _precision.Precision | str | None = None) -> FitResult:
     """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
 
     Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
@@ -502,6 +514,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
       mesh: a device mesh, or None for one device.
       min_shard_size: on an FSDP mesh, parameters with fewer elements stay
         replicated.
+      precision: a mixed precision policy, as for :func:`make_train_step`;
+        training and test evaluation compute in it.
 
     Returns:
       A :class:`FitResult` ``(params, history, state)``.
@@ -512,6 +526,7 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         on a mesh a batch size its device count does not divide.
     """
     _check_parts("fit", model, loss, optimizer)
+    model = _precision.applied("fit", model, precision)
     if mesh is None:
         x, y = jnp.asarray(x), jnp.asarray(y)
     else:
