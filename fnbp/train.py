@@ -189,7 +189,8 @@ _batch_step_jit = jax.jit(_batch_step, static_argnums=(0, 1, 2, 3))
 
 def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
                     mesh: Mesh | None = None, min_shard_size: int = _sharding.MIN_SHARD_SIZE,
-                    precision: _precision.Precision | str | None = None) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
+                    precision: _precision.Precision | str | None = None
+                    ) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
     """A jitted training step: gradients from :func:`fnbp.backprop`, update from optax.
 
     With a ``mesh`` (:func:`fnbp.make_mesh`) the step is data parallel: the
