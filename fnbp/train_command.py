@@ -24,6 +24,11 @@ Examples:
   fnbp train --resume runs/digits-mlp-seed0 --epochs 20
   fnbp train --devices 8 --batch-size 256
   fnbp train --devices 8 --fsdp 4 --batch-size 256
+  fnbp train --precision bfloat16
+
+--precision bfloat16 (or float16) trains in mixed precision: the forward and
+backward passes run in that dtype, while the parameters, the optimizer state
+and the loss stay float32; float16 adds dynamic loss scaling (fnbp.precision).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 
 MODELS = ("mlp", "cnn", "resnet-s")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.precision.PRECISIONS, without JAX
 CHECKPOINT = "checkpoint.npz"
 
 # Defaults chosen per dataset (measured: see the README's training section).
@@ -57,7 +63,7 @@ _TEST_FRACTION = 0.2
 
 # Flags that define a run; on --resume they come from the checkpoint.
 _RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
-              "batch_size", "seed", "test_fraction", "num_examples")
+              "batch_size", "seed", "test_fraction", "num_examples", "precision")
 
 
 class _AllDevices:
@@ -111,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in this folder (or from this checkpoint file)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="also save a checkpoint every N steps (default: every epoch only)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="compute dtype; bfloat16 and float16 are mixed precision with "
+                             "float32 parameters, optimizer state and loss, float16 with "
+                             "dynamic loss scaling (default float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parallel = parser.add_argument_group("several devices and hosts")
     parallel.add_argument("--devices", type=int, metavar="N",
@@ -168,6 +178,8 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.resume is not None:
         checkpoint = _checkpoint_path(args.resume)
         stored = read_checkpoint_metadata(checkpoint).get("config")
+        if isinstance(stored, dict):  # runs saved before --precision existed were float32
+            stored = {"precision": "float32", **stored}
         if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
             raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
                              f"not written by fnbp train")
@@ -186,6 +198,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                                  else _infer_dataset(config["data_path"]))
         config["model"] = config["model"] or "mlp"
         config["optimizer"] = config["optimizer"] or "adam"
+        config["precision"] = config["precision"] or "float32"
         dataset_defaults = _DATASET_DEFAULTS.get(config["dataset"], _OTHER_DEFAULTS)
         model_defaults = _MODEL_DEFAULTS.get(config["model"], {})
         if config["width"] is None:
@@ -357,14 +370,19 @@ def _build_model(model: str, width: int, depth: int, num_classes: int) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(name: str, lr: float) -> Any:
+def _optimizer(name: str, lr: float, precision: str = "float32") -> Any:
     import optax
 
+    from fnbp.precision import loss_scaled
+
     if name == "adam":
-        return optax.adam(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=_MOMENTUM)
-    return optax.sgd(lr)
+        optimizer = optax.adam(lr)
+    elif name == "momentum":
+        optimizer = optax.sgd(lr, momentum=_MOMENTUM)
+    else:
+        optimizer = optax.sgd(lr)
+    # float16 gradients underflow without loss scaling; its state is in the optimizer's
+    return loss_scaled(optimizer) if precision == "float16" else optimizer
 
 
 def _fingerprint(*arrays: Any) -> str:
@@ -479,7 +497,7 @@ def _train(args: argparse.Namespace) -> int:
 
     model = _build_model(config["model"], config["width"], config["depth"],
                          dataset.num_classes)
-    optimizer = _optimizer(config["optimizer"], config["lr"])
+    optimizer = _optimizer(config["optimizer"], config["lr"], config["precision"])
     root = jax.random.key(config["seed"])
     init_key, shuffle_key = jax.random.split(root)
     try:
@@ -544,6 +562,10 @@ def _train(args: argparse.Namespace) -> int:
 
     total = config["epochs"] * per_epoch
     where = "" if mesh is None else f", data parallel on {sharding.describe(mesh)}"
+    # float32 is the step without casts, exactly as before --precision existed
+    precision = None if config["precision"] == "float32" else config["precision"]
+    if precision is not None:
+        where += f", {precision} mixed precision"
     if leader:
         print(f"fnbp train: {config['model']} on {config['dataset']} ({n} train, "
               f"{len(x_test)} test, {dataset.num_classes} classes), {config['optimizer']} lr "
@@ -577,7 +599,7 @@ def _train(args: argparse.Namespace) -> int:
                            x_train, y_train, key=shuffle_key, epochs=config["epochs"],
                            batch_size=config["batch_size"], x_test=x_test, y_test=y_test,
                            state=state, history=history, on_step=on_step, on_epoch=on_epoch,
-                           mesh=mesh)
+                           mesh=mesh, precision=precision)
     except _Diverged as diverged:
         bar.close()
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
