@@ -92,6 +92,13 @@ from fnbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.data import DataError, Dataset, load_dataset
 from fnbp import sharding
 from fnbp.sharding import initialize_distributed, make_mesh
+from fnbp.precision import (
+    DynamicLossScale,
+    Precision,
+    dynamic_loss_scale,
+    loss_scaled,
+    with_precision,
+)
 from fnbp.train import (
     FitResult,
     ShardedEvalStep,
@@ -211,6 +218,11 @@ __all__ = [
     "initialize_distributed",
     "make_mesh",
     "sharding",
+    "DynamicLossScale",
+    "Precision",
+    "dynamic_loss_scale",
+    "loss_scaled",
+    "with_precision",
     "VJPReport",
     "check_vjp",
 ]
