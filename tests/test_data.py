@@ -142,8 +142,8 @@ def test_validate_arrays_accepts_whole_float_labels_and_casts():
      r"x contains NaN or infinity \(first in example 1\)"),
     (np.array([[1.0], [np.inf]]), np.zeros(2), "NaN or infinity"),
     (np.ones((3, 1)), np.array([0.0, 1.5, 1.0]), r"non-integer labels \(e.g. 1.5 in example 1\)"),
-    (np.ones((2, 1)), np.array([0, -1]), "negative labels"),
-    (np.ones((2, 1)), np.array([0.0, np.nan]), "y contains NaN"),
+    (np.ones((2, 1)), np.array([0, -1]), "the negative label -1 in example 1"),
+    (np.ones((2, 1)), np.array([0.0, np.nan]), "y holds nan in example 1"),
     (np.array([["a"], ["b"]]), np.zeros(2), "x has dtype <U1"),
     (np.zeros((0, 2)), np.zeros(0), "no examples"),
 ])
@@ -170,7 +170,9 @@ def test_load_dataset_npz_keeps_the_given_split(tmp_path):
     path = tmp_path / "split.npz"
     np.savez(path, x_train=rng.normal(size=(6, 3, 3)), y_train=np.array([0, 1, 2] * 2),
              x_test=rng.normal(size=(2, 3, 3)), y_test=np.array([1, 0]))
-    d = data.load_dataset("npz", path=path, standardized=False)
+    with pytest.warns(data.DataWarning, match="the test split has no examples of class 2 "
+                                              r"\(of 3\)"):
+        d = data.load_dataset("npz", path=path, standardized=False)
     assert d.x_train.shape == (6, 3, 3) and d.x_test.shape == (2, 3, 3)
     assert d.num_classes == 3 and d.y_test.tolist() == [1, 0]
 
@@ -200,7 +202,7 @@ def test_load_dataset_npz_mismatched_split_shapes(tmp_path):
 def test_load_npz_never_unpickles_and_rejects_garbage(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, x=np.array([{"a": 1}, None], dtype=object), y=np.zeros(2))
-    with pytest.raises(DataError, match="array of Python objects"):
+    with pytest.raises(DataError, match="the array x holds Python objects"):
         data.load_npz(path)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"PK\x03\x04 this is not really a zip archive")
@@ -223,15 +225,15 @@ def test_load_csv_with_header_and_named_label_column(tmp_path):
 
 def test_load_csv_without_header_label_last(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("0.5,2,1\n1.5,3,0\n")
+    path.write_text("0.5,2,1\n1.5,3,0\n2.5,4,1\n3.5,5,0\n")
     d = data.load_dataset("csv", path=path, test_fraction=0.5, standardized=False)
-    assert sorted(d.y_train.tolist() + d.y_test.tolist()) == [0, 1]
+    assert sorted(d.y_train.tolist()) == sorted(d.y_test.tolist()) == [0, 1]
     assert d.input_shape == (2,)
 
 
 @pytest.mark.parametrize("text, match", [
-    ("1,2,0\n3,oops,1\n", r"line 2 holds 'oops', which is not a number"),
-    ("1,2,0\n3,1\n", "line 2 has 2 columns but the first row has 3"),
+    ("1,2,0\n3,oops,1\n", r"line 2 column 2 holds 'oops', which is not a number"),
+    ("1,2,0\n3,1\n", "line 2 has 2 columns but line 1 has 3"),
     ("1,2,0.5\n3,4,1\n", "non-integer labels"),
     ("1,nan,0\n3,4,1\n", "x contains NaN"),
     ("", "is empty"),
@@ -331,3 +333,173 @@ def test_load_dataset_argument_errors(tmp_path):
     with pytest.raises(DataError, match="num_examples only applies"):
         data.load_dataset("digits", num_examples=10)
     assert os.listdir(tmp_path) == []
+
+
+# --- the class count, the header rule, values after the cast (issue 14) ------------------
+
+
+def test_a_stray_label_is_an_error_naming_its_line_not_a_bigger_model(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(8))
+                    + "9,9,100000\n")
+    with pytest.raises(DataError, match=r"csv .*d\.csv: label 100000 in line 10 is not a "
+                                        r"class index: the 3 distinct labels must be 0 \.\. 2, "
+                                        r"but class 2 has no examples; fix or drop that row"):
+        data.load_dataset("csv", path=path)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.ones((9, 2)), y=np.array([0, 1] * 4 + [5]))
+    with pytest.raises(DataError, match=r"label 5 in example 8 is not a class index.*"
+                                        r"class 2 has no examples"):
+        data.load_dataset("npz", path=npz)
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([1] * 6, "every label is 1; classification needs at least two classes"),
+    ([0] * 6, "every label is 0"),
+    ([1, 2] * 3, "label 2 in example 1 .* class 0 has no examples"),
+])
+def test_labels_must_be_0_to_k_minus_1(labels, match):
+    with pytest.raises(DataError, match=match):
+        data.count_classes(np.array(labels), "src")
+
+
+def test_test_labels_are_checked_against_the_training_classes(tmp_path):
+    path = tmp_path / "split.npz"
+    np.savez(path, x_train=np.ones((4, 2)), y_train=np.array([0, 1, 0, 1]),
+             x_test=np.ones((3, 2)), y_test=np.array([0, 1, 2]))
+    with pytest.raises(DataError, match=r"\(test split\): label 2 in example 2 is not one of "
+                                        r"the 2 classes of the training split \(0 \.\. 1\)"):
+        data.load_dataset("npz", path=path)
+
+
+def test_a_class_of_one_example_stays_in_training_and_the_test_split_warns():
+    x = np.arange(21, dtype=np.float64).reshape(-1, 1)
+    y = np.array([0] * 10 + [1] * 10 + [2])
+    x_train, y_train, x_test, y_test = data.train_test_split(x, y, test_fraction=0.5)
+    assert sorted(set(y_train.tolist())) == [0, 1, 2] and 2 not in y_test
+    assert len(x_test) == 10 and len(x_train) == 11
+
+
+
+def previous_split(y, test_fraction, seed):
+    """The split before classes kept a training example: plain largest remainder."""
+    classes, counts = np.unique(y, return_counts=True)
+    share = test_fraction * counts
+    per_class = np.floor(share).astype(np.int64)
+    extra = np.argsort(-(share - per_class), kind="stable")
+    per_class[extra[: int(round(test_fraction * len(y))) - per_class.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    parts = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    test = rng.permutation(np.concatenate([p[:k] for p, k in zip(parts, per_class)]))
+    train = rng.permutation(np.concatenate([p[k:] for p, k in zip(parts, per_class)]))
+    return train, test
+
+
+def test_the_split_is_unchanged_where_every_class_keeps_training_examples():
+    # the same split as before for such data: old runs resume on the same data
+    y = np.array([0] * 7 + [1] * 11 + [2] * 5)
+    x = np.arange(len(y))[:, None]
+    train, test = previous_split(y, 0.3, seed=4)
+    x_train, _, x_test, _ = data.train_test_split(x, y, test_fraction=0.3, seed=4)
+    np.testing.assert_array_equal(x_train[:, 0], train)
+    np.testing.assert_array_equal(x_test[:, 0], test)
+
+
+def test_the_test_split_missing_a_class_is_a_warning(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("".join(f"{i},{i % 2}\n" for i in range(20)) + "5,2\n")
+    with pytest.warns(data.DataWarning, match="the test split has no examples of class 2 "
+                                              r"\(of 3\); the test accuracy does not measure it"):
+        d = data.load_dataset("csv", path=path)
+    assert d.num_classes == 3 and 2 in d.y_train
+
+
+def test_csv_byte_order_mark_is_stripped_and_the_header_kept(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffa,b,label\n1,2,0\n3,4,1\n".encode("utf-8"))
+    x, y = data.load_csv(path)
+    np.testing.assert_array_equal(x, [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(y, [0, 1])
+    path.write_bytes("\ufeff1,2,0\n3,4,1\n".encode("utf-8"))  # no header: row 1 is data
+    x, y = data.load_csv(path)
+    assert x.shape == (2, 2) and y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("NA,2,0\n3,4,1\n", r"line 1 column 1 is a missing value \('NA'\); fill it in or drop"),
+    ("1,2,0\nNA,4,1\n", r"line 2 column 1 is a missing value \('NA'\)"),
+    ("1,,0\n3,4,1\n", r"line 1 column 2 is a missing value \(''\)"),
+    ("id,2,label\n3,4,1\n", r"line 1 column 1 holds 'id', which is not a number; a header "
+                            r"row must have no numbers in it"),
+    ("a,b\n1,2,0\n", r"has 2 names in its header \(line 1\) but 3 columns in line 2"),
+    ("1,2,0\n3,4,1e400\n", "y holds inf in line 2"),
+    ("1,2,0\n3,4,-1\n", "the negative label -1 in line 2"),
+])
+def test_csv_missing_values_and_the_header_rule(tmp_path, text, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=match):
+        data.load_dataset("csv", path=path)
+
+
+def test_csv_header_can_be_forced(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("1,2,3\n4,5,0\n6,7,1\n")
+    x, y = data.load_csv(path, header=True)
+    assert x.shape == (2, 2) and y.tolist() == [0, 1]
+    x, y = data.load_csv(path, header=False)
+    assert x.shape == (3, 2) and y.tolist() == [3, 0, 1]
+
+
+def test_values_are_checked_after_the_cast_to_float32(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("1,2,0\n3,1e300,1\n5,6,0\n7,8,1\n")
+    with pytest.raises(DataError, match=r"csv .*d\.csv: x holds 1e\+300 in line 2, too large "
+                                        r"for float32 \(largest 3.4e\+38\); rescale the inputs"):
+        data.load_dataset("csv", path=path)
+    x, _ = data.validate_arrays(np.array([[1e300]]), np.array([0]), "t", dtype=np.float64)
+    assert x.dtype == np.float64 and x[0, 0] == 1e300
+
+
+# --- npz layouts and files of another kind --------------------------------------------------
+
+
+def test_npz_layout_x_y_x_test_y_test_is_the_given_split(tmp_path):
+    path = tmp_path / "mnist1d.npz"
+    np.savez(path, x=np.arange(8.0).reshape(4, 2), y=np.array([0, 1, 0, 1]),
+             x_test=np.ones((2, 2)), y_test=np.array([1, 0]))
+    d = data.load_dataset("npz", path=path, standardized=False)
+    np.testing.assert_array_equal(d.x_train, np.arange(8.0).reshape(4, 2))
+    assert d.y_test.tolist() == [1, 0] and d.num_classes == 2
+
+
+def test_npz_extra_arrays_are_ignored_with_a_warning_and_not_read(tmp_path):
+    path = tmp_path / "extra.npz"
+    np.savez(path, x=np.ones((4, 2)), y=np.array([0, 1, 0, 1]),
+             templates=np.array([{"a": 1}], dtype=object), t=np.arange(3))
+    with pytest.warns(data.DataWarning, match="training on x, y; ignoring the other arrays "
+                                              "t, templates"):
+        arrays = data.load_npz(path)
+    assert sorted(arrays) == ["x", "y"]
+
+
+def test_a_file_of_another_kind_named_npz_says_what_it_is(tmp_path):
+    npy = tmp_path / "renamed.npz"
+    with open(npy, "wb") as handle:
+        np.save(handle, np.ones(3))
+    with pytest.raises(DataError, match=r"is a single NumPy array \(the .npy format, from "
+                                        r"np.save\), not a .npz archive; write one with "
+                                        r"np.savez\(path, x=x, y=y\)"):
+        data.load_npz(npy)
+    png = tmp_path / "image.npz"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    with pytest.raises(DataError, match="image.npz is a PNG image, not a .npz archive"):
+        data.load_npz(png)
+    text = tmp_path / "table.npz"
+    text.write_text("1,2,0\n")
+    with pytest.raises(DataError, match="is a text file, not a .npz archive"):
+        data.load_npz(text)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"is empty \(0 bytes\), not a .npz archive"):
+        data.load_npz(empty)
