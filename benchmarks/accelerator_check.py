@@ -1,31 +1,40 @@
 """One command for a machine with a GPU or TPU: the card, the step benchmarks, the tests.
 
 Run from anywhere (the package is found from this file's folder, installed or
-not)::
+not; nothing is installed, no network is needed)::
 
-    python benchmarks/accelerator_check.py            # about 5 minutes at most
-    python benchmarks/accelerator_check.py --out check/ --budget 240
+    python benchmarks/accelerator_check.py --out check/   # under 5 minutes on an H200
+    python benchmarks/accelerator_check.py --allow-cpu --smoke --pytest-args tests/test_benchmarks.py
 
 In order, each step in its own process (so that each gets the whole card) and
-each under a time limit that keeps the whole run inside ``--budget`` seconds:
+each under a time limit that keeps the whole run inside ``--budget`` seconds
+(default 290); every figure is printed as soon as it is measured, so a step
+stopped at its limit still shows what it measured:
 
 1. the card: ``nvidia-smi`` where there is one, and what JAX sees (backend,
    device kind, count, versions); without an accelerator it stops, unless
    ``--allow-cpu``;
-2. ``benchmarks/bench_mlp.py --quick``: the MLP training step and the other
-   rows, time(fnbp) / time(autodiff);
+2. ``benchmarks/bench_gpu_mlp.py``: parity on the card, the training step of
+   the MLP 1024-4096-4096-4096-10 at batch 4096 and 16384 in float32 and
+   bfloat16, time(fnbp) / time(autodiff) with the A/A control, TFLOP/s, and
+   PyTorch's eager step where torch is installed (``--smoke``: tiny sizes);
 3. ``benchmarks/bench_conv.py --quick``: the conv-net training step;
 4. with several devices, the data-parallel step (:func:`fnbp.make_train_step`
    on :func:`fnbp.make_mesh`) against one device, examples per second;
 5. the test suite (pytest), with float32 matrix products at full precision
    (``JAX_DEFAULT_MATMUL_PRECISION=highest``: GPUs otherwise use TF32, whose
    10-bit mantissa the suite's float32 tolerances are not written for), in
-   parallel with pytest-xdist where it is installed;
+   parallel with pytest-xdist where it is installed, each worker taking GPU
+   memory as it needs it (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) instead
+   of 75% of the card; ``--pytest-args`` runs a part of it, ``--skip-tests``
+   none;
 
-then a summary: the card, every step's status and seconds, the train-step
-ratios per batch, the conv ratios, the data-parallel speed-up and pytest's
-last line. ``--out DIR`` keeps the logs and the benchmarks' JSON. The exit
-status is 0 when every step passed, 1 otherwise, 3 when there is no
+then a one-screen summary: the card, JAX's version, every step's status and
+seconds, each fnbp/autodiff ratio with its A/A control and the ms per step of
+autodiff, fnbp and PyTorch, the conv ratios, the data-parallel speed-up,
+pytest's last line and its slowest test files. ``--out DIR`` keeps the logs,
+the benchmarks' JSON and ``accelerator_check.json`` (all of the summary). The
+exit status is 0 when every step passed, 1 otherwise, 3 when there is no
 accelerator (and no ``--allow-cpu``).
 """
 
@@ -35,6 +44,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -42,6 +52,8 @@ import sys
 import tempfile
 import threading
 import time
+import xml.etree.ElementTree as ElementTree
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +113,7 @@ def run(step: Step, command: list[str], timeout: float, env: dict[str, str],
         print(f"\n    stopped: over its limit of {timeout:.0f} s", flush=True)
     reader.join(timeout=10)
     step.seconds = time.perf_counter() - started
+    print(f"    {step.name}: {step.status} in {step.seconds:.1f} s", flush=True)
     step.output = "".join(lines)
     if log is not None:
         log.write_text(step.output)
@@ -159,24 +172,81 @@ def data_parallel_figures() -> int:
     return 0
 
 
-def summary_ratios(out: Path) -> list[str]:
-    lines = []
-    mlp = out / "bench_mlp.json"
-    if mlp.exists():
-        rows = json.loads(mlp.read_text()).get("batches", [])
-        for row in rows:
-            lines.append(f"  MLP train step, batch {row['batch']:>5}: fnbp "
-                         f"{row['step_fnbp_ms']:.3f} ms, autodiff "
-                         f"{row['step_autodiff_ms']:.3f} ms, ratio "
-                         f"{row['train_step_ratio']:.3f} (per-example "
-                         f"{row['per_example_ratio']:.3f})")
-    conv = out / "bench_conv.json"
-    if conv.exists():
-        figures = json.loads(conv.read_text())
-        for name, ratio in figures.get("ratios", {}).items():
-            lines.append(f"  conv-net step, fnbp / {name}: {ratio:.3f} "
-                         f"({1e3 * figures['seconds']['fnbp']:.3f} ms/step)")
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mlp_lines(figures: dict | None) -> list[str]:
+    """The parity rows of bench_gpu_mlp.json, one line each."""
+    if not figures:
+        return []
+    net = figures["network"]
+    lines = [f"MLP {net['input']}-{'-'.join(map(str, net['widths']))} training step, "
+             f"{figures['k']} steps per timing; ratio = fnbp / autodiff (A/A control); "
+             f"ms per step; TFLOP/s = 6 * B * P / step time"]
+    for r in figures["rows"]:
+        torch_part = ""
+        if r.get("torch_ms") is not None:
+            torch_part = f"; torch {r['torch_ms']:.3f} ms ({r['torch_ratio']:.3f} of autodiff)"
+        lines.append(f"  B{r['batch']:<6} {r['dtype']:<8}: {r['ratio']:.3f} (A/A "
+                     f"{r['aa_ratio']:.3f}); autodiff {r['autodiff_ms']:.3f} ms "
+                     f"({r['autodiff_tflops']:.4g} TFLOP/s), fnbp {r['fnbp_ms']:.3f} ms"
+                     f"{torch_part}")
+    for r in figures.get("skipped", []):
+        lines.append(f"  B{r['batch']:<6} {r['dtype']:<8}: skipped (time limit)")
+    for r in figures.get("errors", []):
+        lines.append(f"  B{r['batch']:<6} {r['dtype']:<8}: failed: {r['error']}")
     return lines
+
+
+def conv_lines(figures: dict | None) -> list[str]:
+    if not figures:
+        return []
+    return [f"conv-net step, fnbp / {name}: {ratio:.3f} "
+            f"({1e3 * figures['seconds']['fnbp']:.3f} ms/step)"
+            for name, ratio in figures.get("ratios", {}).items()]
+
+
+def test_file_seconds(junit: Path) -> dict[str, float]:
+    """Seconds per test file, from pytest's JUnit XML report (summed over its tests)."""
+    try:
+        tree = ElementTree.parse(junit)
+    except (OSError, ElementTree.ParseError):
+        return {}
+    seconds: dict[str, float] = defaultdict(float)
+    for case in tree.iter("testcase"):
+        parts = case.get("classname", "").split(".")
+        module = next((i for i, part in enumerate(parts) if part.startswith("test_")), None)
+        name = "/".join(parts[:module + 1]) + ".py" if module is not None else "?"
+        seconds[name] += float(case.get("time") or 0.0)
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+
+
+def tests_step(args: argparse.Namespace, out: Path, env: dict[str, str],
+               timeout: float) -> Step:
+    """The suite (or ``--pytest-args``) in parallel, float32 products at full precision."""
+    tests = Step("tests")
+    workers = args.workers
+    has_xdist = importlib.util.find_spec("xdist") is not None
+    if workers is None:
+        workers = min(12, os.cpu_count() or 1) if has_xdist else 0
+    targets = shlex.split(args.pytest_args) if args.pytest_args else [str(ROOT / "tests")]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "--durations=5", f"--junitxml={out / 'tests.xml'}"]
+    if has_xdist:
+        command += ["-n", str(workers)] + (["--dist", args.dist] if workers > 0 else [])
+    test_env = dict(env, JAX_DEFAULT_MATMUL_PRECISION="highest",
+                    # several processes share the card: none takes 75% of its memory
+                    XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return run(tests, command + targets, timeout, test_env, out / "tests.log")
+
+
+def last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1].strip("= ") if lines else "(no output)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,10 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the logs and JSON figures")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run even when JAX sees no accelerator (to try the script)")
-    parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the MLP benchmark at tiny sizes (seconds, any backend; "
+                             "always so on a CPU)")
+    parser.add_argument("--skip-tests", "--no-tests", action="store_true",
+                        help="benchmarks only")
+    parser.add_argument("--pytest-args", default=None,
+                        help="what pytest runs instead of the whole suite, e.g. "
+                             "\"tests/test_benchmarks.py\" or \"tests -k linear\"")
     parser.add_argument("--workers", type=int, default=None,
-                        help="pytest-xdist workers (default 8 when pytest-xdist is "
-                             "installed, else the suite runs in one process)")
+                        help="pytest-xdist workers (default: min(12, CPU cores) when "
+                             "pytest-xdist is installed; 0 runs the tests in one process)")
+    parser.add_argument("--dist", default="loadfile",
+                        help="pytest-xdist scheduling (default loadfile: each file's "
+                             "compiled programs are shared by its tests)")
     parser.add_argument("--data-parallel", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_parallel:
@@ -202,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="fnbp-accelerator-check-"))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("bench_gpu_mlp.json", "bench_conv.json", "tests.xml"):
+        (out / stale).unlink(missing_ok=True)  # a step cut short must not show old figures
     env = environment()
     python = sys.executable
 
@@ -209,30 +291,41 @@ def main(argv: list[str] | None = None) -> int:
     cards = card_lines()
     for line in cards:
         print(f"nvidia-smi: {line}")
-    query = subprocess.run([python, "-c", DEVICE_QUERY], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    card = Step("card")
+    try:
+        query = subprocess.run([python, "-c", DEVICE_QUERY], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=min(90.0, left(60)))
+    except subprocess.TimeoutExpired:
+        print("JAX did not start within its time limit; nothing was measured")
+        return 1
+    card.seconds, card.status = time.perf_counter() - started, "ok"
     if query.returncode != 0:
         print(query.stdout + query.stderr)
         print("JAX could not start; nothing was measured")
         return 1
     device = json.loads(query.stdout.strip().splitlines()[-1])
     print(f"JAX {device['jax']} (Python {device['python']}): backend {device['backend']}, "
-          f"{device['count']} x {device['kind']}", flush=True)
+          f"{device['count']} x {device['kind']} ({card.seconds:.1f} s)", flush=True)
     if device["backend"] == "cpu" and not args.allow_cpu:
         print("no GPU or TPU is visible to JAX (backend cpu): install the accelerator's jax "
               "(e.g. pip install -U \"jax[cuda12]\") or pass --allow-cpu to run here anyway")
         return 3
 
-    steps: list[Step] = []
-    # the benchmarks first, leaving the tests at least 150 s of the budget
-    steps.append(run(Step("bench_mlp --quick"),
-                     [python, str(BENCHMARKS / "bench_mlp.py"), "--quick", "--json",
-                      str(out / "bench_mlp.json")],
-                     min(90.0, left(180)), env, out / "bench_mlp.log"))
+    steps: list[Step] = [card]
+    # The benchmarks first (the tests would share the card with them), each
+    # capped so that the tests keep at least 150 s of the budget.
+    bench_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # PyTorch shares the card
+    limit = min(120.0, left(170))
+    command = [python, str(BENCHMARKS / "bench_gpu_mlp.py"), "--json",
+               str(out / "bench_gpu_mlp.json"), "--time-limit", f"{max(limit - 20, 1):.0f}"]
+    if args.smoke or device["backend"] == "cpu":
+        command.append("--smoke")  # on a CPU the full sizes take far longer than the budget
+    steps.append(run(Step("bench_gpu_mlp"), command, limit, bench_env,
+                     out / "bench_gpu_mlp.log"))
     steps.append(run(Step("bench_conv --quick"),
                      [python, str(BENCHMARKS / "bench_conv.py"), "--quick", "--json",
                       str(out / "bench_conv.json")],
-                     min(45.0, left(160)), env, out / "bench_conv.log"))
+                     min(45.0, left(150)), env, out / "bench_conv.log"))
     data_parallel = Step("data parallel")
     if device["count"] > 1:
         steps.append(run(data_parallel, [python, str(Path(__file__).resolve()),
@@ -242,36 +335,37 @@ def main(argv: list[str] | None = None) -> int:
         data_parallel.output = "one device: the data-parallel figures need several"
         steps.append(data_parallel)
     tests = Step("tests")
-    if not args.skip_tests:
-        workers = args.workers
-        if workers is None:
-            workers = 8 if importlib.util.find_spec("xdist") is not None else 1
-        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
-                   str(ROOT / "tests")]
-        test_env = dict(env, JAX_DEFAULT_MATMUL_PRECISION="highest")
-        if workers > 1:
-            command[4:4] = ["-n", str(workers), "--dist", "loadfile"]
-            # several processes share the card: no process takes 75% of its memory
-            test_env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        steps.append(run(tests, command, left(5), test_env, out / "tests.log"))
-    else:
-        steps.append(tests)
+    steps.append(tests if args.skip_tests else tests_step(args, out, env, left(5)))
+
+    mlp = read_json(out / "bench_gpu_mlp.json")
+    conv = read_json(out / "bench_conv.json")
+    files = test_file_seconds(out / "tests.xml") if tests.output else {}
+    pytest_line = last_line(tests.output) if tests.output else None
+    speedup = [line.strip() for line in data_parallel.output.splitlines()
+               if "speed-up" in line or line.startswith("one device")]
+    total = time.perf_counter() - started
+    (out / "accelerator_check.json").write_text(json.dumps({
+        "card": cards, "jax": device,
+        "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in steps],
+        "gpu_mlp": mlp, "conv": conv, "data_parallel": speedup, "pytest": pytest_line,
+        "test_file_seconds": files, "seconds": total}, indent=2))
 
     print("\n=== summary")
     if cards:
         print(f"card: {'; '.join(cards)}")
-    print(f"JAX {device['jax']}: {device['count']} x {device['kind']} ({device['backend']})")
+    print(f"JAX {device['jax']} (Python {device['python']}): {device['count']} x "
+          f"{device['kind']} ({device['backend']})")
     for step in steps:
         print(f"  {step.name:<20} {step.status:<22} {step.seconds:6.1f} s")
-    for line in summary_ratios(out):
+    for line in mlp_lines(mlp) + conv_lines(conv) + speedup:
         print(line)
-    for line in data_parallel.output.splitlines():
-        if "speed-up" in line or line.startswith("one device"):
-            print(f"  {line.strip()}")
-    if tests.output:
-        last = [line for line in tests.output.splitlines() if line.strip()]
-        print(f"  pytest: {last[-1].strip('= ') if last else '(no output)'}")
-    print(f"total {time.perf_counter() - started:.1f} s; logs and figures in {out}")
+    if pytest_line is not None:
+        print(f"pytest: {pytest_line}")
+        if files:
+            slowest = ", ".join(f"{Path(name).name} {sec:.0f} s"
+                                for name, sec in list(files.items())[:5])
+            print(f"  slowest test files (summed test time): {slowest}")
+    print(f"total {total:.1f} s; logs and figures in {out}")
     failed = [s for s in steps if s.status not in ("ok", "skipped")]
     return 1 if failed else 0
 

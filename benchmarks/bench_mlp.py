@@ -121,25 +121,30 @@ def vmapped_mean(model):
     return fnbp_vm, autodiff_vm
 
 
-def torch_step_seconds(batch, repeats):
+def torch_step(widths, n_in, batch, *, dtype="float32", device="cpu"):
+    """PyTorch's eager training step of the same MLP, or None where torch is not installed.
+
+    Linear, ReLU, ..., Linear with PyTorch's default initialization, mean
+    cross-entropy, ``torch.optim.SGD(lr=0.01)``; parameters and inputs in
+    ``dtype`` on ``device``. Returns ``step()``, one training step (on a GPU it
+    returns before the work is done: synchronize to wait for it).
+    """
     try:
         import torch
     except ImportError:
         return None
-    import statistics
-    import time
-
     torch.manual_seed(0)
-    layers, width = [], INPUT
-    for i, w in enumerate(WIDTHS):
+    layers, width = [], n_in
+    for i, w in enumerate(widths):
         layers.append(torch.nn.Linear(width, w))
-        if i < len(WIDTHS) - 1:
+        if i < len(widths) - 1:
             layers.append(torch.nn.ReLU())
         width = w
-    net = torch.nn.Sequential(*layers)
+    torch_dtype = getattr(torch, dtype)
+    net = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    x = torch.randn(batch, INPUT)
-    y = torch.randint(0, WIDTHS[-1], (batch,))
+    x = torch.randn(batch, n_in, device=device, dtype=torch_dtype)
+    y = torch.randint(0, widths[-1], (batch,), device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -147,6 +152,17 @@ def torch_step_seconds(batch, repeats):
         loss.backward()
         opt.step()
 
+    return step
+
+
+def torch_step_seconds(batch, repeats):
+    """Median seconds of PyTorch's eager CPU step of the 784-1024-1024-10 MLP, or None."""
+    import statistics
+    import time
+
+    step = torch_step(WIDTHS, INPUT, batch)
+    if step is None:
+        return None
     for _ in range(3):
         step()
     times = []
@@ -166,6 +182,10 @@ def bench_batches(batches, repeats, rounds):
     fnbp_step, grad_apply_step, autodiff_step = steps(model, optimizer)
     fnbp_pe, autodiff_pe = per_example(model)
     fnbp_vm, autodiff_vm = vmapped_mean(model)
+    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median over "
+          f"{rounds} rounds of side-by-side timings (A/A: autodiff against a copy of itself)")
+    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'A/A':>6} "
+          f"{'grad(apply)':>12} {'per-example':>12} {'vmap mean':>10} {'torch ms':>9}", flush=True)
     rows = []
     for batch in batches:
         x, y = make_data(batch)
@@ -194,6 +214,7 @@ def bench_batches(batches, repeats, rounds):
             "vmap_mean_ratio": vm.ratios["fnbp"],
             "torch_eager_step_ms": None if torch_s is None else 1e3 * torch_s,
         })
+        print_row(rows[-1])
     x, y = make_data(256)
     step_args = (params, state, x, y)
     mem = {"fnbp": temp_bytes(fnbp_step, step_args),
@@ -201,6 +222,14 @@ def bench_batches(batches, repeats, rounds):
     comp = {"fnbp": compile_seconds(fnbp_step, step_args),
             "autodiff": compile_seconds(autodiff_step, step_args)}
     return rows, mem, comp
+
+
+def print_row(r):
+    torch_ms = "-" if r["torch_eager_step_ms"] is None else f"{r['torch_eager_step_ms']:.2f}"
+    print(f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
+          f"{r['train_step_ratio']:>11.3f} {r['autodiff_aa_ratio']:>6.3f} "
+          f"{r['grad_apply_ratio']:>12.3f} "
+          f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}", flush=True)
 
 
 def bench_depth(depths, repeats, batch=256, width=256):
@@ -217,6 +246,9 @@ def bench_depth(depths, repeats, batch=256, width=256):
         rows.append({"depth": depth, "forward_ms": 1e3 * t["forward"],
                      "forward_backward_ms": 1e3 * t["both"],
                      "backward_cost_ratio": t["both"] / t["forward"]})
+        r = rows[-1]
+        print(f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
+              f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}", flush=True)
     return rows
 
 
@@ -257,24 +289,12 @@ def main(argv=None):
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"{platform.processor() or platform.machine()}")
     rows, mem, comp = bench_batches((32, 256, 1024), repeats, rounds)
-    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median over "
-          f"{rounds} rounds of side-by-side timings (A/A: autodiff against a copy of itself)")
-    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'A/A':>6} "
-          f"{'grad(apply)':>12} {'per-example':>12} {'vmap mean':>10} {'torch ms':>9}")
-    for r in rows:
-        torch_ms = "-" if r["torch_eager_step_ms"] is None else f"{r['torch_eager_step_ms']:.2f}"
-        print(f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
-              f"{r['train_step_ratio']:>11.3f} {r['autodiff_aa_ratio']:>6.3f} "
-              f"{r['grad_apply_ratio']:>12.3f} "
-              f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}")
     print(f"\ncompiled temporary memory (batch 256): fnbp {mem['fnbp']} B, autodiff {mem['autodiff']} B")
     print(f"compile time: fnbp {comp['fnbp']:.3f} s, autodiff {comp['autodiff']:.3f} s, "
           f"ratio {comp['fnbp'] / comp['autodiff']:.3f}")
+    print("\ncost against depth (width 256, batch 256): time(forward + backward) / time(forward)",
+          flush=True)
     depth_rows = bench_depth(depths, repeats)
-    print("\ncost against depth (width 256, batch 256): time(forward + backward) / time(forward)")
-    for r in depth_rows:
-        print(f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
-              f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}")
     depth_ms = np.array([[r["depth"], r["forward_backward_ms"]] for r in depth_rows])
     slope, intercept = np.polyfit(depth_ms[:, 0], depth_ms[:, 1], 1)
     fitted = slope * depth_ms[:, 0] + intercept

@@ -106,6 +106,37 @@ def paired_ratios(
                   {name: statistics.median(v) for name, v in seconds.items()})
 
 
+def back_to_back(step: Callable[..., Any], k: int, carry: int = 2) -> Callable[..., Any]:
+    """``k`` calls of ``step`` in a row, each fed the previous call's first ``carry`` outputs.
+
+    A training step ``step(params, state, x, y) -> (params, state, loss)`` run
+    this way is ``k`` steps of training dispatched without waiting: timed with
+    :func:`compare` or :func:`paired_ratios`, only the last call's output is
+    waited for (``jax.block_until_ready``), so on an accelerator the launch
+    and dispatch overhead of one call overlaps the previous call's work, as in
+    a training loop. Divide the measured seconds by ``k`` for one step.
+
+    Args:
+      step: the function; its first ``carry`` outputs are its next first
+        ``carry`` arguments, the remaining arguments (the batch) stay fixed.
+      k: calls per timing, at least 1.
+      carry: how many leading outputs feed the next call.
+
+    Returns:
+      ``run(*args)``, which returns the last call's output.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"back_to_back: k must be an int >= 1 (calls per timing), got {k!r}")
+
+    def run(*args: Any) -> Any:
+        out = step(*args)
+        for _ in range(k - 1):
+            out = step(*out[:carry], *args[carry:])
+        return out
+
+    return run
+
+
 def compile_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int = 3) -> float:
     """Median seconds to lower and compile ``jax.jit(fn)`` for ``args`` (no cache)."""
     times = []

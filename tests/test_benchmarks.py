@@ -1,0 +1,88 @@
+"""The accelerator benchmark runs end to end at tiny sizes on whatever backend is here.
+
+No timed asserts: only that every figure exists, is finite and positive, for
+both dtypes, and that the accelerator check's summary reads what the
+benchmark writes.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    """A benchmark script as a module (the folder is not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench_gpu_mlp.json"
+    figures = load("bench_gpu_mlp").main(
+        ["--smoke", "--hidden", "1", "--batches", "32", "--rounds", "2", "--no-torch",
+         "--json", str(out)])
+    return figures, out
+
+
+def test_smoke_run_gives_finite_positive_ratios_for_both_dtypes(smoke, capsys):
+    figures, _ = smoke
+    assert figures["errors"] == [] and figures["skipped"] == []
+    assert [(r["batch"], r["dtype"]) for r in figures["rows"]] == [
+        (32, "float32"), (32, "bfloat16")]
+    for row in figures["rows"]:
+        for key in ("ratio", "aa_ratio", "autodiff_ms", "fnbp_ms", "autodiff_tflops",
+                    "fnbp_tflops", "compile_fnbp_s", "compile_autodiff_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["dtype"], key, row[key])
+        assert row["torch_ms"] is None  # --no-torch
+    assert figures["network"] == {"input": 64, "widths": [64, 10],
+                                  "parameters": 64 * 64 + 64 + 64 * 10 + 10}
+
+
+def test_smoke_run_writes_the_json_the_summary_reads(smoke):
+    figures, out = smoke
+    written = json.loads(out.read_text())
+    assert written["rows"] == json.loads(json.dumps(figures["rows"]))
+    lines = load("accelerator_check").mlp_lines(written)
+    assert len(lines) == 1 + len(figures["rows"])
+    assert "float32" in lines[1] and "bfloat16" in lines[2] and "A/A" in lines[1]
+
+
+def test_back_to_back_feeds_the_carry_and_keeps_the_batch():
+    timing = load("timing")
+    calls = []
+
+    def step(a, b, x):
+        calls.append((a, b, x))
+        return a + x, b * 2, "loss"
+
+    assert timing.back_to_back(step, 3)(0, 1, 5) == (15, 8, "loss")
+    assert calls == [(0, 1, 5), (5, 2, 5), (10, 4, 5)]
+    with pytest.raises(ValueError, match="back_to_back: k must be an int >= 1"):
+        timing.back_to_back(step, 0)
+
+
+def test_torch_step_runs_where_torch_is_installed():
+    pytest.importorskip("torch")
+    step = load("bench_mlp").torch_step([8, 10], 4, 3)
+    step()  # one eager training step of the same MLP on the CPU
+
+
+def test_full_sizes_refuse_a_cpu_with_a_hint(capsys, monkeypatch):
+    bench = load("bench_gpu_mlp")
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse([])
+    assert exit_info.value.code == 3
+    assert "Pass --smoke" in capsys.readouterr().err
+    assert bench.parse(["--smoke"]).width == 64
