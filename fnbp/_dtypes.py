@@ -1,4 +1,9 @@
-"""Dtype helpers shared by the rules: dtype in = dtype out."""
+"""Dtype helpers shared by the rules: dtype in = dtype out.
+
+bf16/f16 GEMMs and convolutions produce their input dtype (the hardware
+accumulates in float32); :func:`accumulation_dtype` is for the reductions that
+keep float32.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import jax.numpy as jnp
 
 
 def accumulation_dtype(*arrays) -> jnp.dtype:
-    """The dtype to accumulate a contraction in: at least float32.
+    """The dtype to accumulate a reduction in: at least float32.
 
-    float16 and bfloat16 inputs are multiplied with float32 accumulation
-    (``preferred_element_type``) and the result is cast back, so a weight
-    cotangent summed over many examples does not lose its low bits.
+    For the sums that need it with float16 and bfloat16 inputs: a bias
+    cotangent summed over every example (``mm``, ``conv1d``, ``conv2d``),
+    pooling's sums, normalization's statistics. The result is cast back, so
+    such a sum does not lose its low bits. Matrix products and convolutions
+    do not use it: bf16/f16 GEMMs produce their input dtype; the hardware
+    accumulates in float32 (see ``fnbp.linear``).
     """
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)

@@ -39,6 +39,16 @@ k_eff // 2)``, the padding XLA's "SAME" would choose for stride 1. For stride
 s > 1 fnbp's "same" pads l on both sides, which can differ from XLA's "SAME"
 (XLA pads as little as needed for ceil(m / s) outputs, and more on the high
 side).
+
+Precision: the forward convolution and both backward ones have a result in
+the dtype of their operands, as autodiff of ``lax.conv_general_dilated``
+gives: bf16/f16 convolutions produce their input dtype; the hardware
+accumulates in float32. The forward runs in ``result_type(z, w)``, the
+backward in the cotangent's dtype (``result_type(z, w, b)``); each result is
+cast to its argument's dtype. The one reduction kept in float32 is the bias
+cotangent ``db``, a sum over every example and position accumulated in at
+least float32 and cast back (and a bias of a wider dtype than a half-precision
+convolution is added in float32).
 """
 
 from __future__ import annotations
@@ -178,12 +188,6 @@ def _flat(z: Array, n: int) -> Array:
     return z.reshape((-1,) + z.shape[z.ndim - n - 1:])
 
 
-def _pet(compute, *arrays):
-    """preferred_element_type: float32 accumulation for half inputs, else default."""
-    acc = accumulation_dtype(*arrays)
-    return None if acc == compute else acc
-
-
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
              dilation: Ints) -> Array:
@@ -191,13 +195,16 @@ def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
     out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
     compute = jnp.result_type(z, w)
     zf = _flat(z, n).astype(compute)
+    # A result in the operands' dtype: bf16/f16 convolutions produce their
+    # input dtype; the hardware accumulates in float32.
     u = jax.lax.conv_general_dilated(
         zf, w.astype(compute), window_strides=stride, padding=padding,
         rhs_dilation=dilation, dimension_numbers=_FWD_DN[n],
-        preferred_element_type=_pet(compute, zf),
     )
     if b is not None:
-        u = u + b.astype(u.dtype)
+        # In the conv's dtype; a bias of another dtype is added in at least float32.
+        add = compute if out == compute else accumulation_dtype(compute)
+        u = u.astype(add) + b.astype(add)
     return u.astype(out).reshape(z.shape[:z.ndim - n - 1] + u.shape[1:])
 
 
@@ -228,7 +235,6 @@ def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
     return jax.lax.conv_general_dilated(
         v, w_flipped, window_strides=(1,) * n, padding=pads, lhs_dilation=stride,
         rhs_dilation=dilation, dimension_numbers=_DZ_DN[n],
-        preferred_element_type=_pet(v.dtype, v),
     )
 
 
@@ -246,7 +252,6 @@ def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
     return jax.lax.conv_general_dilated(
         zf.astype(v.dtype), v, window_strides=dilation, padding=pads,
         rhs_dilation=stride, dimension_numbers=_DW_DN[n],
-        preferred_element_type=_pet(v.dtype, v),
     )
 
 
@@ -334,6 +339,11 @@ def conv1d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
     over all examples, shape (k, C, C2); ``db = sum of v`` over examples and
     positions, shape (C2,), or ``None`` without a bias. The static settings
     come first, as ``jax.custom_vjp``'s ``nondiff_argnums`` pass them.
+
+    Precision: ``dz`` and ``dw`` are convolutions in v's dtype with results in
+    that dtype (bf16/f16 convolutions produce their input dtype; the hardware
+    accumulates in float32); ``db`` is summed in at least float32 and cast
+    back to b's dtype.
     """
     stride, padding, dilation = _settings(1, res.w.shape, stride, padding, dilation)
     return _conv_bwd(stride, padding, dilation, res, v)
@@ -366,7 +376,10 @@ def conv1d(z: Array, w: Array, b: Array | None = None, *, stride: int = 1,
 
     Returns:
       u of shape (..., m', C2), m' = floor((m + low + high - k_eff) / s) + 1,
-      dtype ``result_type(z, w, b)``.
+      dtype ``result_type(z, w, b)``. The convolution runs in
+      ``result_type(z, w)`` with a result of that dtype: bf16/f16
+      convolutions produce their input dtype; the hardware accumulates in
+      float32.
 
     Raises:
       ValueError: w not 3-D, channel mismatch, b not (C2,), stride or dilation
@@ -401,6 +414,8 @@ def conv2d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
     As :func:`conv1d_bwd` over two spatial axes: ``dz`` (..., H, W, C) is the
     transposed convolution of v with the flipped kernel; ``dw`` (kh, kw, C, C2)
     one convolution of z with v over all examples; ``db`` (C2,) the sum of v.
+    Precision as in :func:`conv1d_bwd`: bf16/f16 convolutions produce their
+    input dtype; the hardware accumulates in float32; ``db`` sums in float32.
     """
     stride, padding, dilation = _settings(2, res.w.shape, stride, padding, dilation)
     return _conv_bwd(stride, padding, dilation, res, v)
@@ -432,7 +447,9 @@ def conv2d(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1
       dilation: int >= 1 or (dh, dw) (static).
 
     Returns:
-      u of shape (..., H', W', C2), dtype ``result_type(z, w, b)``.
+      u of shape (..., H', W', C2), dtype ``result_type(z, w, b)``. As in
+      :func:`conv1d`, bf16/f16 convolutions produce their input dtype; the
+      hardware accumulates in float32.
 
     Raises:
       ValueError: w not 4-D, channel mismatch, b not (C2,), stride or dilation

@@ -14,6 +14,18 @@ Leading axes of ``z`` are example axes (eq. 7.84: examples stacked as rows,
 Z = X W^T + b). The parameter cotangents are summed over all of them with one
 contraction: ``dW = V^T Z`` is a single ``dot_general`` over the example
 axes, never a stack of per-example outer products.
+
+Precision: every product (the forward ``Z W^T``, ``dz`` and ``dW``) is a
+``dot_general`` whose result has the dtype of its operands, as autodiff of
+``z @ W.T + b`` gives. bf16/f16 GEMMs produce their input dtype; the hardware
+accumulates in float32 (a GPU's tensor cores; XLA:CPU multiplies them in
+float32 and rounds the result), and asking
+for a float32 result instead doubles the bytes written and, on a GPU, costs
+cuBLAS's bias epilogue. The one reduction kept in float32 is the bias
+cotangent ``db``, a sum over all examples accumulated in at least float32
+and cast back. Mixed dtypes follow ``jnp.result_type``: the forward product
+runs in ``result_type(z, W)``, the backward ones in the cotangent's dtype
+(``result_type(z, W, b)``), and each result is cast to its argument's dtype.
 """
 
 from __future__ import annotations
@@ -45,13 +57,15 @@ def _example_axes(x: Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
+def _dot(a: Array, b: Array, dims, dtype) -> Array:
+    """``dot_general`` of a and b, both in ``dtype``, with a result in ``dtype``."""
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims)
+
+
 def _forward(z: Array, W: Array, b: Array | None) -> Array:
     out_dtype = jnp.result_type(z, W) if b is None else jnp.result_type(z, W, b)
-    # Z W^T as one dot_general over the feature axis (eq. 7.84).
-    u = jax.lax.dot_general(
-        z, W, (((z.ndim - 1,), (1,)), ((), ())),
-        preferred_element_type=accumulation_dtype(z, W),
-    )
+    # Z W^T as one dot_general over the feature axis (eq. 7.84), in z and W's dtype.
+    u = _dot(z, W, (((z.ndim - 1,), (1,)), ((), ())), jnp.result_type(z, W))
     if b is not None:
         u = u + b
     return u.astype(out_dtype)
@@ -79,17 +93,20 @@ def mm_bwd(res: MMResiduals, v: Array) -> tuple[Array, Array, Array | None]:
       ``dW = sum over examples of v z^T`` (eq. 7.65), shape (n, m), one
       contraction over all leading axes; ``db = sum over examples of v``
       (eq. 7.66), shape (n,), or ``None`` when there is no bias.
+
+    Precision: ``dz`` and ``dW`` are dots in the cotangent's dtype
+    (``result_type(z, W, v)``) with results in that dtype: bf16/f16 GEMMs
+    produce their input dtype; the hardware accumulates in float32. ``db`` is
+    summed in at least float32 and cast back to b's dtype.
     """
     z, W, b = res
-    acc = accumulation_dtype(z, W, v)
-    dz = jax.lax.dot_general(
-        v, W, (((v.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc
-    ).astype(z.dtype)
+    compute = jnp.result_type(z, W, v)
+    dz = _dot(v, W, (((v.ndim - 1,), (0,)), ((), ())), compute).astype(z.dtype)
     examples = _example_axes(v)
-    dW = jax.lax.dot_general(
-        v, z, ((examples, examples), ((), ())), preferred_element_type=acc
-    ).astype(W.dtype)
-    db = jnp.sum(v, axis=examples, dtype=acc).astype(b.dtype) if b is not None else None
+    dW = _dot(v, z, ((examples, examples), ((), ())), compute).astype(W.dtype)
+    db = None
+    if b is not None:
+        db = jnp.sum(v, axis=examples, dtype=accumulation_dtype(v)).astype(b.dtype)
     return dz, dW, db
 
 
@@ -110,7 +127,9 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
       b: bias, shape (n,), or ``None`` for no bias.
 
     Returns:
-      ``u`` of shape (..., n) and dtype ``result_type(z, W, b)``.
+      ``u`` of shape (..., n) and dtype ``result_type(z, W, b)``. The product
+      is a dot in ``result_type(z, W)`` with a result of that dtype: bf16/f16
+      GEMMs produce their input dtype; the hardware accumulates in float32.
 
     Raises:
       ValueError: W not 2-D, z's last axis not W's second, b not (n,).
