@@ -107,15 +107,24 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = _require_file(path, "npz")
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
+        handle = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"npz: cannot read {path} ({error.strerror or error})") from error
+    with handle:  # opened here, so that it is closed however np.load fails
+        return _read_npz(path, handle)
+
+
+def _read_npz(path: str, handle: Any) -> dict[str, np.ndarray]:
+    try:
+        head = handle.read(16)
+        handle.seek(0)
     except OSError as error:
         raise DataError(f"npz: cannot read {path} ({error.strerror or error})") from error
     if not head.startswith(_ZIP_MAGIC):
         raise DataError(f"npz: {path} is {describe_content(head)}, not a .npz archive; "
                         f"write one with np.savez(path, x=x, y=y)")
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(handle, allow_pickle=False)
     except _READ_ERRORS as error:
         raise DataError(f"npz: cannot read {path} as a .npz archive ({_reason(error)}); "
                         f"the file is corrupted, write it again with "
