@@ -225,10 +225,9 @@ def test_file_seconds(junit: Path) -> dict[str, float]:
     return dict(sorted(seconds.items(), key=lambda item: -item[1]))
 
 
-def tests_step(args: argparse.Namespace, out: Path, env: dict[str, str],
+def tests_step(tests: Step, args: argparse.Namespace, out: Path, env: dict[str, str],
                timeout: float) -> Step:
     """The suite (or ``--pytest-args``) in parallel, float32 products at full precision."""
-    tests = Step("tests")
     workers = args.workers
     has_xdist = importlib.util.find_spec("xdist") is not None
     if workers is None:
@@ -238,6 +237,10 @@ def tests_step(args: argparse.Namespace, out: Path, env: dict[str, str],
                "--durations=5", f"--junitxml={out / 'tests.xml'}"]
     if has_xdist:
         command += ["-n", str(workers)] + (["--dist", args.dist] if workers > 0 else [])
+    else:  # pyproject's addopts name pytest-xdist's -n: drop them
+        print("pytest-xdist is not installed: the tests run in one process, which may not "
+              "fit the budget", flush=True)
+        command += ["-o", "addopts=-ra"]
     test_env = dict(env, JAX_DEFAULT_MATMUL_PRECISION="highest",
                     # several processes share the card: none takes 75% of its memory
                     XLA_PYTHON_CLIENT_PREALLOCATE="false")
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         data_parallel.output = "one device: the data-parallel figures need several"
         steps.append(data_parallel)
     tests = Step("tests")
-    steps.append(tests if args.skip_tests else tests_step(args, out, env, left(5)))
+    steps.append(tests if args.skip_tests else tests_step(tests, args, out, env, left(5)))
 
     mlp = read_json(out / "bench_gpu_mlp.json")
     conv = read_json(out / "bench_conv.json")

@@ -97,7 +97,7 @@ def torch_setup(use_torch: bool) -> dict[str, Any] | None:
         print(f"PyTorch {torch.__version__}: cannot use this {jax.default_backend()} "
               "(no CUDA in torch), no torch column", flush=True)
         return None
-    precision = jax.config.jax_default_matmul_precision
+    precision = getattr(jax.config, "jax_default_matmul_precision", None)
     full = precision is not None and str(precision).lower() in ("highest", "float32")
     torch.set_float32_matmul_precision("highest" if full else "high")
     matmul = "full float32" if full or device == "cpu" else "TF32, as JAX's default precision"
@@ -222,13 +222,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
-    explicit = any(f"--{n}" in (argv if argv is not None else sys.argv[1:])
-                   for n in ("input", "width", "hidden", "batches"))
     if jax.default_backend() == "cpu" and not (args.smoke or args.allow_cpu):
         parser.exit(3, "bench_gpu_mlp: JAX sees no GPU or TPU (backend cpu); the full sizes "
                        "would take hours here. Pass --smoke for a tiny run, or --allow-cpu "
-                       f"{'' if explicit else 'with small sizes (e.g. --width 1024 --batches 256) '}"
-                       "to run anyway\n")
+                       "with small sizes (e.g. --width 1024 --batches 256) to run anyway\n")
     return args
 
 
@@ -258,12 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops_per_step": "6 * batch * parameters",
         "rows": [], "skipped": [], "errors": [],
     }
-    last: tuple[int, float] | None = None  # (batch, seconds) of the last row measured
+    last: dict[str, Any] | None = None  # the last row measured
     for batch in args.batches:
         for dtype in args.dtypes:
             elapsed = time.perf_counter() - started
             if args.time_limit is not None and last is not None:
-                estimate = last[1] * max(1.0, batch / last[0])
+                # compiling does not grow with the batch much; the timed steps do
+                compiling = last["compile_fnbp_s"] + last["compile_autodiff_s"]
+                scale = max(1.0, batch / last["batch"])
+                estimate = compiling + (last["seconds"] - compiling) * scale
                 if elapsed + estimate > args.time_limit:
                     print(f"B{batch} {dtype}: skipped, about {estimate:.0f} s would pass the "
                           f"time limit of {args.time_limit:.0f} s ({elapsed:.0f} s used)",
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["errors"].append({"batch": batch, "dtype": dtype, "error": message})
                 continue
             result["rows"].append(row)
-            last = (batch, row["seconds"])
+            last = row
             write(args.json, result)
     result["seconds"] = time.perf_counter() - started
     write(args.json, result)
