@@ -259,3 +259,30 @@ class LabelCheck:
             check_label_range(self.fn, "y", y, self._classes[key])
         if not on_host:
             self._device_checked = True
+
+
+def check_fit_labels(fn: str, model: Any, params: Any, x: Any, y: Any,
+                     x_test: Any = None, y_test: Any = None) -> None:
+    """Once before training: integer labels lie in [0, k), k the model's outputs.
+
+    A label outside that range makes the cross-entropy NaN and training
+    silently useless; this reads the labels back to the host once (no
+    per-step cost) and raises ``ValueError`` naming the label and its index.
+    """
+    classes = model_classes(model, params, x, y)
+    if classes is None:
+        return
+    check_label_range(fn, "y", y, classes)
+    if y_test is not None:
+        check_label_range(fn, "y_test", y_test, classes)
+
+
+def with_label_check(fn: str, model: Any, step: Any) -> Any:
+    """``step(params, opt_state, x, y)`` preceded by a :class:`LabelCheck`."""
+    check = LabelCheck(fn, model)
+
+    def checked_step(params: Any, opt_state: Any, x: Any, y: Any) -> Any:
+        check(params, x, y)
+        return step(params, opt_state, x, y)
+
+    return checked_step

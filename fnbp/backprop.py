@@ -63,6 +63,11 @@ def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = N
             f"per_example_grad_norms: the loss returned shape {jnp.shape(losses)} for "
             f"{examples} examples; it must return one loss per example, shape ({examples}, ...)"
         )
+    if losses.size == 0:
+        fn = "backprop" if examples is None else "per_example_grad_norms"
+        raise ValueError(f"{fn}: no examples (the model's output has shape "
+                         f"{jnp.shape(t)}, the loss returned shape {jnp.shape(losses)}); J is "
+                         f"the mean over the examples (eq. 7.2), so pass at least one")
     count = losses.size if examples is None else losses.size // examples
     v = jnp.full(losses.shape, 1.0 / count, losses.dtype)
     (dt,) = loss_vjp(v)

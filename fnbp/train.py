@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 
 from fnbp import precision as _precision
 from fnbp import sharding as _sharding
+from fnbp._data_checks import LabelCheck, check_fit_labels, with_label_check
 from fnbp.backprop import Loss
 from fnbp.network import Layer, Params
 
@@ -221,7 +222,9 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
       compiled code is shared by every step made from the same model, loss
       and optimizer objects (and mesh). On a mesh it is a
       :class:`ShardedTrainStep`, which raises ValueError for a batch whose
-      length the mesh's device count does not divide.
+      length the mesh's device count does not divide. Integer labels are
+      checked against the model's outputs on the host (ValueError for one
+      outside [0, k)): NumPy labels at every call, device labels once.
 
     Example::
 
@@ -233,7 +236,8 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
     _check_parts("make_train_step", model, loss, optimizer)
     model = _precision.applied("make_train_step", model, precision)
     if mesh is None:
-        return functools.partial(_train_step_jit, model, loss, optimizer)
+        return with_label_check("train_step", model,
+                                functools.partial(_train_step_jit, model, loss, optimizer))
     _sharding.check_mesh("make_train_step", mesh)
     return ShardedTrainStep(model, loss, optimizer, mesh, min_shard_size)
 
@@ -337,6 +341,7 @@ class ShardedTrainStep:
                  mesh: Mesh, min_shard_size: int):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.mesh, self.min_shard_size = mesh, min_shard_size
+        self._check_labels = LabelCheck("train_step", model)
 
     def jitted_for(self, params: Params, opt_state: Any) -> tuple[Callable, Any, Any]:
         """The jitted step for parameters and state of these shapes, and their shardings.
@@ -354,6 +359,7 @@ class ShardedTrainStep:
         if np.ndim(x) == 0:
             raise ValueError("train_step: x must have a leading example axis, got a scalar")
         _sharding.check_batch("train_step", self.mesh, int(np.shape(x)[0]))
+        self._check_labels(params, x, y)
         step, params_sharding, state_sharding = self.jitted_for(params, opt_state)
         batch = _sharding.batch_sharding(self.mesh)
         return step, (_sharding.put_tree(params, params_sharding),
@@ -523,8 +529,10 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
 
     Raises:
       ValueError: a batch size outside [1, n], a non-positive epoch count,
-        inputs and targets of different lengths, a state past ``epochs``, or
-        on a mesh a batch size its device count does not divide.
+        inputs and targets of different lengths, a state past ``epochs``, on
+        a mesh a batch size its device count does not divide, or an integer
+        label (of y or y_test) outside [0, k) for a model of k outputs
+        (checked once on the host before training).
     """
     _check_parts("fit", model, loss, optimizer)
     model = _precision.applied("fit", model, precision)
@@ -560,6 +568,7 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         evaluator = make_eval_step(model, loss, mesh=mesh, min_shard_size=min_shard_size)
         convert = jnp.asarray if mesh is None else np.asarray
         x_test, y_test = convert(x_test), convert(y_test)
+    check_fit_labels("fit", model, state.params, x, y, x_test, y_test)  # once, on the host
 
     params, opt_state, step = state.params, state.opt_state, int(state.step)
     if mesh is not None:
