@@ -184,8 +184,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
+        try:
             os.unlink(temporary)
+        except OSError:  # never written, or its folder is gone: the first error is the one
+            pass
         raise
 
 

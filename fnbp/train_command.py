@@ -37,9 +37,9 @@ import argparse
 import functools
 import hashlib
 import importlib.util
-import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -160,7 +160,13 @@ def _infer_dataset(data_path: str) -> str:
 
 
 def _checkpoint_path(resume: str) -> str:
+    from fnbp import _run_folder
+
     if os.path.isdir(resume):
+        if _run_folder.unstarted_run(resume):
+            raise UsageError(f"--resume {resume}: the run stopped before its first "
+                             f"checkpoint, so there is nothing to resume; start it again: "
+                             f"{_run_folder.restart_command(resume)}")
         return os.path.join(resume, CHECKPOINT)
     if not os.path.exists(resume):
         raise UsageError(f"--resume {resume}: no such run folder or checkpoint file")
@@ -318,13 +324,18 @@ def _out_folder(args: argparse.Namespace, config: dict[str, Any], checkpoint: An
     if args.out is None and checkpoint is not None:
         return os.path.dirname(os.path.abspath(checkpoint))
     if args.out is not None:
-        out = os.path.abspath(args.out)
+        from fnbp import _run_folder
+
+        out = _run_folder.check_out(args.out)
         resuming_here = (checkpoint is not None and
                          os.path.dirname(os.path.abspath(checkpoint)) == out)
         if os.path.exists(out) and not resuming_here:
             if not os.path.isdir(out):
                 raise UsageError(f"--out {args.out} is a file; pass a folder")
-            if os.listdir(out):
+            if _run_folder.unstarted_run(out):  # stopped before its first checkpoint
+                print(f"fnbp train: --out {args.out} holds a run that stopped before its "
+                      f"first checkpoint; starting a run there again", file=sys.stderr)
+            elif os.listdir(out):
                 raise UsageError(f"--out {args.out} already holds files; choose a new folder, "
                                  f"or pass --resume {args.out} to continue that run")
         return out
@@ -393,62 +404,53 @@ def _fingerprint(*arrays: Any) -> str:
     return digest.hexdigest()
 
 
-# --- outputs -----------------------------------------------------------------------
-
-
-def _write_json(path: str, document: Any) -> None:
-    from fnbp.checkpoint import atomic_write
-
-    text = json.dumps(document, indent=2) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def _plot(path: str, history: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [entry["epoch"] for entry in history]
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-o"), ("test", "-s")):
-        if f"{split}_loss" in history[0]:
-            loss_axes.plot(epochs, [e[f"{split}_loss"] for e in history], style, label=split)
-        if f"{split}_accuracy" in history[0]:
-            accuracy_axes.plot(epochs, [100 * e[f"{split}_accuracy"] for e in history], style,
-                               label=split)
-    loss_axes.set(xlabel="epoch", ylabel="mean cross-entropy loss", title="loss")
-    loss_axes.set_yscale("log")
-    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    from fnbp.checkpoint import atomic_write
-
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
-    plt.close(figure)
-
-
 # --- the command -------------------------------------------------------------------
+
+
+class _Progress:
+    """What a run has done so far, for the messages of a run that stops early."""
+
+    def __init__(self) -> None:
+        from fnbp._run_folder import Output
+
+        self.out: str | None = None
+        self.saved_step: int | None = None  # the step of the checkpoint in the run folder
+        self.config_written = False
+        self.output = Output()
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fnbp train``; user errors print one line and return 2."""
+    from fnbp import _run_folder
     from fnbp.checkpoint import CheckpointError
     from fnbp.data import DataError
 
+    progress = _Progress()
     try:
-        return _train(args)
-    except (UsageError, DataError, CheckpointError) as error:
+        with _run_folder.sigterm_as_interrupt():  # SIGTERM stops as cleanly as Ctrl-C
+            status = _train(args, progress)
+    except (UsageError, DataError, CheckpointError, _run_folder.RunFolderError) as error:
         message = " ".join(str(error).split())
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fnbp train: interrupted; the last checkpoint is kept (continue with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        if progress.saved_step is not None:
+            then = (f"{_run_folder.kept(progress.saved_step)} (continue with: fnbp train "
+                    f"--resume {progress.out})")
+        elif progress.out is not None and os.path.isdir(progress.out):
+            then = (f"it stopped before its first checkpoint, so start it again with the "
+                    f"same command (its --out {progress.out} may be reused)")
+        else:
+            then = "nothing was written"
+        print(f"fnbp train: interrupted; {then}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, _run_folder.Terminated)
+                      else signal.SIGINT)
+    if progress.output.closed:
+        print(f"fnbp train: error: standard output was closed before the run ended (piped "
+              f"into head?), so its last lines were not printed; the run finished, its "
+              f"results are in {progress.out}", file=sys.stderr)
+        return 2
+    return status
 
 
 def _require_train_extra() -> None:
@@ -458,7 +460,7 @@ def _require_train_extra() -> None:
                          f"python -m pip install \"fnbp[train]\"")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, progress: _Progress) -> int:
     _require_train_extra()
     config, resume_from = _resolve(args)
     out = _out_folder(args, config, resume_from)
@@ -468,10 +470,11 @@ def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
     import fnbp
+    from fnbp import _run_folder
     from fnbp import checkpoint as ckpt
     from fnbp import sharding, train
     from fnbp.checkpoint import CheckpointError
-    from fnbp.data import load_dataset
+    from fnbp.data import DataWarning, load_dataset
 
     # before anything asks JAX for its devices
     try:
@@ -482,9 +485,10 @@ def _train(args: argparse.Namespace) -> int:
     leader = jax.process_index() == 0  # process 0 writes the run folder and prints
 
     started = time.perf_counter()
-    dataset = load_dataset(config["dataset"], path=config["data_path"],
-                           test_fraction=config["test_fraction"],
-                           num_examples=config["num_examples"])
+    with _run_folder.warnings_as_lines("fnbp train: warning: ", DataWarning):
+        dataset = load_dataset(config["dataset"], path=config["data_path"],
+                               test_fraction=config["test_fraction"],
+                               num_examples=config["num_examples"])
     x_train, x_test = _prepare_inputs(config, dataset)
     y_train, y_test = dataset.y_train, dataset.y_test
     n = len(x_train)
@@ -536,27 +540,42 @@ def _train(args: argparse.Namespace) -> int:
                   "devices": devices,
                   "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
                   "processes": processes}
-    if leader:
-        os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), run_config)
     checkpoint_file = os.path.join(out, CHECKPOINT)
+    progress.out = out
+    if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == out:
+        progress.saved_step = state.step
 
-    saved_at = [state.step if resume_from is not None and
-                os.path.dirname(os.path.abspath(resume_from)) == out else None]
+    def write_config() -> None:
+        config_file = os.path.join(out, _run_folder.CONFIG)
+        with _run_folder.writing(out, config_file, progress.saved_step):
+            _run_folder.write_json(config_file, run_config)
+        progress.config_written = True
+
+    if leader:
+        _run_folder.make_folder(out)
+        removed = _run_folder.remove_stale_temporaries(out)
+        if removed:
+            print(f"fnbp train: removed {len(removed)} temporary file(s) left in {out} by an "
+                  f"interrupted write", file=sys.stderr)
+        if progress.saved_step is None:
+            write_config()
+        # else config.json (with a new --epochs, say) is rewritten once a checkpoint is
 
     def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
-        saved_at[0] = current.step
         params, opt_state = current.params, current.opt_state
         if processes > 1:  # every process takes part in gathering the sharded arrays
             params, opt_state = sharding.to_host((params, opt_state))
-        if not leader:
-            return
-        ckpt.save_checkpoint(checkpoint_file, params, opt_state,
-                             step=current.step, key=root,
-                             metadata={"config": config, "history": epochs_done,
-                                       "loss_sum": current.loss_sum,
-                                       "correct_sum": current.correct_sum,
-                                       "data_sha256": data_sha256})
+        if leader:
+            with _run_folder.writing(out, checkpoint_file, progress.saved_step):
+                ckpt.save_checkpoint(checkpoint_file, params, opt_state,
+                                     step=current.step, key=root,
+                                     metadata={"config": config, "history": epochs_done,
+                                               "loss_sum": current.loss_sum,
+                                               "correct_sum": current.correct_sum,
+                                               "data_sha256": data_sha256})
+        progress.saved_step = current.step
+        if leader and not progress.config_written:
+            write_config()
 
     from tqdm import tqdm
 
@@ -567,10 +586,11 @@ def _train(args: argparse.Namespace) -> int:
     if precision is not None:
         where += f", {precision} mixed precision"
     if leader:
-        print(f"fnbp train: {config['model']} on {config['dataset']} ({n} train, "
-              f"{len(x_test)} test, {dataset.num_classes} classes), {config['optimizer']} lr "
-              f"{config['lr']:g}, batch {config['batch_size']}, {config['epochs']} epochs"
-              f"{where}; run folder {out}")
+        progress.output.say(
+            f"fnbp train: {config['model']} on {config['dataset']} ({n} train, "
+            f"{len(x_test)} test, {dataset.num_classes} classes), {config['optimizer']} lr "
+            f"{config['lr']:g}, batch {config['batch_size']}, {config['epochs']} epochs"
+            f"{where}; run folder {out}")
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=args.no_progress or not leader, file=sys.stderr)
 
@@ -602,13 +622,17 @@ def _train(args: argparse.Namespace) -> int:
                            mesh=mesh, precision=precision)
     except _Diverged as diverged:
         bar.close()
+        then = (f"{_run_folder.kept(progress.saved_step)}, from before the divergence"
+                if progress.saved_step is not None else
+                f"no checkpoint was written, so start again with a lower --lr (the same --out "
+                f"{out} may be reused)")
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
-              f"lower --lr (now {config['lr']:g}); the last checkpoint is kept", file=sys.stderr)
+              f"lower --lr (now {config['lr']:g}); {then}", file=sys.stderr)
         return 1
     bar.close()
     seconds = time.perf_counter() - started
     final = result.history[-1]
-    if saved_at[0] != result.state.step:  # e.g. an already finished run resumed elsewhere
+    if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
     if not leader:
         return 0
@@ -616,14 +640,15 @@ def _train(args: argparse.Namespace) -> int:
                "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
                "epochs": len(result.history), "steps": result.state.step,
                "seconds": seconds, "history": result.history}
-    _write_json(os.path.join(out, "metrics.json"), metrics)
-    _plot(os.path.join(out, "plot.png"), result.history,
-          f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
-          f"lr {config['lr']:g}")
-    print(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
-          f"{final['test_loss']:.4f}  ({len(x_test)} test examples, {result.state.step} "
-          f"steps, {seconds:.1f} s)")
-    print(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
+    with _run_folder.writing(out, os.path.join(out, "metrics.json"), progress.saved_step):
+        _run_folder.write_json(os.path.join(out, "metrics.json"), metrics)
+        _run_folder.plot(os.path.join(out, "plot.png"), result.history,
+                         f"fnbp: {config['model']} on {config['dataset']}, "
+                         f"{config['optimizer']} lr {config['lr']:g}")
+    progress.output.say(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
+                        f"{final['test_loss']:.4f}  ({len(x_test)} test examples, "
+                        f"{result.state.step} steps, {seconds:.1f} s)")
+    progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
     return 0
 
 

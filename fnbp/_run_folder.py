@@ -1,0 +1,262 @@
+"""The run folder of ``fnbp train``: checks, clean-up, and file-system faults as one line.
+
+- ``--out`` is checked before any work: a path under a file, or a run folder
+  that holds something else, is refused; a folder left by a run that stopped
+  before its first checkpoint (only ``config.json`` and temporary files) is
+  taken again, with a note.
+- Temporary files left by a write that was killed (``.checkpoint.npz.*.tmp``,
+  several MB each) are removed when a run starts or resumes in the folder.
+- A write that fails (disk full, the folder deleted mid-run, a read-only
+  file system) becomes :class:`RunFolderError`, whose one-line message says
+  what is kept and how to go on.
+- SIGTERM is handled as SIGINT (:func:`sigterm_as_interrupt`), and a closed
+  standard output (``fnbp train | head -1``) does not stop the run
+  (:class:`Output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import sys
+import warnings
+from typing import Any, Iterator
+
+CHECKPOINT = "checkpoint.npz"
+CONFIG = "config.json"
+OUTPUTS = (CHECKPOINT, CONFIG, "metrics.json", "plot.png")
+# fnbp.checkpoint.atomic_write's temporary files: .<name>.<pid>.<8 hex digits>.tmp
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used or written; printed as one line, exit status 2."""
+
+
+def check_out(out_arg: str) -> str:
+    """The absolute ``--out`` path, refused at once when it lies under a file."""
+    out = os.path.abspath(out_arg)
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunFolderError(f"--out {out_arg}: {parent} is a file, not a folder, so no run "
+                             f"folder can be made under it; pass another --out")
+    return out
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary file of an interrupted write of one of the run's outputs."""
+    match = _TEMPORARY.match(name)
+    return bool(match) and match["name"] in OUTPUTS
+
+
+def unstarted_run(folder: str) -> bool:
+    """The folder of a run stopped before its first checkpoint: config.json and temporaries."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return CONFIG in names and all(name == CONFIG or is_temporary(name) for name in names)
+
+
+def restart_command(folder: str) -> str:
+    """The ``fnbp train`` command that starts the run of ``folder/config.json`` again."""
+    try:
+        with open(os.path.join(folder, CONFIG), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return f"fnbp train ... --out {folder}"
+    flags = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
+             "batch_size", "epochs", "seed", "test_fraction", "num_examples", "precision")
+    words = ["fnbp train"]
+    for name in flags:
+        value = config.get(name) if isinstance(config, dict) else None
+        if value is not None:
+            words.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(words + [f"--out {folder}"])
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes nothing yet: a leftover from a reused pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files that killed writes left in ``folder``.
+
+    Files of a process that is still running (another run writing into the
+    same folder) are left alone. Returns the names removed.
+    """
+    removed = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match and match["name"] in OUTPUTS and not _alive(int(match["pid"])):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def kept(saved_step: int | None) -> str:
+    """What a failed or stopped run leaves to continue from, in words."""
+    if saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the checkpoint of step {saved_step} is kept"
+
+
+def write_error(error: OSError, folder: str, path: str, saved_step: int | None
+                ) -> RunFolderError:
+    """The one-line error for a write into the run folder that failed."""
+    if not os.path.isdir(folder):
+        return RunFolderError(f"the run folder {folder} was deleted or moved while the run "
+                              f"was writing {os.path.basename(path)}; nothing more can be "
+                              f"saved, start the run again")
+    reason = error.strerror or str(error)
+    go_on = (f"free some space and continue with: fnbp train --resume {folder}"
+             if saved_step is not None else f"free some space and start the run again "
+                                                f"with --out {folder}")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RunFolderError(f"cannot write {path}: {reason}; {kept(saved_step)}; {go_on}")
+    return RunFolderError(f"cannot write {path} ({reason}); {kept(saved_step)}")
+
+
+@contextlib.contextmanager
+def writing(folder: str, path: str, saved_step: int | None) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into a one-line :class:`RunFolderError`."""
+    try:
+        yield
+    except OSError as error:
+        raise write_error(error, folder, path, saved_step) from None
+
+
+def make_folder(folder: str) -> None:
+    """Create the run folder (and its parents), or a one-line error saying why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(f"cannot create the run folder {folder} "
+                             f"({error.strerror or error}); pass an --out in a folder you can "
+                             f"write") from None
+
+
+@contextlib.contextmanager
+def warnings_as_lines(prefix: str, category: type[Warning]) -> Iterator[None]:
+    """Print each warning of ``category`` raised inside as one line: prefix + message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, category):
+            print(prefix + " ".join(str(warning.message).split()), file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as an interrupt (the same clean stop as Ctrl-C)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Output:
+    """Standard output that a closed pipe does not break.
+
+    ``fnbp train | head -1`` closes the pipe after the first line; the run
+    goes on (its results are in the run folder), the lines after are
+    dropped, and :attr:`closed` tells the caller to say so at the end.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def say(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            self.closed = True
+            silence_stdout()
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that exiting flushes nothing to a
+    closed pipe (which Python would report as an ignored BrokenPipeError)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
+        pass
+
+
+def write_json(path: str, document: Any) -> None:
+    """Write ``document`` as indented JSON, atomically."""
+    from fnbp.checkpoint import atomic_write
+
+    text = json.dumps(document, indent=2) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def plot(path: str, history: list[dict[str, Any]], title: str) -> None:
+    """plot.png: the loss (log scale) and the accuracy per epoch, train and test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] for entry in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-o"), ("test", "-s")):
+        if f"{split}_loss" in history[0]:
+            loss_axes.plot(epochs, [e[f"{split}_loss"] for e in history], style, label=split)
+        if f"{split}_accuracy" in history[0]:
+            accuracy_axes.plot(epochs, [100 * e[f"{split}_accuracy"] for e in history], style,
+                               label=split)
+    loss_axes.set(xlabel="epoch", ylabel="mean cross-entropy loss", title="loss")
+    loss_axes.set_yscale("log")
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    from fnbp.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    plt.close(figure)
