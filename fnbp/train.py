@@ -209,11 +209,9 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
       mesh: a device mesh, or None for one device.
       min_shard_size: on an FSDP mesh, parameters with fewer elements stay
         replicated.
-      precision: a mixed precision policy, :class:`fnbp.Precision` or its name
-        (``"bfloat16"``, ``"float16"``, ...): the passes run in its compute
-        dtype while parameters, gradients, loss and optimizer state stay
-        float32 (:func:`fnbp.with_precision`); float16 needs a
-        :func:`fnbp.loss_scaled` optimizer. None: no casts (the default).
+      precision: None (no casts), or a :class:`fnbp.Precision` or its name
+        (``"bfloat16"``): see :func:`fnbp.with_precision`; ``"float16"`` needs
+        a :func:`fnbp.loss_scaled` optimizer.
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, metrics)`` with
