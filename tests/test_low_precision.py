@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _oracle import normal, ref_loss, rel_err, rule_and_oracle
+from _oracle import TOLERANCE, normal, ref_loss, rel_err, rule_and_oracle
 
 import fnbp
 
@@ -224,13 +224,15 @@ def test_float32_and_float64_steps_keep_their_dtype(dtype):
 # --- numbers: long sums over examples, half results -----------------------------------
 
 
-def mm_plain(z, W):
-    return z @ W.T
+def mm_plain(z, W, *b):
+    return z @ W.T + sum(b)
 
 
-def conv2d_plain(z, w):
-    return jax.lax.conv_general_dilated(z, w, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=_DN[2])
+def conv_plain(z, w, *b):
+    return plain_conv({"w": w, "b": sum(b)}, z)
+
+
+conv2d_plain = conv1d_plain = conv_plain
 
 
 LONG_SUMS = {
@@ -258,3 +260,38 @@ def test_long_sums_with_half_results_are_within_one_ulp(name, dtype):
     for what, g, w in zip(("u", "dz", "dW"), (out, *cts), (want_out, *want_cts)):
         error = rel_err(g, w)
         assert error <= eps, f"{name} {what}: relative error {error:.2e} > eps {eps:.1e}"
+
+
+# --- mixed dtypes: jnp.result_type promotion, dtype in = dtype out ---------------------
+
+MIXED = [  # (z, W or w, b or None)
+    ("bfloat16", "float32", None),
+    ("float32", "bfloat16", "bfloat16"),
+    ("bfloat16", "bfloat16", "float32"),
+    ("float16", "bfloat16", None),
+    ("float32", "float64", "float32"),
+]
+MIXED_RULES = {"mm": (fnbp.mm, mm_plain, ((5, 6), (3, 6), (3,))),
+               "conv1d": (fnbp.conv1d, conv1d_plain, ((2, 7, 2), (3, 2, 3), (3,))),
+               "conv2d": (fnbp.conv2d, conv2d_plain, ((2, 5, 5, 2), (3, 3, 2, 3), (3,)))}
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "/".join(map(str, d)))
+@pytest.mark.parametrize("name", list(MIXED_RULES))
+def test_mixed_dtypes_promote_and_cotangents_keep_each_dtype(name, dtypes):
+    """u has dtype result_type(z, W, b) and the precision of the product's
+    dtype result_type(z, W); each cotangent has its argument's dtype and that
+    dtype's accuracy against the float64 oracle."""
+    rule, reference, shapes = MIXED_RULES[name]
+    rng = np.random.default_rng(5)
+    args = tuple(normal(rng, s, d) for s, d in zip(shapes, dtypes) if d is not None)
+    out_dtype = jnp.result_type(*args)
+    v = normal(rng, jax.eval_shape(rule, *args).shape, out_dtype)
+    diff = tuple(range(len(args)))
+    (out, cts), (want_out, want_cts) = rule_and_oracle(rule, reference, args, v, diff)
+    assert out.dtype == out_dtype
+    assert [c.dtype for c in cts] == [a.dtype for a in args]
+    product = jnp.result_type(args[0], args[1])
+    assert rel_err(out, want_out) <= TOLERANCE[product.name]
+    for arg, got, want in zip(args, cts, want_cts):
+        assert rel_err(got, want) <= TOLERANCE[arg.dtype.name], arg.dtype
