@@ -337,3 +337,4 @@ def test_cli_unknown_precision_is_a_one_line_error_listing_the_choices(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "--precision" in err and all(name in err for name in P.PRECISIONS)
+    assert train_command_module.PRECISIONS == P.PRECISIONS  # the CLI's copy, kept JAX-free
