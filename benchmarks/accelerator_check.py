@@ -58,6 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
+GRACE = 15.0  # seconds a step stopped at its limit gets to print its summary
 
 DEVICE_QUERY = """
 import json, platform, jax
@@ -107,8 +108,13 @@ def run(step: Step, command: list[str], timeout: float, env: dict[str, str],
         process.wait(timeout=timeout)
         step.status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        # Ctrl-C first: pytest then prints its counts so far; then kill what is left.
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         step.status = f"timeout ({timeout:.0f} s)"
         print(f"\n    stopped: over its limit of {timeout:.0f} s", flush=True)
     reader.join(timeout=10)
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         data_parallel.output = "one device: the data-parallel figures need several"
         steps.append(data_parallel)
     tests = Step("tests")
-    steps.append(tests if args.skip_tests else tests_step(tests, args, out, env, left(5)))
+    steps.append(tests if args.skip_tests else tests_step(tests, args, out, env, left(GRACE + 5)))
 
     mlp = read_json(out / "bench_gpu_mlp.json")
     conv = read_json(out / "bench_conv.json")
@@ -363,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in mlp_lines(mlp) + conv_lines(conv) + speedup:
         print(line)
     if pytest_line is not None:
-        print(f"pytest: {pytest_line}")
+        cut = " (stopped at its time limit: the counts so far)" if "timeout" in tests.status else ""
+        print(f"pytest: {pytest_line}{cut}")
         if files:
             slowest = ", ".join(f"{Path(name).name} {sec:.0f} s"
                                 for name, sec in list(files.items())[:5])

@@ -72,12 +72,6 @@ def test_back_to_back_feeds_the_carry_and_keeps_the_batch():
         timing.back_to_back(step, 0)
 
 
-def test_torch_step_runs_where_torch_is_installed():
-    pytest.importorskip("torch")
-    step = load("bench_mlp").torch_step([8, 10], 4, 3)
-    step()  # one eager training step of the same MLP on the CPU
-
-
 def test_full_sizes_refuse_a_cpu_with_a_hint(capsys, monkeypatch):
     bench = load("bench_gpu_mlp")
     monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
