@@ -25,16 +25,27 @@ own) and runs all of :data:`fnbp.verify.TRANSFORMS` at every dtype: several
 minutes on the same CPU. ``--dtype`` picks dtypes.
 
 Your own function: ``fnbp check MODULE:FUNCTION`` imports MODULE (the current
-directory is searched first) and checks FUNCTION with
+directory is searched first) and checks FUNCTION with, for each piece, the
+first of: the flag, the per-function name, the module-wide name:
 
-- example arguments from ``--args MODULE:FACTORY``, else the module's
+- example arguments: ``--args MODULE:FACTORY``, ``FUNCTION_args``,
   ``example_args``: a callable ``(key, dtype) -> tuple`` of positional
-  arguments (like the catalog's ``make_args``; see :func:`example_args`), or
-  ``() -> tuple`` (called once, at the dtypes it chooses);
-- a reference from ``--reference MODULE:FN``, else the module's ``reference``
-  if it has one; without one, finite differences are the oracle;
-- static keyword settings from ``--kwargs '{"approximate": true}'`` (JSON),
-  else the module's ``static_kwargs`` dict if it has one.
+  arguments (like the catalog's ``make_args``), or ``() -> tuple`` (called
+  once, at the dtypes it chooses). A ``(key, dtype)`` factory is drawn at
+  three keys, and, if it takes ``sizes=(...)`` with repeated sizes, once
+  more with every size distinct (see :mod:`fnbp.verify.draws`): that is how
+  to get non-square coverage;
+- a reference: ``--reference MODULE:FN``, ``FUNCTION_reference``,
+  ``reference``; without one, finite differences are the oracle;
+- static keyword settings: ``--kwargs '{"approximate": true}'`` (JSON),
+  ``FUNCTION_kwargs``, ``static_kwargs``.
+
+So one module can hold several rules, each with its own ``relu_reference``,
+``relu_args``. ``--rtol``/``--atol`` override the tolerances and
+``--transforms jit,2nd order`` picks transforms (for built-ins too). A
+function without a ``jax.custom_vjp`` rule gets a WARNING and exit status 1
+(its derivative is autodiff's, so there is no rule to check) unless
+``--allow-plain``.
 
 For example, ``my_ops.py``::
 
@@ -61,7 +72,6 @@ import argparse
 import importlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -98,6 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="example-argument factory for MODULE:FUNCTION targets")
     parser.add_argument("--kwargs", metavar="JSON",
                         help="static keyword settings for MODULE:FUNCTION targets")
+    parser.add_argument("--rtol", type=float, help="relative tolerance (default: per dtype)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance (default: per dtype)")
+    parser.add_argument("--transforms", metavar="T1,T2",
+                        help="comma-separated transforms, e.g. 'jit,2nd order' "
+                             "(default: per target and dtype)")
+    parser.add_argument("--allow-plain", action="store_true",
+                        help="accept a function without a jax.custom_vjp rule (no WARNING, "
+                             "exit 0 when it passes)")
 
 
 # --- what to check ----------------------------------------------------------------
@@ -132,6 +150,10 @@ def _load(spec: str, what: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:
+        raise UsageError(f"fnbp check: importing {module_name!r} (for {what} {spec!r}) called "
+                         f"sys.exit({err.code!r}); put the module's script code under "
+                         f"`if __name__ == \"__main__\":`") from err
     except Exception as err:
         raise UsageError(f"fnbp check: cannot import {module_name!r} for {what} {spec!r}: "
                          f"{type(err).__name__}: {err}") from err
@@ -149,18 +171,24 @@ def _user_target(spec: str, args: argparse.Namespace) -> _Target:
     module = importlib.import_module(spec.partition(":")[0])
     if not callable(rule):
         raise UsageError(f"fnbp check: {spec} is a {type(rule).__name__}, not a function")
+    base = spec.partition(":")[2].rpartition(".")[2]
+
+    def pick(suffix: str, module_wide: str, default: Any = None) -> Any:
+        return getattr(module, f"{base}_{suffix}", getattr(module, module_wide, default))
+
     if args.factory:
         factory = _load(args.factory, "--args")
-    elif hasattr(module, "example_args"):
-        factory = module.example_args
+    elif pick("args", "example_args") is not None:
+        factory = pick("args", "example_args")
     else:
         raise UsageError(
-            f"fnbp check: no example arguments for {spec}: define example_args(key, dtype) "
-            f"-> tuple in {module.__name__}, or pass --args MODULE:FACTORY")
+            f"fnbp check: no example arguments for {spec}: define {base}_args(key, dtype) "
+            f"or example_args(key, dtype) -> tuple in {module.__name__}, or pass "
+            f"--args MODULE:FACTORY")
     if not callable(factory):
         raise UsageError(f"fnbp check: the example-argument factory of {spec} is not callable")
     reference = (_load(args.reference, "--reference") if args.reference
-                 else getattr(module, "reference", None))
+                 else pick("reference", "reference"))
     if reference is not None and not callable(reference):
         raise UsageError(f"fnbp check: the reference of {spec} is not callable")
     if args.kwargs:
@@ -169,7 +197,7 @@ def _user_target(spec: str, args: argparse.Namespace) -> _Target:
         except json.JSONDecodeError as err:
             raise UsageError(f"fnbp check: --kwargs is not JSON: {err}") from err
     else:
-        kwargs = getattr(module, "static_kwargs", {})
+        kwargs = pick("kwargs", "static_kwargs", {})
     if not isinstance(kwargs, dict):
         raise UsageError("fnbp check: static keyword settings must be a dict "
                          f"(a JSON object), got {type(kwargs).__name__}")
@@ -197,17 +225,41 @@ def _targets(args: argparse.Namespace) -> list[_Target]:
     return chosen
 
 
-def _plan(target: _Target, args: argparse.Namespace) -> list[tuple[str | None, tuple]]:
-    """(dtype, transforms) pairs for a target; dtype None: the factory decides."""
+def _transforms(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The --transforms list, checked against :data:`fnbp.verify.TRANSFORMS`."""
     from fnbp.verify import TRANSFORMS
 
+    if not args.transforms:
+        return None
+    chosen = tuple(t.strip() for t in args.transforms.split(",") if t.strip())
+    unknown = [t for t in chosen if t not in TRANSFORMS]
+    if unknown or not chosen:
+        raise UsageError(f"fnbp check: unknown transform(s) {unknown or [args.transforms]} in "
+                         f"--transforms; choose from {', '.join(TRANSFORMS)}")
+    return chosen
+
+
+def _plan(target: _Target, args: argparse.Namespace
+          ) -> list[tuple[str | None, tuple, tuple]]:
+    """(dtype, transforms, probes) for a target; dtype None: the factory decides.
+
+    The built-in matrix probes every kind in float64 and float32; in
+    bfloat16 and float16 it probes zeros, kinks, signs and ties (the probes
+    at large magnitudes and offset means compile the reference once more at
+    each dtype, which would double the time of the low-precision rows).
+    """
+    from fnbp.verify import TRANSFORMS
+    from fnbp.verify.probes import PROBES
+
+    chosen = _transforms(args)
     if not target.takes_key:
-        return [(None, TRANSFORMS)]
+        return [(None, chosen or TRANSFORMS, PROBES)]
     dtypes = args.dtypes or (DTYPES if target.builtin else USER_DTYPES)
     if args.full or not target.builtin:
-        return [(d, TRANSFORMS) for d in dtypes]
-    return [(d, FLOAT64_TRANSFORMS if d == "float64" else OTHER_TRANSFORMS)
-            for d in dtypes]
+        return [(d, chosen or TRANSFORMS, PROBES) for d in dtypes]
+    cheap = tuple(p for p in PROBES if p not in ("large", "offset"))
+    return [(d, chosen or (FLOAT64_TRANSFORMS if d == "float64" else OTHER_TRANSFORMS),
+             PROBES if d in ("float64", "float32") else cheap) for d in dtypes]
 
 
 def _call_factory(make_args, dtype, key):
@@ -274,16 +326,12 @@ def _as_tuple(made: Any) -> tuple:
 
 
 def _ratio(report) -> float:
-    """The largest max rel err of a report as a fraction of its row's rtol."""
-    worst = 0.0
-    for row in report.rows:
-        if math.isnan(row.max_rel_err):
-            continue
-        if row.rtol > 0:
-            worst = max(worst, row.max_rel_err / row.rtol)
-        elif row.max_rel_err > 0:
-            worst = math.inf
-    return worst
+    """The largest max rel err of a report as a fraction of its row's rtol.
+
+    A row that raised, or whose error is NaN, counts as infinite, so a FAIL
+    never shows 0.
+    """
+    return report.worst_ratio
 
 
 def _print_table(results: list[dict], verbose: bool) -> None:
@@ -297,7 +345,8 @@ def _print_table(results: list[dict], verbose: bool) -> None:
         passed = sum(row.passed for row in report.rows)
         lines.append((r["rule"], report.dtype, f"{passed}/{len(report.rows)}",
                       f"{_ratio(report):.2g}", f"{r['seconds']:.1f}",
-                      "PASS" if report.ok else "FAIL"))
+                      "PASS" if report.ok and not r["plain"] else
+                      "FAIL" if not report.ok else "WARNING"))
     widths = [max(len(str(x[c])) for x in [head, *lines]) for c in range(len(head))]
     for line in [head, *lines]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
@@ -309,6 +358,8 @@ def _print_table(results: list[dict], verbose: bool) -> None:
             print(f"\n{report}")
         elif not report.ok:
             print(f"\n{r['rule']} ({report.dtype}) failing checks:")
+            if report.diagnosis:
+                print(f"likely bug: {report.diagnosis}")
             print(report.table(report.failures))
 
 
@@ -320,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         targets = _targets(args)
+        plans = [(target, _plan(target, args)) for target in targets]
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
@@ -327,23 +379,33 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = []
     drawn: dict = {}
-    for target in targets:
-        for dtype, transforms in _plan(target, args):
+    for target, plan in plans:
+        for dtype, transforms, probes in plan:
             t0 = time.perf_counter()
             result: dict[str, Any] = {"rule": target.name, "dtype": dtype,
                                       "transforms": list(transforms)}
+            settings = dict(reference=target.reference, static_kwargs=target.kwargs,
+                            transforms=transforms, seed=args.seed, rtol=args.rtol,
+                            atol=args.atol, probes=probes)
             try:
-                example = (_as_tuple(target.make_args()) if dtype is None
-                           else example_args(target.make_args, dtype, args.seed, drawn))
-                result["report"] = check_vjp(
-                    target.rule, *example, reference=target.reference,
-                    static_kwargs=target.kwargs, transforms=transforms, seed=args.seed)
+                if dtype is None:
+                    report = check_vjp(target.rule, *_as_tuple(target.make_args()), **settings)
+                elif target.builtin:
+                    report = check_vjp(target.rule, *example_args(
+                        target.make_args, dtype, args.seed, drawn), **settings)
+                else:   # drawn at several keys, and at distinct sizes where it can be
+                    report = check_vjp(target.rule, args=target.make_args, dtype=dtype,
+                                       **settings)
+                result["report"] = report
             except Exception as err:  # bad input to the verifier: a failed row, not a crash
                 result["report"] = None
                 result["error"] = f"{type(err).__name__}: {err}"
+            result["plain"] = (result["report"] is not None and not result["report"].custom_vjp
+                               and not args.allow_plain)
             result["seconds"] = time.perf_counter() - t0
             results.append(result)
-    failed = sum(r["report"] is None or not r["report"].ok for r in results)
+    failed = sum(r["report"] is None or not r["report"].ok or r["plain"] for r in results)
+    plain = sorted({r["rule"] for r in results if r["plain"]})
     elapsed = time.perf_counter() - started
 
     if args.json:
@@ -355,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
                 "rule": r["rule"],
                 "dtype": r["report"].dtype if r["report"] is not None else r["dtype"],
                 "transforms": r["transforms"],
-                "passed": r["report"] is not None and r["report"].ok,
+                "passed": r["report"] is not None and r["report"].ok and not r["plain"],
                 "seconds": round(r["seconds"], 3),
                 **({"report": r["report"].to_dict()} if r["report"] is not None
                    else {"error": r["error"]}),
@@ -365,6 +427,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fnbp check on {device}: check_vjp against the float64 reference and "
               f"finite differences")
         _print_table(results, args.verbose)
+        for name in plain:
+            print(f"\nWARNING: {name} has no jax.custom_vjp rule: its derivative comes from "
+                  f"autodiff, so there is no hand-written rule to check; define it with "
+                  f"jax.custom_vjp, or pass --allow-plain to accept it")
         print(f"\n{len(results)} reports in {elapsed:.1f} s")
         print("all rules PASS" if not failed else f"{failed} of {len(results)} FAIL")
     return 1 if failed else 0

@@ -178,7 +178,7 @@ def test_flags_give_reference_factory_and_static_settings(user_module, capsys):
 def test_missing_example_args_and_bad_modules_exit_2(user_module, capsys):
     name = user_module("fnbp_user_no_args", "def f(z):\n    return z\n")
     assert cli.main(["check", f"{name}:f"]) == 2
-    assert "define example_args(key, dtype)" in capsys.readouterr().err
+    assert "define f_args(key, dtype) or example_args(key, dtype)" in capsys.readouterr().err
     assert cli.main(["check", "fnbp_user_does_not_exist:f"]) == 2
     assert "cannot import 'fnbp_user_does_not_exist'" in capsys.readouterr().err
     assert cli.main(["check", f"{name}:g"]) == 2

@@ -307,7 +307,9 @@ def test_finite_differences_alone_catch_a_wrong_rule_without_reference():
     half = jax.custom_vjp(lambda z: z * z * z)
     half.defvjp(lambda z: (z * z * z, z), lambda z, v: (1.5 * z * z * v,))
     bad = check_vjp(half, RNG.standard_normal(6), transforms=("jit",))
-    assert [(r.argument, r.oracle) for r in bad.failures] == [("z", "finite diff")]
+    assert {(r.argument, r.oracle) for r in bad.failures} == {("z", "finite diff")}
+    assert "" in {r.probe for r in bad.failures}          # at the caller's own point too
+    assert bad.diagnosis == "off by a constant factor 0.5"
 
 
 def test_point_at_a_kink_is_reported_not_failed():

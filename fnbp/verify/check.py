@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fnbp.backward import _uses_custom_vjp
 from fnbp.verify.arguments import _argument_names, _coarsest, _describe_arg
 from fnbp.verify.checker import _Checker
 from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
+from fnbp.verify.draws import check_factory
+from fnbp.verify.probes import PROBES
 from fnbp.verify.programs import TRANSFORMS, _Bound
 from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPReport
 
 
 def check_vjp(
     f: Callable[..., Any],
-    *args: Any,
+    *arrays: Any,
+    args: Callable[..., Any] | None = None,
     reference: Callable[..., Any] | None = None,
     static_kwargs: Mapping[str, Any] | None = None,
     transforms: Sequence[str] | None = None,
@@ -27,8 +32,11 @@ def check_vjp(
     atol: float | None = None,
     fd_rtol: float = FD_RTOL,
     fd_step: float = FD_STEP,
+    probes: bool | Sequence[str] = True,
+    dtype: Any = None,
+    draws: int = 3,
 ) -> VJPReport:
-    """Check f's backward function B[f, z](v) = (df/dz)^T v at ``args``.
+    """Check f's backward function B[f, z](v) = (df/dz)^T v at the given arguments.
 
     B comes from f's own rule through ``jax.vjp`` (for a ``jax.custom_vjp``
     function, its hand-written bwd). It is run under each of ``transforms``
@@ -36,8 +44,11 @@ def check_vjp(
     central differences (the dot-product test <J t, c> = <t, J^T c>), with a
     loop over examples for the batched transforms, and checked for the
     properties of a backward function (linear in v, B(0) = 0, cotangent
-    shapes and dtypes, the fwd rule's primal output, determinism). See the
-    module docstring for the oracles, the kink handling and the tolerance table.
+    shapes and dtypes, the fwd rule's primal output, determinism). Then B is
+    checked again at probe points derived from the arguments (zeros, the
+    reference's kinks, flipped signs, large magnitudes, an offset mean, ties;
+    see :mod:`fnbp.verify.probes`). See the module docstring for the oracles,
+    the kink handling and the tolerance table.
 
     Example::
 
@@ -45,12 +56,30 @@ def check_vjp(
         print(report)
         report.assert_ok()
 
+        # a factory of arguments: drawn at several keys and at distinct sizes
+        def mm_args(key, dtype, sizes=(3, 3, 3)):
+            n, m, k = sizes
+            kz, kw, kb = jax.random.split(key, 3)
+            return (jax.random.normal(kz, (n, m), dtype), jax.random.normal(kw, (k, m), dtype),
+                    jax.random.normal(kb, (k,), dtype))
+        fnbp.check_vjp(fnbp.mm, args=mm_args, reference=...)
+
     Args:
       f: the function to check, e.g. a ``jax.custom_vjp`` function or a
         function built from such rules. Its outputs must be floating arrays (a
         pytree of them).
-      *args: the point z: positional arguments of ``f``, pytrees of arrays.
-        Integer leaves get no cotangent (float0) and no rows.
+      *arrays: the point z: positional arguments of ``f``, pytrees of arrays.
+        Integer leaves get no cotangent (float0) and no rows. NumPy float64
+        arrays are checked in float64 even when ``jax_enable_x64`` is off
+        (x64 is turned on for the check, and a note says so).
+      args: instead of ``arrays``, a factory ``(key, dtype) -> tuple`` of
+        positional arguments. It is drawn at ``draws`` keys (the first with
+        the full check and the probes, the others under the first transform),
+        and, when it takes a keyword ``sizes`` whose default is a tuple of
+        sizes with repeats (a square shape), once more with every size made
+        distinct, so a rule that is right only for square shapes is caught.
+        Those rows name the draw in their ``probe`` column (``key 2``,
+        ``sizes (3, 4, 5)``).
       reference: a plain implementation of the same function with the same
         signature, differentiated by autodiff as the oracle. ``None``: finite
         differences only.
@@ -64,6 +93,10 @@ def check_vjp(
       atol: absolute tolerance; default from the same table.
       fd_rtol: relative tolerance of the float64 finite differences.
       fd_step: central-difference step relative to max(1, max |x|).
+      probes: ``True`` (every kind of :data:`fnbp.verify.probes.PROBES`),
+        ``False``, or the kinds to derive.
+      dtype: the dtype the factory ``args`` is drawn at (default float64).
+      draws: how many keys the factory ``args`` is drawn at (at least 1).
 
     Returns:
       A :class:`VJPReport`; nothing is raised for a wrong B: call
@@ -74,7 +107,7 @@ def check_vjp(
         non-floating output of f.
       ValueError: f (or reference) rejects args, the reference's output has
         another structure or shape than f's, no floating argument to check,
-        an unknown transform.
+        an unknown transform or probe, both ``arrays`` and ``args``.
     """
     fn = "check_vjp"
     if not callable(f):
@@ -89,9 +122,43 @@ def check_vjp(
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         raise ValueError(f"{fn}: unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
+    if not transforms:
+        raise ValueError(f"{fn}: transforms is empty; choose from {list(TRANSFORMS)}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 2:
         raise ValueError(f"{fn}: n_directions must be an int >= 2, got {n_directions!r}")
+    kinds = PROBES if probes is True else () if probes is False else tuple(probes)
+    bad = [k for k in kinds if k not in PROBES]
+    if bad:
+        raise ValueError(f"{fn}: unknown probe(s) {bad}; choose from {list(PROBES)} "
+                         f"(or probes=True / False)")
+    settings = dict(reference=reference, static_kwargs=static_kwargs, transforms=transforms,
+                    n_directions=n_directions, seed=seed, rtol=rtol, atol=atol,
+                    fd_rtol=fd_rtol, fd_step=fd_step)
+    if args is not None:
+        if arrays:
+            raise ValueError(f"{fn}: pass the arguments either positionally or as a factory "
+                             f"args=, not both")
+        if not callable(args):
+            raise TypeError(f"{fn}: args must be a factory (key, dtype) -> tuple, "
+                            f"got {type(args).__name__}")
+        return check_factory(f, args, dtype, draws, kinds, settings)
+    if dtype is not None:
+        raise ValueError(f"{fn}: dtype= is for the factory args=; cast the arrays instead")
+    if not jax.config.jax_enable_x64 and any(
+            isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype == np.float64
+            for leaf in jax.tree_util.tree_leaves(arrays)):
+        with jax.enable_x64(True):
+            report = _check(f, arrays, kinds, **settings)
+        note = ("float64 NumPy arguments with jax_enable_x64 off: checked in float64, with "
+                "x64 turned on for this check")
+        return dataclasses.replace(report, notes=report.notes + (note,))
+    return _check(f, arrays, kinds, **settings)
 
+
+def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, transforms,
+           n_directions, seed, rtol, atol, fd_rtol, fd_step) -> VJPReport:
+    """check_vjp at one point (its arguments validated)."""
+    fn = "check_vjp"
     kwargs = dict(static_kwargs or {})
     name = getattr(f, "__name__", None) or type(f).__name__
     fk = _Bound(f, kwargs)
@@ -142,7 +209,7 @@ def check_vjp(
                     default.atol if atol is None else atol)
 
     checker = _Checker(fk, refk, args, infos, diff, out_structs, out_treedef, tol, fd_rtol,
-                       fd_step, n_directions, seed, transforms)
+                       fd_step, n_directions, seed, transforms, dtype, kinds)
     checker.run()
     notes = []
     if not _uses_custom_vjp(jaxpr.jaxpr):
@@ -150,4 +217,10 @@ def check_vjp(
     if checker.kinks:
         notes.append("at a kink: " + ", ".join(infos[i].name for i in checker.kinks)
                      + " (finite differences leave those directions out)")
-    return VJPReport(name, dtype.name, jax.default_backend(), tuple(checker.rows), tuple(notes))
+    if checker.probed:
+        oracle = ("the reference decides at kinks and ties (its convention)" if refk is not None
+                  else "finite differences, which leave kinks out")
+        notes.append(f"probes: {', '.join(checker.probed)}; oracle there: {oracle}")
+    plain = not _uses_custom_vjp(jaxpr.jaxpr)
+    return VJPReport(name, dtype.name, jax.default_backend(), tuple(checker.rows), tuple(notes),
+                     custom_vjp=not plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -9,14 +10,18 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from fnbp.verify.diagnose import (cotangent_mismatch, error_note, explain, raised_at,
+                                  rule_location, swapped)
 from fnbp.verify.arguments import _Arg, _as_dtype, _fetch, _put, _stack, _to64, _unstack
 from fnbp.verify.finite_diff import _FiniteDifferences
+from fnbp.verify.probes import fits, fixed_probes, inspect_function, large_factors, offset, scaled
 from fnbp.verify.programs import (Cotangents, Selection, _batched_inputs, _batched_v, _core,
                                   _second, _select, _x64, jit_fast)
-from fnbp.verify.report import Tolerance, VJPCheck, _error_row, _f64, _row
+from fnbp.verify.report import Tolerance, VJPCheck, _f64, _row
 
 _PERTURBATION = 0.05        # vmap(inputs): member m is x (1 + 0.05 u), u uniform in [-1, 1]
 _LINEAR_A, _LINEAR_B = 0.5, -2.0
+_ROUND_OFF = 4.0            # allowance for the reference's own round-off below float64
 
 
 class _Checker(_FiniteDifferences):
@@ -34,12 +39,17 @@ class _Checker(_FiniteDifferences):
 
     def __init__(self, fk, refk, args: tuple, infos: list[_Arg], diff: list[int],
                  out_structs: list, out_treedef, tol: Tolerance, fd_rtol: float,
-                 fd_step: float, n: int, seed: int, transforms: Sequence[str]):
+                 fd_step: float, n: int, seed: int, transforms: Sequence[str],
+                 dtype: Any = np.float64, probe_kinds: Sequence[str] = ()):
         self.fk, self.refk, self.args, self.infos, self.diff = fk, refk, args, infos, diff
         self.tol, self.fd_rtol, self.fd_step, self.n = tol, fd_rtol, fd_step, n
-        self.transforms = transforms
+        self.transforms, self.dtype, self.seed = transforms, dtype, seed
+        self.probe_kinds = tuple(probe_kinds)
+        self.probed: list[str] = []
         self.sel: Selection = tuple((i, infos[i].floats) for i in diff)
         self.rows: list[VJPCheck] = []
+        self._errors: dict[tuple[str, str], tuple[int, str, list[str]]] = {}
+        self._account: tuple[str, str] | None = None
         self.kinks: dict[int, str] = {}
         rng = np.random.default_rng(seed)
 
@@ -75,10 +85,13 @@ class _Checker(_FiniteDifferences):
             members.append(info.with_floats(values))
         return tuple(members)
 
-    def args64(self) -> tuple:
-        """The arguments with every floating leaf up-cast (exactly) to float64."""
-        return tuple(info.with_floats([_put(_f64(info.leaves[k])) for k in info.floats])
-                     for info in self.infos)
+    def args64(self, point: tuple | None = None) -> tuple:
+        """The arguments (or a probe point) with every floating leaf up-cast to float64."""
+        out = []
+        for i, info in enumerate(self.infos):
+            leaves = info.leaves if point is None else jax.tree_util.tree_leaves(point[i])
+            out.append(info.with_floats([_put(_f64(leaves[k])) for k in info.floats]))
+        return tuple(out)
 
     def u_like(self, cotangents: Cotangents, j: int) -> Cotangents:
         """The j-th 2nd-order weight u_j, in the dtypes B returns."""
@@ -87,24 +100,53 @@ class _Checker(_FiniteDifferences):
 
     # --- rows -----------------------------------------------------------------
 
-    def attempt(self, transform: str, fn: Callable[[], Any], oracle: str = "runs"):
-        """``fn()``, or ``None`` and a failing row naming the exception."""
+    def attempt(self, transform: str, fn: Callable[[], Any], oracle: str = "runs",
+                probe: str = ""):
+        """``fn()``, or ``None`` and a failing row naming the exception.
+
+        One exception is one row: the same error under another transform adds
+        that transform to the row's note instead of another row.
+        """
         try:
             return fn()
         except Exception as err:  # any failure of f under a transform is a finding
-            self.rows.append(_error_row(self._blame(err), transform, oracle, err, self.tol))
+            self._record_error(transform, oracle, err, probe)
             return None
 
-    def _blame(self, err: BaseException) -> str:
-        # JAX names a bad bwd output "output[k]": the k-th primal argument.
-        found = re.search(r"output\[(\d+)\]", str(err))
-        if found and int(found.group(1)) < len(self.infos):
-            return self.infos[int(found.group(1))].name
-        return "(all)"
+    def _record_error(self, transform: str, oracle: str, err: BaseException,
+                      probe: str = "") -> None:
+        key = (type(err).__name__, re.sub(r"b?float\d+", "float", " ".join(str(err).split())))
+        if key in self._errors:
+            index, note, seen = self._errors[key]
+            if transform not in seen and transform != self.rows[index].transform:
+                seen.append(transform)
+                self.rows[index] = dataclasses.replace(
+                    self.rows[index], note=f"{note}; also under {', '.join(seen)}")
+            return
+        if self._account is None:
+            self._account = cotangent_mismatch(self.fk.f, dict(self.fk.kwargs), self.args,
+                                               self.C[0], [info.name for info in self.infos])
+        name, account = self._account
+        where = raised_at(err) or rule_location(self.fk.f)
+        note = error_note(err, where)
+        self._errors[key] = (len(self.rows), note, [])
+        self.rows.append(VJPCheck(name or "(all)", transform, oracle, math.nan, math.nan, "",
+                                  self.tol.rtol, self.tol.atol, False, note, probe,
+                                  diagnosis=account or f"raised {type(err).__name__}"))
 
     def compare(self, transform: str, oracle: str, got: Sequence[Cotangents],
-                want: Sequence[Cotangents], label: str = "v", note: str = "") -> None:
-        """One row per differentiable argument: got[j] against want[j], all j."""
+                want: Sequence[Cotangents], label: str = "v", note: str = "",
+                probe: str = "", point: tuple | None = None,
+                tols: Sequence[Tolerance] | None = None, why: str = "") -> None:
+        """One row per differentiable argument: got[j] against want[j], all j.
+
+        ``point``: the arguments B was taken at (for the sign diagnosis);
+        ``tols``: per differentiable argument, a tolerance other than the
+        check's own; ``why``: the diagnosis of a failing row (default: from
+        the numbers, see :func:`fnbp.verify.diagnose.explain`).
+        """
+        point = self.args if point is None else point
+        rows = []
         for p, i in enumerate(self.diff):
             info = self.infos[i]
             triples = []
@@ -113,8 +155,36 @@ class _Checker(_FiniteDifferences):
                 for k, gl, wl in zip(info.floats, g[p], w[p]):
                     path = info.paths[k].replace("{", "{{").replace("}", "}}")
                     triples.append((path + "{idx}" + suffix, gl, wl))
-            self.rows.append(_row(info.name, transform, oracle, triples, self.tol,
-                                  self.kinks.get(i, "") if oracle == "reference" else note))
+            tol = self.tol if tols is None else tols[p]
+            row = _row(info.name, transform, oracle, triples, tol,
+                       self.kinks.get(i, "") if oracle == "reference" and not probe else note,
+                       probe)
+            if not row.passed and why:
+                row = dataclasses.replace(row, diagnosis=why)
+            elif not row.passed and not row.diagnosis:
+                z = jax.tree_util.tree_leaves(point[i])
+                row = dataclasses.replace(row, diagnosis=explain(
+                    [g for _, g, _ in triples], [w for _, _, w in triples],
+                    [np.asarray(z[k]) for _ in got for k in info.floats],
+                    [info.paths[k] for _ in got for k in info.floats], tol.rtol))
+            rows.append(row)
+        self._swaps(rows, got, want)
+        self.rows.extend(rows)
+
+    def _swaps(self, rows: list[VJPCheck], got, want) -> None:
+        """Name two failing arguments that hold each other's cotangents."""
+        def leaves(trees, p):
+            return [x for tree in trees for x in tree[p]]
+
+        failing = [p for p, row in enumerate(rows) if not row.passed]
+        for a in failing:
+            for b in failing:
+                if a < b and swapped([leaves(got, a), leaves(got, b)],
+                                     [leaves(want, a), leaves(want, b)], self.tol.rtol):
+                    text = (f"the cotangents of {rows[a].argument} and {rows[b].argument} "
+                            f"look swapped")
+                    for p in (a, b):
+                        rows[p] = dataclasses.replace(rows[p], diagnosis=text)
 
     def check_shapes(self, transform: str, got: Cotangents) -> None:
         for p, i in enumerate(self.diff):
@@ -128,7 +198,9 @@ class _Checker(_FiniteDifferences):
                                f"{leaf.dtype}{list(leaf.shape)}")
             err = math.inf if bad else 0.0
             self.rows.append(VJPCheck(info.name, transform, "shape/dtype", err, err, "",
-                                      0.0, 0.0, not bad, "; ".join(bad)))
+                                      0.0, 0.0, not bad, "; ".join(bad),
+                                      diagnosis="a cotangent of the wrong shape or dtype"
+                                      if bad else ""))
 
     # --- the matrix -----------------------------------------------------------
 
@@ -152,8 +224,10 @@ class _Checker(_FiniteDifferences):
 
         def fd():
             weights = [C64, U64] if second else [C64]
-            F = lambda a: jit_fast(_core)(fk, sel, a, v064)[::2]  # noqa: E731  (f, B(v0))
             return self.fd_probe(F, args64, weights)
+
+        def F(a):   # f and B(v0), in float64
+            return jit_fast(_core)(fk, sel, a, v064)[::2]
         probes = self.attempt("eager", fd, "finite diff")
         fd1, fd2 = (probes[0], probes[1] if second else None) if probes else (None, None)
         if fd1 is not None:
@@ -215,12 +289,115 @@ class _Checker(_FiniteDifferences):
                 _fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U])
             if got is not None:
                 if ref is not None:
-                    self.compare("2nd order", "reference", got, ref[2], label="u")
+                    tols, note = self.round_off(lambda: [_fetch(jit_fast(_second)(
+                        self.refk, sel, args, self.v0, u)) for u in U], ref[2])
+                    self.compare("2nd order", "reference", got, ref[2], label="u", tols=tols,
+                                 note=note)
                 if fd2 is not None:
                     self.fd_rows("2nd order", fd2, got)
 
         if core_out is not None:
             self.properties(core_out, results.get("eager"), ref)
+        if core_out is not None and self.probe_kinds and (ref is not None or fd1 is not None):
+            self.run_probes("jit" if self.jit else "eager", C64, F if ref is None else None)
+
+    def round_off(self, low: Callable[[], list], want: list
+                  ) -> tuple[list[Tolerance] | None, str]:
+        """Tolerances that allow the reference's own round-off in the working dtype.
+
+        Below float64, a correct rule cannot beat the reference computed in
+        the same dtype; ``low()`` computes it (the reference's program at the
+        working dtype: one compile, shared by every probe), and each
+        argument's atol grows by _ROUND_OFF times the largest difference
+        between it and the float64 reference ``want``. None in float64.
+        """
+        if np.dtype(self.dtype) == np.float64 or self.refk is None:
+            return None, ""
+        try:
+            lo = low()
+        except Exception:  # noqa: BLE001 - no estimate: the plain tolerance applies
+            return None, ""
+        tols, widest = [], 0.0
+        for p in range(len(self.diff)):
+            floor = 0.0
+            for a, b in zip(lo, want):
+                for x, y in zip(a[p], b[p]):
+                    d = np.abs(_f64(x) - _f64(y))
+                    d = d[np.isfinite(d)]
+                    floor = max(floor, float(d.max(initial=0.0)))
+            widest = max(widest, floor)
+            tols.append(Tolerance(self.tol.rtol, self.tol.atol + _ROUND_OFF * floor))
+        note = (f"atol includes {_ROUND_OFF:g}x the reference's own {np.dtype(self.dtype).name} "
+                f"round-off here ({widest:.1e})") if widest > self.tol.atol else ""
+        return tols, note
+
+    # --- probes ---------------------------------------------------------------
+
+    def run_probes(self, transform: str, C64: list, F: Callable | None) -> None:
+        """B at the probe points (see :mod:`fnbp.verify.probes`), one row per argument each.
+
+        With a reference, B is compared with it (float64) at each probe; else
+        (``F`` given) with finite differences of f. The programs are the
+        check's own: same shapes, nothing new to compile.
+        """
+        kinds, sel = self.probe_kinds, self.sel
+        oracle_fn = self.refk if self.refk is not None else self.fk
+        kinks, max_like = ([], False)
+        if "kinks" in kinds or "ties" in kinds:
+            kinks, max_like = inspect_function(oracle_fn, self.args)
+        rng = np.random.default_rng(self.seed + 1)
+        points = fixed_probes(self.infos, self.diff, kinks, max_like, kinds, rng)
+
+        def at64(point, c):   # the oracle function at a probe, in float64
+            with _x64():
+                return _fetch(jit_fast(_core)(oracle_fn, sel, self.args64(point), c))
+
+        def usable(point) -> bool:
+            # The oracle must stay finite in the working dtype (its cotangents too, for
+            # a reference; f's own B is what is being checked, so only f's output counts).
+            try:
+                out = _fetch(jit_fast(_core)(oracle_fn, sel, point, self.C[0]))
+            except Exception:  # noqa: BLE001 - a probe the oracle cannot take is skipped
+                return False
+            values = [*jax.tree_util.tree_leaves(out[0])]
+            if self.refk is not None:
+                values += jax.tree_util.tree_leaves(out[2])
+            return fits(values, self.dtype)
+
+        if "large" in kinds:
+            for factor in large_factors(self.dtype):
+                point = scaled(self.infos, self.diff, factor)
+                if point is not None and usable(point):
+                    points.append((f"large x{factor:.0e}", point))
+                    break
+        if "offset" in kinds:
+            shifted = offset(self.infos, self.diff, self.tol.rtol)
+            if shifted is not None and usable(shifted[1]):
+                points.append(shifted)
+        for name, point in points:
+            got = self.attempt(transform, lambda point=point: [
+                self.core(point, c)[2] for c in self.C], probe=name)
+            if got is None:
+                continue
+            self.probed.append(name)
+            if F is None:
+                want = self.attempt("eager", lambda point=point: [
+                    at64(point, c)[2] for c in C64], "reference", probe=name)
+                if want is not None and name.startswith(("large", "offset")):
+                    tols, note = self.round_off(lambda point=point: [_fetch(jit_fast(_core)(
+                        self.refk, sel, point, c))[2] for c in self.C], want)
+                else:   # the caller's magnitudes: the plain tolerance, as at the arguments
+                    tols, note = None, ""
+                if want is not None:
+                    self.compare(transform, "reference", got, want, probe=name, point=point,
+                                 tols=tols, note=note)
+            else:
+                with _x64():
+                    point64 = self.args64(point)
+                found = self.attempt("eager", lambda point64=point64: self.fd_probe(
+                    F, point64, [C64]), "finite diff", probe=name)
+                if found is not None:
+                    self.fd_rows(transform, found[0], got, probe_name=name)
 
     def properties(self, core_out: list, eager: list | None, ref) -> None:
         """Shapes and dtypes, linearity, zero, rerun, the fwd rule's primal output."""
@@ -236,26 +413,36 @@ class _Checker(_FiniteDifferences):
         if got is not None:
             want = [tuple(tuple(_LINEAR_A * _f64(a) + _LINEAR_B * _f64(b) for a, b in zip(x, y))
                           for x, y in zip(first[0], first[1]))]
-            self.compare(transform, "linearity", got, want)
+            self.compare(transform, "linearity", got, want, why="not linear in v")
 
         zero = jax.tree_util.tree_map(lambda x: _as_dtype(np.zeros(x.shape), x.dtype), C[0])
         got = self.attempt(transform, lambda: [self.core(args, zero)[2]], "zero v")
         if got is not None:
             want = [tuple(tuple(np.zeros(np.shape(x)) for x in p) for p in got[0])]
-            self.compare(transform, "zero v", got, want)
+            self.compare(transform, "zero v", got, want,
+                         why="B(0) != 0: B is affine, not linear, in v")
 
         again = self.attempt(transform, lambda: [self.core(args, C[0])[2]], "rerun")
         if again is not None:
-            self.compare(transform, "rerun", again, first[:1])
+            self.compare(transform, "rerun", again, first[:1],
+                         why="nondeterministic: two runs of B differ")
 
         out, primal, _ = core_out[0]
         triples = [("{idx}", a, b) for a, b in zip(jax.tree_util.tree_leaves(primal),
                                                    jax.tree_util.tree_leaves(out))]
         self.rows.append(_row("(output)", transform, "primal", triples, self.tol,
-                              "jax.vjp's primal output (the fwd rule) vs f(*args)"))
+                              "jax.vjp's primal output (the fwd rule) vs f(*args)",
+                              diagnosis=_unless_nan(triples, "the fwd rule's output differs "
+                                                             "from f(*args)")))
         if ref is not None:
             triples = [("{idx}", a, b) for a, b in zip(jax.tree_util.tree_leaves(out),
                                                        jax.tree_util.tree_leaves(ref[0]))]
             self.rows.append(_row("(output)", transform, "reference", triples, self.tol,
-                                  "f(*args) vs reference(*args) in float64"))
+                                  "f(*args) vs reference(*args) in float64",
+                                  diagnosis=_unless_nan(triples, "f and the reference compute "
+                                                                 "different functions")))
 
+
+def _unless_nan(triples, text: str) -> str:
+    """``text``, unless a NaN in the compared values says more (the row names it then)."""
+    return "" if any(np.isnan(_f64(got)).any() for _, got, _ in triples) else text

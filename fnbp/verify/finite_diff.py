@@ -15,7 +15,7 @@ import numpy as np
 
 from fnbp.verify.arguments import _put
 from fnbp.verify.programs import Cotangents, _x64
-from fnbp.verify.report import VJPCheck, _f64
+from fnbp.verify.report import VJPCheck, _f64, _index
 
 
 FD_RTOL = 1e-6
@@ -27,6 +27,8 @@ FD_STEP = float(np.finfo(np.float64).eps) ** (1.0 / 3.0)
 _FD_LEVELS = 4              # steps h, h/10, h/100, h/1000
 _FD_CONVERGED = 1e-6        # two steps agree: |E_k - E_k+1| <= this * scale
 _KINK = 1e-3                # one-sided slopes disagree by more than this * scale: a kink
+_EPS = float(np.finfo(np.float64).eps)
+_NOISE = 8.0                # round-off allowance, in units of the estimated round-off R
 
 
 class _FiniteDifferences:
@@ -45,10 +47,12 @@ class _FiniteDifferences:
         k < 4, and h = fd_step * max(1, max |x|).
 
         Returns, per output m and per differentiable argument, numpy arrays
-        (E, S, forward, backward, S1): E[j, k] the central difference
+        (E, S, forward, backward, S1, R): E[j, k] the central difference
         <w_j, F_m(x + h_k t_j) - F_m(x - h_k t_j)> / (2 h_k); S[j, k] the same
         sum over absolute terms (the scale that cancellation hides); the
-        one-sided slopes at the finest step and their scale S1[j].
+        one-sided slopes at the finest step and their scale S1[j]; R[j, k]
+        the round-off of E[j, k]: eps * sum |w_j F_m(x +- h_k t_j)| / (2 h_k),
+        what the differences cannot resolve (large where |F| is large).
         """
         def leaves(tree):
             return [_f64(y) for y in jax.tree_util.tree_leaves(tree)]
@@ -65,11 +69,13 @@ class _FiniteDifferences:
             probes = [[] for _ in weights]
             for p, i in enumerate(self.diff):
                 info = self.infos[i]
-                xs = [_f64(info.leaves[k]) for k in info.floats]
+                point = jax.tree_util.tree_leaves(args64[i])
+                xs = [_f64(point[k]) for k in info.floats]
                 big = max(float(np.abs(x).max(initial=0.0)) for x in xs)
                 h = self.fd_step * max(1.0, big) * 10.0 ** -np.arange(_FD_LEVELS)
                 E = np.zeros((len(weights), self.n, _FD_LEVELS))
                 S = np.zeros_like(E)
+                R = np.zeros_like(E)
                 one_sided = np.zeros((len(weights), 3, self.n))
                 for j in range(self.n):
                     for k in range(_FD_LEVELS):
@@ -83,6 +89,8 @@ class _FiniteDifferences:
                             delta = [u - d for u, d in zip(outs[0][m], outs[1][m])]
                             E[m, j, k] = dot(W[m][j], delta) / (2 * h[k])
                             S[m, j, k] = size(W[m][j], delta) / (2 * h[k])
+                            R[m, j, k] = _EPS * (size(W[m][j], outs[0][m])
+                                                 + size(W[m][j], outs[1][m])) / (2 * h[k])
                     for m in range(len(weights)):   # one-sided, at the finest step
                         rise = [u - b for u, b in zip(outs[0][m], base[m])]
                         fall = [b - d for d, b in zip(outs[1][m], base[m])]
@@ -90,7 +98,7 @@ class _FiniteDifferences:
                             dot(W[m][j], rise) / h[-1], dot(W[m][j], fall) / h[-1],
                             max(size(W[m][j], rise), size(W[m][j], fall)) / h[-1])
                 for m in range(len(weights)):
-                    probes[m].append((E[m], S[m], *one_sided[m]))
+                    probes[m].append((E[m], S[m], *one_sided[m], R[m]))
             return probes
 
     def fd_levels(self, probe_p) -> list[int | str]:
@@ -99,9 +107,12 @@ class _FiniteDifferences:
         A direction along which the one-sided slopes at the finest step
         disagree crosses a kink (f is not differentiable there). Otherwise the
         first step whose central difference agrees with the next finer one is
-        trusted: level 0 away from kinks, a finer one close to a kink.
+        trusted: level 0 away from kinks, a finer one close to a kink. Two
+        steps agree within their round-off too (R), so a smooth function far
+        from the origin, whose differences carry the round-off of its large
+        values, is not mistaken for one near a kink.
         """
-        E, S, fw, bw, S1 = probe_p
+        E, S, fw, bw, S1, R = probe_p
         levels: list[int | str] = []
         for j in range(self.n):
             if abs(fw[j] - bw[j]) > _KINK * S1[j]:
@@ -109,7 +120,8 @@ class _FiniteDifferences:
                 continue
             level = next((k for k in range(_FD_LEVELS - 1)
                           if abs(E[j, k] - E[j, k + 1])
-                          <= _FD_CONVERGED * max(S[j, k], S[j, k + 1])), None)
+                          <= _FD_CONVERGED * max(S[j, k], S[j, k + 1])
+                          + _NOISE * (R[j, k] + R[j, k + 1])), None)
             levels.append("unsettled" if level is None else level)
         return levels
 
@@ -121,11 +133,17 @@ class _FiniteDifferences:
                 self.kinks[i] = (f"at a kink ({kinks}/{self.n} directions): the "
                                  f"reference's convention decides")
 
-    def fd_rows(self, transform: str, probe, got: Sequence[Cotangents]) -> None:
-        """The dot-product test per argument: <J t_j, c_j> vs <t_j, B(c_j)>."""
+    def fd_rows(self, transform: str, probe, got: Sequence[Cotangents],
+                probe_name: str = "") -> None:
+        """The dot-product test per argument: <J t_j, c_j> vs <t_j, B(c_j)>.
+
+        A direction passes when the two sides agree within
+        ``atol + rtol * scale`` plus the differences' own round-off.
+        """
         tol = self.tol
         for p, i in enumerate(self.diff):
-            E, S = probe[p][0], probe[p][1]
+            E, S, R = probe[p][0], probe[p][1], probe[p][5]
+            nan_at = ""
             levels = self.fd_levels(probe[p])
             worst_abs, worst_rel, where, passed = 0.0, 0.0, "", True
             rtol_used = max(tol.rtol, self.fd_rtol)
@@ -140,10 +158,15 @@ class _FiniteDifferences:
                     err, scale = abs(side - estimate), max(S[j, level], size, abs(estimate))
                 else:
                     err, scale = math.inf, S[j, level]
+                    for x, path in zip(leaves, (self.infos[i].paths[k]
+                                                for k in self.infos[i].floats)):
+                        if np.isnan(x).any() and not nan_at:
+                            idx = np.unravel_index(int(np.argmax(np.isnan(x))), x.shape)
+                            nan_at = f"{path}{_index(idx)} v{j + 1}"
                 rtol_j = max(tol.rtol, self.fd_rtol * 10.0 ** level)
                 rtol_used = max(rtol_used, rtol_j)
                 rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-                passed &= err <= tol.atol + rtol_j * scale
+                passed &= err <= tol.atol + rtol_j * scale + _NOISE * R[j, level]
                 if rel > worst_rel or not where:
                     worst_abs, worst_rel, where = err, rel, f"dir {j + 1}"
             notes = []
@@ -160,6 +183,10 @@ class _FiniteDifferences:
                 notes.append(f"near a kink: step reduced along direction(s) {', '.join(near)}")
             if not where:
                 worst_abs = worst_rel = math.nan
+            diagnosis = ""
+            if nan_at:
+                worst_abs = worst_rel = math.nan
+                where, diagnosis = nan_at, f"NaN at index {nan_at}"
             self.rows.append(VJPCheck(self.infos[i].name, transform, "finite diff", worst_abs,
                                       worst_rel, where, rtol_used, tol.atol, passed,
-                                      "; ".join(notes)))
+                                      "; ".join(notes), probe_name, diagnosis))

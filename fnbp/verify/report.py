@@ -47,6 +47,13 @@ class VJPCheck:
       atol: absolute tolerance used.
       passed: whether the row passed.
       note: what else the reader should know (kinks, an exception).
+      probe: the point B was checked at: ``""`` for the caller's arguments,
+        else the probe derived from them (``zeros``, ``signs``, ``large x1e+02``,
+        ``offset +4.5e+04``, ``ties``, ``kink z=0.5``) or the factory draw
+        (``key 2``, ``sizes (4, 5, 6)``); see :mod:`fnbp.verify.probes`.
+      diagnosis: the likely bug when the evidence says so ("off by a
+        constant factor 2", "not linear in v", "NaN at index [3]", ...), else
+        ``""``.
     """
 
     argument: str
@@ -59,6 +66,8 @@ class VJPCheck:
     atol: float
     passed: bool
     note: str = ""
+    probe: str = ""
+    diagnosis: str = ""
 
     def __post_init__(self) -> None:
         # Plain Python numbers (not numpy scalars), so that to_dict() is JSON-able.
@@ -69,15 +78,37 @@ class VJPCheck:
     def describe(self) -> str:
         """One line naming the argument, transform and oracle, and the numbers."""
         where = f" at {self.worst_index}" if self.worst_index else ""
+        probe = f" at probe {self.probe!r}" if self.probe else ""
+        why = f"; likely bug: {self.diagnosis}" if self.diagnosis else ""
         note = f"; {self.note}" if self.note else ""
         return (f"argument {self.argument!r}, transform {self.transform!r}, oracle "
-                f"{self.oracle!r}: max rel err {_num(self.max_rel_err)} (max abs err "
+                f"{self.oracle!r}{probe}: max rel err {_num(self.max_rel_err)} (max abs err "
                 f"{_num(self.max_abs_err)}{where}), rtol {_num(self.rtol)}, atol "
-                f"{_num(self.atol)}{note}")
+                f"{_num(self.atol)}{why}{note}")
+
+    @property
+    def compared(self) -> bool:
+        """False for a row where nothing could be compared (an exception)."""
+        return not (math.isnan(self.max_abs_err) and not self.worst_index)
+
+    @property
+    def ratio(self) -> float:
+        """max rel err over rtol: <= 1 passes (with atol); never 0 or NaN on a failure."""
+        if not self.passed and (not self.compared or math.isnan(self.max_rel_err)):
+            return math.inf
+        if math.isnan(self.max_rel_err):
+            return 0.0
+        if self.rtol > 0:
+            ratio = self.max_rel_err / self.rtol
+        else:
+            ratio = 0.0 if self.max_rel_err == 0 else math.inf
+        if not self.passed and ratio == 0:   # failed on atol or shape: at least 1
+            return math.inf if self.max_abs_err == math.inf else max(ratio, 1.0)
+        return ratio
 
 
 def _num(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.2e}"
+    return "NaN" if math.isnan(x) else f"{x:.2e}"
 
 
 def _json_float(x: float) -> float | str:
@@ -97,7 +128,10 @@ class VJPReport:
       dtype: the working dtype that chose the default tolerances.
       backend: the JAX backend B ran on.
       rows: one row per (argument, transform, oracle).
-      notes: remarks about the whole check (no custom_vjp in f, kinks).
+      notes: remarks about the whole check (no custom_vjp in f, kinks,
+        float64 arguments checked with x64 turned on for the check).
+      custom_vjp: whether f has a ``jax.custom_vjp`` rule at all (False: its
+        derivative comes from autodiff, so the check says little).
     """
 
     function: str
@@ -105,6 +139,7 @@ class VJPReport:
     backend: str
     rows: tuple[VJPCheck, ...]
     notes: tuple[str, ...] = ()
+    custom_vjp: bool = True
 
     @property
     def ok(self) -> bool:
@@ -121,13 +156,34 @@ class VJPReport:
         return (f"check_vjp({self.function}) dtype={self.dtype} backend={self.backend}: "
                 f"{passed}/{len(self.rows)} checks pass")
 
+    @property
+    def diagnosis(self) -> str:
+        """The likely bug, from the worst failing row that names one ("" if none)."""
+        named = [row for row in self.failures if row.diagnosis]
+        if not named:
+            return ""
+        return max(named, key=lambda row: (row.oracle in ("runs", "linearity", "zero v"),
+                                           row.ratio)).diagnosis
+
+    @property
+    def worst_ratio(self) -> float:
+        """The largest max rel err over rtol of any row (infinite for a row that raised)."""
+        return max((row.ratio for row in self.rows), default=0.0)
+
     def table(self, rows: Sequence[VJPCheck] | None = None) -> str:
         """The rows (all by default) as an aligned text table."""
         rows = self.rows if rows is None else rows
-        head = ("argument", "transform", "oracle", "max abs err", "max rel err",
+        head = ("argument", "transform", "oracle", "probe", "max abs err", "max rel err",
                 "worst index", "rtol", "result", "note")
-        body = [(r.argument, r.transform, r.oracle, _num(r.max_abs_err), _num(r.max_rel_err),
-                 r.worst_index, _num(r.rtol), "PASS" if r.passed else "FAIL", r.note)
+
+        def cell(r: VJPCheck, x: float) -> str:
+            return _num(x) if r.compared else "-"
+
+        body = [(r.argument, r.transform, r.oracle, r.probe or "args",
+                 cell(r, r.max_abs_err), cell(r, r.max_rel_err), r.worst_index, _num(r.rtol),
+                 "PASS" if r.passed else "FAIL",
+                 "; ".join(x for x in (r.diagnosis and f"likely bug: {r.diagnosis}", r.note)
+                           if x))
                 for r in rows]
         widths = [max(len(str(line[c])) for line in [head, *body]) for c in range(len(head))]
         lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
@@ -136,7 +192,9 @@ class VJPReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return "\n".join([self._header(), *(f"note: {n}" for n in self.notes), self.table()])
+        diagnosis = [f"likely bug: {self.diagnosis}"] if self.diagnosis else []
+        return "\n".join([self._header(), *diagnosis, self.table(),
+                          *(f"note: {n}" for n in self.notes)])
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain Python data, ready for ``json.dumps``.
@@ -150,13 +208,16 @@ class VJPReport:
                 data[key] = _json_float(data[key])
             rows.append(data)
         return {"function": self.function, "dtype": self.dtype, "backend": self.backend,
-                "passed": self.ok, "notes": list(self.notes), "rows": rows}
+                "passed": self.ok, "custom_vjp": self.custom_vjp,
+                "diagnosis": self.diagnosis, "notes": list(self.notes), "rows": rows}
 
     def assert_ok(self) -> None:
         """Raise ``AssertionError`` listing every failing row; return if all pass."""
         failures = self.failures
         if failures:
             lines = [f"{self._header()}; failing:"]
+            if self.diagnosis:
+                lines.append(f"  likely bug: {self.diagnosis}")
             lines += [f"  {row.describe()}" for row in failures]
             raise AssertionError("\n".join(lines))
 
@@ -173,44 +234,54 @@ def _index(idx: tuple[int, ...]) -> str:
     return f"[{', '.join(str(int(i)) for i in idx)}]" if idx else "()"
 
 
-def _measure(triples: Sequence[tuple[str, Any, Any]]) -> tuple[float, float, str, float]:
+def _measure(triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = False
+             ) -> tuple[float, float, str, float, int]:
     """max |got - want|, max |want| and where, over (label, got, want) leaves.
 
-    Returns (max abs err, max rel err, worst index, scale). NaN in both at the
-    same place counts as equal; NaN or infinity on one side only is an
-    infinite error.
+    Returns (max abs err, max rel err, worst index, scale, entries left out).
+    NaN in both at the same place counts as equal; a NaN in ``got`` only (0/0
+    in the rule) makes both errors NaN at its index; an infinity on one side
+    only is an infinite error. With ``skip_nan_want`` (a reference oracle), an
+    entry where only ``want`` is NaN is left out: the reference has no
+    derivative there to judge by.
     """
-    worst, where, scale = -1.0, "", 0.0
+    worst, where, scale, nan_at, skipped = -1.0, "", 0.0, "", 0
     for label, got, want in triples:
         got, want = _f64(got), _f64(want)
         if got.shape != want.shape:
             return math.inf, math.inf, f"{label} shape {got.shape} vs {want.shape}", 0.0
-        diff = np.abs(got - want)
+        nan = np.isnan(got) & ~np.isnan(want)
+        blind = np.isnan(want) & ~np.isnan(got) if skip_nan_want else np.zeros(got.shape, bool)
+        skipped += int(blind.sum())
+        if nan.any() and not nan_at:
+            nan_at = label.format(idx=_index(np.unravel_index(int(np.argmax(nan)), nan.shape)))
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(got - want)
         same = (np.isnan(got) & np.isnan(want)) | (got == want)
-        diff = np.where(same, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+        diff = np.where(same | nan | blind, 0.0, np.where(np.isfinite(diff), diff, np.inf))
         finite = np.abs(want[np.isfinite(want)])
         scale = max(scale, float(finite.max(initial=0.0)))
         if diff.size and float(diff.max()) > worst:
             idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
             worst, where = float(diff[idx]), label.format(idx=_index(idx))
+    if nan_at:
+        return math.nan, math.nan, nan_at, scale, skipped
     worst = max(worst, 0.0)
     rel = worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
-    return worst, rel, where, scale
+    return worst, rel, where, scale, skipped
 
 
 def _row(argument: str, transform: str, oracle: str, triples, tol: Tolerance,
-         note: str = "") -> VJPCheck:
-    abs_err, rel_err, where, scale = _measure(triples)
+         note: str = "", probe: str = "", diagnosis: str = "") -> VJPCheck:
+    abs_err, rel_err, where, scale, skipped = _measure(triples, oracle == "reference")
     passed = abs_err <= tol.atol + tol.rtol * scale
+    if skipped:
+        blind = (f"the reference's derivative is NaN at {skipped} entr"
+                 f"{'y' if skipped == 1 else 'ies'} (no derivative there), left out")
+        note = f"{note}; {blind}" if note else blind
+    if math.isnan(abs_err):
+        diagnosis = f"NaN at index {where}"
+    elif passed:
+        diagnosis = ""
     return VJPCheck(argument, transform, oracle, abs_err, rel_err, where, tol.rtol,
-                    tol.atol, passed, note)
-
-
-def _error_row(argument: str, transform: str, oracle: str, err: BaseException,
-               tol: Tolerance) -> VJPCheck:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return VJPCheck(argument, transform, oracle, math.nan, math.nan, "", tol.rtol, tol.atol,
-                    False, f"raised {type(err).__name__}: {message}"[:300])
-
-
-# --- the check --------------------------------------------------------------------
+                    tol.atol, passed, note, probe, diagnosis)
