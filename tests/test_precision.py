@@ -2,13 +2,16 @@
 
 Tolerances. bfloat16 keeps 8 significant bits: machine epsilon 2^-7, unit
 roundoff u = 2^-8 (every rounding has relative error <= u). In a bfloat16
-pass of the 3-layer MLP below, the first layer's weight gradient is built from
-about 8 rounded quantities in a chain (the rounded input and weights, the
-rounded activation and pre-activation of each hidden layer, the rounded
-cotangent of each layer on the way back), so its relative error is at most
-about 8u = 2^-5 when the roundings add up, and smaller when their signs
-cancel (measured: 0.4% to 2.0% per array, in norm). BF16_GRAD_RTOL = 2^-5
-is that bound, on the relative Frobenius error of each gradient array.
+pass of the 3-layer MLP below, the first layer's weight gradient
+dW1 = dz1^T x is built from about 8 rounded quantities in a chain (x, W2, W3,
+the loss cotangent dt, the hidden activations, and the product of each of the
+three backward matmuls), so its relative error is at most about 8u = 2^-5
+when the roundings add up, and smaller when their signs cancel; the last
+layer's, dW3 = dt^T a2, passes through 3 roundings (dt, a2, the product):
+3u. Both are checked on the relative Frobenius error of each gradient array,
+over a batch of 512 (the sum over examples averages the per-example errors;
+measured over 6 seeds: at most 3.7u for the first layer and 1.3u for the
+last; with 128 examples up to 7.1u).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from test_train_command import SMALL, metadata_of, params_of
 from test_train_command import train as train_command
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16
-BF16_GRAD_RTOL = 8 * BF16_U
+BF16_GRAD_RTOL = 8 * BF16_U  # first layer; the last layer gets 3u (module doc)
 F32, BF16, F16 = (jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
@@ -147,7 +150,7 @@ def test_bf16_gradients_agree_with_float32_on_digits(digits):
     """The bf16 policy's J and gradients are the float32 ones to BF16_GRAD_RTOL (module doc)."""
     x_train, y_train, _, _ = digits
     _, params = DIGITS_MODEL.init(jax.random.key(0), x_train.shape[1:], jnp.float32)
-    x, y = jnp.asarray(x_train[:128]), jnp.asarray(y_train[:128])
+    x, y = jnp.asarray(x_train[:512]), jnp.asarray(y_train[:512])
     J32, g32 = backprop_jit(DIGITS_MODEL, fnbp.cross_entropy_loss, params, x, y)
     J16, g16 = backprop_jit(fnbp.with_precision(DIGITS_MODEL, "bfloat16"),
                             fnbp.cross_entropy_loss, params, x, y)
@@ -155,6 +158,7 @@ def test_bf16_gradients_agree_with_float32_on_digits(digits):
     errors = [norm_err(a, b) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32))]
     assert dtypes_of(g16) == {F32}
     assert max(errors) <= BF16_GRAD_RTOL, errors
+    assert max(errors[-2:]) <= 3 * BF16_U, errors  # W3 and b3 of the last MM
     assert min(errors) > 0  # the bf16 pass really rounded
 
 
