@@ -195,3 +195,92 @@ def test_bad_input_to_the_verifier_is_a_failed_row(user_module, capsys):
     out = capsys.readouterr().out
     assert "the reference returns shape () but cube returns shape (4, 3)" in out
     assert out.rstrip().endswith("1 of 1 FAIL")
+
+
+TWO_RULES = '''
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.custom_vjp
+def cube(z):
+    return z * z * z
+
+
+cube.defvjp(lambda z: (z * z * z, z), lambda z, v: (3 * z * z * v,))
+
+
+@jax.custom_vjp
+def halved(z):
+    return z * z
+
+
+halved.defvjp(lambda z: (z * z, z), lambda z, v: (z * v,))   # the bug: 2 z v
+
+
+def cube_reference(z):
+    return z ** 3
+
+
+def cube_args():
+    return (np.linspace(-1.0, 1.0, 5),)
+
+
+def halved_reference(z):
+    return z ** 2
+
+
+def halved_args():
+    return (np.linspace(-1.0, 1.0, 5),)
+
+
+def plain(z):
+    return jnp.sin(z)
+
+
+def plain_args():
+    return (np.linspace(-1.0, 1.0, 5),)
+'''
+
+
+def test_per_function_reference_and_args_and_the_diagnosis(user_module, capsys):
+    name = user_module("fnbp_user_two_rules", TWO_RULES)
+    assert cli.main(["check", f"{name}:cube", "--transforms", "jit"]) == 0
+    capsys.readouterr()
+    assert cli.main(["check", f"{name}:halved", "--transforms", "jit"]) == 1
+    out = capsys.readouterr().out
+    assert "likely bug: off by a constant factor 0.5" in out
+    assert re.search(rf"^{name}:halved\s+float64\s+\d+/\d+\s+(\S+)\s+\S+\s+FAIL$", out,
+                     re.MULTILINE).group(1) not in ("0", "0.0")
+
+
+def test_rtol_atol_and_transforms_flags(user_module, capsys):
+    name = user_module("fnbp_user_two_rules_flags", TWO_RULES)
+    assert cli.main(["check", f"{name}:halved", "--transforms", "jit,zero", "--json"]) == 2
+    assert "unknown transform(s) ['zero'] in --transforms" in capsys.readouterr().err
+    assert cli.main(["check", f"{name}:halved", "--transforms", "jit", "--rtol", "1",
+                     "--atol", "10", "--json"]) == 0
+    data = _json(capsys)
+    rows = data["results"][0]["report"]["rows"]
+    assert {row["transform"] for row in rows} == {"jit"}
+    assert all(row["atol"] == 10 for row in rows if row["oracle"] == "reference")
+
+
+def test_a_function_without_custom_vjp_warns_and_exits_1(user_module, capsys):
+    name = user_module("fnbp_user_two_rules_plain", TWO_RULES)
+    assert cli.main(["check", f"{name}:plain", "--transforms", "jit"]) == 1
+    out = capsys.readouterr().out
+    assert f"WARNING: {name}:plain has no jax.custom_vjp rule" in out
+    assert "--allow-plain" in out
+    assert cli.main(["check", f"{name}:plain", "--transforms", "jit", "--allow-plain"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_a_module_that_exits_on_import_is_one_line_and_status_2(user_module, capsys):
+    name = user_module("fnbp_user_exits", "import sys\nsys.exit(3)\n")
+    assert cli.main(["check", f"{name}:f"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert f"importing {name!r}" in captured.err and "sys.exit(3)" in captured.err

@@ -82,6 +82,7 @@ Python bool, a string, an axis) are not arrays: pass them as
 """
 
 from fnbp.verify.check import check_vjp
+from fnbp.verify.layer import check_layer
 from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
 from fnbp.verify.programs import FAST_COMPILE, TRANSFORMS, jit_fast
 from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPCheck, VJPReport
@@ -95,6 +96,7 @@ __all__ = [
     "Tolerance",
     "VJPCheck",
     "VJPReport",
+    "check_layer",
     "check_vjp",
     "jit_fast",
 ]

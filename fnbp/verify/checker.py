@@ -156,9 +156,9 @@ class _Checker(_FiniteDifferences):
                     path = info.paths[k].replace("{", "{{").replace("}", "}}")
                     triples.append((path + "{idx}" + suffix, gl, wl))
             tol = self.tol if tols is None else tols[p]
+            kink = self.kinks.get(i, "") if oracle == "reference" and not probe else ""
             row = _row(info.name, transform, oracle, triples, tol,
-                       self.kinks.get(i, "") if oracle == "reference" and not probe else note,
-                       probe)
+                       "; ".join(x for x in (kink, note) if x), probe)
             if not row.passed and why:
                 row = dataclasses.replace(row, diagnosis=why)
             elif not row.passed and not row.diagnosis:

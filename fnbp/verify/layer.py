@@ -1,0 +1,171 @@
+"""check_layer: a :class:`fnbp.Layer`'s backward, sq_norms and init, checked in float64.
+
+A layer is a record of pure functions (``init``, ``forward``, ``backward``,
+``apply``, ``sq_norms``; see :mod:`fnbp.network`). Three things can be wrong
+in one written by hand, and :func:`check_layer` checks each:
+
+- ``backward(params, residuals, v)`` must be B[M, (params, z)](v): it is
+  checked, through ``apply`` (a ``jax.custom_vjp`` whose rule is the layer's
+  forward/backward), by :func:`fnbp.check_vjp` against autodiff of
+  ``forward`` and finite differences, in float64;
+- ``sq_norms(params, residuals, v)`` must return each example's squared
+  norm of its parameter gradient, sum_leaves ||dparams^(i)||^2, and the same
+  input cotangent as ``backward``: checked against the per-example gradients
+  by autodiff of ``forward``, one example at a time (rows ``sq_norms`` and
+  ``sq_norms dz``);
+- ``init(key, example_shape, dtype)`` must give parameters of the structure,
+  shapes and dtypes ``apply`` is called with, and the output shape ``apply``
+  returns (row ``init``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnbp.verify.check import check_vjp
+from fnbp.verify.report import DEFAULT_TOLERANCES, VJPCheck, VJPReport, _row
+
+LAYER_PROBES = ("signs", "large", "offset")
+"""Probes check_layer uses by default: the ones with no kink convention.
+
+Autodiff of ``forward`` takes JAX's conventions at kinks (``max(z, 0)`` has
+slope 1/2 at 0), which need not be the layer's; zeros and ties are left to
+:func:`fnbp.check_vjp` of the rules with their own references.
+"""
+
+
+def _to64(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x, np.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        else np.asarray(x), tree)
+
+
+def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = (
+        "jit", "jit(vmap(inputs))", "2nd order"), probes: bool | Sequence[str] = LAYER_PROBES,
+        seed: int = 0, example_axes: int = 1) -> VJPReport:
+    """Check a Layer's backward, sq_norms and init, in float64.
+
+    Example::
+
+        layer = fnbp.dense(3)
+        _, params = layer.init(jax.random.PRNGKey(0), (4,))
+        fnbp.check_layer(layer, params, x).assert_ok()      # x: (n, 4)
+
+    Args:
+      layer: a :class:`fnbp.Layer` (from :func:`fnbp.make_layer` or fnbp's own).
+      params: its parameters (a pytree of arrays).
+      x: an input batch; its first ``example_axes`` axes are example axes.
+      transforms: the transforms of :func:`fnbp.check_vjp` for ``backward``.
+      probes: the probes of :func:`fnbp.check_vjp` (default :data:`LAYER_PROBES`).
+      seed: seed of the random cotangents.
+      example_axes: how many leading axes of x are example axes (for
+        ``init`` and the per-example gradients of ``sq_norms``).
+
+    Returns:
+      One :class:`fnbp.verify.VJPReport` with the rows of all three checks,
+      computed in float64 (the arguments are up-cast; x64 is turned on for
+      the check when it is off).
+
+    Raises:
+      TypeError: ``layer`` is not a Layer-like record.
+      ValueError: as :func:`fnbp.check_vjp`, when ``apply`` rejects the arguments.
+    """
+    for name in ("init", "forward", "backward", "apply"):
+        if not callable(getattr(layer, name, None)):
+            raise TypeError(f"check_layer: layer must be a fnbp Layer (with init, forward, "
+                            f"backward, apply); {type(layer).__name__} has no {name}()")
+    if isinstance(example_axes, bool) or not isinstance(example_axes, int) or example_axes < 1:
+        raise ValueError(f"check_layer: example_axes must be an int >= 1, got {example_axes!r}")
+    if np.ndim(x) <= example_axes - 1:
+        raise ValueError(f"check_layer: x of shape {np.shape(x)} has no example axis")
+    label = getattr(layer, "name", type(layer).__name__)
+    wide = contextlib.nullcontext() if jax.config.jax_enable_x64 else jax.enable_x64(True)
+    with wide:
+        params64, x64 = _to64(params), _to64(x)
+
+        def apply(params, x):
+            return layer.apply(params, x)
+
+        def forward(params, x):
+            return layer.forward(params, x)[0]
+
+        apply.__name__ = f"{label}.apply"
+        report = check_vjp(apply, params64, x64, reference=forward, transforms=transforms,
+                           probes=probes, seed=seed)
+        tol = DEFAULT_TOLERANCES["float64"]
+        rows = list(report.rows)
+        if getattr(layer, "sq_norms", None) is not None:
+            rows += _sq_norm_rows(layer, params64, x64, example_axes, tol, seed)
+        rows.append(_init_row(layer, params, x, example_axes, seed))
+    notes = report.notes
+    if not report.custom_vjp:
+        notes += (f"{label}.apply has no jax.custom_vjp rule",)
+    return dataclasses.replace(report, function=label, rows=tuple(rows), notes=notes)
+
+
+def _sq_norm_rows(layer, params, x, axes: int, tol, seed: int) -> list[VJPCheck]:
+    u, residuals = layer.forward(params, x)
+    rng = np.random.default_rng(seed + 7)
+    v = jax.device_put(rng.standard_normal(np.shape(u)))
+    try:
+        sq, dz = layer.sq_norms(params, residuals, v)
+    except Exception as err:  # a finding: the row says what raised
+        return [VJPCheck("params", "eager", "sq_norms", math.nan, math.nan, "", tol.rtol,
+                         tol.atol, False, f"raised {type(err).__name__}: {err}",
+                         diagnosis="sq_norms raises")]
+    batch = np.shape(x)[:axes]
+    n = int(np.prod(batch))
+    xs = np.reshape(np.asarray(x), (n, 1) + np.shape(x)[axes:])
+    vs = np.reshape(np.asarray(v), (n, 1) + np.shape(u)[axes:])
+
+    def one(xi, vi):   # example i's parameter gradient, by autodiff of forward
+        _, pull = jax.vjp(lambda p: layer.forward(p, xi)[0], params)
+        return sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(pull(vi)[0]))
+
+    want = np.asarray(jax.jit(jax.vmap(one))(xs, vs)).reshape(batch)
+    got = np.broadcast_to(np.asarray(sq, np.float64), batch)
+    _, dz_want = layer.backward(params, residuals, v)
+    return [_row("params", "eager", "sq_norms", [("{idx}", got, want)], tol,
+                 "per-example sum ||dparams||^2 vs autodiff of forward, one example at a time",
+                 diagnosis="sq_norms disagrees with the per-example gradients"),
+            _row("x", "eager", "sq_norms dz", [("{idx}", dz, dz_want)], tol,
+                 "sq_norms' input cotangent vs backward's",
+                 diagnosis="sq_norms returns another dz than backward")]
+
+
+def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
+    example = tuple(np.shape(x)[axes:])
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params)
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    dtype = leaves[0].dtype if leaves else jnp.result_type(x)
+    problems = []
+    try:
+        out_shape, fresh = layer.init(jax.random.PRNGKey(seed), example, dtype)
+        made = jax.tree_util.tree_structure(fresh)
+        given = jax.tree_util.tree_structure(params)
+        if made != given:
+            problems.append(f"init gives parameters {made}, apply was called with {given}")
+        else:
+            for path_leaf, leaf in zip(jax.tree_util.tree_leaves_with_path(fresh),
+                                       jax.tree_util.tree_leaves(params)):
+                path, new = path_leaf
+                if np.shape(new) != np.shape(leaf):
+                    problems.append(f"init gives {jax.tree_util.keystr(path)} shape "
+                                    f"{np.shape(new)}, apply was called with {np.shape(leaf)}")
+        u = jax.eval_shape(layer.apply, params, x)
+        if tuple(out_shape) != tuple(u.shape[axes:]):
+            problems.append(f"init says the output of an example has shape "
+                            f"{tuple(out_shape)}, apply returns {tuple(u.shape[axes:])}")
+    except Exception as err:  # a finding: the row says what raised
+        problems.append(f"raised {type(err).__name__}: {err}")
+    err = math.inf if problems else 0.0
+    return VJPCheck("(init)", "eager", "init", err, err, "", 0.0, 0.0, not problems,
+                    "; ".join(problems) or f"shapes agree for examples of shape {example}",
+                    diagnosis="init disagrees with apply" if problems else "")
