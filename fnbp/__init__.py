@@ -111,7 +111,8 @@ from fnbp.train import (
     make_eval_step,
     make_train_step,
 )
-from fnbp.verify import VJPReport, check_vjp
+from fnbp.verify import VJPReport, check_layer, check_vjp
+from fnbp import testing
 
 __version__ = "0.1.0"
 
@@ -224,5 +225,7 @@ __all__ = [
     "loss_scaled",
     "with_precision",
     "VJPReport",
+    "check_layer",
     "check_vjp",
+    "testing",
 ]
