@@ -295,6 +295,18 @@ def test_float16_mixed_precision_trains_digits_and_grows_the_scale(digits):
     assert dtypes_of(result.params) == {F32}
 
 
+def test_float16_fit_on_a_mesh_equals_the_single_device_run():
+    params, x, y = small_problem()
+    scaled = fnbp.loss_scaled(optax.adam(1e-2))
+    runs = [train.fit(MODEL, fnbp.cross_entropy_loss, scaled, params, x, y,
+                      key=jax.random.key(1), epochs=2, batch_size=8, precision="float16",
+                      mesh=mesh) for mesh in (None, fnbp.make_mesh(1))]
+    for a, b in zip(jax.tree.leaves(runs[0].state), jax.tree.leaves(runs[1].state),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(runs[1].state.opt_state.loss_scale.good_steps) == 4
+
+
 def test_loss_scaled_state_round_trips_through_a_checkpoint(tmp_path):
     params, _, _ = small_problem()
     scaled = fnbp.loss_scaled(SGD)
