@@ -348,7 +348,9 @@ def loss_scaled(optimizer: optax.GradientTransformation,
 
     :func:`fnbp.make_train_step` sees the loss scale in the optimizer state and
     multiplies the loss by S before the backward pass. Wrap the whole
-    optimizer (a chain with clipping inside it sees unscaled gradients).
+    optimizer, ``loss_scaled(optax.chain(clip, adam))``, so that every
+    transformation inside it sees unscaled gradients; a loss-scaled
+    optimizer nested inside a chain is refused by the training step.
 
     Args:
       optimizer: any optax ``GradientTransformation``.
@@ -383,9 +385,21 @@ def loss_scaled(optimizer: optax.GradientTransformation,
 
 
 def loss_scale_of(opt_state: Any) -> Array | None:
-    """The loss scale S held by a :func:`loss_scaled` optimizer's state, or None."""
+    """The loss scale S held by a :func:`loss_scaled` optimizer's state, or None.
+
+    Raises:
+      ValueError: a :class:`LossScaledState` nested inside the state (a
+        ``loss_scaled`` optimizer inside a chain), whose S the loss would miss.
+    """
     if isinstance(opt_state, LossScaledState):
         return opt_state.loss_scale.scale
+    nodes = jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda node: isinstance(node, LossScaledState))
+    if any(isinstance(node, LossScaledState) for node in nodes):
+        raise ValueError("train_step: the optimizer state holds a fnbp.loss_scaled state "
+                         "inside another optimizer's; make fnbp.loss_scaled the outermost "
+                         "wrapper, e.g. fnbp.loss_scaled(optax.chain(...)), so that the "
+                         "loss is scaled by its S")
     return None
 
 

@@ -271,6 +271,14 @@ def test_float16_step_with_overflowing_scale_is_skipped_and_the_scale_halves():
     assert float(state.loss_scale.scale) == 2.0**39 and np.isfinite(float(metrics["loss"]))
 
 
+def test_loss_scaled_inside_a_chain_is_refused():
+    params, x, y = small_problem()
+    chained = optax.chain(optax.clip(1.0), fnbp.loss_scaled(SGD))
+    step = train.make_train_step(MODEL, fnbp.cross_entropy_loss, chained)
+    with pytest.raises(ValueError, match=r"make fnbp.loss_scaled the outermost wrapper"):
+        step(params, chained.init(params), x, y)
+
+
 def test_float16_without_loss_scaling_is_refused():
     params, x, y = small_problem()
     step = train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD, precision="float16")
