@@ -137,7 +137,7 @@ def count_classes(y: np.ndarray, source: str, *,
       DataError: fewer than two distinct labels, or labels that are not
         0 .. k-1 (a stray label, named with its row).
     """
-    labels = np.unique(y)
+    labels, counts = np.unique(y, return_counts=True)
     k = len(labels)
     if k < 2:
         value = int(labels[0]) if k else None
@@ -147,10 +147,10 @@ def count_classes(y: np.ndarray, source: str, *,
         return k
     present = labels[labels < k]
     missing = np.setdiff1d(np.arange(k), present)
-    stray = labels[labels >= k]
-    # name the stray label with the fewest examples (a typo), largest first on ties
-    counts = [(int(np.count_nonzero(y == s)), -int(s)) for s in stray]
-    label = -min(counts)[1]
+    stray, stray_counts = labels[labels >= k], counts[labels >= k]
+    # name the stray label with the fewest examples (a typo), the largest on ties
+    fewest = np.flatnonzero(stray_counts == stray_counts.min())[-1]
+    label = int(stray[fewest])
     rows_of = np.flatnonzero(y == label)
     first = _where(int(rows_of[0]), rows)
     more = f" (and {len(rows_of) - 1} more)" if len(rows_of) > 1 else ""

@@ -115,6 +115,20 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
+def checkpoint_step(folder: str) -> int | None:
+    """The step of the checkpoint in ``folder``, or None (none, or unreadable)."""
+    from fnbp.checkpoint import CheckpointError, read_checkpoint_metadata
+
+    path = os.path.join(folder, CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        step = read_checkpoint_metadata(path)["step"]
+    except (CheckpointError, OSError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def kept(saved_step: int | None) -> str:
     """What a failed or stopped run leaves to continue from, in words."""
     if saved_step is None:

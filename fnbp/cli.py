@@ -34,7 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_arguments(subparsers.add_parser(name, help=help_text,
                                                    description=module.__doc__))
     args = parser.parse_args(argv)
-    return modules[args.command].run(args)
+    try:
+        return modules[args.command].run(args)
+    except BrokenPipeError:
+        # stdout piped into a reader that stopped (fnbp check | head -1): one line, no
+        # traceback, and nothing more flushed into the closed pipe at exit
+        from fnbp._run_folder import silence_stdout
+
+        silence_stdout()
+        print(f"fnbp {args.command}: error: standard output was closed before all output "
+              f"was written (piped into head?); the rest is not printed", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

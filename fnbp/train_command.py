@@ -434,9 +434,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        if progress.saved_step is not None:
-            then = (f"{_run_folder.kept(progress.saved_step)} (continue with: fnbp train "
-                    f"--resume {progress.out})")
+        # what is on disk: the interrupt may come between a save and its bookkeeping
+        saved = None if progress.out is None else _run_folder.checkpoint_step(progress.out)
+        if saved is not None:
+            then = f"{_run_folder.kept(saved)} (continue with: fnbp train --resume {progress.out})"
         elif progress.out is not None and os.path.isdir(progress.out):
             then = (f"it stopped before its first checkpoint, so start it again with the "
                     f"same command (its --out {progress.out} may be reused)")

@@ -239,6 +239,15 @@ def test_load_csv_without_header_label_last(tmp_path):
     ("", "is empty"),
     ("a,label\n", "has a header but no rows"),
     ("1\n2\n", "has one column"),
+    # missing values on any row, and the header rule
+    ("NA,2,0\n3,4,1\n", r"line 1 column 1 is a missing value \('NA'\); fill it in or drop"),
+    ("1,2,0\nNA,4,1\n", r"line 2 column 1 is a missing value \('NA'\)"),
+    ("1,,0\n3,4,1\n", r"line 1 column 2 is a missing value \(''\)"),
+    ("id,2,label\n3,4,1\n", r"line 1 column 1 holds 'id', which is not a number; a header "
+                            r"row must have no numbers in it"),
+    ("a,b\n1,2,0\n", r"has 2 names in its header \(line 1\) but 3 columns in line 2"),
+    ("1,2,0\n3,4,1e400\n", "y holds inf in line 2"),
+    ("1,2,0\n3,4,-1\n", "the negative label -1 in line 2"),
 ])
 def test_load_csv_errors(tmp_path, text, match):
     path = tmp_path / "bad.csv"
@@ -423,23 +432,6 @@ def test_csv_byte_order_mark_is_stripped_and_the_header_kept(tmp_path):
     path.write_bytes("\ufeff1,2,0\n3,4,1\n".encode("utf-8"))  # no header: row 1 is data
     x, y = data.load_csv(path)
     assert x.shape == (2, 2) and y.tolist() == [0, 1]
-
-
-@pytest.mark.parametrize("text, match", [
-    ("NA,2,0\n3,4,1\n", r"line 1 column 1 is a missing value \('NA'\); fill it in or drop"),
-    ("1,2,0\nNA,4,1\n", r"line 2 column 1 is a missing value \('NA'\)"),
-    ("1,,0\n3,4,1\n", r"line 1 column 2 is a missing value \(''\)"),
-    ("id,2,label\n3,4,1\n", r"line 1 column 1 holds 'id', which is not a number; a header "
-                            r"row must have no numbers in it"),
-    ("a,b\n1,2,0\n", r"has 2 names in its header \(line 1\) but 3 columns in line 2"),
-    ("1,2,0\n3,4,1e400\n", "y holds inf in line 2"),
-    ("1,2,0\n3,4,-1\n", "the negative label -1 in line 2"),
-])
-def test_csv_missing_values_and_the_header_rule(tmp_path, text, match):
-    path = tmp_path / "bad.csv"
-    path.write_text(text)
-    with pytest.raises(DataError, match=match):
-        data.load_dataset("csv", path=path)
 
 
 def test_csv_header_can_be_forced(tmp_path):

@@ -207,6 +207,14 @@ def write_npz(path, **arrays):
     return path
 
 
+def write_csv(path, text, bom=False):
+    path.write_bytes((("\ufeff" if bom else "") + text).encode("utf-8"))
+    return path
+
+
+ROWS = "".join(f"{i % 7 / 3:.3f},{i % 5 / 2:.3f},{i % 2}\n" for i in range(40))
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: d / "missing.npz", "no such file"),
     (lambda d: write_npz(d / "shape.npz", x=np.ones((10, 2)), y=np.zeros(9, int)),
@@ -218,6 +226,22 @@ def write_npz(path, **arrays):
     (lambda d: write_npz(d / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10)),
      "non-integer labels"),
     (lambda d: write_npz(d / "keys.npz", inputs=np.ones((10, 2))), "but fnbp expects"),
+    (lambda d: write_csv(d / "stray.csv", "a,b,label\n" + ROWS + "1,2,100000\n"),
+     "stray.csv: label 100000 in line 42 is not a class index: the 3 distinct labels must "
+     "be 0 .. 2, but class 2 has no examples; fix or drop that row"),
+    (lambda d: write_npz(d / "ones.npz", x=np.ones((10, 2)), y=np.ones(10, int)),
+     "every label is 1; classification needs at least two classes"),
+    (lambda d: write_csv(d / "big.csv", ROWS + "1e300,2,1\n"),
+     "big.csv: x holds 1e+300 in line 41, too large for float32"),
+    (lambda d: write_csv(d / "na.csv", "NA,2,0\n" + ROWS),
+     "na.csv line 1 column 1 is a missing value ('NA'); fill it in or drop the row"),
+    (lambda d: write_csv(d / "na2.csv", ROWS + "NA,2,0\n"),
+     "na2.csv line 41 column 1 is a missing value ('NA')"),
+    (lambda d: (np.save(d / "a.npy", np.ones(3)), os.replace(d / "a.npy", d / "a.npz"),
+                d / "a.npz")[-1],
+     "a.npz is a single NumPy array (the .npy format, from np.save), not a .npz archive"),
+    (lambda d: (d / "image.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)) and
+     d / "image.npz", "image.npz is a PNG image, not a .npz archive"),
 ])
 def test_bad_data(tmp_path, capsys, make, match):
     data_dir = tmp_path / "data"
@@ -317,3 +341,170 @@ def test_missing_train_extra_is_a_clean_error(tmp_path, capsys, monkeypatch):
                         lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a))
     assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
                        'needs tqdm, from the train extra: python -m pip install "fnbp[train]"')
+
+
+# --- bad data and file-system faults: one line, exit status 2 (issue 14) --------------------
+
+
+def test_usable_data_trains_and_says_what_it_did(tmp_path, capsys):
+    # a byte-order mark (Excel's "CSV UTF-8") is not data; the header row stays a header
+    path = write_csv(tmp_path / "excel.csv", "a,b,label\n" + ROWS, bom=True)
+    assert train(*SMALL[4:], "--data-path", path, "--batch-size", "8", "--out",
+                 tmp_path / "csv") == 0
+    config = json.loads((tmp_path / "csv" / "config.json").read_text())
+    assert config["num_train"] + config["num_test"] == 40 and config["num_classes"] == 2
+    # mnist1d's layout x, y, x_test, y_test, with a test split that lacks class 2
+    rng = np.random.default_rng(0)
+    npz = write_npz(tmp_path / "m.npz", x=rng.normal(size=(30, 2)), y=np.arange(30) % 3,
+                    x_test=rng.normal(size=(6, 2)), y_test=np.arange(6) % 2)
+    capsys.readouterr()
+    assert train(*SMALL[4:], "--data-path", npz, "--batch-size", "10", "--out",
+                 tmp_path / "npz") == 0
+    err = capsys.readouterr().err
+    assert err == (f"fnbp train: warning: npz {npz}: the test split has no examples of "
+                   f"class 2 (of 3); the test accuracy does not measure it\n")
+    config = json.loads((tmp_path / "npz" / "config.json").read_text())
+    assert (config["num_train"], config["num_test"], config["num_classes"]) == (30, 6, 3)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_out_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("mine")
+    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "file.txt" / "sub"],
+                       f"{tmp_path / 'file.txt'} is a file, not a folder, so no run folder can "
+                       f"be made under it")
+    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", "/proc/fnbp-run"],
+                       "cannot create the run folder /proc/fnbp-run")
+
+
+def failing_checkpoint_writes(monkeypatch, error):
+    """Make every write of checkpoint.npz fail with ``error`` (other files write)."""
+    import fnbp.checkpoint
+
+    real = fnbp.checkpoint.atomic_write
+
+    def atomic_write(path, write):
+        if os.path.basename(path) == "checkpoint.npz":
+            raise error
+        return real(path, write)
+
+    monkeypatch.setattr(fnbp.checkpoint, "atomic_write", atomic_write)
+
+
+def test_disk_full_keeps_the_checkpoint_and_the_config(finished_run, capsys, monkeypatch):
+    import errno
+
+    before = snapshot(finished_run)
+    failing_checkpoint_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    capsys.readouterr()
+    assert train("--resume", finished_run, "--epochs", "3", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err == (f"fnbp train: error: cannot write {finished_run / 'checkpoint.npz'}: No "
+                   f"space left on device; the checkpoint of step 8 is kept; free some space "
+                   f"and continue with: fnbp train --resume {finished_run}\n")
+    assert snapshot(finished_run) == before  # config.json still says --epochs 1
+
+
+def test_run_folder_deleted_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
+    import fnbp.checkpoint
+
+    real = fnbp.checkpoint.save_checkpoint
+
+    def save_checkpoint(path, *args, **kwargs):
+        shutil.rmtree(os.path.dirname(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fnbp.checkpoint, "save_checkpoint", save_checkpoint)
+    assert train(*SMALL, "--out", tmp_path / "run") == 2
+    assert capsys.readouterr().err == (
+        f"fnbp train: error: the run folder {tmp_path / 'run'} was deleted or moved while the "
+        f"run was writing checkpoint.npz; nothing more can be saved, start the run again\n")
+
+
+class ClosingPipe:
+    """A stdout whose reader stops after the first line, like `| head -1`."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        if self.lines and text.strip():
+            raise BrokenPipeError(32, "Broken pipe")
+        if text.strip():
+            self.lines.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_stdout_closed_by_head_does_not_stop_the_run(tmp_path, capsys, monkeypatch):
+    pipe = ClosingPipe()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert train(*SMALL, "--out", tmp_path / "run") == 2
+    assert pipe.lines[0].startswith("fnbp train: mlp on spirals")
+    assert (tmp_path / "run" / "metrics.json").exists()  # the run finished
+    assert capsys.readouterr().err == (
+        f"fnbp train: error: standard output was closed before the run ended (piped into "
+        f"head?), so its last lines were not printed; the run finished, its results are in "
+        f"{tmp_path / 'run'}\n")
+
+
+def test_divergence_before_any_checkpoint_then_the_same_out_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*SMALL, "--lr", "1e30", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the loss became NaN or infinite at step" in err
+    assert err.endswith(f"lower --lr (now 1e+30); no checkpoint was written, so start again "
+                        f"with a lower --lr (the same --out {out} may be reused)\n")
+    assert os.listdir(out) == ["config.json"]
+    assert train(*SMALL, "--out", out) == 0
+    assert capsys.readouterr().err == (f"fnbp train: --out {out} holds a run that stopped "
+                                       f"before its first checkpoint; starting a run there "
+                                       f"again\n")
+
+
+def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"dataset": "spirals", "num_examples": 200,
+                                                  "epochs": 2, "data_path": None}))
+    (out / ".checkpoint.npz.999999999.0123abcd.tmp").write_bytes(b"half")
+    assert_clean_error(tmp_path, capsys, ["--resume", out],
+                       f"--resume {out}: the run stopped before its first checkpoint, so "
+                       f"there is nothing to resume; start it again: fnbp train --dataset "
+                       f"spirals --epochs 2 --num-examples 200 --out {out}")
+    assert train(*SMALL, "--out", out) == 0
+    assert "removed 1 temporary file(s) left in" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json",
+                                       "plot.png"]
+
+
+def test_stale_temporary_checkpoints_are_removed_at_resume(finished_run, capsys):
+    stale = finished_run / ".checkpoint.npz.999999999.0123abcd.tmp"
+    stale.write_bytes(b"x" * 1000)
+    mine = finished_run / f".checkpoint.npz.{os.getppid()}.0123abcd.tmp"  # a live process
+    mine.write_bytes(b"x")
+    capsys.readouterr()
+    assert train("--resume", finished_run, "--epochs", "2", "--no-progress") == 0
+    assert not stale.exists() and mine.exists()
+    assert (f"fnbp train: removed 1 temporary file(s) left in {finished_run} by an "
+            f"interrupted write\n") in capsys.readouterr().err
+    assert json.loads((finished_run / "config.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_stop_alike(tmp_path, capsys, monkeypatch, signum, status):
+    import fnbp.checkpoint
+
+    real = fnbp.checkpoint.save_checkpoint
+
+    def save_checkpoint(*args, **kwargs):
+        real(*args, **kwargs)
+        signal.raise_signal(signum)
+
+    monkeypatch.setattr(fnbp.checkpoint, "save_checkpoint", save_checkpoint)
+    assert train(*SMALL, "--out", tmp_path / "run") == status
+    assert capsys.readouterr().err == (
+        f"fnbp train: interrupted; the checkpoint of step 8 is kept (continue with: fnbp "
+        f"train --resume {tmp_path / 'run'})\n")
