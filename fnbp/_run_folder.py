@@ -152,6 +152,34 @@ def write_error(error: OSError, folder: str, path: str, saved_step: int | None
     return RunFolderError(f"cannot write {path} ({reason}); {kept(saved_step)}")
 
 
+class Progress:
+    """What a run has done so far, for the messages of a run that stops early."""
+
+    def __init__(self) -> None:
+        self.out: str | None = None
+        self.saved_step: int | None = None  # the step of the checkpoint in the run folder
+        self.config_written = False
+        self.output = Output()
+
+    def interrupted(self) -> str:
+        """What an interrupted run leaves, and how to go on."""
+        # what is on disk: the interrupt may come between a save and its bookkeeping
+        saved = None if self.out is None else checkpoint_step(self.out)
+        if saved is not None:
+            return f"{kept(saved)} (continue with: fnbp train --resume {self.out})"
+        if self.out is not None and os.path.isdir(self.out):
+            return (f"it stopped before its first checkpoint, so start it again with the "
+                    f"same command (its --out {self.out} may be reused)")
+        return "nothing was written"
+
+    def diverged(self) -> str:
+        """What a diverged run leaves."""
+        if self.saved_step is not None:
+            return f"{kept(self.saved_step)}, from before the divergence"
+        return (f"no checkpoint was written, so start again with a lower --lr (the same "
+                f"--out {self.out} may be reused)")
+
+
 @contextlib.contextmanager
 def writing(folder: str, path: str, saved_step: int | None) -> Iterator[None]:
     """Turn an ``OSError`` while writing ``path`` into a one-line :class:`RunFolderError`."""

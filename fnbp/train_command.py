@@ -407,25 +407,13 @@ def _fingerprint(*arrays: Any) -> str:
 # --- the command -------------------------------------------------------------------
 
 
-class _Progress:
-    """What a run has done so far, for the messages of a run that stops early."""
-
-    def __init__(self) -> None:
-        from fnbp._run_folder import Output
-
-        self.out: str | None = None
-        self.saved_step: int | None = None  # the step of the checkpoint in the run folder
-        self.config_written = False
-        self.output = Output()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``fnbp train``; user errors print one line and return 2."""
     from fnbp import _run_folder
     from fnbp.checkpoint import CheckpointError
     from fnbp.data import DataError
 
-    progress = _Progress()
+    progress = _run_folder.Progress()
     try:
         with _run_folder.sigterm_as_interrupt():  # SIGTERM stops as cleanly as Ctrl-C
             status = _train(args, progress)
@@ -434,16 +422,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        # what is on disk: the interrupt may come between a save and its bookkeeping
-        saved = None if progress.out is None else _run_folder.checkpoint_step(progress.out)
-        if saved is not None:
-            then = f"{_run_folder.kept(saved)} (continue with: fnbp train --resume {progress.out})"
-        elif progress.out is not None and os.path.isdir(progress.out):
-            then = (f"it stopped before its first checkpoint, so start it again with the "
-                    f"same command (its --out {progress.out} may be reused)")
-        else:
-            then = "nothing was written"
-        print(f"fnbp train: interrupted; {then}", file=sys.stderr)
+        print(f"fnbp train: interrupted; {progress.interrupted()}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(interrupt, _run_folder.Terminated)
                       else signal.SIGINT)
     if progress.output.closed:
@@ -461,7 +440,7 @@ def _require_train_extra() -> None:
                          f"python -m pip install \"fnbp[train]\"")
 
 
-def _train(args: argparse.Namespace, progress: _Progress) -> int:
+def _train(args: argparse.Namespace, progress: Any) -> int:
     _require_train_extra()
     config, resume_from = _resolve(args)
     out = _out_folder(args, config, resume_from)
@@ -623,12 +602,8 @@ def _train(args: argparse.Namespace, progress: _Progress) -> int:
                            mesh=mesh, precision=precision)
     except _Diverged as diverged:
         bar.close()
-        then = (f"{_run_folder.kept(progress.saved_step)}, from before the divergence"
-                if progress.saved_step is not None else
-                f"no checkpoint was written, so start again with a lower --lr (the same --out "
-                f"{out} may be reused)")
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
-              f"lower --lr (now {config['lr']:g}); {then}", file=sys.stderr)
+              f"lower --lr (now {config['lr']:g}); {progress.diverged()}", file=sys.stderr)
         return 1
     bar.close()
     seconds = time.perf_counter() - started
