@@ -146,6 +146,7 @@ class _FiniteDifferences:
             nan_at = ""
             levels = self.fd_levels(probe[p])
             worst_abs, worst_rel, where, passed = 0.0, 0.0, "", True
+            ratios = []
             rtol_used = max(tol.rtol, self.fd_rtol)
             for j, level in enumerate(levels):
                 if isinstance(level, str):
@@ -156,6 +157,8 @@ class _FiniteDifferences:
                 size = sum(float(np.sum(np.abs(t * x))) for t, x in zip(self.T[p][j], leaves))
                 if math.isfinite(side):
                     err, scale = abs(side - estimate), max(S[j, level], size, abs(estimate))
+                    if abs(estimate) > 1e-3 * S[j, level] and S[j, level] > 0:
+                        ratios.append(side / estimate)
                 else:
                     err, scale = math.inf, S[j, level]
                     for x, path in zip(leaves, (self.infos[i].paths[k]
@@ -184,6 +187,11 @@ class _FiniteDifferences:
             if not where:
                 worst_abs = worst_rel = math.nan
             diagnosis = ""
+            if not passed and len(ratios) >= 2:
+                c = float(np.median(ratios))
+                if all(abs(r - c) <= 1e-3 * abs(c) for r in ratios) and abs(c - 1) > 1e-2:
+                    diagnosis = ("sign flipped (factor -1)" if abs(c + 1) <= 1e-3
+                                 else f"off by a constant factor {c:.4g}")
             if nan_at:
                 worst_abs = worst_rel = math.nan
                 where, diagnosis = nan_at, f"NaN at index {nan_at}"
