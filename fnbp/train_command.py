@@ -440,6 +440,34 @@ def _require_train_extra() -> None:
                          f"python -m pip install \"fnbp[train]\"")
 
 
+def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: str,
+             root: Any, per_epoch: int) -> tuple[Any, list[dict[str, Any]]]:
+    """The state and history of the checkpoint, checked against this run's data and seed."""
+    import jax
+    import numpy as np
+
+    from fnbp import checkpoint as ckpt
+    from fnbp import train
+
+    loaded = ckpt.load_checkpoint(resume_from, state.params, state.opt_state)
+    meta = loaded.metadata
+    if meta.get("data_sha256") != data_sha256:
+        raise UsageError(f"--resume: the data of {config['dataset']} differ from those "
+                         f"the run was trained on; restore them or start a new run")
+    if loaded.key is None or not np.array_equal(jax.random.key_data(loaded.key),
+                                                jax.random.key_data(root)):
+        raise ckpt.CheckpointError(f"checkpoint {resume_from}: its PRNG key does not belong "
+                                   f"to seed {config['seed']}; the file is corrupted")
+    if loaded.step > config["epochs"] * per_epoch:
+        raise UsageError(f"--resume: the run is at step {loaded.step} (epoch "
+                         f"{loaded.step / per_epoch:g}), past --epochs "
+                         f"{config['epochs']}; pass more epochs")
+    state = train.TrainState(loaded.params, loaded.opt_state, loaded.step,
+                             float(meta.get("loss_sum", 0.0)),
+                             float(meta.get("correct_sum", 0.0)))
+    return state, list(meta.get("history", []))
+
+
 def _train(args: argparse.Namespace, progress: Any) -> int:
     _require_train_extra()
     config, resume_from = _resolve(args)
@@ -447,13 +475,11 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import fnbp
     from fnbp import _run_folder
     from fnbp import checkpoint as ckpt
     from fnbp import sharding, train
-    from fnbp.checkpoint import CheckpointError
     from fnbp.data import DataWarning, load_dataset
 
     # before anything asks JAX for its devices
@@ -492,23 +518,7 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
                          f"examples of shape {x_train.shape[1:]}: {error}") from error
     history: list[dict[str, Any]] = []
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, state.params, state.opt_state)
-        meta = loaded.metadata
-        if meta.get("data_sha256") != data_sha256:
-            raise UsageError(f"--resume: the data of {config['dataset']} differ from those "
-                             f"the run was trained on; restore them or start a new run")
-        if loaded.key is None or not np.array_equal(jax.random.key_data(loaded.key),
-                                                    jax.random.key_data(root)):
-            raise CheckpointError(f"checkpoint {resume_from}: its PRNG key does not belong "
-                                  f"to seed {config['seed']}; the file is corrupted")
-        if loaded.step > config["epochs"] * per_epoch:
-            raise UsageError(f"--resume: the run is at step {loaded.step} (epoch "
-                             f"{loaded.step / per_epoch:g}), past --epochs "
-                             f"{config['epochs']}; pass more epochs")
-        history = list(meta.get("history", []))
-        state = train.TrainState(loaded.params, loaded.opt_state, loaded.step,
-                                 float(meta.get("loss_sum", 0.0)),
-                                 float(meta.get("correct_sum", 0.0)))
+        state, history = _resumed(config, resume_from, state, data_sha256, root, per_epoch)
 
     # Everything is valid: from here on the run folder is written.
     devices = 1 if mesh is None else mesh.size
