@@ -4,6 +4,7 @@ A number says *that* B is wrong; these say *how*, when the evidence is clear:
 
 - ``off by a constant factor c``: got = c want on every entry that matters;
 - ``sign flipped where z < 0``: got = want where z >= 0 and -want where z < 0;
+  ``right magnitude, wrong sign at some entries``: |got| = |want| otherwise;
 - ``the cotangents of t and y look swapped``: two arguments of one shape,
   each holding the other's cotangent;
 - ``not linear in v`` / ``B(0) != 0``: from the property rows;
@@ -111,6 +112,8 @@ def explain(got: Sequence[np.ndarray], want: Sequence[np.ndarray],
     if got and all(sign_flip_where_negative(g, w, z, rtol)
                    for g, w, z in zip(got, want, points)):
         return "sign flipped where z < 0"
+    if got and _close(np.abs(flat[0]), np.abs(flat[1]), max(10 * rtol, 1e-6)):
+        return "right magnitude, wrong sign at some entries (a lost sign or abs)"
     return ""
 
 
