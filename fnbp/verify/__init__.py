@@ -71,6 +71,24 @@ the terms summed (so cancellation does not inflate the error), with
 ``rtol = max(dtype rtol, fd_rtol)`` (``fd_rtol`` grows tenfold for each
 tenfold reduction of the step near a kink).
 
+Probes. Alongside the caller's arguments, B is checked at points derived
+from them, each row naming its probe: exact zeros, the reference's kinks,
+flipped signs, large magnitudes, an offset mean, ties
+(:mod:`fnbp.verify.probes`). A factory ``args=`` is drawn at several keys
+and at distinct sizes (:mod:`fnbp.verify.draws`).
+
+Diagnoses. A failing row names the likely bug when the evidence says so
+(a constant factor, a sign flipped where z < 0, swapped cotangents, not
+linear in v, a NaN and its index, a cotangent of the wrong shape); an
+exception is one row with the file:line in the caller's code
+(:mod:`fnbp.verify.diagnose`). :func:`check_layer` checks a Layer's
+backward, sq_norms and init (:mod:`fnbp.verify.layer`).
+
+The package: ``report`` (rows, tables, tolerances), ``arguments`` (names,
+leaves, host-side arrays), ``programs`` (the compiled programs),
+``finite_diff``, ``probes``, ``draws``, ``diagnose``, ``checker`` (one
+check's matrix), ``check`` (:func:`check_vjp`), ``layer``.
+
 Arguments. ``args`` are pytrees of arrays; each top-level positional argument
 is one row group (a pytree's worst index names its leaf). Integer and boolean
 leaves are not differentiated (their cotangent is float0); an argument with no
