@@ -267,6 +267,25 @@ def silence_stdout() -> None:
         pass
 
 
+def write_results(progress: Progress, config: dict[str, Any], result: Any, seconds: float,
+                  num_test: int) -> None:
+    """metrics.json and plot.png of a finished run, and its summary on standard output."""
+    out, final = progress.out, result.history[-1]
+    metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
+               "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
+               "epochs": len(result.history), "steps": result.state.step,
+               "seconds": seconds, "history": result.history}
+    with writing(out, os.path.join(out, "metrics.json"), progress.saved_step):
+        write_json(os.path.join(out, "metrics.json"), metrics)
+        plot(os.path.join(out, "plot.png"), result.history,
+             f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
+             f"lr {config['lr']:g}")
+    progress.output.say(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
+                        f"{final['test_loss']:.4f}  ({num_test} test examples, "
+                        f"{result.state.step} steps, {seconds:.1f} s)")
+    progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
+
+
 def write_json(path: str, document: Any) -> None:
     """Write ``document`` as indented JSON, atomically."""
     from fnbp.checkpoint import atomic_write

@@ -617,24 +617,10 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
         return 1
     bar.close()
     seconds = time.perf_counter() - started
-    final = result.history[-1]
     if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
-    if not leader:
-        return 0
-    metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
-               "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
-               "epochs": len(result.history), "steps": result.state.step,
-               "seconds": seconds, "history": result.history}
-    with _run_folder.writing(out, os.path.join(out, "metrics.json"), progress.saved_step):
-        _run_folder.write_json(os.path.join(out, "metrics.json"), metrics)
-        _run_folder.plot(os.path.join(out, "plot.png"), result.history,
-                         f"fnbp: {config['model']} on {config['dataset']}, "
-                         f"{config['optimizer']} lr {config['lr']:g}")
-    progress.output.say(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
-                        f"{final['test_loss']:.4f}  ({len(x_test)} test examples, "
-                        f"{result.state.step} steps, {seconds:.1f} s)")
-    progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
+    if leader:
+        _run_folder.write_results(progress, config, result, seconds, len(x_test))
     return 0
 
 
