@@ -37,6 +37,37 @@ class RunFolderError(Exception):
     """A run folder that cannot be used or written; printed as one line, exit status 2."""
 
 
+def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | None) -> str:
+    """The run folder; checked here, created only once everything else is valid.
+
+    ``--out`` as given, or the folder of the resumed checkpoint, or a new
+    ``runs/<dataset>-<model>-seed<seed>`` (numbered if taken).
+    """
+    if out_arg is None and checkpoint is not None:
+        return os.path.dirname(os.path.abspath(checkpoint))
+    if out_arg is not None:
+        out = check_out(out_arg)
+        resuming_here = (checkpoint is not None and
+                         os.path.dirname(os.path.abspath(checkpoint)) == out)
+        if os.path.exists(out) and not resuming_here:
+            if not os.path.isdir(out):
+                raise RunFolderError(f"--out {out_arg} is a file; pass a folder")
+            if unstarted_run(out):  # stopped before its first checkpoint
+                print(f"fnbp train: --out {out_arg} holds a run that stopped before its "
+                      f"first checkpoint; starting a run there again", file=sys.stderr)
+            elif os.listdir(out):
+                raise RunFolderError(f"--out {out_arg} already holds files; choose a new "
+                                     f"folder, or pass --resume {out_arg} to continue that run")
+        return out
+    base = os.path.abspath(os.path.join(
+        "runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}"))
+    out, number = base, 1
+    while os.path.exists(out):
+        number += 1
+        out = f"{base}-{number}"
+    return out
+
+
 def check_out(out_arg: str) -> str:
     """The absolute ``--out`` path, refused at once when it lies under a file."""
     out = os.path.abspath(out_arg)

@@ -319,35 +319,6 @@ def _validate(config: dict[str, Any]) -> None:
                          f"{config['dataset']}")
 
 
-def _out_folder(args: argparse.Namespace, config: dict[str, Any], checkpoint: Any) -> str:
-    """The run folder; checked here, created only once everything else is valid."""
-    if args.out is None and checkpoint is not None:
-        return os.path.dirname(os.path.abspath(checkpoint))
-    if args.out is not None:
-        from fnbp import _run_folder
-
-        out = _run_folder.check_out(args.out)
-        resuming_here = (checkpoint is not None and
-                         os.path.dirname(os.path.abspath(checkpoint)) == out)
-        if os.path.exists(out) and not resuming_here:
-            if not os.path.isdir(out):
-                raise UsageError(f"--out {args.out} is a file; pass a folder")
-            if _run_folder.unstarted_run(out):  # stopped before its first checkpoint
-                print(f"fnbp train: --out {args.out} holds a run that stopped before its "
-                      f"first checkpoint; starting a run there again", file=sys.stderr)
-            elif os.listdir(out):
-                raise UsageError(f"--out {args.out} already holds files; choose a new folder, "
-                                 f"or pass --resume {args.out} to continue that run")
-        return out
-    base = os.path.abspath(os.path.join(
-        "runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}"))
-    out, number = base, 1
-    while os.path.exists(out):
-        number += 1
-        out = f"{base}-{number}"
-    return out
-
-
 # --- data and model ----------------------------------------------------------------
 
 
@@ -469,15 +440,16 @@ def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: 
 
 
 def _train(args: argparse.Namespace, progress: Any) -> int:
+    from fnbp import _run_folder
+
     _require_train_extra()
     config, resume_from = _resolve(args)
-    out = _out_folder(args, config, resume_from)
+    out = _run_folder.out_folder(args.out, config, resume_from)
 
     import jax
     import jax.numpy as jnp
 
     import fnbp
-    from fnbp import _run_folder
     from fnbp import checkpoint as ckpt
     from fnbp import sharding, train
     from fnbp.data import DataWarning, load_dataset
