@@ -192,6 +192,13 @@ class Progress:
         self.config_written = False
         self.output = Output()
 
+    def write_config(self, run_config: dict[str, Any]) -> None:
+        """Write config.json into the run folder."""
+        path = os.path.join(self.out, CONFIG)
+        with writing(self.out, path, self.saved_step):
+            write_json(path, run_config)
+        self.config_written = True
+
     def interrupted(self) -> str:
         """What an interrupted run leaves, and how to go on."""
         # what is on disk: the interrupt may come between a save and its bookkeeping
@@ -209,6 +216,22 @@ class Progress:
             return f"{kept(self.saved_step)}, from before the divergence"
         return (f"no checkpoint was written, so start again with a lower --lr (the same "
                 f"--out {self.out} may be reused)")
+
+
+def prepare(progress: Progress, run_config: dict[str, Any]) -> None:
+    """Make the run folder, clear it of stale temporary files, and write config.json.
+
+    A run resumed in its own folder keeps the old config.json until its first
+    new checkpoint is saved (:meth:`Progress.write_config` then), so that a
+    run that fails before (disk full) leaves config and checkpoint matching.
+    """
+    make_folder(progress.out)
+    removed = remove_stale_temporaries(progress.out)
+    if removed:
+        print(f"fnbp train: removed {len(removed)} temporary file(s) left in {progress.out} "
+              f"by an interrupted write", file=sys.stderr)
+    if progress.saved_step is None:
+        progress.write_config(run_config)
 
 
 @contextlib.contextmanager

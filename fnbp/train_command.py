@@ -507,21 +507,8 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == out:
         progress.saved_step = state.step
 
-    def write_config() -> None:
-        config_file = os.path.join(out, _run_folder.CONFIG)
-        with _run_folder.writing(out, config_file, progress.saved_step):
-            _run_folder.write_json(config_file, run_config)
-        progress.config_written = True
-
     if leader:
-        _run_folder.make_folder(out)
-        removed = _run_folder.remove_stale_temporaries(out)
-        if removed:
-            print(f"fnbp train: removed {len(removed)} temporary file(s) left in {out} by an "
-                  f"interrupted write", file=sys.stderr)
-        if progress.saved_step is None:
-            write_config()
-        # else config.json (with a new --epochs, say) is rewritten once a checkpoint is
+        _run_folder.prepare(progress, run_config)
 
     def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
         params, opt_state = current.params, current.opt_state
@@ -537,7 +524,7 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
                                                "data_sha256": data_sha256})
         progress.saved_step = current.step
         if leader and not progress.config_written:
-            write_config()
+            progress.write_config(run_config)
 
     from tqdm import tqdm
 
