@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +79,25 @@ def parameter_count(n_in: int, widths: list[int]) -> int:
 def tflops(batch: int, params: int, seconds: float) -> float:
     """6 * B * P flops per step (forward 2BP, backward 4BP), in TFLOP/s."""
     return 6.0 * batch * params / seconds / 1e12
+
+
+def random_params(model, n_in: int, dtype, seed: int = 0):
+    """Parameters shaped as ``model.init`` makes them, drawn by NumPy and copied to the device.
+
+    Weights are N(0, 1 / fan_in), biases 0: for timing, the values only need to
+    be of the right scale. NumPy's draws compile nothing (``model.init`` would
+    compile one small program per operation: most of a smoke run's time).
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda key: model.init(key, (n_in,), dtype)[1], jax.random.PRNGKey(0))
+
+    def draw(leaf):
+        if leaf.ndim < 2:
+            return jnp.asarray(np.zeros(leaf.shape, leaf.dtype))
+        w = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(leaf.shape[-1])
+        return jnp.asarray(w.astype(leaf.dtype))
+
+    return jax.tree_util.tree_map(draw, shapes)
 
 
 def torch_setup(use_torch: bool) -> dict[str, Any] | None:
@@ -129,15 +149,11 @@ def measure(widths: list[int], n_in: int, batch: int, dtype: str, opts: argparse
     model = fnbp.mlp(widths, "relu")
     optimizer = optax.sgd(0.01)
 
-    @jax.jit  # one program, not one per eager operation: the smoke run is mostly compiling
-    def make_args(key):
-        kp, kx, ky = jax.random.split(key, 3)
-        _, params = model.init(kp, (n_in,), dt)
-        x = jax.random.normal(kx, (batch, n_in), jnp.float32).astype(dt)
-        y = jax.random.randint(ky, (batch,), 0, widths[-1])
-        return params, optimizer.init(params), x, y
-
-    args = make_args(jax.random.PRNGKey(0))
+    params = random_params(model, n_in, dt)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((batch, n_in), np.float32).astype(dt))
+    y = jnp.asarray(rng.integers(0, widths[-1], batch, dtype=np.int32))
+    args = (params, optimizer.init(params), x, y)
     fnbp_step, _, autodiff_step = steps(model, optimizer)
     count = parameter_count(n_in, widths)
     label = f"B{batch:<6} {dtype:<8}"
