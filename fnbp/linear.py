@@ -18,10 +18,10 @@ axes, never a stack of per-example outer products.
 Precision: every product (the forward ``Z W^T``, ``dz`` and ``dW``) is a
 ``dot_general`` whose result has the dtype of its operands, as autodiff of
 ``z @ W.T + b`` gives. bf16/f16 GEMMs produce their input dtype; the hardware
-accumulates in float32 (a GPU's tensor cores; XLA:CPU multiplies them in
-float32 and rounds the result), and asking
-for a float32 result instead doubles the bytes written and, on a GPU, costs
-cuBLAS's bias epilogue. The one reduction kept in float32 is the bias
+accumulates in float32 and rounds the sum once (a GPU's tensor cores; XLA:CPU
+runs a bf16 kernel with float32 sums or upcasts the operands, by version).
+Asking for a float32 result instead doubles the bytes the GEMM writes and, on a
+GPU, costs cuBLAS's bias epilogue. The one reduction kept in float32 is the bias
 cotangent ``db``, a sum over all examples accumulated in at least float32
 and cast back. Mixed dtypes follow ``jnp.result_type``: the forward product
 runs in ``result_type(z, W)``, the backward ones in the cotangent's dtype
