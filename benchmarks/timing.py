@@ -77,7 +77,7 @@ def paired_ratios(
       candidates: name -> (compiled function, positional arguments).
       baseline: (compiled function, positional arguments) every candidate is
         divided by; its calls are interleaved with each candidate's, the
-        baseline first in even rounds and second in odd ones.
+        candidate first in even rounds and second in odd ones.
       rounds: timed rounds per candidate.
       warmup: untimed calls of each function first.
 
