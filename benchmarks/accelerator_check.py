@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pytest-xdist workers (default: min(12, CPU cores) when "
                              "pytest-xdist is installed; 0 runs the tests in one process)")
     parser.add_argument("--dist", default="loadfile",
-                        help="pytest-xdist scheduling (default loadfile: each file's "
-                             "compiled programs are shared by its tests)")
+                        help="pytest-xdist scheduling (default loadfile: a file's module "
+                             "fixtures, such as test_sharding's subprocesses, and compiled "
+                             "programs are made once, by one worker)")
     parser.add_argument("--data-parallel", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_parallel:
