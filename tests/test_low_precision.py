@@ -279,9 +279,9 @@ MIXED_RULES = {"mm": (fnbp.mm, mm_plain, ((5, 6), (3, 6), (3,))),
 @pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "/".join(map(str, d)))
 @pytest.mark.parametrize("name", list(MIXED_RULES))
 def test_mixed_dtypes_promote_and_cotangents_keep_each_dtype(name, dtypes):
-    """u has dtype result_type(z, W, b) and the precision of the product's
-    dtype result_type(z, W); each cotangent has its argument's dtype and that
-    dtype's accuracy against the float64 oracle."""
+    """u has dtype result_type(z, W, b) and each cotangent its argument's
+    dtype; all agree with the float64 oracle within the tolerance of the
+    narrowest argument dtype (a float32 product may run in TF32 on a GPU)."""
     rule, reference, shapes = MIXED_RULES[name]
     rng = np.random.default_rng(5)
     args = tuple(normal(rng, s, d) for s, d in zip(shapes, dtypes) if d is not None)
@@ -291,7 +291,7 @@ def test_mixed_dtypes_promote_and_cotangents_keep_each_dtype(name, dtypes):
     (out, cts), (want_out, want_cts) = rule_and_oracle(rule, reference, args, v, diff)
     assert out.dtype == out_dtype
     assert [c.dtype for c in cts] == [a.dtype for a in args]
-    product = jnp.result_type(args[0], args[1])
-    assert rel_err(out, want_out) <= TOLERANCE[product.name]
+    rtol = max(TOLERANCE[a.dtype.name] for a in args)
+    assert rel_err(out, want_out) <= rtol
     for arg, got, want in zip(args, cts, want_cts):
-        assert rel_err(got, want) <= TOLERANCE[arg.dtype.name], arg.dtype
+        assert rel_err(got, want) <= rtol, arg.dtype
