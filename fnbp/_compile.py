@@ -39,8 +39,9 @@ every tolerance. Options the installed jaxlib does not know are skipped
 def _compiles_with(backend: str, name: str, value: Any) -> bool:
     """Whether a trivial program compiles on ``backend`` with ``{name: value}``."""
     try:
-        jax.jit(lambda x: x + 1, backend=backend, compiler_options={name: value}).lower(
-            jnp.zeros((), jnp.float32)).compile()
+        # An argument committed to a device of ``backend`` makes jit compile for it.
+        x = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(x).compile()
     except Exception:  # noqa: BLE001 - any failure means "do not use this option"
         return False
     return True
