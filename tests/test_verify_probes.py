@@ -59,6 +59,7 @@ def test_large_probe_finds_an_overflowing_derivative_in_float32():
     report = check_vjp(wrong, z, reference=sig, transforms=JIT)
     failing = [r for r in report.failures if r.probe.startswith("large")]
     assert failing and failing[0].diagnosis.startswith("NaN at index")
+    assert " where z[" in failing[0].diagnosis      # the entry of z that B fails at
     assert str(failing[0]).count("NaN") >= 1 and "inf" not in failing[0].describe()
     check_vjp(fnbp.sigmoid, z, reference=sig, transforms=JIT).assert_ok()
 

@@ -159,7 +159,12 @@ class _Checker(_FiniteDifferences):
             kink = self.kinks.get(i, "") if oracle == "reference" and not probe else ""
             row = _row(info.name, transform, oracle, triples, tol,
                        "; ".join(x for x in (kink, note) if x), probe)
-            if not row.passed and why:
+            if row.diagnosis.startswith("NaN at index"):
+                bad = [(k, g[p][n]) for g, w in zip(got, want) for n, k in enumerate(info.floats)
+                       if (np.isnan(_f64(g[p][n])) & ~np.isnan(_f64(w[p][n]))).any()]
+                row = dataclasses.replace(
+                    row, diagnosis=row.diagnosis + self._nan_value(info, point[i], bad))
+            elif not row.passed and why:
                 row = dataclasses.replace(row, diagnosis=why)
             elif not row.passed and not row.diagnosis:
                 z = jax.tree_util.tree_leaves(point[i])
@@ -170,6 +175,20 @@ class _Checker(_FiniteDifferences):
             rows.append(row)
         self._swaps(rows, got, want)
         self.rows.extend(rows)
+
+    @staticmethod
+    def _nan_value(info: _Arg, point: Any, bad: list) -> str:
+        """`` where z[i] = value``: the argument's entry at B's first NaN, when shapes agree."""
+        if not bad:
+            return ""
+        k, ct = bad[0]
+        leaf = np.asarray(jax.tree_util.tree_leaves(point)[k])
+        ct = _f64(ct)
+        if leaf.shape != ct.shape:
+            return ""
+        idx = np.unravel_index(int(np.argmax(np.isnan(ct))), ct.shape)
+        where = f"[{', '.join(str(int(i)) for i in idx)}]" if idx else ""
+        return f" where {info.name}{info.paths[k]}{where} = {float(leaf[idx]):.3g}"
 
     def _swaps(self, rows: list[VJPCheck], got, want) -> None:
         """Name two failing arguments that hold each other's cotangents."""
