@@ -4,64 +4,18 @@ Every module is a pure function whose derivative is a hand-written backward
 function B[M, z] wired in with ``jax.custom_vjp``.
 """
 
-from fnbp.activations import (
-    gelu,
-    gelu_bwd,
-    gelu_fwd,
-    leaky_relu,
-    leaky_relu_bwd,
-    leaky_relu_fwd,
-    relu,
-    relu_bwd,
-    relu_fwd,
-    sigmoid,
-    sigmoid_bwd,
-    sigmoid_fwd,
-    silu,
-    silu_bwd,
-    silu_fwd,
-    softplus,
-    softplus_bwd,
-    softplus_fwd,
-    tanh,
-    tanh_bwd,
-    tanh_fwd,
-)
 from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
 from fnbp.backward import backward
 from fnbp.checking import checked
-from fnbp.conv import conv1d, conv1d_bwd, conv1d_fwd, conv2d, conv2d_bwd, conv2d_fwd
-from fnbp.linear import mm, mm_bwd, mm_fwd
-from fnbp.losses import (
-    cross_entropy_loss,
-    cross_entropy_loss_bwd,
-    cross_entropy_loss_fwd,
-    logistic_loss,
-    logistic_loss_bwd,
-    logistic_loss_fwd,
-    mse_loss,
-    mse_loss_bwd,
-    mse_loss_fwd,
-)
-from fnbp.normalization import (
-    layer_norm,
-    layer_norm_bwd,
-    layer_norm_fwd,
-    layer_norm_s,
-    layer_norm_s_bwd,
-    layer_norm_s_fwd,
-    rms_norm,
-    rms_norm_bwd,
-    rms_norm_fwd,
-)
-from fnbp.pooling import (
-    avg_pool,
-    avg_pool_bwd,
-    avg_pool_fwd,
-    max_pool,
-    max_pool_bwd,
-    max_pool_fwd,
-)
+from fnbp import rules
+from fnbp.rules import registry as _registry
+
+# The notes-facing rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one
+# per record of the registry: a rule declared in fnbp/rules/ appears here.
+globals().update({_name: _rule.function for _name, _rule in _registry().items()})
+# Transitional: the forward and backward functions moved to fnbp.rules.
+globals().update({_fn.__name__: _fn for _rule in _registry().values()
+                  for _fn in (_rule.fwd, _rule.bwd)})
 from fnbp.network import (
     AvgPool,
     Conv1D,
@@ -117,27 +71,6 @@ from fnbp import testing
 __version__ = "0.1.0"
 
 __all__ = [
-    "avg_pool",
-    "avg_pool_bwd",
-    "avg_pool_fwd",
-    "conv1d",
-    "conv1d_bwd",
-    "conv1d_fwd",
-    "conv2d",
-    "conv2d_bwd",
-    "conv2d_fwd",
-    "layer_norm",
-    "layer_norm_bwd",
-    "layer_norm_fwd",
-    "layer_norm_s",
-    "layer_norm_s_bwd",
-    "layer_norm_s_fwd",
-    "max_pool",
-    "max_pool_bwd",
-    "max_pool_fwd",
-    "rms_norm",
-    "rms_norm_bwd",
-    "rms_norm_fwd",
     "AvgPool",
     "Conv1D",
     "Conv2D",
@@ -167,39 +100,6 @@ __all__ = [
     "serial",
     "backward",
     "checked",
-    "cross_entropy_loss",
-    "cross_entropy_loss_bwd",
-    "cross_entropy_loss_fwd",
-    "gelu",
-    "gelu_bwd",
-    "gelu_fwd",
-    "leaky_relu",
-    "leaky_relu_bwd",
-    "leaky_relu_fwd",
-    "logistic_loss",
-    "logistic_loss_bwd",
-    "logistic_loss_fwd",
-    "mm",
-    "mm_bwd",
-    "mm_fwd",
-    "mse_loss",
-    "mse_loss_bwd",
-    "mse_loss_fwd",
-    "relu",
-    "relu_bwd",
-    "relu_fwd",
-    "sigmoid",
-    "sigmoid_bwd",
-    "sigmoid_fwd",
-    "silu",
-    "silu_bwd",
-    "silu_fwd",
-    "softplus",
-    "softplus_bwd",
-    "softplus_fwd",
-    "tanh",
-    "tanh_bwd",
-    "tanh_fwd",
     "CheckpointError",
     "DataError",
     "Dataset",
@@ -228,4 +128,5 @@ __all__ = [
     "check_layer",
     "check_vjp",
     "testing",
-]
+    "rules",
+] + list(_registry())

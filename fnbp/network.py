@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fnbp import activations as act
-from fnbp import conv, linear, normalization, pooling
+from fnbp.rules import conv, linear, normalization, pooling, registry
 
 Shape = tuple[int, ...]
 Params = Any
@@ -119,72 +118,108 @@ def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
     return make_layer(name, _no_params, forward, backward, sq_norms)
 
 
-Relu = _elementwise_layer("relu", act.relu_fwd, act.relu_bwd)
-Sigmoid = _elementwise_layer("sigmoid", act.sigmoid_fwd, act.sigmoid_bwd)
-Tanh = _elementwise_layer("tanh", act.tanh_fwd, act.tanh_bwd)
-Silu = _elementwise_layer("silu", act.silu_fwd, act.silu_bwd)
+_RULE_LAYERS: dict[tuple, Layer] = {}
+
+
+def rule_layer(name: str, **settings: Any) -> Layer:
+    """The parameter-free layer of a declared rule (an activation), by its name.
+
+    The rule's record says how (:class:`fnbp.rules.LayerSpec`): its settings
+    and their defaults, and which of them are array arguments. The layer's
+    name shows the settings, e.g. ``leaky_relu(gamma=0.01)``.
+
+    Args:
+      name: a rule with a layer spec, e.g. ``"relu"``, ``"gelu"``.
+      **settings: overrides of the spec's defaults, e.g. ``gamma=0.2``.
+
+    Raises:
+      ValueError: an unknown name or setting, or a setting the rule refuses
+        (the rule's own message, prefixed by the layer's constructor name).
+    """
+    key = (name, tuple(sorted(settings.items())))
+    if key not in _RULE_LAYERS:
+        _RULE_LAYERS[key] = _make_rule_layer(name, **settings)
+    return _RULE_LAYERS[key]
+
+
+def _make_rule_layer(name: str, **settings: Any) -> Layer:
+    rules = _layer_rules()
+    if name not in rules:
+        raise ValueError(f"activation must be one of {sorted(rules)}, the matching fnbp "
+                         f"function (e.g. fnbp.relu) or a Layer; got {name!r}")
+    rule = rules[name]
+    spec = rule.layer
+    factory = spec.factory or name
+    unknown = sorted(set(settings) - set(spec.settings))
+    if unknown:
+        raise ValueError(f"{factory}: unknown settings {unknown}; it takes "
+                         f"{sorted(spec.settings) or 'none'}")
+    values = {**spec.settings, **settings}
+    static = {k: v for k, v in values.items() if k not in spec.arrays}
+
+    def arrays(z):
+        return [jnp.asarray(values[k], z.dtype) for k in spec.arrays]
+
+    try:  # the rule's own validation of the settings, once, at construction
+        concrete = [jnp.asarray(values[k], jnp.float32) for k in spec.arrays]
+        jax.eval_shape(lambda z: rule.function(z, *concrete, **static),
+                       jax.ShapeDtypeStruct((1,), jnp.float32))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{factory}: {err}") from None
+    label = name + (f"({', '.join(f'{k}={v}' for k, v in values.items())})" if values else "")
+    return _elementwise_layer(label, lambda z: rule.fwd(z, *arrays(z), **static),
+                              lambda res, v: rule.bwd(res, v, **static))
+
+
+def _layer_rules() -> dict:
+    """The rules that have a parameter-free layer, by name (from the registry)."""
+    return {name: rule for name, rule in registry().items() if rule.layer is not None}
+
+
+Relu = rule_layer("relu")
+Sigmoid = rule_layer("sigmoid")
+Tanh = rule_layer("tanh")
+Silu = rule_layer("silu")
 
 
 def Gelu(approximate: bool = False) -> Layer:
     """GELU layer (eq. 7.27); ``approximate`` selects the tanh form."""
-    return _elementwise_layer(
-        f"gelu(approximate={approximate})",
-        lambda z: act.gelu_fwd(z, approximate),
-        lambda res, v: act.gelu_bwd(approximate, res, v),
-    )
+    return rule_layer("gelu", approximate=approximate)
 
 
 def LeakyRelu(gamma: float = 0.01) -> Layer:
     """Leaky ReLU layer (eq. 7.26) with a fixed slope ``gamma`` in (0, 1)."""
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"LeakyRelu: gamma must lie in (0, 1), got {gamma}")
-
-    def fwd(z):
-        return act.leaky_relu_fwd(z, jnp.asarray(gamma, z.dtype))
-
-    return _elementwise_layer(f"leaky_relu(gamma={gamma})", fwd, act.leaky_relu_bwd)
+    return rule_layer("leaky_relu", gamma=gamma)
 
 
 def Softplus(beta: float = 1.0) -> Layer:
     """Softplus layer (eq. 7.28) with a fixed ``beta`` > 0."""
-    if not beta > 0.0:
-        raise ValueError(f"Softplus: beta must be > 0, got {beta}")
-
-    def fwd(z):
-        return act.softplus_fwd(z, jnp.asarray(beta, z.dtype))
-
-    return _elementwise_layer(f"softplus(beta={beta})", fwd, act.softplus_bwd)
+    return rule_layer("softplus", beta=beta)
 
 
-_ACTIVATIONS = {
-    "relu": lambda: Relu,
-    "sigmoid": lambda: Sigmoid,
-    "tanh": lambda: Tanh,
-    "silu": lambda: Silu,
-    "gelu": lambda: Gelu(),
-    "leaky_relu": lambda: LeakyRelu(),
-    "softplus": lambda: Softplus(),
-}
-_ACTIVATION_FUNCTIONS = {
-    act.relu: "relu", act.sigmoid: "sigmoid", act.tanh: "tanh", act.silu: "silu",
-    act.gelu: "gelu", act.leaky_relu: "leaky_relu", act.softplus: "softplus",
-}
-# He initialization keeps the variance of ReLU-like activations; Glorot that of
-# the saturating ones (tanh, sigmoid).
-_HE_ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "softplus")
+def activation_layer(activation: str | Callable | Layer, **settings: Any) -> Layer:
+    """The layer for an activation given by name, by fnbp function or as a Layer.
 
-
-def activation_layer(activation: str | Callable | Layer) -> Layer:
-    """The layer for an activation given by name, by fnbp function or as a Layer."""
+    Every rule declared with a layer spec is an activation here, by its name
+    (``"relu"``) or its function (``fnbp.relu``); ``settings`` override its
+    defaults (``activation_layer("leaky_relu", gamma=0.2)``).
+    """
     if isinstance(activation, Layer):
         return activation
-    name = _ACTIVATION_FUNCTIONS.get(activation, activation)
-    if not isinstance(name, str) or name not in _ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(_ACTIVATIONS)}, the matching fnbp "
-            f"function (e.g. fnbp.relu) or a Layer; got {activation!r}"
-        )
-    return _ACTIVATIONS[name]()
+    by_function = {rule.function: name for name, rule in _layer_rules().items()}
+    name = by_function.get(activation, activation)
+    if not isinstance(name, str):
+        name = repr(name)
+    return rule_layer(name, **settings)
+
+
+def _init_family(layer: Layer) -> str:
+    """The MM initialization before ``layer``: the rule's ``init`` ("he"/"glorot").
+
+    A Layer that is not a declared rule's gets Glorot.
+    """
+    rule = _layer_rules().get(_activation_name(layer))
+    return rule.init if rule is not None and rule.init is not None else "glorot"
 
 
 def _activation_name(layer: Layer) -> str:
@@ -248,29 +283,7 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         return ({"W": dW, "b": db} if bias else {"W": dW}), dz
 
     def sq_norms(params, residuals, v):
-        # ||v z^T||_F^2 = ||v||^2 ||z||^2 per example (and ||v||^2 for b): the
-        # per-example weight gradients are never built. Inputs with extra
-        # per-example axes (a sequence) use the Gram form
-        # ||sum_t v_t z_t^T||^2 = sum_{t,s} (v_t . v_s)(z_t . z_s).
-        z = residuals.z
-        dz, _, _ = linear.mm_bwd(residuals._replace(b=None), v)
-        acc = jnp.promote_types(v.dtype, jnp.float32)
-        vv, zz = v.astype(acc), z.astype(acc)
-        if v.ndim <= 2:
-            v_sq = jnp.sum(vv * vv, axis=-1)
-            sq = v_sq * jnp.sum(zz * zz, axis=-1)
-            if bias:
-                sq = sq + v_sq
-            return sq, dz
-        vv = vv.reshape(v.shape[0], -1, v.shape[-1])
-        zz = zz.reshape(z.shape[0], -1, z.shape[-1])
-        gram_v = jnp.einsum("btn,bsn->bts", vv, vv)
-        gram_z = jnp.einsum("btm,bsm->bts", zz, zz)
-        sq = jnp.sum(gram_v * gram_z, axis=(1, 2))
-        if bias:
-            v_sum = jnp.sum(vv, axis=1)
-            sq = sq + jnp.sum(v_sum * v_sum, axis=-1)
-        return sq, dz
+        return registry()["mm"].hooks["sq_norms"](residuals, v, bias)
 
     return make_layer(name, init_fn, forward, backward, sq_norms)
 
@@ -507,10 +520,11 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
         # messages name the argument); the stored forward follows.
         jax.eval_shape(lambda z, p: check(z, p["w"], p.get("b"), stride=stride,
                                           padding=padding, dilation=dilation), z, params)
-        return fwd(z, params["w"], params.get("b"), stride, padding, dilation)
+        return fwd(z, params["w"], params.get("b"), stride=stride, padding=padding,
+                   dilation=dilation)
 
     def backward(params, residuals, v):
-        dz, dw, db = bwd(stride, padding, dilation, residuals, v)
+        dz, dw, db = bwd(residuals, v, stride=stride, padding=padding, dilation=dilation)
         return ({"w": dw, "b": db} if bias else {"w": dw}), dz
 
     return make_layer(name, init, forward, backward)
@@ -550,10 +564,10 @@ def _pool_layer(kind: str, window, stride) -> Layer:
 
     def forward(params, z):
         jax.eval_shape(lambda z: check(z, window, stride), z)
-        return fwd(z, window, stride)
+        return fwd(z, window=window, stride=stride)
 
     def backward(params, residuals, v):
-        return (), bwd(window, stride, residuals, v)[0]
+        return (), bwd(residuals, v, window=window, stride=stride)[0]
 
     def sq_norms(params, residuals, v):
         return jnp.zeros((), v.dtype), backward(params, residuals, v)[1]
@@ -651,7 +665,7 @@ def mlp(
     if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
         raise ValueError(f"mlp: widths must be a non-empty list of positive ints, got {widths!r}")
     sigma = activation_layer(activation)
-    init = "he" if _activation_name(sigma) in _HE_ACTIVATIONS else "glorot"
+    init = _init_family(sigma)
     hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
     if not isinstance(remat_every, int) or isinstance(remat_every, bool) or remat_every < 0:
         raise ValueError(f"mlp: remat_every must be an int >= 0, got {remat_every!r}")
@@ -688,7 +702,7 @@ def resnet_s(
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"resnet_s: depth must be a positive int, got {depth!r}")
     sigma = activation_layer(activation)
-    init = "he" if _activation_name(sigma) in _HE_ACTIVATIONS else "glorot"
+    init = _init_family(sigma)
     blocks = [
         residual(serial(Linear(width, init=init), sigma, Linear(width, init=init), sigma,
                         name="block"))

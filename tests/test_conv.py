@@ -130,10 +130,11 @@ def test_conv1d_same_is_the_banded_matrix_Qz_of_eq_7_49(m, k, C, C2):
         l = (k - 1) // 2
         assert np.all(np.triu(Q, l + 1) == 0) and np.all(np.tril(Q, -l - 1) == 0)
         np.testing.assert_array_equal(np.diag(Q, 0), w[l, 0, 0])
-    u, res = fnbp.conv1d_fwd(jnp.asarray(z), jnp.asarray(w), None, 1, "same", 1)
+    u, res = fnbp.rules.conv1d_fwd(jnp.asarray(z), jnp.asarray(w), None, stride=1, padding="same",
+                                    dilation=1)
     assert rel_err(u, (Q @ z.reshape(-1)).reshape(m, C2)) <= 1e-14
     # B[Conv1D, z](v) = Q^T v: the transpose of the same matrix.
-    dz, dw, db = fnbp.conv1d_bwd(1, "same", 1, res, jnp.asarray(v))
+    dz, dw, db = fnbp.rules.conv1d_bwd(res, jnp.asarray(v), stride=1, padding="same", dilation=1)
     assert rel_err(dz, (Q.T @ v.reshape(-1)).reshape(m, C)) <= 1e-14
     assert db is None and dw.shape == w.shape
 
@@ -197,13 +198,13 @@ def test_conv_backward_is_two_convolutions_and_no_dense_matrix():
     rng = np.random.default_rng(4)
     z = jnp.asarray(rng.standard_normal((2, 3, 8, 7, 2)))
     w, b = jnp.asarray(rng.standard_normal((3, 3, 2, 4))), jnp.asarray(rng.standard_normal(4))
-    u, res = fnbp.conv2d_fwd(z, w, b, 2, "same", 1)
+    u, res = fnbp.rules.conv2d_fwd(z, w, b, stride=2, padding="same", dilation=1)
     v = jnp.ones_like(u)
-    names = primitive_names(lambda r, v: fnbp.conv2d_bwd(2, "same", 1, r, v), res, v)
+    names = primitive_names(lambda r, v: fnbp.rules.conv2d_bwd(r, v, stride=2, padding="same"), res, v)
     assert names.count("conv_general_dilated") == 2  # dz and dw, for all examples at once
     assert "dot_general" not in names
     # The public backward with raw settings equals the rule used by jax.vjp.
-    got = fnbp.conv2d_bwd(2, "same", 1, res, v)
+    got = fnbp.rules.conv2d_bwd(res, v, stride=2, padding="same")
     want = jax.vjp(lambda z, w, b: fnbp.conv2d(z, w, b, stride=2), z, w, b)[1](v)
     assert_close(got, want, 0.0)
 

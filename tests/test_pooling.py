@@ -103,11 +103,11 @@ def test_max_pool_tie_sends_the_cotangent_to_the_first_maximum():
                    [5.0, 5.0, 2.0, 2.0],
                    [5.0, 5.0, 2.0, 2.0]])[..., None]
     v = jnp.array([[10.0, 20.0], [30.0, 40.0]])[..., None]
-    u, res = fnbp.max_pool_fwd(z, (2, 2))
+    u, res = fnbp.rules.max_pool_fwd(z, window=(2, 2))
     np.testing.assert_array_equal(u[..., 0], [[3.0, 7.0], [5.0, 2.0]])
     # Ties: the first maximum in row-major window order takes the whole cotangent.
     np.testing.assert_array_equal(res.selected[0, ..., 0], [[1, 2], [0, 0]])
-    (dz,) = fnbp.max_pool_bwd((2, 2), None, res, v)
+    (dz,) = fnbp.rules.max_pool_bwd(res, v, window=(2, 2))
     want = np.array([[0, 10, 0, 0],
                      [0, 0, 20, 0],
                      [30, 0, 40, 0],
@@ -140,10 +140,10 @@ def test_window_length_decides_the_pooled_axes():
 
 
 def test_max_pool_residual_is_a_small_index():
-    _, res = fnbp.max_pool_fwd(jnp.ones((4, 6, 6, 2)), (3, 3))
+    _, res = fnbp.rules.max_pool_fwd(jnp.ones((4, 6, 6, 2)), window=(3, 3))
     assert res.selected.dtype == jnp.int8 and res.selected.shape == (4, 2, 2, 2)
     assert res.z_shape.size == 0
-    _, res = fnbp.max_pool_fwd(jnp.ones((12, 12, 1)), (12, 12))
+    _, res = fnbp.rules.max_pool_fwd(jnp.ones((12, 12, 1)), window=(12, 12))
     assert res.selected.dtype == jnp.int32
 
 

@@ -5,16 +5,18 @@ For an element-wise module u = sigma(z) the backward function is
     B[sigma, z](v) = sigma'(z) (.) v                                    (7.69)
 
 Every rule below is written for one example and works on any shape. Each is
-wired the same way: a public forward ``f``, ``f_fwd`` returning the output and a
-small NamedTuple of residuals, ``f_bwd`` returning one cotangent per primal
-argument, and ``defvjp``. Kink conventions: the derivative of ``relu`` at 0 is
-0 (as ``jax.nn.relu``), the derivative of ``leaky_relu`` at 0 is ``gamma`` (the
-slope of the z <= 0 side; ``jax.nn.leaky_relu`` takes 1 there).
+declared the same way (:func:`fnbp.rules.declare`): ``f_fwd`` returning the
+output and a small NamedTuple of residuals, ``f_bwd`` returning one cotangent
+per array argument, the public ``f`` that validates and calls the rule, and
+one record with its plain reference, example arguments, kink convention,
+layer settings and initialization family. Kink conventions: the derivative of
+``relu`` at 0 is 0 (as ``jax.nn.relu``), the derivative of ``leaky_relu`` at 0
+is ``gamma`` (the slope of the z <= 0 side; ``jax.nn.leaky_relu`` takes 1
+there).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -23,8 +25,10 @@ import jax.numpy as jnp
 from jax import Array
 from jax.scipy.special import erf
 
-from fnbp import _validate
 from fnbp.checking import check, check_finite
+from fnbp.rules import _validate
+from fnbp.rules._examples import elementwise, with_scalar
+from fnbp.rules._rule import LayerSpec, declare
 
 
 def _float_input(fn: str, z: Array) -> Array:
@@ -51,26 +55,14 @@ class ReluResiduals(NamedTuple):
     mask: Array
 
 
-def _relu_forward(z: Array) -> Array:
-    return jnp.maximum(z, jnp.zeros((), z.dtype))
-
-
-@jax.custom_vjp
-def _relu(z: Array) -> Array:
-    return _relu_forward(z)
-
-
 def relu_fwd(z: Array) -> tuple[Array, ReluResiduals]:
     """Forward pass of :func:`relu` with its residuals."""
-    return _relu_forward(z), ReluResiduals(z > 0)
+    return jnp.maximum(z, jnp.zeros((), z.dtype)), ReluResiduals(z > 0)
 
 
 def relu_bwd(res: ReluResiduals, v: Array) -> tuple[Array]:
     """B[relu, z](v) = 1[z > 0] (.) v; the derivative at z = 0 is 0."""
     return (jnp.where(res.mask, v, jnp.zeros((), v.dtype)),)
-
-
-_relu.defvjp(relu_fwd, relu_bwd)
 
 
 def relu(z: Array) -> Array:
@@ -84,7 +76,16 @@ def relu(z: Array) -> Array:
     Returns:
       Array of z's shape and dtype.
     """
-    return _relu(_float_input("relu", z))
+    return RELU.apply(_float_input("relu", z))
+
+
+RELU = declare(
+    relu, relu_fwd, relu_bwd,
+    reference=lambda z: jnp.where(z > 0, z, 0.0),
+    examples=elementwise, equations=("7.11", "7.69"),
+    kink="relu'(0) = 0, as jax.nn.relu.",
+    family="activation", layer=LayerSpec(), init="he",
+)
 
 
 # --- sigmoid (7.24) ------------------------------------------------------------
@@ -94,11 +95,6 @@ class SigmoidResiduals(NamedTuple):
     """The output ``s = sigmoid(z)``: sigma'(z) = s (1 - s) needs nothing else."""
 
     s: Array
-
-
-@jax.custom_vjp
-def _sigmoid(z: Array) -> Array:
-    return jax.lax.logistic(z)
 
 
 def sigmoid_fwd(z: Array) -> tuple[Array, SigmoidResiduals]:
@@ -113,19 +109,27 @@ def sigmoid_bwd(res: SigmoidResiduals, v: Array) -> tuple[Array]:
     return (s * (1 - s) * v,)
 
 
-_sigmoid.defvjp(sigmoid_fwd, sigmoid_bwd)
-
-
 def sigmoid(z: Array) -> Array:
     """sigmoid(z) = 1 / (1 + exp(-z)) (eq. 7.24), element-wise, stable for all z.
+
+    Computed as ``jax.lax.logistic``; the rule keeps the output s alone, since
+    sigmoid'(z) = s (1 - s).
 
     Args:
       z: floating array of any shape.
 
     Returns:
-      Array of z's shape and dtype.
+      s = sigmoid(z) in (0, 1), with z's shape and dtype.
     """
-    return _sigmoid(_float_input("sigmoid", z))
+    return SIGMOID.apply(_float_input("sigmoid", z))
+
+
+SIGMOID = declare(
+    sigmoid, sigmoid_fwd, sigmoid_bwd,
+    reference=lambda z: 1.0 / (1.0 + jnp.exp(-z)),
+    examples=elementwise, equations=("7.24", "7.69"), kink="none: smooth.",
+    family="activation", layer=LayerSpec(), init="glorot",
+)
 
 
 # --- tanh (7.25) ---------------------------------------------------------------
@@ -137,11 +141,6 @@ class TanhResiduals(NamedTuple):
     y: Array
 
 
-@jax.custom_vjp
-def _tanh(z: Array) -> Array:
-    return jnp.tanh(z)
-
-
 def tanh_fwd(z: Array) -> tuple[Array, TanhResiduals]:
     """Forward pass of :func:`tanh` with its residuals."""
     y = jnp.tanh(z)
@@ -150,11 +149,7 @@ def tanh_fwd(z: Array) -> tuple[Array, TanhResiduals]:
 
 def tanh_bwd(res: TanhResiduals, v: Array) -> tuple[Array]:
     """B[tanh, z](v) = (1 - tanh(z)^2) (.) v."""
-    y = res.y
-    return ((1 - y * y) * v,)
-
-
-_tanh.defvjp(tanh_fwd, tanh_bwd)
+    return ((1 - res.y * res.y) * v,)
 
 
 def tanh(z: Array) -> Array:
@@ -164,9 +159,15 @@ def tanh(z: Array) -> Array:
       z: floating array of any shape.
 
     Returns:
-      Array of z's shape and dtype.
+      y = tanh(z) in (-1, 1), with z's shape and dtype; the rule keeps y, since
+      tanh'(z) = 1 - y^2.
     """
-    return _tanh(_float_input("tanh", z))
+    return TANH.apply(_float_input("tanh", z))
+
+
+TANH = declare(tanh, tanh_fwd, tanh_bwd, reference=jnp.tanh, examples=elementwise,
+               equations=("7.25", "7.69"), kink="none: smooth.", family="activation",
+               layer=LayerSpec(), init="glorot")
 
 
 # --- leaky ReLU (7.26) ---------------------------------------------------------
@@ -179,18 +180,10 @@ class LeakyReluResiduals(NamedTuple):
     gamma: Array
 
 
-def _leaky_relu_forward(z: Array, gamma: Array) -> Array:
-    return jnp.where(z > 0, z, gamma.astype(z.dtype) * z)
-
-
-@jax.custom_vjp
-def _leaky_relu(z: Array, gamma: Array) -> Array:
-    return _leaky_relu_forward(z, gamma)
-
-
 def leaky_relu_fwd(z: Array, gamma: Array) -> tuple[Array, LeakyReluResiduals]:
     """Forward pass of :func:`leaky_relu` with its residuals."""
-    return _leaky_relu_forward(z, gamma), LeakyReluResiduals(z, gamma)
+    u = jnp.where(z > 0, z, gamma.astype(z.dtype) * z)
+    return u, LeakyReluResiduals(z, gamma)
 
 
 def leaky_relu_bwd(res: LeakyReluResiduals, v: Array) -> tuple[Array, Array]:
@@ -206,9 +199,6 @@ def leaky_relu_bwd(res: LeakyReluResiduals, v: Array) -> tuple[Array, Array]:
     dgamma = jnp.sum(jnp.where(positive, jnp.zeros((), v.dtype), z * v),
                      dtype=jnp.promote_types(gamma.dtype, jnp.float32))
     return dz, dgamma.astype(gamma.dtype)
-
-
-_leaky_relu.defvjp(leaky_relu_fwd, leaky_relu_bwd)
 
 
 def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
@@ -234,7 +224,17 @@ def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
     _validate.require_open_interval("leaky_relu", "gamma", gamma, 0.0, 1.0)
     check((gamma > 0) & (gamma < 1),
           "leaky_relu: gamma must lie in the open interval (0, 1)")
-    return _leaky_relu(z, gamma)
+    return LEAKY_RELU.apply(z, gamma)
+
+
+LEAKY_RELU = declare(
+    leaky_relu, leaky_relu_fwd, leaky_relu_bwd,
+    reference=lambda z, gamma: jnp.where(z > 0, z, gamma * z),
+    examples=with_scalar(0.1), equations=("7.26", "7.69"),
+    kink="the derivative at z = 0 is gamma (jax.nn.leaky_relu takes 1 there).",
+    family="activation",
+    layer=LayerSpec("LeakyRelu", {"gamma": 0.01}, arrays=("gamma",)), init="he",
+)
 
 
 # --- GELU (7.27) ---------------------------------------------------------------
@@ -251,24 +251,17 @@ class GeluResiduals(NamedTuple):
     z: Array
 
 
-def _gelu_forward(z: Array, approximate: bool) -> Array:
+def gelu_fwd(z: Array, *, approximate: bool = False) -> tuple[Array, GeluResiduals]:
+    """Forward pass of :func:`gelu` with its residuals."""
     if approximate:
         inner = _TANH_K * (z + _TANH_C * z * z * z)
-        return 0.5 * z * (1 + jnp.tanh(inner))
-    return 0.5 * z * (1 + erf(z / _SQRT_2))
+        u = 0.5 * z * (1 + jnp.tanh(inner))
+    else:
+        u = 0.5 * z * (1 + erf(z / _SQRT_2))
+    return u, GeluResiduals(z)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gelu(z: Array, approximate: bool) -> Array:
-    return _gelu_forward(z, approximate)
-
-
-def gelu_fwd(z: Array, approximate: bool = False) -> tuple[Array, GeluResiduals]:
-    """Forward pass of :func:`gelu` with its residuals."""
-    return _gelu_forward(z, approximate), GeluResiduals(z)
-
-
-def gelu_bwd(approximate: bool, res: GeluResiduals, v: Array) -> tuple[Array]:
+def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tuple[Array]:
     """B[GELU, z](v) = (Phi(z) + z phi(z)) (.) v for the exact form.
 
     Phi is the standard normal CDF, phi its density. For ``approximate=True``
@@ -285,9 +278,6 @@ def gelu_bwd(approximate: bool, res: GeluResiduals, v: Array) -> tuple[Array]:
         pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
         slope = cdf + z * pdf
     return (slope.astype(v.dtype) * v,)
-
-
-_gelu.defvjp(gelu_fwd, gelu_bwd)
 
 
 def gelu(z: Array, approximate: bool = False) -> Array:
@@ -307,7 +297,22 @@ def gelu(z: Array, approximate: bool = False) -> Array:
             f"gelu: approximate must be a Python bool (a static setting), got "
             f"{type(approximate).__name__}"
         )
-    return _gelu(_float_input("gelu", z), approximate)
+    return GELU.apply(_float_input("gelu", z), approximate=approximate)
+
+
+def _gelu_reference(z, approximate=False):
+    if approximate:
+        return 0.5 * z * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (z + 0.044715 * z**3)))
+    return 0.5 * z * (1 + erf(z / jnp.sqrt(2.0)))
+
+
+GELU = declare(
+    gelu, gelu_fwd, gelu_bwd, reference=_gelu_reference,
+    examples={"gelu": elementwise,
+              "gelu(approximate)": (elementwise, {"approximate": True})},
+    equations=("7.27", "7.69"), kink="none: smooth.", family="activation",
+    layer=LayerSpec("Gelu", {"approximate": False}), init="he",
+)
 
 
 # --- softplus (7.28) -----------------------------------------------------------
@@ -322,20 +327,11 @@ class SoftplusResiduals(NamedTuple):
     s: Array
 
 
-def _softplus_forward(z: Array, beta: Array) -> Array:
-    beta = beta.astype(z.dtype)
-    return jnp.logaddexp(jnp.zeros((), z.dtype), beta * z) / beta
-
-
-@jax.custom_vjp
-def _softplus(z: Array, beta: Array) -> Array:
-    return _softplus_forward(z, beta)
-
-
 def softplus_fwd(z: Array, beta: Array) -> tuple[Array, SoftplusResiduals]:
     """Forward pass of :func:`softplus` with its residuals."""
-    u = _softplus_forward(z, beta)
-    s = jax.lax.logistic(beta.astype(z.dtype) * z)
+    beta_z = beta.astype(z.dtype)
+    u = jnp.logaddexp(jnp.zeros((), z.dtype), beta_z * z) / beta_z
+    s = jax.lax.logistic(beta_z * z)
     return u, SoftplusResiduals(z, beta, u, s)
 
 
@@ -350,9 +346,6 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
     dbeta = jnp.sum((z * s - u) * v / beta.astype(z.dtype),
                     dtype=jnp.promote_types(beta.dtype, jnp.float32))
     return dz, dbeta.astype(beta.dtype)
-
-
-_softplus.defvjp(softplus_fwd, softplus_bwd)
 
 
 def softplus(z: Array, beta: float | Array = 1.0) -> Array:
@@ -374,7 +367,16 @@ def softplus(z: Array, beta: float | Array = 1.0) -> Array:
     beta = _scalar_setting("softplus", "beta", beta, z)
     _validate.require_positive("softplus", "beta", beta)
     check(beta > 0, "softplus: beta must be > 0")
-    return _softplus(z, beta)
+    return SOFTPLUS.apply(z, beta)
+
+
+SOFTPLUS = declare(
+    softplus, softplus_fwd, softplus_bwd,
+    reference=lambda z, beta: jnp.log1p(jnp.exp(beta * z)) / beta,
+    examples=with_scalar(1.5), equations=("7.28", "7.69"), kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec("Softplus", {"beta": 1.0}, arrays=("beta",)), init="he",
+)
 
 
 # --- SiLU / swish ----------------------------------------------------------------
@@ -385,11 +387,6 @@ class SiluResiduals(NamedTuple):
 
     z: Array
     s: Array
-
-
-@jax.custom_vjp
-def _silu(z: Array) -> Array:
-    return z * jax.lax.logistic(z)
 
 
 def silu_fwd(z: Array) -> tuple[Array, SiluResiduals]:
@@ -404,16 +401,23 @@ def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     return (s * (1 + z * (1 - s)) * v,)
 
 
-_silu.defvjp(silu_fwd, silu_bwd)
-
-
 def silu(z: Array) -> Array:
     """SiLU (swish with beta = 1): silu(z) = z sigmoid(z), element-wise.
+
+    Not in the notes; smooth, and like ReLU for large |z|, so it gets He
+    initialization in :func:`fnbp.mlp`.
 
     Args:
       z: floating array of any shape.
 
     Returns:
-      Array of z's shape and dtype.
+      z sigmoid(z), with z's shape and dtype.
     """
-    return _silu(_float_input("silu", z))
+    return SILU.apply(_float_input("silu", z))
+
+
+SILU = declare(
+    silu, silu_fwd, silu_bwd, reference=lambda z: z / (1.0 + jnp.exp(-z)),
+    examples=elementwise, kink="none: smooth.",
+    family="activation", layer=LayerSpec(), init="he",
+)

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fnbp import _validate
 from fnbp.checking import check, check_finite
+from fnbp.rules import _validate
+from fnbp.rules._examples import normal, rng
+from fnbp.rules._rule import declare
 
 
 def _common_dtype(t: Array, y: Array) -> tuple[Array, Array]:
@@ -52,28 +54,16 @@ class MseResiduals(NamedTuple):
     r: Array
 
 
-def _mse_forward(t: Array, y: Array) -> Array:
-    r = t - y
-    return 0.5 * jnp.sum(r * r, axis=-1)
-
-
-@jax.custom_vjp
-def _mse_loss(t: Array, y: Array) -> Array:
-    return _mse_forward(t, y)
-
-
 def mse_loss_fwd(t: Array, y: Array) -> tuple[Array, MseResiduals]:
     """Forward pass of :func:`mse_loss` with its residuals."""
-    return _mse_forward(t, y), MseResiduals(t - y)
+    r = t - y
+    return 0.5 * jnp.sum(r * r, axis=-1), MseResiduals(r)
 
 
 def mse_loss_bwd(res: MseResiduals, v: Array) -> tuple[Array, Array]:
     """B[MSE, t](v) = (t - y) v per example; B[MSE, y](v) = -(t - y) v."""
     dt = res.r * v[..., None].astype(res.r.dtype)
     return dt, -dt
-
-
-_mse_loss.defvjp(mse_loss_fwd, mse_loss_bwd)
 
 
 def mse_loss(t: Array, y: Array) -> Array:
@@ -98,7 +88,19 @@ def mse_loss(t: Array, y: Array) -> Array:
     t, y = _common_dtype(t, y)
     check_finite("mse_loss", "t", t)
     check_finite("mse_loss", "y", y)
-    return _mse_loss(t, y)
+    return MSE_LOSS.apply(t, y)
+
+
+def _mse_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (5, 3), dtype), normal(gen, (5, 3), dtype))
+
+
+MSE_LOSS = declare(
+    mse_loss, mse_loss_fwd, mse_loss_bwd,
+    reference=lambda t, y: 0.5 * jnp.sum((t - y) ** 2, axis=-1),
+    examples=_mse_args, equations=("7.1",), kink="none: smooth.", family="loss",
+)
 
 
 # --- logistic loss (2.3) -------------------------------------------------------
@@ -111,30 +113,18 @@ class LogisticResiduals(NamedTuple):
     p_minus_y: Array
 
 
-def _logistic_forward(t: Array, y: Array) -> Array:
-    # y log(1 + e^-t) + (1 - y) log(1 + e^t) = softplus(t) - y t, with
-    # softplus(t) = logaddexp(0, t): exact and finite for |t| up to the dtype's max.
-    zero = jnp.zeros((), t.dtype)
-    return jnp.logaddexp(zero, t) - y * t
-
-
-@jax.custom_vjp
-def _logistic_loss(t: Array, y: Array) -> Array:
-    return _logistic_forward(t, y)
-
-
 def logistic_loss_fwd(t: Array, y: Array) -> tuple[Array, LogisticResiduals]:
     """Forward pass of :func:`logistic_loss` with its residuals."""
-    return _logistic_forward(t, y), LogisticResiduals(t, jax.lax.logistic(t) - y)
+    # y log(1 + e^-t) + (1 - y) log(1 + e^t) = softplus(t) - y t, with
+    # softplus(t) = logaddexp(0, t): exact and finite for |t| up to the dtype's max.
+    loss = jnp.logaddexp(jnp.zeros((), t.dtype), t) - y * t
+    return loss, LogisticResiduals(t, jax.lax.logistic(t) - y)
 
 
 def logistic_loss_bwd(res: LogisticResiduals, v: Array) -> tuple[Array, Array]:
     """B[J, t](v) = (sigmoid(t) - y) v (eq. 7.70); B[J, y](v) = -t v."""
     t, p_minus_y = res
     return p_minus_y * v, (-t * v).astype(p_minus_y.dtype)
-
-
-_logistic_loss.defvjp(logistic_loss_fwd, logistic_loss_bwd)
 
 
 def logistic_loss(t: Array, y: Array) -> Array:
@@ -160,7 +150,20 @@ def logistic_loss(t: Array, y: Array) -> Array:
     check_finite("logistic_loss", "y", y)
     check(jnp.all((y >= 0) & (y <= 1)),
           "logistic_loss: y holds a target outside [0, 1]; targets are probabilities")
-    return _logistic_loss(t, y)
+    return LOGISTIC_LOSS.apply(t, y)
+
+
+def _logistic_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (6,), dtype, scale=3.0), jnp.asarray(gen.random(6), dtype))
+
+
+LOGISTIC_LOSS = declare(
+    logistic_loss, logistic_loss_fwd, logistic_loss_bwd,
+    reference=lambda t, y: y * jnp.log1p(jnp.exp(-t)) + (1 - y) * jnp.log1p(jnp.exp(t)),
+    examples=_logistic_args, equations=("2.3", "7.70"), kink="none: smooth.",
+    family="loss",
+)
 
 
 # --- cross-entropy (2.14) ------------------------------------------------------
@@ -174,8 +177,11 @@ class CrossEntropyResiduals(NamedTuple):
     valid: Array
 
 
-def _cross_entropy_forward(t: Array, y: Array) -> tuple[Array, Array, Array]:
-    """Per-example losses, label validity and softmax(t), from one pass of exp."""
+def cross_entropy_loss_fwd(t: Array, y: Array) -> tuple[Array, CrossEntropyResiduals]:
+    """Forward pass of :func:`cross_entropy_loss` with its residuals.
+
+    Per-example losses, label validity and softmax(t), from one pass of exp.
+    """
     k = t.shape[-1]
     valid = (y >= 0) & (y < k)
     safe_y = jnp.where(valid, y, 0)
@@ -187,18 +193,7 @@ def _cross_entropy_forward(t: Array, y: Array) -> tuple[Array, Array, Array]:
     total = jnp.sum(e, axis=-1, keepdims=True)
     lse = (m + jnp.log(total))[..., 0]
     loss = jnp.where(valid, lse - t_y, jnp.asarray(jnp.nan, t.dtype))
-    return loss, valid, e / total
-
-
-@jax.custom_vjp
-def _cross_entropy_loss(t: Array, y: Array) -> Array:
-    return _cross_entropy_forward(t, y)[0]
-
-
-def cross_entropy_loss_fwd(t: Array, y: Array) -> tuple[Array, CrossEntropyResiduals]:
-    """Forward pass of :func:`cross_entropy_loss` with its residuals."""
-    loss, valid, p = _cross_entropy_forward(t, y)
-    return loss, CrossEntropyResiduals(p, y, valid)
+    return loss, CrossEntropyResiduals(e / total, y, valid)
 
 
 def cross_entropy_loss_bwd(res: CrossEntropyResiduals, v: Array) -> tuple[Array, None]:
@@ -222,9 +217,6 @@ def cross_entropy_loss_bwd(res: CrossEntropyResiduals, v: Array) -> tuple[Array,
     labels = jnp.where(valid, y, 0).reshape(-1)
     dt = dt.at[rows, labels].add(-scale.reshape(-1), mode="promise_in_bounds")
     return dt.reshape(p.shape), None
-
-
-_cross_entropy_loss.defvjp(cross_entropy_loss_fwd, cross_entropy_loss_bwd)
 
 
 def cross_entropy_loss(t: Array, y: Array) -> Array:
@@ -260,4 +252,21 @@ def cross_entropy_loss(t: Array, y: Array) -> Array:
     check(jnp.all((y >= 0) & (y < k)),
           f"cross_entropy_loss: y holds a label outside [0, {k}); labels are "
           f"class indices for t's last axis of length {k}")
-    return _cross_entropy_loss(t, y)
+    return CROSS_ENTROPY_LOSS.apply(t, y)
+
+
+def _cross_entropy_reference(t, y):
+    return -jnp.take_along_axis(jax.nn.log_softmax(t, axis=-1), y[..., None], axis=-1)[..., 0]
+
+
+def _cross_entropy_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (5, 4), dtype, scale=2.0), jnp.asarray(gen.integers(0, 4, 5), jnp.int32))
+
+
+CROSS_ENTROPY_LOSS = declare(
+    cross_entropy_loss, cross_entropy_loss_fwd, cross_entropy_loss_bwd,
+    reference=_cross_entropy_reference, examples=_cross_entropy_args,
+    equations=("2.14", "7.71"), kink="none: smooth in t; labels get no cotangent.",
+    family="loss",
+)

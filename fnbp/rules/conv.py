@@ -53,17 +53,18 @@ convolution is added in float32).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
-from fnbp import _validate
-from fnbp._dtypes import accumulation_dtype
 from fnbp.checking import check_finite
+from fnbp.rules import _validate
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._examples import normal, rng
+from fnbp.rules._rule import declare, jit_static
+from fnbp.rules._settings import ints_at_least, is_int as _is_int
 
 Padding = Union[str, int, Sequence]
 Pairs = tuple[tuple[int, int], ...]
@@ -87,24 +88,13 @@ _Z_MEANING = {1: "(..., m, C)", 2: "(..., H, W, C)"}
 # --- settings ------------------------------------------------------------------------
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def _per_axis_ints(fn: str, name: str, value, n: int) -> Ints:
     """stride / dilation: one int >= 1 or one per spatial axis."""
-    if _is_int(value):
-        values = (int(value),) * n
-    elif (isinstance(value, (tuple, list)) and len(value) == n
-          and all(_is_int(x) for x in value)):
-        values = tuple(int(x) for x in value)
-    else:
-        per_axis = "an int" if n == 1 else f"an int or a tuple of {n} ints (one per spatial axis)"
-        raise TypeError(f"{fn}: {name} must be {per_axis}, got {name}={value!r}")
-    if any(x < 1 for x in values):
-        raise ValueError(f"{fn}: {name} must be >= 1 in every spatial axis, got "
-                         f"{name}={value!r}; use {name}=1 for the notes' convolution")
-    return values
+    per_axis = "an int" if n == 1 else f"an int or a tuple of {n} ints (one per spatial axis)"
+    return ints_at_least(
+        value, n, 1, f"{fn}: {name} must be {per_axis}, got {name}={value!r}",
+        lambda _: f"{fn}: {name} must be >= 1 in every spatial axis, got {name}={value!r}; "
+                  f"use {name}=1 for the notes' convolution")
 
 
 def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
@@ -124,18 +114,12 @@ def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
             return ((k_eff - 1) // 2, (k_eff - 1) // 2)
         raise ValueError(f"{fn}: padding must be 'same', 'valid', an int or a "
                          f"(low, high) pair, got padding={spec!r}")
-    if _is_int(spec):
-        pair = (int(spec), int(spec))
-    elif (isinstance(spec, (tuple, list)) and len(spec) == 2
-          and all(_is_int(x) for x in spec)):
-        pair = (int(spec[0]), int(spec[1]))
-    else:
-        raise TypeError(f"{fn}: padding along {axis} must be 'same', 'valid', an int or "
-                        f"a (low, high) pair of ints, got {spec!r}")
-    if min(pair) < 0:
-        raise ValueError(f"{fn}: padding must be >= 0 (zeros added), got {pair} along "
-                         f"{axis}; crop the input instead of padding negatively")
-    return pair
+    return ints_at_least(
+        spec, 2, 0,
+        f"{fn}: padding along {axis} must be 'same', 'valid', an int or a (low, high) pair "
+        f"of ints, got {spec!r}",
+        lambda pair: f"{fn}: padding must be >= 0 (zeros added), got {pair} along {axis}; "
+                     f"crop the input instead of padding negatively")
 
 
 def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
@@ -179,8 +163,8 @@ def _out_size(m: int, k: int, s: int, pad: tuple[int, int], d: int) -> int:
 
 
 # --- the convolutions ----------------------------------------------------------------
-# The forward and backward bodies are jitted: one compiled call each when used
-# eagerly, inlined when the caller is itself jitted.
+# conv1d_fwd/_bwd and conv2d_fwd/_bwd are jitted with their settings static: one
+# compiled call each when used eagerly, inlined when the caller is itself jitted.
 
 
 def _flat(z: Array, n: int) -> Array:
@@ -188,10 +172,24 @@ def _flat(z: Array, n: int) -> Array:
     return z.reshape((-1,) + z.shape[z.ndim - n - 1:])
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
-             dilation: Ints) -> Array:
-    n = w.ndim - 2
+class ConvResiduals(NamedTuple):
+    """What B[Conv, .] needs: the input z (for B[Conv, w]) and the kernel w (for Q^T v).
+
+    ``b`` is kept only so the rule knows whether there is a bias and its dtype.
+    """
+
+    z: Array
+    w: Array
+    b: Array | None
+
+
+_SETTINGS = ("stride", "padding", "dilation")
+
+
+def _conv_fwd(n: int, z: Array, w: Array, b: Array | None, stride, padding, dilation
+              ) -> tuple[Array, ConvResiduals]:
+    """The forward convolution with its residuals; settings as the public functions take."""
+    stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
     out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
     compute = jnp.result_type(z, w)
     zf = _flat(z, n).astype(compute)
@@ -205,18 +203,8 @@ def _forward(z: Array, w: Array, b: Array | None, stride: Ints, padding: Pairs,
         # In the conv's dtype; a bias of another dtype is added in at least float32.
         add = compute if out == compute else accumulation_dtype(compute)
         u = u.astype(add) + b.astype(add)
-    return u.astype(out).reshape(z.shape[:z.ndim - n - 1] + u.shape[1:])
-
-
-class ConvResiduals(NamedTuple):
-    """What B[Conv, .] needs: the input z (for B[Conv, w]) and the kernel w (for Q^T v).
-
-    ``b`` is kept only so the rule knows whether there is a bias and its dtype.
-    """
-
-    z: Array
-    w: Array
-    b: Array | None
+    u = u.astype(out).reshape(z.shape[:z.ndim - n - 1] + u.shape[1:])
+    return u, ConvResiduals(z, w, b)
 
 
 def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
@@ -255,11 +243,10 @@ def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _conv_bwd(stride: Ints, padding: Pairs, dilation: Ints, res: ConvResiduals,
-              v: Array) -> tuple[Array, Array, Array | None]:
+def _conv_bwd(n: int, res: ConvResiduals, v: Array, stride, padding, dilation
+              ) -> tuple[Array, Array, Array | None]:
     z, w, b = res
-    n = w.ndim - 2
+    stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
     compute = v.dtype
     vf = _flat(v, n)
     zf = _flat(z, n)
@@ -317,20 +304,18 @@ def _validate_conv(n: int, z, w, b, stride, padding, dilation):
 # --- Conv1D (7.48-7.50) --------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv1d(z, w, b, stride, padding, dilation):
-    return _forward(z, w, b, stride, padding, dilation)
-
-
-def conv1d_fwd(z: Array, w: Array, b: Array | None, stride: int | Ints,
-               padding: Padding, dilation: int | Ints) -> tuple[Array, ConvResiduals]:
+@jit_static(*_SETTINGS)
+def conv1d_fwd(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
+               padding: Padding = "same", dilation: int | Ints = 1
+               ) -> tuple[Array, ConvResiduals]:
     """Forward pass of :func:`conv1d` with its residuals (settings as in conv1d)."""
-    stride, padding, dilation = _settings(1, w.shape, stride, padding, dilation)
-    return _forward(z, w, b, stride, padding, dilation), ConvResiduals(z, w, b)
+    return _conv_fwd(1, z, w, b, stride, padding, dilation)
 
 
-def conv1d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
-               res: ConvResiduals, v: Array) -> tuple[Array, Array, Array | None]:
+@jit_static(*_SETTINGS)
+def conv1d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+               padding: Padding = "same", dilation: int | Ints = 1
+               ) -> tuple[Array, Array, Array | None]:
     """B[Conv1D, .]: map v (..., m', C2) to (dz, dw, db), each as a convolution.
 
     ``dz = Q^T v`` (the transposed convolution: v dilated by the stride,
@@ -338,18 +323,14 @@ def conv1d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
     sum over examples and i of zpad[s i + d j, c] v[i, c2]``, one convolution
     over all examples, shape (k, C, C2); ``db = sum of v`` over examples and
     positions, shape (C2,), or ``None`` without a bias. The static settings
-    come first, as ``jax.custom_vjp``'s ``nondiff_argnums`` pass them.
+    are the forward's.
 
     Precision: ``dz`` and ``dw`` are convolutions in v's dtype with results in
     that dtype (bf16/f16 convolutions produce their input dtype; the hardware
     accumulates in float32); ``db`` is summed in at least float32 and cast
     back to b's dtype.
     """
-    stride, padding, dilation = _settings(1, res.w.shape, stride, padding, dilation)
-    return _conv_bwd(stride, padding, dilation, res, v)
-
-
-_conv1d.defvjp(conv1d_fwd, conv1d_bwd)
+    return _conv_bwd(1, res, v, stride, padding, dilation)
 
 
 def conv1d(z: Array, w: Array, b: Array | None = None, *, stride: int = 1,
@@ -387,28 +368,61 @@ def conv1d(z: Array, w: Array, b: Array | None = None, *, stride: int = 1,
         longer than the padded input.
       TypeError: a non-floating array or a malformed setting.
     """
-    z, w, b, stride, padding, dilation = _validate_conv(1, z, w, b, stride, padding,
-                                                       dilation)
-    return _conv1d(z, w, b, stride, padding, dilation)
+    z, w, b, stride, padding, dilation = _validate_conv(1, z, w, b, stride, padding, dilation)
+    return CONV1D.apply(z, w, b, stride=stride, padding=padding, dilation=dilation)
+
+
+def _conv_reference(z, w, b, stride, padding, dilation):
+    """Plain ``lax.conv_general_dilated`` with the same settings (no custom rule)."""
+    n = w.ndim - 2
+    stride, pads, dilation = _settings(n, w.shape, stride, padding, dilation)
+    lead = z.shape[:z.ndim - n - 1]
+    u = jax.lax.conv_general_dilated(_flat(z, n), w, stride, pads, rhs_dilation=dilation,
+                                     dimension_numbers=_FWD_DN[n])
+    u = u.reshape(lead + u.shape[1:])
+    return u if b is None else u + b
+
+
+def _conv1d_reference(z, w, b=None, *, stride=1, padding="same", dilation=1):
+    return _conv_reference(z, w, b, stride, padding, dilation)
+
+
+def _conv_args(spatial, kernel):
+    def make(key, dtype):
+        gen = rng(key)
+        return (normal(gen, (2,) + spatial + (2,), dtype),
+                normal(gen, kernel + (2, 3), dtype), normal(gen, (3,), dtype))
+    return make
+
+
+CONV1D = declare(
+    conv1d, conv1d_fwd, conv1d_bwd, reference=_conv1d_reference,
+    examples={"conv1d": _conv_args((9,), (3,)),
+              "conv1d(s2, p(1,2), d2)": (_conv_args((9,), (3,)),
+                                         {"stride": 2, "padding": (1, 2), "dilation": 2})},
+    equations=("7.48", "7.49", "7.50"), kink="none: linear.", family="conv",
+)
 
 
 # --- Conv2D (7.51) ---------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv2d(z, w, b, stride, padding, dilation):
-    return _forward(z, w, b, stride, padding, dilation)
+@jit_static(*_SETTINGS)
+def conv2d_fwd(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
+               padding: Padding = "same", dilation: int | Ints = 1
+               ) -> tuple[Array, ConvResiduals]:
+    """Forward pass of :func:`conv2d` with its residuals.
+
+    Settings as in :func:`conv2d`; the residuals are the arguments z, w and b
+    (:class:`ConvResiduals`), all that both backward convolutions need.
+    """
+    return _conv_fwd(2, z, w, b, stride, padding, dilation)
 
 
-def conv2d_fwd(z: Array, w: Array, b: Array | None, stride: int | Ints,
-               padding: Padding, dilation: int | Ints) -> tuple[Array, ConvResiduals]:
-    """Forward pass of :func:`conv2d` with its residuals (settings as in conv2d)."""
-    stride, padding, dilation = _settings(2, w.shape, stride, padding, dilation)
-    return _forward(z, w, b, stride, padding, dilation), ConvResiduals(z, w, b)
-
-
-def conv2d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
-               res: ConvResiduals, v: Array) -> tuple[Array, Array, Array | None]:
+@jit_static(*_SETTINGS)
+def conv2d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+               padding: Padding = "same", dilation: int | Ints = 1
+               ) -> tuple[Array, Array, Array | None]:
     """B[Conv2D, .]: map v (..., H', W', C2) to (dz, dw, db), each as a convolution.
 
     As :func:`conv1d_bwd` over two spatial axes: ``dz`` (..., H, W, C) is the
@@ -417,11 +431,7 @@ def conv2d_bwd(stride: int | Ints, padding: Padding, dilation: int | Ints,
     Precision as in :func:`conv1d_bwd`: bf16/f16 convolutions produce their
     input dtype; the hardware accumulates in float32; ``db`` sums in float32.
     """
-    stride, padding, dilation = _settings(2, res.w.shape, stride, padding, dilation)
-    return _conv_bwd(stride, padding, dilation, res, v)
-
-
-_conv2d.defvjp(conv2d_fwd, conv2d_bwd)
+    return _conv_bwd(2, res, v, stride, padding, dilation)
 
 
 def conv2d(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
@@ -452,11 +462,20 @@ def conv2d(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1
       hardware accumulates in float32.
 
     Raises:
-      ValueError: w not 4-D, channel mismatch, b not (C2,), stride or dilation
-        < 1, negative padding, "same" with an even dilated kernel, or a kernel
-        longer than the padded input.
-      TypeError: a non-floating array or a malformed setting.
+      ValueError, TypeError: as :func:`conv1d`, with w 4-D (kh, kw, C, C2).
     """
-    z, w, b, stride, padding, dilation = _validate_conv(2, z, w, b, stride, padding,
-                                                       dilation)
-    return _conv2d(z, w, b, stride, padding, dilation)
+    z, w, b, stride, padding, dilation = _validate_conv(2, z, w, b, stride, padding, dilation)
+    return CONV2D.apply(z, w, b, stride=stride, padding=padding, dilation=dilation)
+
+
+def _conv2d_reference(z, w, b=None, *, stride=1, padding="same", dilation=1):
+    return _conv_reference(z, w, b, stride, padding, dilation)
+
+
+CONV2D = declare(
+    conv2d, conv2d_fwd, conv2d_bwd, reference=_conv2d_reference,
+    examples={"conv2d": _conv_args((7, 6), (3, 3)),
+              "conv2d(s2, valid)": (_conv_args((7, 6), (3, 2)),
+                                    {"stride": 2, "padding": "valid"})},
+    equations=("7.51",), kink="none: linear.", family="conv",
+)

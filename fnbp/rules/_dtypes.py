@@ -18,6 +18,6 @@ def accumulation_dtype(*arrays) -> jnp.dtype:
     pooling's sums, normalization's statistics. The result is cast back, so
     such a sum does not lose its low bits. Matrix products and convolutions
     do not use it: bf16/f16 GEMMs produce their input dtype; the hardware
-    accumulates in float32 (see ``fnbp.linear``).
+    accumulates in float32 (see ``fnbp.rules.linear``).
     """
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)

@@ -36,9 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fnbp import _validate
-from fnbp._dtypes import accumulation_dtype
 from fnbp.checking import check_finite
+from fnbp.rules import _validate
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._examples import normal, rng
+from fnbp.rules._rule import declare
 
 
 class MMResiduals(NamedTuple):
@@ -62,23 +64,14 @@ def _dot(a: Array, b: Array, dims, dtype) -> Array:
     return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims)
 
 
-def _forward(z: Array, W: Array, b: Array | None) -> Array:
+def mm_fwd(z: Array, W: Array, b: Array | None = None) -> tuple[Array, MMResiduals]:
+    """Forward pass of :func:`mm` that also returns the residuals B needs."""
     out_dtype = jnp.result_type(z, W) if b is None else jnp.result_type(z, W, b)
     # Z W^T as one dot_general over the feature axis (eq. 7.84), in z and W's dtype.
     u = _dot(z, W, (((z.ndim - 1,), (1,)), ((), ())), jnp.result_type(z, W))
     if b is not None:
         u = u + b
-    return u.astype(out_dtype)
-
-
-@jax.custom_vjp
-def _mm(z: Array, W: Array, b: Array | None) -> Array:
-    return _forward(z, W, b)
-
-
-def mm_fwd(z: Array, W: Array, b: Array | None = None) -> tuple[Array, MMResiduals]:
-    """Forward pass of :func:`mm` that also returns the residuals B needs."""
-    return _forward(z, W, b), MMResiduals(z, W, b)
+    return u.astype(out_dtype), MMResiduals(z, W, b)
 
 
 def mm_bwd(res: MMResiduals, v: Array) -> tuple[Array, Array, Array | None]:
@@ -108,9 +101,6 @@ def mm_bwd(res: MMResiduals, v: Array) -> tuple[Array, Array, Array | None]:
     if b is not None:
         db = jnp.sum(v, axis=examples, dtype=accumulation_dtype(v)).astype(b.dtype)
     return dz, dW, db
-
-
-_mm.defvjp(mm_fwd, mm_bwd)
 
 
 def mm(z: Array, W: Array, b: Array | None = None) -> Array:
@@ -158,4 +148,59 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
         check_finite("mm", "b", b)
     check_finite("mm", "z", z)
     check_finite("mm", "W", W)
-    return _mm(z, W, b)
+    return MM.apply(z, W, b)
+
+
+def mm_sq_norms(res: MMResiduals, v: Array, bias: bool) -> tuple[Array, Array]:
+    """Per-example squared norms of the parameter cotangents, and dz.
+
+    ``||v z^T||_F^2 = ||v||^2 ||z||^2`` per example (plus ``||v||^2`` for b):
+    the per-example weight gradients are never built. Examples with extra
+    axes (a sequence) use the Gram form
+    ``||sum_t v_t z_t^T||^2 = sum_{t,s} (v_t . v_s)(z_t . z_s)``. The
+    ``sq_norms`` hook of :func:`mm` (used by ``fnbp.per_example_grad_norms``).
+
+    Args:
+      res: the residuals of :func:`mm_fwd`.
+      v: the cotangent, shape (B, ..., n).
+      bias: whether b is a parameter (its squared norm is added).
+
+    Returns:
+      ``(sq, dz)``: sq of shape (B,) in at least float32, dz as :func:`mm_bwd`'s.
+    """
+    z = res.z
+    dz, _, _ = mm_bwd(res._replace(b=None), v)
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    vv, zz = v.astype(acc), z.astype(acc)
+    if v.ndim <= 2:
+        v_sq = jnp.sum(vv * vv, axis=-1)
+        sq = v_sq * jnp.sum(zz * zz, axis=-1)
+        if bias:
+            sq = sq + v_sq
+        return sq, dz
+    vv = vv.reshape(v.shape[0], -1, v.shape[-1])
+    zz = zz.reshape(z.shape[0], -1, z.shape[-1])
+    gram_v = jnp.einsum("btn,bsn->bts", vv, vv)
+    gram_z = jnp.einsum("btm,bsm->bts", zz, zz)
+    sq = jnp.sum(gram_v * gram_z, axis=(1, 2))
+    if bias:
+        v_sum = jnp.sum(vv, axis=1)
+        sq = sq + jnp.sum(v_sum * v_sum, axis=-1)
+    return sq, dz
+
+
+def _mm_reference(z, W, b=None):
+    u = z @ W.T
+    return u if b is None else u + b
+
+
+def _mm_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (5, 6), dtype), normal(gen, (3, 6), dtype), normal(gen, (3,), dtype))
+
+
+MM = declare(
+    mm, mm_fwd, mm_bwd, reference=_mm_reference, examples=_mm_args,
+    equations=("7.35", "7.63", "7.65", "7.66", "7.84"), kink="none: linear.",
+    family="linear", hooks={"sq_norms": mm_sq_norms},
+)

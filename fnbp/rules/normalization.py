@@ -44,8 +44,9 @@ LN(MM_{W, b}(z)).
 All arithmetic runs in at least float32 (float16 and bfloat16 inputs are
 promoted, the results cast back): dtype in = dtype out. The ``_fwd`` and
 ``_bwd`` functions are jitted (one compiled call each when used eagerly,
-inlined under an outer ``jax.jit``); the primal is the forward's output, the
-unused residuals are dropped by the compiler.
+inlined under an outer ``jax.jit``); the primal is the forward's output (as
+for every rule declared with :func:`fnbp.rules.declare`), the unused
+residuals are dropped by the compiler.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fnbp import _validate
-from fnbp._dtypes import accumulation_dtype
 from fnbp.checking import check, check_finite, is_checking
+from fnbp.rules import _validate
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._examples import normal, rng
+from fnbp.rules._rule import declare
 
 
 # --- shared argument handling ----------------------------------------------------
@@ -142,14 +145,14 @@ class LayerNormSResiduals(NamedTuple):
     z_like: Array
 
 
-def _standardize(z: Array, eps: Array) -> tuple[Array, Array, Array]:
-    """(y, 1/sigma, sigma^2) in the accumulation dtype."""
+def _scale(z: Array, eps: Array, center: bool) -> tuple[Array, Array, Array]:
+    """(y, 1/sigma, sigma^2) in the accumulation dtype; RMSNorm's (y, 1/r, r^2) uncentered."""
     acc = accumulation_dtype(z, eps)
     za = z.astype(acc)
-    d = za - _mean_last(za)
-    var = _mean_last(d * d) + eps.astype(acc)
-    inv_sigma = jax.lax.rsqrt(var)
-    return d * inv_sigma, inv_sigma, var
+    d = za - _mean_last(za) if center else za
+    spread = _mean_last(d * d) + eps.astype(acc)
+    inv = jax.lax.rsqrt(spread)
+    return d * inv, inv, spread
 
 
 def _empty_like(z: Array) -> Array:
@@ -167,15 +170,10 @@ def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
     return (-0.5 * jnp.sum(per_example)).astype(eps.dtype)
 
 
-@jax.custom_vjp
-def _layer_norm_s(z: Array, eps: Array) -> Array:
-    return layer_norm_s_fwd(z, eps)[0]
-
-
 @jax.jit
 def layer_norm_s_fwd(z: Array, eps: Array) -> tuple[Array, LayerNormSResiduals]:
     """Forward pass of :func:`layer_norm_s` with its residuals."""
-    y, inv_sigma, _ = _standardize(z, eps)
+    y, inv_sigma, _ = _scale(z, eps, center=True)
     return y.astype(z.dtype), LayerNormSResiduals(y, inv_sigma, eps, _empty_like(z))
 
 
@@ -191,9 +189,6 @@ def layer_norm_s_bwd(res: LayerNormSResiduals, v: Array) -> tuple[Array, Array]:
     g = v.astype(y.dtype)
     dz = _ln_s_dz(y, inv_sigma, g).astype(z_like.dtype)
     return dz, _d_eps(y, inv_sigma, g, eps)
-
-
-_layer_norm_s.defvjp(layer_norm_s_fwd, layer_norm_s_bwd)
 
 
 def layer_norm_s(z: Array, eps: float | Array = 1e-5) -> Array:
@@ -222,8 +217,25 @@ def layer_norm_s(z: Array, eps: float | Array = 1e-5) -> Array:
     z = _float_input("layer_norm_s", z)
     eps = _eps_argument("layer_norm_s", eps, z)
     if is_checking():
-        _check_spread("layer_norm_s", "variance", _standardize(z, eps)[2])
-    return _layer_norm_s(z, eps)
+        _check_spread("layer_norm_s", "variance", _scale(z, eps, center=True)[2])
+    return LAYER_NORM_S.apply(z, eps)
+
+
+def _layer_norm_s_reference(z, eps=1e-5):
+    mu = jnp.mean(z, axis=-1, keepdims=True)
+    return (z - mu) / jnp.sqrt(jnp.mean((z - mu) ** 2, axis=-1, keepdims=True) + eps)
+
+
+def _layer_norm_s_args(key, dtype):
+    return (normal(rng(key), (5, 8), dtype, scale=2.0, shift=1.0), jnp.asarray(0.1, dtype))
+
+
+LAYER_NORM_S = declare(
+    layer_norm_s, layer_norm_s_fwd, layer_norm_s_bwd,
+    reference=_layer_norm_s_reference, examples=_layer_norm_s_args, equations=("7.40", "7.42"),
+    kink="none: smooth for eps > 0; with eps = 0 a constant example is 0/0 = NaN.",
+    family="normalization",
+)
 
 
 # --- LN (7.41) -----------------------------------------------------------------------
@@ -246,16 +258,11 @@ def _affine(y: Array, gamma: Array, beta: Array, z: Array) -> Array:
     return (beta.astype(acc) + gamma.astype(acc) * y).astype(out)
 
 
-@jax.custom_vjp
-def _layer_norm(z: Array, gamma: Array, beta: Array, eps: Array) -> Array:
-    return layer_norm_fwd(z, gamma, beta, eps)[0]
-
-
 @jax.jit
 def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
                    ) -> tuple[Array, LayerNormResiduals]:
     """Forward pass of :func:`layer_norm` with its residuals."""
-    y, inv_sigma, _ = _standardize(z, eps)
+    y, inv_sigma, _ = _scale(z, eps, center=True)
     u = _affine(y, gamma, beta, z)
     return u, LayerNormResiduals(y, inv_sigma, gamma, beta, eps, _empty_like(z))
 
@@ -277,9 +284,6 @@ def layer_norm_bwd(res: LayerNormResiduals, v: Array
     dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
     dbeta = _sum_to(va, beta.shape, beta.dtype)
     return dz, dgamma, dbeta, _d_eps(y, inv_sigma, g, eps)
-
-
-_layer_norm.defvjp(layer_norm_fwd, layer_norm_bwd)
 
 
 def layer_norm(z: Array, gamma: float | Array, beta: float | Array,
@@ -309,8 +313,23 @@ def layer_norm(z: Array, gamma: float | Array, beta: float | Array,
     beta = _affine_argument("layer_norm", "beta", beta, z)
     eps = _eps_argument("layer_norm", eps, z)
     if is_checking():
-        _check_spread("layer_norm", "variance", _standardize(z, eps)[2])
-    return _layer_norm(z, gamma, beta, eps)
+        _check_spread("layer_norm", "variance", _scale(z, eps, center=True)[2])
+    return LAYER_NORM.apply(z, gamma, beta, eps)
+
+
+def _layer_norm_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (5, 8), dtype, scale=2.0, shift=1.0), normal(gen, (8,), dtype, shift=1.0),
+            normal(gen, (8,), dtype), jnp.asarray(0.1, dtype))
+
+
+LAYER_NORM = declare(
+    layer_norm, layer_norm_fwd, layer_norm_bwd,
+    reference=lambda z, gamma, beta, eps=1e-5: beta + gamma * _layer_norm_s_reference(z, eps),
+    examples=_layer_norm_args, equations=("7.41",),
+    kink="none: smooth for eps > 0; with eps = 0 a constant example is 0/0 = NaN.",
+    family="normalization",
+)
 
 
 # --- RMSNorm ---------------------------------------------------------------------------
@@ -326,27 +345,14 @@ class RmsNormResiduals(NamedTuple):
     z_like: Array
 
 
-def _rms_scale(z: Array, eps: Array) -> tuple[Array, Array, Array]:
-    acc = accumulation_dtype(z, eps)
-    za = z.astype(acc)
-    ms = _mean_last(za * za) + eps.astype(acc)
-    inv_r = jax.lax.rsqrt(ms)
-    return za * inv_r, inv_r, ms
-
-
 def _rms_output(y: Array, gamma: Array, z: Array) -> Array:
     return (gamma.astype(y.dtype) * y).astype(jnp.result_type(z, gamma))
-
-
-@jax.custom_vjp
-def _rms_norm(z: Array, gamma: Array, eps: Array) -> Array:
-    return rms_norm_fwd(z, gamma, eps)[0]
 
 
 @jax.jit
 def rms_norm_fwd(z: Array, gamma: Array, eps: Array) -> tuple[Array, RmsNormResiduals]:
     """Forward pass of :func:`rms_norm` with its residuals."""
-    y, inv_r, _ = _rms_scale(z, eps)
+    y, inv_r, _ = _scale(z, eps, center=False)
     return _rms_output(y, gamma, z), RmsNormResiduals(y, inv_r, gamma, eps, _empty_like(z))
 
 
@@ -364,9 +370,6 @@ def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
     dz = (inv_r * (g - y * _mean_last(g * y))).astype(z_like.dtype)
     dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
     return dz, dgamma, _d_eps(y, inv_r, g, eps)
-
-
-_rms_norm.defvjp(rms_norm_fwd, rms_norm_bwd)
 
 
 def rms_norm(z: Array, gamma: float | Array, eps: float | Array = 1e-6) -> Array:
@@ -392,5 +395,21 @@ def rms_norm(z: Array, gamma: float | Array, eps: float | Array = 1e-6) -> Array
     gamma = _affine_argument("rms_norm", "gamma", gamma, z)
     eps = _eps_argument("rms_norm", eps, z)
     if is_checking():
-        _check_spread("rms_norm", "mean square", _rms_scale(z, eps)[2])
-    return _rms_norm(z, gamma, eps)
+        _check_spread("rms_norm", "mean square", _scale(z, eps, center=False)[2])
+    return RMS_NORM.apply(z, gamma, eps)
+
+
+def _rms_norm_args(key, dtype):
+    gen = rng(key)
+    return (normal(gen, (5, 8), dtype), normal(gen, (8,), dtype, shift=1.0),
+            jnp.asarray(0.1, dtype))
+
+
+RMS_NORM = declare(
+    rms_norm, rms_norm_fwd, rms_norm_bwd,
+    reference=lambda z, gamma, eps=1e-6: gamma * z / jnp.sqrt(jnp.mean(z * z, axis=-1,
+                                                                        keepdims=True) + eps),
+    examples=_rms_norm_args,
+    kink="none: smooth for eps > 0; with eps = 0 an all-zero example is 0/0 = NaN.",
+    family="normalization",
+)

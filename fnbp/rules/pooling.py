@@ -38,8 +38,9 @@ convention of XLA's select-and-scatter (and so of autodiff through
 ``lax.reduce_window`` with ``max``). A NaN in a window makes that output NaN
 and its cotangent goes to offset 0.
 
-The forward and backward bodies are jitted with the window and stride static:
-one compiled call each when used eagerly, inlined under an outer ``jax.jit``.
+``avg_pool_fwd``/``_bwd`` and ``max_pool_fwd``/``_bwd`` are jitted with the
+window and stride static: one compiled call each when used eagerly, inlined
+under an outer ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from fnbp import _validate
-from fnbp._dtypes import accumulation_dtype
 from fnbp.checking import check_finite
+from fnbp.rules import _validate
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._examples import normal, rng
+from fnbp.rules._rule import declare, jit_static
+from fnbp.rules._settings import ints_at_least
 
 Window = Union[int, Sequence[int]]
 Ints = tuple[int, ...]
@@ -65,41 +69,25 @@ Ints = tuple[int, ...]
 # --- settings ------------------------------------------------------------------------
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+def _window(fn: str, value) -> Ints:
+    n = len(value) if isinstance(value, (tuple, list)) and len(value) in (1, 2) else 1
+    return ints_at_least(
+        value, n, 1,
+        f"{fn}: window must be an int (1-D pooling) or a tuple of 1 or 2 ints (1-D or "
+        f"2-D pooling), got window={value!r}",
+        lambda window: f"{fn}: window must be >= 1 in every spatial axis, got window={window}")
 
 
-def _window(fn: str, window) -> Ints:
-    if _is_int(window):
-        window = (int(window),)
-    elif (isinstance(window, (tuple, list)) and len(window) in (1, 2)
-          and all(_is_int(x) for x in window)):
-        window = tuple(int(x) for x in window)
-    else:
-        raise TypeError(f"{fn}: window must be an int (1-D pooling) or a tuple of 1 or "
-                        f"2 ints (1-D or 2-D pooling), got window={window!r}")
-    if min(window) < 1:
-        raise ValueError(f"{fn}: window must be >= 1 in every spatial axis, got "
-                         f"window={window}")
-    return window
-
-
-def _stride(fn: str, stride, window: Ints) -> Ints:
-    n = len(window)
-    if stride is None:
+def _stride(fn: str, value, window: Ints) -> Ints:
+    if value is None:
         return window
-    if _is_int(stride):
-        stride = (int(stride),) * n
-    elif (isinstance(stride, (tuple, list)) and len(stride) == n
-          and all(_is_int(x) for x in stride)):
-        stride = tuple(int(x) for x in stride)
-    else:
-        raise TypeError(f"{fn}: stride must be None (= window), an int or a tuple of "
-                        f"{n} ints (one per pooled axis), got stride={stride!r}")
-    if min(stride) < 1:
-        raise ValueError(f"{fn}: stride must be >= 1 in every spatial axis, got "
-                         f"stride={stride}; use stride=None for non-overlapping windows")
-    return stride
+    n = len(window)
+    return ints_at_least(
+        value, n, 1,
+        f"{fn}: stride must be None (= window), an int or a tuple of {n} ints (one per "
+        f"pooled axis), got stride={value!r}",
+        lambda stride: f"{fn}: stride must be >= 1 in every spatial axis, got "
+                       f"stride={stride}; use stride=None for non-overlapping windows")
 
 
 def _validate_pool(fn: str, z, window, stride) -> tuple[Array, Ints, Ints]:
@@ -180,57 +168,51 @@ class AvgPoolResiduals(NamedTuple):
     z_shape: Array
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _avg_forward(z: Array, window: Ints, stride: Ints) -> Array:
-    n = len(window)
-    acc = accumulation_dtype(z)
-    zf = _flat(z, n).astype(acc)
-    out = _out_shape(zf, window, stride)
-    total = functools.reduce(jnp.add, (_tap(zf, j, stride, out) for j in _offsets(window)))
-    return _unflat((total / math.prod(window)).astype(z.dtype), z.shape, n)
+def _settings(fn: str, window, stride) -> tuple[Ints, Ints]:
+    window = _window(fn, window)
+    return window, _stride(fn, stride, window)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _avg_pool(z: Array, window: Ints, stride: Ints) -> Array:
-    return _avg_forward(z, window, stride)
+def _prepared(fn: str, x: Array, window, stride) -> tuple[Ints, Ints, int, Array]:
+    """Parsed window and stride, the number n of pooled axes and x as (N, *spatial, C)."""
+    window, stride = _settings(fn, window, stride)
+    return window, stride, len(window), _flat(x, len(window))
 
 
-def avg_pool_fwd(z: Array, window: Window, stride: Window | None = None
+def _cotangent(dz: Array, res_shape: Array, v: Array, n: int) -> Array:
+    """dz (N, *spatial, C) in z's dtype with v's leading example axes."""
+    dz = dz.astype(res_shape.dtype)
+    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
+
+
+_SETTINGS = ("window", "stride")
+
+
+@jit_static(*_SETTINGS)
+def avg_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
                  ) -> tuple[Array, AvgPoolResiduals]:
     """Forward pass of :func:`avg_pool` with its residuals."""
-    window = _window("avg_pool", window)
-    return _avg_fwd(z, window, _stride("avg_pool", stride, window))
+    window, stride, n, zf = _prepared("avg_pool", z, window, stride)
+    za = zf.astype(accumulation_dtype(z))
+    out = _out_shape(za, window, stride)
+    total = functools.reduce(jnp.add, (_tap(za, j, stride, out) for j in _offsets(window)))
+    u = _unflat((total / math.prod(window)).astype(z.dtype), z.shape, n)
+    return u, AvgPoolResiduals(_shape_record(zf, n))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _avg_fwd(z: Array, window: Ints, stride: Ints) -> tuple[Array, AvgPoolResiduals]:
-    n = len(window)
-    return _avg_forward(z, window, stride), AvgPoolResiduals(_shape_record(_flat(z, n), n))
-
-
-def avg_pool_bwd(window: Window, stride: Window | None, res: AvgPoolResiduals,
-                 v: Array) -> tuple[Array]:
+@jit_static(*_SETTINGS)
+def avg_pool_bwd(res: AvgPoolResiduals, v: Array, *, window: Window,
+                 stride: Window | None = None) -> tuple[Array]:
     """B[avg, z](v): every entry gets v / |K| from each window that holds it.
 
     Computed as the sum over window offsets j of v / |K| placed at the
     positions s i + j (``lax.pad`` with interior padding s - 1).
     """
-    window = _window("avg_pool", window)
-    return (_avg_bwd(window, _stride("avg_pool", stride, window), res, v),)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _avg_bwd(window: Ints, stride: Ints, res: AvgPoolResiduals, v: Array) -> Array:
-    n = len(window)
+    window, stride, n, vf = _prepared("avg_pool", v, window, stride)
     spatial = _spatial_of(res.z_shape)
-    vf = _flat(v, n)
     share = (vf.astype(accumulation_dtype(vf)) / math.prod(window))
     dz = sum(_place(share, j, stride, spatial) for j in _offsets(window))
-    dz = dz.astype(res.z_shape.dtype)
-    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
-
-
-_avg_pool.defvjp(avg_pool_fwd, avg_pool_bwd)
+    return (_cotangent(dz, res.z_shape, v, n),)
 
 
 def avg_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
@@ -253,7 +235,30 @@ def avg_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
       TypeError: a non-floating z or a malformed window or stride.
     """
     z, window, stride = _validate_pool("avg_pool", z, window, stride)
-    return _avg_pool(z, window, stride)
+    return AVG_POOL.apply(z, window=window, stride=stride)
+
+
+def _pool_reference(z, window, stride, init, op):
+    """Plain ``lax.reduce_window`` over the pooled axes (no custom rule)."""
+    window, stride = _settings("pool", window, stride)
+    n = len(window)
+    return _unflat(_reduce_window(_flat(z, n), init, op, window, stride), z.shape, n)
+
+
+def _avg_pool_reference(z, window, stride=None):
+    size = math.prod(_window("avg_pool", window))
+    return _pool_reference(z, window, stride, 0.0, jax.lax.add) / size
+
+
+def _pool_args(key, dtype):
+    return (normal(rng(key), (2, 6, 7, 3), dtype),)
+
+
+AVG_POOL = declare(
+    avg_pool, avg_pool_fwd, avg_pool_bwd, reference=_avg_pool_reference,
+    examples=(_pool_args, {"window": (2, 2)}),
+    kink="none: linear.", family="pooling",
+)
 
 
 # --- max pooling -----------------------------------------------------------------------------
@@ -275,28 +280,11 @@ def _max_forward(zf: Array, window: Ints, stride: Ints) -> Array:
     return _reduce_window(zf, np.array(-np.inf, zf.dtype), jax.lax.max, window, stride)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _max_primal(z: Array, window: Ints, stride: Ints) -> Array:
-    n = len(window)
-    return _unflat(_max_forward(_flat(z, n), window, stride), z.shape, n)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool(z: Array, window: Ints, stride: Ints) -> Array:
-    return _max_primal(z, window, stride)
-
-
-def max_pool_fwd(z: Array, window: Window, stride: Window | None = None
+@jit_static(*_SETTINGS)
+def max_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
                  ) -> tuple[Array, MaxPoolResiduals]:
     """Forward pass of :func:`max_pool`; residuals are the selected offsets."""
-    window = _window("max_pool", window)
-    return _max_fwd(z, window, _stride("max_pool", stride, window))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _max_fwd(z: Array, window: Ints, stride: Ints) -> tuple[Array, MaxPoolResiduals]:
-    n = len(window)
-    zf = _flat(z, n)
+    window, stride, n, zf = _prepared("max_pool", z, window, stride)
     u = _max_forward(zf, window, stride)
     out = u.shape[1:1 + n]
     index_dtype = jnp.int8 if math.prod(window) <= 127 else jnp.int32
@@ -309,31 +297,21 @@ def _max_fwd(z: Array, window: Ints, stride: Ints) -> tuple[Array, MaxPoolResidu
     return _unflat(u, z.shape, n), MaxPoolResiduals(selected, _shape_record(zf, n))
 
 
-def max_pool_bwd(window: Window, stride: Window | None, res: MaxPoolResiduals,
-                 v: Array) -> tuple[Array]:
+@jit_static(*_SETTINGS)
+def max_pool_bwd(res: MaxPoolResiduals, v: Array, *, window: Window,
+                 stride: Window | None = None) -> tuple[Array]:
     """B[max, z](v): each window's cotangent goes to its selected (first) maximum.
 
     Computed as the sum over window offsets j of ``where(selected == j, v, 0)``
     placed at the positions s i + j (``lax.pad`` with interior padding s - 1).
     """
-    window = _window("max_pool", window)
-    return (_max_bwd(window, _stride("max_pool", stride, window), res, v),)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _max_bwd(window: Ints, stride: Ints, res: MaxPoolResiduals, v: Array) -> Array:
-    n = len(window)
+    window, stride, n, vf = _prepared("max_pool", v, window, stride)
     spatial = _spatial_of(res.z_shape)
-    vf = _flat(v, n)
     selected = res.selected.reshape(vf.shape)
     zero = jnp.zeros((), vf.dtype)
     dz = sum(_place(jnp.where(selected == number, vf, zero), j, stride, spatial)
              for number, j in enumerate(_offsets(window)))
-    dz = dz.astype(res.z_shape.dtype)
-    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
-
-
-_max_pool.defvjp(max_pool_fwd, max_pool_bwd)
+    return (_cotangent(dz, res.z_shape, v, n),)
 
 
 def max_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
@@ -343,20 +321,26 @@ def max_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
     row-major window order (see the module docstring).
 
     Args:
-      z: input, channels last: (..., m, C) for 1-D pooling, (..., H, W, C) for
-        2-D pooling; leading axes are example axes.
-      window: k (an int or (k,)) for 1-D pooling, (kh, kw) for 2-D (static).
-      stride: None (default: the window, non-overlapping), an int for every
-        pooled axis, or one per pooled axis (static).
+      z, window, stride: as :func:`avg_pool`.
 
     Returns:
       u of shape (..., m', C) or (..., H', W', C), z's dtype. Gradient from
       :func:`max_pool_bwd`.
 
     Raises:
-      ValueError: window or stride < 1, a window larger than the input, z with
-        too few axes.
-      TypeError: a non-floating z or a malformed window or stride.
+      ValueError, TypeError: as :func:`avg_pool`.
     """
     z, window, stride = _validate_pool("max_pool", z, window, stride)
-    return _max_pool(z, window, stride)
+    return MAX_POOL.apply(z, window=window, stride=stride)
+
+
+MAX_POOL = declare(
+    max_pool, max_pool_fwd, max_pool_bwd,
+    reference=lambda z, window, stride=None: _pool_reference(z, window, stride, -jnp.inf,
+                                                             jax.lax.max),
+    examples={"max_pool": (_pool_args, {"window": (2, 2)}),
+              "max_pool(3x3, s1)": (_pool_args, {"window": (3, 3), "stride": 1})},
+    kink="ties: the whole cotangent of a window goes to its first maximum in row-major "
+         "order, as XLA's select-and-scatter.",
+    family="pooling",
+)

@@ -1,0 +1,269 @@
+"""One record per rule, and the one helper that declares it.
+
+A rule of fnbp is a module M of the notes with its hand-written backward
+function B[M, z]. It is declared once, beside its code, by :func:`declare`::
+
+    def relu_fwd(z):                      # (output, residuals)
+        return jnp.maximum(z, 0), ReluResiduals(z > 0)
+
+    def relu_bwd(res, v):                 # one cotangent per array argument
+        return (jnp.where(res.mask, v, 0),)
+
+    def relu(z):                          # the public, validating function
+        return RELU.apply(_float_input("relu", z))
+
+    RELU = declare(relu, relu_fwd, relu_bwd, reference=..., examples=...,
+                   equations=("7.11", "7.69"), kink="relu'(0) = 0",
+                   family="activation", layer=LayerSpec(), init="he")
+
+:func:`declare` builds the ``jax.custom_vjp`` in one uniform way and registers
+the :class:`Rule` record. Everything else is derived from the registry: the
+top-level names, ``fnbp.rules.relu_fwd``/``relu_bwd``, the catalog that
+``fnbp check`` runs, the layers and activation names of ``fnbp.mlp``, and the
+rule tests.
+
+The calling convention of ``fwd`` and ``bwd``: array arguments (inputs,
+parameters, array-valued settings such as ``eps`` or ``gamma``) are
+positional; static settings (``stride``, ``approximate``) are keyword
+arguments, passed to both ``fwd(*arrays, **settings)`` and
+``bwd(res, v, **settings)``. ``bwd`` returns exactly one cotangent per
+positional argument (``None`` for integer labels and absent arguments).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import jax
+
+_FAMILIES = ("linear", "activation", "loss", "normalization", "conv", "pooling")
+_INIT_FAMILIES = ("he", "glorot")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A factory of example arguments and the static settings to call with.
+
+    Attributes:
+      make_args: ``(key, dtype) -> tuple`` of positional arguments, drawn away
+        from the rule's kinks so that finite differences and autodiff agree.
+      kwargs: static keyword settings, passed to the rule and its reference.
+    """
+
+    make_args: Callable[[jax.Array, Any], tuple]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How ``fnbp.network`` builds this rule's parameter-free layer: data only.
+
+    Rules never import the network code; the network reads these fields.
+
+    Attributes:
+      factory: the layer's constructor name, used in its error messages
+        (``"LeakyRelu"``); empty for the rule's name.
+      settings: the layer's settings and their defaults, in order
+        (``{"gamma": 0.01}``). The layer's name shows them:
+        ``leaky_relu(gamma=0.01)``.
+      arrays: the names in ``settings`` that the rule takes as array
+        arguments after ``z`` (cast to z's dtype); the others are static
+        keyword settings.
+    """
+
+    factory: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    arrays: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Everything that is true of one rule, written once (see the module doc).
+
+    Attributes:
+      name: the public name (``"relu"``), also the function's name.
+      function: the public, validating function (``fnbp.relu``).
+      fwd: ``fwd(*arrays, **settings) -> (output, residuals)``.
+      bwd: ``bwd(residuals, v, **settings) -> cotangents``, one per array.
+      apply: the ``jax.custom_vjp`` built from ``fwd`` and ``bwd``; the public
+        function calls it after validating.
+      reference: a plain jnp function with the public function's signature and
+        no custom derivative (the oracle of ``fnbp check``).
+      examples: named example-argument factories; the first is named after
+        the rule, the others are variants such as ``"gelu(approximate)"``.
+      equations: the notes' equation numbers (``("7.11", "7.69")``); empty for
+        a rule the notes do not have.
+      kink: one sentence: the derivative taken where the function has none.
+      family: one of ``linear``, ``activation``, ``loss``, ``normalization``,
+        ``conv``, ``pooling``.
+      layer: how to build its parameter-free layer, or ``None``.
+      init: ``"he"`` or ``"glorot"``: the initialization of the MM before an
+        activation (``fnbp.mlp``); ``None`` for the other families.
+      hooks: per-rule extensions by name (``"sq_norms"`` for MM's per-example
+        squared gradient norms).
+    """
+
+    name: str
+    function: Callable[..., Any]
+    fwd: Callable[..., Any]
+    bwd: Callable[..., Any]
+    apply: Callable[..., Any]
+    reference: Callable[..., Any]
+    examples: Mapping[str, Example]
+    equations: tuple[str, ...]
+    kink: str
+    family: str
+    layer: LayerSpec | None
+    init: str | None
+    hooks: Mapping[str, Callable[..., Any]]
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name})"
+
+
+_REGISTRY: dict[str, Rule] = {}
+
+
+def registry() -> Mapping[str, Rule]:
+    """Every declared rule by name, in declaration order (read-only)."""
+    return types.MappingProxyType(_REGISTRY)
+
+
+def custom_vjp(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``jax.custom_vjp`` whose rule is ``fwd``/``bwd``, as ``f(*arrays, **settings)``.
+
+    The primal is ``fwd(...)[0]``: under ``jax.jit`` the unused residuals are
+    dropped by the compiler. Static settings travel as one hashable
+    non-differentiable argument.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def primal(settings, *arrays):
+        return fwd(*arrays, **dict(settings))[0]
+
+    def primal_fwd(settings, *arrays):
+        return fwd(*arrays, **dict(settings))
+
+    def primal_bwd(settings, res, v):
+        return tuple(bwd(res, v, **dict(settings)))
+
+    # A jaxpr of the rule names its own fwd and bwd: custom_vjp_call[... bwd=relu_bwd].
+    for wrapper, fn in ((primal_fwd, fwd), (primal_bwd, bwd)):
+        wrapper.__name__ = wrapper.__qualname__ = fn.__name__
+    primal.defvjp(primal_fwd, primal_bwd)
+
+    def apply(*arrays, **settings):
+        return primal(tuple(sorted(settings.items())), *arrays)
+
+    return apply
+
+
+def _frozen(value: Any) -> Any:
+    """Lists as tuples, recursively: static settings must be hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(x) for x in value)
+    return value
+
+
+def jit_static(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``jax.jit`` with the keyword settings ``names`` static.
+
+    One compiled call when used eagerly, inlined under an outer ``jax.jit``.
+    Lists among the settings are passed as tuples, so ``padding=[1, 2]``
+    works as ``padding=(1, 2)`` does.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        jitted = jax.jit(fn, static_argnames=names)
+
+        @functools.wraps(fn)
+        def call(*args, **settings):
+            return jitted(*args, **{k: _frozen(v) for k, v in settings.items()})
+
+        return call
+
+    return decorate
+
+
+def _examples(name: str, examples) -> Mapping[str, Example]:
+    if callable(examples) or isinstance(examples, (tuple, Example)):
+        examples = {name: examples}
+    out = {}
+    for variant, example in examples.items():
+        if callable(example):
+            example = Example(example)
+        elif not isinstance(example, Example):
+            example = Example(*example)
+        out[variant] = example
+    if not out or next(iter(out)) != name:
+        raise ValueError(f"declare: {name}'s first example must be named {name!r}, "
+                         f"got {list(out)}")
+    return types.MappingProxyType(out)
+
+
+def declare(
+    function: Callable[..., Any],
+    fwd: Callable[..., Any],
+    bwd: Callable[..., Any],
+    *,
+    reference: Callable[..., Any],
+    examples,
+    equations: tuple[str, ...] = (),
+    kink: str,
+    family: str,
+    layer: LayerSpec | None = None,
+    init: str | None = None,
+    hooks: Mapping[str, Callable[..., Any]] | None = None,
+) -> Rule:
+    """Build the rule's custom_vjp from ``fwd`` and ``bwd`` and register its record.
+
+    Args:
+      function: the public function; its ``__name__`` is the rule's name. It
+        validates its arguments and calls the returned record's ``apply``.
+      fwd, bwd: the forward with residuals and the backward function (the
+        convention is in the module doc); named ``<name>_fwd``/``<name>_bwd``.
+      reference: plain jnp code with ``function``'s signature.
+      examples: the rule's example: ``(key, dtype) -> args``, an
+        :class:`Example` or ``(make_args, kwargs)``; or a mapping from example
+        names (the first is the rule's name) to any of those.
+      equations: the notes' equation numbers.
+      kink: the kink convention, one sentence ("none: smooth" for a smooth rule).
+      family: the family, the name of the module that holds the rule.
+      layer: a :class:`LayerSpec` for a parameter-free layer, or ``None``.
+      init: ``"he"`` or ``"glorot"`` for an activation, else ``None``.
+      hooks: per-rule extensions by name.
+
+    Returns:
+      The registered :class:`Rule`.
+
+    Raises:
+      ValueError: a name declared twice, a misnamed fwd or bwd, an unknown
+        family or initialization family, a missing kink convention.
+    """
+    name = function.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"declare: a rule named {name!r} is already declared "
+                         f"(in {_REGISTRY[name].function.__module__}); pick another name")
+    for role, fn in (("fwd", fwd), ("bwd", bwd)):
+        if getattr(fn, "__name__", None) != f"{name}_{role}":
+            raise ValueError(f"declare: {name}'s {role} must be named {name}_{role}, got "
+                             f"{getattr(fn, '__name__', fn)!r}")
+    if family not in _FAMILIES:
+        raise ValueError(f"declare: {name}'s family must be one of {_FAMILIES}, got {family!r}")
+    if init not in _INIT_FAMILIES + (None,):
+        raise ValueError(f"declare: {name}'s init must be one of {_INIT_FAMILIES} or None, "
+                         f"got {init!r}")
+    if not kink:
+        raise ValueError(f"declare: {name} needs a kink convention (one sentence; "
+                         f"'none: smooth' for a smooth rule)")
+    rule = Rule(
+        name=name, function=function, fwd=fwd, bwd=bwd, apply=custom_vjp(fwd, bwd),
+        reference=reference, examples=_examples(name, examples), equations=tuple(equations),
+        kink=kink, family=family, layer=layer, init=init,
+        hooks=types.MappingProxyType(dict(hooks or {})),
+    )
+    _REGISTRY[name] = rule
+    return rule
