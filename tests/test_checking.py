@@ -20,17 +20,18 @@ T = jnp.asarray(RNG.standard_normal((3, K)))
 LOGITS = jnp.asarray(RNG.standard_normal(3))
 LABELS = jnp.array([0, 3, 1])
 
+# Every declared activation and its examples: z, then the example's scalar settings.
+ACTIVATIONS = {
+    name: (functools.partial(rule.function, **example.kwargs),
+           (Z,) + example.make_args(jax.random.key(0), Z.dtype)[1:])
+    for rule in fnbp.rules.registry().values() if rule.family == "activation"
+    for name, example in rule.examples.items()
+}
+
 # rule -> valid positional arguments
 VALID = {
     "mm": (fnbp.mm, (Z, jnp.asarray(RNG.standard_normal((2, 5))), jnp.ones(2))),
-    "relu": (fnbp.relu, (Z,)),
-    "sigmoid": (fnbp.sigmoid, (Z,)),
-    "tanh": (fnbp.tanh, (Z,)),
-    "leaky_relu": (fnbp.leaky_relu, (Z, jnp.asarray(0.1))),
-    "gelu": (fnbp.gelu, (Z,)),
-    "gelu(approximate)": (functools.partial(fnbp.gelu, approximate=True), (Z,)),
-    "softplus": (fnbp.softplus, (Z, jnp.asarray(1.5))),
-    "silu": (fnbp.silu, (Z,)),
+    **ACTIVATIONS,
     "mse_loss": (fnbp.mse_loss, (T, jnp.zeros((3, K)))),
     "logistic_loss": (fnbp.logistic_loss, (LOGITS, jnp.array([0.0, 1.0, 0.3]))),
     "cross_entropy_loss": (fnbp.cross_entropy_loss, (T, LABELS)),
@@ -81,8 +82,7 @@ def test_unchecked_label_out_of_range_gives_nan_loss_and_nan_cotangent_row():
 
 NON_FINITE = [  # (rule, argument position, argument name)
     ("mm", 0, "z"), ("mm", 1, "W"), ("mm", 2, "b"),
-    ("relu", 0, "z"), ("sigmoid", 0, "z"), ("tanh", 0, "z"), ("leaky_relu", 0, "z"),
-    ("gelu", 0, "z"), ("softplus", 0, "z"), ("silu", 0, "z"),
+    *[(name, 0, "z") for name in fnbp.rules.registry() if name in ACTIVATIONS],
     ("mse_loss", 0, "t"), ("mse_loss", 1, "y"), ("logistic_loss", 0, "t"),
     ("logistic_loss", 1, "y"), ("cross_entropy_loss", 0, "t"),
 ]
