@@ -1,9 +1,10 @@
 """Element-wise activations: every rule against autodiff of a plain reference.
 
 The references below are written independently of fnbp (the exact GELU as
-z Phi(z) with Phi from jax.scipy.stats, tanh from exponentials), with the same
-kink conventions: relu'(0) = 0, leaky_relu'(0) = gamma. Every drawn z holds an
-exact 0 per example, so the kinks are exercised by every contract test.
+z Phi(z) with Phi from jax.scipy.stats, tanh from exponentials, softmax from
+its definition), with the same kink conventions: relu'(0) = 0,
+leaky_relu'(0) = gamma, elu'(0) = alpha. Every drawn z holds an exact 0 per
+example, so the kinks are exercised by every contract test.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def silu_ref(z):
     return z / (1.0 + jnp.exp(-z))
 
 
+def elu_ref(z, alpha):
+    return jnp.where(z > 0, z, alpha * (jnp.exp(z) - 1.0))
+
+
+def softmax_ref(z):
+    e = jnp.exp(z)  # the draws are small: no shift needed in float64
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
 def _z(rng, dtype, batch):
     """Five entries per example, the first exactly 0 (the kink)."""
     z = 2.0 * rng.standard_normal(batch + (5,))
@@ -79,12 +89,13 @@ CASES = [
          _z_only),
     Case("softplus", fnbp.softplus, softplus_ref, _z_and(1.7), diff=(0, 1), shared=(1,)),
     Case("silu", fnbp.silu, silu_ref, _z_only),
+    Case("elu", fnbp.elu, elu_ref, _z_and(0.6), diff=(0, 1), shared=(1,)),
+    Case("elu(alpha=1)", fnbp.elu, elu_ref, _z_and(1.0), diff=(0, 1), shared=(1,)),
+    Case("softmax", fnbp.softmax, softmax_ref, _z_only),
 ]
-ELEMENTWISE = {
-    "relu": fnbp.relu, "sigmoid": fnbp.sigmoid, "tanh": fnbp.tanh,
-    "leaky_relu": fnbp.leaky_relu, "gelu": fnbp.gelu, "softplus": fnbp.softplus,
-    "silu": fnbp.silu,
-}
+# Every declared activation, by name (the registry's list, not one kept here).
+ACTIVATIONS = {name: rule.function for name, rule in fnbp.rules.registry().items()
+               if rule.family == "activation"}
 
 
 @pytest.fixture(params=CASES, ids=lambda c: c.name)
@@ -118,6 +129,33 @@ def test_leaky_relu_derivative_at_zero_is_gamma(gamma):
     np.testing.assert_allclose(dz, [3.0 * gamma, 5.0 * gamma, 7.0], rtol=1e-15)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_elu_derivative_at_zero_is_alpha(alpha):
+    assert jax.grad(fnbp.elu)(0.0, alpha) == np.float64(alpha) == jax.grad(jax.nn.elu)(0.0, alpha)
+    _, (dz, _) = jit_cotangents(fnbp.elu, (KINK_Z, jnp.asarray(alpha)), KINK_V, (0, 1))
+    np.testing.assert_allclose(dz, [3.0 * alpha * math.exp(-1.0), 5.0 * alpha, 7.0],
+                               rtol=1e-15)
+
+
+def test_elu_alpha_cotangent_sums_the_nonpositive_side():
+    """d alpha = sum of where(z > 0, 0, e^z - 1) v."""
+    _, (_, dalpha) = jit_cotangents(fnbp.elu, (KINK_Z, jnp.asarray(0.5)), KINK_V, (0, 1))
+    np.testing.assert_allclose(dalpha, 3.0 * math.expm1(-1.0), rtol=1e-15)
+
+
+def test_softmax_backward_is_s_times_v_minus_its_mean_under_s():
+    """B[softmax, z](v) = s (.) (v - <s, v>); a constant v has zero cotangent."""
+    z = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.5, -1.0]])
+    v = jnp.array([[1.0, -2.0, 0.5], [4.0, 4.0, 4.0]])
+    s, res = fnbp.rules.softmax_fwd(z)
+    (dz,) = fnbp.rules.softmax_bwd(res, v)
+    s_np, v_np = np.asarray(s), np.asarray(v)
+    want = s_np * (v_np - np.sum(s_np * v_np, axis=-1, keepdims=True))
+    np.testing.assert_allclose(dz, want, rtol=1e-15)
+    np.testing.assert_allclose(dz[1], 0.0, atol=1e-15)
+    np.testing.assert_allclose(np.sum(s_np, axis=-1), 1.0, rtol=1e-15)
+
+
 def test_leaky_relu_gamma_cotangent_sums_nonpositive_entries():
     """d gamma = sum of where(z > 0, 0, z) v: the slope is learnable (PReLU)."""
     _, (_, dgamma) = jit_cotangents(fnbp.leaky_relu, (KINK_Z, jnp.asarray(0.2)), KINK_V,
@@ -147,15 +185,23 @@ def test_softplus_and_sigmoid_are_finite_for_large_inputs(dtype):
     np.testing.assert_array_equal(slopes[2], [0.0, 1.0])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_softmax_is_stable_for_large_logits(dtype):
+    z = jnp.array([[1e4, 0.0, -1e4], [6e4, 6e4, 0.0]], dtype)
+    s, (dz,) = jit_cotangents(fnbp.softmax, (z,), jnp.array([[1.0, 0.0, 0.0]] * 2, dtype), (0,))
+    np.testing.assert_array_equal(s, np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype))
+    np.testing.assert_array_equal(dz, np.array([[0.0, 0.0, 0.0], [0.25, -0.25, 0.0]], dtype))
+
+
 # --- bad input -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("bad", [jnp.arange(3), jnp.ones(3, jnp.complex64)], ids=["int", "complex"])
 def test_activation_rejects_non_float_z(name, bad):
     with pytest.raises(TypeError, match=rf"^{name}: z has dtype {bad.dtype}, but a real "
                                         r"floating dtype is needed .* z\.astype\(jnp\.float32\)"):
-        ELEMENTWISE[name](bad)
+        ACTIVATIONS[name](bad)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, -0.5, 1.5, 1])
@@ -179,10 +225,17 @@ def test_leaky_relu_rejects_integer_gamma_array():
         fnbp.leaky_relu(jnp.ones(3), jnp.asarray(0))
 
 
-@pytest.mark.parametrize("beta", [0.0, -1.0, 0])
-def test_softplus_rejects_nonpositive_beta(beta):
-    with pytest.raises(ValueError, match=rf"^softplus: beta must be > 0, got {float(beta)}$"):
-        fnbp.softplus(jnp.ones(3), beta)
+def test_softmax_rejects_a_scalar():
+    with pytest.raises(ValueError, match=r"^softmax: z must have at least 1 axes \(\.\.\., k\): "
+                                         r"the last axis is normalized, got z\.shape=\(\)$"):
+        fnbp.softmax(jnp.asarray(1.0))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 0])
+@pytest.mark.parametrize("rule, setting", [("softplus", "beta"), ("elu", "alpha")])
+def test_positive_setting_rejects_nonpositive_values(rule, setting, value):
+    with pytest.raises(ValueError, match=rf"^{rule}: {setting} must be > 0, got {float(value)}$"):
+        getattr(fnbp, rule)(jnp.ones(3), value)
 
 
 def test_softplus_rejects_non_scalar_beta():

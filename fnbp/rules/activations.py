@@ -12,7 +12,13 @@ one record with its plain reference, example arguments, kink convention,
 layer settings and initialization family. Kink conventions: the derivative of
 ``relu`` at 0 is 0 (as ``jax.nn.relu``), the derivative of ``leaky_relu`` at 0
 is ``gamma`` (the slope of the z <= 0 side; ``jax.nn.leaky_relu`` takes 1
-there).
+there), the derivative of ``elu`` at 0 is ``alpha`` (as ``jax.nn.elu``).
+
+``softmax`` is the one module here that is not element-wise: it maps each
+example's last axis z in R^k to s = softmax(z), and its backward function is
+the product with the (symmetric) Jacobian diag(s) - s s^T:
+
+    B[softmax, z](v) = s (.) (v - <s, v>)
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from jax.scipy.special import erf
 
 from fnbp.checking import check, check_finite
 from fnbp.rules import _validate
-from fnbp.rules._examples import elementwise, with_scalar
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._examples import elementwise, normal, rng, with_scalar
 from fnbp.rules._rule import LayerSpec, declare
 
 
@@ -44,6 +51,15 @@ def _scalar_setting(fn: str, name: str, value, z: Array) -> Array:
     _validate.require_float(fn, name, value)
     _validate.require_scalar(fn, name, value)
     return jnp.asarray(value)
+
+
+def _positive_setting(fn: str, name: str, value, z: Array) -> Array:
+    """A scalar setting that must be > 0: refused at trace time when concrete,
+    checked at run time under :func:`fnbp.checked` when traced."""
+    value = _scalar_setting(fn, name, value, z)
+    _validate.require_positive(fn, name, value)
+    check(value > 0, f"{fn}: {name} must be > 0")
+    return value
 
 
 # --- ReLU (7.11) -------------------------------------------------------------
@@ -364,10 +380,7 @@ def softplus(z: Array, beta: float | Array = 1.0) -> Array:
       ValueError: a concrete ``beta`` <= 0 or not a scalar.
     """
     z = _float_input("softplus", z)
-    beta = _scalar_setting("softplus", "beta", beta, z)
-    _validate.require_positive("softplus", "beta", beta)
-    check(beta > 0, "softplus: beta must be > 0")
-    return SOFTPLUS.apply(z, beta)
+    return SOFTPLUS.apply(z, _positive_setting("softplus", "beta", beta, z))
 
 
 SOFTPLUS = declare(
@@ -420,4 +433,131 @@ SILU = declare(
     silu, silu_fwd, silu_bwd, reference=lambda z: z / (1.0 + jnp.exp(-z)),
     examples=elementwise, kink="none: smooth.",
     family="activation", layer=LayerSpec(), init="he",
+)
+
+
+# --- ELU -------------------------------------------------------------------------------
+
+
+class EluResiduals(NamedTuple):
+    """``mask = 1[z > 0]``, ``m = e^z - 1`` where z <= 0 (0 elsewhere) and ``alpha``."""
+
+    mask: Array
+    m: Array
+    alpha: Array
+
+
+def elu_fwd(z: Array, alpha: Array) -> tuple[Array, EluResiduals]:
+    """Forward pass of :func:`elu` with its residuals."""
+    mask = z > 0
+    # where, not minimum: at z = 0 the derivative of m is e^0 = 1 (minimum splits a tie).
+    m = jnp.expm1(jnp.where(mask, jnp.zeros((), z.dtype), z))
+    return jnp.where(mask, z, alpha.astype(z.dtype) * m), EluResiduals(mask, m, alpha)
+
+
+def elu_bwd(res: EluResiduals, v: Array) -> tuple[Array, Array]:
+    """B[elu, z](v) = where(z > 0, 1, alpha e^z) (.) v; at z = 0 the slope is alpha.
+
+    alpha e^z is computed as alpha (m + 1) from the forward's m = e^z - 1. The
+    scalar ``alpha`` gets its cotangent too,
+    d alpha = sum over all entries of where(z > 0, 0, e^z - 1) (.) v.
+    """
+    mask, m, alpha = res
+    a = alpha.astype(v.dtype)
+    dz = jnp.where(mask, v, a * (m + 1) * v)
+    dalpha = jnp.sum(jnp.where(mask, jnp.zeros((), v.dtype), m * v),
+                     dtype=jnp.promote_types(alpha.dtype, jnp.float32))
+    return dz, dalpha.astype(alpha.dtype)
+
+
+def elu(z: Array, alpha: float | Array = 1.0) -> Array:
+    """ELU(z) = z for z > 0, alpha (e^z - 1) for z <= 0, element-wise.
+
+    Not in the notes (Clevert et al., 2015). Kink convention: the derivative
+    at z = 0 is ``alpha``, the slope of the z <= 0 side, as ``jax.nn.elu``;
+    for alpha = 1 both sides agree there.
+
+    Args:
+      z: floating array of any shape.
+      alpha: scalar > 0, the value ELU approaches as z -> -inf is -alpha; a
+        Python number takes z's dtype. It is differentiable.
+
+    Returns:
+      Array of z's shape and dtype.
+
+    Raises:
+      ValueError: a concrete ``alpha`` <= 0 or not a scalar. A traced
+        ``alpha`` is checked at run time under :func:`fnbp.checked`.
+    """
+    z = _float_input("elu", z)
+    return ELU.apply(z, _positive_setting("elu", "alpha", alpha, z))
+
+
+ELU = declare(
+    elu, elu_fwd, elu_bwd,
+    reference=lambda z, alpha: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.where(z > 0, 0.0, z))),
+    examples=with_scalar(0.7),
+    kink="the derivative at z = 0 is alpha, the z <= 0 side, as jax.nn.elu.",
+    family="activation", layer=LayerSpec("Elu", {"alpha": 1.0}, arrays=("alpha",)), init="he",
+)
+
+
+# --- softmax over the last axis ----------------------------------------------------------
+
+
+class SoftmaxResiduals(NamedTuple):
+    """The output ``s = softmax(z)``: the Jacobian diag(s) - s s^T needs nothing else."""
+
+    s: Array
+
+
+def softmax_fwd(z: Array) -> tuple[Array, SoftmaxResiduals]:
+    """Forward pass of :func:`softmax` with its residuals."""
+    za = z.astype(accumulation_dtype(z))
+    e = jnp.exp(za - jnp.max(za, axis=-1, keepdims=True))
+    s = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(z.dtype)
+    return s, SoftmaxResiduals(s)
+
+
+def softmax_bwd(res: SoftmaxResiduals, v: Array) -> tuple[Array]:
+    """B[softmax, z](v) = s (.) (v - <s, v>), the inner product over the last axis.
+
+    It is (diag(s) - s s^T) v: the Jacobian of softmax is symmetric, so its
+    transpose is itself; no k x k matrix is built. Summed in at least float32.
+    """
+    acc = accumulation_dtype(res.s, v)
+    s, va = res.s.astype(acc), v.astype(acc)
+    dz = s * (va - jnp.sum(s * va, axis=-1, keepdims=True))
+    return (dz.astype(res.s.dtype),)
+
+
+def softmax(z: Array) -> Array:
+    """softmax(z)_i = e^{z_i} / sum_j e^{z_j} over the last axis, per example.
+
+    Stable: computed as exp(z - max(z)), so no entry overflows, in at least
+    float32 (float16 and bfloat16 inputs are promoted, the result cast back).
+    Leading axes are example axes.
+
+    Args:
+      z: floating array of shape (..., k), k >= 1.
+
+    Returns:
+      s of z's shape and dtype; each example's entries are in [0, 1] and sum to 1.
+
+    Raises:
+      ValueError: z a scalar.
+      TypeError: a non-floating z.
+    """
+    _validate.require_min_ndim("softmax", "z", z, 1, "(..., k): the last axis is normalized")
+    return SOFTMAX.apply(_float_input("softmax", z))
+
+
+def _softmax_args(key, dtype):
+    return (normal(rng(key), (4, 7), dtype, scale=2.0),)
+
+
+SOFTMAX = declare(
+    softmax, softmax_fwd, softmax_bwd, reference=lambda z: jax.nn.softmax(z, axis=-1),
+    examples=_softmax_args, kink="none: smooth.",
+    family="activation", layer=LayerSpec(), init="glorot",
 )
