@@ -1,7 +1,10 @@
 """fnbp: backpropagation written by hand, as the CS229 notes teach it, on JAX.
 
 Every module is a pure function whose derivative is a hand-written backward
-function B[M, z] wired in with ``jax.custom_vjp``.
+function B[M, z] wired in with ``jax.custom_vjp``. The notes-facing rules are
+here (``fnbp.mm``, ``fnbp.relu``, ..., one per record of
+``fnbp.rules.registry()``); their forward and backward functions are in
+:mod:`fnbp.rules` (``fnbp.rules.relu_fwd``, ``fnbp.rules.relu_bwd``).
 """
 
 from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
@@ -13,9 +16,6 @@ from fnbp.rules import registry as _registry
 # The notes-facing rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one
 # per record of the registry: a rule declared in fnbp/rules/ appears here.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
-# Transitional: the forward and backward functions moved to fnbp.rules.
-globals().update({_fn.__name__: _fn for _rule in _registry().values()
-                  for _fn in (_rule.fwd, _rule.bwd)})
 from fnbp.network import (
     AvgPool,
     Conv1D,
@@ -69,6 +69,14 @@ from fnbp.verify import VJPReport, check_layer, check_vjp
 from fnbp import testing
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Transitional, until tests/test_cli_check.py reads fnbp.rules.relu_fwd/_bwd:
+    the forward and backward functions live in :mod:`fnbp.rules`."""
+    if name.endswith(("_fwd", "_bwd")) and hasattr(rules, name):
+        return getattr(rules, name)
+    raise AttributeError(f"module 'fnbp' has no attribute {name!r}")
 
 __all__ = [
     "AvgPool",

@@ -118,7 +118,7 @@ def test_relu_derivative_at_zero_is_zero():
     assert jax.grad(fnbp.relu)(0.0) == 0.0 == jax.grad(jax.nn.relu)(0.0)
     _, (dz,) = jit_cotangents(fnbp.relu, (KINK_Z,), KINK_V, (0,))
     np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
-    (dz,) = fnbp.relu_bwd(fnbp.relu_fwd(KINK_Z)[1], KINK_V)  # B[relu, z] called directly
+    (dz,) = fnbp.rules.relu_bwd(fnbp.rules.relu_fwd(KINK_Z)[1], KINK_V)  # B[relu, z] called directly
     np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
 
 

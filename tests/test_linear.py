@@ -53,11 +53,11 @@ def test_mm_backward_is_the_notes_formulas():
     """B[MM, z](v) = W^T v (7.63), B[MM, W](v) = v z^T (7.65), B[MM, b](v) = v (7.66)."""
     rng = np.random.default_rng(0)
     z, W, b, v = (jnp.asarray(rng.standard_normal(s)) for s in ((M,), (N, M), (N,), (N,)))
-    dz, dW, db = fnbp.mm_bwd(fnbp.mm_fwd(z, W, b)[1], v)
+    dz, dW, db = fnbp.rules.mm_bwd(fnbp.rules.mm_fwd(z, W, b)[1], v)
     np.testing.assert_allclose(dz, W.T @ v, rtol=1e-14)
     np.testing.assert_allclose(dW, np.outer(v, z), rtol=1e-14)
     np.testing.assert_array_equal(db, v)
-    assert fnbp.mm_bwd(fnbp.mm_fwd(z, W)[1], v)[2] is None
+    assert fnbp.rules.mm_bwd(fnbp.rules.mm_fwd(z, W)[1], v)[2] is None
 
 
 # --- the batched weight cotangent is one matmul ------------------------------------------
