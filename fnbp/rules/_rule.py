@@ -136,13 +136,22 @@ def custom_vjp(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[...
     """The ``jax.custom_vjp`` whose rule is ``fwd``/``bwd``, as ``f(*arrays, **settings)``.
 
     The primal is ``fwd(...)[0]``: under ``jax.jit`` the unused residuals are
-    dropped by the compiler. Static settings travel as one hashable
+    dropped by the compiler. When ``fwd`` is itself jitted (:func:`jit_static`)
+    the primal is jitted the same way, so an eager call compiles it without
+    the residuals too. Static settings travel as one hashable
     non-differentiable argument.
     """
 
+    def forward(*arrays, **settings):
+        return fwd(*arrays, **settings)[0]
+
+    static = getattr(fwd, "static_settings", None)
+    if static is not None:
+        forward = jit_static(*static)(forward)
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def primal(settings, *arrays):
-        return fwd(*arrays, **dict(settings))[0]
+        return forward(*arrays, **dict(settings))
 
     def primal_fwd(settings, *arrays):
         return fwd(*arrays, **dict(settings))
@@ -183,6 +192,7 @@ def jit_static(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
         def call(*args, **settings):
             return jitted(*args, **{k: _frozen(v) for k, v in settings.items()})
 
+        call.static_settings = names
         return call
 
     return decorate

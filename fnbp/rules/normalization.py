@@ -61,7 +61,7 @@ from fnbp.checking import check, check_finite, is_checking
 from fnbp.rules import _validate
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
-from fnbp.rules._rule import declare
+from fnbp.rules._rule import declare, jit_static
 
 
 # --- shared argument handling ----------------------------------------------------
@@ -170,14 +170,14 @@ def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
     return (-0.5 * jnp.sum(per_example)).astype(eps.dtype)
 
 
-@jax.jit
+@jit_static()
 def layer_norm_s_fwd(z: Array, eps: Array) -> tuple[Array, LayerNormSResiduals]:
     """Forward pass of :func:`layer_norm_s` with its residuals."""
     y, inv_sigma, _ = _scale(z, eps, center=True)
     return y.astype(z.dtype), LayerNormSResiduals(y, inv_sigma, eps, _empty_like(z))
 
 
-@jax.jit
+@jit_static()
 def layer_norm_s_bwd(res: LayerNormSResiduals, v: Array) -> tuple[Array, Array]:
     """B[LN-S, .]: map the cotangent ``v`` (..., m) to (dz, deps).
 
@@ -258,7 +258,7 @@ def _affine(y: Array, gamma: Array, beta: Array, z: Array) -> Array:
     return (beta.astype(acc) + gamma.astype(acc) * y).astype(out)
 
 
-@jax.jit
+@jit_static()
 def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
                    ) -> tuple[Array, LayerNormResiduals]:
     """Forward pass of :func:`layer_norm` with its residuals."""
@@ -267,7 +267,7 @@ def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
     return u, LayerNormResiduals(y, inv_sigma, gamma, beta, eps, _empty_like(z))
 
 
-@jax.jit
+@jit_static()
 def layer_norm_bwd(res: LayerNormResiduals, v: Array
                    ) -> tuple[Array, Array, Array, Array]:
     """B[LN, .]: map the cotangent ``v`` (..., m) to (dz, dgamma, dbeta, deps).
@@ -349,14 +349,14 @@ def _rms_output(y: Array, gamma: Array, z: Array) -> Array:
     return (gamma.astype(y.dtype) * y).astype(jnp.result_type(z, gamma))
 
 
-@jax.jit
+@jit_static()
 def rms_norm_fwd(z: Array, gamma: Array, eps: Array) -> tuple[Array, RmsNormResiduals]:
     """Forward pass of :func:`rms_norm` with its residuals."""
     y, inv_r, _ = _scale(z, eps, center=False)
     return _rms_output(y, gamma, z), RmsNormResiduals(y, inv_r, gamma, eps, _empty_like(z))
 
 
-@jax.jit
+@jit_static()
 def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
     """B[RMSNorm, .]: map ``v`` (..., m) to (dz, dgamma, deps).
 
