@@ -160,16 +160,16 @@ def data_parallel_figures() -> int:
     one = fnbp.make_train_step(model, fnbp.cross_entropy_loss, optimizer)
     mesh = fnbp.make_mesh(count)
     many = fnbp.make_train_step(model, fnbp.cross_entropy_loss, optimizer, mesh=mesh)
-    sharded_x = fnbp.sharding.shard_batch(mesh, x)
-    sharded_y = fnbp.sharding.shard_batch(mesh, y)
-    placed = fnbp.sharding.shard_params((params, opt_state), mesh)
+    sharded_x = fnbp.train.sharding.shard_batch(mesh, x)
+    sharded_y = fnbp.train.sharding.shard_batch(mesh, y)
+    placed = fnbp.train.sharding.shard_params((params, opt_state), mesh)
     times = compare({"one device": (one, (params, opt_state, x[:per_device], y[:per_device])),
                      f"{count} devices": (many, (*placed, sharded_x, sharded_y))},
                     repeats=11, inner=3)
     rate_one = per_device / times["one device"]
     rate_many = batch / times[f"{count} devices"]
     print(f"data-parallel train step, MLP 784-1024-1024-10 float32, {per_device} examples "
-          f"per device, on {fnbp.sharding.describe(mesh)}")
+          f"per device, on {fnbp.train.sharding.describe(mesh)}")
     print(f"  one device: {rate_one:,.0f} examples/s; {count} devices: {rate_many:,.0f} "
           f"examples/s; speed-up {rate_many / rate_one:.2f} (ideal {count})")
     print(json.dumps({"data_parallel": {"devices": count, "one_device_examples_per_s":

@@ -16,10 +16,12 @@ from fnbp.rules import registry as _registry
 # The notes-facing rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one
 # per record of the registry: a rule declared in fnbp/rules/ appears here.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
-from fnbp.network import (
+from fnbp import nn
+from fnbp.nn import (
     AvgPool,
     Conv1D,
     Conv2D,
+    Elu,
     Flatten,
     Gelu,
     LayerNorm,
@@ -35,6 +37,7 @@ from fnbp.network import (
     Tanh,
     activation_layer,
     cnn,
+    layer_from_rule,
     make_layer,
     mlp,
     remat,
@@ -42,29 +45,20 @@ from fnbp.network import (
     resnet_s,
     serial,
 )
-from fnbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fnbp.data import DataError, Dataset, load_dataset
-from fnbp import sharding
-from fnbp.sharding import initialize_distributed, make_mesh
-from fnbp.precision import (
+from fnbp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
+from fnbp import train
+from fnbp.train import sharding
+from fnbp.train.sharding import initialize_distributed, make_mesh
+from fnbp.train.precision import (
     DynamicLossScale,
     Precision,
     dynamic_loss_scale,
     loss_scaled,
     with_precision,
 )
-from fnbp.train import (
-    FitResult,
-    ShardedEvalStep,
-    ShardedTrainStep,
-    TrainState,
-    epoch_order,
-    evaluate,
-    fit,
-    init_state,
-    make_eval_step,
-    make_train_step,
-)
+from fnbp.train.loop import FitResult, TrainState, epoch_order, evaluate, fit, init_state
+from fnbp.train.steps import ShardedEvalStep, ShardedTrainStep, make_eval_step, make_train_step
 from fnbp.verify import VJPReport, check_layer, check_vjp
 from fnbp import testing
 
@@ -82,6 +76,7 @@ __all__ = [
     "AvgPool",
     "Conv1D",
     "Conv2D",
+    "Elu",
     "Flatten",
     "Gelu",
     "Layer",
@@ -98,6 +93,7 @@ __all__ = [
     "activation_layer",
     "backprop",
     "cnn",
+    "layer_from_rule",
     "make_layer",
     "mlp",
     "per_example_grad_norms",
@@ -137,4 +133,5 @@ __all__ = [
     "check_vjp",
     "testing",
     "rules",
+    "nn",
 ] + list(_registry())

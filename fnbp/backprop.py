@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from fnbp.network import Layer, Params
+from fnbp.nn.layer import Layer, Params
 
 Loss = Callable[[Array, Array], Array]
 

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # stdout piped into a reader that stopped (fnbp check | head -1): one line, no
         # traceback, and nothing more flushed into the closed pipe at exit
-        from fnbp._run_folder import silence_stdout
+        from fnbp.train._run_folder import silence_stdout
 
         silence_stdout()
         print(f"fnbp {args.command}: error: standard output was closed before all output "

@@ -160,7 +160,7 @@ def _infer_dataset(data_path: str) -> str:
 
 
 def _checkpoint_path(resume: str) -> str:
-    from fnbp import _run_folder
+    from fnbp.train import _run_folder
 
     if os.path.isdir(resume):
         if _run_folder.unstarted_run(resume):
@@ -175,7 +175,7 @@ def _checkpoint_path(resume: str) -> str:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """The run's config (flags, defaults, or the resumed run's) and its checkpoint path."""
-    from fnbp.checkpoint import read_checkpoint_metadata
+    from fnbp.train.checkpoint import read_checkpoint_metadata
 
     given = {name: getattr(args, name) for name in _RUN_FLAGS}
     if given["data_path"] is not None:
@@ -251,7 +251,7 @@ def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
     """The device mesh of the run (None: one device), after the device checks."""
     import jax
 
-    from fnbp import sharding
+    from fnbp.train import sharding
 
     present = jax.device_count()
     devices = args.devices if args.devices is not None else present
@@ -355,7 +355,7 @@ def _build_model(model: str, width: int, depth: int, num_classes: int) -> Any:
 def _optimizer(name: str, lr: float, precision: str = "float32") -> Any:
     import optax
 
-    from fnbp.precision import loss_scaled
+    from fnbp.train.precision import loss_scaled
 
     if name == "adam":
         optimizer = optax.adam(lr)
@@ -380,9 +380,9 @@ def _fingerprint(*arrays: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fnbp train``; user errors print one line and return 2."""
-    from fnbp import _run_folder
-    from fnbp.checkpoint import CheckpointError
-    from fnbp.data import DataError
+    from fnbp.train import _run_folder
+    from fnbp.train.checkpoint import CheckpointError
+    from fnbp.train.data import DataError
 
     progress = _run_folder.Progress()
     try:
@@ -417,7 +417,7 @@ def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: 
     import jax
     import numpy as np
 
-    from fnbp import checkpoint as ckpt
+    from fnbp.train import checkpoint as ckpt
     from fnbp import train
 
     loaded = ckpt.load_checkpoint(resume_from, state.params, state.opt_state)
@@ -440,7 +440,7 @@ def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: 
 
 
 def _train(args: argparse.Namespace, progress: Any) -> int:
-    from fnbp import _run_folder
+    from fnbp.train import _run_folder
 
     _require_train_extra()
     config, resume_from = _resolve(args)
@@ -450,9 +450,10 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     import jax.numpy as jnp
 
     import fnbp
-    from fnbp import checkpoint as ckpt
-    from fnbp import sharding, train
-    from fnbp.data import DataWarning, load_dataset
+    from fnbp.train import checkpoint as ckpt
+    from fnbp import train
+    from fnbp.train import sharding
+    from fnbp.train.data import DataWarning, load_dataset
 
     # before anything asks JAX for its devices
     try:

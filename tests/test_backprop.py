@@ -362,7 +362,7 @@ def scale_ref(params, x):
 
 
 def test_a_layer_without_sq_norms_uses_the_per_example_fallback():
-    model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, _scale_layer(), fnbp.Linear(K))
+    model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh(), _scale_layer(), fnbp.Linear(K))
     assert model.sq_norms is None
     params = random_params(model)
     _, _, _, x, y = setup("mlp-2-relu")
@@ -499,7 +499,7 @@ def test_bfloat16_params_with_float32_inputs():
 
 @pytest.mark.parametrize("with_sq_norms", [True, False], ids=["sq_norms", "per-example-fallback"])
 def test_grad_norms_dtypes_agree_on_both_paths_for_bfloat16(with_sq_norms):
-    layers = [fnbp.Linear(WIDTH), fnbp.Tanh] + ([] if with_sq_norms else [_scale_layer()])
+    layers = [fnbp.Linear(WIDTH), fnbp.Tanh()] + ([] if with_sq_norms else [_scale_layer()])
     model = fnbp.serial(*layers, fnbp.Linear(K))
     assert (model.sq_norms is not None) == with_sq_norms
     params = random_params(model, dtype="bfloat16")

@@ -1,4 +1,4 @@
-"""Tests of fnbp.checkpoint: exact round trips, atomic writes, clear refusals."""
+"""Tests of fnbp.train.checkpoint: exact round trips, atomic writes, clear refusals."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from fnbp import checkpoint as ckpt
-from fnbp.checkpoint import CheckpointError
+from fnbp.train import checkpoint as ckpt
+from fnbp.train.checkpoint import CheckpointError
 from _checkpoint_files import edit_metadata, rewrite_members
 
 

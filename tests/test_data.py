@@ -1,4 +1,4 @@
-"""Tests of fnbp.data: the loaders, the split, the standardization, the errors."""
+"""Tests of fnbp.train.data: the loaders, the split, the standardization, the errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fnbp import data
-from fnbp.data import DataError
+from fnbp.train import data
+from fnbp.train.data import DataError
 
 
 def write_idx(path, array, *, compress=False, type_byte=None):

@@ -1,7 +1,7 @@
 """Property-based tests of the data loaders: random and corrupted .npz, CSV and IDX files.
 
 Whatever bytes a file holds, ``fnbp.load_dataset`` either returns a valid
-:class:`fnbp.data.Dataset` or raises :class:`fnbp.DataError` with a one-line
+:class:`fnbp.train.data.Dataset` or raises :class:`fnbp.DataError` with a one-line
 message; no other exception escapes. NumPy only: nothing here compiles.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fnbp import data, data_files
-from fnbp.data import DataError, DataWarning
+from fnbp.train import data, data_files
+from fnbp.train.data import DataError, DataWarning
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -156,8 +156,8 @@ def plain_cnn1d_loss(params, x, y):
 
 
 MLP = fnbp.mlp([16, 12, 10], "relu")
-CNN2D = fnbp.serial(fnbp.Conv2D(4, 3), fnbp.Relu, fnbp.Flatten(3), fnbp.Linear(10))
-CNN1D = fnbp.serial(fnbp.Conv1D(4, 3), fnbp.Relu, fnbp.Conv1D(6, 3, stride=2), fnbp.Relu,
+CNN2D = fnbp.serial(fnbp.Conv2D(4, 3), fnbp.Relu(), fnbp.Flatten(3), fnbp.Linear(10))
+CNN1D = fnbp.serial(fnbp.Conv1D(4, 3), fnbp.Relu(), fnbp.Conv1D(6, 3, stride=2), fnbp.Relu(),
                     fnbp.Flatten(2), fnbp.Linear(10))
 
 NETWORKS = {

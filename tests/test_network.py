@@ -172,7 +172,7 @@ def test_activation_given_by_name_function_or_layer_builds_the_same_network():
     params = init(by_name)
     for other in (fnbp.mlp([WIDTH, K], fnbp.gelu), fnbp.mlp([WIDTH, K], fnbp.Gelu())):
         assert rel_err(other.apply(params, x), by_name.apply(params, x)) == 0.0
-    assert fnbp.activation_layer("tanh") is fnbp.Tanh
+    assert fnbp.activation_layer("tanh") is fnbp.Tanh()
 
 
 # --- make_layer: a user's own module -----------------------------------------------
@@ -208,7 +208,7 @@ def straight_through_round() -> fnbp.Layer:
 
 
 def test_make_layer_composes_in_serial_and_backprop():
-    model = fnbp.serial(fnbp.Linear(WIDTH), scale_layer(), fnbp.Tanh, fnbp.Linear(K))
+    model = fnbp.serial(fnbp.Linear(WIDTH), scale_layer(), fnbp.Tanh(), fnbp.Linear(K))
     params = init(model)
     assert params[1]["a"].shape == (WIDTH,)
     x, y = data()
@@ -241,7 +241,7 @@ def test_make_layer_rule_is_the_one_used_by_jax_grad_and_backprop():
 # --- residual -----------------------------------------------------------------------
 
 
-RES_BLOCK = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh, fnbp.Linear(D_IN), name="block")
+RES_BLOCK = fnbp.serial(fnbp.Linear(WIDTH), fnbp.Tanh(), fnbp.Linear(D_IN), name="block")
 RES = fnbp.residual(RES_BLOCK)
 
 
@@ -302,7 +302,7 @@ def test_flatten_round_trips_shapes():
 
 
 def test_flatten_in_a_network_equals_the_oracle():
-    model = fnbp.serial(fnbp.Flatten(2), fnbp.Linear(WIDTH), fnbp.Relu, fnbp.Linear(K))
+    model = fnbp.serial(fnbp.Flatten(2), fnbp.Linear(WIDTH), fnbp.Relu(), fnbp.Linear(K))
     params = init(model, (3, 2))
     x, y = data((3, 2))
     assert jax.eval_shape(model.apply, params, x).shape == (N, K)

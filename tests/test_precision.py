@@ -1,4 +1,4 @@
-"""Tests of mixed precision (fnbp.precision): the policy, its gradients, loss scaling, training.
+"""Tests of mixed precision (fnbp.train.precision): the policy, its gradients, loss scaling, training.
 
 Tolerances. bfloat16 keeps 8 significant bits: machine epsilon 2^-7, unit
 roundoff u = 2^-8 (every rounding has relative error <= u). In a bfloat16
@@ -25,7 +25,7 @@ import optax
 import pytest
 
 import fnbp
-from fnbp import precision as P
+from fnbp.train import precision as P
 from fnbp import train
 from fnbp import train_command as train_command_module
 from _checkpoint_files import edit_metadata

@@ -1,4 +1,4 @@
-"""Tests of fnbp.sharding and of training on a mesh: data parallel, FSDP, several processes.
+"""Tests of fnbp.train.sharding and of training on a mesh: data parallel, FSDP, several processes.
 
 The in-process tests run on whatever devices jax gives this process (one CPU,
 one GPU, several GPUs): their expectations take the backend and the device
@@ -28,7 +28,8 @@ import optax
 import pytest
 
 import fnbp
-from fnbp import cli, sharding, train
+from fnbp import cli, train
+from fnbp.train import sharding
 
 HERE = Path(__file__).resolve()
 SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
@@ -126,7 +127,7 @@ def eight_device_checks(tmp: Path) -> dict:
                                       for p in jax.tree_util.tree_leaves(out_params)]
     found["dp_out_mu"] = specs(out_state[0].mu)
     found["dp_out_loss"] = spec_of(out_metrics["loss"])
-    batch = fnbp.sharding.shard_batch(mesh, x[:16])
+    batch = fnbp.train.sharding.shard_batch(mesh, x[:16])
     found["dp_batch"] = spec_of(batch)
     found["dp_batch_shards"] = sorted(list(s.data.shape) for s in batch.addressable_shards)
     found["dp_batch_rows"] = sorted(s.index[0].start for s in batch.addressable_shards)

@@ -379,16 +379,16 @@ def test_out_that_cannot_be_made_is_one_line(tmp_path, capsys):
 
 def failing_checkpoint_writes(monkeypatch, error):
     """Make every write of checkpoint.npz fail with ``error`` (other files write)."""
-    import fnbp.checkpoint
+    import fnbp.train.checkpoint
 
-    real = fnbp.checkpoint.atomic_write
+    real = fnbp.train.checkpoint.atomic_write
 
     def atomic_write(path, write):
         if os.path.basename(path) == "checkpoint.npz":
             raise error
         return real(path, write)
 
-    monkeypatch.setattr(fnbp.checkpoint, "atomic_write", atomic_write)
+    monkeypatch.setattr(fnbp.train.checkpoint, "atomic_write", atomic_write)
 
 
 def test_disk_full_keeps_the_checkpoint_and_the_config(finished_run, capsys, monkeypatch):
@@ -406,15 +406,15 @@ def test_disk_full_keeps_the_checkpoint_and_the_config(finished_run, capsys, mon
 
 
 def test_run_folder_deleted_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
-    import fnbp.checkpoint
+    import fnbp.train.checkpoint
 
-    real = fnbp.checkpoint.save_checkpoint
+    real = fnbp.train.checkpoint.save_checkpoint
 
     def save_checkpoint(path, *args, **kwargs):
         shutil.rmtree(os.path.dirname(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(fnbp.checkpoint, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(fnbp.train.checkpoint, "save_checkpoint", save_checkpoint)
     assert train(*SMALL, "--out", tmp_path / "run") == 2
     assert capsys.readouterr().err == (
         f"fnbp train: error: the run folder {tmp_path / 'run'} was deleted or moved while the "
@@ -495,15 +495,15 @@ def test_stale_temporary_checkpoints_are_removed_at_resume(finished_run, capsys)
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_stop_alike(tmp_path, capsys, monkeypatch, signum, status):
-    import fnbp.checkpoint
+    import fnbp.train.checkpoint
 
-    real = fnbp.checkpoint.save_checkpoint
+    real = fnbp.train.checkpoint.save_checkpoint
 
     def save_checkpoint(*args, **kwargs):
         real(*args, **kwargs)
         signal.raise_signal(signum)
 
-    monkeypatch.setattr(fnbp.checkpoint, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(fnbp.train.checkpoint, "save_checkpoint", save_checkpoint)
     assert train(*SMALL, "--out", tmp_path / "run") == status
     assert capsys.readouterr().err == (
         f"fnbp train: interrupted; the checkpoint of step 8 is kept (continue with: fnbp "

@@ -209,7 +209,7 @@ def test_float64_numpy_arguments_are_checked_in_float64_with_x64_off():
 
 
 def test_check_layer_passes_a_correct_layer_and_names_a_wrong_sq_norms():
-    layer = fnbp.serial(fnbp.Linear(3), fnbp.Relu, fnbp.Linear(2))
+    layer = fnbp.serial(fnbp.Linear(3), fnbp.Relu(), fnbp.Linear(2))
     _, params = layer.init(jax.random.PRNGKey(0), (4,), jnp.float32)
     x = RNG.standard_normal((5, 4)).astype(np.float32)
     report = check_layer(layer, params, x, transforms=JIT)

@@ -59,7 +59,7 @@ class Example:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """How ``fnbp.network`` builds this rule's parameter-free layer: data only.
+    """How ``fnbp.nn`` builds this rule's parameter-free layer: data only.
 
     Rules never import the network code; the network reads these fields.
 

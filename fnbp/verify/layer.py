@@ -1,7 +1,7 @@
 """check_layer: a :class:`fnbp.Layer`'s backward, sq_norms and init, checked in float64.
 
 A layer is a record of pure functions (``init``, ``forward``, ``backward``,
-``apply``, ``sq_norms``; see :mod:`fnbp.network`). Three things can be wrong
+``apply``, ``sq_norms``; see :mod:`fnbp.nn.layer`). Three things can be wrong
 in one written by hand, and :func:`check_layer` checks each:
 
 - ``backward(params, residuals, v)`` must be B[M, (params, z)](v): it is

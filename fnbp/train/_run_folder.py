@@ -29,7 +29,7 @@ from typing import Any, Iterator
 CHECKPOINT = "checkpoint.npz"
 CONFIG = "config.json"
 OUTPUTS = (CHECKPOINT, CONFIG, "metrics.json", "plot.png")
-# fnbp.checkpoint.atomic_write's temporary files: .<name>.<pid>.<8 hex digits>.tmp
+# fnbp.train.checkpoint.atomic_write's temporary files: .<name>.<pid>.<8 hex digits>.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
@@ -148,7 +148,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
 
 def checkpoint_step(folder: str) -> int | None:
     """The step of the checkpoint in ``folder``, or None (none, or unreadable)."""
-    from fnbp.checkpoint import CheckpointError, read_checkpoint_metadata
+    from fnbp.train.checkpoint import CheckpointError, read_checkpoint_metadata
 
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
@@ -342,7 +342,7 @@ def write_results(progress: Progress, config: dict[str, Any], result: Any, secon
 
 def write_json(path: str, document: Any) -> None:
     """Write ``document`` as indented JSON, atomically."""
-    from fnbp.checkpoint import atomic_write
+    from fnbp.train.checkpoint import atomic_write
 
     text = json.dumps(document, indent=2) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
@@ -371,7 +371,7 @@ def plot(path: str, history: list[dict[str, Any]], title: str) -> None:
         axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    from fnbp.checkpoint import atomic_write
+    from fnbp.train.checkpoint import atomic_write
 
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
     plt.close(figure)

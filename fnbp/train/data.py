@@ -26,7 +26,7 @@ lacks a class, ignored extra arrays in a ``.npz``) give a :class:`DataWarning`.
 
 The number of classes k is the number of distinct labels in the training
 split, and those labels must be exactly 0, 1, ..., k-1 (see
-:func:`fnbp.data.count_classes`): a stray label is an error naming its row,
+:func:`fnbp.train.data.count_classes`): a stray label is an error naming its row,
 never a silently larger model. Test labels must be training classes; a class
 with no test example is a warning. When fnbp makes the split itself, every
 class keeps at least one training example.
@@ -42,9 +42,9 @@ from typing import Mapping
 
 import numpy as np
 
-from fnbp._data_checks import (DataError, DataWarning, check_test_labels, count_classes,
+from fnbp.train._data_checks import (DataError, DataWarning, check_test_labels, count_classes,
                                validate_arrays)
-from fnbp.data_files import load_csv, load_idx, load_npz, read_csv, read_idx
+from fnbp.train.data_files import load_csv, load_idx, load_npz, read_csv, read_idx
 
 __all__ = ["DATASETS", "FILE_DATASETS", "DataError", "DataWarning", "Dataset",
            "check_test_labels", "count_classes", "load_csv", "load_dataset", "load_digits",

@@ -1,105 +1,19 @@
-"""Layers as pure functions over parameter pytrees, and the networks built from them.
-
-A network is a composition of modules, J = M_k(M_{k-1}(... M_1(x))) (eq. 7.60).
-Each module is a :class:`Layer`: an immutable record of pure functions
-
-- ``init(key, input_shape, dtype) -> (output_shape, params)``: parameters for
-  one example of shape ``input_shape`` (no batch axis);
-- ``forward(params, z) -> (u, residuals)``: the forward pass that stores what
-  the backward function needs (Algorithm 3, forward pass);
-- ``backward(params, residuals, v) -> (dparams, dz)``: the backward function
-  B[M, z] for the parameters and the input, built from the hand-written rules;
-- ``apply(params, z) -> u``: the forward alone, itself a ``jax.custom_vjp``
-  whose rule is ``forward``/``backward``, so ``jax.grad`` in user code gets
-  the same hand-written gradients;
-- ``sq_norms(params, residuals, v) -> (per_example_sq_norm, dz)``, or ``None``:
-  the squared norm of each example's parameter gradient without building the
-  per-example gradients (see :func:`fnbp.per_example_grad_norms`).
-
-Leading axes of ``z`` beyond the example shape are example axes (eq. 7.84).
-:func:`serial` composes layers and its backward is Algorithm 3 over its
-children; :func:`residual` is Res(z) = z + block(z) (eq. 7.38).
-"""
+"""The layers: activations derived from the rule registry, MM, convolution, pooling,
+normalization and Flatten (see :mod:`fnbp.nn.layer` for the Layer record)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
+from fnbp.nn.layer import Layer, Params, _no_params, _StaticShape, make_layer
 from fnbp.rules import conv, linear, normalization, pooling, registry
-
-Shape = tuple[int, ...]
-Params = Any
-Residuals = Any
-
-
-class Layer(NamedTuple):
-    """A module M of the notes as a record of pure functions (see the module doc)."""
-
-    name: str
-    init: Callable[..., tuple[Shape, Params]]
-    forward: Callable[[Params, Array], tuple[Array, Residuals]]
-    backward: Callable[[Params, Residuals, Array], tuple[Params, Array]]
-    apply: Callable[[Params, Array], Array]
-    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None
-
-    def __repr__(self) -> str:
-        return f"Layer({self.name})"
-
-
-def _make_apply(forward, backward):
-    """``apply`` as a custom_vjp whose rule is the layer's own forward/backward."""
-
-    @jax.custom_vjp
-    def apply(params, z):
-        return forward(params, z)[0]
-
-    def apply_fwd(params, z):
-        u, residuals = forward(params, z)
-        return u, (params, residuals)
-
-    def apply_bwd(saved, v):
-        params, residuals = saved
-        return backward(params, residuals, v)
-
-    apply.defvjp(apply_fwd, apply_bwd)
-    return apply
-
-
-def make_layer(
-    name: str,
-    init: Callable[..., tuple[Shape, Params]],
-    forward: Callable[[Params, Array], tuple[Array, Residuals]],
-    backward: Callable[[Params, Residuals, Array], tuple[Params, Array]],
-    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
-) -> Layer:
-    """Build a :class:`Layer` from its init, forward and backward functions.
-
-    Use this for your own modules: write ``forward`` (returning the output and
-    the residuals) and ``backward`` (the backward function B), and the layer
-    composes with fnbp's in :func:`serial`, :func:`residual` and
-    :func:`fnbp.backprop`.
-    """
-    return Layer(name, init, forward, backward, _make_apply(forward, backward), sq_norms)
-
-
-def _example_count(z: Array, example_ndim: int) -> int:
-    shape = z.shape[: z.ndim - example_ndim]
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 # --- parameter-free layers: the activations -------------------------------------
-
-
-def _no_params(key, input_shape, dtype=jnp.float32):
-    del key, dtype
-    return tuple(input_shape), ()
 
 
 def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
@@ -176,10 +90,29 @@ def _layer_rules() -> dict:
     return {name: rule for name, rule in registry().items() if rule.layer is not None}
 
 
-Relu = rule_layer("relu")
-Sigmoid = rule_layer("sigmoid")
-Tanh = rule_layer("tanh")
-Silu = rule_layer("silu")
+def Relu() -> Layer:
+    """ReLU layer (eq. 7.11); no params."""
+    return rule_layer("relu")
+
+
+def Sigmoid() -> Layer:
+    """Sigmoid layer (eq. 7.24); no params."""
+    return rule_layer("sigmoid")
+
+
+def Tanh() -> Layer:
+    """Tanh layer (eq. 7.25); no params."""
+    return rule_layer("tanh")
+
+
+def Silu() -> Layer:
+    """SiLU layer u = z sigmoid(z); no params."""
+    return rule_layer("silu")
+
+
+def Elu(alpha: float = 1.0) -> Layer:
+    """ELU layer with a fixed ``alpha`` > 0; no params."""
+    return rule_layer("elu", alpha=alpha)
 
 
 def Gelu(approximate: bool = False) -> Layer:
@@ -213,13 +146,29 @@ def activation_layer(activation: str | Callable | Layer, **settings: Any) -> Lay
     return rule_layer(name, **settings)
 
 
-def _init_family(layer: Layer) -> str:
-    """The MM initialization before ``layer``: the rule's ``init`` ("he"/"glorot").
+_INITS = ("glorot", "he", "lecun")
 
-    A Layer that is not a declared rule's gets Glorot.
+
+def _init_family(caller: str, layer: Layer, init: str | None = None) -> str:
+    """The MM initialization before the activation ``layer``.
+
+    ``init`` when given; else the declared rule's family (``"he"`` for
+    ReLU-like rules, ``"glorot"`` for tanh/sigmoid). A Layer of the user's own
+    has no declared family, so ``init`` must be given for it.
     """
-    rule = _layer_rules().get(_activation_name(layer))
-    return rule.init if rule is not None and rule.init is not None else "glorot"
+    if init is not None:
+        if init not in _INITS:
+            raise ValueError(f"{caller}: init must be one of {list(_INITS)}, got {init!r}")
+        return init
+    if any(layer is known for known in _RULE_LAYERS.values()):
+        rule = _layer_rules()[_activation_name(layer)]
+        if rule.init is not None:
+            return rule.init
+    raise ValueError(
+        f"{caller}: the activation {layer.name!r} is not a declared rule's layer, so its "
+        f"initialization family is unknown; pass init='he' (ReLU-like: variance 2/fan_in), "
+        f"init='glorot' (tanh/sigmoid-like: 2/(fan_in + fan_out)) or init='lecun' "
+        f"(1/fan_in)")
 
 
 def _activation_name(layer: Layer) -> str:
@@ -310,144 +259,6 @@ def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int
         )
 
 
-# --- combinators ------------------------------------------------------------------
-
-
-def serial(*layers: Layer, name: str | None = None) -> Layer:
-    """Compose layers: serial(M_1, ..., M_k)(z) = M_k(... M_1(z)) (eq. 7.60).
-
-    Its ``backward`` is Algorithm 3: given the residuals stored by the forward
-    pass, it chains the children's backward functions from the last to the
-    first, taking each child's parameter gradient as soon as the cotangent of
-    its output is known. Params are a tuple, one entry per child.
-    """
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(
-                f"serial: argument {i} is {type(layer).__name__}, not a Layer; "
-                f"use fnbp.Linear(n), fnbp.Relu, ... or fnbp.make_layer"
-            )
-    name = name or "serial(" + ", ".join(layer.name for layer in layers) + ")"
-
-    def where(i: int) -> str:
-        return f"{name.split('(')[0]}[{i}]"
-
-    def init(key, input_shape, dtype=jnp.float32):
-        params = []
-        shape = tuple(input_shape)
-        for layer, layer_key in zip(layers, jax.random.split(key, max(len(layers), 1))):
-            shape, layer_params = layer.init(layer_key, shape, dtype)
-            params.append(layer_params)
-        return shape, tuple(params)
-
-    def _check_params(params):
-        if not isinstance(params, (tuple, list)) or len(params) != len(layers):
-            got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
-            raise ValueError(
-                f"{name}: params must be a tuple of {len(layers)} entries (one per layer), "
-                f"got {got}; pass the params made by this model's init"
-            )
-
-    def forward(params, z):
-        _check_params(params)
-        residuals = []
-        for i, (layer, layer_params) in enumerate(zip(layers, params)):
-            try:
-                z, layer_residuals = layer.forward(layer_params, z)
-            except (ValueError, TypeError) as error:
-                message = str(error)
-                if not message.startswith(layers[i].name):
-                    message = f"{layers[i].name}: {message}"
-                raise type(error)(f"{where(i)} {message}") from None
-            residuals.append(layer_residuals)
-        return z, tuple(residuals)
-
-    def backward(params, residuals, v):
-        grads = [None] * len(layers)
-        for i in reversed(range(len(layers))):
-            grads[i], v = layers[i].backward(params[i], residuals[i], v)
-        # the same container as params (a list stays a list: custom_vjp needs it)
-        return (grads if isinstance(params, list) else tuple(grads)), v
-
-    sq_norms = None
-    if all(layer.sq_norms is not None for layer in layers):
-
-        def sq_norms(params, residuals, v):
-            total = jnp.zeros((), jnp.promote_types(v.dtype, jnp.float32))
-            for i in reversed(range(len(layers))):
-                sq, v = layers[i].sq_norms(params[i], residuals[i], v)
-                total = total + sq
-            return total, v
-
-    return make_layer(name, init, forward, backward, sq_norms)
-
-
-def residual(block: Layer) -> Layer:
-    """The residual module Res(z) = z + block(z) (eq. 7.38).
-
-    B[Res, z](v) = v + B[block, z](v): the identity path adds the incoming
-    cotangent to the block's input cotangent.
-    """
-    name = f"residual({block.name})"
-
-    def init(key, input_shape, dtype=jnp.float32):
-        output_shape, params = block.init(key, input_shape, dtype)
-        if tuple(output_shape) != tuple(input_shape):
-            raise ValueError(
-                f"{name}: the block maps shape {tuple(input_shape)} to "
-                f"{tuple(output_shape)}; Res(z) = z + block(z) needs them equal"
-            )
-        return output_shape, params
-
-    def forward(params, z):
-        u, residuals = block.forward(params, z)
-        return z + u, residuals
-
-    def backward(params, residuals, v):
-        grads, dz = block.backward(params, residuals, v)
-        return grads, v + dz
-
-    sq_norms = None
-    if block.sq_norms is not None:
-
-        def sq_norms(params, residuals, v):
-            sq, dz = block.sq_norms(params, residuals, v)
-            return sq, v + dz
-
-    return make_layer(name, init, forward, backward, sq_norms)
-
-
-def remat(layer: Layer) -> Layer:
-    """Store only the layer's input; recompute its residuals in the backward pass.
-
-    The memory of the residuals inside ``layer`` (pre-activations, masks, the
-    inputs of inner MMs) is traded for one more forward pass of ``layer``
-    during the backward pass. The recomputation is fenced with
-    ``jax.lax.optimization_barrier`` so the compiler cannot merge it with the
-    first forward pass (which would store everything again).
-    """
-    name = f"remat({layer.name})"
-
-    def forward(params, z):
-        u, _ = layer.forward(params, z)
-        return u, z
-
-    def backward(params, z, v):
-        params, z, v = jax.lax.optimization_barrier((params, z, v))
-        _, residuals = layer.forward(params, z)
-        return layer.backward(params, residuals, v)
-
-    sq_norms = None
-    if layer.sq_norms is not None:
-
-        def sq_norms(params, z, v):
-            params, z, v = jax.lax.optimization_barrier((params, z, v))
-            _, residuals = layer.forward(params, z)
-            return layer.sq_norms(params, residuals, v)
-
-    return make_layer(name, layer.init, forward, backward, sq_norms)
-
-
 def Flatten(ndim: int) -> Layer:
     """Flatten the last ``ndim`` (per-example) axes into one: (..., H, W, C) -> (..., H W C)."""
     if not isinstance(ndim, int) or ndim < 1:
@@ -475,20 +286,6 @@ def Flatten(ndim: int) -> Layer:
         return jnp.zeros((), v.dtype), backward(params, example_shape, v)[1]
 
     return make_layer(name, init, forward, backward, sq_norms)
-
-
-@jax.tree_util.register_static
-class _StaticShape:
-    """A per-example shape kept in residuals as static data (a pytree with no leaves)."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-    def __hash__(self):
-        return hash(self.shape)
-
-    def __eq__(self, other):
-        return isinstance(other, _StaticShape) and other.shape == self.shape
 
 
 # --- structured layers: convolution, pooling, normalization -------------------------
@@ -631,115 +428,3 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
         return {"gamma": dgamma}, dz
 
     return make_layer(name, init, forward, backward)
-
-
-# --- builders ---------------------------------------------------------------------
-
-
-def mlp(
-    widths: Sequence[int],
-    activation: str | Callable | Layer = "relu",
-    *,
-    remat_every: int = 0,
-) -> Layer:
-    """The multi-layer perceptron of eq. 7.36: MM, sigma, MM, sigma, ..., MM.
-
-    There is no activation after the last MM. Weights use He initialization for
-    ReLU-like activations and Glorot for tanh and sigmoid; biases start at 0.
-
-    Args:
-      widths: output width of each MM, e.g. ``[1024, 1024, 10]``; the input
-        width comes from ``init``'s input shape.
-      activation: name (``"relu"``, ``"gelu"``, ``"tanh"``, ...), the fnbp
-        function (``fnbp.relu``) or a Layer.
-      remat_every: 0 stores every activation (the notes' Algorithm 3). k > 0
-        groups the hidden (MM, sigma) pairs into segments of k pairs and
-        stores only each segment's input (:func:`remat`), recomputing the rest
-        in the backward pass.
-
-    Returns:
-      A :class:`Layer`; ``init(key, (m,))`` gives params, a tuple with one
-      entry per MM and activation layer.
-    """
-    widths = list(widths)
-    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ValueError(f"mlp: widths must be a non-empty list of positive ints, got {widths!r}")
-    sigma = activation_layer(activation)
-    init = _init_family(sigma)
-    hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
-    if not isinstance(remat_every, int) or isinstance(remat_every, bool) or remat_every < 0:
-        raise ValueError(f"mlp: remat_every must be an int >= 0, got {remat_every!r}")
-    if remat_every:
-        hidden = [
-            remat(serial(*hidden[i:i + remat_every], name="segment"))
-            for i in range(0, len(hidden), remat_every)
-        ]
-        return serial(*hidden, Linear(widths[-1], init=init), name="mlp")
-    layers = []
-    for w in widths[:-1]:
-        layers += [Linear(w, init=init), sigma]
-    return serial(*layers, Linear(widths[-1], init=init), name="mlp")
-
-
-def resnet_s(
-    width: int,
-    depth: int,
-    num_outputs: int,
-    activation: str | Callable | Layer = "relu",
-) -> Layer:
-    """ResNet-S (eq. 7.39): MM(Res(Res(... Res(MM_in(x))))).
-
-    Each Res(z) = z + sigma(MM(sigma(MM(z)))) (eq. 7.38) keeps the width.
-    An input MM maps x to ``width`` so the blocks fit inputs of any width;
-    the final MM maps to ``num_outputs``.
-
-    Args:
-      width: width of the residual stream and of each block's hidden MM.
-      depth: number of Res blocks (>= 1).
-      num_outputs: output width.
-      activation: as in :func:`mlp`.
-    """
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"resnet_s: depth must be a positive int, got {depth!r}")
-    sigma = activation_layer(activation)
-    init = _init_family(sigma)
-    blocks = [
-        residual(serial(Linear(width, init=init), sigma, Linear(width, init=init), sigma,
-                        name="block"))
-        for _ in range(depth)
-    ]
-    return serial(Linear(width, init=init), *blocks, Linear(num_outputs, init=init),
-                  name="resnet_s")
-
-
-def cnn(
-    num_classes: int,
-    channels: Sequence[int] = (16, 32),
-    *,
-    kernel_size: int = 3,
-    pool: int = 2,
-    activation: str | Callable | Layer = "relu",
-) -> Layer:
-    """A small convolutional network for channels-last images (H, W, C).
-
-    For each entry c of ``channels``: Conv2D(c, kernel_size, "same"), the
-    activation, MaxPool(pool); then Flatten and one MM to ``num_classes``
-    (Section 7.3's Conv2D, eq. 7.51, followed by eq. 7.35).
-
-    Args:
-      num_classes: output width (logits).
-      channels: output channels of each convolution stage.
-      kernel_size: odd kernel size of every convolution.
-      pool: window and stride of every max pooling (1 for none).
-      activation: as in :func:`mlp`.
-    """
-    if not channels:
-        raise ValueError("cnn: channels must name at least one convolution stage")
-    sigma = activation_layer(activation)
-    layers = []
-    for c in channels:
-        layers += [Conv2D(c, kernel_size), sigma]
-        if pool > 1:
-            layers.append(MaxPool((pool, pool)))
-    layers += [Flatten(3), Linear(num_classes, init="glorot")]
-    return serial(*layers, name="cnn")

@@ -1,6 +1,6 @@
 """Readers of your own data files: ``.npz`` archives, CSV tables, IDX (MNIST) files.
 
-Each reader returns plain NumPy arrays, unvalidated (:func:`fnbp.data.load_dataset`
+Each reader returns plain NumPy arrays, unvalidated (:func:`fnbp.train.data.load_dataset`
 validates them), and raises :class:`fnbp.DataError` with a one-line message
 for anything it cannot read: a missing file, a file of another kind (a
 ``.npy`` array or a PNG image named ``.npz``; the message says what the file
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fnbp._data_checks import DataError, DataWarning
+from fnbp.train._data_checks import DataError, DataWarning
 
 # Everything a corrupted archive, .npy header or compressed stream can raise.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
@@ -93,12 +93,12 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
       same, with ``x``, ``y`` the training split.
 
     Other arrays next to a complete layout are ignored, with a
-    :class:`fnbp.data.DataWarning` naming them (and are not read, so an
+    :class:`fnbp.train.data.DataWarning` naming them (and are not read, so an
     array of Python objects among them does no harm).
 
     Returns:
       Either ``{"x", "y"}`` or ``{"x_train", "y_train", "x_test", "y_test"}``,
-      unvalidated (see :func:`fnbp.data.validate_arrays`).
+      unvalidated (see :func:`fnbp.train.data.validate_arrays`).
 
     Raises:
       DataError: a missing or unreadable file, a file that is not a ``.npz``
@@ -260,7 +260,7 @@ def load_csv(path: str | os.PathLike, *, header: bool | None = None
 
     Returns:
       ``(x, y)``: x float64 of shape (n, columns - 1), y float64 of shape (n,)
-      (whole numbers checked by :func:`fnbp.data.validate_arrays`).
+      (whole numbers checked by :func:`fnbp.train.data.validate_arrays`).
 
     Raises:
       DataError: a missing or non-UTF-8 file, a non-numeric or missing cell,

@@ -53,7 +53,7 @@ import optax
 from jax import Array
 
 from fnbp.backprop import Loss, backprop
-from fnbp.network import Layer, Params, make_layer
+from fnbp.nn.layer import Layer, Params, make_layer
 
 # The names fnbp train's --precision takes: the compute dtype of a policy whose
 # parameters and output are float32.

@@ -1,0 +1,200 @@
+"""Combinators: serial (Algorithm 3 over its children), residual (eq. 7.38) and remat."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+
+from fnbp.nn.layer import Layer, make_layer
+
+
+def serial(*layers: Layer, name: str | None = None) -> Layer:
+    """Compose layers: serial(M_1, ..., M_k)(z) = M_k(... M_1(z)) (eq. 7.60).
+
+    Its ``backward`` is Algorithm 3: given the residuals stored by the forward
+    pass, it chains the children's backward functions from the last to the
+    first, taking each child's parameter gradient as soon as the cotangent of
+    its output is known. Params are a tuple, one entry per child.
+    """
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(
+                f"serial: argument {i} is {type(layer).__name__}, not a Layer; "
+                f"use fnbp.Linear(n), fnbp.Relu, ... or fnbp.make_layer"
+            )
+    name = name or "serial(" + ", ".join(layer.name for layer in layers) + ")"
+
+    def where(i: int) -> str:
+        return f"{name.split('(')[0]}[{i}]"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        params = []
+        shape = tuple(input_shape)
+        for i, (layer, layer_key) in enumerate(
+                zip(layers, jax.random.split(key, max(len(layers), 1)))):
+            with _blame(where(i), layer.name, "init"):
+                out = layer.init(layer_key, shape, dtype)
+            shape, layer_params = _check_init(where(i), layer.name, shape, out)
+            params.append(layer_params)
+        return shape, tuple(params)
+
+    def _check_params(params):
+        if not isinstance(params, (tuple, list)) or len(params) != len(layers):
+            got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
+            raise ValueError(
+                f"{name}: params must be a tuple of {len(layers)} entries (one per layer), "
+                f"got {got}; pass the params made by this model's init"
+            )
+
+    def forward(params, z):
+        _check_params(params)
+        residuals = []
+        for i, (layer, layer_params) in enumerate(zip(layers, params)):
+            with _blame(where(i), layer.name, "forward"):
+                z, layer_residuals = layer.forward(layer_params, z)
+            residuals.append(layer_residuals)
+        return z, tuple(residuals)
+
+    def backward(params, residuals, v):
+        grads = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            with _blame(where(i), layers[i].name, "backward"):
+                out = layers[i].backward(params[i], residuals[i], v)
+            grads[i], v = _check_backward(where(i), layers[i].name, params[i], out)
+        # the same container as params (a list stays a list: custom_vjp needs it)
+        return (grads if isinstance(params, list) else tuple(grads)), v
+
+    sq_norms = None
+    if all(layer.sq_norms is not None for layer in layers):
+
+        def sq_norms(params, residuals, v):
+            total = jnp.zeros((), jnp.promote_types(v.dtype, jnp.float32))
+            for i in reversed(range(len(layers))):
+                sq, v = layers[i].sq_norms(params[i], residuals[i], v)
+                total = total + sq
+            return total, v
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+def residual(block: Layer) -> Layer:
+    """The residual module Res(z) = z + block(z) (eq. 7.38).
+
+    B[Res, z](v) = v + B[block, z](v): the identity path adds the incoming
+    cotangent to the block's input cotangent.
+    """
+    name = f"residual({block.name})"
+
+    def init(key, input_shape, dtype=jnp.float32):
+        output_shape, params = block.init(key, input_shape, dtype)
+        if tuple(output_shape) != tuple(input_shape):
+            raise ValueError(
+                f"{name}: the block maps shape {tuple(input_shape)} to "
+                f"{tuple(output_shape)}; Res(z) = z + block(z) needs them equal"
+            )
+        return output_shape, params
+
+    def forward(params, z):
+        u, residuals = block.forward(params, z)
+        return z + u, residuals
+
+    def backward(params, residuals, v):
+        grads, dz = block.backward(params, residuals, v)
+        return grads, v + dz
+
+    sq_norms = None
+    if block.sq_norms is not None:
+
+        def sq_norms(params, residuals, v):
+            sq, dz = block.sq_norms(params, residuals, v)
+            return sq, v + dz
+
+    return make_layer(name, init, forward, backward, sq_norms)
+
+
+def remat(layer: Layer) -> Layer:
+    """Store only the layer's input; recompute its residuals in the backward pass.
+
+    The memory of the residuals inside ``layer`` (pre-activations, masks, the
+    inputs of inner MMs) is traded for one more forward pass of ``layer``
+    during the backward pass. The recomputation is fenced with
+    ``jax.lax.optimization_barrier`` so the compiler cannot merge it with the
+    first forward pass (which would store everything again).
+    """
+    name = f"remat({layer.name})"
+
+    def forward(params, z):
+        u, _ = layer.forward(params, z)
+        return u, z
+
+    def backward(params, z, v):
+        params, z, v = jax.lax.optimization_barrier((params, z, v))
+        _, residuals = layer.forward(params, z)
+        return layer.backward(params, residuals, v)
+
+    sq_norms = None
+    if layer.sq_norms is not None:
+
+        def sq_norms(params, z, v):
+            params, z, v = jax.lax.optimization_barrier((params, z, v))
+            _, residuals = layer.forward(params, z)
+            return layer.sq_norms(params, residuals, v)
+
+    return make_layer(name, layer.init, forward, backward, sq_norms)
+
+
+@contextlib.contextmanager
+def _blame(where: str, name: str, stage: str):
+    """Prefix a ValueError/TypeError raised by a child's ``stage`` with its place."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        if not message.startswith(name):
+            message = f"{name}: {message}"
+        if stage != "forward" and not message.endswith(f"(in its {stage})"):
+            message = f"{message} (in its {stage})"
+        raise type(error)(f"{where} {message}") from None
+
+
+def _check_init(where: str, name: str, input_shape: tuple, out) -> tuple:
+    """A child's init result must be (output_shape, params), the shape a tuple of ints."""
+    if (not isinstance(out, (tuple, list)) or len(out) != 2
+            or not isinstance(out[0], (tuple, list))
+            or not all(isinstance(d, int) and d >= 0 for d in out[0])):
+        got = (f"a pair whose first entry is {out[0]!r}"
+               if isinstance(out, (tuple, list)) and len(out) == 2
+               else f"{type(out).__name__} of length {len(out)}"
+               if isinstance(out, (tuple, list)) else type(out).__name__)
+        raise TypeError(
+            f"{where} {name}: init(key, {tuple(input_shape)}, dtype) must return "
+            f"(output_shape, params) with output_shape a tuple of ints (one example, no batch "
+            f"axis), got {got}; see fnbp.make_layer")
+    return tuple(out[0]), out[1]
+
+
+def _check_backward(where: str, name: str, params, out) -> tuple:
+    """A child's backward result must be (dparams, dz), dparams shaped like params."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = (f"a tuple of {len(out)} values" if isinstance(out, (tuple, list))
+               else type(out).__name__)
+        raise TypeError(
+            f"{where} {name}: backward must return the pair (dparams, dz), got {got}. A rule's "
+            f"bwd returns one cotangent per argument (fnbp.rules.relu_bwd(res, v) -> (dz,)); "
+            f"a Layer's backward returns (dparams, dz), e.g. `return (), relu_bwd(res, v)[0]` "
+            f"for a layer without params; see fnbp.make_layer")
+    dparams, dz = out
+    want = jax.tree_util.tree_structure(params)
+    got = jax.tree_util.tree_structure(dparams)
+    if want != got:
+        raise TypeError(
+            f"{where} {name}: backward returned dparams with structure {got}, but the params "
+            f"have structure {want}; return (dparams, dz) with dparams shaped like params "
+            f"(() for a layer without params)")
+    if not hasattr(dz, "shape") or not hasattr(dz, "dtype"):
+        raise TypeError(
+            f"{where} {name}: backward returned dz of type {type(dz).__name__}; return "
+            f"(dparams, dz) with dz the cotangent of the layer's input, an array")
+    return dparams, dz
