@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from fnbp import cli
-from fnbp.check_command import FLOAT64_TRANSFORMS, OTHER_TRANSFORMS
+from fnbp.cli.check import FLOAT64_TRANSFORMS, OTHER_TRANSFORMS
 from fnbp.verify import TRANSFORMS
 
 CUBE = '''

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fnbp import cli, train_command
+from fnbp import cli
+from fnbp.cli import train as train_command
 
 
 def test_a_closed_stdout_is_one_line_not_a_traceback(capsys, monkeypatch):

@@ -331,7 +331,7 @@ def test_load_dataset_idx_label_count_mismatch(tmp_path):
 def test_load_dataset_argument_errors(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'cifar'"):
         data.load_dataset("cifar")
-    with pytest.raises(DataError, match="pass its path"):
+    with pytest.raises(DataError, match="pass its `path`"):
         data.load_dataset("npz")
     with pytest.raises(DataError, match="built in and reads no file"):
         data.load_dataset("digits", path=tmp_path / "x.npz")
@@ -339,7 +339,7 @@ def test_load_dataset_argument_errors(tmp_path):
         data.load_dataset("npz", path=tmp_path / "missing.npz")
     with pytest.raises(DataError, match="is a folder"):
         data.load_dataset("csv", path=tmp_path)
-    with pytest.raises(DataError, match="num_examples only applies"):
+    with pytest.raises(DataError, match="`num_examples` only applies"):
         data.load_dataset("digits", num_examples=10)
     assert os.listdir(tmp_path) == []
 

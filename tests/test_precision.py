@@ -27,7 +27,7 @@ import pytest
 import fnbp
 from fnbp.train import precision as P
 from fnbp import train
-from fnbp import train_command as train_command_module
+from fnbp.cli import train as train_command_module
 from _checkpoint_files import edit_metadata
 from _oracle import iter_eqns, mlp_problem
 from test_train_command import SMALL, metadata_of, params_of

@@ -134,6 +134,23 @@ def test_train_user_npz_images_with_cnn_and_resnet_s(tmp_path, capsys):
     assert config["input_shape"] == [36] and config["lr"] == pytest.approx(0.01)
 
 
+def test_train_user_npz_1d_signals_with_cnn(tmp_path, capsys):
+    # examples of shape (L,) are 1-D signals: cnn gets a channel axis, Conv1D and 1-D pooling
+    rng = np.random.default_rng(0)
+    y = np.arange(64) % 2
+    t = np.arange(16) / 16
+    x = np.sin(2 * np.pi * (np.where(y == 0, 1.0, 4.0)[:, None] * t + rng.random((64, 1))))
+    np.savez(tmp_path / "signals.npz", x=x.astype(np.float32), y=y)
+    assert train("--data-path", tmp_path / "signals.npz", "--model", "cnn", "--epochs", "1",
+                 "--batch-size", "16", "--width", "4", "--depth", "2", "--no-progress",
+                 "--out", tmp_path / "cnn1d") == 0
+    config = json.loads((tmp_path / "cnn1d" / "config.json").read_text())
+    assert config["model"] == "cnn" and config["input_shape"] == [16, 1]
+    with np.load(tmp_path / "cnn1d" / "checkpoint.npz", allow_pickle=False) as archive:
+        shapes = [archive[k].shape for k in archive.files if k.startswith("params.")]
+    assert (3, 1, 4) in shapes and (3, 4, 8) in shapes, shapes  # Conv1D filters (k, C, C2)
+
+
 # --- a real kill, then --resume --------------------------------------------------------
 
 
@@ -193,9 +210,9 @@ def assert_clean_error(tmp_path, capsys, args, match):
     (["--lr", "nan"], "--lr must be a positive finite number"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--batch-size", "500"], "--batch-size 500 is larger than the 160 training examples"),
-    (["--model", "cnn"], "--model cnn needs images"),
     (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
-    (["--data-path", "x.npz"], "--data-path is read only by --dataset npz, csv or idx"),
+    (["--data-path", "x.npz"], "is built in and reads no file; drop --data-path"),
+    (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
 ])
 def test_bad_flags(tmp_path, capsys, extra, match):
@@ -304,7 +321,8 @@ def test_corrupted_checkpoint_is_refused(finished_run, capsys):
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m["metadata"]["config"].update(width=32),
      "has shape (16, 2) and dtype float32, but this model needs (32, 2)"),
-    (lambda m: m["metadata"]["config"].update(model="cnn"), "--model cnn needs images"),
+    (lambda m: m["metadata"]["config"].update(model="cnn"),
+     "its params do not match this model/optimizer"),
     (lambda m: m["key"].update(data=[0, 7]), "its PRNG key does not belong to seed 0"),
     (lambda m: m["metadata"].update(data_sha256="0" * 64),
      "the data of spirals differ from those the run was trained on"),

@@ -290,8 +290,8 @@ def _restore_tree(path: str, archive: Any, tree_name: str, record: Any,
             detail = (f"its structure is {_short(record['treedef'])}, this one is "
                       f"{_short(str(treedef))}")
         raise CheckpointError(f"checkpoint {path}: its {tree_name} do not match this "
-                              f"model/optimizer ({detail}); use the same --model and "
-                              f"--optimizer as the run that wrote it")
+                              f"model/optimizer ({detail}); load it with the model and "
+                              f"optimizer of the run that wrote it")
     leaves = []
     for (leaf_path, leaf), entry in zip(leaves_with_paths, stored, strict=True):
         where = jax.tree_util.keystr(leaf_path)

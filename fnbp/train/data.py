@@ -47,7 +47,8 @@ from fnbp.train._data_checks import (DataError, DataWarning, check_test_labels, 
 from fnbp.train.data_files import load_csv, load_idx, load_npz, read_csv, read_idx
 
 __all__ = ["DATASETS", "FILE_DATASETS", "DataError", "DataWarning", "Dataset",
-           "check_test_labels", "count_classes", "load_csv", "load_dataset", "load_digits",
+           "check_dataset_arguments", "check_test_labels",
+           "count_classes", "load_csv", "load_dataset", "load_digits",
            "load_idx", "load_npz", "make_moons", "make_spirals", "read_idx",
            "standardize", "train_test_split", "validate_arrays"]
 
@@ -285,6 +286,30 @@ def _check_split_shapes(source: str, x_train: np.ndarray, x_test: np.ndarray) ->
                         f"test examples have shape {x_test.shape[1:]}; they must match")
 
 
+def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
+                            num_examples: int | None = None) -> None:
+    """Check :func:`load_dataset`'s ``name``, ``path`` and ``num_examples`` together.
+
+    Cheap and reads nothing, so a caller can check them before any work. The
+    message names the argument at fault in backticks ("pass its `path`"),
+    which a front end such as the command line maps to its own option names.
+
+    Raises:
+      DataError: an unknown name, a file dataset without ``path``, a built-in
+        one with it, or ``num_examples`` for a dataset that is not synthetic.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r} (`name`); choose one of "
+                        f"{', '.join(DATASETS)}")
+    if name in FILE_DATASETS and path is None:
+        raise DataError(f"dataset {name!r} is read from a file; pass its `path`")
+    if name not in FILE_DATASETS and path is not None:
+        raise DataError(f"dataset {name!r} is built in and reads no file; drop `path` "
+                        f"or pick {', '.join(FILE_DATASETS)}")
+    if num_examples is not None and name not in ("spirals", "moons"):
+        raise DataError(f"`num_examples` only applies to spirals and moons, not {name!r}")
+
+
 def load_dataset(name: str, *, path: str | os.PathLike | None = None,
                  test_fraction: float = 0.2, split_seed: int = 0,
                  num_examples: int | None = None, standardized: bool = True) -> Dataset:
@@ -312,16 +337,7 @@ def load_dataset(name: str, *, path: str | os.PathLike | None = None,
       DataWarning: a test split without examples of some class; arrays of a
         ``.npz`` that are not used.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name in FILE_DATASETS and path is None:
-        raise DataError(f"dataset {name!r} is read from a file; pass its path "
-                        f"(--data-path)")
-    if name not in FILE_DATASETS and path is not None:
-        raise DataError(f"dataset {name!r} is built in and reads no file; drop the path "
-                        f"or pick npz, csv or idx")
-    if num_examples is not None and name not in ("spirals", "moons"):
-        raise DataError(f"num_examples only applies to spirals and moons, not {name!r}")
+    check_dataset_arguments(name, path, num_examples)
     splits: Mapping[str, np.ndarray] | None = None
     rows = None  # the file's line of each example (csv), for the messages
     if name == "digits":

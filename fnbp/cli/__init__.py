@@ -1,10 +1,14 @@
-"""The ``fnbp`` command line.
+"""The ``fnbp`` command line: thin, it parses, calls the library and maps its errors.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status):
+The top floor of the package: it imports the library, and nothing in the
+library imports it. Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status), and
+turns the library's exceptions into one-line messages that name the flags:
 
-- ``fnbp check``: :mod:`fnbp.check_command`
-- ``fnbp train``: :mod:`fnbp.train_command`
+- ``fnbp check``: :mod:`fnbp.cli.check`
+- ``fnbp train``: :mod:`fnbp.cli.train`
+
+See CONTRIBUTING.md, "Add a CLI subcommand".
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "check": ("fnbp.check_command",
+    "check": ("fnbp.cli.check",
               "verify hand-written rules (built-in or yours) against autodiff"),
-    "train": ("fnbp.train_command", "train a network with hand-written backprop on real data"),
+    "train": ("fnbp.cli.train", "train a network with hand-written backprop on real data"),
 }
 
 
@@ -39,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # stdout piped into a reader that stopped (fnbp check | head -1): one line, no
         # traceback, and nothing more flushed into the closed pipe at exit
-        from fnbp.train._run_folder import silence_stdout
+        from fnbp.cli._run_folder import silence_stdout
 
         silence_stdout()
         print(f"fnbp {args.command}: error: standard output was closed before all output "

@@ -28,7 +28,7 @@ Examples:
 
 --precision bfloat16 (or float16) trains in mixed precision: the forward and
 backward passes run in that dtype, while the parameters, the optimizer state
-and the loss stay float32; float16 adds dynamic loss scaling (fnbp.precision).
+and the loss stay float32; float16 adds dynamic loss scaling (fnbp.train.precision).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -160,7 +161,7 @@ def _infer_dataset(data_path: str) -> str:
 
 
 def _checkpoint_path(resume: str) -> str:
-    from fnbp.train import _run_folder
+    from fnbp.cli import _run_folder
 
     if os.path.isdir(resume):
         if _run_folder.unstarted_run(resume):
@@ -309,30 +310,41 @@ def _validate(config: dict[str, Any]) -> None:
     if config["checkpoint_every"] < 0:
         raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
                          f"{config['checkpoint_every']}")
-    if config["num_examples"] is not None and config["dataset"] not in ("spirals", "moons"):
-        raise UsageError(f"--num-examples only applies to spirals and moons, not "
-                         f"{config['dataset']}")
-    if config["dataset"] in ("npz", "csv", "idx") and config["data_path"] is None:
-        raise UsageError(f"--dataset {config['dataset']} reads your data; pass --data-path")
-    if config["dataset"] not in ("npz", "csv", "idx") and config["data_path"] is not None:
-        raise UsageError(f"--data-path is read only by --dataset npz, csv or idx, not "
-                         f"{config['dataset']}")
+    from fnbp.train.data import DataError, check_dataset_arguments
+
+    try:  # the library's own check, before any work, in the flags' words
+        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"])
+    except DataError as error:
+        raise UsageError(as_flags(str(error))) from error
+
+
+# The library names an argument at fault in backticks (`path`); the command line
+# says which flag sets it.
+FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
+         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction"}
+
+
+def as_flags(message: str) -> str:
+    """A library message with its backticked argument names replaced by their flags."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
 
 
 # --- data and model ----------------------------------------------------------------
 
 
 def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
-    """Reshape the inputs for the model: vectors for mlp/resnet-s, (H, W, C) for cnn."""
+    """Reshape the inputs for the model: vectors for mlp/resnet-s; for cnn, images
+    (H, W, C) (a channel added to (H, W)) or 1-D signals (L, 1) from (L,)."""
     x_train, x_test = dataset.x_train, dataset.x_test
     if config["model"] == "cnn":
         shape = dataset.input_shape
-        if len(shape) == 2:
+        if len(shape) in (1, 2):
             return x_train[..., None], x_test[..., None]
         if len(shape) != 3:
             raise UsageError(f"--model cnn needs images, examples of shape (H, W) or "
-                             f"(H, W, C), but {config['dataset']} examples have shape "
-                             f"{shape}; use --model mlp")
+                             f"(H, W, C), or 1-D signals of shape (L,), but "
+                             f"{config['dataset']} examples have shape {shape}; "
+                             f"use --model mlp")
         return x_train, x_test
     return x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
 
@@ -341,14 +353,16 @@ def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
 # once per (model, optimizer) object. Building them through a cache lets
 # repeated runs in one process (a notebook, the tests) reuse the compiled code.
 @functools.lru_cache(maxsize=16)
-def _build_model(model: str, width: int, depth: int, num_classes: int) -> Any:
+def _build_model(model: str, width: int, depth: int, num_classes: int,
+                 input_ndim: int = 3) -> Any:
     import fnbp
 
     if model == "mlp":
         return fnbp.mlp([width] * depth + [num_classes])
     if model == "resnet-s":
         return fnbp.resnet_s(width, depth, num_classes)
-    return fnbp.cnn(num_classes, tuple(width * 2**i for i in range(depth)))
+    return fnbp.cnn(num_classes, tuple(width * 2**i for i in range(depth)),
+                    input_ndim=input_ndim)
 
 
 @functools.lru_cache(maxsize=16)
@@ -380,7 +394,7 @@ def _fingerprint(*arrays: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fnbp train``; user errors print one line and return 2."""
-    from fnbp.train import _run_folder
+    from fnbp.cli import _run_folder
     from fnbp.train.checkpoint import CheckpointError
     from fnbp.train.data import DataError
 
@@ -389,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         with _run_folder.sigterm_as_interrupt():  # SIGTERM stops as cleanly as Ctrl-C
             status = _train(args, progress)
     except (UsageError, DataError, CheckpointError, _run_folder.RunFolderError) as error:
-        message = " ".join(str(error).split())
+        message = as_flags(" ".join(str(error).split()))
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
@@ -440,7 +454,7 @@ def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: 
 
 
 def _train(args: argparse.Namespace, progress: Any) -> int:
-    from fnbp.train import _run_folder
+    from fnbp.cli import _run_folder
 
     _require_train_extra()
     config, resume_from = _resolve(args)
@@ -479,7 +493,7 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     per_epoch = train.steps_per_epoch(n, config["batch_size"])
 
     model = _build_model(config["model"], config["width"], config["depth"],
-                         dataset.num_classes)
+                         dataset.num_classes, x_train.ndim - 1)
     optimizer = _optimizer(config["optimizer"], config["lr"], config["precision"])
     root = jax.random.key(config["seed"])
     init_key, shuffle_key = jax.random.split(root)

@@ -1,0 +1,7 @@
+"""``python -m fnbp.cli``: the ``fnbp`` console script."""
+
+import sys
+
+from fnbp.cli import main
+
+sys.exit(main())
