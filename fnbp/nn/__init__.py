@@ -28,6 +28,7 @@ from fnbp.nn.layers import (
     Softplus,
     Tanh,
     activation_layer,
+    rule_layer,
 )
 from fnbp.nn.models import cnn, mlp, resnet_s
 
@@ -35,5 +36,5 @@ __all__ = [
     "AvgPool", "Conv1D", "Conv2D", "Elu", "Flatten", "Gelu", "Layer", "LayerNorm",
     "LeakyRelu", "Linear", "MaxPool", "RMSNorm", "Relu", "Sigmoid", "Silu", "Softplus",
     "Tanh", "activation_layer", "cnn", "layer_from_rule", "make_layer", "mlp", "remat",
-    "residual", "resnet_s", "serial",
+    "residual", "resnet_s", "rule_layer", "serial",
 ]
