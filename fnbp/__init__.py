@@ -1,21 +1,44 @@
 """fnbp: backpropagation written by hand, as the CS229 notes teach it, on JAX.
 
 Every module is a pure function whose derivative is a hand-written backward
-function B[M, z] wired in with ``jax.custom_vjp``. The notes-facing rules are
-here (``fnbp.mm``, ``fnbp.relu``, ..., one per record of
-``fnbp.rules.registry()``); their forward and backward functions are in
-:mod:`fnbp.rules` (``fnbp.rules.relu_fwd``, ``fnbp.rules.relu_bwd``).
+function B[M, z] wired in with ``jax.custom_vjp``. The top level holds the
+names the notes use, grouped as below; everything else is one floor down:
+
+- the rules (``fnbp.mm``, ``fnbp.relu``, ..., one per record of
+  ``fnbp.rules.registry()``), Algorithm 3 (:func:`backward`,
+  :func:`backprop`) and the per-example gradients;
+- checking a rule or a layer against autodiff (:func:`check_vjp`,
+  :func:`check_layer`, :func:`checked`);
+- networks: :class:`Layer`, the layers, :func:`serial`, :func:`residual`,
+  :func:`mlp`, :func:`resnet_s`, :func:`cnn`;
+- training: :func:`fit`, :func:`make_train_step`, data, checkpoints, meshes,
+  mixed precision, and the types they return.
+
+The floors, in import order (each imports only those before it):
+:mod:`fnbp.rules` (``fnbp.rules.relu_fwd``, ``fnbp.rules.relu_bwd``, the
+registry), :mod:`fnbp.nn` (layers and models), :mod:`fnbp.verify`,
+:mod:`fnbp.train` (loop, steps, data, checkpoint, sharding, precision),
+:mod:`fnbp.testing`; the command line, ``fnbp.cli``, is above them all and
+is imported by nothing here.
 """
 
-from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
-from fnbp.backward import backward
-from fnbp.checking import checked
+from importlib import metadata as _metadata
+
 from fnbp import rules
 from fnbp.rules import registry as _registry
 
-# The notes-facing rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one
-# per record of the registry: a rule declared in fnbp/rules/ appears here.
+# --- the notes: the rules, Algorithm 3, per-example gradients -------------------------
+# The rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one per record of the
+# registry: a rule declared in fnbp/rules/ appears here under its notes-facing name.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
+from fnbp.backward import backward
+from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
+
+# --- checking hand-written rules ----------------------------------------------------
+from fnbp.checking import checked
+from fnbp.verify import VJPReport, check_layer, check_vjp
+
+# --- networks -----------------------------------------------------------------------
 from fnbp import nn
 from fnbp.nn import (
     AvgPool,
@@ -24,9 +47,9 @@ from fnbp.nn import (
     Elu,
     Flatten,
     Gelu,
+    Layer,
     LayerNorm,
     LeakyRelu,
-    Layer,
     Linear,
     MaxPool,
     RMSNorm,
@@ -45,41 +68,75 @@ from fnbp.nn import (
     resnet_s,
     serial,
 )
-from fnbp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
+
+# --- training -----------------------------------------------------------------------
 from fnbp import train
-from fnbp.train import sharding
-from fnbp.train.sharding import initialize_distributed, make_mesh
-from fnbp.train.precision import (
+from fnbp.train import (
+    Checkpoint,
+    CheckpointError,
+    DataError,
+    DataWarning,
+    Dataset,
     DynamicLossScale,
+    FitResult,
     Precision,
+    ShardedEvalStep,
+    ShardedTrainStep,
+    TrainState,
     dynamic_loss_scale,
+    epoch_order,
+    evaluate,
+    fit,
+    init_state,
+    initialize_distributed,
+    load_checkpoint,
+    load_dataset,
     loss_scaled,
+    make_eval_step,
+    make_mesh,
+    make_train_step,
+    save_checkpoint,
     with_precision,
 )
-from fnbp.train.loop import FitResult, TrainState, epoch_order, evaluate, fit, init_state
-from fnbp.train.steps import ShardedEvalStep, ShardedTrainStep, make_eval_step, make_train_step
-from fnbp.verify import VJPReport, check_layer, check_vjp
+
+# --- the floors below ---------------------------------------------------------------
+from fnbp import verify
 from fnbp import testing
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fnbp")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
-
-def __getattr__(name: str):
-    """Transitional, until tests/test_cli_check.py reads fnbp.rules.relu_fwd/_bwd:
-    the forward and backward functions live in :mod:`fnbp.rules`."""
-    if name.endswith(("_fwd", "_bwd")) and hasattr(rules, name):
-        return getattr(rules, name)
-    raise AttributeError(f"module 'fnbp' has no attribute {name!r}")
-
+# The one re-export list, grouped as above.
 __all__ = [
+    # the notes: the rules (generated from the registry), Algorithm 3, per-example
+    *_registry(),
+    "backward",
+    "backprop",
+    "per_example_grad_norms",
+    "per_example_grads",
+    # checking
+    "VJPReport",
+    "check_layer",
+    "check_vjp",
+    "checked",
+    # networks
+    "Layer",
+    "make_layer",
+    "layer_from_rule",
+    "serial",
+    "residual",
+    "remat",
+    "mlp",
+    "resnet_s",
+    "cnn",
     "AvgPool",
     "Conv1D",
     "Conv2D",
     "Elu",
     "Flatten",
     "Gelu",
-    "Layer",
     "LayerNorm",
     "LeakyRelu",
     "Linear",
@@ -91,47 +148,36 @@ __all__ = [
     "Softplus",
     "Tanh",
     "activation_layer",
-    "backprop",
-    "cnn",
-    "layer_from_rule",
-    "make_layer",
-    "mlp",
-    "per_example_grad_norms",
-    "per_example_grads",
-    "remat",
-    "residual",
-    "resnet_s",
-    "serial",
-    "backward",
-    "checked",
-    "CheckpointError",
-    "DataError",
-    "Dataset",
+    # training, and the types it returns
+    "fit",
+    "evaluate",
+    "epoch_order",
+    "init_state",
+    "make_train_step",
+    "make_eval_step",
     "FitResult",
     "TrainState",
-    "epoch_order",
-    "evaluate",
-    "fit",
-    "init_state",
-    "load_checkpoint",
-    "load_dataset",
-    "make_eval_step",
-    "make_train_step",
-    "save_checkpoint",
-    "ShardedEvalStep",
     "ShardedTrainStep",
-    "initialize_distributed",
+    "ShardedEvalStep",
+    "load_dataset",
+    "Dataset",
+    "DataError",
+    "DataWarning",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Checkpoint",
+    "CheckpointError",
     "make_mesh",
-    "sharding",
-    "DynamicLossScale",
+    "initialize_distributed",
     "Precision",
-    "dynamic_loss_scale",
-    "loss_scaled",
     "with_precision",
-    "VJPReport",
-    "check_layer",
-    "check_vjp",
-    "testing",
+    "loss_scaled",
+    "dynamic_loss_scale",
+    "DynamicLossScale",
+    # the subpackages
     "rules",
     "nn",
-] + list(_registry())
+    "train",
+    "verify",
+    "testing",
+]

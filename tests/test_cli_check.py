@@ -45,7 +45,7 @@ def _doubled_relu(z):
     return fnbp.relu(z)
 
 
-_doubled_relu.defvjp(fnbp.relu_fwd, lambda res, v: (2 * fnbp.relu_bwd(res, v)[0],))
+_doubled_relu.defvjp(fnbp.rules.relu_fwd, lambda res, v: (2 * fnbp.rules.relu_bwd(res, v)[0],))
 
 
 def test_fnbp_check_fails_with_status_1_on_a_wrong_rule(capsys, monkeypatch):

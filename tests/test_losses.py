@@ -62,7 +62,7 @@ class TestLossContract(RuleContract):
 
 def _by_hand(name, *args, v):
     """``name_bwd(name_fwd(*args).residuals, v)``, the public pieces of a rule."""
-    fwd, bwd = getattr(fnbp, f"{name}_fwd"), getattr(fnbp, f"{name}_bwd")
+    fwd, bwd = getattr(fnbp.rules, f"{name}_fwd"), getattr(fnbp.rules, f"{name}_bwd")
     return jax.jit(lambda args, v: bwd(fwd(*args)[1], v))(args, v)
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 MODELS = ("mlp", "cnn", "resnet-s")
 OPTIMIZERS = ("sgd", "momentum", "adam")
-PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.precision.PRECISIONS, without JAX
+PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
 CHECKPOINT = "checkpoint.npz"
 
 # Defaults chosen per dataset (measured: see the README's training section).

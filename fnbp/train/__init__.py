@@ -17,7 +17,7 @@ The names most code needs are also at the top level (``fnbp.fit``,
 """
 
 from fnbp.train import checkpoint, data, loop, precision, sharding, steps
-from fnbp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fnbp.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
 from fnbp.train.loop import (FitResult, TrainState, epoch_order, evaluate, fit, init_state,
                              steps_per_epoch)
@@ -61,6 +61,7 @@ __all__ = [
     "Dataset",
     "load_dataset",
     # checkpoints
+    "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
     "save_checkpoint",
