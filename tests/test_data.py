@@ -95,7 +95,7 @@ def test_train_test_split_stratified_disjoint_and_complete():
 
 def test_train_test_split_rejects_bad_fraction_and_too_few_examples():
     x, y = np.zeros((3, 1), np.float32), np.array([0, 1, 2], np.int32)
-    with pytest.raises(DataError, match=r"test_fraction must lie in \(0, 1\)"):
+    with pytest.raises(DataError, match="`test_fraction` must lie strictly between 0 and 1"):
         data.train_test_split(x, y, test_fraction=1.0)
     with pytest.raises(DataError, match="too few to hold out"):
         data.train_test_split(x, y, test_fraction=0.1)
@@ -341,6 +341,10 @@ def test_load_dataset_argument_errors(tmp_path):
         data.load_dataset("csv", path=tmp_path)
     with pytest.raises(DataError, match="`num_examples` only applies"):
         data.load_dataset("digits", num_examples=10)
+    with pytest.raises(DataError, match="`num_examples` must be a positive integer, got 0"):
+        data.load_dataset("spirals", num_examples=0)
+    with pytest.raises(DataError, match="`test_fraction` must lie strictly between 0 and 1"):
+        data.load_dataset("digits", test_fraction=0.0)
     assert os.listdir(tmp_path) == []
 
 

@@ -213,6 +213,7 @@ def assert_clean_error(tmp_path, capsys, args, match):
     (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
     (["--data-path", "x.npz"], "is built in and reads no file; drop --data-path"),
     (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),
+    (["--num-examples", "0"], "--num-examples must be a positive integer, got 0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
 ])
 def test_bad_flags(tmp_path, capsys, extra, match):

@@ -297,14 +297,9 @@ def _validate(config: dict[str, Any]) -> None:
 
     for name in ("batch_size", "epochs", "width", "depth"):
         positive_int(name)
-    if config["num_examples"] is not None:
-        positive_int("num_examples")
     lr = config["lr"]
     if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive finite number, got {lr}")
-    if not 0.0 < config["test_fraction"] < 1.0:
-        raise UsageError(f"--test-fraction must lie strictly between 0 and 1, got "
-                         f"{config['test_fraction']}")
     if not 0 <= config["seed"] < 2**32:
         raise UsageError(f"--seed must lie in [0, 2**32), got {config['seed']}")
     if config["checkpoint_every"] < 0:
@@ -313,7 +308,8 @@ def _validate(config: dict[str, Any]) -> None:
     from fnbp.train.data import DataError, check_dataset_arguments
 
     try:  # the library's own check, before any work, in the flags' words
-        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"])
+        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"],
+                                config["test_fraction"])
     except DataError as error:
         raise UsageError(as_flags(str(error))) from error
 

@@ -193,6 +193,12 @@ def make_moons(num_examples: int = 2000, *, noise: float = 0.1,
 # --- split and standardization -----------------------------------------------------
 
 
+def _check_test_fraction(test_fraction: float) -> None:
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"`test_fraction` must lie strictly between 0 and 1, got "
+                        f"{test_fraction}")
+
+
 def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hold out a stratified fraction of the examples for testing.
@@ -211,8 +217,7 @@ def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2
       DataError: a fraction outside (0, 1), or a split that leaves either side
         empty.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    _check_test_fraction(test_fraction)
     n = len(y)
     n_test = int(round(test_fraction * n))
     if n_test == 0 or n_test == n:
@@ -287,8 +292,9 @@ def _check_split_shapes(source: str, x_train: np.ndarray, x_test: np.ndarray) ->
 
 
 def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
-                            num_examples: int | None = None) -> None:
-    """Check :func:`load_dataset`'s ``name``, ``path`` and ``num_examples`` together.
+                            num_examples: int | None = None,
+                            test_fraction: float = 0.2) -> None:
+    """Check :func:`load_dataset`'s ``name``, ``path``, ``num_examples`` and ``test_fraction``.
 
     Cheap and reads nothing, so a caller can check them before any work. The
     message names the argument at fault in backticks ("pass its `path`"),
@@ -296,7 +302,8 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
 
     Raises:
       DataError: an unknown name, a file dataset without ``path``, a built-in
-        one with it, or ``num_examples`` for a dataset that is not synthetic.
+        one with it, ``num_examples`` that is not a positive int or is given
+        for a dataset that is not synthetic, ``test_fraction`` outside (0, 1).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r} (`name`); choose one of "
@@ -308,6 +315,10 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
                         f"or pick {', '.join(FILE_DATASETS)}")
     if num_examples is not None and name not in ("spirals", "moons"):
         raise DataError(f"`num_examples` only applies to spirals and moons, not {name!r}")
+    if num_examples is not None and (not isinstance(num_examples, int)
+                                     or isinstance(num_examples, bool) or num_examples < 1):
+        raise DataError(f"`num_examples` must be a positive integer, got {num_examples!r}")
+    _check_test_fraction(test_fraction)
 
 
 def load_dataset(name: str, *, path: str | os.PathLike | None = None,
@@ -337,7 +348,7 @@ def load_dataset(name: str, *, path: str | os.PathLike | None = None,
       DataWarning: a test split without examples of some class; arrays of a
         ``.npz`` that are not used.
     """
-    check_dataset_arguments(name, path, num_examples)
+    check_dataset_arguments(name, path, num_examples, test_fraction)
     splits: Mapping[str, np.ndarray] | None = None
     rows = None  # the file's line of each example (csv), for the messages
     if name == "digits":
