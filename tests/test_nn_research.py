@@ -222,6 +222,9 @@ def test_every_layer_is_a_factory():
         assert getattr(fnbp, n) is getattr(fnbp.nn, n)
     assert isinstance(fnbp.nn.Relu(), fnbp.Layer) and fnbp.nn.Relu() is fnbp.nn.Relu()
     assert fnbp.nn.Gelu().name == "gelu(approximate=False)"
+    with pytest.raises(TypeError, match=r"serial: argument 1 is function \(a layer factory: "
+                                        r"call it, fnbp.Relu\(...\)\), not a Layer"):
+        fnbp.serial(fnbp.Linear(3), fnbp.Relu)
 
 
 # --- fnbp.cnn on 1-D signals (Conv1D, eqs. 7.48-7.50, and 1-D max pooling) -----------

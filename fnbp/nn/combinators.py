@@ -20,9 +20,12 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     """
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
+            hint = ""
+            if getattr(layer, "__module__", "").startswith("fnbp.nn") and callable(layer):
+                hint = f" (a layer factory: call it, fnbp.{layer.__name__}(...))"
             raise TypeError(
-                f"serial: argument {i} is {type(layer).__name__}, not a Layer; "
-                f"use fnbp.Linear(n), fnbp.Relu, ... or fnbp.make_layer"
+                f"serial: argument {i} is {type(layer).__name__}{hint}, not a Layer; "
+                f"use fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer"
             )
     name = name or "serial(" + ", ".join(layer.name for layer in layers) + ")"
 
