@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Sequence
 
@@ -23,6 +24,16 @@ COMMANDS = {
               "verify hand-written rules (built-in or yours) against autodiff"),
     "train": ("fnbp.cli.train", "train a network with hand-written backprop on real data"),
 }
+
+
+def with_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message with each backticked argument name (`batch_size`) as its flag.
+
+    The library names the argument at fault in backticks and knows no flags; a
+    subcommand passes its table ``{"batch_size": "--batch-size", ...}``. Names
+    not in the table keep their backticks.
+    """
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,52 +34,31 @@ and the loss stay float32; float16 adds dynamic loss scaling (fnbp.train.precisi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import importlib.util
 import math
 import os
-import re
 import signal
 import sys
 import time
 from typing import Any
 
-MODELS = ("mlp", "cnn", "resnet-s")
-OPTIMIZERS = ("sgd", "momentum", "adam")
-PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
-CHECKPOINT = "checkpoint.npz"
-
-# Defaults chosen per dataset (measured: see the README's training section).
-_DATASET_DEFAULTS = {
-    "digits": {"width": 1024, "epochs": 10, "lr_scale": 1.0},
-    "spirals": {"width": 256, "epochs": 30, "lr_scale": 10.0},
-}
-_OTHER_DEFAULTS = {"width": 256, "epochs": 10, "lr_scale": 1.0}
-_MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, "depth": 2}}
-_LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
-_MOMENTUM = 0.9
-_BATCH_SIZE = 32
-_TEST_FRACTION = 0.2
-
-# Flags that define a run; on --resume they come from the checkpoint.
-_RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
-              "batch_size", "seed", "test_fraction", "num_examples", "precision")
-
-
-class _AllDevices:
-    """The value of --fsdp given alone: all of --devices (not a string, which argparse
-    would convert with type=int)."""
-
-    def __repr__(self) -> str:
-        return "all"
-
-
-_ALL = _AllDevices()
-
-
-class UsageError(Exception):
-    """A problem with the command line; printed as one line, exit status 2."""
+from fnbp.cli._train_config import (
+    _ALL,
+    _BATCH_SIZE,
+    _MOMENTUM,
+    _TEST_FRACTION,
+    CHECKPOINT,
+    MODELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    UsageError,
+    _mesh,
+    _resolve,
+    as_flags,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,184 +124,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
     parser.error = one_line_error  # argparse's errors as one line too
-
-
-# --- resolving and validating the configuration -------------------------------------
-
-
-def _infer_dataset(data_path: str) -> str:
-    if os.path.isdir(data_path):
-        return "idx"
-    extension = os.path.splitext(data_path)[1].lower()
-    if extension in (".npz", ".csv"):
-        return extension[1:]
-    raise UsageError(f"cannot tell the format of --data-path {data_path}; pass --dataset "
-                     f"npz, csv or idx")
-
-
-def _checkpoint_path(resume: str) -> str:
-    from fnbp.cli import _run_folder
-
-    if os.path.isdir(resume):
-        if _run_folder.unstarted_run(resume):
-            raise UsageError(f"--resume {resume}: the run stopped before its first "
-                             f"checkpoint, so there is nothing to resume; start it again: "
-                             f"{_run_folder.restart_command(resume)}")
-        return os.path.join(resume, CHECKPOINT)
-    if not os.path.exists(resume):
-        raise UsageError(f"--resume {resume}: no such run folder or checkpoint file")
-    return resume
-
-
-def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """The run's config (flags, defaults, or the resumed run's) and its checkpoint path."""
-    from fnbp.train.checkpoint import read_checkpoint_metadata
-
-    given = {name: getattr(args, name) for name in _RUN_FLAGS}
-    if given["data_path"] is not None:
-        given["data_path"] = os.path.abspath(given["data_path"])
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = _checkpoint_path(args.resume)
-        stored = read_checkpoint_metadata(checkpoint).get("config")
-        if isinstance(stored, dict):  # runs saved before --precision existed were float32
-            stored = {"precision": "float32", **stored}
-        if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
-            raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
-                             f"not written by fnbp train")
-        for name, value in given.items():
-            if value is not None and value != stored[name]:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"--resume: the run was made with {flag} "
-                                 f"{stored[name]} but {flag} {value} was given; drop "
-                                 f"{flag} to continue it, or start a new run")
-        config = {name: stored[name] for name in _RUN_FLAGS}
-        config["epochs"] = args.epochs if args.epochs is not None else stored["epochs"]
-    else:
-        config = dict(given)
-        if config["dataset"] is None:
-            config["dataset"] = ("digits" if config["data_path"] is None
-                                 else _infer_dataset(config["data_path"]))
-        config["model"] = config["model"] or "mlp"
-        config["optimizer"] = config["optimizer"] or "adam"
-        config["precision"] = config["precision"] or "float32"
-        dataset_defaults = _DATASET_DEFAULTS.get(config["dataset"], _OTHER_DEFAULTS)
-        model_defaults = _MODEL_DEFAULTS.get(config["model"], {})
-        if config["width"] is None:
-            config["width"] = model_defaults.get("width", dataset_defaults["width"])
-        if config["depth"] is None:
-            config["depth"] = model_defaults.get("depth", 2)
-        if config["lr"] is None:
-            config["lr"] = _LR[config["optimizer"]] * dataset_defaults["lr_scale"]
-        for name, value in (("batch_size", _BATCH_SIZE), ("seed", 0),
-                            ("test_fraction", _TEST_FRACTION)):
-            if config[name] is None:
-                config[name] = value
-        config["epochs"] = (args.epochs if args.epochs is not None
-                            else dataset_defaults["epochs"])
-    config["checkpoint_every"] = args.checkpoint_every
-    _validate(config)
-    _validate_parallel(args)
-    return config, checkpoint
-
-
-def _validate_parallel(args: argparse.Namespace) -> None:
-    """The flags of several devices and hosts, as far as they can be checked without JAX."""
-    if args.devices is not None and args.devices < 1:
-        raise UsageError(f"--devices must be a positive integer, got {args.devices}")
-    if args.fsdp is not None and args.fsdp is not _ALL and args.fsdp < 1:
-        raise UsageError(f"--fsdp must be a positive integer, got {args.fsdp}")
-    processes = args.num_processes
-    if processes is not None and processes < 1:
-        raise UsageError(f"--num-processes must be a positive integer, got {processes}")
-    if processes is None or processes == 1:
-        if args.process_id not in (None, 0):
-            raise UsageError(f"--process-id {args.process_id} needs --num-processes "
-                             f"greater than {args.process_id}")
-        return
-    if args.coordinator is None:
-        raise UsageError(f"--num-processes {processes} needs --coordinator HOST:PORT, the "
-                         f"address of process 0, on every process")
-    if args.process_id is None or not 0 <= args.process_id < processes:
-        raise UsageError(f"--num-processes {processes} needs --process-id, this process' "
-                         f"number in 0 .. {processes - 1}, got {args.process_id}")
-
-
-def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
-    """The device mesh of the run (None: one device), after the device checks."""
-    import jax
-
-    from fnbp.train import sharding
-
-    present = jax.device_count()
-    devices = args.devices if args.devices is not None else present
-    if args.devices is None and jax.process_count() == 1 and batch_size % devices:
-        # By default, as many devices as the batch splits evenly over (3 GPUs and
-        # --batch-size 32: 2 of them); an explicit --devices is taken as given.
-        group = args.fsdp if isinstance(args.fsdp, int) and args.fsdp > 0 else 1
-        devices = max((d for d in range(group, present + 1, group) if batch_size % d == 0),
-                      default=devices)
-        print(f"fnbp train: --batch-size {batch_size} does not split evenly over the "
-              f"{present} devices present; training on {devices} (pass --devices to choose)",
-              file=sys.stderr)
-    if devices > present:
-        are = "device is" if present == 1 else "devices are"
-        raise UsageError(f"--devices {devices}: only {present} {are} present "
-                         f"({jax.default_backend()}); pass --devices {present} or fewer")
-    fsdp = devices if args.fsdp is _ALL else (args.fsdp or 1)
-    if devices % fsdp:
-        raise UsageError(f"--fsdp {fsdp} does not divide --devices {devices}; the devices "
-                         f"form a ({devices} // fsdp) x fsdp mesh, so pass an --fsdp that "
-                         f"divides {devices}")
-    if batch_size % devices:
-        lower = batch_size - batch_size % devices
-        example = f"{lower} or {lower + devices}" if lower else f"{devices}"
-        raise UsageError(f"--batch-size {batch_size} does not split evenly over --devices "
-                         f"{devices} (every device takes an equal part of each batch); pass "
-                         f"a --batch-size that is a multiple of {devices} ({example}) or "
-                         f"fewer --devices")
-    if devices == 1 and jax.process_count() == 1:
-        return None
-    try:
-        return sharding.make_mesh(devices, fsdp=fsdp)
-    except ValueError as error:
-        raise UsageError(f"--devices {devices}: {error}") from error
-
-
-def _validate(config: dict[str, Any]) -> None:
-    def positive_int(name: str) -> None:
-        if not isinstance(config[name], int) or config[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
-                             f"got {config[name]}")
-
-    for name in ("batch_size", "epochs", "width", "depth"):
-        positive_int(name)
-    lr = config["lr"]
-    if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
-        raise UsageError(f"--lr must be a positive finite number, got {lr}")
-    if not 0 <= config["seed"] < 2**32:
-        raise UsageError(f"--seed must lie in [0, 2**32), got {config['seed']}")
-    if config["checkpoint_every"] < 0:
-        raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
-                         f"{config['checkpoint_every']}")
-    from fnbp.train.data import DataError, check_dataset_arguments
-
-    try:  # the library's own check, before any work, in the flags' words
-        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"],
-                                config["test_fraction"])
-    except DataError as error:
-        raise UsageError(as_flags(str(error))) from error
-
-
-# The library names an argument at fault in backticks (`path`); the command line
-# says which flag sets it.
-FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
-         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction"}
-
-
-def as_flags(message: str) -> str:
-    """A library message with its backticked argument names replaced by their flags."""
-    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
 
 
 # --- data and model ----------------------------------------------------------------
@@ -449,19 +250,39 @@ def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: 
     return state, list(meta.get("history", []))
 
 
-def _train(args: argparse.Namespace, progress: Any) -> int:
-    from fnbp.cli import _run_folder
+@dataclasses.dataclass
+class _Run:
+    """A validated run: its data, model, optimizer and starting state; nothing written yet."""
 
-    _require_train_extra()
-    config, resume_from = _resolve(args)
-    out = _run_folder.out_folder(args.out, config, resume_from)
+    config: dict[str, Any]
+    out: str
+    processes: int
+    leader: bool  # process 0 writes the run folder and prints
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+    mesh: Any
+    data_sha256: str
+    per_epoch: int
+    model: Any
+    optimizer: Any
+    root: Any  # the PRNG key of --seed, stored in every checkpoint
+    shuffle_key: Any
+    state: Any
+    history: list[dict[str, Any]]
+    run_config: dict[str, Any]
 
+
+def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str | None,
+             out: str) -> _Run:
+    """Load the data, build the model and its starting state: every check before writing."""
     import jax
     import jax.numpy as jnp
 
     import fnbp
-    from fnbp.train import checkpoint as ckpt
     from fnbp import train
+    from fnbp.cli import _run_folder
     from fnbp.train import sharding
     from fnbp.train.data import DataWarning, load_dataset
 
@@ -471,9 +292,7 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
                                                     args.process_id)
     except ValueError as error:
         raise UsageError(f"--coordinator {args.coordinator}: {error}") from error
-    leader = jax.process_index() == 0  # process 0 writes the run folder and prints
 
-    started = time.perf_counter()
     with _run_folder.warnings_as_lines("fnbp train: warning: ", DataWarning):
         dataset = load_dataset(config["dataset"], path=config["data_path"],
                                test_fraction=config["test_fraction"],
@@ -503,63 +322,92 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     if resume_from is not None:
         state, history = _resumed(config, resume_from, state, data_sha256, root, per_epoch)
 
-    # Everything is valid: from here on the run folder is written.
-    devices = 1 if mesh is None else mesh.size
     run_config = {**config, "out": out, "num_classes": dataset.num_classes,
                   "input_shape": list(x_train.shape[1:]), "num_train": n,
                   "num_test": len(x_test), "steps_per_epoch": per_epoch,
                   "fnbp_version": fnbp.__version__,
                   "jax_version": jax.__version__, "backend": jax.default_backend(),
-                  "devices": devices,
+                  "devices": 1 if mesh is None else mesh.size,
                   "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
                   "processes": processes}
-    checkpoint_file = os.path.join(out, CHECKPOINT)
-    progress.out = out
-    if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == out:
-        progress.saved_step = state.step
+    return _Run(config, out, processes, jax.process_index() == 0, x_train, y_train, x_test,
+                y_test, mesh, data_sha256, per_epoch, model, optimizer, root, shuffle_key,
+                state, history, run_config)
 
-    if leader:
-        _run_folder.prepare(progress, run_config)
+
+def _saver(run: _Run, progress: Any) -> Any:
+    """``save(state, history)``: the checkpoint of the run folder, written atomically."""
+    from fnbp.cli import _run_folder
+    from fnbp.train import checkpoint as ckpt
+    from fnbp.train import sharding
+
+    checkpoint_file = os.path.join(run.out, CHECKPOINT)
 
     def save(current: Any, epochs_done: list[dict[str, Any]]) -> None:
         params, opt_state = current.params, current.opt_state
-        if processes > 1:  # every process takes part in gathering the sharded arrays
+        if run.processes > 1:  # every process takes part in gathering the sharded arrays
             params, opt_state = sharding.to_host((params, opt_state))
-        if leader:
-            with _run_folder.writing(out, checkpoint_file, progress.saved_step):
+        if run.leader:
+            with _run_folder.writing(run.out, checkpoint_file, progress.saved_step):
                 ckpt.save_checkpoint(checkpoint_file, params, opt_state,
-                                     step=current.step, key=root,
-                                     metadata={"config": config, "history": epochs_done,
+                                     step=current.step, key=run.root,
+                                     metadata={"config": run.config, "history": epochs_done,
                                                "loss_sum": current.loss_sum,
                                                "correct_sum": current.correct_sum,
-                                               "data_sha256": data_sha256})
+                                               "data_sha256": run.data_sha256})
         progress.saved_step = current.step
-        if leader and not progress.config_written:
-            progress.write_config(run_config)
+        if run.leader and not progress.config_written:
+            progress.write_config(run.run_config)
 
+    return save
+
+
+def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
+    """Say what is trained, on what, where; return the tqdm bar of the steps."""
     from tqdm import tqdm
 
-    total = config["epochs"] * per_epoch
-    where = "" if mesh is None else f", data parallel on {sharding.describe(mesh)}"
-    # float32 is the step without casts, exactly as before --precision existed
-    precision = None if config["precision"] == "float32" else config["precision"]
-    if precision is not None:
-        where += f", {precision} mixed precision"
-    if leader:
-        progress.output.say(
-            f"fnbp train: {config['model']} on {config['dataset']} ({n} train, "
-            f"{len(x_test)} test, {dataset.num_classes} classes), {config['optimizer']} lr "
-            f"{config['lr']:g}, batch {config['batch_size']}, {config['epochs']} epochs"
-            f"{where}; run folder {out}")
-    bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=args.no_progress or not leader, file=sys.stderr)
+    from fnbp.train import sharding
 
-    history_so_far = list(history)
+    config = run.config
+    where = "" if run.mesh is None else f", data parallel on {sharding.describe(run.mesh)}"
+    if config["precision"] != "float32":
+        where += f", {config['precision']} mixed precision"
+    if run.leader:
+        progress.output.say(
+            f"fnbp train: {config['model']} on {config['dataset']} ({len(run.x_train)} "
+            f"train, {len(run.x_test)} test, {run.run_config['num_classes']} classes), "
+            f"{config['optimizer']} lr {config['lr']:g}, batch {config['batch_size']}, "
+            f"{config['epochs']} epochs{where}; run folder {run.out}")
+    return tqdm(total=config["epochs"] * run.per_epoch, initial=run.state.step, unit="step",
+                dynamic_ncols=True, disable=args.no_progress or not run.leader,
+                file=sys.stderr)
+
+
+def _train(args: argparse.Namespace, progress: Any) -> int:
+    from fnbp.cli import _run_folder
+
+    _require_train_extra()
+    config, resume_from = _resolve(args)
+    out = _run_folder.out_folder(args.out, config, resume_from)
+    started = time.perf_counter()
+    run = _prepare(args, config, resume_from, out)
+
+    import fnbp
+
+    # Everything is valid: from here on the run folder is written.
+    progress.out = out
+    if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == out:
+        progress.saved_step = run.state.step
+    if run.leader:
+        _run_folder.prepare(progress, run.run_config)
+    save = _saver(run, progress)
+    bar = _progress_bar(run, progress, args)
+    history_so_far = list(run.history)
 
     def on_step(current: Any, running: dict[str, float]) -> None:
         if not math.isfinite(running["loss"]):
             raise _Diverged(current.step)
-        epoch = (current.step - 1) // per_epoch + 1
+        epoch = (current.step - 1) // run.per_epoch + 1
         bar.set_description(f"epoch {epoch}/{config['epochs']}", refresh=False)
         postfix = {"loss": f"{running['loss']:.4f}"}
         if "accuracy" in running:
@@ -567,19 +415,22 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         every = config["checkpoint_every"]
-        if every and current.step % every == 0 and current.step % per_epoch:
+        if every and current.step % every == 0 and current.step % run.per_epoch:
             save(current, history_so_far)
 
     def on_epoch(current: Any, epochs_done: list[dict[str, Any]]) -> None:
         history_so_far[:] = epochs_done
         save(current, epochs_done)
 
+    # float32 is the step without casts, exactly as before --precision existed
+    precision = None if config["precision"] == "float32" else config["precision"]
     try:
-        result = train.fit(model, fnbp.cross_entropy_loss, optimizer, state.params,
-                           x_train, y_train, key=shuffle_key, epochs=config["epochs"],
-                           batch_size=config["batch_size"], x_test=x_test, y_test=y_test,
-                           state=state, history=history, on_step=on_step, on_epoch=on_epoch,
-                           mesh=mesh, precision=precision)
+        result = fnbp.fit(run.model, fnbp.cross_entropy_loss, run.optimizer, run.state.params,
+                          run.x_train, run.y_train, key=run.shuffle_key,
+                          epochs=config["epochs"], batch_size=config["batch_size"],
+                          x_test=run.x_test, y_test=run.y_test, state=run.state,
+                          history=run.history, on_step=on_step, on_epoch=on_epoch,
+                          mesh=run.mesh, precision=precision)
     except _Diverged as diverged:
         bar.close()
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
@@ -589,8 +440,8 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     seconds = time.perf_counter() - started
     if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
-    if leader:
-        _run_folder.write_results(progress, config, result, seconds, len(x_test))
+    if run.leader:
+        _run_folder.write_results(progress, config, result, seconds, len(run.x_test))
     return 0
 
 

@@ -1,0 +1,231 @@
+"""fnbp train's configuration: the flags' defaults, resolving --resume, validating.
+
+Only what the library cannot know is checked here (a flag against another
+flag, a run folder, the devices asked for); what the library validates, it
+validates once (:func:`fnbp.train.data.check_dataset_arguments`), and
+:func:`as_flags` turns its argument names into these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+from fnbp.cli import with_flags
+
+MODELS = ("mlp", "cnn", "resnet-s")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
+CHECKPOINT = "checkpoint.npz"
+
+# Defaults chosen per dataset (measured: see the README's training section).
+_DATASET_DEFAULTS = {
+    "digits": {"width": 1024, "epochs": 10, "lr_scale": 1.0},
+    "spirals": {"width": 256, "epochs": 30, "lr_scale": 10.0},
+}
+_OTHER_DEFAULTS = {"width": 256, "epochs": 10, "lr_scale": 1.0}
+_MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, "depth": 2}}
+_LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
+_MOMENTUM = 0.9
+_BATCH_SIZE = 32
+_TEST_FRACTION = 0.2
+
+# Flags that define a run; on --resume they come from the checkpoint.
+_RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
+              "batch_size", "seed", "test_fraction", "num_examples", "precision")
+
+
+class _AllDevices:
+    """The value of --fsdp given alone: all of --devices (not a string, which argparse
+    would convert with type=int)."""
+
+    def __repr__(self) -> str:
+        return "all"
+
+
+_ALL = _AllDevices()
+
+
+class UsageError(Exception):
+    """A problem with the command line; printed as one line, exit status 2."""
+
+
+# --- resolving and validating the configuration -------------------------------------
+
+
+def _infer_dataset(data_path: str) -> str:
+    if os.path.isdir(data_path):
+        return "idx"
+    extension = os.path.splitext(data_path)[1].lower()
+    if extension in (".npz", ".csv"):
+        return extension[1:]
+    raise UsageError(f"cannot tell the format of --data-path {data_path}; pass --dataset "
+                     f"npz, csv or idx")
+
+
+def _checkpoint_path(resume: str) -> str:
+    from fnbp.cli import _run_folder
+
+    if os.path.isdir(resume):
+        if _run_folder.unstarted_run(resume):
+            raise UsageError(f"--resume {resume}: the run stopped before its first "
+                             f"checkpoint, so there is nothing to resume; start it again: "
+                             f"{_run_folder.restart_command(resume)}")
+        return os.path.join(resume, CHECKPOINT)
+    if not os.path.exists(resume):
+        raise UsageError(f"--resume {resume}: no such run folder or checkpoint file")
+    return resume
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The run's config (flags, defaults, or the resumed run's) and its checkpoint path."""
+    from fnbp.train.checkpoint import read_checkpoint_metadata
+
+    given = {name: getattr(args, name) for name in _RUN_FLAGS}
+    if given["data_path"] is not None:
+        given["data_path"] = os.path.abspath(given["data_path"])
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = _checkpoint_path(args.resume)
+        stored = read_checkpoint_metadata(checkpoint).get("config")
+        if isinstance(stored, dict):  # runs saved before --precision existed were float32
+            stored = {"precision": "float32", **stored}
+        if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
+            raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
+                             f"not written by fnbp train")
+        for name, value in given.items():
+            if value is not None and value != stored[name]:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"--resume: the run was made with {flag} "
+                                 f"{stored[name]} but {flag} {value} was given; drop "
+                                 f"{flag} to continue it, or start a new run")
+        config = {name: stored[name] for name in _RUN_FLAGS}
+        config["epochs"] = args.epochs if args.epochs is not None else stored["epochs"]
+    else:
+        config = dict(given)
+        if config["dataset"] is None:
+            config["dataset"] = ("digits" if config["data_path"] is None
+                                 else _infer_dataset(config["data_path"]))
+        config["model"] = config["model"] or "mlp"
+        config["optimizer"] = config["optimizer"] or "adam"
+        config["precision"] = config["precision"] or "float32"
+        dataset_defaults = _DATASET_DEFAULTS.get(config["dataset"], _OTHER_DEFAULTS)
+        model_defaults = _MODEL_DEFAULTS.get(config["model"], {})
+        if config["width"] is None:
+            config["width"] = model_defaults.get("width", dataset_defaults["width"])
+        if config["depth"] is None:
+            config["depth"] = model_defaults.get("depth", 2)
+        if config["lr"] is None:
+            config["lr"] = _LR[config["optimizer"]] * dataset_defaults["lr_scale"]
+        for name, value in (("batch_size", _BATCH_SIZE), ("seed", 0),
+                            ("test_fraction", _TEST_FRACTION)):
+            if config[name] is None:
+                config[name] = value
+        config["epochs"] = (args.epochs if args.epochs is not None
+                            else dataset_defaults["epochs"])
+    config["checkpoint_every"] = args.checkpoint_every
+    _validate(config)
+    _validate_parallel(args)
+    return config, checkpoint
+
+
+def _validate_parallel(args: argparse.Namespace) -> None:
+    """The flags of several devices and hosts, as far as they can be checked without JAX."""
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices must be a positive integer, got {args.devices}")
+    if args.fsdp is not None and args.fsdp is not _ALL and args.fsdp < 1:
+        raise UsageError(f"--fsdp must be a positive integer, got {args.fsdp}")
+    processes = args.num_processes
+    if processes is not None and processes < 1:
+        raise UsageError(f"--num-processes must be a positive integer, got {processes}")
+    if processes is None or processes == 1:
+        if args.process_id not in (None, 0):
+            raise UsageError(f"--process-id {args.process_id} needs --num-processes "
+                             f"greater than {args.process_id}")
+        return
+    if args.coordinator is None:
+        raise UsageError(f"--num-processes {processes} needs --coordinator HOST:PORT, the "
+                         f"address of process 0, on every process")
+    if args.process_id is None or not 0 <= args.process_id < processes:
+        raise UsageError(f"--num-processes {processes} needs --process-id, this process' "
+                         f"number in 0 .. {processes - 1}, got {args.process_id}")
+
+
+def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
+    """The device mesh of the run (None: one device), after the device checks."""
+    import jax
+
+    from fnbp.train import sharding
+
+    present = jax.device_count()
+    devices = args.devices if args.devices is not None else present
+    if args.devices is None and jax.process_count() == 1 and batch_size % devices:
+        # By default, as many devices as the batch splits evenly over (3 GPUs and
+        # --batch-size 32: 2 of them); an explicit --devices is taken as given.
+        group = args.fsdp if isinstance(args.fsdp, int) and args.fsdp > 0 else 1
+        devices = max((d for d in range(group, present + 1, group) if batch_size % d == 0),
+                      default=devices)
+        print(f"fnbp train: --batch-size {batch_size} does not split evenly over the "
+              f"{present} devices present; training on {devices} (pass --devices to choose)",
+              file=sys.stderr)
+    if devices > present:
+        are = "device is" if present == 1 else "devices are"
+        raise UsageError(f"--devices {devices}: only {present} {are} present "
+                         f"({jax.default_backend()}); pass --devices {present} or fewer")
+    fsdp = devices if args.fsdp is _ALL else (args.fsdp or 1)
+    if devices % fsdp:
+        raise UsageError(f"--fsdp {fsdp} does not divide --devices {devices}; the devices "
+                         f"form a ({devices} // fsdp) x fsdp mesh, so pass an --fsdp that "
+                         f"divides {devices}")
+    if batch_size % devices:
+        lower = batch_size - batch_size % devices
+        example = f"{lower} or {lower + devices}" if lower else f"{devices}"
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over --devices "
+                         f"{devices} (every device takes an equal part of each batch); pass "
+                         f"a --batch-size that is a multiple of {devices} ({example}) or "
+                         f"fewer --devices")
+    if devices == 1 and jax.process_count() == 1:
+        return None
+    try:
+        return sharding.make_mesh(devices, fsdp=fsdp)
+    except ValueError as error:
+        raise UsageError(f"--devices {devices}: {error}") from error
+
+
+def _validate(config: dict[str, Any]) -> None:
+    def positive_int(name: str) -> None:
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {config[name]}")
+
+    for name in ("batch_size", "epochs", "width", "depth"):
+        positive_int(name)
+    lr = config["lr"]
+    if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {lr}")
+    if not 0 <= config["seed"] < 2**32:
+        raise UsageError(f"--seed must lie in [0, 2**32), got {config['seed']}")
+    if config["checkpoint_every"] < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
+                         f"{config['checkpoint_every']}")
+    from fnbp.train.data import DataError, check_dataset_arguments
+
+    try:  # the library's own check, before any work, in the flags' words
+        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"],
+                                config["test_fraction"])
+    except DataError as error:
+        raise UsageError(as_flags(str(error))) from error
+
+
+# The library names an argument at fault in backticks (`path`); the command line
+# says which flag sets it.
+FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
+         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction"}
+
+
+def as_flags(message: str) -> str:
+    """A library message in fnbp train's flags (``pass its `path``` -> ``--data-path``)."""
+    return with_flags(message, FLAGS)
