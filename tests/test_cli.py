@@ -17,3 +17,16 @@ def test_a_closed_stdout_is_one_line_not_a_traceback(capsys, monkeypatch):
     assert captured.err == ("fnbp train: error: standard output was closed before all "
                             "output was written (piped into head?); the rest is not printed\n")
 
+
+
+def test_with_flags_names_the_flag_of_each_backticked_argument():
+    message = "`batch_size` must be a positive integer; `seed` and `other` as given"
+    flags = {"batch_size": "--batch-size", "seed": "--seed"}
+    assert cli.with_flags(message, flags) == ("--batch-size must be a positive integer; "
+                                              "--seed and `other` as given")
+
+
+def test_library_data_errors_reach_the_user_in_flags(capsys):
+    assert cli.main(["train", "--dataset", "npz", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("fnbp train: error: dataset 'npz' is read from a "
+                                       "file; pass its --data-path\n")
