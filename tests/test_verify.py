@@ -18,7 +18,8 @@ import pytest
 
 import fnbp
 from fnbp.catalog import CASES
-from fnbp.cli.check import FLOAT64_TRANSFORMS, example_args
+from fnbp.cli.check import FLOAT64_TRANSFORMS
+from fnbp.verify.draws import example_args
 from fnbp.verify import DEFAULT_TOLERANCES, TRANSFORMS, VJPCheck, VJPReport, check_vjp
 
 RNG = np.random.default_rng(3)

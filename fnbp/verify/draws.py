@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from fnbp.verify.programs import jit_fast
 from fnbp.verify.report import VJPCheck, VJPReport
 
 
@@ -111,3 +112,59 @@ def _raised_row(first: VJPReport, label: str, err: Exception) -> VJPCheck:
                     tol.rtol if tol else 0.0, tol.atol if tol else 0.0, False,
                     " ".join(str(err).split()), label,
                     f"f fails at distinct sizes: {type(err.__cause__ or err).__name__}")
+
+
+def _call_factory(make_args, dtype, key):
+    return _as_tuple(make_args(key, dtype))
+
+
+def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
+                 drawn: dict | None = None) -> tuple:
+    """Example arguments from a factory ``make_args(key, dtype)`` (a rule record's ``examples``).
+
+    A factory that draws with ``jax.random`` runs once, in float64, as one
+    fast-compiled program (eager random sampling compiles slowly, and would
+    compile again for every dtype); at another dtype each argument is that
+    draw cast to the dtype the factory gives it there (found by tracing the
+    factory at that dtype, which compiles nothing). For factories that draw
+    and then cast, this is exactly what they return. A factory that cannot be
+    traced (the catalog's draw with NumPy, which compiles nothing), or whose
+    arguments change structure with the dtype, is simply called.
+
+    Args:
+      make_args: the factory.
+      dtype: the dtype name, e.g. ``"bfloat16"``.
+      seed: seed of ``jax.random.PRNGKey``.
+      drawn: a dict the caller keeps to reuse float64 draws across dtypes.
+
+    Returns:
+      The tuple of positional arguments.
+    """
+    import numpy as np
+
+    key = jax.random.PRNGKey(seed)
+    drawn = {} if drawn is None else drawn
+    if (make_args, seed) not in drawn:
+        try:
+            drawn[make_args, seed] = jit_fast(_call_factory)(make_args, jnp.dtype("float64"),
+                                                             key)
+        except Exception:  # cannot be traced: remembered, so it is tried once
+            drawn[make_args, seed] = None
+    base = drawn[make_args, seed]
+    if base is None:
+        return _as_tuple(make_args(key, jnp.dtype(dtype)))
+    try:
+        shape = jax.eval_shape(lambda k: _call_factory(make_args, jnp.dtype(dtype), k), key)
+        leaves, treedef = jax.tree_util.tree_flatten(base)
+        wanted, wanted_def = jax.tree_util.tree_flatten(shape)
+        if treedef != wanted_def or [x.shape for x in leaves] != [w.shape for w in wanted]:
+            raise ValueError("the arguments change structure with the dtype")
+        return treedef.unflatten([
+            x if x.dtype == w.dtype else jax.device_put(np.asarray(x).astype(w.dtype))
+            for x, w in zip(leaves, wanted)])
+    except Exception:  # a factory that cannot be traced at this dtype runs as it is
+        return _as_tuple(make_args(key, jnp.dtype(dtype)))
+
+
+def _as_tuple(made: Any) -> tuple:
+    return tuple(made) if isinstance(made, (tuple, list)) else (made,)
