@@ -221,6 +221,11 @@ def test_every_layer_is_a_factory():
         assert callable(getattr(fnbp.nn, n)) and not isinstance(getattr(fnbp.nn, n), fnbp.Layer)
         assert getattr(fnbp, n) is getattr(fnbp.nn, n)
     assert isinstance(fnbp.nn.Relu(), fnbp.Layer) and fnbp.nn.Relu() is fnbp.nn.Relu()
+    # every rule declared with a layer has its factory in fnbp.nn, giving that rule's layer
+    for name, rule in fnbp.rules.registry().items():
+        if rule.layer is not None:
+            factory = rule.layer.factory or name.capitalize()
+            assert getattr(fnbp.nn, factory)() is fnbp.nn.rule_layer(name), name
     assert fnbp.nn.Gelu().name == "gelu(approximate=False)"
     with pytest.raises(TypeError, match=r"serial: argument 1 is function \(a layer factory: "
                                         r"call it, fnbp.Relu\(...\)\), not a Layer"):

@@ -11,13 +11,13 @@ and nothing above it.
 from fnbp.nn.combinators import remat, residual, serial
 from fnbp.nn.layer import Layer, layer_from_rule, make_layer
 from fnbp.nn.layers import (AvgPool, Conv1D, Conv2D, Elu, Flatten, Gelu, LayerNorm, LeakyRelu,
-                             Linear, MaxPool, RMSNorm, Relu, Sigmoid, Silu, Softplus, Tanh,
-                             activation_layer, rule_layer)
+                             Linear, MaxPool, RMSNorm, Relu, Sigmoid, Silu, Softmax, Softplus,
+                             Tanh, activation_layer, rule_layer)
 from fnbp.nn.models import cnn, mlp, resnet_s
 
 __all__ = [
     "AvgPool", "Conv1D", "Conv2D", "Elu", "Flatten", "Gelu", "Layer", "LayerNorm",
-    "LeakyRelu", "Linear", "MaxPool", "RMSNorm", "Relu", "Sigmoid", "Silu", "Softplus",
+    "LeakyRelu", "Linear", "MaxPool", "RMSNorm", "Relu", "Sigmoid", "Silu", "Softmax", "Softplus",
     "Tanh", "activation_layer", "cnn", "layer_from_rule", "make_layer", "mlp", "remat",
     "residual", "resnet_s", "rule_layer", "serial",
 ]

@@ -50,6 +50,9 @@ def rule_layer(name: str, **settings: Any) -> Layer:
       ValueError: an unknown name or setting, or a setting the rule refuses
         (the rule's own message, prefixed by the layer's constructor name).
     """
+    rule = _layer_rules().get(name)
+    if rule is not None:  # the same layer with or without its default settings spelled out
+        settings = {**rule.layer.settings, **settings}
     key = (name, tuple(sorted(settings.items())))
     if key not in _RULE_LAYERS:
         _RULE_LAYERS[key] = _make_rule_layer(name, **settings)
@@ -113,6 +116,11 @@ def Silu() -> Layer:
 def Elu(alpha: float = 1.0) -> Layer:
     """ELU layer with a fixed ``alpha`` > 0; no params."""
     return rule_layer("elu", alpha=alpha)
+
+
+def Softmax() -> Layer:
+    """Softmax over the last axis as a layer, B(v) = s (.) (v - <s, v>); no params."""
+    return rule_layer("softmax")
 
 
 def Gelu(approximate: bool = False) -> Layer:
