@@ -54,7 +54,7 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
 
     Example::
 
-        layer = fnbp.dense(3)
+        layer = fnbp.Linear(3)
         _, params = layer.init(jax.random.PRNGKey(0), (4,))
         fnbp.check_layer(layer, params, x).assert_ok()      # x: (n, 4)
 
