@@ -151,6 +151,36 @@ def test_train_user_npz_1d_signals_with_cnn(tmp_path, capsys):
     assert (3, 1, 4) in shapes and (3, 4, 8) in shapes, shapes  # Conv1D filters (k, C, C2)
 
 
+def test_train_user_npz_multichannel_signals_with_cnn1d(tmp_path, capsys):
+    # examples of shape (L, C) are signals for cnn1d (for cnn they would be (H, W) images)
+    rng = np.random.default_rng(1)
+    y = np.arange(64) % 2
+    t = np.arange(16) / 16
+    phase = rng.random((64, 1))
+    freq = np.where(y == 0, 1.0, 4.0)[:, None]
+    x = np.stack([np.sin(2 * np.pi * (freq * t + phase)),
+                  np.cos(2 * np.pi * (freq * t + phase))], axis=-1)
+    np.savez(tmp_path / "signals2.npz", x=x.astype(np.float32), y=y)
+    assert train("--data-path", tmp_path / "signals2.npz", "--model", "cnn1d", "--epochs", "1",
+                 "--batch-size", "16", "--width", "4", "--depth", "2", "--no-progress",
+                 "--out", tmp_path / "run") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == "cnn1d" and config["input_shape"] == [16, 2]
+    with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as archive:
+        shapes = [archive[k].shape for k in archive.files if k.startswith("params.")]
+    assert (3, 2, 4) in shapes and (3, 4, 8) in shapes, shapes  # Conv1D filters (k, C, C2)
+
+
+def test_cnn1d_refuses_images_in_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "images.npz", x=np.zeros((20, 4, 4, 3), np.float32),
+             y=np.arange(20) % 2)
+    assert train("--data-path", tmp_path / "images.npz", "--model", "cnn1d", "--no-progress",
+                 "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model cnn1d needs 1-D signals" in err, err
+    assert "(4, 4, 3)" in err and "use --model cnn for images" in err, err
+
+
 # --- a real kill, then --resume --------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fnbp.cli import with_flags
 
-MODELS = ("mlp", "cnn", "resnet-s")
+MODELS = ("mlp", "cnn", "cnn1d", "resnet-s")  # cnn1d: 1-D signals (L,) or (L, C)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
 CHECKPOINT = "checkpoint.npz"

@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--data-path, and are inferred from it when it is given alone)")
     parser.add_argument("--data-path", help="your .npz or .csv file, or a folder of "
                                             "MNIST-format IDX files")
-    parser.add_argument("--model", choices=MODELS, help="network (default mlp)")
+    parser.add_argument("--model", choices=MODELS,
+                        help="network (default mlp); cnn takes images (H, W) or (H, W, C), "
+                             "or signals (L,); cnn1d takes signals (L,) or (L, C)")
     parser.add_argument("--width", type=int,
                         help="mlp/resnet-s hidden width, cnn channels of the first stage "
                              "(default 1024 for mlp on digits, 256 for mlp elsewhere and "
@@ -131,8 +133,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
     """Reshape the inputs for the model: vectors for mlp/resnet-s; for cnn, images
-    (H, W, C) (a channel added to (H, W)) or 1-D signals (L, 1) from (L,)."""
+    (H, W, C) (a channel added to (H, W)) or 1-D signals (L, 1) from (L,); for cnn1d,
+    1-D signals (L, C) as they are, (L, 1) from (L,)."""
     x_train, x_test = dataset.x_train, dataset.x_test
+    if config["model"] == "cnn1d":
+        shape = dataset.input_shape
+        if len(shape) == 1:
+            return x_train[..., None], x_test[..., None]
+        if len(shape) != 2:
+            raise UsageError(f"--model cnn1d needs 1-D signals, examples of shape (L,) or "
+                             f"(L, C), but {config['dataset']} examples have shape {shape}; "
+                             f"use --model cnn for images or --model mlp")
+        return x_train, x_test
     if config["model"] == "cnn":
         shape = dataset.input_shape
         if len(shape) in (1, 2):
@@ -158,8 +170,10 @@ def _build_model(model: str, width: int, depth: int, num_classes: int,
         return fnbp.mlp([width] * depth + [num_classes])
     if model == "resnet-s":
         return fnbp.resnet_s(width, depth, num_classes)
+    # cnn1d: examples (L, C), Conv1D and 1-D pooling (notes 7.48-7.50); cnn decides
+    # from the prepared inputs' rank (3: images, 2: signals).
     return fnbp.cnn(num_classes, tuple(width * 2**i for i in range(depth)),
-                    input_ndim=input_ndim)
+                    input_ndim=2 if model == "cnn1d" else input_ndim)
 
 
 @functools.lru_cache(maxsize=16)
