@@ -134,40 +134,40 @@ def test_train_user_npz_images_with_cnn_and_resnet_s(tmp_path, capsys):
     assert config["input_shape"] == [36] and config["lr"] == pytest.approx(0.01)
 
 
-def test_train_user_npz_1d_signals_with_cnn(tmp_path, capsys):
-    # examples of shape (L,) are 1-D signals: cnn gets a channel axis, Conv1D and 1-D pooling
+def signals_npz(path, channels: int | None):
+    """64 examples of 16 samples, class 0 slow and class 1 fast sines; (L,) or (L, C)."""
     rng = np.random.default_rng(0)
     y = np.arange(64) % 2
     t = np.arange(16) / 16
-    x = np.sin(2 * np.pi * (np.where(y == 0, 1.0, 4.0)[:, None] * t + rng.random((64, 1))))
-    np.savez(tmp_path / "signals.npz", x=x.astype(np.float32), y=y)
-    assert train("--data-path", tmp_path / "signals.npz", "--model", "cnn", "--epochs", "1",
-                 "--batch-size", "16", "--width", "4", "--depth", "2", "--no-progress",
-                 "--out", tmp_path / "cnn1d") == 0
-    config = json.loads((tmp_path / "cnn1d" / "config.json").read_text())
-    assert config["model"] == "cnn" and config["input_shape"] == [16, 1]
-    with np.load(tmp_path / "cnn1d" / "checkpoint.npz", allow_pickle=False) as archive:
+    angle = 2 * np.pi * (np.where(y == 0, 1.0, 4.0)[:, None] * t + rng.random((64, 1)))
+    x = np.sin(angle) if channels is None else np.stack(
+        [np.sin(angle + c) for c in range(channels)], axis=-1)
+    np.savez(path, x=x.astype(np.float32), y=y)
+    return path
+
+
+def conv_run(tmp_path, model, channels):
+    """Train ``model`` on signals_npz for an epoch; its config and parameter shapes."""
+    data = signals_npz(tmp_path / "signals.npz", channels)
+    assert train("--data-path", data, "--model", model, "--epochs", "1", "--batch-size", "16",
+                 "--width", "4", "--depth", "2", "--no-progress", "--out", tmp_path / "run") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as archive:
         shapes = [archive[k].shape for k in archive.files if k.startswith("params.")]
+    return config, shapes
+
+
+def test_train_user_npz_1d_signals_with_cnn(tmp_path, capsys):
+    # examples of shape (L,) are 1-D signals: cnn gets a channel axis, Conv1D and 1-D pooling
+    config, shapes = conv_run(tmp_path, "cnn", None)
+    assert config["model"] == "cnn" and config["input_shape"] == [16, 1]
     assert (3, 1, 4) in shapes and (3, 4, 8) in shapes, shapes  # Conv1D filters (k, C, C2)
 
 
 def test_train_user_npz_multichannel_signals_with_cnn1d(tmp_path, capsys):
     # examples of shape (L, C) are signals for cnn1d (for cnn they would be (H, W) images)
-    rng = np.random.default_rng(1)
-    y = np.arange(64) % 2
-    t = np.arange(16) / 16
-    phase = rng.random((64, 1))
-    freq = np.where(y == 0, 1.0, 4.0)[:, None]
-    x = np.stack([np.sin(2 * np.pi * (freq * t + phase)),
-                  np.cos(2 * np.pi * (freq * t + phase))], axis=-1)
-    np.savez(tmp_path / "signals2.npz", x=x.astype(np.float32), y=y)
-    assert train("--data-path", tmp_path / "signals2.npz", "--model", "cnn1d", "--epochs", "1",
-                 "--batch-size", "16", "--width", "4", "--depth", "2", "--no-progress",
-                 "--out", tmp_path / "run") == 0
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config, shapes = conv_run(tmp_path, "cnn1d", 2)
     assert config["model"] == "cnn1d" and config["input_shape"] == [16, 2]
-    with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as archive:
-        shapes = [archive[k].shape for k in archive.files if k.startswith("params.")]
     assert (3, 2, 4) in shapes and (3, 4, 8) in shapes, shapes  # Conv1D filters (k, C, C2)
 
 
