@@ -13,7 +13,7 @@ defaults.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -85,7 +85,3 @@ def fast_compile_options(backend: str | None = None,
     kept = supported_options(FAST_CPU_COMPILE if options is None else options, backend)
     return dict(kept) or None
 
-
-def jit_small(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
-    """``jax.jit(fn, **jit_kwargs)``, compiled with :func:`fast_compile_options`."""
-    return jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)

@@ -204,14 +204,9 @@ def per_example_cotangents(f, args, v, diff, shared):
 # and take longer than these tiny programs run. In ``rule_and_oracle`` the
 # oracle sees float64: the rule's (possibly rounded) inputs upcast.
 
-_FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0,
-                     "xla_llvm_disable_expensive_passes": True}
-
-
 def jit(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """``jax.jit`` with fast compilation on a CPU (the options this jaxlib knows)."""
-    return jax.jit(fn, compiler_options=fast_compile_options(options=_FAST_CPU_COMPILE),
-                   **kwargs)
+    """``jax.jit`` with the verifier's fast compilation on a CPU (fnbp._compile)."""
+    return jax.jit(fn, compiler_options=fast_compile_options(), **kwargs)
 
 
 @functools.partial(jit, static_argnums=(0, 1, 4))

@@ -84,16 +84,9 @@ def _batched_inputs(fk, sel, A, V):
 
 
 FAST_COMPILE: Mapping[str, Any] = FAST_CPU_COMPILE
-"""XLA options of the verifier's programs on CPU (speed only).
-
-The programs are small and each runs a few times, so compiling is nearly all
-their cost: without LLVM's optimizations and with XLA's classic elemental
-emitters it is 2-5 times cheaper on a 2-core CPU. Results agree with the
-default build to a few ulps (transcendental functions), far below every
-tolerance. An option the installed jaxlib does not know is skipped (each is
-probed once, see :func:`fnbp._compile.supported_options`), so the verifier
-runs on every supported jax. Other backends compile with their defaults.
-"""
+"""XLA options of the verifier's programs on CPU (speed only): small programs
+run a few times each, so compiling is nearly all their cost. Options the
+installed jaxlib does not know are skipped; see :mod:`fnbp._compile`."""
 
 
 @functools.cache
