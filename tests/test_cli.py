@@ -26,6 +26,13 @@ def test_with_flags_names_the_flag_of_each_backticked_argument():
                                               "--seed and `other` as given")
 
 
+def test_without_function_drops_the_library_function_name():
+    assert cli.without_function("make_mesh: `devices` 3: only 1 device is present") == (
+        "`devices` 3: only 1 device is present")
+    assert cli.without_function("dataset 'npz' is read from a file: x") == (
+        "dataset 'npz' is read from a file: x")
+
+
 def test_library_data_errors_reach_the_user_in_flags(capsys):
     assert cli.main(["train", "--dataset", "npz", "--no-progress"]) == 2
     assert capsys.readouterr().err == ("fnbp train: error: dataset 'npz' is read from a "

@@ -327,14 +327,14 @@ def test_make_mesh_on_this_process_devices_and_its_errors():
     mesh = fnbp.make_mesh()
     assert mesh.axis_names == ("data",) and mesh.size == n
     assert sharding.batch_spec(mesh) == jax.sharding.PartitionSpec("data")
-    are = "is" if n == 1 else "are"
+    are = "device is" if n == 1 else "devices are"
     with pytest.raises(ValueError) as error:
         fnbp.make_mesh(n + 1)
-    assert str(error.value) == (f"make_mesh: a mesh of {n + 1} devices was asked for but only "
-                                f"{n} {are} present ({summary}); pass devices={n} or fewer")
-    with pytest.raises(ValueError, match="devices must be a positive int, got 0"):
+    assert str(error.value) == (f"make_mesh: `devices` {n + 1}: only {n} {are} present "
+                                f"({summary}); pass `devices` {n} or fewer")
+    with pytest.raises(ValueError, match="`devices` must be a positive int, got 0"):
         fnbp.make_mesh(0)
-    with pytest.raises(ValueError, match="fsdp must be a positive int"):
+    with pytest.raises(ValueError, match="`fsdp` must be a positive int"):
         fnbp.make_mesh(1, fsdp=0)
 
 
@@ -366,10 +366,16 @@ def test_param_spec_shards_large_leaves_along_their_largest_divisible_axis(shape
 
 
 def test_check_batch_message():
-    with pytest.raises(ValueError, match=r"fit: batch_size 30 does not split evenly over the 8 "
-                                         r"devices of the mesh \(data=2, fsdp=4\); pass a "
-                                         r"batch size that is a multiple of 8 \(e.g. 24 or 32\)"):
-        sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 30, "batch_size 30")
+    with pytest.raises(ValueError) as error:
+        sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 30, "batch_size")
+    assert str(error.value) == (
+        "fit: `batch_size` 30 does not split evenly over the 8 devices of the mesh (data=2, "
+        "fsdp=4), each of which takes an equal part of every batch; pass a `batch_size` that "
+        "is a multiple of 8 (24 or 32) or fewer `devices`")
+    with pytest.raises(ValueError, match=r"^train_step: a batch of 4 examples does not split "
+                                         r".* pass a batch of a multiple of 8 examples \(8\) or "
+                                         r"fewer `devices`$"):
+        sharding.check_batch("train_step", FakeMesh(data=8), 4)
     sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 32)
 
 
@@ -412,11 +418,20 @@ def test_cli_parallel_flag_errors_are_one_line(tmp_path, capsys, extra, match):
 
 
 def test_cli_more_devices_than_present_is_one_line(tmp_path, capsys):
-    n = jax.device_count()
+    # make_mesh's own check, its message in the flags' words
+    n, summary = present()
     are = "device is" if n == 1 else "devices are"
     cli_error(capsys, [*SMALL, "--devices", n + 1, "--out", tmp_path / "run"],
-              f"--devices {n + 1}: only {n} {are} present ({jax.default_backend()}); pass "
-              f"--devices {n} or fewer")
+              f"fnbp train: error: --devices {n + 1}: only {n} {are} present ({summary}); "
+              f"pass --devices {n} or fewer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_fsdp_must_divide_the_devices_is_one_line(tmp_path, capsys):
+    # make_mesh's check, even on one device (the mesh of 1 device is never used)
+    cli_error(capsys, [*SMALL, "--devices", 1, "--fsdp", 2, "--out", tmp_path / "run"],
+              "fnbp train: error: --fsdp 2 does not divide --devices 1; the devices form a "
+              "(1 // fsdp) x fsdp mesh, so pass an --fsdp that divides 1")
     assert not (tmp_path / "run").exists()
 
 
@@ -484,24 +499,30 @@ def test_fsdp_shardings_and_trajectory(eight):
 
 def test_clear_errors_with_8_devices(eight):
     assert eight["err_fit_batch"] == (
-        "ValueError: fit: batch_size 12 does not split evenly over the 8 devices of the mesh "
-        "(data=8); pass a batch size that is a multiple of 8 (e.g. 8 or 16)")
+        "ValueError: fit: `batch_size` 12 does not split evenly over the 8 devices of the "
+        "mesh (data=8), each of which takes an equal part of every batch; pass a "
+        "`batch_size` that is a multiple of 8 (8 or 16) or fewer `devices`")
     assert eight["err_step_batch"].startswith(
         "ValueError: train_step: a batch of 12 examples does not split evenly over the 8 "
         "devices of the mesh (data=2, fsdp=4)")
     assert eight["err_mesh_16"] == (
-        "ValueError: make_mesh: a mesh of 16 devices was asked for but only 8 are present "
-        "(8 cpu); pass devices=8 or fewer")
-    assert "fsdp=3 does not divide devices=8" in eight["err_mesh_fsdp"]
+        "ValueError: make_mesh: `devices` 16: only 8 devices are present (8 cpu); pass "
+        "`devices` 8 or fewer")
+    assert "`fsdp` 3 does not divide `devices` 8" in eight["err_mesh_fsdp"]
     assert "the mesh axes must be ('data',) or ('data', 'fsdp'), got ('batch',)" in \
         eight["err_other_axes"]
 
 
 @pytest.mark.parametrize("name, match", [
-    ("cli_devices_16", "--devices 16: only 8 devices are present (cpu); pass --devices 8 or "
-                       "fewer"),
-    ("cli_batch_20", "--batch-size 20 does not split evenly over --devices 8"),
-    ("cli_fsdp_3", "--fsdp 3 does not divide --devices 8"),
+    # the library's checks (make_mesh, check_batch), their messages in the flags' words
+    ("cli_devices_16", "fnbp train: error: --devices 16: only 8 devices are present "
+                       "(8 cpu); pass --devices 8 or fewer\n"),
+    ("cli_batch_20", "fnbp train: error: --batch-size 20 does not split evenly over the 8 "
+                     "devices of the mesh (data=8), each of which takes an equal part of every "
+                     "batch; pass a --batch-size that is a multiple of 8 (16 or 24) or fewer "
+                     "--devices\n"),
+    ("cli_fsdp_3", "fnbp train: error: --fsdp 3 does not divide --devices 8; the devices form "
+                   "a (8 // fsdp) x fsdp mesh, so pass an --fsdp that divides 8\n"),
 ])
 def test_cli_errors_with_8_devices(eight, name, match):
     status, out, err = eight[name]

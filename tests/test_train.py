@@ -240,8 +240,9 @@ def test_fit_callbacks_see_running_means():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=0), r"batch_size must be an int in \[1, 20\]"),
-    (dict(batch_size=21), r"batch_size must be an int in \[1, 20\]"),
+    (dict(batch_size=0), r"^fit: `batch_size` must be a positive int, got 0$"),
+    (dict(batch_size=21), r"^fit: `batch_size` 21 is larger than the 20 training examples; "
+                          r"pass a `batch_size` of 20 or less$"),
     (dict(epochs=0), "epochs must be a positive int"),
     (dict(x_test=np.ones((2, 4))), "pass both x_test and y_test"),
     (dict(state=train.TrainState((), (), step=100)), "past the 8 steps of 2 epochs"),

@@ -239,7 +239,8 @@ def assert_clean_error(tmp_path, capsys, args, match):
     (["--lr", "-0.1"], "--lr must be a positive finite number, got -0.1"),
     (["--lr", "nan"], "--lr must be a positive finite number"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--batch-size", "500"], "--batch-size 500 is larger than the 160 training examples"),
+    (["--batch-size", "500"], "fnbp train: error: --batch-size 500 is larger than the 160 "
+                              "training examples; pass a --batch-size of 160 or less\n"),
     (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
     (["--data-path", "x.npz"], "is built in and reads no file; drop --data-path"),
     (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),

@@ -36,6 +36,15 @@ def with_flags(message: str, flags: dict[str, str]) -> str:
     return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
+def without_function(message: str) -> str:
+    """A library message without the function name it starts with (``fit: ...``).
+
+    The library's messages name the function that raised them, which a command
+    line user never called; the flags, once mapped, say what to change.
+    """
+    return re.sub(r"^[A-Za-z_][\w.]*: ", "", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fnbp`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(

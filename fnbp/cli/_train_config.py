@@ -1,9 +1,11 @@
 """fnbp train's configuration: the flags' defaults, resolving --resume, validating.
 
 Only what the library cannot know is checked here (a flag against another
-flag, a run folder, the devices asked for); what the library validates, it
-validates once (:func:`fnbp.train.data.check_dataset_arguments`), and
-:func:`as_flags` turns its argument names into these flags.
+flag, a run folder); what the library validates, it validates once (the
+dataset's arguments: :func:`fnbp.train.data.check_dataset_arguments`; the
+devices and the batch size: :func:`fnbp.train.sharding.make_mesh`,
+:func:`fnbp.train.sharding.check_batch`, :func:`fnbp.train.loop.check_batch_size`),
+and :func:`library_error` turns its message into one line in these flags.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from fnbp.cli import with_flags
+from fnbp.cli import with_flags, without_function
 
 MODELS = ("mlp", "cnn", "cnn1d", "resnet-s")  # cnn1d: 1-D signals (L,) or (L, C)
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -155,7 +157,12 @@ def _validate_parallel(args: argparse.Namespace) -> None:
 
 
 def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
-    """The device mesh of the run (None: one device), after the device checks."""
+    """The device mesh of the run (None: one device), checked by the library.
+
+    ``make_mesh`` checks --devices against the devices present and --fsdp
+    against --devices, ``check_batch`` --batch-size against the mesh; their
+    messages come back in the flags' words.
+    """
     import jax
 
     from fnbp.train import sharding
@@ -171,28 +178,13 @@ def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
         print(f"fnbp train: --batch-size {batch_size} does not split evenly over the "
               f"{present} devices present; training on {devices} (pass --devices to choose)",
               file=sys.stderr)
-    if devices > present:
-        are = "device is" if present == 1 else "devices are"
-        raise UsageError(f"--devices {devices}: only {present} {are} present "
-                         f"({jax.default_backend()}); pass --devices {present} or fewer")
     fsdp = devices if args.fsdp is _ALL else (args.fsdp or 1)
-    if devices % fsdp:
-        raise UsageError(f"--fsdp {fsdp} does not divide --devices {devices}; the devices "
-                         f"form a ({devices} // fsdp) x fsdp mesh, so pass an --fsdp that "
-                         f"divides {devices}")
-    if batch_size % devices:
-        lower = batch_size - batch_size % devices
-        example = f"{lower} or {lower + devices}" if lower else f"{devices}"
-        raise UsageError(f"--batch-size {batch_size} does not split evenly over --devices "
-                         f"{devices} (every device takes an equal part of each batch); pass "
-                         f"a --batch-size that is a multiple of {devices} ({example}) or "
-                         f"fewer --devices")
-    if devices == 1 and jax.process_count() == 1:
-        return None
     try:
-        return sharding.make_mesh(devices, fsdp=fsdp)
+        mesh = sharding.make_mesh(devices, fsdp=fsdp)
+        sharding.check_batch("fit", mesh, batch_size, "batch_size")
     except ValueError as error:
-        raise UsageError(f"--devices {devices}: {error}") from error
+        raise library_error(error) from error
+    return None if devices == 1 and jax.process_count() == 1 else mesh
 
 
 def _validate(config: dict[str, Any]) -> None:
@@ -223,9 +215,15 @@ def _validate(config: dict[str, Any]) -> None:
 # The library names an argument at fault in backticks (`path`); the command line
 # says which flag sets it.
 FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
-         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction"}
+         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction",
+         "devices": "--devices", "fsdp": "--fsdp"}
 
 
 def as_flags(message: str) -> str:
     """A library message in fnbp train's flags (``pass its `path``` -> ``--data-path``)."""
     return with_flags(message, FLAGS)
+
+
+def library_error(error: Exception) -> UsageError:
+    """A library ValueError as fnbp train's one-line error, in the flags' words."""
+    return UsageError(as_flags(without_function(" ".join(str(error).split()))))

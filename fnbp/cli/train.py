@@ -58,6 +58,7 @@ from fnbp.cli._train_config import (
     _mesh,
     _resolve,
     as_flags,
+    library_error,
 )
 
 
@@ -299,6 +300,7 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     from fnbp.cli import _run_folder
     from fnbp.train import sharding
     from fnbp.train.data import DataWarning, load_dataset
+    from fnbp.train.loop import check_batch_size
 
     # before anything asks JAX for its devices
     try:
@@ -314,9 +316,10 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     x_train, x_test = _prepare_inputs(config, dataset)
     y_train, y_test = dataset.y_train, dataset.y_test
     n = len(x_train)
-    if config["batch_size"] > n:
-        raise UsageError(f"--batch-size {config['batch_size']} is larger than the {n} "
-                         f"training examples; pass --batch-size {min(n, _BATCH_SIZE)} or less")
+    try:
+        check_batch_size("fit", config["batch_size"], n)  # fit's own check, before any write
+    except ValueError as error:
+        raise library_error(error) from error
     mesh = _mesh(args, config["batch_size"])
     data_sha256 = _fingerprint(x_train, y_train, x_test, y_test)
     per_epoch = train.steps_per_epoch(n, config["batch_size"])

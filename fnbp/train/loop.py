@@ -213,6 +213,21 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+def check_batch_size(fn: str, batch_size: Any, num_examples: int) -> None:
+    """Raise ValueError unless ``batch_size`` is an int in [1, num_examples].
+
+    :func:`fit`'s check, callable before a run starts (``fnbp train`` calls it
+    before it writes anything). The message names the argument in backticks
+    (`batch_size`), as every library message does.
+    """
+    if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+            or batch_size < 1):
+        raise ValueError(f"{fn}: `batch_size` must be a positive int, got {batch_size!r}")
+    if batch_size > num_examples:
+        raise ValueError(f"{fn}: `batch_size` {batch_size} is larger than the {num_examples} "
+                         f"training examples; pass a `batch_size` of {num_examples} or less")
+
+
 def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, params: Params,
         x: Any, y: Any, *, key: Array, epochs: int, batch_size: int,
         x_test: Any = None, y_test: Any = None, state: TrainState | None = None,
@@ -291,15 +306,13 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
                          f"target per example")
-    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
-        raise ValueError(f"fit: batch_size must be an int in [1, {n}] (the number of "
-                         f"training examples), got {batch_size!r}")
+    check_batch_size("fit", batch_size, n)
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if (x_test is None) != (y_test is None):
         raise ValueError("fit: pass both x_test and y_test, or neither")
     if mesh is not None:
-        _sharding.check_batch("fit", mesh, int(batch_size), f"batch_size {batch_size}")
+        _sharding.check_batch("fit", mesh, int(batch_size), "batch_size")
     per_epoch = steps_per_epoch(n, batch_size)
     total = epochs * per_epoch
     if state is None:

@@ -137,19 +137,19 @@ def make_mesh(devices: int | None = None, *, fsdp: int = 1) -> Mesh:
     if devices is None:
         devices = len(present)
     if not isinstance(devices, (int, np.integer)) or isinstance(devices, bool) or devices < 1:
-        raise ValueError(f"make_mesh: devices must be a positive int, got {devices!r}")
+        raise ValueError(f"make_mesh: `devices` must be a positive int, got {devices!r}")
     devices = int(devices)
     if devices > len(present):
-        are = "is" if len(present) == 1 else "are"
-        raise ValueError(f"make_mesh: a mesh of {devices} devices was asked for but only "
-                         f"{len(present)} {are} present ({_device_summary(present)}); pass "
-                         f"devices={len(present)} or fewer")
+        are = "device is" if len(present) == 1 else "devices are"
+        raise ValueError(f"make_mesh: `devices` {devices}: only {len(present)} {are} present "
+                         f"({_device_summary(present)}); pass `devices` {len(present)} or "
+                         f"fewer")
     if not isinstance(fsdp, (int, np.integer)) or isinstance(fsdp, bool) or fsdp < 1:
-        raise ValueError(f"make_mesh: fsdp must be a positive int, got {fsdp!r}")
+        raise ValueError(f"make_mesh: `fsdp` must be a positive int, got {fsdp!r}")
     if devices % fsdp:
-        raise ValueError(f"make_mesh: fsdp={fsdp} does not divide devices={devices}; the "
-                         f"mesh is (devices // fsdp) x fsdp, so pass an fsdp that divides "
-                         f"{devices}")
+        raise ValueError(f"make_mesh: `fsdp` {fsdp} does not divide `devices` {devices}; "
+                         f"the devices form a ({devices} // fsdp) x fsdp mesh, so pass an "
+                         f"`fsdp` that divides {devices}")
     chosen = _pick_devices(present, devices)
     if fsdp == 1:
         return Mesh(np.array(chosen), (DATA_AXIS,))
@@ -162,7 +162,7 @@ def _pick_devices(present: list[Any], count: int) -> list[Any]:
     if len(processes) == 1:
         return present[:count]
     if count % len(processes):
-        raise ValueError(f"make_mesh: {count} devices do not split evenly over the "
+        raise ValueError(f"make_mesh: `devices` {count} do not split evenly over the "
                          f"{len(processes)} processes; pass a multiple of {len(processes)}")
     per_process = count // len(processes)
     return [device for p in processes
@@ -214,20 +214,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch(fn: str, mesh: Mesh, batch_size: int, subject: str | None = None) -> None:
+def check_batch(fn: str, mesh: Mesh, batch_size: int, argument: str | None = None) -> None:
     """Raise ValueError unless ``batch_size`` examples split evenly over ``mesh``.
 
-    ``subject`` names the batch in the message (default "a batch of N
-    examples").
+    Every device takes an equal part of each batch, so the number of devices
+    must divide the batch size. ``argument`` names the argument that set the
+    batch size (``"batch_size"``); the message then names it in backticks, as
+    every library message does, for a caller (the command line) to map it to
+    its own words. Without it the message speaks of "a batch of N examples".
     """
     split = batch_split(mesh)
     if batch_size % split:
         lower = batch_size - batch_size % split
-        suggestion = (f"{lower} or {lower + split}" if lower else f"{split}")
-        subject = subject or f"a batch of {batch_size} examples"
+        suggestion = f"{lower} or {lower + split}" if lower else f"{split}"
+        subject, remedy = (f"a batch of {batch_size} examples",
+                           f"a batch of a multiple of {split} examples ({suggestion})")
+        if argument is not None:
+            subject, remedy = (f"`{argument}` {batch_size}",
+                               f"a `{argument}` that is a multiple of {split} ({suggestion})")
         raise ValueError(f"{fn}: {subject} does not split evenly over the {split} devices "
-                         f"of the mesh {_mesh_text(mesh)}; pass a batch size that is a "
-                         f"multiple of {split} (e.g. {suggestion})")
+                         f"of the mesh {_mesh_text(mesh)}, each of which takes an equal part "
+                         f"of every batch; pass {remedy} or fewer `devices`")
 
 
 def _mesh_text(mesh: Mesh) -> str:
