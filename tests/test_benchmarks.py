@@ -80,3 +80,25 @@ def test_full_sizes_refuse_a_cpu_with_a_hint(capsys, monkeypatch):
     assert exit_info.value.code == 3
     assert "Pass --smoke" in capsys.readouterr().err
     assert bench.parse(["--smoke"]).width == 64
+
+
+def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
+    """bench_dp --smoke: every program fnbp has compiles, runs, agrees and gets a ratio."""
+    out = tmp_path / "bench_dp.json"
+    figures = load("bench_dp").main(["--smoke", "--no-torch", "--no-jax-privacy",
+                                     "--json", str(out)])
+    assert [(r["net"], r["batch"]) for r in figures["rows"]] == [("mlp", 4), ("cnn", 4)]
+    allowed = {"not in fnbp yet", "not run (--no-jax-privacy)"}
+    for row in figures["rows"]:
+        assert set(row["missing"].values()) <= allowed, row["missing"]
+        assert set(row["ratios"]) | set(row["missing"]) == {
+            "aa", "clipped_grads", "grad_moments", "grad_norms", "vmap_clip", "jax_privacy"}
+        for name, ratio in row["ratios"].items():
+            assert math.isfinite(ratio) and ratio > 0, (row["net"], name, ratio)
+            assert row["ms"][name] > 0 and row["compile_s"][name] > 0
+        # Same quantities, computed two ways (float32, tiny nets).
+        for name, err in row["agreement"].items():
+            assert err < 1e-4, (row["net"], name, err)
+        assert "grad_norms_vs_vmap_norms" in row["agreement"]
+    assert figures["opacus"] == "not run"
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
