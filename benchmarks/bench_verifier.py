@@ -30,12 +30,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 from jax.test_util import check_grads
 
 jax.config.update("jax_enable_x64", True)
 
 from fnbp.verify import check_vjp  # noqa: E402
+from fnbp.verify.mutants import sin_wrong_under_vmap  # noqa: E402
 
 RNG = np.random.default_rng(2026)
 
@@ -103,29 +103,6 @@ def _ln_bwd(variance):
         u = (z - mu) / sigma
         return ((v - v.mean(-1, keepdims=True) - (v * u).mean(-1, keepdims=True) * u) / sigma,)
     return bwd
-
-
-@custom_batching.custom_vmap
-def _scale(c, v):
-    return c * v
-
-
-@_scale.def_vmap
-def _scale_batched(axis_size, in_batched, c, v):
-    out = c * (v[0] if in_batched[1] else v)
-    batched = in_batched[0] or in_batched[1]
-    return (jnp.broadcast_to(out, v.shape) if batched else out), batched
-
-
-@jax.custom_jvp
-def _scale_d(c, v):
-    return _scale(c, v)
-
-
-@_scale_d.defjvp
-def _scale_jvp(primals, tangents):
-    (c, v), (dc, dv) = primals, tangents
-    return _scale(c, v), dc * v + c * dv
 
 
 def _noisy(c):
@@ -234,8 +211,8 @@ def mutants() -> list[Mutant]:
                sin, lambda z: (sin(z), z), lambda z, v: (1.01 * _callback_cos(z) * v,)), sin,
                z5()),
         # transforms
-        Mutant("sin: wrong only under vmap (a batching rule)", "vmap", rule(sin, lambda z: (
-               sin(z), cos(z)), lambda c, v: (_scale_d(c, v),)), sin, (normal(2, 3),)),
+        Mutant("sin: wrong only under vmap (a batching rule)", "vmap", sin_wrong_under_vmap(),
+               sin, (normal(2, 3),)),
         Mutant("sigmoid: residual hidden from 2nd order (stop_gradient)", "2nd order", rule(
                sigmoid, lambda z: (sigmoid(z), sigmoid(z)),
                lambda s, v: (jax.lax.stop_gradient(s) * (1 - jax.lax.stop_gradient(s)) * v,)),

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import custom_batching
-
 from fnbp.verify import TRANSFORMS, check_vjp
+from fnbp.verify.mutants import sin_wrong_under_vmap
 
 RNG = np.random.default_rng(7)
 
@@ -147,36 +146,6 @@ def sin_fwd_differs():
     # The fwd rule's primal output is not f's; B itself is right.
     return rule(sin, lambda z: (jnp.sin(z) + 1e-3, jnp.cos(z)),
                 lambda c, v: (c * v,))
-
-
-@custom_batching.custom_vmap
-def _scale(c, v):
-    return c * v
-
-
-@_scale.def_vmap
-def _scale_batched(axis_size, in_batched, c, v):
-    # The batched rule uses the first member's cotangent for every member.
-    c_batched, v_batched = in_batched
-    out = c * (v[0] if v_batched else v)
-    return (jnp.broadcast_to(out, v.shape) if v_batched or c_batched else out), (
-        v_batched or c_batched)
-
-
-@jax.custom_jvp
-def _scale_differentiable(c, v):
-    return _scale(c, v)
-
-
-@_scale_differentiable.defjvp
-def _scale_jvp(primals, tangents):
-    (c, v), (dc, dv) = primals, tangents
-    return _scale(c, v), dc * v + c * dv
-
-
-def sin_bug_under_vmap():
-    return rule(sin, lambda z: (jnp.sin(z), jnp.cos(z)),
-                lambda c, v: (_scale_differentiable(c, v),))
 
 
 def sigmoid_bug_at_second_order():
@@ -339,7 +308,7 @@ MUTANTS = (
            (("z", "jit", "zero v"), ("z", "jit", "linearity")), ("z",)),
     Mutant("fwd output differs from f", sin_fwd_differs, lambda: (normal(5),), sin,
            (("(output)", "jit", "primal"),), ("(output)",), TRANSFORMS, ("jit",)),
-    Mutant("bug only under vmap", sin_bug_under_vmap, lambda: (normal(2, 3),), sin,
+    Mutant("bug only under vmap", sin_wrong_under_vmap, lambda: (normal(2, 3),), sin,
            (("z", "vmap", "loop"), ("z", "jit(vmap)", "loop"), ("z", "vmap(inputs)", "loop"),
             ("z", "jit(vmap(inputs))", "loop")), ("z",), TRANSFORMS,
            ("vmap", "jit(vmap)", "vmap(inputs)", "jit(vmap(inputs))")),
