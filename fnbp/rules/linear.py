@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from fnbp.checking import check_finite
-from fnbp.rules import _validate
+from fnbp.rules import _per_example, _validate
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare
@@ -151,42 +151,72 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
     return MM.apply(z, W, b)
 
 
-def mm_sq_norms(res: MMResiduals, v: Array, bias: bool) -> tuple[Array, Array]:
-    """Per-example squared norms of the parameter cotangents, and dz.
+def _positions(res: MMResiduals, v: Array, hook: str) -> tuple[Array, Array]:
+    """v and z as (n, T, d_out) and (n, T, d_in) in at least float32."""
+    _per_example.require_examples(hook, v, 1, "(d_out,)")
+    return _per_example.as_positions(v, 1), _per_example.as_positions(res.z, 1)
 
-    ``||v z^T||_F^2 = ||v||^2 ||z||^2`` per example (plus ``||v||^2`` for b):
-    the per-example weight gradients are never built. Examples with extra
-    axes (a sequence) use the Gram form
-    ``||sum_t v_t z_t^T||^2 = sum_{t,s} (v_t . v_s)(z_t . z_s)``. The
-    ``sq_norms`` hook of :func:`mm` (used by ``fnbp.per_example_grad_norms``).
+
+def mm_sq_norms(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
+    """Per-example squared norms of the parameter gradients: the ``sq_norms`` hook.
+
+    Example i's gradients are ``g_W = sum_t v_t z_t^T`` (eq. 7.65) and
+    ``g_b = sum_t v_t`` (eq. 7.66), summed over its positions t (a
+    sequence's tokens: the axes between the example axis and the features).
+
+    - One position (v of shape (n, d_out)): ``||v z^T||_F^2 = ||v||^2 ||z||^2``.
+    - T positions, Gram form: ``sum_{t,s} (v_t . v_s)(z_t . z_s)``, memory
+      n T^2, when ``2 T^2 <= d_in d_out`` (paxml's rule); otherwise the
+      per-example gradients are materialized (one contraction over the
+      positions, memory n d_out d_in) and their squares summed.
+    - ``||g_b||^2 = ||sum_t v_t||^2``.
 
     Args:
       res: the residuals of :func:`mm_fwd`.
-      v: the cotangent, shape (B, ..., n).
-      bias: whether b is a parameter (its squared norm is added).
+      v: the cotangent, shape (n, T..., d_out): n examples, any position axes.
 
     Returns:
-      ``(sq, dz)``: sq of shape (B,) in at least float32, dz as :func:`mm_bwd`'s.
+      ``(sq_W, sq_b)``, each of shape (n,) in at least float32; ``sq_b`` is
+      ``None`` without a bias.
+
+    Raises:
+      ValueError: v without an example axis (v.ndim < 2).
     """
-    z = res.z
-    dz, _, _ = mm_bwd(res._replace(b=None), v)
-    acc = jnp.promote_types(v.dtype, jnp.float32)
-    vv, zz = v.astype(acc), z.astype(acc)
-    if v.ndim <= 2:
-        v_sq = jnp.sum(vv * vv, axis=-1)
-        sq = v_sq * jnp.sum(zz * zz, axis=-1)
-        if bias:
-            sq = sq + v_sq
-        return sq, dz
-    vv = vv.reshape(v.shape[0], -1, v.shape[-1])
-    zz = zz.reshape(z.shape[0], -1, z.shape[-1])
-    gram_v = jnp.einsum("btn,bsn->bts", vv, vv)
-    gram_z = jnp.einsum("btm,bsm->bts", zz, zz)
-    sq = jnp.sum(gram_v * gram_z, axis=(1, 2))
-    if bias:
-        v_sum = jnp.sum(vv, axis=1)
-        sq = sq + jnp.sum(v_sum * v_sum, axis=-1)
-    return sq, dz
+    vt, zt = _positions(res, v, "mm_sq_norms")
+    if _per_example.use_gram(vt.shape[1], vt.shape[2] * zt.shape[2]):
+        sq_W = _per_example.gram_sq_norms(vt, zt)
+    else:
+        sq_W = _per_example.squares(_per_example.outer_sums(vt, zt))[0]
+    sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[0]
+    return sq_W, sq_b
+
+
+def mm_sq_grads(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
+    """Sums over examples of the squared per-example gradients: the ``sq_grads`` hook.
+
+    BackPACK's SumGradSquared: ``sum_i g_i (.) g_i`` with g_i the gradients of
+    eqs. 7.65 and 7.66 for example i.
+
+    - One position: ``(V (.) V)^T (Z (.) Z)``, a single contraction over the
+      examples; the per-example gradients are never built.
+    - T positions: the per-example ``g_W = sum_t v_t z_t^T`` are materialized
+      (memory n d_out d_in) and squared; the Gram form would cost T times the
+      flops of the outer products.
+    - For b: ``sum_i (sum_t v_t)^2``.
+
+    Args, Raises: as :func:`mm_sq_norms`.
+
+    Returns:
+      ``(sq_W, sq_b)`` shaped like W (d_out, d_in) and b (d_out,), in at least
+      float32; ``sq_b`` is ``None`` without a bias.
+    """
+    vt, zt = _positions(res, v, "mm_sq_grads")
+    if vt.shape[1] == 1:
+        sq_W = jnp.einsum("ip,iq->pq", vt[:, 0] ** 2, zt[:, 0] ** 2)
+    else:
+        sq_W = _per_example.squares(_per_example.outer_sums(vt, zt))[1]
+    sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[1]
+    return sq_W, sq_b
 
 
 def _mm_reference(z, W, b=None):
@@ -202,5 +232,5 @@ def _mm_args(key, dtype):
 MM = declare(
     mm, mm_fwd, mm_bwd, reference=_mm_reference, examples=_mm_args,
     equations=("7.35", "7.63", "7.65", "7.66", "7.84"), kink="none: linear.",
-    family="linear", hooks={"sq_norms": mm_sq_norms},
+    family="linear", hooks={"sq_norms": mm_sq_norms, "sq_grads": mm_sq_grads},
 )
