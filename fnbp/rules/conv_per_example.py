@@ -1,0 +1,168 @@
+"""Per-example hooks of Conv1D and Conv2D: ``sq_norms`` and ``sq_grads``.
+
+Kept apart from :mod:`fnbp.rules.conv` (which imports them for its
+``declare``) so that each module stays one concern; both build on the
+rule's own settings parsing and weight-cotangent convolution
+(:mod:`fnbp.rules._conv_ops`).
+
+Example i's gradient of the filters (eqs. 7.48-7.51, with stride s,
+dilation d and padding as the rule's) sums over its output positions t
+(and over any position axes before the spatial ones)::
+
+    g_i[j, c, c2] = sum_t zpad_i[s t + d j, c] v_i[t, c2] = sum_t (p_t v_t^T)[(j, c), c2]
+
+with p_t in R^{k... C} the input patch that output position t sees; the
+bias' is ``sum_t v_t``. Two exact forms of ``||g_i||^2`` (T positions,
+D = k... C C2 numbers per filter gradient):
+
+- Gram form over the output positions: ``sum_{t,s} (p_t . p_s)(v_t . v_s)``,
+  memory n T^2 for the Gram matrices (and n T k... C for the patches);
+- materialized: the rule's own B[Conv, w] convolution run once per example
+  (``jax.vmap``), memory n D, then the squares summed.
+
+The cost rule, from the static shapes at each call (mixed ghost clipping's
+choice, with paxml's ``<=`` as for MM): the Gram form when ``2 T^2 <= D``,
+else materialize. ``sq_grads`` (``sum_i g_i (.) g_i``, shaped like w)
+always materializes: a Gram form would cost T times the flops. Every sum
+runs in at least float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fnbp.rules import _per_example as _pe
+from fnbp.rules._conv_ops import (_NAME, _SETTINGS, _Z_MEANING, ConvResiduals, Ints, Padding,
+                                  Pairs, _conv_dw, _settings)
+from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._rule import jit_static
+
+
+def _patches(zf: Array, w: Array, out: Ints, stride: Ints, padding: Pairs,
+             dilation: Ints) -> Array:
+    """The input patch of every output position: (N, *out, k... * C), taps in w's order.
+
+    ``patch[i][j, c] = zpad[s i + d j, c]``: the numbers each output position
+    multiplies with w (eq. 7.48), gathered by one strided slice per kernel tap.
+    """
+    n = w.ndim - 2
+    zp = jnp.pad(zf, ((0, 0),) + tuple(padding) + ((0, 0),))
+    taps = []
+    for j in itertools.product(*(range(k) for k in w.shape[:n])):
+        start = (0,) + tuple(d * t for d, t in zip(dilation, j)) + (0,)
+        limit = (zp.shape[0],) + tuple(a + s * (o - 1) + 1 for a, s, o in
+                                       zip(start[1:], stride, out)) + (zp.shape[-1],)
+        taps.append(jax.lax.slice(zp, start, limit, (1,) + tuple(stride) + (1,)))
+    return jnp.stack(taps, axis=-2).reshape(zf.shape[:1] + tuple(out) + (-1,))
+
+
+_V_MEANING = {1: "(m', C2)", 2: "(H', W', C2)"}
+
+
+def _per_example(n: int, res: ConvResiduals, v: Array, hook: str, settings
+                 ) -> tuple[Array, Array, Array, tuple[Ints, Pairs, Ints]]:
+    """z (n, L, *spatial, C), v (n, L, *out, C2), vt (n, T, C2) in >= float32, settings."""
+    _pe.require_examples(f"{_NAME[n]}_{hook}", v, n + 1, _V_MEANING[n])
+    z, w = res.z, res.w
+    acc = accumulation_dtype(z, v)
+    vt = _pe.as_positions(v, 1).astype(acc)
+    z = z.astype(acc).reshape((z.shape[0], -1) + z.shape[z.ndim - n - 1:])
+    v = vt.reshape(z.shape[:2] + v.shape[v.ndim - n - 1:])
+    return z, v, vt, _settings(n, w.shape, *settings)
+
+
+def _bias_squares(res: ConvResiduals, vt: Array, which: int) -> Array | None:
+    """``||sum_t v_t||^2`` per example (which=0) or ``sum_i (sum_t v_t)^2`` (which=1)."""
+    return None if res.b is None else _pe.squares(jnp.sum(vt, axis=1))[which]
+
+
+def _examples_dw(z: Array, w: Array, v: Array, settings) -> Array:
+    """Every example's B[Conv, w](v), (n, k..., C, C2): the rule's dw, one per example."""
+    return jax.vmap(lambda zi, vi: _conv_dw(zi, w, vi, *settings))(z, v)
+
+
+def _conv_sq_norms(n: int, res: ConvResiduals, v: Array, *settings
+                   ) -> tuple[Array, Array | None]:
+    z, v, vt, settings = _per_example(n, res, v, "sq_norms", settings)
+    w = res.w
+    if _pe.use_gram(vt.shape[1], w.size):
+        patches = _patches(z.reshape((-1,) + z.shape[2:]), w, v.shape[2:2 + n], *settings)
+        sq_w = _pe.gram_sq_norms(vt, patches.reshape(vt.shape[:2] + patches.shape[-1:]))
+    else:
+        sq_w = _pe.squares(_examples_dw(z, w, v, settings))[0]
+    return sq_w, _bias_squares(res, vt, 0)
+
+
+def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
+                   ) -> tuple[Array, Array | None]:
+    z, v, vt, settings = _per_example(n, res, v, "sq_grads", settings)
+    sq_w = _pe.squares(_examples_dw(z, res.w, v, settings))[1]
+    return sq_w, _bias_squares(res, vt, 1)
+
+
+@jit_static(*_SETTINGS)
+def conv1d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+                    padding: Padding = "same", dilation: int | Ints = 1
+                    ) -> tuple[Array, Array | None]:
+    """Per-example squared norms of Conv1D's parameter gradients (``sq_norms`` hook).
+
+    ``||g_i||^2`` for the filters, by the Gram form over the output positions
+    when ``2 T^2 <= k C C2`` (T: output positions of one example, position
+    axes included), else by materializing each example's (k, C, C2) gradient
+    (see the module doc); ``||sum_t v_t||^2`` for the bias.
+
+    Args:
+      res: the residuals of ``conv1d_fwd``.
+      v: the cotangent, shape (n, ..., m', C2): n examples, then any position
+        axes, then the output's length and channels.
+      stride, padding, dilation: the rule's settings, as its bwd gets them.
+
+    Returns:
+      ``(sq_w, sq_b)``, each of shape (n,) in at least float32; ``sq_b`` is
+      ``None`` without a bias.
+
+    Raises:
+      ValueError: v without an example axis before (m', C2).
+    """
+    return _conv_sq_norms(1, res, v, stride, padding, dilation)
+
+
+@jit_static(*_SETTINGS)
+def conv1d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+                    padding: Padding = "same", dilation: int | Ints = 1
+                    ) -> tuple[Array, Array | None]:
+    """Sums over examples of Conv1D's squared per-example gradients (``sq_grads`` hook).
+
+    ``sum_i g_i (.) g_i`` with each example's (k, C, C2) filter gradient
+    materialized by the rule's own weight-cotangent convolution; for the bias
+    ``sum_i (sum_t v_t)^2``. Args and Raises as :func:`conv1d_sq_norms`.
+
+    Returns:
+      ``(sq_w, sq_b)`` shaped like w and b, in at least float32; ``sq_b`` is
+      ``None`` without a bias.
+    """
+    return _conv_sq_grads(1, res, v, stride, padding, dilation)
+
+
+@jit_static(*_SETTINGS)
+def conv2d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+                    padding: Padding = "same", dilation: int | Ints = 1
+                    ) -> tuple[Array, Array | None]:
+    """As :func:`conv1d_sq_norms` for Conv2D (eq. 7.51): v of shape (n, ..., H', W', C2).
+
+    The Gram form when ``2 T^2 <= kh kw C C2`` (T = H' W' times the position
+    axes), else each example's (kh, kw, C, C2) gradient is materialized.
+    """
+    return _conv_sq_norms(2, res, v, stride, padding, dilation)
+
+
+@jit_static(*_SETTINGS)
+def conv2d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+                    padding: Padding = "same", dilation: int | Ints = 1
+                    ) -> tuple[Array, Array | None]:
+    """As :func:`conv1d_sq_grads` for Conv2D: shaped like w (kh, kw, C, C2) and b (C2,)."""
+    return _conv_sq_grads(2, res, v, stride, padding, dilation)
