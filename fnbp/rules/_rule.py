@@ -102,8 +102,22 @@ class Rule:
       layer: how to build its parameter-free layer, or ``None``.
       init: ``"he"`` or ``"glorot"``: the initialization of the MM before an
         activation (``fnbp.mlp``); ``None`` for the other families.
-      hooks: per-rule extensions by name (``"sq_norms"`` for MM's per-example
-        squared gradient norms).
+      hooks: per-rule extensions by name. The per-example hooks (mm, conv1d,
+        conv2d, layer_norm, rms_norm), for a rule M(z, p_1, ..., p_k) with
+        residuals ``res`` of its fwd and the cotangent ``v`` of its output
+        (``v.shape[0]`` = n examples; further leading axes are positions
+        inside an example, summed into its gradient g_i); the static
+        settings are keywords, as ``bwd`` gets them:
+
+        - ``"sq_norms"``: ``(res, v, **settings) -> tuple`` of k entries, one
+          per argument after z: ``||g_i||^2`` of shape (n,) in at least
+          float32, or ``None`` for an absent argument or one that is not a
+          trainable parameter (an ``eps``).
+        - ``"sq_grads"``: the same with ``sum_i g_i (.) g_i``, shaped like
+          the argument.
+
+        Each hook's docstring states its cost rule (Gram form or
+        materialized per-example gradients, chosen from the static shapes).
     """
 
     name: str
@@ -244,7 +258,8 @@ def declare(
       family: the family, the name of the module that holds the rule.
       layer: a :class:`LayerSpec` for a parameter-free layer, or ``None``.
       init: ``"he"`` or ``"glorot"`` for an activation, else ``None``.
-      hooks: per-rule extensions by name.
+      hooks: per-rule extensions by name (``"sq_norms"``, ``"sq_grads"``:
+        see :class:`Rule`).
 
     Returns:
       The registered :class:`Rule`.

@@ -41,6 +41,11 @@ Scale invariance (7.42): LN-S(a z) = LN-S(z) for a > 0 exactly when eps = 0
 (with eps > 0 up to a relative O(eps / var(z))), so LN(MM_{aW, ab}(z)) =
 LN(MM_{W, b}(z)).
 
+Per-example hooks (``sq_norms``, ``sq_grads``) of LN and RMSNorm: example
+i's gradients are its own sums ``sum_t v_t (.) y_t`` (gamma) and
+``sum_t v_t`` (beta) over its positions t, m numbers each, so they are
+always materialized and squared (see :func:`layer_norm_sq_norms`).
+
 All arithmetic runs in at least float32 (float16 and bfloat16 inputs are
 promoted, the results cast back): dtype in = dtype out. The ``_fwd`` and
 ``_bwd`` functions are jitted (one compiled call each when used eagerly,
@@ -58,7 +63,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from fnbp.checking import check, check_finite, is_checking
-from fnbp.rules import _validate
+from fnbp.rules import _per_example as _pe, _validate
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
@@ -127,6 +132,27 @@ def _sum_to(x: Array, shape: tuple[int, ...], dtype) -> Array:
 
 def _mean_last(x: Array) -> Array:
     return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def _affine_squares(hook: str, y: Array, v: Array, which: int, gamma: Array,
+                    beta: Array | None = None) -> tuple[Array | None, ...]:
+    """The squared per-example gradients of gamma (and beta), then ``None`` for eps.
+
+    Example i's gradients are its own sums over its positions (every axis
+    between the example axis and the features) of ``v (.) y`` and of ``v``,
+    and over the features too for a scalar parameter. ``which`` = 0: each
+    example's squared norm (n,); ``which`` = 1: the sum over examples of the
+    squared gradients, shaped like the parameter. In at least float32.
+    """
+    _pe.require_examples(hook, v, 1, "(m,)")
+    acc = accumulation_dtype(y, v)
+    va = v.astype(acc)
+    pairs = [(va * y.astype(acc), gamma)] + ([] if beta is None else [(va, beta)])
+    result = []
+    for x, p in pairs:
+        axes = tuple(range(1, x.ndim - (p.ndim == 1)))  # keep the features of a vector
+        result.append(_pe.squares(jnp.sum(x, axis=axes))[which])
+    return tuple(result) + (None,)
 
 
 # --- LN-S (7.40) -------------------------------------------------------------------
@@ -317,6 +343,45 @@ def layer_norm(z: Array, gamma: float | Array, beta: float | Array,
     return LAYER_NORM.apply(z, gamma, beta, eps)
 
 
+@jit_static()
+def layer_norm_sq_norms(res: LayerNormResiduals, v: Array) -> tuple[Array, Array, None]:
+    """Per-example squared norms of LN's parameter gradients (the ``sq_norms`` hook).
+
+    From eq. 7.41, example i's gradients are ``g_gamma = sum_t v_t (.) y_t``
+    and ``g_beta = sum_t v_t`` with y = LN-S(z) (eq. 7.40), summed over its
+    positions t (and over the features for a scalar gamma or beta).
+
+    Cost rule: always materialized. Each g_i has m numbers (1 for a scalar),
+    n m in all, no more than one position of v: cheaper than any Gram form.
+
+    Args:
+      res: the residuals of :func:`layer_norm_fwd`.
+      v: the cotangent, shape (n, ..., m): n examples, any position axes.
+
+    Returns:
+      ``(sq_gamma, sq_beta, None)``: two arrays of shape (n,) in at least
+      float32, and ``None`` for eps (an argument, not a trainable parameter).
+
+    Raises:
+      ValueError: v without an example axis (v.ndim < 2).
+    """
+    return _affine_squares("layer_norm_sq_norms", res.y, v, 0, res.gamma, res.beta)
+
+
+@jit_static()
+def layer_norm_sq_grads(res: LayerNormResiduals, v: Array) -> tuple[Array, Array, None]:
+    """``sum_i g_i (.) g_i`` for LN's gamma and beta (the ``sq_grads`` hook).
+
+    With ``g_gamma``, ``g_beta`` of :func:`layer_norm_sq_norms` (eq. 7.41),
+    materialized per example (n m numbers). Args and Raises as there.
+
+    Returns:
+      ``(sq_gamma, sq_beta, None)`` shaped like gamma and beta, in at least
+      float32; ``None`` for eps.
+    """
+    return _affine_squares("layer_norm_sq_grads", res.y, v, 1, res.gamma, res.beta)
+
+
 def _layer_norm_args(key, dtype):
     gen = rng(key)
     return (normal(gen, (5, 8), dtype, scale=2.0, shift=1.0), normal(gen, (8,), dtype, shift=1.0),
@@ -329,6 +394,7 @@ LAYER_NORM = declare(
     examples=_layer_norm_args, equations=("7.41",),
     kink="none: smooth for eps > 0; with eps = 0 a constant example is 0/0 = NaN.",
     family="normalization",
+    hooks={"sq_norms": layer_norm_sq_norms, "sq_grads": layer_norm_sq_grads},
 )
 
 
@@ -399,6 +465,36 @@ def rms_norm(z: Array, gamma: float | Array, eps: float | Array = 1e-6) -> Array
     return RMS_NORM.apply(z, gamma, eps)
 
 
+@jit_static()
+def rms_norm_sq_norms(res: RmsNormResiduals, v: Array) -> tuple[Array, None]:
+    """Per-example squared norm of RMSNorm's gamma gradient (the ``sq_norms`` hook).
+
+    Example i's gradient is ``g_gamma = sum_t v_t (.) y_t`` with y = z / r,
+    summed over its positions (and the features for a scalar gamma); always
+    materialized (m numbers per example), as for :func:`layer_norm_sq_norms`.
+
+    Args:
+      res: the residuals of :func:`rms_norm_fwd`.
+      v: the cotangent, shape (n, ..., m).
+
+    Returns:
+      ``(sq_gamma, None)``: shape (n,) in at least float32; ``None`` for eps.
+
+    Raises:
+      ValueError: v without an example axis (v.ndim < 2).
+    """
+    return _affine_squares("rms_norm_sq_norms", res.y, v, 0, res.gamma)
+
+
+@jit_static()
+def rms_norm_sq_grads(res: RmsNormResiduals, v: Array) -> tuple[Array, None]:
+    """``sum_i g_i (.) g_i`` for RMSNorm's gamma (the ``sq_grads`` hook), shaped like gamma.
+
+    Returns ``(sq_gamma, None)`` in at least float32; as :func:`rms_norm_sq_norms`.
+    """
+    return _affine_squares("rms_norm_sq_grads", res.y, v, 1, res.gamma)
+
+
 def _rms_norm_args(key, dtype):
     gen = rng(key)
     return (normal(gen, (5, 8), dtype), normal(gen, (8,), dtype, shift=1.0),
@@ -412,4 +508,5 @@ RMS_NORM = declare(
     examples=_rms_norm_args,
     kink="none: smooth for eps > 0; with eps = 0 an all-zero example is 0/0 = NaN.",
     family="normalization",
+    hooks={"sq_norms": rms_norm_sq_norms, "sq_grads": rms_norm_sq_grads},
 )
