@@ -32,7 +32,9 @@ from fnbp.rules import registry as _registry
 # registry: a rule declared in fnbp/rules/ appears here under its notes-facing name.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
 from fnbp.backward import backward
-from fnbp.backprop import backprop, per_example_grad_norms, per_example_grads
+from fnbp.backprop import backprop
+from fnbp.per_example import (PerExampleFallbackWarning, clipped_grads, grad_moments,
+                              per_example_grad_norms, per_example_grads)
 
 # --- checking hand-written rules ----------------------------------------------------
 from fnbp.checking import checked
@@ -117,6 +119,9 @@ __all__ = [
     "backprop",
     "per_example_grad_norms",
     "per_example_grads",
+    "clipped_grads",
+    "grad_moments",
+    "PerExampleFallbackWarning",
     # checking
     "VJPReport",
     "check_layer",

@@ -49,8 +49,9 @@ def _check(fn: str, model: Any, loss: Any, x: Array, y: Array) -> None:
         )
 
 
-def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = None):
-    """The losses and dJ/dt.
+def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = None,
+                        fn: str = "backprop"):
+    """The losses and dJ/dt, for the function named ``fn`` (its errors say which).
 
     ``examples`` None: J is the mean of all the losses (eq. 7.2). ``examples``
     n: one J^(i) per example along the first axis, the mean of that example's
@@ -58,13 +59,9 @@ def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = N
     are the per-example dJ^(i)/dt.
     """
     losses, loss_vjp = jax.vjp(lambda t: loss(t, y), t)
-    if examples is not None and jnp.shape(losses)[:1] != (examples,):
-        raise ValueError(
-            f"per_example_grad_norms: the loss returned shape {jnp.shape(losses)} for "
-            f"{examples} examples; it must return one loss per example, shape ({examples}, ...)"
-        )
+    if examples is not None:
+        require_per_example_losses(fn, losses, examples)
     if losses.size == 0:
-        fn = "backprop" if examples is None else "per_example_grad_norms"
         raise ValueError(f"{fn}: no examples (the model's output has shape "
                          f"{jnp.shape(t)}, the loss returned shape {jnp.shape(losses)}); J is "
                          f"the mean over the examples (eq. 7.2), so pass at least one")
@@ -72,6 +69,15 @@ def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = N
     v = jnp.full(losses.shape, 1.0 / count, losses.dtype)
     (dt,) = loss_vjp(v)
     return losses, dt
+
+
+def require_per_example_losses(fn: str, losses: Array, examples: int) -> None:
+    """The loss must return one value (or one per position) per example, shape (n, ...)."""
+    if jnp.shape(losses)[:1] != (examples,):
+        raise ValueError(
+            f"{fn}: the loss returned shape {jnp.shape(losses)} for {examples} examples; it "
+            f"must return one loss per example, shape ({examples}, ...)"
+        )
 
 
 def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
@@ -102,64 +108,3 @@ def _backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array):
     grads, _ = model.backward(params, residuals, dt)            # backward pass
     J = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))
     return J, grads
-
-
-def per_example_grads(
-    model: Layer, loss: Loss, params: Params, x: Array, y: Array
-) -> tuple[Array, Params]:
-    """Each example's loss J^(i) and its gradient dJ^(i)/dparams.
-
-    Args:
-      model, loss, params: as :func:`backprop`.
-      x: inputs of shape (n, *example_shape): exactly one leading example axis.
-      y: targets of shape (n, ...).
-
-    Returns:
-      ``(losses, grads)``: losses of shape (n,) and a pytree like ``params``
-      whose leaves have a leading axis of length n.
-    """
-    _check("per_example_grads", model, loss, x, y)
-
-    def one(x_i, y_i):
-        return _backprop(model, loss, params, x_i, y_i)
-
-    return jax.vmap(one)(x, y)
-
-
-def per_example_grad_norms(
-    model: Layer, loss: Loss, params: Params, x: Array, y: Array
-) -> tuple[Array, Array]:
-    """Each example's loss and the Euclidean norm of its whole parameter gradient.
-
-    For DP-SGD-style clipping. When every parametrized layer of ``model`` has a
-    ``sq_norms`` rule (MM layers and all parameter-free layers do), the norms
-    are computed from one batched backward pass without materializing any
-    per-example weight gradient: for MM, ||v z^T||_F = ||v|| ||z||. Otherwise
-    they are the norms of :func:`per_example_grads`.
-
-    Args:
-      model, loss, params: as :func:`backprop`.
-      x: inputs of shape (n, *example_shape): exactly one leading example axis.
-      y: targets of shape (n, ...).
-
-    Returns:
-      ``(losses, norms)``, both of shape (n,) and at least float32 (as the
-      losses of :func:`per_example_grads`). When the loss returns several
-      values per example (one per position of a sequence), J^(i) is their
-      mean, as in :func:`per_example_grads`.
-    """
-    _check("per_example_grad_norms", model, loss, x, y)
-    if model.sq_norms is None:
-        losses, grads = per_example_grads(model, loss, params, x, y)
-        leaves = jax.tree_util.tree_leaves(grads)
-        sq = sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))),
-                         axis=tuple(range(1, g.ndim))) for g in leaves)
-        return losses, jnp.sqrt(sq)
-    n = jnp.shape(x)[0]
-    t, residuals = model.forward(params, x)
-    losses, dt = _loss_and_cotangent(loss, t, y, examples=n)   # dJ^(i)/du[k] per example
-    sq, _ = model.sq_norms(params, residuals, dt)
-    # J^(i) = mean of example i's losses, at least float32: as per_example_grads.
-    losses = jnp.mean(losses.reshape(n, -1), axis=1,
-                      dtype=jnp.promote_types(losses.dtype, jnp.float32))
-    return losses, jnp.sqrt(jnp.broadcast_to(sq, losses.shape))

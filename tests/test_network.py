@@ -19,6 +19,7 @@ import pytest
 
 import fnbp
 from _oracle import rel_err
+from fnbp.nn.layer import MissingRuleError
 
 F64_RTOL = 1e-10
 D_IN, WIDTH, K, N = 5, 7, 4, 4
@@ -207,6 +208,7 @@ def straight_through_round() -> fnbp.Layer:
                            forward, backward)
 
 
+@pytest.mark.filterwarnings("ignore::fnbp.PerExampleFallbackWarning")
 def test_make_layer_composes_in_serial_and_backprop():
     model = fnbp.serial(fnbp.Linear(WIDTH), scale_layer(), fnbp.Tanh(), fnbp.Linear(K))
     params = init(model)
@@ -218,7 +220,10 @@ def test_make_layer_composes_in_serial_and_backprop():
         return ref_mm(last, ref_tanh(scale["a"] * ref_mm(first, x)))
 
     # with no sq_norms of its own, the norms come from per-example gradients
-    assert model.sq_norms is None
+    u, residuals = model.forward(params, x)
+    with pytest.raises(MissingRuleError, match=r"scale: this layer has parameters but no "
+                                               r"sq_norms rule; give it one with fnbp.make_layer"):
+        model.sq_norms(params, residuals, u)
     assert_gradients_equal_oracle(model, ref, params, x, y)
 
 
@@ -311,7 +316,10 @@ def test_flatten_in_a_network_equals_the_oracle():
         _, first, _, last = params
         return ref_mm(last, ref_relu(ref_mm(first, x.reshape(x.shape[0], 6))))
 
-    assert model.sq_norms is not None
+    u, residuals = model.forward(params, x)
+    sq, _ = model.sq_norms(params, residuals, u)     # Flatten needs no rule of its own
+    assert jax.tree.structure(sq) == jax.tree.structure(params)
+    assert [q.shape for q in jax.tree.leaves(sq)] == [(N,)] * 4
     assert_gradients_equal_oracle(model, ref, params, x, y)
 
 

@@ -215,18 +215,29 @@ def test_check_layer_passes_a_correct_layer_and_names_a_wrong_sq_norms():
     report = check_layer(layer, params, x, transforms=JIT)
     report.assert_ok()
     assert report.dtype == "float64"
-    assert {"sq_norms", "init", "reference"} <= {r.oracle for r in report.rows}
+    assert {"sq_norms", "sq_norms per leaf", "sq_norms dz", "sq_grads", "init",
+            "reference"} <= {r.oracle for r in report.rows}
 
     lin = fnbp.Linear(3)
     _, p = lin.init(jax.random.PRNGKey(0), (4,))
 
     def doubled(params, res, v):
         sq, dz = lin.sq_norms(params, res, v)
-        return 2 * sq, dz
-    bad = fnbp.make_layer("bad", lin.init, lin.forward, lin.backward, doubled)
+        return jax.tree.map(lambda q: 2 * q, sq), dz
+
+    def swapped(params, res, v):     # right total, each leaf's norm in the other leaf
+        sq, dz = lin.sq_norms(params, res, v)
+        return {"W": sq["b"], "b": sq["W"]}, dz
+
+    bad = fnbp.make_layer("bad", lin.init, lin.forward, lin.backward, doubled, lin.sq_grads)
     report = check_layer(bad, p, x, transforms=JIT)
-    assert [r.oracle for r in report.failures] == ["sq_norms"]
+    assert [r.oracle for r in report.failures] == ["sq_norms", "sq_norms per leaf"]
     assert report.diagnosis == "sq_norms disagrees with the per-example gradients"
+    report = check_layer(fnbp.make_layer("swapped", lin.init, lin.forward, lin.backward,
+                                         swapped), p, x, transforms=JIT)
+    assert [r.oracle for r in report.failures] == ["sq_norms per leaf"]
+    assert report.diagnosis == "sq_norms puts a leaf's norm in another leaf"
+    assert any("sq_grads: none" in note for note in report.notes)
     with pytest.raises(TypeError, match="check_layer: layer must be a fnbp Layer"):
         check_layer(object(), p, x)
 

@@ -7,7 +7,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from fnbp.nn.layer import Layer, make_layer
+from fnbp.nn.layer import BookKeeping, Layer, _layer
 
 
 def serial(*layers: Layer, name: str | None = None) -> Layer:
@@ -66,20 +66,30 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
             with _blame(where(i), layers[i].name, "backward"):
                 out = layers[i].backward(params[i], residuals[i], v)
             grads[i], v = _check_backward(where(i), layers[i].name, params[i], out)
-        # the same container as params (a list stays a list: custom_vjp needs it)
-        return (grads if isinstance(params, list) else tuple(grads)), v
+        return _like(params, grads), v
 
-    sq_norms = None
-    if all(layer.sq_norms is not None for layer in layers):
+    def norms(params, residuals, v):
+        sq, tapes = [None] * len(layers), [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            with _blame(where(i), layers[i].name, "sq_norms"):
+                sq[i], v, tapes[i] = layers[i].book.norms(params[i], residuals[i], v)
+        return _like(params, sq), v, tuple(tapes)
 
-        def sq_norms(params, residuals, v):
-            total = jnp.zeros((), jnp.promote_types(v.dtype, jnp.float32))
-            for i in reversed(range(len(layers))):
-                sq, v = layers[i].sq_norms(params[i], residuals[i], v)
-                total = total + sq
-            return total, v
+    def clipped(params, tapes, scales):
+        grads = []
+        for i, layer in enumerate(layers):
+            with _blame(where(i), layer.name, "clipped contraction"):
+                grads.append(layer.book.clipped(params[i], tapes[i], scales[i]))
+        return _like(params, grads)
 
-    return make_layer(name, init, forward, backward, sq_norms)
+    def moments(params, residuals, v):
+        grads, sq = [None] * len(layers), [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            with _blame(where(i), layers[i].name, "sq_grads"):
+                grads[i], sq[i], v = layers[i].book.moments(params[i], residuals[i], v)
+        return _like(params, grads), _like(params, sq), v
+
+    return _layer(name, init, forward, backward, BookKeeping(norms, clipped, moments))
 
 
 def residual(block: Layer) -> Layer:
@@ -107,14 +117,16 @@ def residual(block: Layer) -> Layer:
         grads, dz = block.backward(params, residuals, v)
         return grads, v + dz
 
-    sq_norms = None
-    if block.sq_norms is not None:
+    def norms(params, residuals, v):
+        sq, dz, tape = block.book.norms(params, residuals, v)
+        return sq, v + dz, tape
 
-        def sq_norms(params, residuals, v):
-            sq, dz = block.sq_norms(params, residuals, v)
-            return sq, v + dz
+    def moments(params, residuals, v):
+        grads, sq, dz = block.book.moments(params, residuals, v)
+        return grads, sq, v + dz
 
-    return make_layer(name, init, forward, backward, sq_norms)
+    return _layer(name, init, forward, backward,
+                  BookKeeping(norms, block.book.clipped, moments))
 
 
 def remat(layer: Layer) -> Layer:
@@ -137,15 +149,33 @@ def remat(layer: Layer) -> Layer:
         _, residuals = layer.forward(params, z)
         return layer.backward(params, residuals, v)
 
-    sq_norms = None
-    if layer.sq_norms is not None:
+    # Book-Keeping: the tape of a remat layer is what it stores anyway, its
+    # input z, plus its incoming v; the inner residuals and cotangents are
+    # recomputed (forward and the dz chain) for the clipped contraction, so
+    # remat keeps its memory bound at the cost of that recomputation.
+    def norms(params, z, v):
+        params, z, v = jax.lax.optimization_barrier((params, z, v))
+        _, residuals = layer.forward(params, z)
+        sq, dz, _ = layer.book.norms(params, residuals, v)
+        return sq, dz, (z, v)
 
-        def sq_norms(params, z, v):
-            params, z, v = jax.lax.optimization_barrier((params, z, v))
-            _, residuals = layer.forward(params, z)
-            return layer.sq_norms(params, residuals, v)
+    def clipped(params, tape, scales):
+        params, (z, v), scales = jax.lax.optimization_barrier((params, tape, scales))
+        _, residuals = layer.forward(params, z)
+        _, _, inner = layer.book.norms(params, residuals, v)
+        return layer.book.clipped(params, inner, scales)
 
-    return make_layer(name, layer.init, forward, backward, sq_norms)
+    def moments(params, z, v):
+        params, z, v = jax.lax.optimization_barrier((params, z, v))
+        _, residuals = layer.forward(params, z)
+        return layer.book.moments(params, residuals, v)
+
+    return _layer(name, layer.init, forward, backward, BookKeeping(norms, clipped, moments))
+
+
+def _like(params, values: list):
+    """The same container as params (a list stays a list: custom_vjp needs it)."""
+    return list(values) if isinstance(params, list) else tuple(values)
 
 
 @contextlib.contextmanager

@@ -12,13 +12,38 @@ Each module is a :class:`Layer`: an immutable record of pure functions
 - ``apply(params, z) -> u``: the forward alone, itself a ``jax.custom_vjp``
   whose rule is ``forward``/``backward``, so ``jax.grad`` in user code gets
   the same hand-written gradients;
-- ``sq_norms(params, residuals, v) -> (per_example_sq_norm, dz)``, or ``None``:
-  the squared norm of each example's parameter gradient without building the
-  per-example gradients (see :func:`fnbp.per_example_grad_norms`).
+- ``sq_norms(params, residuals, v) -> (sq, dz)`` and
+  ``sq_grads(params, residuals, v) -> sq_grads``: per-example quantities of
+  the parameter gradients, per parameter leaf, from the batched cotangent
+  (see "Per-example quantities" below);
+- ``book``: the :class:`BookKeeping` passes the per-example engine
+  (:mod:`fnbp.per_example`) runs, derived from the above.
 
 Leading axes of ``z`` beyond the example shape are example axes (eq. 7.84).
 :func:`serial` composes layers and its backward is Algorithm 3 over its
 children; :func:`residual` is Res(z) = z + block(z) (eq. 7.38).
+
+Per-example quantities (Book-Keeping, Bu et al. 2023). With the batch's first
+axis holding n examples, example i's gradient of a parameter P is
+g_i = dJ^(i)/dP, and in a batched backward pass the cotangent ``v`` of the
+layer's output holds every example's v_i = dJ^(i)/du side by side (further
+leading axes of v are positions inside example i, summed into g_i). For MM,
+g_i = v_i z_i^T (eq. 7.65). A layer with parameters states, per leaf P:
+
+- ``sq_norms``: ``||g_i(P)||^2`` for each i, shape (n,), without building the
+  g_i where it can (MM: ``||v_i||^2 ||z_i||^2``);
+- ``sq_grads``: ``sum_i g_i(P) (.) g_i(P)``, shaped like P (MM:
+  ``(V (.) V)^T (Z (.) Z)``).
+
+From these the engine needs one forward and one backward pass. During the
+backward pass each layer returns its per-leaf squared norms, its dz, and a
+*tape*: its residuals and its incoming cotangent v. After the pass the clipped
+gradient sum_i s_i g_i of each layer is one contraction with the per-example
+scales folded into v: the backward is linear in v and each example's part is
+its own, so sum_i s_i g_i(P) = dP of ``backward(params, residuals, s (.) v)``
+(for MM, V^T diag(s) Z: one dot per weight). Only dparams is kept; under
+``jax.jit`` the unused dz is dead code. Parameter-free layers (activations,
+pooling, Flatten) need nothing: they pass dz on and keep no tape.
 """
 
 from __future__ import annotations
@@ -32,6 +57,46 @@ from jax import Array
 Shape = tuple[int, ...]
 Params = Any
 Residuals = Any
+Tape = Any
+
+
+class MissingRuleError(NotImplementedError):
+    """A layer with parameters has no rule for a per-example quantity.
+
+    Raised while tracing ``sq_norms``/``sq_grads`` (or the :class:`BookKeeping`
+    passes); :mod:`fnbp.per_example` catches it and falls back to
+    materializing the per-example gradients, with a
+    ``fnbp.PerExampleFallbackWarning``.
+
+    Attributes:
+      layer: the layer's name.
+      hook: ``"sq_norms"`` or ``"sq_grads"``.
+    """
+
+    def __init__(self, layer: str, hook: str):
+        self.layer, self.hook = layer, hook
+        super().__init__(
+            f"{layer}: this layer has parameters but no {hook} rule; give it one with "
+            f"fnbp.make_layer(name, init, forward, backward, {hook}=...) (see make_layer)")
+
+
+class BookKeeping(NamedTuple):
+    """The passes of the per-example engine, derived for every layer by :func:`make_layer`.
+
+    - ``norms(params, residuals, v) -> (sq, dz, tape)``: the backward pass:
+      ``sq`` a pytree like params of (n,) per-example squared norms, ``dz``
+      as ``backward``'s, ``tape`` what ``clipped`` needs (for a leaf layer
+      its residuals and v; for :func:`fnbp.serial` the tuple of its
+      children's tapes; ``None`` for a layer without params).
+    - ``clipped(params, tape, scales) -> dparams``: with ``scales`` a pytree
+      like params of (n,) arrays s, each leaf P gets sum_i s_i g_i(P).
+    - ``moments(params, residuals, v) -> (dparams, sq_grads, dz)``: the
+      backward pass that also returns ``sum_i g_i (.) g_i`` per leaf.
+    """
+
+    norms: Callable[[Params, Residuals, Array], tuple[Params, Array, Tape]]
+    clipped: Callable[[Params, Tape, Params], Params]
+    moments: Callable[[Params, Residuals, Array], tuple[Params, Params, Array]]
 
 
 class Layer(NamedTuple):
@@ -42,7 +107,9 @@ class Layer(NamedTuple):
     forward: Callable[[Params, Array], tuple[Array, Residuals]]
     backward: Callable[[Params, Residuals, Array], tuple[Params, Array]]
     apply: Callable[[Params, Array], Array]
-    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None
+    sq_norms: Callable[[Params, Residuals, Array], tuple[Params, Array]]
+    sq_grads: Callable[[Params, Residuals, Array], Params]
+    book: BookKeeping
 
     def __repr__(self) -> str:
         return f"Layer({self.name})"
@@ -72,7 +139,8 @@ def make_layer(
     init: Callable[..., tuple[Shape, Params]],
     forward: Callable[[Params, Array], tuple[Array, Residuals]],
     backward: Callable[[Params, Residuals, Array], tuple[Params, Array]],
-    sq_norms: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
+    sq_norms: Callable[[Params, Residuals, Array], tuple[Params, Array]] | None = None,
+    sq_grads: Callable[[Params, Residuals, Array], Params] | None = None,
 ) -> Layer:
     """Build a :class:`Layer` from its init, forward and backward functions.
 
@@ -81,6 +149,26 @@ def make_layer(
     composes with fnbp's in :func:`fnbp.serial`, :func:`fnbp.residual` and
     :func:`fnbp.backprop`. For a rule already written as ``jax.custom_vjp``
     functions ``(f, f_fwd, f_bwd)``, :func:`layer_from_rule` does this for you.
+
+    The per-example hooks (optional; see the module doc). For a batch of n
+    examples along v's first axis, g_i(P) = dJ^(i)/dP is example i's gradient
+    of the parameter leaf P, e.g. g_i(W) = v_i z_i^T for MM (eq. 7.65):
+
+    - ``sq_norms(params, residuals, v) -> (sq, dz)``: ``sq`` a pytree like
+      ``params`` whose leaf for P is ``||g_i(P)||_F^2`` for each i, shape
+      (n,), dtype at least float32; ``dz`` equal to ``backward``'s. Used by
+      :func:`fnbp.per_example_grad_norms` and :func:`fnbp.clipped_grads`.
+    - ``sq_grads(params, residuals, v) -> sq``: a pytree like ``params``, the
+      leaf for P being ``sum_i g_i(P) (.) g_i(P)`` (BackPACK's
+      SumGradSquared), dtype at least float32. Used by
+      :func:`fnbp.grad_moments`.
+
+    A layer without params needs neither. A layer with params but without a
+    hook still works everywhere: the per-example functions then materialize
+    every example's gradient (``jax.vmap`` of the per-example backprop) and
+    say so once with a ``fnbp.PerExampleFallbackWarning``. The clipped
+    gradient needs no hook of its own: it is ``backward`` called with the
+    per-example scales folded into v, keeping only dparams.
 
     Args:
       name: the layer's name, shown in errors (``serial[2] scale: ...``).
@@ -93,14 +181,119 @@ def make_layer(
         rule's bwd returns one cotangent per argument instead
         (``fnbp.rules.relu_bwd(res, v) -> (dz,)``); wrap it as
         ``return (), relu_bwd(res, v)[0]``.
-      sq_norms: optional ``sq_norms(params, residuals, v) -> (sq_norm, dz)``
-        for :func:`fnbp.per_example_grad_norms`.
+      sq_norms: optional, as above.
+      sq_grads: optional, as above.
 
     Returns:
       The :class:`Layer`; its ``apply`` is a ``jax.custom_vjp`` whose rule is
-      ``forward``/``backward``.
+      ``forward``/``backward``; ``sq_norms``/``sq_grads`` are always callable
+      (for a layer with params and no hook they raise :class:`MissingRuleError`).
     """
-    return Layer(name, init, forward, backward, _make_apply(forward, backward), sq_norms)
+    return _layer(name, init, forward, backward, _leaf_book(name, backward, sq_norms, sq_grads))
+
+
+def _layer(name, init, forward, backward, book: BookKeeping) -> Layer:
+    """The Layer record of a layer whose Book-Keeping passes are given (combinators)."""
+
+    def sq_norms(params, residuals, v):
+        sq, dz, _ = book.norms(params, residuals, v)
+        return sq, dz
+
+    def sq_grads(params, residuals, v):
+        return book.moments(params, residuals, v)[1]
+
+    return Layer(name, init, forward, backward, _make_apply(forward, backward), sq_norms,
+                 sq_grads, book)
+
+
+def has_params(params: Params) -> bool:
+    """Whether the pytree ``params`` has any leaf (a layer without params has ``()``)."""
+    return bool(jax.tree_util.tree_leaves(params))
+
+
+def _empty_like(params: Params) -> Params:
+    """The (leafless) pytree of a layer without params, for its sq and dparams."""
+    return jax.tree_util.tree_map(lambda p: p, params)
+
+
+def _leaf_book(name: str, backward, sq_norms, sq_grads) -> BookKeeping:
+    """The Book-Keeping passes of a layer from its backward and its hooks."""
+
+    def norms(params, residuals, v):
+        if not has_params(params):
+            return _empty_like(params), backward(params, residuals, v)[1], None
+        if sq_norms is None:
+            raise MissingRuleError(name, "sq_norms")
+        out = sq_norms(params, residuals, v)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"{name}: sq_norms must return the pair (sq, dz), got "
+                            f"{type(out).__name__}; see fnbp.make_layer")
+        sq, dz = out
+        _check_per_leaf(name, "sq_norms", params, sq, lambda p: (v.shape[0],))
+        return sq, dz, (residuals, v)
+
+    def clipped(params, tape, scales):
+        if not has_params(params):
+            return _empty_like(params)
+        residuals, v = tape
+        return scaled_backward(backward, params, residuals, v, scales)
+
+    def moments(params, residuals, v):
+        dparams, dz = backward(params, residuals, v)
+        if not has_params(params):
+            return dparams, _empty_like(params), dz
+        if sq_grads is None:
+            raise MissingRuleError(name, "sq_grads")
+        sq = sq_grads(params, residuals, v)
+        _check_per_leaf(name, "sq_grads", params, sq, jnp.shape)
+        return dparams, sq, dz
+
+    return BookKeeping(norms, clipped, moments)
+
+
+def _check_per_leaf(name: str, hook: str, params, sq, shape_of) -> None:
+    """A hook's result must be a pytree like params with one array of the stated shape per leaf."""
+    want = jax.tree_util.tree_structure(params)
+    got = jax.tree_util.tree_structure(sq)
+    what = ("one (n,) array of per-example squared norms" if hook == "sq_norms"
+            else "one array shaped like the leaf")
+    if want != got:
+        raise TypeError(f"{name}: {hook} returned {got}, but the params have structure {want}; "
+                        f"return a pytree like params with {what} per leaf (see fnbp.make_layer)")
+    for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sq)):
+        if jnp.shape(s) != tuple(shape_of(p)):
+            raise TypeError(f"{name}: {hook} returned a leaf of shape {jnp.shape(s)} for a "
+                            f"parameter of shape {jnp.shape(p)}; expected {tuple(shape_of(p))}, "
+                            f"{what} (see fnbp.make_layer)")
+
+
+def scaled_backward(backward, params, residuals, v, scales) -> Params:
+    """sum_i s_i g_i(P) for every leaf P: ``backward`` with s folded into v, dparams kept.
+
+    The backward function is linear in v and example i's part of a parameter
+    cotangent is its own (g_i depends on v_i alone), so scaling v_i by s_i
+    scales g_i by s_i: for MM, dW = V^T diag(s) Z, one dot. Leaves that share
+    one scale array (flat clipping) share one call; a leaf with a scale of its
+    own (per-parameter clipping) gets a call whose other outputs are dead code
+    under ``jax.jit``.
+
+    Args:
+      backward: the layer's ``backward(params, residuals, v) -> (dparams, dz)``.
+      params, residuals, v: as for ``backward``; v's first axis holds the n examples.
+      scales: a pytree like params whose leaves are (n,) arrays.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(scales)
+    out = [None] * len(leaves)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(leaves):
+        groups.setdefault(id(s), []).append(i)
+    for members in groups.values():
+        s = leaves[members[0]]
+        scaled = (v * jnp.reshape(s, jnp.shape(s) + (1,) * (v.ndim - 1))).astype(v.dtype)
+        dparams = jax.tree_util.tree_leaves(backward(params, residuals, scaled)[0])
+        for i in members:
+            out[i] = dparams[i]
+    return treedef.unflatten(out)
 
 
 def _no_params(key, input_shape, dtype=jnp.float32):

@@ -25,11 +25,7 @@ def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
     def backward(params, residuals, v):
         return (), bwd(residuals, v)[0]
 
-    def sq_norms(params, residuals, v):
-        dz = bwd(residuals, v)[0]
-        return jnp.zeros((), v.dtype), dz
-
-    return make_layer(name, _no_params, forward, backward, sq_norms)
+    return make_layer(name, _no_params, forward, backward)
 
 
 _RULE_LAYERS: dict[tuple, Layer] = {}
@@ -183,6 +179,42 @@ def _activation_name(layer: Layer) -> str:
     return layer.name.split("(")[0]
 
 
+# --- per-example hooks of the rules, per parameter leaf ------------------------------
+
+
+def _per_example_hooks(rule: str, names: tuple, backward: Callable, **settings: Any
+                       ) -> tuple[Callable | None, Callable | None]:
+    """A layer's ``sq_norms`` and ``sq_grads`` from its rule's hooks in the registry.
+
+    A rule M(z, p_1, ..., p_k) declares ``hooks["sq_norms"](res, v, **settings)``
+    and ``hooks["sq_grads"](...)``, each returning one entry per argument after
+    z (``None`` for an absent bias or a fixed setting such as eps); ``names``
+    gives the layer's params key of each argument (``None`` for a setting).
+    The layer's dz is its ``backward``'s (under ``jax.jit`` the unused
+    parameter cotangents of that call are dead code). A rule without a hook
+    gives ``None``: the per-example engine then materializes the gradients.
+    """
+    hooks = registry()[rule].hooks
+
+    def as_params(params, values):
+        return {name: value for name, value in zip(names, values)
+                if name is not None and name in params}
+
+    sq_norms = sq_grads = None
+    if "sq_norms" in hooks:
+
+        def sq_norms(params, residuals, v):
+            sq = hooks["sq_norms"](residuals, v, **settings)
+            return as_params(params, sq), backward(params, residuals, v)[1]
+
+    if "sq_grads" in hooks:
+
+        def sq_grads(params, residuals, v):
+            return as_params(params, hooks["sq_grads"](residuals, v, **settings))
+
+    return sq_norms, sq_grads
+
+
 # --- MM (linear) ------------------------------------------------------------------
 
 
@@ -239,10 +271,8 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         dz, dW, db = linear.mm_bwd(residuals, v)
         return ({"W": dW, "b": db} if bias else {"W": dW}), dz
 
-    def sq_norms(params, residuals, v):
-        return registry()["mm"].hooks["sq_norms"](residuals, v, bias)
-
-    return make_layer(name, init_fn, forward, backward, sq_norms)
+    return make_layer(name, init_fn, forward, backward,
+                      *_per_example_hooks("mm", ("W", "b"), backward))
 
 
 def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int) -> None:
@@ -290,10 +320,7 @@ def Flatten(ndim: int) -> Layer:
     def backward(params, example_shape, v):
         return (), v.reshape(v.shape[:-1] + example_shape.shape)
 
-    def sq_norms(params, example_shape, v):
-        return jnp.zeros((), v.dtype), backward(params, example_shape, v)[1]
-
-    return make_layer(name, init, forward, backward, sq_norms)
+    return make_layer(name, init, forward, backward)
 
 
 # --- structured layers: convolution, pooling, normalization -------------------------
@@ -332,7 +359,9 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
         dz, dw, db = bwd(residuals, v, stride=stride, padding=padding, dilation=dilation)
         return ({"w": dw, "b": db} if bias else {"w": dw}), dz
 
-    return make_layer(name, init, forward, backward)
+    return make_layer(name, init, forward, backward,
+                      *_per_example_hooks(f"conv{n}d", ("w", "b"), backward, stride=stride,
+                                          padding=padding, dilation=dilation))
 
 
 def Conv1D(channels: int, kernel_size: int, *, stride=1, padding="same", dilation=1,
@@ -374,10 +403,7 @@ def _pool_layer(kind: str, window, stride) -> Layer:
     def backward(params, residuals, v):
         return (), bwd(residuals, v, window=window, stride=stride)[0]
 
-    def sq_norms(params, residuals, v):
-        return jnp.zeros((), v.dtype), backward(params, residuals, v)[1]
-
-    return make_layer(name, init, forward, backward, sq_norms)
+    return make_layer(name, init, forward, backward)
 
 
 def MaxPool(window, stride=None) -> Layer:
@@ -413,7 +439,8 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
         dz, dgamma, dbeta, _ = normalization.layer_norm_bwd(residuals, v)
         return {"gamma": dgamma, "beta": dbeta}, dz
 
-    return make_layer(name, init, forward, backward)
+    return make_layer(name, init, forward, backward,
+                      *_per_example_hooks("layer_norm", ("gamma", "beta", None), backward))
 
 
 def RMSNorm(eps: float = 1e-6) -> Layer:
@@ -435,4 +462,5 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
         dz, dgamma, _ = normalization.rms_norm_bwd(residuals, v)
         return {"gamma": dgamma}, dz
 
-    return make_layer(name, init, forward, backward)
+    return make_layer(name, init, forward, backward,
+                      *_per_example_hooks("rms_norm", ("gamma", None), backward))

@@ -241,17 +241,22 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
                                        params)
         return grads, input_cotangent(dz, dtypes)
 
-    sq_norms = None
-    if model.sq_norms is not None:
+    def at_least_f32(tree):
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), tree)
 
-        def sq_norms(params, saved, v):
-            residuals, dtypes = saved
-            sq, dz = model.sq_norms(policy.cast_to_compute(params), residuals,
-                                    v.astype(dtypes.u))
-            return sq.astype(jnp.promote_types(sq.dtype, jnp.float32)), input_cotangent(
-                dz, dtypes)
+    def sq_norms(params, saved, v):
+        residuals, dtypes = saved
+        sq, dz = model.sq_norms(policy.cast_to_compute(params), residuals, v.astype(dtypes.u))
+        return at_least_f32(sq), input_cotangent(dz, dtypes)
 
-    layer = make_layer(f"{model.name} @ {policy.name}", init, forward, backward, sq_norms)
+    def sq_grads(params, saved, v):
+        residuals, dtypes = saved
+        return at_least_f32(model.sq_grads(policy.cast_to_compute(params), residuals,
+                                           v.astype(dtypes.u)))
+
+    layer = make_layer(f"{model.name} @ {policy.name}", init, forward, backward, sq_norms,
+                       sq_grads)
     _POLICIES[layer] = policy
     return layer
 

@@ -1,18 +1,21 @@
-"""check_layer: a :class:`fnbp.Layer`'s backward, sq_norms and init, checked in float64.
+"""check_layer: a :class:`fnbp.Layer`'s backward, sq_norms, sq_grads and init, in float64.
 
 A layer is a record of pure functions (``init``, ``forward``, ``backward``,
-``apply``, ``sq_norms``; see :mod:`fnbp.nn.layer`). Three things can be wrong
-in one written by hand, and :func:`check_layer` checks each:
+``apply``, ``sq_norms``, ``sq_grads``; see :mod:`fnbp.nn.layer`). Three things
+can be wrong in one written by hand, and :func:`check_layer` checks each:
 
 - ``backward(params, residuals, v)`` must be B[M, (params, z)](v): it is
   checked, through ``apply`` (a ``jax.custom_vjp`` whose rule is the layer's
   forward/backward), by :func:`fnbp.check_vjp` against autodiff of
   ``forward`` and finite differences, in float64;
-- ``sq_norms(params, residuals, v)`` must return each example's squared
-  norm of its parameter gradient, sum_leaves ||dparams^(i)||^2, and the same
-  input cotangent as ``backward``: checked against the per-example gradients
-  by autodiff of ``forward``, one example at a time (rows ``sq_norms`` and
-  ``sq_norms dz``);
+- ``sq_norms(params, residuals, v)`` must return, per parameter leaf, each
+  example's squared norm ||dparams^(i)||^2 (example i is x[i] with its
+  positions), and the same input cotangent as ``backward``;
+  ``sq_grads(params, residuals, v)`` per leaf sum_i dparams^(i) (.)
+  dparams^(i). Checked against the per-example gradients by autodiff of
+  ``forward``, one example at a time (rows ``sq_norms`` (the sum over the
+  leaves), ``sq_norms per leaf``, ``sq_norms dz`` and ``sq_grads``); a layer
+  with params and no such rule gets a note instead;
 - ``init(key, example_shape, dtype)`` must give parameters of the structure,
   shapes and dtypes ``apply`` is called with, and the output shape ``apply``
   returns (row ``init``).
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnbp.nn.layer import MissingRuleError
 from fnbp.verify.check import check_vjp
 from fnbp.verify.report import DEFAULT_TOLERANCES, VJPCheck, VJPReport, _row
 
@@ -50,7 +54,7 @@ def _to64(tree: Any) -> Any:
 def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = (
         "jit", "jit(vmap(inputs))", "2nd order"), probes: bool | Sequence[str] = LAYER_PROBES,
         seed: int = 0, example_axes: int = 1) -> VJPReport:
-    """Check a Layer's backward, sq_norms and init, in float64.
+    """Check a Layer's backward, sq_norms, sq_grads and init, in float64.
 
     Example::
 
@@ -66,7 +70,8 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
       probes: the probes of :func:`fnbp.check_vjp` (default :data:`LAYER_PROBES`).
       seed: seed of the random cotangents.
       example_axes: how many leading axes of x are example axes (for
-        ``init`` and the per-example gradients of ``sq_norms``).
+        ``init``). For ``sq_norms`` and ``sq_grads`` example i is ``x[i]``:
+        the axes after the first are positions summed into its gradient.
 
     Returns:
       One :class:`fnbp.verify.VJPReport` with the rows of all three checks,
@@ -100,44 +105,76 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
         report = check_vjp(apply, params64, x64, reference=forward, transforms=transforms,
                            probes=probes, seed=seed)
         tol = DEFAULT_TOLERANCES["float64"]
-        rows = list(report.rows)
-        if getattr(layer, "sq_norms", None) is not None:
-            rows += _sq_norm_rows(layer, params64, x64, example_axes, tol, seed)
+        rows, notes = list(report.rows), report.notes
+        if callable(getattr(layer, "sq_norms", None)):
+            more, said = _per_example_rows(layer, params64, x64, tol, seed)
+            rows, notes = rows + more, notes + said
         rows.append(_init_row(layer, params, x, example_axes, seed))
-    notes = report.notes
     if not report.custom_vjp:
         notes += (f"{label}.apply has no jax.custom_vjp rule",)
     return dataclasses.replace(report, function=label, rows=tuple(rows), notes=notes)
 
 
-def _sq_norm_rows(layer, params, x, axes: int, tol, seed: int) -> list[VJPCheck]:
+def _per_example_rows(layer, params, x, tol, seed: int) -> tuple[list[VJPCheck], tuple]:
+    """The rows of sq_norms and sq_grads against autodiff of forward, one example at a time.
+
+    Example i is ``x[i]`` with every further axis (positions are summed into
+    its gradient). A layer with params but without a hook gets a note, no row.
+    """
     u, residuals = layer.forward(params, x)
     rng = np.random.default_rng(seed + 7)
     v = jax.device_put(rng.standard_normal(np.shape(u)))
-    try:
-        sq, dz = layer.sq_norms(params, residuals, v)
-    except Exception as err:  # a finding: the row says what raised
-        return [VJPCheck("params", "eager", "sq_norms", math.nan, math.nan, "", tol.rtol,
-                         tol.atol, False, f"raised {type(err).__name__}: {err}",
-                         diagnosis="sq_norms raises")]
-    batch = np.shape(x)[:axes]
-    n = int(np.prod(batch))
-    xs = np.reshape(np.asarray(x), (n, 1) + np.shape(x)[axes:])
-    vs = np.reshape(np.asarray(v), (n, 1) + np.shape(u)[axes:])
 
     def one(xi, vi):   # example i's parameter gradient, by autodiff of forward
-        _, pull = jax.vjp(lambda p: layer.forward(p, xi)[0], params)
-        return sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(pull(vi)[0]))
+        _, pull = jax.vjp(lambda p: layer.forward(p, xi[None])[0], params)
+        return pull(vi[None])[0]
 
-    want = np.asarray(jax.jit(jax.vmap(one))(xs, vs)).reshape(batch)
-    got = np.broadcast_to(np.asarray(sq, np.float64), batch)
-    _, dz_want = layer.backward(params, residuals, v)
-    return [_row("params", "eager", "sq_norms", [("{idx}", got, want)], tol,
-                 "per-example sum ||dparams||^2 vs autodiff of forward, one example at a time",
-                 diagnosis="sq_norms disagrees with the per-example gradients"),
-            _row("x", "eager", "sq_norms dz", [("{idx}", dz, dz_want)], tol,
-                 "sq_norms' input cotangent vs backward's",
-                 diagnosis="sq_norms returns another dz than backward")]
+    per_example = jax.jit(jax.vmap(one))(x, v)
+    want_sq = jax.tree_util.tree_map(
+        lambda g: np.sum(np.square(np.asarray(g)), axis=tuple(range(1, np.ndim(g)))),
+        per_example)
+    want_sg = jax.tree_util.tree_map(lambda g: np.sum(np.square(np.asarray(g)), axis=0),
+                                     per_example)
+    rows, notes = [], ()
+    for hook in ("sq_norms", "sq_grads"):
+        try:
+            out = getattr(layer, hook)(params, residuals, v)
+        except MissingRuleError:
+            notes += (f"{hook}: none (the per-example functions materialize the gradients)",)
+            continue
+        except Exception as err:  # a finding: the row says what raised
+            rows.append(VJPCheck("params", "eager", hook, math.nan, math.nan, "", tol.rtol,
+                                 tol.atol, False, f"raised {type(err).__name__}: {err}",
+                                 diagnosis=f"{hook} raises"))
+            continue
+        if hook == "sq_norms":
+            sq, dz = out
+            total = sum((np.asarray(q, np.float64) for q in jax.tree_util.tree_leaves(sq)),
+                        np.zeros(np.shape(x)[:1]))
+            want = sum(jax.tree_util.tree_leaves(want_sq), np.zeros(np.shape(x)[:1]))
+            _, dz_want = layer.backward(params, residuals, v)
+            rows += [
+                _row("params", "eager", "sq_norms", [("{idx}", total, want)], tol,
+                     "per-example sum ||dparams||^2 vs autodiff of forward, one example at a "
+                     "time", diagnosis="sq_norms disagrees with the per-example gradients"),
+                _row("params", "eager", "sq_norms per leaf", _leaves(sq, want_sq), tol,
+                     "each leaf's ||dparams^(i)||^2 vs autodiff of forward",
+                     diagnosis="sq_norms puts a leaf's norm in another leaf"),
+                _row("x", "eager", "sq_norms dz", [("{idx}", dz, dz_want)], tol,
+                     "sq_norms' input cotangent vs backward's",
+                     diagnosis="sq_norms returns another dz than backward")]
+        else:
+            rows.append(_row("params", "eager", "sq_grads", _leaves(out, want_sg), tol,
+                             "sum_i dparams^(i) (.) dparams^(i) vs autodiff of forward",
+                             diagnosis="sq_grads disagrees with the per-example gradients"))
+    return rows, notes
+
+
+def _leaves(got, want) -> list[tuple[str, Any, Any]]:
+    """(label, got, want) per leaf, the label naming the leaf's path."""
+    paths = jax.tree_util.tree_leaves_with_path(want)
+    return [(jax.tree_util.keystr(path) + "{idx}", np.asarray(g, np.float64), w)
+            for (path, w), g in zip(paths, jax.tree_util.tree_leaves(got))]
 
 
 def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
