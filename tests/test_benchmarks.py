@@ -92,7 +92,8 @@ def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
     for row in figures["rows"]:
         assert set(row["missing"].values()) <= allowed, row["missing"]
         assert set(row["ratios"]) | set(row["missing"]) == {
-            "aa", "clipped_grads", "grad_moments", "grad_norms", "vmap_clip", "jax_privacy"}
+            "aa", "clipped_grads", "grad_moments", "grad_norms", "vmap_clip", "vmap_dot",
+            "jax_privacy"}
         for name, ratio in row["ratios"].items():
             assert math.isfinite(ratio) and ratio > 0, (row["net"], name, ratio)
             assert row["ms"][name] > 0 and row["compile_s"][name] > 0
