@@ -118,6 +118,8 @@ CASES = (
                (3, 2, 2, 3), True, "materialize",
                {"stride": (1, 2), "padding": ((1, 1), (0, 1)), "dilation": (2, 1)}.items(),
                (1, 2), ((1, 1), (0, 1)), (2, 1)),
+    _conv_case("conv2d(valid, one output position)", (3, 3, 3, 2), (3, 3, 2, 3), True, "gram",
+               {"padding": "valid"}.items(), pads=((0, 0), (0, 0))),
     _conv_case("conv2d(same, materialize, no bias)", (2, 5, 5, 2), (3, 3, 2, 2), False,
                "materialize"),
     Case("layer_norm(per feature)", "layer_norm", (4, 6), ((6,), (6,), EPS), _layer_norm),

@@ -81,6 +81,32 @@ def outer_sums(a: Array, b: Array) -> Array:
     return jnp.einsum("itp,itq->ipq", a, b)
 
 
+def outer_sq_norms(a: Array, b: Array) -> Array:
+    """``||g_i||^2`` for ``g_i = sum_t a_t b_t^T`` by the cost rule: Gram form or materialized.
+
+    Args:
+      a, b: shapes (n, T, p) and (n, T, q), in the accumulation dtype.
+
+    Returns:
+      Shape (n,).
+    """
+    if use_gram(a.shape[1], a.shape[2] * b.shape[2]):
+        return gram_sq_norms(a, b)
+    return squares(outer_sums(a, b))[0]
+
+
+def outer_sq_grads(a: Array, b: Array) -> Array:
+    """``sum_i g_i (.) g_i`` for ``g_i = sum_t a_t b_t^T``, shape (p, q).
+
+    One position: ``(A (.) A)^T (B (.) B)``, a single contraction over the
+    examples. T > 1 positions: the g_i are materialized (n p q numbers) and
+    squared; a Gram-like form would cost T times the flops.
+    """
+    if a.shape[1] == 1:
+        return jnp.einsum("ip,iq->pq", a[:, 0] ** 2, b[:, 0] ** 2)
+    return squares(outer_sums(a, b))[1]
+
+
 def squares(g: Array) -> tuple[Array, Array]:
     """Per-example gradients g (n, ...) -> (``||g_i||^2`` (n,), ``sum_i g_i (.) g_i``).
 

@@ -183,10 +183,7 @@ def mm_sq_norms(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
       ValueError: v without an example axis (v.ndim < 2).
     """
     vt, zt = _positions(res, v, "mm_sq_norms")
-    if _per_example.use_gram(vt.shape[1], vt.shape[2] * zt.shape[2]):
-        sq_W = _per_example.gram_sq_norms(vt, zt)
-    else:
-        sq_W = _per_example.squares(_per_example.outer_sums(vt, zt))[0]
+    sq_W = _per_example.outer_sq_norms(vt, zt)
     sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[0]
     return sq_W, sq_b
 
@@ -211,10 +208,7 @@ def mm_sq_grads(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
       float32; ``sq_b`` is ``None`` without a bias.
     """
     vt, zt = _positions(res, v, "mm_sq_grads")
-    if vt.shape[1] == 1:
-        sq_W = jnp.einsum("ip,iq->pq", vt[:, 0] ** 2, zt[:, 0] ** 2)
-    else:
-        sq_W = _per_example.squares(_per_example.outer_sums(vt, zt))[1]
+    sq_W = _per_example.outer_sq_grads(vt, zt)
     sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[1]
     return sq_W, sq_b
 
