@@ -1,0 +1,482 @@
+"""Per-example norms, clipped gradients and moments (fnbp/per_example.py) against vmap(grad).
+
+The oracle is ``jax.vmap(jax.grad(...))`` of plain-jnp reference networks
+written below, independently of fnbp, reading the parameter pytrees that
+``model.init`` makes: g_i = dJ^(i)/dparams for every example i, in float64.
+From the g_i, NumPy computes what each fnbp function must return:
+
+- norms ||g_i|| and per-leaf norms ||g_i(P)||;
+- clipped means (1/n) sum_i min(1, C/||g_i||) g_i, flat and per parameter,
+  with C the median norm so that some examples are clipped and some not;
+- with a mask k: sum_i k_i s_i g_i ("sum") and its mean over the kept examples;
+- grad_moments: (1/n) sum_i g_i and (1/n) sum_i g_i (.) g_i.
+
+fnbp runs all of them in one jitted program per network (model and loss
+static), to a relative error of 1e-10 per array.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnbp
+from _oracle import iter_eqns, rel_err
+from fnbp._compile import fast_compile_options
+
+# The verifier's fast CPU compile options without xla_backend_optimization_level=0,
+# which gives wrong gradients for the 1-D cnn oracle below on XLA:CPU (jax 0.10 and
+# 0.12); the other two only skip work.
+COMPILE = fast_compile_options(options={"xla_llvm_disable_expensive_passes": True,
+                                        "xla_cpu_use_fusion_emitters": False})
+
+F64_RTOL = 1e-10
+N, K = 6, 3
+MASK = np.array([1, 0, 1, 1, 0, 1], bool)
+
+
+# --- the independent reference networks -------------------------------------------------
+
+
+def relu(z):
+    return jnp.where(z > 0, z, 0.0)
+
+
+def tanh(z):
+    return (jnp.exp(2 * z) - 1.0) / (jnp.exp(2 * z) + 1.0)
+
+
+def ref_mm(p, z):
+    """W z + b per example (eq. 7.35), for any leading axes."""
+    return jnp.einsum("...m,nm->...n", z, p["W"]) + p["b"]
+
+
+def ref_mlp(params, x, sigma=relu):
+    """MM, sigma, ..., MM (eq. 7.36); params (mm, (), mm, ..., mm)."""
+    linears = params[0::2]
+    for i, p in enumerate(linears):
+        x = ref_mm(p, x)
+        x = sigma(x) if i < len(linears) - 1 else x
+    return x
+
+
+def ref_remat_mlp(params, x):
+    """fnbp.mlp(..., remat_every=1): ((mm, relu),), ..., mm."""
+    for (p, _), in params[:-1]:
+        x = relu(ref_mm(p, x))
+    return ref_mm(params[-1], x)
+
+
+def ref_resnet_s(params, x):
+    """MM(Res(... Res(MM_in(x)))) with Res(z) = z + relu(MM(relu(MM(z)))) (7.38, 7.39)."""
+    h = ref_mm(params[0], x)
+    for first, _, second, _ in params[1:-1]:
+        h = h + relu(ref_mm(second, relu(ref_mm(first, h))))
+    return ref_mm(params[-1], h)
+
+
+def ref_conv(p, z):
+    """Cross-correlation with 'same' zero padding, channels last (eqs. 7.48-7.51)."""
+    w = p["w"]
+    k = w.shape[:-2]
+    out = jnp.zeros(z.shape[:-1] + (w.shape[-1],), z.dtype)
+    pad = [(0, 0)] + [(s // 2, s // 2) for s in k] + [(0, 0)]
+    zp = jnp.pad(z, pad)
+    for offset in np.ndindex(*k):
+        window = zp[(slice(None),) + tuple(slice(o, o + n) for o, n in
+                                           zip(offset, z.shape[1:-1]))]
+        out = out + jnp.einsum("...c,cd->...d", window, w[offset])
+    return out + p["b"]
+
+
+def ref_max_pool(z):
+    """Max over 2-wide windows of stride 2 along each spatial axis."""
+    spatial = z.ndim - 2
+    shape = [z.shape[0]]
+    for s in z.shape[1:-1]:
+        shape += [s // 2, 2]
+    z = z.reshape(shape + [z.shape[-1]])
+    return jnp.max(z, axis=tuple(2 + 2 * i for i in range(spatial)))
+
+
+def ref_cnn(params, x):
+    """fnbp.cnn(K, (3, 4)): [conv, relu, max pool] x 2, flatten, MM; a 1-D signal gets a channel."""
+    if x.ndim == 2:                       # a signal (n, L): channel_axis, no params
+        x, params = x[..., None], params[1:]
+    conv1, _, _, conv2, _, _, _, last = params
+    h = ref_max_pool(relu(ref_conv(conv1, x)))
+    h = ref_max_pool(relu(ref_conv(conv2, h)))
+    return ref_mm(last, h.reshape(h.shape[0], -1))
+
+
+def ref_norms_net(params, x, eps_ln=1e-5, eps_rms=1e-6):
+    """MM, LayerNorm (7.41, per feature), tanh, MM, RMSNorm, relu, MM."""
+    first, ln, _, second, rms, _, last = params
+    h = ref_mm(first, x)
+    mu = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean((h - mu) ** 2, axis=-1, keepdims=True)
+    h = tanh(ln["beta"] + ln["gamma"] * (h - mu) / jnp.sqrt(var + eps_ln))
+    h = ref_mm(second, h)
+    h = relu(rms["gamma"] * h / jnp.sqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps_rms))
+    return ref_mm(last, h)
+
+
+def ref_scaled(params, x):
+    """MM, tanh, u = a (.) z (a layer with no rules), MM."""
+    first, _, scale, last = params
+    return ref_mm(last, scale["a"] * tanh(ref_mm(first, x)))
+
+
+def ref_cross_entropy(t, y):
+    top = jnp.max(t, axis=-1, keepdims=True)
+    log_z = top[..., 0] + jnp.log(jnp.sum(jnp.exp(t - top), axis=-1))
+    return log_z - jnp.take_along_axis(t, y[..., None], axis=-1)[..., 0]
+
+
+# --- fnbp's side: a layer without rules, the cases -----------------------------------------
+
+
+def scale_layer(name: str) -> fnbp.Layer:
+    """u = a (.) z with a learned per-feature a, written with no sq_norms/sq_grads."""
+
+    def init(key, input_shape, dtype=jnp.float32):
+        return tuple(input_shape), {"a": jnp.full(input_shape[-1:], 1.5, dtype)}
+
+    def forward(params, z):
+        return params["a"] * z, z
+
+    def backward(params, z, v):
+        return {"a": jnp.sum(v * z, axis=tuple(range(v.ndim - 1)))}, params["a"] * v
+
+    return fnbp.make_layer(name, init, forward, backward)
+
+
+def seq_mlp(hidden: int) -> fnbp.Layer:
+    return fnbp.serial(fnbp.Linear(hidden), fnbp.Tanh(), fnbp.Linear(K), name="seq")
+
+
+# name: (model, reference, example shape, labels per example)
+CASES = {
+    "mlp": (fnbp.mlp([5, 4, K]), ref_mlp, (4,), ()),
+    "cnn-2d": (fnbp.cnn(K, (3, 4)), ref_cnn, (4, 4, 2), ()),
+    "cnn-1d": (fnbp.cnn(K, (3, 4), input_ndim=1), ref_cnn, (8,), ()),
+    "resnet_s": (fnbp.resnet_s(5, 2, K), ref_resnet_s, (4,), ()),
+    "layer_norm-rms_norm": (
+        fnbp.serial(fnbp.Linear(5), fnbp.LayerNorm(), fnbp.Tanh(), fnbp.Linear(5),
+                    fnbp.RMSNorm(), fnbp.Relu(), fnbp.Linear(K)), ref_norms_net, (4,), ()),
+    # Sequences (n, T, d): MM's rule takes the Gram form when 2 T^2 <= d_in d_out
+    # (T = 2: 8 <= 4*6 and 8 <= 6*3), else materializes (T = 5: 50 > 3*4, 50 > 4*3).
+    "seq-gram": (seq_mlp(6), functools.partial(ref_mlp, sigma=tanh), (2, 4), (2,)),
+    "seq-materialize": (seq_mlp(4), functools.partial(ref_mlp, sigma=tanh), (5, 3), (5,)),
+    "remat": (fnbp.mlp([5, 5, K], remat_every=1), ref_remat_mlp, (4,), ()),
+}
+
+
+def random_params(model, example_shape, seed=1):
+    """Params shaped as ``model.init`` makes them: W, w ~ N(0, 1/fan_in), b, beta ~ N(0, 0.04),
+    gamma ~ N(1, 0.04), drawn with NumPy in float64."""
+    shapes = jax.eval_shape(lambda key: model.init(key, example_shape, jnp.float64)[1],
+                            jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        noise = rng.standard_normal(leaf.shape)
+        if name == "['W']":
+            return jnp.asarray(noise / np.sqrt(leaf.shape[1]))
+        if name == "['w']":
+            return jnp.asarray(noise / np.sqrt(np.prod(leaf.shape[:-1])))
+        return jnp.asarray((1.0 if name in ("['gamma']", "['a']") else 0.0) + 0.2 * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def problem(case: str):
+    model, ref, shape, label_shape = CASES[case]
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((N,) + shape))
+    y = jnp.asarray(rng.integers(0, K, (N,) + label_shape), jnp.int32)
+    return model, ref, random_params(model, shape), x, y
+
+
+# --- the oracle: vmap(grad) of the reference, then NumPy --------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), compiler_options=COMPILE)
+def per_example_oracle(ref, params, x, y, ref_loss=ref_cross_entropy):
+    """(J^(i), g_i) for every example: vmap of grad of example i's mean loss."""
+
+    def one(params, x_i, y_i):
+        return jnp.mean(ref_loss(ref(params, x_i[None]), y_i[None]))
+
+    return jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))(params, x, y)
+
+
+def sq(g):
+    return np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
+
+
+def clip_scale(norm, C):
+    """min(1, C/||g_i||), 1 for a zero gradient."""
+    return np.where(norm > C, C / np.where(norm > 0, norm, 1.0), 1.0)
+
+
+def contract(s, g):
+    return np.tensordot(s, g, 1)
+
+
+def expected(ref, params, x, y):
+    """Every quantity from the oracle's g_i, with C the median norm (flat and per leaf)."""
+    losses, g = per_example_oracle(ref, params, x, y)
+    losses = np.asarray(losses)
+    g = jax.tree.map(np.asarray, g)
+    leaf_norms = jax.tree.map(lambda a: np.sqrt(sq(a)), g)
+    norms = np.sqrt(sum(sq(a) for a in jax.tree.leaves(g)))
+    C = float(np.median(norms))
+    C_leaf = jax.tree.map(lambda r: float(np.median(r)), leaf_norms)
+    s = clip_scale(norms, C)
+    s_leaf = jax.tree.map(clip_scale, leaf_norms, C_leaf)
+    k = MASK.astype(np.float64)
+    return {
+        "C": C, "C_leaf": C_leaf, "s": s, "s_leaf": s_leaf,
+        "losses": losses, "norms": norms, "leaf_norms": leaf_norms,
+        "J": losses.mean(), "J_mask": (k * losses).sum() / k.sum(),
+        "flat": jax.tree.map(lambda a: contract(s, a) / N, g),
+        "leaf": jax.tree.map(lambda a, t: contract(t, a) / N, g, s_leaf),
+        "mask_sum": jax.tree.map(lambda a: contract(k * s, a), g),
+        "mask_mean": jax.tree.map(lambda a: contract(k * s, a) / k.sum(), g),
+        "mean": jax.tree.map(lambda a: a.mean(axis=0), g),
+        "second_moment": jax.tree.map(lambda a: np.mean(a * a, axis=0), g),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=COMPILE)
+def fnbp_all(model, loss, params, x, y, C, C_leaf, mask):
+    """Every per-example quantity from fnbp, in one program."""
+    return {
+        "norms": fnbp.per_example_grad_norms(model, loss, params, x, y),
+        "flat": fnbp.clipped_grads(model, loss, params, x, y, C),
+        "leaf": fnbp.clipped_grads(model, loss, params, x, y, C_leaf),
+        "mask_sum": fnbp.clipped_grads(model, loss, params, x, y, C, mask=mask,
+                                       reduction="sum"),
+        "mask_mean": fnbp.clipped_grads(model, loss, params, x, y, C, mask=mask),
+        "moments": fnbp.grad_moments(model, loss, params, x, y),
+        "backprop": fnbp.backprop(model, loss, params, x, y),
+    }
+
+
+def check_against_oracle(got, want):
+    losses, norms = got["norms"]
+    checks = {"losses": (losses, want["losses"]), "norms": (norms, want["norms"])}
+    J, grads, flat_norms = got["flat"]
+    checks.update(J=(J, want["J"]), flat=(grads, want["flat"]),
+                  flat_norms=(flat_norms, want["norms"]))
+    J, grads, leaf_norms = got["leaf"]
+    checks.update(leaf=(grads, want["leaf"]), leaf_norms=(leaf_norms, want["leaf_norms"]))
+    for name in ("mask_sum", "mask_mean"):
+        J, grads, _ = got[name]
+        checks[name] = (grads, want[name])
+        checks[f"{name} J"] = (J, want["J_mask"])
+    J, grads, second = got["moments"]
+    checks.update(moments_J=(J, want["J"]), mean=(grads, want["mean"]),
+                  second_moment=(second, want["second_moment"]))
+    for name, (a, b) in checks.items():
+        err = rel_err(a, b)
+        assert err <= F64_RTOL, f"{name}: relative error {err:.3g}"
+    # grad_moments' grads are backprop's
+    assert rel_err(got["moments"][1], got["backprop"][1]) <= 1e-14
+    assert rel_err(got["moments"][0], got["backprop"][0]) == 0.0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_quantity_equals_the_vmap_grad_oracle(case):
+    model, ref, params, x, y = problem(case)
+    want = expected(ref, params, x, y)
+    # the median clips some examples and leaves others: both branches of min(1, C/||g_i||)
+    assert 0 < np.sum(want["s"] < 1) < N
+    assert any(0 < np.sum(s < 1) < N for s in jax.tree.leaves(want["s_leaf"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fnbp.PerExampleFallbackWarning)   # no fallback here
+        got = fnbp_all(model, fnbp.cross_entropy_loss, params, x, y, want["C"],
+                       want["C_leaf"], jnp.asarray(MASK))
+    assert jax.tree.structure(got["leaf"][2]) == jax.tree.structure(params)
+    assert got["flat"][2].shape == (N,) and got["flat"][2].dtype == jnp.float64
+    check_against_oracle(got, want)
+
+
+# --- what the programs build ----------------------------------------------------------
+
+
+def shapes_in(jaxpr) -> set[tuple[int, ...]]:
+    return {tuple(v.aval.shape) for eqn in iter_eqns(jaxpr) for v in eqn.outvars}
+
+
+def mlp_program_inputs():
+    model = fnbp.mlp([32, 24, K])
+    params = random_params(model, (16,))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((N, 16)))
+    return model, params, x, jnp.arange(N, dtype=jnp.int32) % K
+
+
+def test_clipped_grads_and_moments_of_an_mlp_build_no_per_example_weight_gradient():
+    model, params, x, y = mlp_program_inputs()
+    per_example_W = {(N,) + tuple(p["W"].shape) for p in params[0::2]}
+    loss = fnbp.cross_entropy_loss
+    for fn in (lambda p: fnbp.clipped_grads(model, loss, p, x, y, 1.0),
+               lambda p: fnbp.clipped_grads(model, loss, p, x, y,
+                                            jax.tree.map(lambda _: 1.0, p)),
+               lambda p: fnbp.grad_moments(model, loss, p, x, y)):
+        assert not per_example_W & shapes_in(jax.make_jaxpr(fn)(params).jaxpr)
+    # whereas per_example_grads has to build them
+    grads_jaxpr = jax.make_jaxpr(lambda p: fnbp.per_example_grads(model, loss, p, x, y))
+    assert per_example_W <= shapes_in(grads_jaxpr(params).jaxpr)
+
+
+def test_clipped_grads_of_an_mlp_computes_each_weight_gradient_once():
+    # After dead-code elimination, clipping adds no matrix product to backprop:
+    # the norms are ||v_i||^2 ||z_i||^2 and each dW is one V^T diag(s) Z.
+    model, params, x, y = mlp_program_inputs()
+    loss = fnbp.cross_entropy_loss
+
+    def products(fn):
+        text = jax.jit(fn).lower(params, x, y).as_text()
+        return len(re.findall(r"\bdot_general\b", text))
+
+    want = products(lambda p, x, y: fnbp.backprop(model, loss, p, x, y))
+    assert products(lambda p, x, y: fnbp.clipped_grads(model, loss, p, x, y, 1.0)) == want
+    assert products(lambda p, x, y: fnbp.clipped_grads(
+        model, loss, p, x, y, 1.0, mask=jnp.asarray(MASK), reduction="sum")) == want
+
+
+# --- the fallback ------------------------------------------------------------------------
+
+
+def test_a_layer_without_rules_falls_back_and_says_so_once():
+    name = "scale_without_rules"
+    model = fnbp.serial(fnbp.Linear(5), fnbp.Tanh(), scale_layer(name), fnbp.Linear(K))
+    _, _, _, x, y = problem("mlp")
+    params = random_params(model, (4,))
+    want = expected(ref_scaled, params, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fnbp_all(model, fnbp.cross_entropy_loss, params, x, y, want["C"],
+                       want["C_leaf"], jnp.asarray(MASK))
+    check_against_oracle(got, want)
+    said = [str(w.message) for w in caught if w.category is fnbp.PerExampleFallbackWarning]
+    # five calls that need sq_norms, one that needs sq_grads: each said once
+    assert len(said) == 2, said
+    assert all(f"layer '{name}' has parameters but no" in m for m in said)
+    assert any("no sq_norms rule" in m and "fnbp.make_layer(name, init, forward, backward, "
+               "sq_norms=...)" in m for m in said)
+    assert any("no sq_grads rule" in m for m in said)
+    assert issubclass(fnbp.PerExampleFallbackWarning, UserWarning)
+
+
+# --- edges: zero gradients, an empty mask, jit with the functions themselves -------------
+
+
+CLIP = jax.jit(fnbp.clipped_grads, static_argnums=(0, 1), static_argnames="reduction",
+               compiler_options=COMPILE)
+
+
+def ref_mse(t, y):
+    return 0.5 * jnp.sum((t - y) ** 2, axis=-1)
+
+
+def test_a_zero_gradient_is_not_clipped_and_gives_no_nan():
+    model, ref, params, x, _ = problem("mlp")
+    y = model.apply(params, x)
+    y = y.at[1:].add(1.0)                  # mse: example 0 is fit exactly, g_0 = 0
+    for C in (0.5, jax.tree.map(lambda _: 0.5, params)):
+        J, grads, norms = CLIP(model, fnbp.mse_loss, params, x, y, C)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves((J, grads, norms)))
+        assert all(float(n[0]) == 0.0 for n in jax.tree.leaves(norms))
+    _, per_example = per_example_oracle(ref, params, x, y, ref_mse)
+    norms = np.sqrt(sum(sq(np.asarray(g)) for g in jax.tree.leaves(per_example)))
+    s = clip_scale(norms, 0.5)
+    assert s[0] == 1.0 and np.all(s[1:] < 1)
+    want = jax.tree.map(lambda g: contract(s, np.asarray(g)) / N, per_example)
+    assert rel_err(CLIP(model, fnbp.mse_loss, params, x, y, 0.5)[1], want) <= F64_RTOL
+
+
+def test_no_kept_example_gives_zero_loss_and_zero_grads():
+    model, _, params, x, y = problem("mlp")
+    for reduction in ("mean", "sum"):
+        J, grads, norms = CLIP(model, fnbp.cross_entropy_loss, params, x, y, 1.0,
+                               mask=jnp.zeros(N, bool), reduction=reduction)
+        assert float(J) == 0.0 and norms.shape == (N,)
+        assert all(not np.any(g) for g in jax.tree.leaves(grads))
+
+
+def test_an_infinite_clip_norm_clips_nothing():
+    model, ref, params, x, y = problem("mlp")
+    J, grads, _ = CLIP(model, fnbp.cross_entropy_loss, params, x, y, math.inf)
+    want = expected(ref, params, x, y)
+    assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["mean"]) <= F64_RTOL
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_norm, error, message", [
+    (0.0, ValueError, r"clipped_grads: clip_norm must be > 0 .*got 0.0"),
+    (-1.0, ValueError, r"clipped_grads: clip_norm must be > 0"),
+    (math.nan, ValueError, r"clipped_grads: clip_norm must be > 0 .*got nan"),
+    ("1", TypeError, r"clipped_grads: clip_norm must be a positive float, got str"),
+    (np.ones(3), TypeError, r"clip_norm must be one positive float \(a scalar\), got an array "
+                            r"of shape \(3,\)"),
+    ((1.0, 2.0), TypeError, r"clipped_grads: clip_norm must be one positive float .* or a "
+                            r"pytree with params' structure.*tree_map\(lambda _: C, params\)"),
+])
+def test_bad_clip_norms_are_named(clip_norm, error, message):
+    model, _, params, x, y = problem("mlp")
+    with pytest.raises(error, match=message):
+        fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, clip_norm)
+
+
+def test_a_bad_per_parameter_clip_norm_names_its_leaf():
+    model, _, params, x, y = problem("mlp")
+    C = jax.tree.map(lambda _: 1.0, params)
+    C[2]["b"] = -2.0
+    with pytest.raises(ValueError, match=r"clipped_grads: clip_norm\[2\]\['b'\] must be > 0"):
+        fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, C)
+
+
+def test_bad_masks_reductions_models_and_losses_are_named():
+    model, _, params, x, y = problem("mlp")
+    loss = fnbp.cross_entropy_loss
+    with pytest.raises(ValueError, match=r"clipped_grads: mask must have shape \(6,\), one "
+                                         r"entry per example .*got shape \(5,\)"):
+        fnbp.clipped_grads(model, loss, params, x, y, 1.0, mask=jnp.ones(5, bool))
+    with pytest.raises(ValueError, match=r"clipped_grads: reduction must be 'mean' .* or "
+                                         r"'sum' .*got 'max'"):
+        fnbp.clipped_grads(model, loss, params, x, y, 1.0, reduction="max")
+    for fn in (fnbp.clipped_grads, fnbp.grad_moments):
+        args = (1.0,) if fn is fnbp.clipped_grads else ()
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: model must be a fnbp Layer"):
+            fn(lambda p, x: x, loss, params, x, y, *args)
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: the loss returned shape \(\) for "
+                                             r"6 examples; it must return one loss per example"):
+            jax.eval_shape(lambda p: fn(model, lambda t, y: jnp.mean(loss(t, y)), p, x, y,
+                                        *args), params)
+
+
+def test_a_hook_with_the_wrong_structure_is_named():
+    lin = fnbp.Linear(K)
+    total = fnbp.make_layer("total", lin.init, lin.forward, lin.backward,
+                            lambda p, r, v: (sum(lin.sq_norms(p, r, v)[0].values()),
+                                             lin.backward(p, r, v)[1]))
+    _, _, _, x, y = problem("mlp")
+    params = random_params(total, (4,))
+    with pytest.raises(TypeError, match=r"total: sq_norms returned PyTreeDef\(\*\), but the "
+                                        r"params have structure .*return a pytree like params"):
+        jax.eval_shape(lambda p: fnbp.per_example_grad_norms(
+            total, fnbp.cross_entropy_loss, p, x, y), params)
