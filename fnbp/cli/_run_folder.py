@@ -322,13 +322,21 @@ def silence_stdout() -> None:
 
 
 def write_results(progress: Progress, config: dict[str, Any], result: Any, seconds: float,
-                  num_test: int) -> None:
-    """metrics.json and plot.png of a finished run, and its summary on standard output."""
+                  num_test: int, dp: dict[str, Any] | None = None) -> None:
+    """metrics.json and plot.png of a finished run, and its summary on standard output.
+
+    With DP-SGD (``dp``: the mechanism as config.json records it), metrics.json
+    also holds ``epsilon`` and ``delta`` (the privacy spent by all the run's
+    steps) and ``dp``, and a line states them.
+    """
     out, final = progress.out, result.history[-1]
     metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
                "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
                "epochs": len(result.history), "steps": result.state.step,
-               "seconds": seconds, "history": result.history}
+               "seconds": seconds}
+    if dp is not None:
+        metrics.update(epsilon=final["epsilon"], delta=final["delta"], dp=dp)
+    metrics["history"] = result.history
     with writing(out, os.path.join(out, "metrics.json"), progress.saved_step):
         write_json(os.path.join(out, "metrics.json"), metrics)
         plot(os.path.join(out, "plot.png"), result.history,
@@ -337,6 +345,11 @@ def write_results(progress: Progress, config: dict[str, Any], result: Any, secon
     progress.output.say(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
                         f"{final['test_loss']:.4f}  ({num_test} test examples, "
                         f"{result.state.step} steps, {seconds:.1f} s)")
+    if dp is not None:
+        progress.output.say(
+            f"privacy: epsilon {final['epsilon']:.3g} at delta {final['delta']:g} (DP-SGD, "
+            f"clip {dp['clip_norm']:g}, noise {dp['noise_multiplier']:g}, Poisson sampling q "
+            f"{dp['sampling_rate']:.4g}, {result.state.step} steps; {dp['accountant']})")
     progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
 
 

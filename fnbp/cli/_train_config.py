@@ -37,7 +37,10 @@ _TEST_FRACTION = 0.2
 
 # Flags that define a run; on --resume they come from the checkpoint.
 _RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
-              "batch_size", "seed", "test_fraction", "num_examples", "precision")
+              "batch_size", "seed", "test_fraction", "num_examples", "precision",
+              "dp_clip", "dp_noise", "dp_delta")
+# what a run saved before a flag existed was made with
+_BEFORE = {"precision": "float32", "dp_clip": None, "dp_noise": None, "dp_delta": None}
 
 
 class _AllDevices:
@@ -93,8 +96,8 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.resume is not None:
         checkpoint = _checkpoint_path(args.resume)
         stored = read_checkpoint_metadata(checkpoint).get("config")
-        if isinstance(stored, dict):  # runs saved before --precision existed were float32
-            stored = {"precision": "float32", **stored}
+        if isinstance(stored, dict):  # runs saved before --precision and --dp-* existed
+            stored = {**_BEFORE, **stored}
         if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
             raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
                              f"not written by fnbp train")
@@ -156,7 +159,7 @@ def _validate_parallel(args: argparse.Namespace) -> None:
                          f"number in 0 .. {processes - 1}, got {args.process_id}")
 
 
-def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
+def _mesh(args: argparse.Namespace, batch_size: int, dp: bool = False) -> Any:
     """The device mesh of the run (None: one device), checked by the library.
 
     ``make_mesh`` checks --devices against the devices present and --fsdp
@@ -169,7 +172,9 @@ def _mesh(args: argparse.Namespace, batch_size: int) -> Any:
 
     present = jax.device_count()
     devices = args.devices if args.devices is not None else present
-    if args.devices is None and jax.process_count() == 1 and batch_size % devices:
+    if args.devices is None and dp:
+        devices = 1  # DP-SGD runs on one device (fnbp.train.dp.check_options)
+    elif args.devices is None and jax.process_count() == 1 and batch_size % devices:
         # By default, as many devices as the batch splits evenly over (3 GPUs and
         # --batch-size 32: 2 of them); an explicit --devices is taken as given.
         group = args.fsdp if isinstance(args.fsdp, int) and args.fsdp > 0 else 1
@@ -210,13 +215,35 @@ def _validate(config: dict[str, Any]) -> None:
                                 config["test_fraction"])
     except DataError as error:
         raise UsageError(as_flags(str(error))) from error
+    dp_config(config)
+
+
+def dp_config(config: dict[str, Any]) -> Any:
+    """The run's fnbp.train.DPConfig (None without --dp-clip and --dp-noise), checked."""
+    clip, noise, delta = config["dp_clip"], config["dp_noise"], config["dp_delta"]
+    if clip is None and noise is None:
+        if delta is not None:
+            raise UsageError("--dp-delta needs --dp-clip C and --dp-noise SIGMA (DP-SGD)")
+        return None
+    if clip is None or noise is None:
+        given, missing = ("--dp-clip", "--dp-noise SIGMA") if noise is None else (
+            "--dp-noise", "--dp-clip C")
+        raise UsageError(f"{given} needs {missing} too: DP-SGD clips every example's "
+                         f"gradient to norm C and adds noise of std SIGMA * C")
+    from fnbp.train.dp import DPConfig
+
+    try:
+        return DPConfig(clip, noise, delta)
+    except ValueError as error:
+        raise library_error(error) from error
 
 
 # The library names an argument at fault in backticks (`path`); the command line
 # says which flag sets it.
 FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
          "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction",
-         "devices": "--devices", "fsdp": "--fsdp"}
+         "devices": "--devices", "fsdp": "--fsdp", "precision": "--precision",
+         "clip_norm": "--dp-clip", "noise_multiplier": "--dp-noise", "delta": "--dp-delta"}
 
 
 def as_flags(message: str) -> str:

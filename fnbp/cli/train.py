@@ -25,10 +25,19 @@ Examples:
   fnbp train --devices 8 --batch-size 256
   fnbp train --devices 8 --fsdp 4 --batch-size 256
   fnbp train --precision bfloat16
+  fnbp train --width 256 --depth 1 --batch-size 128 --lr 0.01 --dp-clip 1 --dp-noise 1.5
 
 --precision bfloat16 (or float16) trains in mixed precision: the forward and
 backward passes run in that dtype, while the parameters, the optimizer state
 and the loss stay float32; float16 adds dynamic loss scaling (fnbp.train.precision).
+
+--dp-clip C --dp-noise SIGMA trains with DP-SGD (fnbp.train.dp): every step
+keeps each example with probability --batch-size / N (Poisson sampling), clips
+each kept example's gradient to norm C, adds Gaussian noise of std SIGMA * C
+and divides by --batch-size; the privacy spent, epsilon at --dp-delta (default
+1e-5, or below 1/N for larger N), comes from the RDP accountant of
+dp-accounting (pip install "fnbp[dp]") and is printed and written into
+metrics.json.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from fnbp.cli._train_config import (
     _mesh,
     _resolve,
     as_flags,
+    dp_config,
     library_error,
 )
 
@@ -105,6 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "float32 parameters, optimizer state and loss, float16 with "
                              "dynamic loss scaling (default float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    private = parser.add_argument_group("differentially private training (DP-SGD)")
+    private.add_argument("--dp-clip", type=float, metavar="C",
+                         help="clip every example's gradient to L2 norm C (with --dp-noise)")
+    private.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                         help="noise multiplier: Gaussian noise of std SIGMA * C on the "
+                              "clipped sum (with --dp-clip)")
+    private.add_argument("--dp-delta", type=float, metavar="D",
+                         help="the delta epsilon is stated at (default: 1e-5, or the largest "
+                              "power of ten below 1/N for more than 10^5 examples)")
     parallel = parser.add_argument_group("several devices and hosts")
     parallel.add_argument("--devices", type=int, metavar="N",
                           help="train data parallel on N devices: each batch is split over "
@@ -287,6 +306,7 @@ class _Run:
     state: Any
     history: list[dict[str, Any]]
     run_config: dict[str, Any]
+    dp: Any = None  # the fnbp.train.DPConfig of --dp-clip/--dp-noise, or None
 
 
 def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str | None,
@@ -320,7 +340,16 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
         check_batch_size("fit", config["batch_size"], n)  # fit's own check, before any write
     except ValueError as error:
         raise library_error(error) from error
-    mesh = _mesh(args, config["batch_size"])
+    dp = dp_config(config)
+    mesh = _mesh(args, config["batch_size"], dp is not None)
+    if dp is not None:
+        from fnbp.train import dp as dp_module
+
+        try:  # fit's own checks, before anything is written
+            dp_module.check_options("fit", dp, mesh=mesh, precision=config["precision"])
+            dp_module.require_accountant("fit")
+        except (ValueError, ImportError) as error:
+            raise library_error(error) from error
     data_sha256 = _fingerprint(x_train, y_train, x_test, y_test)
     per_epoch = train.steps_per_epoch(n, config["batch_size"])
 
@@ -347,9 +376,24 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
                   "devices": 1 if mesh is None else mesh.size,
                   "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
                   "processes": processes}
+    if dp is not None:
+        run_config["dp"] = _dp_record(dp, config["batch_size"], n)
     return _Run(config, out, processes, jax.process_index() == 0, x_train, y_train, x_test,
                 y_test, mesh, data_sha256, per_epoch, model, optimizer, root, shuffle_key,
-                state, history, run_config)
+                state, history, run_config, dp)
+
+
+def _dp_record(dp: Any, batch_size: int, n: int) -> dict[str, Any]:
+    """What config.json and metrics.json say about DP-SGD's mechanism and accountant."""
+    from importlib.metadata import version
+
+    from fnbp.train import dp as dp_module
+
+    return {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
+            "delta": dp.delta_for(n), "sampling": "poisson",
+            "sampling_rate": dp_module.sampling_rate(batch_size, n),
+            "expected_batch_size": batch_size,
+            "accountant": f"RDP, dp-accounting {version('dp-accounting')}"}
 
 
 def _saver(run: _Run, progress: Any) -> Any:
@@ -389,6 +433,10 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
     where = "" if run.mesh is None else f", data parallel on {sharding.describe(run.mesh)}"
     if config["precision"] != "float32":
         where += f", {config['precision']} mixed precision"
+    if run.dp is not None:
+        record = run.run_config["dp"]
+        where += (f", DP-SGD (clip {run.dp.clip_norm:g}, noise {run.dp.noise_multiplier:g}, "
+                  f"Poisson sampling q {record['sampling_rate']:.4g})")
     if run.leader:
         progress.output.say(
             f"fnbp train: {config['model']} on {config['dataset']} ({len(run.x_train)} "
@@ -429,6 +477,8 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
         postfix = {"loss": f"{running['loss']:.4f}"}
         if "accuracy" in running:
             postfix["acc"] = f"{100 * running['accuracy']:.2f}%"
+        if history_so_far and "epsilon" in history_so_far[-1]:
+            postfix["eps"] = f"{history_so_far[-1]['epsilon']:.2f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         every = config["checkpoint_every"]
@@ -447,7 +497,7 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
                           epochs=config["epochs"], batch_size=config["batch_size"],
                           x_test=run.x_test, y_test=run.y_test, state=run.state,
                           history=run.history, on_step=on_step, on_epoch=on_epoch,
-                          mesh=run.mesh, precision=precision)
+                          mesh=run.mesh, precision=precision, dp=run.dp)
     except _Diverged as diverged:
         bar.close()
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
@@ -458,7 +508,8 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
     if run.leader:
-        _run_folder.write_results(progress, config, result, seconds, len(run.x_test))
+        _run_folder.write_results(progress, config, result, seconds, len(run.x_test),
+                                  run.run_config.get("dp"))
     return 0
 
 

@@ -10,15 +10,18 @@ the command line):
 - :mod:`fnbp.train.data`: :func:`load_dataset` and the label checks;
 - :mod:`fnbp.train.checkpoint`: :func:`save_checkpoint`, :func:`load_checkpoint`;
 - :mod:`fnbp.train.sharding`: :func:`make_mesh` and the parameter layouts;
-- :mod:`fnbp.train.precision`: mixed precision policies and loss scaling.
+- :mod:`fnbp.train.precision`: mixed precision policies and loss scaling;
+- :mod:`fnbp.train.dp`: differentially private training (DP-SGD, :class:`DPConfig`,
+  ``fit(..., dp=...)``) and its privacy accounting.
 
 The names most code needs are also at the top level (``fnbp.fit``,
 ``fnbp.make_train_step``, ``fnbp.DataError``, ``fnbp.make_mesh``, ...).
 """
 
-from fnbp.train import checkpoint, data, loop, precision, sharding, steps
+from fnbp.train import checkpoint, data, dp, loop, precision, sharding, steps
 from fnbp.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
+from fnbp.train.dp import DPConfig
 from fnbp.train.loop import (FitResult, TrainState, epoch_order, evaluate, fit, init_state,
                              steps_per_epoch)
 from fnbp.train.precision import (
@@ -73,9 +76,12 @@ __all__ = [
     "dynamic_loss_scale",
     "loss_scaled",
     "with_precision",
+    # differential privacy
+    "DPConfig",
     # the modules
     "checkpoint",
     "data",
+    "dp",
     "loop",
     "precision",
     "sharding",

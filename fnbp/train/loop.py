@@ -40,6 +40,7 @@ import optax
 from jax import Array
 from jax.sharding import Mesh
 
+from fnbp.train import dp as _dp
 from fnbp.train import precision as _precision
 from fnbp.train import sharding as _sharding
 from fnbp.train._data_checks import check_fit_labels
@@ -236,7 +237,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
         eval_batch_size: int = 1024, mesh: Mesh | None = None,
         min_shard_size: int = _sharding.MIN_SHARD_SIZE,
-        precision: _precision.Precision | str | None = None) -> FitResult:
+        precision: _precision.Precision | str | None = None,
+        dp: _dp.DPConfig | None = None) -> FitResult:
     """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
 
     Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
@@ -283,6 +285,12 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         replicated.
       precision: a mixed precision policy, as for :func:`make_train_step`;
         training and test evaluation compute in it.
+      dp: a :class:`fnbp.train.DPConfig` for differentially private training
+        (:mod:`fnbp.train.dp`): each step is DP-SGD's on a Poisson-sampled
+        batch of expected size ``batch_size`` (clipped per-example gradients,
+        Gaussian noise), drawn from ``key``; every history entry gets the
+        ``epsilon`` spent so far at its ``delta``. One device, float32, and
+        the ``dp-accounting`` package (``pip install "fnbp[dp]"``).
 
     Returns:
       A :class:`FitResult` ``(params, history, state)``.
@@ -292,9 +300,13 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         inputs and targets of different lengths, a state past ``epochs``, on
         a mesh a batch size its device count does not divide, or an integer
         label (of y or y_test) outside [0, k) for a model of k outputs
-        (checked once on the host before training).
+        (checked once on the host before training); with ``dp``, a mesh or a
+        precision other than float32.
+      ImportError: ``dp`` without the dp-accounting package.
     """
     _check_parts("fit", model, loss, optimizer)
+    if dp is not None:
+        _dp.check_options("fit", dp, mesh=mesh, precision=precision)
     model = _precision.applied("fit", model, precision)
     if mesh is None:
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -329,6 +341,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     check_fit_labels("fit", model, state.params, x, y, x_test, y_test)  # once, on the host
 
     params, opt_state, step = state.params, state.opt_state, int(state.step)
+    dp_step = None if dp is None else _dp.Stepper(model, loss, optimizer, dp, x, y, key,
+                                                  int(batch_size))
     if mesh is not None:
         sharded_step, params_sharding, state_sharding = ShardedTrainStep(
             model, loss, optimizer, mesh, min_shard_size).jitted_for(params, opt_state)
@@ -338,11 +352,13 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     loss_sum, correct_sum = float(state.loss_sum), float(state.correct_sum)
     while step < total:
         epoch = step // per_epoch
-        order = epoch_order(key, epoch, n)
-        if mesh is None:
+        order = epoch_order(key, epoch, n) if dp_step is None else None
+        if mesh is None and dp_step is None:
             order = jnp.asarray(order)
         for i in range(step % per_epoch, per_epoch):
-            if mesh is None:
+            if dp_step is not None:  # a Poisson-sampled batch, not the epoch's order
+                params, opt_state, metrics = dp_step(step, params, opt_state)
+            elif mesh is None:
                 params, opt_state, metrics = _batch_step_jit(
                     model, loss, optimizer, int(batch_size), params, opt_state, x, y, order,
                     i * batch_size)
@@ -368,6 +384,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
             for name, value in evaluate(evaluator, params, x_test, y_test,
                                         eval_batch_size).items():
                 entry[f"test_{name}"] = value
+        if dp_step is not None:
+            entry.update(dp_step.privacy(step))
         history.append(entry)
         loss_sum = correct_sum = 0.0
         state = TrainState(params, opt_state, step, 0.0, 0.0)
