@@ -11,8 +11,8 @@ return, without building every ``g_i`` where the shapes allow it:
 
 For a parameter whose per-example gradient is a sum of outer products over
 T positions, ``g_i = sum_t a_t b_t^T`` with a_t in R^p and b_t in R^q (MM:
-a = v, b = z, eq. 7.65; a convolution: a = v, b = the input patch), two
-exact forms of ``||g_i||^2`` exist:
+a = v, b = z, eq. 7.65; a convolution: a = the input patch, b = v, in the
+filters' (k... C) x C2 layout), two exact forms of ``||g_i||^2`` exist:
 
 - Gram form: ``sum_{t,s} (a_t . a_s)(b_t . b_s)``, memory n T^2, never
   building g_i (for T = 1 it is ``||a||^2 ||b||^2``);
