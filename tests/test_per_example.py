@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 import re
 import warnings
 
@@ -480,3 +481,25 @@ def test_a_hook_with_the_wrong_structure_is_named():
                                         r"params have structure .*return a pytree like params"):
         jax.eval_shape(lambda p: fnbp.per_example_grad_norms(
             total, fnbp.cross_entropy_loss, p, x, y), params)
+
+
+# --- the README's "Per-example quantities and clipping" section runs as written ----------
+
+
+def python_blocks(title: str) -> list[str]:
+    """The ```python blocks of the README section ``## title``."""
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_per_example_section_runs():
+    (block,) = python_blocks("Per-example quantities and clipping")
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    params, norms = namespace["params"], namespace["norms"]
+    assert norms.shape == (32,) and float(jnp.min(norms)) > 0
+    for name in ("grads", "array_norms", "clipped_sum", "mean", "variance"):
+        assert jax.tree.structure(namespace[name]) == jax.tree.structure(params), name
+    assert all(float(jnp.min(v)) >= -1e-6 * float(jnp.max(v)) for v in
+               jax.tree.leaves(namespace["variance"]))

@@ -17,6 +17,11 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     pass, it chains the children's backward functions from the last to the
     first, taking each child's parameter gradient as soon as the cotangent of
     its output is known. Params are a tuple, one entry per child.
+
+    Its Book-Keeping passes (:class:`fnbp.nn.layer.BookKeeping`) chain the
+    children's the same way: the norms pass returns the tuple of the
+    children's per-leaf squared norms and of their tapes, and the clipped
+    contraction hands each child its own tape and scales.
     """
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
@@ -96,7 +101,8 @@ def residual(block: Layer) -> Layer:
     """The residual module Res(z) = z + block(z) (eq. 7.38).
 
     B[Res, z](v) = v + B[block, z](v): the identity path adds the incoming
-    cotangent to the block's input cotangent.
+    cotangent to the block's input cotangent. The identity has no params, so
+    the per-example quantities are the block's (its tape is the block's).
     """
     name = f"residual({block.name})"
 
@@ -137,6 +143,13 @@ def remat(layer: Layer) -> Layer:
     during the backward pass. The recomputation is fenced with
     ``jax.lax.optimization_barrier`` so the compiler cannot merge it with the
     first forward pass (which would store everything again).
+
+    Book-Keeping: the norms pass recomputes the residuals as ``backward`` does;
+    the tape is ``(z, v)``, the input remat stores anyway and its incoming
+    cotangent, not the recomputed residuals. The clipped contraction
+    recomputes the forward and the inner cotangents once more (fenced the
+    same way) and contracts each inner layer's tape with its scales: remat
+    keeps its memory bound, at the cost of that second recomputation.
     """
     name = f"remat({layer.name})"
 
@@ -149,10 +162,6 @@ def remat(layer: Layer) -> Layer:
         _, residuals = layer.forward(params, z)
         return layer.backward(params, residuals, v)
 
-    # Book-Keeping: the tape of a remat layer is what it stores anyway, its
-    # input z, plus its incoming v; the inner residuals and cotangents are
-    # recomputed (forward and the dz chain) for the clipped contraction, so
-    # remat keeps its memory bound at the cost of that recomputation.
     def norms(params, z, v):
         params, z, v = jax.lax.optimization_barrier((params, z, v))
         _, residuals = layer.forward(params, z)
