@@ -215,7 +215,10 @@ def eight_device_checks(tmp: Path) -> dict:
     found["cli_auto_devices_config"] = json.loads((tmp / "auto" / "config.json").read_text())
     found["cli_fsdp_3"] = cli_run(*SMALL, "--fsdp", "3", "--batch-size", "16",
                                   "--out", tmp / "bad3")
-    found["cli_nothing_written"] = not any((tmp / f"bad{i}").exists() for i in (1, 2, 3))
+    # DP-SGD runs on one device: an explicit --devices 8 is refused (fnbp.train.dp's check)
+    found["cli_dp_8"] = cli_run(*SMALL, "--devices", "8", "--batch-size", "16", "--dp-clip",
+                                "1", "--dp-noise", "1", "--out", tmp / "bad4")
+    found["cli_nothing_written"] = not any((tmp / f"bad{i}").exists() for i in (1, 2, 3, 4))
     return found
 
 
@@ -523,6 +526,9 @@ def test_clear_errors_with_8_devices(eight):
                      "--devices\n"),
     ("cli_fsdp_3", "fnbp train: error: --fsdp 3 does not divide --devices 8; the devices form "
                    "a (8 // fsdp) x fsdp mesh, so pass an --fsdp that divides 8\n"),
+    ("cli_dp_8", "fnbp train: error: DP-SGD runs on one device; its per-example clipping and "
+                 "noise are not sharded over a device mesh yet, so train without a mesh, on "
+                 "one device (--devices 1)\n"),
 ])
 def test_cli_errors_with_8_devices(eight, name, match):
     status, out, err = eight[name]
