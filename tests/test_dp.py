@@ -173,8 +173,9 @@ def test_epsilon_is_dp_accountings_rdp_and_decreases_with_sigma():
 
 
 def test_default_delta_is_below_one_over_n_and_at_most_1e_5():
-    assert [dp.default_delta(n) for n in (100, 1438, 60000, 10**5, 10**6, 2 * 10**6)] == [
-        1e-5, 1e-5, 1e-5, 1e-6, 1e-7, 1e-7]
+    assert [dp.default_delta(n) for n in (100, 1438, 60000, 10**5, 10**6, 2 * 10**6,
+                                          999_999)] == [1e-5, 1e-5, 1e-5, 1e-6, 1e-7, 1e-7,
+                                                        1e-6]
 
 
 def test_a_missing_accountant_names_the_extra(monkeypatch):

@@ -122,7 +122,7 @@ def default_delta(num_examples: int) -> float:
     datasets up to 10^5 examples (Abadi et al.). 60000 examples: 1e-5;
     10^6: 1e-7.
     """
-    below = 10.0 ** (math.ceil(math.log10(1.0 / num_examples)) - 1)
+    below = 10.0 ** -len(str(int(num_examples)))  # d digits: N < 10^d, so 10^-d < 1/N
     return min(DEFAULT_DELTA, below)
 
 
