@@ -68,6 +68,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -206,7 +207,7 @@ def programs(net: Net, batch: int, clip: float, params, max_bytes: float,
         missing["vmap_clip"] = missing["vmap_dot"] = (
             f"skipped: {batch} per-example gradients of {per_example_bytes / 1e6:.1f} MB "
             f"pass --max-materialize-gb")
-        microbatch = max(1, 2 ** int(np.log2(max_bytes / per_example_bytes)))
+        microbatch = 2 ** int(np.log2(max(max_bytes / per_example_bytes, 1.0)))
     if use_jax_privacy:
         jp = jax_privacy_clip(model, clip, batch, microbatch)
         if isinstance(jp, str):
