@@ -24,6 +24,8 @@ Programs (each jitted):
 - ``grad_moments``: ``fnbp.grad_moments(model, loss, params, x, y)`` (target
   <= 1.2x);
 - ``grad_norms``: ``fnbp.per_example_grad_norms`` (norms only);
+- ``vmap_dot``: the same per-example gradients, clipped and summed with one
+  ``jnp.tensordot`` of the scales per leaf (what a careful user writes);
 - ``vmap_clip``: the way jax-privacy clips: ``jax.vmap`` of ``jax.grad`` of the
   model's loss on one example (through ``model.apply``, with a batch axis of
   1), each gradient scaled by min(1, C / ||g_i||), then the mean over the
@@ -44,9 +46,15 @@ Peak memory: the temporary memory XLA reports for each compiled program
 (``compiled.memory_analysis().temp_size_in_bytes``; arguments and outputs not
 counted) against backprop's; where the backend reports none, the table says so.
 
-The slow baselines (``vmap_clip``, ``jax_privacy``) are timed for fewer rounds
-(as many as ``--slow-seconds`` allows, at least 3); the JSON records the
-rounds of every ratio. A program that fnbp does not have yet (``clipped_grads``
+What each fnbp program compiled to is printed under its row (and kept in the
+JSON): its dot and convolution instructions, its largest floating-point array
+(a materialized per-example weight gradient shows as one with the batch as
+an axis) and XLA's flops and bytes against backprop's (``cost_analysis``).
+
+The slow baselines (``vmap_clip``, ``vmap_dot``, ``jax_privacy``) are timed
+for fewer rounds (as many as ``--slow-seconds`` allows, at least 3); one too
+slow for 3 is timed once, its first call after compiling, against backprop's
+median (rounds 1). The JSON records the rounds of every ratio. A program that fnbp does not have yet (``clipped_grads``
 and ``grad_moments`` are new) shows as ``-`` and is listed under ``missing``.
 
 The optional columns need packages that are not fnbp dependencies; install
@@ -252,17 +260,24 @@ _ARRAY = re.compile(r"\b(?:f64|f32|bf16|f16)\[([\d,]*)\]")
 
 
 def hlo_summary(compiled) -> dict:
-    """What the compiled program does, from its HLO text: the number of dot and
+    """What the compiled program does: from its HLO text, the number of dot and
     convolution instructions and its largest floating-point array (a per-example
-    weight gradient, materialized, shows up as one with the batch as an axis)."""
+    weight gradient, materialized, shows up as one with the batch as an axis);
+    from XLA's cost analysis, its flops and bytes accessed (None where not reported)."""
     text = compiled.as_text()
+    try:
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    except (NotImplementedError, RuntimeError):
+        cost = {}
     shapes = {m.group(0) for m in _ARRAY.finditer(text)}
     sizes = {shape: int(np.prod([int(d) for d in shape[shape.index("[") + 1:-1].split(",")
                                  if d] or [1])) for shape in shapes}
     largest = max(sizes, key=sizes.get) if sizes else None
     return {"dots": len(re.findall(r"\bdot\(", text)),
             "convolutions": len(re.findall(r"\bconvolution\(", text)),
-            "largest_array": largest, "largest_elements": sizes.get(largest, 0)}
+            "largest_array": largest, "largest_elements": sizes.get(largest, 0),
+            "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
 
 
 def max_rel_err(a, b) -> float:
@@ -356,6 +371,13 @@ def fmt_ratio(row, name) -> str:
 def print_row(row) -> None:
     print(f"{row['net']:>4} {row['batch']:>6} {row['backprop_ms']:>12.2f} "
           + " ".join(fmt_ratio(row, n) for n in COLUMNS), flush=True)
+
+
+def flops_ratio(h: dict, base: dict) -> str:
+    if h is base or not h.get("flops") or not base.get("flops"):
+        return ""
+    return (f", {h['flops'] / base['flops']:.2f}x flops, "
+            f"{h['bytes_accessed'] / base['bytes_accessed']:.2f}x bytes")
 
 
 def print_memory(rows) -> None:
@@ -505,7 +527,8 @@ def main(argv=None) -> dict:
                                                    for k, v in row["agreement"].items()))
             print(f"{'':>12}compiled: " + "; ".join(
                 f"{n} {h['dots']} dots + {h['convolutions']} convs, largest {h['largest_array']}"
-                for n, h in row["hlo"].items() if n != "aa"))
+                + flops_ratio(h, row["hlo"]["backprop"]) for n, h in row["hlo"].items()
+                if n != "aa"))
             save()
     print_memory(figures["rows"])
     mlp = [n for n in nets(opts.mode) if n.name == "mlp"]
