@@ -57,14 +57,16 @@ slow for 3 is timed once, its first call after compiling, against backprop's
 median (rounds 1). The JSON records the rounds of every ratio. A program that fnbp does not have yet (``clipped_grads``
 and ``grad_moments`` are new) shows as ``-`` and is listed under ``missing``.
 
-The optional columns need packages that are not fnbp dependencies; install
-them next to fnbp in a virtual environment of their own, e.g.::
+The optional columns need packages that are not fnbp dependencies, the
+``bench`` extra (torch, opacus, jax-privacy); install them next to fnbp in a
+virtual environment of their own, e.g.::
 
     python3.11 -m venv /tmp/vbench
-    /tmp/vbench/bin/pip install -e . torch opacus jax-privacy
+    /tmp/vbench/bin/pip install -e ".[bench]"
 
-(jax-privacy 2.0 and opacus 1.6 install on Python 3.11 with jax 0.10.2 and
-torch 2.14). Without them the columns print "not installed".
+(jax-privacy 2.0, opacus 1.6 and torch 2.14 resolve on Python 3.11 to 3.13;
+jax-privacy asks for jax >= 0.7.1 and dp-accounting >= 0.6, so it pins no
+jax of its own). Without them the columns print "not installed".
 """
 
 from __future__ import annotations
