@@ -425,3 +425,43 @@ def test_supported_options_keeps_options_that_compile():
         assert kept and set(kept) <= set(fnbp.verify.FAST_COMPILE)
     else:
         assert fast_compile_options() is None
+
+
+def test_fast_compile_options_do_not_change_what_a_program_computes():
+    """vmap(grad) of a 1-D conv/max-pool net, compiled with the verifier's options, equals
+    eager execution (XLA:CPU's optimization level 0 once gave errors near 0.5 here)."""
+    from fnbp._compile import fast_compile_options
+
+    def conv(w, b, z):    # 'same' cross-correlation, channels last, z (n, L, C)
+        zp = jnp.pad(z, ((0, 0), (1, 1), (0, 0)))
+        return sum(jnp.einsum("nlc,cd->nld", zp[:, j:j + z.shape[1]], w[j])
+                   for j in range(3)) + b
+
+    def pool(z):          # max over windows of 2
+        return jnp.max(z.reshape(z.shape[0], z.shape[1] // 2, 2, z.shape[2]), axis=2)
+
+    def loss(p, x, y):
+        a = conv(p["w1"], p["b1"], x[None, :, None])
+        h = pool(jnp.where(a > 0, a, 0.0))
+        a = conv(p["w2"], p["b2"], h)
+        t = pool(jnp.where(a > 0, a, 0.0)).reshape(1, -1) @ p["W"].T
+        return (jax.nn.logsumexp(t, axis=-1) - t[:, y])[0]
+
+    rng = np.random.default_rng(0)
+    p = {"w1": rng.standard_normal((3, 1, 3)), "b1": 0.2 * rng.standard_normal(3),
+         "w2": rng.standard_normal((3, 3, 4)) / 3, "b2": 0.2 * rng.standard_normal(4),
+         "W": rng.standard_normal((3, 8)) / 3}
+    p = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p)
+    x = jnp.asarray(rng.standard_normal((6, 8)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 6))
+
+    def grads(p, x, y):
+        return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(p, x, y)
+
+    compiled = jax.jit(grads, compiler_options=fast_compile_options())(p, x, y)
+    with jax.disable_jit():
+        eager = grads(p, x, y)
+    for name in p:
+        err = float(jnp.max(jnp.abs(compiled[name] - eager[name])))
+        scale = float(jnp.max(jnp.abs(eager[name])))
+        assert err <= 1e-5 * scale, (name, err, scale)
