@@ -80,6 +80,7 @@ from fnbp.train import (
     DataError,
     DataWarning,
     Dataset,
+    DPConfig,
     DynamicLossScale,
     FitResult,
     Precision,
@@ -181,6 +182,7 @@ __all__ = [
     "loss_scaled",
     "dynamic_loss_scale",
     "DynamicLossScale",
+    "DPConfig",
     # the subpackages
     "rules",
     "nn",
