@@ -54,6 +54,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from fnbp.rules._per_example import example_sum as _example_sum
+from fnbp.rules._per_example import squares as _squares
+
 Shape = tuple[int, ...]
 Params = Any
 Residuals = Any
@@ -141,6 +144,8 @@ def make_layer(
     backward: Callable[[Params, Residuals, Array], tuple[Params, Array]],
     sq_norms: Callable[[Params, Residuals, Array], tuple[Params, Array]] | None = None,
     sq_grads: Callable[[Params, Residuals, Array], Params] | None = None,
+    grads: Callable[[Params, Residuals, Array], Params] | None = None,
+    moments: Callable[[Params, Residuals, Array], Params] | None = None,
 ) -> Layer:
     """Build a :class:`Layer` from its init, forward and backward functions.
 
@@ -163,6 +168,27 @@ def make_layer(
       SumGradSquared), dtype at least float32. Used by
       :func:`fnbp.grad_moments`.
 
+    Mixed ghost clipping (Bu et al.): where a hook builds the per-example
+    gradients anyway (a convolution whose positions outnumber its filter
+    gradient's size, ``2 T^2 > D``; MM on long sequences), two optional hooks
+    hand them over so that nothing is computed twice:
+
+    - ``grads(params, residuals, v) -> g``: a pytree like ``params`` whose
+      leaf for P is the (n, *P.shape) stack of the g_i(P) that ``sq_norms``
+      materializes, or ``None`` where it does not (the Gram form). For such
+      a leaf the engine takes ``||g_i||^2`` from g and the clipped sum as one
+      contraction ``sum_i s_i g_i(P)`` (no second weight-gradient pass); the
+      g_i travel in the tape until the scales are known.
+    - ``moments(params, residuals, v) -> m``: a pytree like ``params`` whose
+      leaf for P is the pair ``(sum_i g_i(P), sum_i g_i(P) (.) g_i(P))``,
+      both shaped like P, where ``sq_grads`` materializes the g_i, or
+      ``None``. For such a leaf :func:`fnbp.grad_moments` takes the gradient
+      and the second moment from the pair; the backward's own contraction for
+      that leaf is then dead code under ``jax.jit``.
+
+    Both must agree with ``sq_norms``/``sq_grads`` and ``backward`` (the same
+    g_i); they are optimizations, never needed for correctness.
+
     A layer without params needs neither. A layer with params but without a
     hook still works everywhere: the per-example functions then materialize
     every example's gradient (``jax.vmap`` of the per-example backprop) and
@@ -183,13 +209,16 @@ def make_layer(
         ``return (), relu_bwd(res, v)[0]``.
       sq_norms: optional, as above.
       sq_grads: optional, as above.
+      grads: optional, as above (needs ``sq_norms``).
+      moments: optional, as above (needs ``sq_grads``).
 
     Returns:
       The :class:`Layer`; its ``apply`` is a ``jax.custom_vjp`` whose rule is
       ``forward``/``backward``; ``sq_norms``/``sq_grads`` are always callable
       (for a layer with params and no hook they raise :class:`MissingRuleError`).
     """
-    return _layer(name, init, forward, backward, _leaf_book(name, backward, sq_norms, sq_grads))
+    return _layer(name, init, forward, backward,
+                  _leaf_book(name, backward, sq_norms, sq_grads, grads, moments))
 
 
 def _layer(name, init, forward, backward, book: BookKeeping) -> Layer:
@@ -216,8 +245,14 @@ def _empty_like(params: Params) -> Params:
     return jax.tree_util.tree_map(lambda p: p, params)
 
 
-def _leaf_book(name: str, backward, sq_norms, sq_grads) -> BookKeeping:
-    """The Book-Keeping passes of a layer from its backward and its hooks."""
+def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
+               ) -> BookKeeping:
+    """The Book-Keeping passes of a layer from its backward and its hooks.
+
+    The tape of a leaf layer is ``(residuals, v, g)``, g the per-leaf list of
+    the per-example gradients its ``grads`` hook handed over (``None`` per
+    leaf, or ``None`` without the hook).
+    """
 
     def norms(params, residuals, v):
         if not has_params(params):
@@ -230,15 +265,29 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads) -> BookKeeping:
                             f"{type(out).__name__}; see fnbp.make_layer")
         sq, dz = out
         _check_per_leaf(name, "sq_norms", params, sq, lambda p: (v.shape[0],))
-        return sq, dz, (residuals, v)
+        g = _per_leaf(name, "grads", grads, params, residuals, v,
+                      lambda p: (v.shape[0],) + jnp.shape(p))
+        if g is not None:
+            leaves, treedef = jax.tree_util.tree_flatten(sq)
+            sq = treedef.unflatten([q if g_p is None else _squares(g_p)[0]
+                                    for q, g_p in zip(leaves, g)])
+        return sq, dz, (residuals, v, g)
 
     def clipped(params, tape, scales):
         if not has_params(params):
             return _empty_like(params)
-        residuals, v = tape
-        return scaled_backward(backward, params, residuals, v, scales)
+        residuals, v, g = tape
+        if g is None:
+            return scaled_backward(backward, params, residuals, v, scales)
+        p_leaves, treedef = jax.tree_util.tree_flatten(params)
+        s_leaves = jax.tree_util.tree_leaves(scales)
+        rest = scaled_backward(backward, params, residuals, v, scales) if None in g else None
+        return treedef.unflatten([
+            jax.tree_util.tree_leaves(rest)[i] if g_p is None
+            else _example_sum(g_p, s.astype(g_p.dtype)).astype(jnp.result_type(p))
+            for i, (p, s, g_p) in enumerate(zip(p_leaves, s_leaves, g))])
 
-    def moments(params, residuals, v):
+    def moments_pass(params, residuals, v):
         dparams, dz = backward(params, residuals, v)
         if not has_params(params):
             return dparams, _empty_like(params), dz
@@ -246,9 +295,43 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads) -> BookKeeping:
             raise MissingRuleError(name, "sq_grads")
         sq = sq_grads(params, residuals, v)
         _check_per_leaf(name, "sq_grads", params, sq, jnp.shape)
+        m = _per_leaf(name, "moments", moments, params, residuals, v, jnp.shape, pairs=True)
+        if m is not None:
+            d_leaves, treedef = jax.tree_util.tree_flatten(dparams)
+            sq = treedef.unflatten([q if m_p is None else m_p[1] for q, m_p in
+                                    zip(jax.tree_util.tree_leaves(sq), m)])
+            dparams = treedef.unflatten([d if m_p is None else m_p[0].astype(d.dtype)
+                                         for d, m_p in zip(d_leaves, m)])
         return dparams, sq, dz
 
-    return BookKeeping(norms, clipped, moments)
+    return BookKeeping(norms, clipped, moments_pass)
+
+
+def _per_leaf(name: str, hook: str, fn, params, residuals, v, shape_of, pairs: bool = False
+              ) -> list | None:
+    """The ``grads``/``moments`` hook's result as one entry per leaf of params (or None)."""
+    if fn is None:
+        return None
+    out = fn(params, residuals, v)
+    treedef = jax.tree_util.tree_structure(params)
+    what = ("a pair (sum_i g_i, sum_i g_i * g_i) shaped like the leaf" if pairs
+            else "the (n, *leaf.shape) per-example gradients")
+    try:
+        entries = treedef.flatten_up_to(out)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: {hook} returned {type(out).__name__} {out!r:.80}, but the "
+                        f"params have structure {treedef}; return a pytree like params with "
+                        f"{what} or None per leaf (see fnbp.make_layer)") from None
+    for p, entry in zip(jax.tree_util.tree_leaves(params), entries):
+        parts = entry if pairs and isinstance(entry, (tuple, list)) else (entry,)
+        if entry is None:
+            continue
+        if (pairs and len(parts) != 2) or any(jnp.shape(e) != tuple(shape_of(p)) for e in parts):
+            raise TypeError(f"{name}: {hook} returned {what.split(' shaped')[0]} of shapes "
+                            f"{[jnp.shape(e) for e in parts]} for a parameter of shape "
+                            f"{jnp.shape(p)}; expected {what} ({tuple(shape_of(p))}) or None "
+                            f"(see fnbp.make_layer)")
+    return entries
 
 
 def _check_per_leaf(name: str, hook: str, params, sq, shape_of) -> None:

@@ -183,16 +183,21 @@ def _activation_name(layer: Layer) -> str:
 
 
 def _per_example_hooks(rule: str, names: tuple, backward: Callable, **settings: Any
-                       ) -> tuple[Callable | None, Callable | None]:
-    """A layer's ``sq_norms`` and ``sq_grads`` from its rule's hooks in the registry.
+                       ) -> tuple[Callable | None, ...]:
+    """A layer's ``sq_norms``, ``sq_grads``, ``grads`` and ``moments`` from its rule's hooks.
 
     A rule M(z, p_1, ..., p_k) declares ``hooks["sq_norms"](res, v, **settings)``
     and ``hooks["sq_grads"](...)``, each returning one entry per argument after
-    z (``None`` for an absent bias or a fixed setting such as eps); ``names``
-    gives the layer's params key of each argument (``None`` for a setting).
-    The layer's dz is its ``backward``'s (under ``jax.jit`` the unused
-    parameter cotangents of that call are dead code). A rule without a hook
-    gives ``None``: the per-example engine then materializes the gradients.
+    z (``None`` for an absent bias or a fixed setting such as eps), and
+    optionally ``hooks["grads"]`` and ``hooks["moments"]`` (the per-example
+    gradients its ``sq_norms`` materializes, and ``(sum_i g_i, sum_i g_i (.)
+    g_i)`` where its ``sq_grads`` does; ``None`` elsewhere). ``names`` gives
+    the layer's params key of each argument (``None`` for a setting). The
+    layer's dz is its ``backward``'s (under ``jax.jit`` the unused parameter
+    cotangents of that call are dead code). A rule without a hook gives
+    ``None``: for ``sq_norms``/``sq_grads`` the per-example engine then
+    materializes the gradients; without ``grads``/``moments`` it contracts
+    with the backward as usual.
     """
     hooks = registry()[rule].hooks
 
@@ -200,19 +205,20 @@ def _per_example_hooks(rule: str, names: tuple, backward: Callable, **settings: 
         return {name: value for name, value in zip(names, values)
                 if name is not None and name in params}
 
-    sq_norms = sq_grads = None
+    def per_leaf(hook):
+        if hook not in hooks:
+            return None
+        return lambda params, residuals, v: as_params(params,
+                                                      hooks[hook](residuals, v, **settings))
+
+    sq_norms = None
     if "sq_norms" in hooks:
 
         def sq_norms(params, residuals, v):
             sq = hooks["sq_norms"](residuals, v, **settings)
             return as_params(params, sq), backward(params, residuals, v)[1]
 
-    if "sq_grads" in hooks:
-
-        def sq_grads(params, residuals, v):
-            return as_params(params, hooks["sq_grads"](residuals, v, **settings))
-
-    return sq_norms, sq_grads
+    return sq_norms, per_leaf("sq_grads"), per_leaf("grads"), per_leaf("moments")
 
 
 # --- MM (linear) ------------------------------------------------------------------

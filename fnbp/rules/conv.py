@@ -52,9 +52,9 @@ convolution is added in float32).
 
 Modules: the settings' parsing, the residuals and the two backward
 convolutions are in :mod:`fnbp.rules._conv_ops`; the per-example hooks
-``sq_norms`` and ``sq_grads`` (Gram form over the output positions or the
-materialized per-example filter gradient) in :mod:`fnbp.rules.conv_per_example`,
-imported here for the rules' ``declare``.
+``sq_norms``, ``sq_grads``, ``grads`` and ``moments`` (Gram form over the
+output positions or the materialized per-example filter gradient) in
+:mod:`fnbp.rules.conv_per_example`, imported here for the rules' ``declare``.
 """
 
 from __future__ import annotations
@@ -71,8 +71,7 @@ from fnbp.rules._conv_ops import (_FWD_DN, _NAME, _SETTINGS, _W_MEANING, _Z_MEAN
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
-from fnbp.rules.conv_per_example import (conv1d_sq_grads, conv1d_sq_norms, conv2d_sq_grads,
-                                         conv2d_sq_norms)
+from fnbp.rules.conv_per_example import CONV1D_HOOKS, CONV2D_HOOKS
 
 # --- the convolutions ----------------------------------------------------------------
 # conv1d_fwd/_bwd and conv2d_fwd/_bwd are jitted with their settings static: one
@@ -260,7 +259,7 @@ CONV1D = declare(
               "conv1d(s2, p(1,2), d2)": (_conv_args((9,), (3,)),
                                          {"stride": 2, "padding": (1, 2), "dilation": 2})},
     equations=("7.48", "7.49", "7.50"), kink="none: linear.", family="conv",
-    hooks={"sq_norms": conv1d_sq_norms, "sq_grads": conv1d_sq_grads},
+    hooks=CONV1D_HOOKS,
 )
 
 
@@ -338,5 +337,5 @@ CONV2D = declare(
               "conv2d(s2, valid)": (_conv_args((7, 6), (3, 2)),
                                     {"stride": 2, "padding": "valid"})},
     equations=("7.51",), kink="none: linear.", family="conv",
-    hooks={"sq_norms": conv2d_sq_norms, "sq_grads": conv2d_sq_grads},
+    hooks=CONV2D_HOOKS,
 )

@@ -103,6 +103,64 @@ def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
     return _pe.outer_sq_grads(patches, vt).reshape(res.w.shape), _bias_squares(res, vt, 1)
 
 
+def _conv_grads(n: int, res: ConvResiduals, v: Array, *settings
+                ) -> tuple[Array | None, Array | None]:
+    patches, vt = _per_example(n, res, v, "grads", settings)
+    g_w = _pe.outer_grads(patches, vt)
+    g_b = None if res.b is None or g_w is None else jnp.sum(vt, axis=1)
+    return (None if g_w is None else g_w.reshape(vt.shape[:1] + res.w.shape)), g_b
+
+
+def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
+                  ) -> tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]:
+    patches, vt = _per_example(n, res, v, "moments", settings)
+    m_w = _pe.outer_moments(patches, vt)
+    m_b = None if res.b is None or m_w is None else _pe.sums(jnp.sum(vt, axis=1))
+    return (None if m_w is None else tuple(m.reshape(res.w.shape) for m in m_w)), m_b
+
+
+_GRADS_DOC = """Example i's materialized gradients where the ``sq_norms`` hook builds them: ``grads``.
+
+    Mixed ghost clipping (Bu et al.): where the cost rule of
+    :func:`{name}_sq_norms` materializes the per-example filter gradients
+    (``2 T^2 > D``), they are returned, shape (n, *w.shape), so that the
+    clipped sum is one contraction ``sum_i s_i g_i`` with no second
+    weight-gradient convolution; ``None`` for the filters under the Gram
+    form. The bias' ``g_i = sum_t v_t``, (n, C2), alongside the filters'
+    (``None`` when theirs is, or without a bias). In at least float32. Args and Raises as :func:`{name}_sq_norms`.
+    """
+
+_MOMENTS_DOC = """``(sum_i g_i, sum_i g_i (.) g_i)`` per parameter from one materialization: ``moments``.
+
+    Where :func:`{name}_sq_grads` materializes the per-example filter
+    gradients (more than one output position), the sum of the g_i comes from
+    the same g_i, so the backward's own weight-gradient convolution is not
+    needed; the g_i are built a chunk of examples at a time
+    (:func:`fnbp.rules._per_example.outer_moments`). ``None`` for the filters
+    with one output position; the bias' pair alongside the filters' (``None``
+    when theirs is, or without a bias). Each entry shaped like its parameter, in at least float32. Args
+    and Raises as :func:`{name}_sq_norms`.
+    """
+
+
+def _hook(body, n: int, name: str, doc: str):
+    """The jitted hook ``name`` of conv{n}d with the rule's keyword settings."""
+
+    def hook(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
+             padding: Padding = "same", dilation: int | Ints = 1):
+        return body(n, res, v, stride, padding, dilation)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = doc.format(name=f"conv{n}d")
+    return jit_static(*_SETTINGS)(hook)
+
+
+conv1d_grads = _hook(_conv_grads, 1, "conv1d_grads", _GRADS_DOC)
+conv2d_grads = _hook(_conv_grads, 2, "conv2d_grads", _GRADS_DOC)
+conv1d_moments = _hook(_conv_moments, 1, "conv1d_moments", _MOMENTS_DOC)
+conv2d_moments = _hook(_conv_moments, 2, "conv2d_moments", _MOMENTS_DOC)
+
+
 @jit_static(*_SETTINGS)
 def conv1d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
                     padding: Padding = "same", dilation: int | Ints = 1
@@ -166,3 +224,9 @@ def conv2d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
                     ) -> tuple[Array, Array | None]:
     """As :func:`conv1d_sq_grads` for Conv2D: shaped like w (kh, kw, C, C2) and b (C2,)."""
     return _conv_sq_grads(2, res, v, stride, padding, dilation)
+
+# The per-example hooks each rule declares (fnbp.rules.conv: ``declare(..., hooks=...)``).
+CONV1D_HOOKS = {"sq_norms": conv1d_sq_norms, "sq_grads": conv1d_sq_grads,
+                "grads": conv1d_grads, "moments": conv1d_moments}
+CONV2D_HOOKS = {"sq_norms": conv2d_sq_norms, "sq_grads": conv2d_sq_grads,
+                "grads": conv2d_grads, "moments": conv2d_moments}

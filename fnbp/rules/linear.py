@@ -213,6 +213,37 @@ def mm_sq_grads(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
     return sq_W, sq_b
 
 
+def mm_grads(res: MMResiduals, v: Array) -> tuple[Array | None, Array | None]:
+    """The per-example gradients that ``sq_norms`` materializes: the ``grads`` hook.
+
+    Mixed ghost clipping: on sequences with ``2 T^2 > d_in d_out``,
+    :func:`mm_sq_norms` builds every ``g_W = sum_t v_t z_t^T``; they are
+    returned, shape (n, d_out, d_in), so that the clipped sum is
+    ``sum_i s_i g_i`` (one contraction over n) instead of a second one over
+    every position. For b, ``g_b = sum_t v_t``, (n, d_out), alongside. Both
+    ``None`` under the Gram form or with one position (the backward's
+    contraction is then the cheaper one); b's ``None`` without a bias. In at
+    least float32. Args, Raises: as :func:`mm_sq_norms`.
+    """
+    vt, zt = _positions(res, v, "mm_grads")
+    g_W = _per_example.outer_grads(vt, zt)
+    return g_W, None if res.b is None or g_W is None else jnp.sum(vt, axis=1)
+
+
+def mm_moments(res: MMResiduals, v: Array) -> tuple[tuple | None, tuple | None]:
+    """``(sum_i g_i, sum_i g_i (.) g_i)`` from one materialization: the ``moments`` hook.
+
+    On sequences (T > 1) :func:`mm_sq_grads` materializes the g_W; the sum
+    of the g_W comes from the same ones (a chunk of examples at a time), so
+    the backward's weight contraction is not needed; b's pair alongside.
+    Both ``None`` with one position; b's ``None`` without a bias. Shaped like
+    W and b, in at least float32. Args, Raises: as :func:`mm_sq_norms`.
+    """
+    vt, zt = _positions(res, v, "mm_moments")
+    m_W = _per_example.outer_moments(vt, zt)
+    return m_W, None if res.b is None or m_W is None else _per_example.sums(jnp.sum(vt, axis=1))
+
+
 def _mm_reference(z, W, b=None):
     u = z @ W.T
     return u if b is None else u + b
@@ -226,5 +257,6 @@ def _mm_args(key, dtype):
 MM = declare(
     mm, mm_fwd, mm_bwd, reference=_mm_reference, examples=_mm_args,
     equations=("7.35", "7.63", "7.65", "7.66", "7.84"), kink="none: linear.",
-    family="linear", hooks={"sq_norms": mm_sq_norms, "sq_grads": mm_sq_grads},
+    family="linear", hooks={"sq_norms": mm_sq_norms, "sq_grads": mm_sq_grads,
+                            "grads": mm_grads, "moments": mm_moments},
 )
