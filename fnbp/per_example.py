@@ -23,8 +23,14 @@ contraction with the scales folded into v: sum_i s_i g_i(W) = V^T diag(s) Z
 for MM, one dot per weight (:func:`fnbp.nn.layer.scaled_backward`). The
 extra cost over :func:`fnbp.backprop` is the norms (O(n (d_in + d_out)) per
 MM on vectors) and the memory of the tape's cotangents until the contraction;
-the weight gradients are computed once. See :mod:`fnbp.nn.layer` for the
-layer-level contract and :func:`fnbp.make_layer` for adding it to a layer.
+the weight gradients are computed once. Mixed ghost clipping (Bu et al.):
+where a layer's cost rule materializes its g_i anyway (a convolution with
+2 T^2 > D), they travel in the tape and its clipped gradient is
+sum_i s_i g_i, one contraction over the examples, with no second
+weight-gradient convolution; :func:`grad_moments` likewise takes such a
+layer's mean gradient from the g_i its ``sq_grads`` builds. See
+:mod:`fnbp.nn.layer` for the layer-level contract and :func:`fnbp.make_layer`
+for adding it to a layer.
 
 A layer with parameters but without a rule (``sq_norms`` for the norms and
 clipping, ``sq_grads`` for the moments) makes the whole model fall back to

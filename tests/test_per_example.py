@@ -357,6 +357,29 @@ def test_clipped_grads_of_an_mlp_computes_each_weight_gradient_once():
         model, loss, p, x, y, 1.0, mask=jnp.asarray(MASK), reduction="sum")) == want
 
 
+def test_conv_layers_that_materialize_reuse_their_per_example_gradients():
+    # fnbp.cnn(K, (3, 4)) on 4x4x2: the first conv's hooks materialize its g_i
+    # (2 T^2 = 512 > D = 54), the second's sq_norms takes the Gram form (T = 4:
+    # 32 <= 108). Mixed ghost clipping: clipped_grads contracts the first
+    # layer's g_i with the scales, so the compiled program drops that layer's
+    # weight-gradient convolution; grad_moments takes both layers' mean
+    # gradients from their materialized g_i, so it has none at all.
+    model, _, shape, _ = CASES["cnn-2d"]
+    params = random_params(model, shape)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((N,) + shape))
+    y = jnp.arange(N, dtype=jnp.int32) % K
+    loss = fnbp.cross_entropy_loss
+
+    def convolutions(fn):
+        text = jax.jit(fn).lower(params, x, y).compile().as_text()
+        return len(re.findall(r"\bconvolution\(", text))
+
+    backprop = convolutions(lambda p, x, y: fnbp.backprop(model, loss, p, x, y))
+    assert backprop == 5   # 2 forward, the second layer's dz, 2 weight gradients
+    assert convolutions(lambda p, x, y: fnbp.clipped_grads(model, loss, p, x, y, 1.0)) == 4
+    assert convolutions(lambda p, x, y: fnbp.grad_moments(model, loss, p, x, y)) == 3
+
+
 # --- the fallback ------------------------------------------------------------------------
 
 

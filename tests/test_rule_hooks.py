@@ -223,3 +223,77 @@ def test_a_cotangent_without_an_example_axis_is_refused(rule):
     res = rule_.fwd(z[0], *args, **dict(case.settings))[1]
     with pytest.raises(ValueError, match=rf"{rule}_sq_norms: v must have a leading example axis"):
         rule_.hooks["sq_norms"](res, v[0], **dict(case.settings))
+
+
+# --- grads and moments: the per-example gradients a hook materializes, handed over -----
+
+
+def _grads_and_moments(case: Case, z, args, v):
+    rule = registry()[case.rule]
+    settings = dict(case.settings)
+    res = rule.fwd(z, *args, **settings)[1]
+    return rule.hooks["grads"](res, v, **settings), rule.hooks["moments"](res, v, **settings)
+
+
+def _per_example_oracle(case: Case, z, args, v):
+    """Every trainable argument's g_i, stacked (n, *shape), by vmap of grad; None elsewhere."""
+    ref = functools.partial(case.ref, **dict(case.oracle))
+    params = tuple(a for a, t in zip(args, case.trainable) if t)
+
+    def inner(ps, zi, vi):
+        it = iter(ps)
+        return jnp.sum(vi * ref(zi, *[next(it) if t else a for a, t in
+                                      zip(args, case.trainable)]))
+
+    grads = iter(jax.vmap(jax.grad(inner), in_axes=(None, 0, 0))(params, z, v))
+    return tuple(next(grads) if t else None for t in case.trainable)
+
+
+@functools.partial(jit, static_argnums=(0,))
+def _materialized_and_oracle(case, z, args, v):
+    return _grads_and_moments(case, z, args, v), _per_example_oracle(case, z, args, v)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "grads" in registry()[c.rule].hooks],
+                         ids=lambda c: c.name)
+def test_grads_and_moments_hand_over_what_the_cost_rule_materializes(case):
+    """``grads``: the g_i where sq_norms materializes them; ``moments``: their sums where
+    sq_grads does (more than one position); the bias alongside the weight; float64 oracle."""
+    z, args, v = _draw(case, jnp.float64)
+    (grads, moments), g = _materialized_and_oracle(case, z, args, v)
+    assert len(grads) == len(moments) == len(case.args)
+    materialized = case.path == "materialize"
+    several = math.prod(v.shape[1:-1]) > 1
+    for i, g_i in enumerate(g):
+        if g_i is None:
+            assert grads[i] is None and moments[i] is None
+            continue
+        if not materialized:
+            assert grads[i] is None, f"grads[{i}] under the Gram form must be None"
+        else:
+            assert grads[i].shape == g_i.shape and grads[i].dtype == jnp.float64
+            assert rel_err(grads[i], g_i) <= F64_RTOL, (i, rel_err(grads[i], g_i))
+        if not several:
+            assert moments[i] is None, f"moments[{i}] with one position must be None"
+            continue
+        total, squares = moments[i]
+        assert total.shape == squares.shape == case.args[i]
+        assert rel_err(total, jnp.sum(g_i, axis=0)) <= F64_RTOL
+        assert rel_err(squares, jnp.sum(g_i * g_i, axis=0)) <= F64_RTOL
+
+
+def test_materialized_moments_run_a_chunk_of_examples_at_a_time(monkeypatch):
+    """outer_moments in chunks (a scan over full chunks and one partial) equals one batch."""
+    from fnbp.rules import _per_example
+
+    gen = np.random.default_rng(5)
+    a = jnp.asarray(gen.normal(size=(7, 3, 4)))
+    b = jnp.asarray(gen.normal(size=(7, 3, 2)))
+    g = jnp.einsum("itp,itq->ipq", a, b)
+    want = (jnp.sum(g, axis=0), jnp.sum(g * g, axis=0))
+    for numbers in (1, 2 * 4 * 2, 3 * 4 * 2, 100 * 4 * 2):   # chunks of 1, 2, 3 and all 7
+        monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", numbers)
+        got = _per_example.outer_moments(a, b)
+        for x, w in zip(got, want):
+            assert x.shape == w.shape and rel_err(x, w) <= F64_RTOL
+    assert _per_example.outer_moments(a[:, :1], b[:, :1]) is None

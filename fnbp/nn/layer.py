@@ -44,6 +44,14 @@ its own, so sum_i s_i g_i(P) = dP of ``backward(params, residuals, s (.) v)``
 (for MM, V^T diag(s) Z: one dot per weight). Only dparams is kept; under
 ``jax.jit`` the unused dz is dead code. Parameter-free layers (activations,
 pooling, Flatten) need nothing: they pass dz on and keep no tape.
+
+Mixed ghost clipping (Bu et al.). Where a layer's ``sq_norms`` materializes
+the g_i anyway (its cost rule: a convolution whose 2 T^2 exceeds the filter
+gradient's size), its optional ``grads`` hook puts them in the tape, and the
+clipped gradient is ``sum_i s_i g_i``, a contraction over the n examples
+alone, instead of a second weight-gradient pass. Likewise ``moments`` gives
+``(sum_i g_i, sum_i g_i (.) g_i)`` where ``sq_grads`` materializes, and the
+moments pass takes the mean gradient from it (see :func:`make_layer`).
 """
 
 from __future__ import annotations

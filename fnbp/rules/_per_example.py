@@ -22,6 +22,11 @@ filters' (k... C) x C2 layout), two exact forms of ``||g_i||^2`` exist:
 when ``2 T^2 <= p q`` (the rule of paxml's ghost norms and, with ``<``, of
 mixed ghost clipping: the two T x T Gram matrices against one p x q
 gradient per example). Every sum here runs in at least float32.
+
+Where a form materializes the g_i, :func:`outer_grads` and
+:func:`outer_moments` hand them (or their sums) to the ``grads`` and
+``moments`` hooks, so that the engine does not compute them twice (mixed
+ghost clipping).
 """
 
 from __future__ import annotations
@@ -100,8 +105,9 @@ def outer_sq_grads(a: Array, b: Array) -> Array:
     """``sum_i g_i (.) g_i`` for ``g_i = sum_t a_t b_t^T``, shape (p, q).
 
     One position: ``(A (.) A)^T (B (.) B)``, a single contraction over the
-    examples. T > 1 positions: the g_i are materialized (n p q numbers) and
-    squared; a Gram-like form would cost T times the flops.
+    examples. T > 1 positions: the g_i are materialized, a chunk of examples
+    at a time (:func:`outer_moments`), and squared; a Gram-like form would
+    cost T times the flops.
     """
     if a.shape[1] == 1:
         return jnp.einsum("ip,iq->pq", a[:, 0] ** 2, b[:, 0] ** 2)

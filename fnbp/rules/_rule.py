@@ -118,6 +118,23 @@ class Rule:
 
         Each hook's docstring states its cost rule (Gram form or
         materialized per-example gradients, chosen from the static shapes).
+
+        Optional, for mixed ghost clipping (mm, conv1d, conv2d): where a
+        hook above materializes the per-example gradients g_i anyway, these
+        hand them over so the engine computes nothing twice:
+
+        - ``"grads"``: ``(res, v, **settings) -> tuple`` of k entries: the
+          g_i stacked (n, *argument.shape) where ``sq_norms`` materializes
+          them (a bias' alongside its weight's), else ``None``. The clipped
+          sum is then ``sum_i s_i g_i``, one contraction over n, instead of
+          the backward's weight-gradient pass with the scales in v.
+        - ``"moments"``: the same with the pair ``(sum_i g_i, sum_i g_i (.)
+          g_i)``, each shaped like the argument, where ``sq_grads``
+          materializes the g_i; ``grad_moments`` takes the mean gradient
+          from it, and the backward's own weight contraction is dead code.
+
+        Both in at least float32, equal to what ``bwd`` and the two hooks
+        above give (tests/test_rule_hooks.py checks them against vmap(grad)).
     """
 
     name: str
@@ -258,8 +275,8 @@ def declare(
       family: the family, the name of the module that holds the rule.
       layer: a :class:`LayerSpec` for a parameter-free layer, or ``None``.
       init: ``"he"`` or ``"glorot"`` for an activation, else ``None``.
-      hooks: per-rule extensions by name (``"sq_norms"``, ``"sq_grads"``:
-        see :class:`Rule`).
+      hooks: per-rule extensions by name (``"sq_norms"``, ``"sq_grads"``,
+        optionally ``"grads"``, ``"moments"``: see :class:`Rule`).
 
     Returns:
       The registered :class:`Rule`.

@@ -26,9 +26,15 @@ Both need the patches (n T k... C numbers, k... times the input). The
 cost rule, from the static shapes at each call (mixed ghost clipping's
 choice, with paxml's ``<=`` as for MM): the Gram form when ``2 T^2 <= D``,
 else materialize. ``sq_grads`` (``sum_i g_i (.) g_i``, shaped like w)
-always materializes (a Gram-like form would cost T times the flops), or
-for one output position takes ``(P (.) P)^T (V (.) V)``. Every sum runs in
-at least float32.
+always materializes (a Gram-like form would cost T times the flops; a
+chunk of examples at a time), or for one output position takes
+``(P (.) P)^T (V (.) V)``. Every sum runs in at least float32.
+
+Mixed ghost clipping: ``grads`` hands over the g_i where ``sq_norms``
+materializes them (the clipped sum is then ``sum_i s_i g_i``, no second
+weight-gradient convolution) and ``moments`` the pair ``(sum_i g_i,
+sum_i g_i (.) g_i)`` where ``sq_grads`` does (the mean gradient then comes
+from the same g_i).
 
 The contraction of the patches is used to materialize rather than the
 rule's weight-cotangent convolution under ``jax.vmap``: vmapped over the
