@@ -287,13 +287,45 @@ def test_materialized_moments_run_a_chunk_of_examples_at_a_time(monkeypatch):
     from fnbp.rules import _per_example
 
     gen = np.random.default_rng(5)
-    a = jnp.asarray(gen.normal(size=(7, 3, 4)))
-    b = jnp.asarray(gen.normal(size=(7, 3, 2)))
-    g = jnp.einsum("itp,itq->ipq", a, b)
-    want = (jnp.sum(g, axis=0), jnp.sum(g * g, axis=0))
-    for numbers in (1, 2 * 4 * 2, 3 * 4 * 2, 100 * 4 * 2):   # chunks of 1, 2, 3 and all 7
-        monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", numbers)
-        got = _per_example.outer_moments(a, b)
-        for x, w in zip(got, want):
-            assert x.shape == w.shape and rel_err(x, w) <= F64_RTOL
+    # (n, chunk asked for): 7 in chunks of 1, 2 (+1), 3 (+1) and 7; 6 in chunks of 3 (a
+    # divisor of 6 instead of 5 + 1) and 6
+    for n, steps in ((7, (1, 2, 3, 100)), (6, (5, 6))):
+        a = jnp.asarray(gen.normal(size=(n, 3, 4)))
+        b = jnp.asarray(gen.normal(size=(n, 3, 2)))
+        g = jnp.einsum("itp,itq->ipq", a, b)
+        want = (jnp.sum(g, axis=0), jnp.sum(g * g, axis=0))
+        for step in steps:
+            monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", step * 4 * 2)
+            got = _per_example.outer_moments(a, b)
+            for x, w in zip(got, want):
+                assert x.shape == w.shape and rel_err(x, w) <= F64_RTOL
     assert _per_example.outer_moments(a[:, :1], b[:, :1]) is None
+
+
+CHUNKED = ("conv1d(s2, p(1,2), d2, materialize, no bias)",
+           "conv1d(positions, valid, materialize)", "conv2d(s2, same, d(1,2), gram)",
+           "conv2d(same, materialize, no bias)")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in CHUNKED], ids=lambda c: c.name)
+def test_conv_moments_in_chunks_of_examples_equal_the_oracle(case, monkeypatch):
+    """conv moments builds each chunk's patches alone: chunks of 1 and of 2 (+ the rest)."""
+    from fnbp.rules import _per_example, conv_per_example
+
+    z, args, v = _draw(case, jnp.float64)
+    g = _materialized_and_oracle(case, z, args, v)[1]
+    settings = dict(case.settings)
+    res = registry()[case.rule].fwd(z, *args, **settings)[1]
+    spatial = len(case.args[0]) - 2
+    for per_chunk in (1, 2):
+        monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", per_chunk * math.prod(case.args[0]))
+        # the unjitted body, in a new jit: traced afresh with the chunk size just set
+        moments = jax.jit(lambda res, v: conv_per_example._conv_moments(
+            spatial, res, v, settings.get("stride", 1), settings.get("padding", "same"),
+            settings.get("dilation", 1)))(res, v)
+        for m, g_i in zip(moments, g):
+            if g_i is None:
+                assert m is None
+                continue
+            assert rel_err(m[0], jnp.sum(g_i, axis=0)) <= F64_RTOL
+            assert rel_err(m[1], jnp.sum(g_i * g_i, axis=0)) <= F64_RTOL

@@ -135,33 +135,51 @@ def outer_moments(a: Array, b: Array) -> tuple[Array, Array] | None:
 
     The ``moments`` hook's part: where :func:`outer_sq_grads` materializes the
     g_i (T > 1), the mean gradient's sum comes from the same g_i, one dot
-    with ones, instead of the backward's own contraction. The g_i are built
-    a few examples at a time (at most :data:`CHUNK_NUMBERS` numbers per step,
-    a ``jax.lax.scan`` over the chunks and one last partial chunk), so the
-    memory is that of one chunk rather than n p q numbers: on XLA:CPU a
-    program's large temporaries are fresh pages on every call, and faulting
-    them in cost more than the arithmetic (a (256, 288, 64) g_i and its
-    square: 24 ms against 4 ms for one).
+    with ones, instead of the backward's own contraction; the g_i are built
+    a chunk of examples at a time (:func:`chunked_sums`).
     """
-    n, _, p = a.shape
-    q = b.shape[2]
     if a.shape[1] == 1:
         return None
+    return chunked_sums(lambda a, b: sums(outer_sums(a, b)), (a, b), a.shape[2] * b.shape[2])
 
-    def moments(a, b):
-        return sums(outer_sums(a, b))
 
-    step = max(1, min(n, CHUNK_NUMBERS // (p * q)))
+def chunked_sums(fn, xs, numbers: int):
+    """``fn(xs)`` for a function that sums over the examples, a chunk of examples at a time.
+
+    ``fn`` maps arrays whose first axis holds examples to a tuple of sums
+    over them; the chunks' results are added. A chunk holds at most
+    :data:`CHUNK_NUMBERS` / ``numbers`` examples (``numbers``: what ``fn``
+    builds per example), preferring a divisor of n not under half that (the
+    inputs then split without a copy); a ``jax.lax.scan`` runs the full
+    chunks and one last call the rest. The memory is one chunk's rather than
+    n examples': on XLA:CPU a program's large temporaries are fresh pages on
+    every call, and faulting them in cost more than the arithmetic (a
+    (256, 288, 64) g_i and its square: 24 ms against 4 ms for the dot alone).
+
+    Args:
+      fn: ``fn(*xs) -> tuple of arrays``, each a sum over the examples of xs.
+      xs: a tuple of arrays with the same first axis n.
+      numbers: how many numbers ``fn`` builds per example.
+    """
+    n = xs[0].shape[0]
+    step = max(1, min(n, CHUNK_NUMBERS // max(numbers, 1)))
+    if step == n:
+        return fn(*xs)
+    step = max([d for d in range(step // 2 + 1, step + 1) if n % d == 0], default=step)
     full = (n // step) * step
-    total = (jnp.zeros((p, q), a.dtype), jnp.zeros((p, q), a.dtype))
-    if full:
-        def body(carry, chunk):
-            return tuple(c + m for c, m in zip(carry, moments(*chunk))), None
 
-        split = lambda x: x[:full].reshape((full // step, step) + x.shape[1:])
-        total, _ = jax.lax.scan(body, total, (split(a), split(b)))
+    def add(total, part):
+        return part if total is None else tuple(t + p for t, p in zip(total, part))
+
+    total = None
+    if full:
+        split = [x[:full].reshape((full // step, step) + x.shape[1:]) for x in xs]
+        first = jax.eval_shape(fn, *(x[0] for x in split))
+        zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in first)
+        total, _ = jax.lax.scan(lambda carry, chunk: (add(carry, fn(*chunk)), None),
+                                zeros, tuple(split))
     if full < n:
-        total = tuple(c + m for c, m in zip(total, moments(a[full:], b[full:])))
+        total = add(total, fn(*(x[full:] for x in xs)))
     return total
 
 

@@ -119,10 +119,22 @@ def _conv_grads(n: int, res: ConvResiduals, v: Array, *settings
 
 def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
                   ) -> tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]:
-    patches, vt = _per_example(n, res, v, "moments", settings)
-    m_w = _pe.outer_moments(patches, vt)
-    m_b = None if res.b is None or m_w is None else _pe.sums(jnp.sum(vt, axis=1))
-    return (None if m_w is None else tuple(m.reshape(res.w.shape) for m in m_w)), m_b
+    _pe.require_examples(f"{_NAME[n]}_moments", v, n + 1, _V_MEANING[n])
+    if _pe.as_positions(v, 1).shape[1] == 1:
+        return None, None
+
+    def moments(z, v):
+        # The patches of a chunk of examples only: k... times its input, not the batch's.
+        patches, vt = _per_example(n, res._replace(z=z), v, "moments", settings)
+        m_w = _pe.sums(_pe.outer_sums(patches, vt))
+        return m_w if res.b is None else m_w + _pe.sums(jnp.sum(vt, axis=1))
+
+    lead = v.shape[0]
+    z = res.z.reshape((lead, -1) + res.z.shape[res.z.ndim - n - 1:])
+    out = _pe.chunked_sums(moments, (z, v.reshape((lead, -1) + v.shape[v.ndim - n - 1:])),
+                           res.w.size)
+    m_w = tuple(m.reshape(res.w.shape) for m in out[:2])
+    return m_w, (None if res.b is None else out[2:])
 
 
 _GRADS_DOC = """Example i's materialized gradients where the ``sq_norms`` hook builds them: ``grads``.
