@@ -137,7 +137,7 @@ def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
     return m_w, (None if res.b is None else out[2:])
 
 
-_GRADS_DOC = """Example i's materialized gradients where the ``sq_norms`` hook builds them: ``grads``.
+_GRADS_DOC = """The per-example gradients that ``sq_norms`` materializes (``grads`` hook).
 
     Mixed ghost clipping (Bu et al.): where the cost rule of
     :func:`{name}_sq_norms` materializes the per-example filter gradients
@@ -145,19 +145,21 @@ _GRADS_DOC = """Example i's materialized gradients where the ``sq_norms`` hook b
     clipped sum is one contraction ``sum_i s_i g_i`` with no second
     weight-gradient convolution; ``None`` for the filters under the Gram
     form. The bias' ``g_i = sum_t v_t``, (n, C2), alongside the filters'
-    (``None`` when theirs is, or without a bias). In at least float32. Args and Raises as :func:`{name}_sq_norms`.
+    (``None`` when theirs is, or without a bias). In at least float32.
+    Args and Raises as :func:`{name}_sq_norms`.
     """
 
-_MOMENTS_DOC = """``(sum_i g_i, sum_i g_i (.) g_i)`` per parameter from one materialization: ``moments``.
+_MOMENTS_DOC = """``(sum_i g_i, sum_i g_i (.) g_i)`` from one materialization (``moments`` hook).
 
     Where :func:`{name}_sq_grads` materializes the per-example filter
     gradients (more than one output position), the sum of the g_i comes from
     the same g_i, so the backward's own weight-gradient convolution is not
-    needed; the g_i are built a chunk of examples at a time
-    (:func:`fnbp.rules._per_example.outer_moments`). ``None`` for the filters
-    with one output position; the bias' pair alongside the filters' (``None``
-    when theirs is, or without a bias). Each entry shaped like its parameter, in at least float32. Args
-    and Raises as :func:`{name}_sq_norms`.
+    needed. The g_i and the patches they need are built a chunk of examples
+    at a time (:func:`fnbp.rules._per_example.chunked_sums`). ``None`` for
+    the filters with one output position; the bias' pair alongside the
+    filters' (``None`` when theirs is, or without a bias). Each entry shaped
+    like its parameter, in at least float32. Args and Raises as
+    :func:`{name}_sq_norms`.
     """
 
 
