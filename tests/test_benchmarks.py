@@ -83,11 +83,12 @@ def test_full_sizes_refuse_a_cpu_with_a_hint(capsys, monkeypatch):
 
 
 def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
-    """bench_dp --smoke: every program fnbp has compiles, runs, agrees and gets a ratio."""
+    """bench_dp --smoke on the tiny cnn (conv and Linear layers): every program fnbp has
+    compiles, runs, agrees and gets a ratio."""
     out = tmp_path / "bench_dp.json"
-    figures = load("bench_dp").main(["--smoke", "--no-torch", "--no-jax-privacy",
-                                     "--json", str(out)])
-    assert [(r["net"], r["batch"]) for r in figures["rows"]] == [("mlp", 4), ("cnn", 4)]
+    figures = load("bench_dp").main(["--smoke", "--nets", "cnn", "--no-torch",
+                                     "--no-jax-privacy", "--json", str(out)])
+    assert [(r["net"], r["batch"]) for r in figures["rows"]] == [("cnn", 4)]
     allowed = {"not in fnbp yet", "not run (--no-jax-privacy)"}
     for row in figures["rows"]:
         assert set(row["missing"].values()) <= allowed, row["missing"]
@@ -101,5 +102,6 @@ def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
         for name, err in row["agreement"].items():
             assert err < 1e-4, (row["net"], name, err)
         assert "grad_norms_vs_vmap_norms" in row["agreement"]
+    assert figures["rows"][0]["hlo"]["clipped_grads"]["convolutions"] > 0
     assert figures["opacus"] == "not run"
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
