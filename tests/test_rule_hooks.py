@@ -308,8 +308,9 @@ CHUNKED = ("conv1d(s2, p(1,2), d2, materialize, no bias)",
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in CHUNKED], ids=lambda c: c.name)
-def test_conv_moments_in_chunks_of_examples_equal_the_oracle(case, monkeypatch):
-    """conv moments builds each chunk's patches alone: chunks of 1 and of 2 (+ the rest)."""
+def test_conv_grads_and_moments_in_chunks_equal_the_oracle(case, monkeypatch):
+    """conv grads, and moments in chunks of 1, of 2 (+ the rest) and of all examples, each
+    chunk's patches built alone."""
     from fnbp.rules import _per_example, conv_per_example
 
     z, args, v = _draw(case, jnp.float64)
@@ -317,15 +318,21 @@ def test_conv_moments_in_chunks_of_examples_equal_the_oracle(case, monkeypatch):
     settings = dict(case.settings)
     res = registry()[case.rule].fwd(z, *args, **settings)[1]
     spatial = len(case.args[0]) - 2
-    for per_chunk in (1, 2):
+    positional = (settings.get("stride", 1), settings.get("padding", "same"),
+                  settings.get("dilation", 1))
+    for per_chunk in (1, 2, 10 ** 6):
         monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", per_chunk * math.prod(case.args[0]))
-        # the unjitted body, in a new jit: traced afresh with the chunk size just set
-        moments = jax.jit(lambda res, v: conv_per_example._conv_moments(
-            spatial, res, v, settings.get("stride", 1), settings.get("padding", "same"),
-            settings.get("dilation", 1)))(res, v)
-        for m, g_i in zip(moments, g):
+        # the unjitted bodies, in a new jit: traced afresh with the chunk size just set
+        grads, moments = jax.jit(lambda res, v: (
+            conv_per_example._conv_grads(spatial, res, v, *positional),
+            conv_per_example._conv_moments(spatial, res, v, *positional)))(res, v)
+        for grad, m, g_i in zip(grads, moments, g):
             if g_i is None:
-                assert m is None
+                assert grad is None and m is None
                 continue
             assert rel_err(m[0], jnp.sum(g_i, axis=0)) <= F64_RTOL
             assert rel_err(m[1], jnp.sum(g_i * g_i, axis=0)) <= F64_RTOL
+            if case.path == "materialize":
+                assert rel_err(grad, g_i) <= F64_RTOL
+            else:
+                assert grad is None
