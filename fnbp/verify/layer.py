@@ -153,13 +153,17 @@ def _per_example_rows(layer, params, x, tol, seed: int) -> tuple[list[VJPCheck],
                         np.zeros(np.shape(x)[:1]))
             want = sum(jax.tree_util.tree_leaves(want_sq), np.zeros(np.shape(x)[:1]))
             _, dz_want = layer.backward(params, residuals, v)
+            total_row = _row("params", "eager", "sq_norms", [("{idx}", total, want)], tol,
+                             "per-example sum ||dparams||^2 vs autodiff of forward, one "
+                             "example at a time",
+                             diagnosis="sq_norms disagrees with the per-example gradients")
+            # Right totals with wrong leaves: the norms are filed under the wrong leaves.
             rows += [
-                _row("params", "eager", "sq_norms", [("{idx}", total, want)], tol,
-                     "per-example sum ||dparams||^2 vs autodiff of forward, one example at a "
-                     "time", diagnosis="sq_norms disagrees with the per-example gradients"),
+                total_row,
                 _row("params", "eager", "sq_norms per leaf", _leaves(sq, want_sq), tol,
                      "each leaf's ||dparams^(i)||^2 vs autodiff of forward",
-                     diagnosis="sq_norms puts a leaf's norm in another leaf"),
+                     diagnosis=("sq_norms puts a leaf's norm in another leaf" if total_row.passed
+                                else "sq_norms disagrees with the per-example gradients")),
                 _row("x", "eager", "sq_norms dz", [("{idx}", dz, dz_want)], tol,
                      "sq_norms' input cotangent vs backward's",
                      diagnosis="sq_norms returns another dz than backward")]
