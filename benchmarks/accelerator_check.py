@@ -18,7 +18,10 @@ stopped at its limit still shows what it measured:
    the MLP 1024-4096-4096-4096-10 at batch 4096 and 16384 in float32 and
    bfloat16, time(fnbp) / time(autodiff) with the A/A control, TFLOP/s, and
    PyTorch's eager step where torch is installed (``--smoke``: tiny sizes);
-3. ``benchmarks/bench_conv.py --quick``: the conv-net training step;
+3. ``benchmarks/bench_conv.py --quick``: the conv-net training step, then
+   ``benchmarks/bench_dp.py --quick`` without its slow baselines:
+   ``clipped_grads``, ``grad_moments`` and ``per_example_grad_norms`` as
+   ratios to ``fnbp.backprop`` (each where the budget leaves it time);
 4. with several devices, the data-parallel step (:func:`fnbp.make_train_step`
    on :func:`fnbp.make_mesh`) against one device, examples per second;
 5. the test suite (pytest), with float32 matrix products at full precision
@@ -31,7 +34,8 @@ stopped at its limit still shows what it measured:
 
 then a one-screen summary: the card, JAX's version, every step's status and
 seconds, each fnbp/autodiff ratio with its A/A control and the ms per step of
-autodiff, fnbp and PyTorch, the conv ratios, the data-parallel speed-up,
+autodiff, fnbp and PyTorch, the conv ratios, the per-example ratios, the
+data-parallel speed-up,
 pytest's last line and its slowest test files. ``--out DIR`` keeps the logs,
 the benchmarks' JSON and ``accelerator_check.json`` (all of the summary). The
 exit status is 0 when every step passed, 1 otherwise, 3 when there is no
@@ -216,6 +220,20 @@ def conv_lines(figures: dict | None) -> list[str]:
             for name, ratio in figures.get("ratios", {}).items()]
 
 
+def dp_lines(figures: dict | None) -> list[str]:
+    """The per-example rows of bench_dp.json, one line each."""
+    if not figures:
+        return []
+    lines = []
+    for row in figures.get("rows", []):
+        ratios = row.get("ratios", {})
+        shown = ", ".join(f"{name} {ratios[name]:.3f}"
+                          for name in ("clipped_grads", "grad_moments", "grad_norms", "aa")
+                          if isinstance(ratios.get(name), (int, float)))
+        lines.append(f"per-example {row['net']} B{row['batch']}, x backprop: {shown}")
+    return lines
+
+
 def test_file_seconds(junit: Path) -> dict[str, float]:
     """Seconds per test file, from pytest's JUnit XML report (summed over its tests)."""
     try:
@@ -292,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="fnbp-accelerator-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("bench_gpu_mlp.json", "bench_conv.json", "tests.xml"):
+    for stale in ("bench_gpu_mlp.json", "bench_conv.json", "bench_dp.json", "tests.xml"):
         (out / stale).unlink(missing_ok=True)  # a step cut short must not show old figures
     env = environment()
     python = sys.executable
@@ -341,6 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n=== {conv.name}: skipped, the tests keep the {left():.0f} s left", flush=True)
     steps.append(conv)
+    per_example = Step("bench_dp --quick")
+    if left(190) >= 25:
+        run(per_example, [python, str(BENCHMARKS / "bench_dp.py"), "--quick",
+                          "--max-materialize-gb", "0", "--no-torch", "--no-jax-privacy",
+                          "--json", str(out / "bench_dp.json")]
+            + (["--smoke"] if args.smoke else []), min(40.0, left(190)), env,
+            out / "bench_dp.log")
+    else:
+        print(f"\n=== {per_example.name}: skipped, the tests keep the {left():.0f} s left",
+              flush=True)
+    steps.append(per_example)
     data_parallel = Step("data parallel")
     if device["count"] > 1:
         steps.append(run(data_parallel, [python, str(Path(__file__).resolve()),
@@ -356,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mlp = read_json(out / "bench_gpu_mlp.json")
     conv_figures = read_json(out / "bench_conv.json")
+    dp_figures = read_json(out / "bench_dp.json")
     files = test_file_seconds(out / "tests.xml") if tests.output else {}
     pytest_line = last_line(tests.output) if tests.output else None
     speedup = [line.strip() for line in data_parallel.output.splitlines()
@@ -364,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accelerator_check.json").write_text(json.dumps({
         "card": cards, "jax": device,
         "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in steps],
-        "gpu_mlp": mlp, "conv": conv_figures, "data_parallel": speedup, "pytest": pytest_line,
+        "gpu_mlp": mlp, "conv": conv_figures, "per_example": dp_figures, "data_parallel": speedup, "pytest": pytest_line,
         "test_file_seconds": files, "seconds": total}, indent=2))
 
     print("\n=== summary")
@@ -374,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{device['kind']} ({device['backend']})")
     for step in steps:
         print(f"  {step.name:<20} {step.status:<22} {step.seconds:6.1f} s")
-    for line in mlp_lines(mlp) + conv_lines(conv_figures) + speedup:
+    for line in mlp_lines(mlp) + conv_lines(conv_figures) + dp_lines(dp_figures) + speedup:
         print(line)
     if pytest_line is not None:
         cut = " (stopped at its time limit: counts so far)" if "timeout" in tests.status else ""
