@@ -145,16 +145,20 @@ def bucket(size: int, multiple: int) -> int:
     return multiple * max(1, -(-size // multiple))
 
 
-def step_keys(key: Array, step: int) -> tuple[Array, Array]:
-    """(sampling key, noise key) of step ``step``: a pure function of the run key and step."""
+@jax.jit
+def step_keys(key: Array, step: int | Array) -> tuple[Array, Array]:
+    """(sampling key, noise key) of step ``step``: a pure function of the run key and step.
+
+    Jitted once: ``step`` is traced, so every step runs the same program.
+    """
     stream = jax.random.fold_in(jax.random.fold_in(key, DP_STREAM), step)
     sample_key, noise_key = jax.random.split(stream)
     return sample_key, noise_key
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _bernoulli(key: Array, rate: Array, num_examples: int) -> Array:
-    return jax.random.bernoulli(key, rate, (num_examples,))
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _bernoulli(key: Array, rate: float, num_examples: int) -> Array:
+    return jax.random.bernoulli(key, jnp.float32(rate), (num_examples,))
 
 
 def poisson_batch(key: Array, num_examples: int, rate: float, multiple: int
@@ -169,7 +173,7 @@ def poisson_batch(key: Array, num_examples: int, rate: float, multiple: int
     Returns:
       ``indices`` (int32) and ``mask`` (bool) NumPy arrays of the same length.
     """
-    chosen = np.flatnonzero(np.asarray(_bernoulli(key, jnp.float32(rate), num_examples)))
+    chosen = np.flatnonzero(np.asarray(_bernoulli(key, float(rate), num_examples)))
     length = bucket(len(chosen), multiple)
     indices = np.zeros(length, np.int32)
     indices[:len(chosen)] = chosen
