@@ -4,11 +4,14 @@ Used by the rules Conv1D and Conv2D (:mod:`fnbp.rules.conv`, where the
 math and the layouts are explained) and by their per-example hooks
 (:mod:`fnbp.rules.conv_per_example`): the parsing of stride, padding and
 dilation, the residuals, and the two backward convolutions B[Conv, z] and
-B[Conv, w].
+B[Conv, w]. The window taps (one strided slice per kernel or window
+offset) serve the per-example hooks' patches and the pooling rules
+(:mod:`fnbp.rules.pooling`).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Sequence, Union
 
 import jax
@@ -106,6 +109,23 @@ def _settings(n: int, w_shape: tuple[int, ...], stride, padding, dilation
     dilation = _per_axis_ints(fn, "dilation", dilation, n)
     k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dilation, w_shape[:n]))
     return stride, _padding(fn, padding, k_eff), dilation
+
+
+# --- window taps -----------------------------------------------------------------------
+
+
+def _offsets(window: Ints):
+    """Window offsets in row-major order: (0, 0), (0, 1), ..., (kh - 1, kw - 1)."""
+    return itertools.product(*(range(k) for k in window))
+
+
+def _tap(zf: Array, offset: Ints, stride: Ints, out: Ints) -> Array:
+    """z[:, s i + j, :] for every output position i: the entries at window offset j."""
+    n = len(offset)
+    start = (0, *offset, 0)
+    limit = (zf.shape[0], *(j + s * (o - 1) + 1 for j, s, o in zip(offset, stride, out)),
+             zf.shape[-1])
+    return jax.lax.slice(zf, start, limit, (1, *stride, 1)) if n else zf
 
 
 # --- residuals and the backward convolutions ------------------------------------------

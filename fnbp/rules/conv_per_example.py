@@ -46,15 +46,12 @@ of ``fnbp.cnn(10, (32, 64))`` on 8x8x1 inputs at batch 256 (jax 0.10 and
 
 from __future__ import annotations
 
-import itertools
-
-import jax
 import jax.numpy as jnp
 from jax import Array
 
 from fnbp.rules import _per_example as _pe
 from fnbp.rules._conv_ops import (_NAME, _SETTINGS, ConvResiduals, Ints, Padding, Pairs,
-                                  _flat, _settings)
+                                  _flat, _offsets, _settings, _tap)
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._rule import jit_static
 
@@ -66,14 +63,9 @@ def _patches(zf: Array, w: Array, out: Ints, stride: Ints, padding: Pairs,
     ``patch[i][j, c] = zpad[s i + d j, c]``: the numbers each output position
     multiplies with w (eq. 7.48), gathered by one strided slice per kernel tap.
     """
-    n = w.ndim - 2
     zp = jnp.pad(zf, ((0, 0),) + tuple(padding) + ((0, 0),))
-    taps = []
-    for j in itertools.product(*(range(k) for k in w.shape[:n])):
-        start = (0,) + tuple(d * t for d, t in zip(dilation, j)) + (0,)
-        limit = (zp.shape[0],) + tuple(a + s * (o - 1) + 1 for a, s, o in
-                                       zip(start[1:], stride, out)) + (zp.shape[-1],)
-        taps.append(jax.lax.slice(zp, start, limit, (1,) + tuple(stride) + (1,)))
+    taps = [_tap(zp, tuple(d * t for d, t in zip(dilation, j)), stride, out)
+            for j in _offsets(w.shape[:w.ndim - 2])]
     return jnp.stack(taps, axis=-2).reshape(zf.shape[:1] + tuple(out) + (-1,))
 
 

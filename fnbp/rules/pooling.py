@@ -46,7 +46,6 @@ under an outer ``jax.jit``.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import NamedTuple, Sequence, Union
 
@@ -57,6 +56,7 @@ from jax import Array
 
 from fnbp.checking import check_finite
 from fnbp.rules import _validate
+from fnbp.rules._conv_ops import _offsets, _tap
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
@@ -123,22 +123,8 @@ def _reduce_window(zf: Array, init, op, window: Ints, stride: Ints) -> Array:
     return jax.lax.reduce_window(zf, init, op, (1, *window, 1), (1, *stride, 1), "VALID")
 
 
-def _offsets(window: Ints):
-    """Window offsets in row-major order: (0, 0), (0, 1), ..., (kh - 1, kw - 1)."""
-    return itertools.product(*(range(k) for k in window))
-
-
 def _out_shape(zf: Array, window: Ints, stride: Ints) -> Ints:
     return tuple((m - k) // s + 1 for m, k, s in zip(zf.shape[1:-1], window, stride))
-
-
-def _tap(zf: Array, offset: Ints, stride: Ints, out: Ints) -> Array:
-    """z[:, s i + j, :] for every output position i: the entries at window offset j."""
-    n = len(offset)
-    start = (0, *offset, 0)
-    limit = (zf.shape[0], *(j + s * (o - 1) + 1 for j, s, o in zip(offset, stride, out)),
-             zf.shape[-1])
-    return jax.lax.slice(zf, start, limit, (1, *stride, 1)) if n else zf
 
 
 def _place(x: Array, offset: Ints, stride: Ints, spatial: Ints) -> Array:
