@@ -53,6 +53,8 @@ from jax import Array
 
 from fnbp.backprop import Loss, _backprop, _check, _loss_and_cotangent, require_per_example_losses
 from fnbp.nn.layer import Layer, MissingRuleError, Params
+from fnbp.rules._per_example import example_sum as _example_sum
+from fnbp.rules._per_example import squares as _squares
 
 __all__ = ["PerExampleFallbackWarning", "clipped_grads", "grad_moments",
            "per_example_grad_norms", "per_example_grads"]
@@ -117,12 +119,6 @@ def _materialized(model, loss, params, x, y):
     return jax.vmap(one)(x, y)
 
 
-def _leaf_sq(g: Array) -> Array:
-    """||g_i||^2 per example of a materialized (n, ...) leaf, in at least float32."""
-    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-    return jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
-
-
 # --- the one forward pass and the backward pass that keeps the books ------------------
 
 
@@ -149,7 +145,7 @@ def _norms_pass(fn: str, model: Layer, loss: Loss, params, x, y):
     except MissingRuleError as missing:
         _fallback(fn, missing)
     losses, grads = _materialized(model, loss, params, x, y)
-    return losses, jax.tree_util.tree_map(_leaf_sq, grads), None, grads
+    return losses, jax.tree_util.tree_map(lambda g: _squares(g)[0], grads), None, grads
 
 
 def _total(sq: Params, like: Array) -> Array:
@@ -277,7 +273,7 @@ def clipped_grads(
         grads = model.book.clipped(params, tape, scales)
     else:
         grads = jax.tree_util.tree_map(
-            lambda g, s, p: jnp.tensordot(s.astype(g.dtype), g, 1).astype(jnp.result_type(p)),
+            lambda g, s, p: _example_sum(g, s).astype(jnp.result_type(p)),
             grads_i, scales, params)
     J = jnp.sum(jnp.where(weight > 0, losses, 0)) / jnp.maximum(kept, 1)
     return J, grads, norms
