@@ -248,11 +248,6 @@ def has_params(params: Params) -> bool:
     return bool(jax.tree_util.tree_leaves(params))
 
 
-def _empty_like(params: Params) -> Params:
-    """The (leafless) pytree of a layer without params, for its sq and dparams."""
-    return jax.tree_util.tree_map(lambda p: p, params)
-
-
 def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
                ) -> BookKeeping:
     """The Book-Keeping passes of a layer from its backward and its hooks.
@@ -264,52 +259,63 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
 
     def norms(params, residuals, v):
         if not has_params(params):
-            return _empty_like(params), backward(params, residuals, v)[1], None
+            return params, backward(params, residuals, v)[1], None
         if sq_norms is None:
             raise MissingRuleError(name, "sq_norms")
-        out = sq_norms(params, residuals, v)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise TypeError(f"{name}: sq_norms must return the pair (sq, dz), got "
-                            f"{type(out).__name__}; see fnbp.make_layer")
-        sq, dz = out
-        _check_per_leaf(name, "sq_norms", params, sq, lambda p: (v.shape[0],))
         g = _per_leaf(name, "grads", grads, params, residuals, v,
                       lambda p: (v.shape[0],) + jnp.shape(p))
-        if g is not None:
-            leaves, treedef = jax.tree_util.tree_flatten(sq)
-            sq = treedef.unflatten([q if g_p is None else _squares(g_p)[0]
-                                    for q, g_p in zip(leaves, g)])
+        if g is not None and all(g_p is not None for g_p in g):
+            # Every leaf's g_i are handed over: the norms come from them alone.
+            sq_leaves, dz = [None] * len(g), backward(params, residuals, v)[1]
+        else:
+            out = sq_norms(params, residuals, v)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError(f"{name}: sq_norms must return the pair (sq, dz), got "
+                                f"{type(out).__name__}; see fnbp.make_layer")
+            sq, dz = out
+            _check_per_leaf(name, "sq_norms", params, sq, lambda p: (v.shape[0],))
+            if g is None:
+                return sq, dz, (residuals, v, None)
+            sq_leaves = jax.tree_util.tree_leaves(sq)
+        sq = jax.tree_util.tree_structure(params).unflatten(
+            [q if g_p is None else _squares(g_p)[0] for q, g_p in zip(sq_leaves, g)])
         return sq, dz, (residuals, v, g)
 
     def clipped(params, tape, scales):
         if not has_params(params):
-            return _empty_like(params)
+            return params
         residuals, v, g = tape
         if g is None:
             return scaled_backward(backward, params, residuals, v, scales)
         p_leaves, treedef = jax.tree_util.tree_flatten(params)
         s_leaves = jax.tree_util.tree_leaves(scales)
-        rest = scaled_backward(backward, params, residuals, v, scales) if None in g else None
+        rest = (jax.tree_util.tree_leaves(scaled_backward(backward, params, residuals, v, scales))
+                if any(g_p is None for g_p in g) else None)
         return treedef.unflatten([
-            jax.tree_util.tree_leaves(rest)[i] if g_p is None
+            rest[i] if g_p is None
             else _example_sum(g_p, s.astype(g_p.dtype)).astype(jnp.result_type(p))
             for i, (p, s, g_p) in enumerate(zip(p_leaves, s_leaves, g))])
 
     def moments_pass(params, residuals, v):
         dparams, dz = backward(params, residuals, v)
         if not has_params(params):
-            return dparams, _empty_like(params), dz
+            return dparams, params, dz
         if sq_grads is None:
             raise MissingRuleError(name, "sq_grads")
-        sq = sq_grads(params, residuals, v)
-        _check_per_leaf(name, "sq_grads", params, sq, jnp.shape)
         m = _per_leaf(name, "moments", moments, params, residuals, v, jnp.shape, pairs=True)
-        if m is not None:
-            d_leaves, treedef = jax.tree_util.tree_flatten(dparams)
-            sq = treedef.unflatten([q if m_p is None else m_p[1] for q, m_p in
-                                    zip(jax.tree_util.tree_leaves(sq), m)])
-            dparams = treedef.unflatten([d if m_p is None else m_p[0].astype(d.dtype)
-                                         for d, m_p in zip(d_leaves, m)])
+        if m is not None and all(m_p is not None for m_p in m):
+            # Every leaf's (sum_i g_i, sum_i g_i (.) g_i) is handed over: no sq_grads call.
+            sq_leaves = [None] * len(m)
+        else:
+            sq = sq_grads(params, residuals, v)
+            _check_per_leaf(name, "sq_grads", params, sq, jnp.shape)
+            if m is None:
+                return dparams, sq, dz
+            sq_leaves = jax.tree_util.tree_leaves(sq)
+        d_leaves, treedef = jax.tree_util.tree_flatten(dparams)
+        sq = treedef.unflatten([q if m_p is None else m_p[1] for q, m_p in zip(sq_leaves, m)])
+        dparams = treedef.unflatten([d if m_p is None else m_p[0].astype(d.dtype)
+                                     for d, m_p in zip(d_leaves, m)])
         return dparams, sq, dz
 
     return BookKeeping(norms, clipped, moments_pass)
