@@ -53,7 +53,7 @@ import optax
 from jax import Array
 
 from fnbp.backprop import Loss, backprop
-from fnbp.nn.layer import Layer, Params, make_layer
+from fnbp.nn.layer import BookKeeping, Layer, Params, _layer
 
 # The names fnbp train's --precision takes: the compute dtype of a policy whose
 # parameters and output are float32.
@@ -233,30 +233,40 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
     def input_cotangent(dz, dtypes):
         return dz.astype(dtypes.z) if jnp.issubdtype(dtypes.z, jnp.floating) else dz
 
+    def in_param_dtypes(grads, params):
+        return jax.tree_util.tree_map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+
     def backward(params, saved, v):
         residuals, dtypes = saved
         grads, dz = model.backward(policy.cast_to_compute(params), residuals,
                                    v.astype(dtypes.u))
-        grads = jax.tree_util.tree_map(lambda g, p: g.astype(jnp.result_type(p)), grads,
-                                       params)
-        return grads, input_cotangent(dz, dtypes)
+        return in_param_dtypes(grads, params), input_cotangent(dz, dtypes)
 
     def at_least_f32(tree):
         return jax.tree_util.tree_map(
             lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), tree)
 
-    def sq_norms(params, saved, v):
+    # The per-example passes are the model's own, cast like backward: the model's
+    # tape travels through, so its one-contraction clipping (and mixed ghost
+    # clipping) holds under a policy too.
+    def norms(params, saved, v):
         residuals, dtypes = saved
-        sq, dz = model.sq_norms(policy.cast_to_compute(params), residuals, v.astype(dtypes.u))
-        return at_least_f32(sq), input_cotangent(dz, dtypes)
+        sq, dz, tape = model.book.norms(policy.cast_to_compute(params), residuals,
+                                        v.astype(dtypes.u))
+        return at_least_f32(sq), input_cotangent(dz, dtypes), tape
 
-    def sq_grads(params, saved, v):
+    def clipped(params, tape, scales):
+        return in_param_dtypes(model.book.clipped(policy.cast_to_compute(params), tape, scales),
+                               params)
+
+    def moments(params, saved, v):
         residuals, dtypes = saved
-        return at_least_f32(model.sq_grads(policy.cast_to_compute(params), residuals,
-                                           v.astype(dtypes.u)))
+        grads, sq, dz = model.book.moments(policy.cast_to_compute(params), residuals,
+                                           v.astype(dtypes.u))
+        return in_param_dtypes(grads, params), at_least_f32(sq), input_cotangent(dz, dtypes)
 
-    layer = make_layer(f"{model.name} @ {policy.name}", init, forward, backward, sq_norms,
-                       sq_grads)
+    layer = _layer(f"{model.name} @ {policy.name}", init, forward, backward,
+                   BookKeeping(norms, clipped, moments))
     _POLICIES[layer] = policy
     return layer
 
