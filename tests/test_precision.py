@@ -136,6 +136,33 @@ def test_with_precision_keeps_input_dtype_of_the_cotangent_and_sq_norms():
     assert norm_err(norms, want) <= BF16_GRAD_RTOL
 
 
+def test_clipping_under_a_policy_is_the_models_own_book_keeping():
+    """Under a float32 policy clipped_grads and grad_moments are the bare model's, bit for
+    bit, and per-parameter clipping compiles to the bare model's dots (one per weight
+    gradient, no second backward pass per parameter array)."""
+    params, x, y = small_problem()
+    wrapped = fnbp.with_precision(MODEL, "float32")
+    per_array = jax.tree_util.tree_map(lambda _: 0.3, params)
+    clipped = jax.jit(fnbp.clipped_grads, static_argnums=(0, 1))
+    moments = jax.jit(fnbp.grad_moments, static_argnums=(0, 1))
+    for clip in (0.5, per_array):
+        got = clipped(wrapped, fnbp.cross_entropy_loss, params, x, y, clip)
+        want = clipped(MODEL, fnbp.cross_entropy_loss, params, x, y, clip)
+        assert all(np.array_equal(g, w) for g, w in
+                   zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+
+        def dots(model):
+            jaxpr = jax.make_jaxpr(lambda p: fnbp.clipped_grads(
+                model, fnbp.cross_entropy_loss, p, x, y, clip))(params)
+            return sum(e.primitive.name == "dot_general" for e in iter_eqns(jaxpr.jaxpr))
+
+        assert dots(wrapped) == dots(MODEL)
+    got = moments(wrapped, fnbp.cross_entropy_loss, params, x, y)
+    want = moments(MODEL, fnbp.cross_entropy_loss, params, x, y)
+    assert all(np.array_equal(g, w) for g, w in
+               zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+
+
 @pytest.fixture(scope="module")
 def digits():
     data = fnbp.load_dataset("digits")
