@@ -217,6 +217,21 @@ def test_fit_refuses_dp_on_a_mesh_in_low_precision_or_not_a_config():
                   dp=(1.0, 1.0))
 
 
+def test_check_options_reads_precision_like_the_rest_of_fnbp():
+    config = dp.DPConfig(1.0, 1.0)
+    for plain in (None, "float32", "p=f32,c=f32", "params=float32,compute=float32,output=f32",
+                  fnbp.Precision()):
+        dp.check_options("fit", config, precision=plain)  # the float32 policy, any spelling
+    for policy, shown in ((fnbp.Precision(param_dtype="bfloat16"),
+                           "params=bfloat16,compute=float32,output=float32"),
+                          ("p=f32,c=bf16", "bfloat16")):
+        with pytest.raises(ValueError, match=f"^fit: DP-SGD runs in float32; `precision` "
+                                             f"{shown} is not supported"):
+            dp.check_options("fit", config, precision=policy)
+    with pytest.raises(ValueError, match="^fit: unknown precision 'f8'"):
+        dp.check_options("fit", config, precision="f8")
+
+
 def test_fit_with_dp_records_epsilon_per_epoch():
     # (a resumed run continuing exactly: test_cli_resume_keeps_the_dp_flags_...)
     params, x, y = problem(n=40)

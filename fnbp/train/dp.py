@@ -321,6 +321,9 @@ def check_options(fn: str, config: Any, *, mesh: Any = None, precision: Any = No
     None) and without float16 loss scaling, whose skipped steps and rescaled
     gradients would change what is clipped and noised. bfloat16 is refused too:
     the clip norm would be compared with norms of low-precision gradients.
+    ``precision`` (a :class:`fnbp.Precision` or any name
+    :func:`fnbp.train.precision.as_precision` reads) must be None or the plain
+    float32 policy: float32 parameters, computation and output.
     """
     if not isinstance(config, DPConfig):
         raise TypeError(f"{fn}: `dp` must be a fnbp.train.DPConfig(clip_norm, "
@@ -329,9 +332,13 @@ def check_options(fn: str, config: Any, *, mesh: Any = None, precision: Any = No
         raise ValueError(f"{fn}: DP-SGD runs on one device; its per-example clipping and "
                          f"noise are not sharded over a device mesh yet, so train without a "
                          f"mesh, on one device (`devices` 1)")
-    name = getattr(precision, "compute_dtype", precision)
-    if name is not None and str(name) != "float32":
-        raise ValueError(f"{fn}: DP-SGD runs in float32; `precision` {name} is not "
+    if precision is None:
+        return
+    from fnbp.train.precision import Precision, as_precision
+
+    policy = as_precision(precision, fn)
+    if policy != Precision():  # float32 parameters, computation and output
+        raise ValueError(f"{fn}: DP-SGD runs in float32; `precision` {policy.name} is not "
                          f"supported with it (float16's loss scaling skips and rescales "
                          f"steps, and low-precision gradients would be clipped), so drop "
                          f"`precision`")
