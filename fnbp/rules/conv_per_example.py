@@ -97,6 +97,11 @@ def _conv_sq_norms(n: int, res: ConvResiduals, v: Array, *settings
 
 def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
                    ) -> tuple[Array, Array | None]:
+    _pe.require_examples(f"{_NAME[n]}_sq_grads", v, n + 1, _V_MEANING[n])
+    m_w, m_b = _conv_moments(n, res, v, *settings)
+    if m_w is not None:
+        # More than one output position: the g_i of the moments, a chunk of examples at a time.
+        return m_w[1], None if m_b is None else m_b[1]
     patches, vt = _per_example(n, res, v, "sq_grads", settings)
     return _pe.outer_sq_grads(patches, vt).reshape(res.w.shape), _bias_squares(res, vt, 1)
 
