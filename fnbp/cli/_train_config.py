@@ -5,7 +5,8 @@ flag, a run folder); what the library validates, it validates once (the
 dataset's arguments: :func:`fnbp.train.data.check_dataset_arguments`; the
 devices and the batch size: :func:`fnbp.train.sharding.make_mesh`,
 :func:`fnbp.train.sharding.check_batch`, :func:`fnbp.train.loop.check_batch_size`),
-and :func:`library_error` turns its message into one line in these flags.
+and :func:`library_error` turns its message into a :class:`UsageError`, which
+``fnbp train``'s ``run`` prints as one line in these flags (:func:`as_flags`).
 """
 
 from __future__ import annotations
@@ -252,5 +253,8 @@ def as_flags(message: str) -> str:
 
 
 def library_error(error: Exception) -> UsageError:
-    """A library ValueError as fnbp train's one-line error, in the flags' words."""
-    return UsageError(as_flags(without_function(" ".join(str(error).split()))))
+    """A library ValueError as fnbp train's error, without the function's name.
+
+    ``run`` puts every UsageError on one line in the flags' words (:func:`as_flags`).
+    """
+    return UsageError(without_function(str(error)))
