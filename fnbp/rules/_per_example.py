@@ -207,3 +207,25 @@ def squares(g: Array) -> tuple[Array, Array]:
     g = g.astype(accumulation_dtype(g))
     sq = g * g
     return jnp.sum(sq, axis=tuple(range(1, g.ndim))), example_sum(sq)
+
+
+def bias_grads(b: Array | None, vt: Array, w_part=()) -> Array | None:
+    """A bias' per-example gradients ``g_i = sum_t v_t`` (eq. 7.66), shape (n, q).
+
+    Args:
+      b: the bias, or None for a rule without one.
+      vt: the cotangent as (n, T, q), in the accumulation dtype.
+      w_part: the weight's part of the same hook; where it is None the
+        bias' is None too (a hook hands both or neither).
+
+    Returns:
+      ``sum_t v_t`` per example, or None without a bias or a weight part.
+    """
+    return None if b is None or w_part is None else jnp.sum(vt, axis=1)
+
+
+def bias_squares(b: Array | None, vt: Array, which: int) -> Array | None:
+    """A bias' ``||sum_t v_t||^2`` per example (which=0, ``sq_norms``), shape (n,),
+    or ``sum_i (sum_t v_t)^2`` (which=1, ``sq_grads``), shape (q,); None without a bias.
+    """
+    return None if b is None else squares(bias_grads(b, vt))[which]

@@ -84,15 +84,10 @@ def _per_example(n: int, res: ConvResiduals, v: Array, hook: str, settings
     return patches.reshape(vt.shape[:2] + (-1,)), vt
 
 
-def _bias_squares(res: ConvResiduals, vt: Array, which: int) -> Array | None:
-    """``||sum_t v_t||^2`` per example (which=0) or ``sum_i (sum_t v_t)^2`` (which=1)."""
-    return None if res.b is None else _pe.squares(jnp.sum(vt, axis=1))[which]
-
-
 def _conv_sq_norms(n: int, res: ConvResiduals, v: Array, *settings
                    ) -> tuple[Array, Array | None]:
     patches, vt = _per_example(n, res, v, "sq_norms", settings)
-    return _pe.outer_sq_norms(patches, vt), _bias_squares(res, vt, 0)
+    return _pe.outer_sq_norms(patches, vt), _pe.bias_squares(res.b, vt, 0)
 
 
 def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
@@ -103,14 +98,14 @@ def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
         # More than one output position: the g_i of the moments, a chunk of examples at a time.
         return m_w[1], None if m_b is None else m_b[1]
     patches, vt = _per_example(n, res, v, "sq_grads", settings)
-    return _pe.outer_sq_grads(patches, vt).reshape(res.w.shape), _bias_squares(res, vt, 1)
+    return _pe.outer_sq_grads(patches, vt).reshape(res.w.shape), _pe.bias_squares(res.b, vt, 1)
 
 
 def _conv_grads(n: int, res: ConvResiduals, v: Array, *settings
                 ) -> tuple[Array | None, Array | None]:
     patches, vt = _per_example(n, res, v, "grads", settings)
     g_w = _pe.outer_grads(patches, vt)
-    g_b = None if res.b is None or g_w is None else jnp.sum(vt, axis=1)
+    g_b = _pe.bias_grads(res.b, vt, g_w)
     return (None if g_w is None else g_w.reshape(vt.shape[:1] + res.w.shape)), g_b
 
 
@@ -124,7 +119,7 @@ def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
         # The patches of a chunk of examples only: k... times its input, not the batch's.
         patches, vt = _per_example(n, res._replace(z=z), v, "moments", settings)
         m_w = _pe.sums(_pe.outer_sums(patches, vt))
-        return m_w if res.b is None else m_w + _pe.sums(jnp.sum(vt, axis=1))
+        return m_w if res.b is None else m_w + _pe.sums(_pe.bias_grads(res.b, vt))
 
     lead = v.shape[0]
     z = res.z.reshape((lead, -1) + res.z.shape[res.z.ndim - n - 1:])

@@ -184,7 +184,7 @@ def mm_sq_norms(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
     """
     vt, zt = _positions(res, v, "mm_sq_norms")
     sq_W = _per_example.outer_sq_norms(vt, zt)
-    sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[0]
+    sq_b = _per_example.bias_squares(res.b, vt, 0)
     return sq_W, sq_b
 
 
@@ -209,7 +209,7 @@ def mm_sq_grads(res: MMResiduals, v: Array) -> tuple[Array, Array | None]:
     """
     vt, zt = _positions(res, v, "mm_sq_grads")
     sq_W = _per_example.outer_sq_grads(vt, zt)
-    sq_b = None if res.b is None else _per_example.squares(jnp.sum(vt, axis=1))[1]
+    sq_b = _per_example.bias_squares(res.b, vt, 1)
     return sq_W, sq_b
 
 
@@ -227,7 +227,7 @@ def mm_grads(res: MMResiduals, v: Array) -> tuple[Array | None, Array | None]:
     """
     vt, zt = _positions(res, v, "mm_grads")
     g_W = _per_example.outer_grads(vt, zt)
-    return g_W, None if res.b is None or g_W is None else jnp.sum(vt, axis=1)
+    return g_W, _per_example.bias_grads(res.b, vt, g_W)
 
 
 def mm_moments(res: MMResiduals, v: Array) -> tuple[tuple | None, tuple | None]:
@@ -241,7 +241,8 @@ def mm_moments(res: MMResiduals, v: Array) -> tuple[tuple | None, tuple | None]:
     """
     vt, zt = _positions(res, v, "mm_moments")
     m_W = _per_example.outer_moments(vt, zt)
-    return m_W, None if res.b is None or m_W is None else _per_example.sums(jnp.sum(vt, axis=1))
+    g_b = _per_example.bias_grads(res.b, vt, m_W)
+    return m_W, None if g_b is None else _per_example.sums(g_b)
 
 
 def _mm_reference(z, W, b=None):
