@@ -348,9 +348,18 @@ def write_results(progress: Progress, config: dict[str, Any], result: Any, secon
     if dp is not None:
         progress.output.say(
             f"privacy: epsilon {final['epsilon']:.3g} at delta {final['delta']:g} (DP-SGD, "
-            f"clip {dp['clip_norm']:g}, noise {dp['noise_multiplier']:g}, Poisson sampling q "
-            f"{dp['sampling_rate']:.4g}, {result.state.step} steps; {dp['accountant']})")
+            f"{dp_summary(dp)}, {result.state.step} steps; {dp['accountant']})")
     progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
+
+
+def dp_summary(dp: dict[str, Any]) -> str:
+    """The DP-SGD settings in words: ``clip C, noise sigma, Poisson sampling q Q``.
+
+    ``dp`` is a run's DP-SGD record (config.json's ``dp``); fnbp train's start
+    line and its privacy line both say it.
+    """
+    return (f"clip {dp['clip_norm']:g}, noise {dp['noise_multiplier']:g}, "
+            f"Poisson sampling q {dp['sampling_rate']:.4g}")
 
 
 def write_json(path: str, document: Any) -> None:

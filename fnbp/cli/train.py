@@ -427,6 +427,7 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
     """Say what is trained, on what, where; return the tqdm bar of the steps."""
     from tqdm import tqdm
 
+    from fnbp.cli._run_folder import dp_summary
     from fnbp.train import sharding
 
     config = run.config
@@ -434,9 +435,7 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
     if config["precision"] != "float32":
         where += f", {config['precision']} mixed precision"
     if run.dp is not None:
-        record = run.run_config["dp"]
-        where += (f", DP-SGD (clip {run.dp.clip_norm:g}, noise {run.dp.noise_multiplier:g}, "
-                  f"Poisson sampling q {record['sampling_rate']:.4g})")
+        where += f", DP-SGD ({dp_summary(run.run_config['dp'])})"
     if run.leader:
         progress.output.say(
             f"fnbp train: {config['model']} on {config['dataset']} ({len(run.x_train)} "
