@@ -99,8 +99,6 @@ def _conv_fwd(n: int, z: Array, w: Array, b: Array | None, stride, padding, dila
     return u, ConvResiduals(z, w, b)
 
 
-
-
 def _conv_bwd(n: int, res: ConvResiduals, v: Array, stride, padding, dilation
               ) -> tuple[Array, Array, Array | None]:
     z, w, b = res
