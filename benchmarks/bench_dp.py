@@ -198,16 +198,10 @@ def programs(net: Net, batch: int, clip: float, params, max_bytes: float,
         "backprop": lambda p, x, y: fnbp.backprop(model, LOSS, p, x, y),
         "aa": lambda p, x, y: fnbp.backprop(model, LOSS, p, x, y),
         "grad_norms": lambda p, x, y: fnbp.per_example_grad_norms(model, LOSS, p, x, y),
+        "clipped_grads": lambda p, x, y: fnbp.clipped_grads(model, LOSS, p, x, y, clip),
+        "grad_moments": lambda p, x, y: fnbp.grad_moments(model, LOSS, p, x, y),
     }
     missing: dict[str, str] = {}
-    if hasattr(fnbp, "clipped_grads"):
-        progs["clipped_grads"] = lambda p, x, y: fnbp.clipped_grads(model, LOSS, p, x, y, clip)
-    else:
-        missing["clipped_grads"] = "not in fnbp yet"
-    if hasattr(fnbp, "grad_moments"):
-        progs["grad_moments"] = lambda p, x, y: fnbp.grad_moments(model, LOSS, p, x, y)
-    else:
-        missing["grad_moments"] = "not in fnbp yet"
     per_example_bytes = 4 * sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
     if batch * per_example_bytes <= max_bytes:
         progs["vmap_clip"] = vmap_clip(model, clip)
