@@ -9,8 +9,9 @@ elsewhere is never picked up.
 Each notebook asserts facts in its own cells (hand-written gradients against
 ``jax.grad``/``jax.vjp`` of plain jnp code in float64, accuracy bounds after
 training, the verifier catching a bug), so a notebook whose results go wrong
-fails here. Each saves its figures as PNG files into ``$FNBP_FIGURES``; the
-test points it at a temporary folder and checks that every expected figure is
+fails here. Each saves its figures as PNG files into ``$FNBP_FIGURES`` (by
+default a folder under the system temp dir, never the repository); the test
+points it at a temporary folder and checks that every expected figure is
 there and is a non-trivial PNG. The committed notebooks carry no outputs.
 """
 
@@ -84,7 +85,8 @@ def test_notebook_asserts_facts_and_saves_figures(name):
     sources = "\n".join(cell.source for cell in _code_cells(_read(name)))
     assert "\nassert " in sources or sources.startswith("assert "), f"{name} asserts nothing"
     assert 'matplotlib.use("Agg")' in sources
-    assert 'os.environ.get("FNBP_FIGURES"' in sources
+    assert 'os.environ.get("FNBP_FIGURES", os.path.join(tempfile.gettempdir()' in sources, \
+        f"{name}: figures must default to a folder under the temp dir, never the repository"
     for figure in FIGURES[name]:
         assert f'"{figure}"' in sources, f"{name} never saves {figure}"
 
