@@ -23,8 +23,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
+from fnbp.nn import _args
 from fnbp.nn.layer import Layer, Params
 
 Loss = Callable[[Array, Array], Array]
@@ -47,6 +49,18 @@ def _check(fn: str, model: Any, loss: Any, x: Array, y: Array) -> None:
             f"{fn}: x has {x_shape[0]} examples (x.shape={x_shape}) but y has "
             f"{y_shape[0]} (y.shape={y_shape}); pass one label per example"
         )
+
+
+def _inputs(fn: str, x: Any, y: Any) -> tuple[Array, Array]:
+    """x and y as arrays: nested lists of numbers are converted, anything else refused."""
+    x = _args.model_input(fn, x)
+    if not isinstance(y, (jax.Array, np.ndarray, np.generic)) and y is not None:
+        try:
+            y = jnp.asarray(y)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: y must be an array of targets (class labels or values), "
+                            f"got {type(y).__name__} {y!r:.80}") from None
+    return x, y
 
 
 def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = None,
@@ -97,6 +111,7 @@ def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tu
     Jit it with the model and loss static:
     ``jax.jit(fnbp.backprop, static_argnums=(0, 1))``.
     """
+    x, y = _inputs("backprop", x, y)
     _check("backprop", model, loss, x, y)
     return _backprop(model, loss, params, x, y)
 

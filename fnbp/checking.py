@@ -42,17 +42,52 @@ def check(pred: Any, message: str) -> None:
     Does nothing outside :func:`checked`, so unchecked code pays nothing.
     """
     if is_checking():
-        checkify.check(pred, message)
+        checkify.check(pred, _literal(message))
 
 
-def check_finite(fn: str, name: str, x: Any) -> None:
-    """Check at run time that every entry of ``x`` is finite."""
-    if is_checking():
-        checkify.check(
-            jnp.all(jnp.isfinite(x)),
-            f"{fn}: {name} contains NaN or infinity; clean the input or find "
-            f"where the non-finite values come from (jax.config.update('jax_debug_nans', True))",
-        )
+def _literal(text: str) -> str:
+    """``text`` with its braces doubled: checkify formats every message."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+_FIX = ("clean the input or find where the non-finite values come from "
+        "(jax.config.update('jax_debug_nans', True))")
+
+
+def check_finite(fn: str, name: str, x: Any, *, fix: str = _FIX, locate: bool = False) -> None:
+    """Check at run time that every entry of ``x`` is finite.
+
+    Does nothing outside :func:`checked`, or for an ``x`` that cannot hold a
+    non-finite value (integers, bools, empty arrays).
+
+    Args:
+      fn: who checks, the start of the message (``"mm"``, ``"mlp[2] linear(10)"``).
+      name: what is checked (``"z"``, ``"params[2]['W']"``).
+      x: the array.
+      fix: the message's last part: how to fix it.
+      locate: also say where the first non-finite entry is and what it holds:
+        ``(the first is at index (3, 1): nan)``.
+
+    The message: ``"{fn}: {name} contains NaN or infinity; {fix}"``.
+    """
+    if not is_checking():
+        return
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
+        return
+    finite = jnp.isfinite(x)
+    if not locate:
+        checkify.check(jnp.all(finite),
+                       _literal(f"{fn}: {name} contains NaN or infinity; {fix}"))
+        return
+    first = jnp.argmin(finite.reshape(-1))
+    index = jnp.unravel_index(first, x.shape) if x.ndim else ()
+    slots = ", ".join("{}" for _ in index) + ("," if len(index) == 1 else "")
+    where = f"the first is at index ({slots}): {{}}" if index else "it is {}"
+    checkify.check(jnp.all(finite),
+                   f"{_literal(f'{fn}: {name}')} contains NaN or infinity ({where}); "
+                   f"{_literal(fix)}",
+                   *index, x.reshape(-1)[first])
 
 
 def checked(f: Callable[..., Any]) -> Callable[..., Any]:

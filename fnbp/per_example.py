@@ -44,15 +44,19 @@ model and the loss static); pass ``reduction`` by ``functools.partial`` or
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
-from fnbp.backprop import Loss, _backprop, _check, _loss_and_cotangent, require_per_example_losses
-from fnbp.nn.layer import Layer, MissingRuleError, Params
+from fnbp.backprop import (Loss, _backprop, _check, _inputs, _loss_and_cotangent,
+                           require_per_example_losses)
+from fnbp.checking import check, is_checking
+from fnbp.nn.layer import Layer, MissingRuleError, Params, check_input
 from fnbp.rules._per_example import example_sum as _example_sum
 from fnbp.rules._per_example import squares as _squares
 
@@ -108,8 +112,24 @@ def per_example_grads(
       ``(losses, grads)``: losses of shape (n,) and a pytree like ``params``
       whose leaves have a leading axis of length n.
     """
-    _check("per_example_grads", model, loss, x, y)
+    fn = "per_example_grads"
+    x, y = _per_example_inputs(fn, model, loss, x, y)
+    # Checked mode: x is checked here, before jax.vmap, so that the first
+    # non-finite entry is named by its index in the batch.
+    check_input(model.name, x)
     return _materialized(model, loss, params, x, y)
+
+
+def _per_example_inputs(fn: str, model, loss, x, y):
+    """The arguments' checks of every per-example function: x and y as (n, ...) arrays."""
+    x, y = _inputs(fn, x, y)
+    _check(fn, model, loss, x, y)
+    n = _examples(fn, x)
+    if jnp.ndim(y) >= 1 and jnp.shape(y)[0] != n:
+        raise ValueError(f"{fn}: x has {n} examples (x.shape={jnp.shape(x)}) but y has "
+                         f"{jnp.shape(y)[0]} (y.shape={jnp.shape(y)}); pass one target per "
+                         f"example")
+    return x, y
 
 
 def _materialized(model, loss, params, x, y):
@@ -179,7 +199,7 @@ def per_example_grad_norms(
       loss returns several values per example (one per position of a
       sequence), J^(i) is their mean, as in :func:`per_example_grads`.
     """
-    _check("per_example_grad_norms", model, loss, x, y)
+    x, y = _per_example_inputs("per_example_grad_norms", model, loss, x, y)
     losses, sq, _, _ = _norms_pass("per_example_grad_norms", model, loss, params, x, y)
     return losses, jnp.sqrt(_total(sq, losses))
 
@@ -243,9 +263,9 @@ def clipped_grads(
         other than "mean" or "sum", labels not one per example.
     """
     fn = "clipped_grads"
-    _check(fn, model, loss, x, y)
+    x, y = _per_example_inputs(fn, model, loss, x, y)
     n = _examples(fn, x)
-    per_leaf = _clip_norms(fn, clip_norm, params)
+    per_leaf, traced = _clip_norms(fn, clip_norm, params)
     keep = _mask(fn, mask, n)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be 'mean' (the clipped mean over the kept "
@@ -258,9 +278,15 @@ def clipped_grads(
     weight = weight / jnp.maximum(kept, 1) if reduction == "mean" else weight
 
     def scale(norm, c):
+        given = c
         c = jnp.asarray(c, acc)
         over = norm > c
-        return jnp.where(over, c / jnp.where(over, norm, 1), 1) * weight
+        s = jnp.where(over, c / jnp.where(over, norm, 1), 1) * weight
+        if any(given is t for t in traced):
+            # A traced C that is NaN, 0 or negative (refused under fnbp.checked) gives a
+            # NaN gradient: loud, never the unclipped (NaN) or sign-flipped (C < 0) one.
+            s = jnp.where(c > 0, s, jnp.nan)
+        return s
 
     if per_leaf is None:
         norms = jnp.sqrt(_total(sq, losses))
@@ -287,7 +313,13 @@ def _examples(fn: str, x) -> int:
 
 
 def _clip_norms(fn: str, clip_norm, params):
-    """None for flat clipping (clip_norm one number); else the per-leaf pytree, checked."""
+    """(None for flat clipping, else the per-leaf pytree; the traced leaves), checked.
+
+    A concrete C must be > 0 (inf allowed); a traced C is checked at run time
+    under :func:`fnbp.checked`, and unchecked its clipped gradient is NaN
+    where C is not > 0 (see :func:`clipped_grads`).
+    """
+    traced: list = []
     leaves, treedef = jax.tree_util.tree_flatten(clip_norm)
     flat = treedef == jax.tree_util.tree_structure(0.0)
     if not flat and treedef != jax.tree_util.tree_structure(params):
@@ -307,11 +339,29 @@ def _clip_norms(fn: str, clip_norm, params):
             raise TypeError(f"{fn}: {where} must be one positive float (a scalar), got an "
                             f"array of shape {jnp.shape(c)}; for per-parameter clipping pass "
                             f"a pytree like params with one float per parameter array")
-        if not isinstance(c, jax.core.Tracer) and not float(c) > 0:
+        value = _concrete(c)
+        if value is None:
+            traced.append(c)
+            check(jnp.asarray(c) > 0,
+                  f"{fn}: {where} must be > 0 (the L2 norm each example's gradient is clipped "
+                  f"to), got a traced value that is NaN, zero or negative; pass a positive "
+                  f"float (float('inf') clips nothing)")
+        elif not value > 0:
+            why = ("; a NaN clip norm would clip nothing" if math.isnan(value) else
+                   "; a negative one would flip the gradients" if value < 0 else
+                   "; 0 would drop every gradient")
             raise ValueError(f"{fn}: {where} must be > 0 (the L2 norm each example's gradient "
-                             f"is clipped to), got {float(c)}; pass a positive float "
+                             f"is clipped to), got {value}{why}; pass a positive float "
                              f"(float('inf') clips nothing)")
-    return None if flat else clip_norm
+    return (None if flat else clip_norm), traced
+
+
+def _concrete(c) -> float | None:
+    """``float(c)`` for a concrete number, None for a traced one."""
+    try:
+        return float(c)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
 
 
 def _mask(fn: str, mask, n: int):
@@ -319,13 +369,33 @@ def _mask(fn: str, mask, n: int):
     if mask is None:
         return None
     if not hasattr(mask, "shape"):
-        mask = jnp.asarray(mask)
+        try:
+            mask = jnp.asarray(mask)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: mask must be a bool or 0/1 array of shape ({n},), got "
+                            f"{type(mask).__name__} {mask!r:.80}") from None
     if jnp.shape(mask) != (n,):
         raise ValueError(f"{fn}: mask must have shape ({n},), one entry per example (1 or "
                          f"True keeps it, 0 or False drops it), got shape {jnp.shape(mask)}")
-    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)
+            or jnp.issubdtype(mask.dtype, jnp.floating)):
         raise TypeError(f"{fn}: mask must be a bool or 0/1 array, got dtype {mask.dtype}")
-    return jnp.asarray(mask) != 0
+    if jnp.issubdtype(mask.dtype, jnp.bool_):
+        return jnp.asarray(mask)
+    message = (f"{fn}: mask must hold only 0 and 1 (or True and False), one per example: 1 "
+               f"keeps it, 0 drops it")
+    if not isinstance(mask, jax.core.Tracer):
+        values = np.asarray(mask)
+        bad = np.flatnonzero((values != 0) & (values != 1))
+        if bad.size:
+            raise ValueError(f"{message}; got mask[{bad[0]}] = {values[bad[0]]}; to weight "
+                             f"examples, scale their losses instead")
+        return jnp.asarray(mask) != 0
+    mask = jnp.asarray(mask)
+    binary = (mask == 0) | (mask == 1)
+    check(jnp.all(binary), f"{message}; got another value")
+    # Unchecked, an entry other than 0 or 1 makes that example's weight NaN (loud).
+    return jnp.where(binary, mask, jnp.nan)
 
 
 # --- moments --------------------------------------------------------------------------
@@ -365,7 +435,7 @@ def grad_moments(
       in at least float32.
     """
     fn = "grad_moments"
-    _check(fn, model, loss, x, y)
+    x, y = _per_example_inputs(fn, model, loss, x, y)
     n = _examples(fn, x)
     t, residuals = model.forward(params, x)
     losses, dt = _loss_and_cotangent(loss, t, y, fn=fn)         # backprop's dJ/dt

@@ -186,7 +186,8 @@ def test_serial_init_names_the_layer_whose_init_is_wrong():
     def failing(key, shape, dtype=None):
         raise ValueError(f"needs 2 axes, got {tuple(shape)}")
 
-    model = fnbp.serial(fnbp.Linear(4), fnbp.make_layer("two_d", failing, None, None), name="net")
+    two_d = fnbp.make_layer("two_d", failing, lambda p, z: (z, None), lambda p, r, v: ((), v))
+    model = fnbp.serial(fnbp.Linear(4), two_d, name="net")
     with pytest.raises(ValueError, match=r"^net\[1\] two_d: needs 2 axes, got \(4,\) "
                                          r"\(in its init\)$"):
         model.init(jax.random.key(0), (3,))

@@ -7,7 +7,8 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from fnbp.nn.layer import BookKeeping, Layer, _layer
+from fnbp.nn import _args
+from fnbp.nn.layer import TOP, BookKeeping, Layer, Site, _layer, at_site, quiet, site
 
 
 def serial(*layers: Layer, name: str | None = None) -> Layer:
@@ -24,14 +25,9 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     contraction hands each child its own tape and scales.
     """
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            hint = ""
-            if getattr(layer, "__module__", "").startswith("fnbp.nn") and callable(layer):
-                hint = f" (a layer factory: call it, fnbp.{layer.__name__}(...))"
-            raise TypeError(
-                f"serial: argument {i} is {type(layer).__name__}{hint}, not a Layer; "
-                f"use fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer"
-            )
+        _args.layer("serial", f"argument {i}", layer)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"serial: name must be a non-empty str (shown in errors), got {name!r}")
     name = name or "serial(" + ", ".join(layer.name for layer in layers) + ")"
 
     def where(i: int) -> str:
@@ -58,9 +54,14 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
 
     def forward(params, z):
         _check_params(params)
+        outer = site() or TOP
         residuals = []
         for i, (layer, layer_params) in enumerate(zip(layers, params)):
-            with _blame(where(i), layer.name, "forward"):
+            # Child i's input is checked: serial's own, or child i - 1's output.
+            child = Site(f"{outer.prefix}{where(i)} ",
+                         None if outer.path is None else f"{outer.path}[{i}]",
+                         checked_input=True, quiet=outer.quiet)
+            with _blame(where(i), layer.name, "forward"), at_site(child):
                 z, layer_residuals = layer.forward(layer_params, z)
             residuals.append(layer_residuals)
         return z, tuple(residuals)
@@ -104,6 +105,7 @@ def residual(block: Layer) -> Layer:
     cotangent to the block's input cotangent. The identity has no params, so
     the per-example quantities are the block's (its tape is the block's).
     """
+    block = _args.layer("residual", "block", block)
     name = f"residual({block.name})"
 
     def init(key, input_shape, dtype=jnp.float32):
@@ -151,33 +153,35 @@ def remat(layer: Layer) -> Layer:
     same way) and contracts each inner layer's tape with its scales: remat
     keeps its memory bound, at the cost of that second recomputation.
     """
+    layer = _args.layer("remat", "layer", layer)
     name = f"remat({layer.name})"
 
     def forward(params, z):
         u, _ = layer.forward(params, z)
         return u, z
 
+    def recompute(params, z):
+        """The residuals again; checked mode checked these values in the forward pass."""
+        with at_site(quiet(site())):
+            return layer.forward(params, z)[1]
+
     def backward(params, z, v):
         params, z, v = jax.lax.optimization_barrier((params, z, v))
-        _, residuals = layer.forward(params, z)
-        return layer.backward(params, residuals, v)
+        return layer.backward(params, recompute(params, z), v)
 
     def norms(params, z, v):
         params, z, v = jax.lax.optimization_barrier((params, z, v))
-        _, residuals = layer.forward(params, z)
-        sq, dz, _ = layer.book.norms(params, residuals, v)
+        sq, dz, _ = layer.book.norms(params, recompute(params, z), v)
         return sq, dz, (z, v)
 
     def clipped(params, tape, scales):
         params, (z, v), scales = jax.lax.optimization_barrier((params, tape, scales))
-        _, residuals = layer.forward(params, z)
-        _, _, inner = layer.book.norms(params, residuals, v)
+        _, _, inner = layer.book.norms(params, recompute(params, z), v)
         return layer.book.clipped(params, inner, scales)
 
     def moments(params, z, v):
         params, z, v = jax.lax.optimization_barrier((params, z, v))
-        _, residuals = layer.forward(params, z)
-        return layer.book.moments(params, residuals, v)
+        return layer.book.moments(params, recompute(params, z), v)
 
     return _layer(name, layer.init, forward, backward, BookKeeping(norms, clipped, moments))
 

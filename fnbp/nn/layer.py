@@ -56,12 +56,16 @@ moments pass takes the mean gradient from it (see :func:`make_layer`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
+from fnbp.checking import check_finite, is_checking
+from fnbp.nn import _args
 from fnbp.rules._per_example import example_sum as _example_sum
 from fnbp.rules._per_example import squares as _squares
 
@@ -126,11 +130,20 @@ class Layer(NamedTuple):
         return f"Layer({self.name})"
 
 
-def _make_apply(forward, backward):
-    """``apply`` as a custom_vjp whose rule is the layer's own forward/backward."""
+def _make_apply(name, forward, backward):
+    """``apply``: a custom_vjp whose rule is the layer's own forward/backward.
+
+    A model called by the user gets its input converted (or refused) first,
+    as ``forward`` does, since the custom_vjp takes only arrays.
+    """
+
+    def apply(params, z):
+        if site() is None:
+            z = _args.model_input(name, z)
+        return rule(params, z)
 
     @jax.custom_vjp
-    def apply(params, z):
+    def rule(params, z):
         return forward(params, z)[0]
 
     def apply_fwd(params, z):
@@ -141,7 +154,7 @@ def _make_apply(forward, backward):
         params, residuals = saved
         return backward(params, residuals, v)
 
-    apply.defvjp(apply_fwd, apply_bwd)
+    rule.defvjp(apply_fwd, apply_bwd)
     return apply
 
 
@@ -225,12 +238,29 @@ def make_layer(
       ``forward``/``backward``; ``sq_norms``/``sq_grads`` are always callable
       (for a layer with params and no hook they raise :class:`MissingRuleError`).
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"make_layer: name must be a non-empty str (shown in errors), got "
+                        f"{name!r}")
+    for arg, value in (("init", init), ("forward", forward), ("backward", backward),
+                       ("sq_norms", sq_norms), ("sq_grads", sq_grads), ("grads", grads),
+                       ("moments", moments)):
+        if not callable(value) and (value is not None or arg in ("init", "forward",
+                                                                   "backward")):
+            raise TypeError(f"make_layer: {arg} must be a function (see fnbp.make_layer for "
+                            f"its signature), got {type(value).__name__}")
     return _layer(name, init, forward, backward,
-                  _leaf_book(name, backward, sq_norms, sq_grads, grads, moments))
+                  _leaf_book(name, backward, sq_norms, sq_grads, grads, moments), leaf=True)
 
 
-def _layer(name, init, forward, backward, book: BookKeeping) -> Layer:
-    """The Layer record of a layer whose Book-Keeping passes are given (combinators)."""
+def _layer(name, init, forward, backward, book: BookKeeping, *, leaf: bool = False) -> Layer:
+    """The Layer record of a layer whose Book-Keeping passes are given (combinators).
+
+    ``leaf``: the layer's params are its own (:func:`make_layer`), so checked
+    mode checks them here; a combinator's (``leaf=False``) are its children's,
+    checked by them.
+    """
+    forward = _checked_forward(name, forward, leaf)
+    init = _checked_init(name, init)
 
     def sq_norms(params, residuals, v):
         sq, dz, _ = book.norms(params, residuals, v)
@@ -239,8 +269,148 @@ def _layer(name, init, forward, backward, book: BookKeeping) -> Layer:
     def sq_grads(params, residuals, v):
         return book.moments(params, residuals, v)[1]
 
-    return Layer(name, init, forward, backward, _make_apply(forward, backward), sq_norms,
-                 sq_grads, book)
+    return Layer(name, init, forward, backward, _make_apply(name, forward, backward),
+                 sq_norms, sq_grads, book)
+
+
+# --- where a layer sits: the checks of init and of checked mode --------------------------
+
+
+class Site(NamedTuple):
+    """Where a layer is called, for its messages (see :func:`_checked_forward`).
+
+    Attributes:
+      prefix: what precedes the layer's name in its messages (``"mlp[2] "``).
+      path: where its params sit in the model's params (``"params[2]"``), or
+        None where unknown (a layer called by a user's layer).
+      checked_input: its input was checked by the layer that made it.
+      quiet: a recomputation (:func:`fnbp.remat`'s backward): no checks.
+    """
+
+    prefix: str
+    path: str | None
+    checked_input: bool = False
+    quiet: bool = False
+
+
+TOP = Site("", "params")
+"""The site of a model called by the user: its input is the model's input x."""
+
+_SITE: contextvars.ContextVar[Site | None] = contextvars.ContextVar("fnbp_layer_site",
+                                                                     default=None)
+
+
+def site() -> Site | None:
+    """The site of the layer being traced now; None for a model called by the user."""
+    return _SITE.get()
+
+
+@contextlib.contextmanager
+def at_site(where: Site | None) -> Iterator[None]:
+    """Trace the layers called inside at ``where`` (combinators set their children's)."""
+    token = _SITE.set(where)
+    try:
+        yield
+    finally:
+        _SITE.reset(token)
+
+
+def quiet(where: Site | None) -> Site:
+    """``where``, for a recomputation: its values were checked when first computed."""
+    return (where or TOP)._replace(quiet=True)
+
+
+_INPUT_FIX = ("clean the input or find where the non-finite values come from "
+              "(jax.config.update('jax_debug_nans', True))")
+_PARAMS_FIX = ("the parameters were not finite before this call: a training step that "
+               "diverged (lower the learning rate, clip the gradients), an init or a "
+               "checkpoint that holds them; find the step that made them")
+_OUTPUT_FIX = ("its input and parameters are finite, so the layer itself made it (an "
+               "overflow of its dtype, a 0/0); compute in a wider dtype (fnbp.Precision) or "
+               "scale the input, and find the operation with "
+               "jax.config.update('jax_debug_nans', True)")
+
+
+def check_input(name: str, x: Any) -> None:
+    """Checked mode: the model's input x is finite, the first bad entry named."""
+    check_finite(name, "x (the model's input)", x, fix=_INPUT_FIX, locate=True)
+
+
+def _checked_forward(name: str, forward, leaf: bool):
+    """``forward`` with the checks every layer makes, at the one place they are made.
+
+    A model called by the user (no enclosing layer) converts its input x to an
+    array (a nested list of numbers is taken; anything else refused). Under
+    :func:`fnbp.checked` each layer adds run-time checks, so that the first
+    non-finite value is reported where it enters, naming the layer by its
+    place in the model (``mlp[2] linear(10)``):
+
+    - the model's input x, and a layer's input that no other layer made;
+    - a leaf layer's params, each leaf by its path in the model's params
+      (``params[2]['W']``);
+    - every layer's output, which can only then be non-finite if the layer
+      made it so (an overflow).
+
+    checkify keeps the first failing check in program order, which is the
+    order above. Outside :func:`fnbp.checked` nothing is added to the
+    program: the checks cost nothing unchecked.
+    """
+
+    def checked_forward(params, z):
+        where = site()
+        if where is None:
+            z = _args.model_input(name, z)
+        if not is_checking() or (where is not None and where.quiet):
+            if not leaf:
+                return forward(params, z)
+            with at_site(Site(f"{(where or TOP).prefix}{name} ", None,
+                              quiet=where is not None and where.quiet)):
+                return forward(params, z)
+        at = where or TOP
+        place = at.prefix + name
+        if where is None:
+            check_input(place, z)
+        elif not at.checked_input:
+            check_finite(place, "z", z, fix=_INPUT_FIX, locate=True)
+        if leaf:
+            base = at.path or "params"
+            for key_path, value in jax.tree_util.tree_leaves_with_path(params):
+                if hasattr(value, "dtype") or isinstance(value, (int, float, complex)):
+                    check_finite(place, base + jax.tree_util.keystr(key_path), value,
+                                 fix=_PARAMS_FIX, locate=True)
+            with at_site(Site(place + " ", None)):
+                u, residuals = forward(params, z)
+        else:
+            u, residuals = forward(params, z)
+        for key_path, value in jax.tree_util.tree_leaves_with_path(u):
+            if hasattr(value, "dtype"):
+                check_finite(place, "its output" + jax.tree_util.keystr(key_path), value,
+                             fix=_OUTPUT_FIX, locate=True)
+        return u, residuals
+
+    return checked_forward
+
+
+_DEFAULT_DTYPE = object()
+
+
+def _checked_init(name: str, init):
+    """``init`` with its arguments checked: a PRNG key, one example's shape, a float dtype.
+
+    An int input shape n is taken as (n,) (as NumPy takes a shape). The dtype
+    is passed on only when given, so an init with a default of its own keeps it.
+    """
+
+    def checked_init(key, input_shape, dtype=_DEFAULT_DTYPE):
+        key = _args.prng_key(name, key)
+        shape = _args.input_shape(name, input_shape)
+        if dtype is _DEFAULT_DTYPE:
+            return init(key, shape)
+        if dtype is not None:
+            _args.float_dtype(name, dtype)
+        return init(key, shape, dtype)
+
+    return checked_init
 
 
 def has_params(params: Params) -> bool:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from fnbp.nn import _args
 from fnbp.nn.layer import Layer, Params, _no_params, _StaticShape, make_layer
 from fnbp.rules import conv, linear, normalization, pooling, registry
 
@@ -20,6 +21,7 @@ def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
     """A layer for an element-wise rule u = sigma(z): B[sigma, z](v) = sigma'(z) (.) v."""
 
     def forward(params, z):
+        _args.float_input(name, "z", z)   # as the rule's public function refuses it
         return fwd(z)
 
     def backward(params, residuals, v):
@@ -46,6 +48,9 @@ def rule_layer(name: str, **settings: Any) -> Layer:
       ValueError: an unknown name or setting, or a setting the rule refuses
         (the rule's own message, prefixed by the layer's constructor name).
     """
+    if not isinstance(name, str):
+        raise ValueError(f"activation must be one of {sorted(_layer_rules())}, the matching "
+                         f"fnbp function (e.g. fnbp.relu) or a Layer; got {name!r}")
     rule = _layer_rules().get(name)
     if rule is not None:  # the same layer with or without its default settings spelled out
         settings = {**rule.layer.settings, **settings}
@@ -249,14 +254,14 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
       A :class:`Layer` with params ``{"W": (n, m), "b": (n,)}`` (no ``"b"``
       when ``bias=False``).
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"Linear: n must be a positive int, got {n!r}")
+    n = _args.positive_int("Linear", "n", n, "the output width")
+    bias = _args.flag("Linear", "bias", bias)
     initializers = {
         "he": _normal_init(2.0, "fan_in", in_axis=-1, out_axis=-2),
         "glorot": _normal_init(1.0, "fan_avg", in_axis=-1, out_axis=-2),
         "lecun": _normal_init(1.0, "fan_in", in_axis=-1, out_axis=-2),
     }
-    if init not in initializers:
+    if not isinstance(init, str) or init not in initializers:
         raise ValueError(f"Linear: init must be one of {sorted(initializers)}, got {init!r}")
     name = f"linear({n})"
 
@@ -296,6 +301,7 @@ def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int
             + (f", b.shape={jnp.shape(params['b'])}" if bias else "")
             + f"; expected W of shape ({n}, m)" + (f" and b of shape ({n},)" if bias else "")
         )
+    _args.float_input(name, "z", z)   # as fnbp.mm refuses it
     if jnp.ndim(z) < 1 or z.shape[-1] != W.shape[1]:
         raise ValueError(
             f"{name}: input has shape {jnp.shape(z)} but W.shape={W.shape} expects "
@@ -305,8 +311,7 @@ def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int
 
 def Flatten(ndim: int) -> Layer:
     """Flatten the last ``ndim`` (per-example) axes into one: (..., H, W, C) -> (..., H W C)."""
-    if not isinstance(ndim, int) or ndim < 1:
-        raise ValueError(f"Flatten: ndim must be a positive int, got {ndim!r}")
+    ndim = _args.positive_int("Flatten", "ndim", ndim, "the number of trailing axes to flatten")
     name = f"flatten({ndim})"
 
     def init(key, input_shape, dtype=jnp.float32):
@@ -336,7 +341,21 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
                 ) -> Layer:
     fwd, bwd = (conv.conv1d_fwd, conv.conv1d_bwd) if n == 1 else (conv.conv2d_fwd, conv.conv2d_bwd)
     check = conv.conv1d if n == 1 else conv.conv2d
-    kernel = (kernel_size,) * n if isinstance(kernel_size, int) else tuple(kernel_size)
+    factory = f"Conv{n}D"
+    channels = _args.positive_int(factory, "channels", channels, "the number of output channels")
+    kernel = _args.positive_ints(factory, "kernel_size", kernel_size, n,
+                                 "the filter's size along each spatial axis")
+    _args.positive_ints(factory, "stride", stride, n)
+    dilated = _args.positive_ints(factory, "dilation", dilation, n)
+    bias = _args.flag(factory, "bias", bias)
+    spatial = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilated))
+    try:  # the rule's own checks of the settings (padding, ...), once, on an input that fits
+        jax.eval_shape(lambda z, w: check(z, w, stride=stride, padding=padding,
+                                          dilation=dilation),
+                       jax.ShapeDtypeStruct(spatial + (1,), jnp.float32),
+                       jax.ShapeDtypeStruct(kernel + (1, channels), jnp.float32))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{factory}: {err}") from None
     name = f"conv{n}d({channels}, {kernel_size})"
     # He initialization with fan-in k * C (kh * kw * C for 2-D).
     initializer = _normal_init(2.0, "fan_in", in_axis=tuple(range(n + 1)), out_axis=n + 1)
@@ -395,6 +414,15 @@ def _pool_layer(kind: str, window, stride) -> Layer:
         "max": (pooling.max_pool_fwd, pooling.max_pool_bwd, pooling.max_pool),
         "avg": (pooling.avg_pool_fwd, pooling.avg_pool_bwd, pooling.avg_pool),
     }[kind]
+    factory = {"max": "MaxPool", "avg": "AvgPool"}[kind]
+    if not (_args._is_int(window) or isinstance(window, (tuple, list)) and len(window) in (1, 2)):
+        raise ValueError(f"{factory}: window must be a positive int (1-D pooling) or a tuple of "
+                         f"1 or 2 positive ints (1-D or 2-D pooling), got {window!r}")
+    axes = 1 if _args._is_int(window) else len(window)
+    _args.positive_ints(factory, "window", window, axes)
+    if stride is not None:
+        _args.positive_ints(factory, "stride", stride, axes,
+                            "the step between windows: None for non-overlapping ones")
     name = f"{kind}_pool({window})"
 
     def init(key, input_shape, dtype=jnp.float32):
@@ -429,9 +457,13 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
     (``per_feature=True``, common practice) or scalars (the notes), starting at
     gamma = 1, beta = 0. ``eps`` is a fixed setting (not trained).
     """
+    eps = _args.non_negative_float("LayerNorm", "eps", eps,
+                                   "added to the variance: 0 for the notes' exact form")
+    per_feature = _args.flag("LayerNorm", "per_feature", per_feature)
     name = f"layer_norm(eps={eps})"
 
     def init(key, input_shape, dtype=jnp.float32):
+        _normalized_axis(name, input_shape)
         shape = (input_shape[-1],) if per_feature else ()
         return tuple(input_shape), {"gamma": jnp.ones(shape, dtype), "beta": jnp.zeros(shape, dtype)}
 
@@ -454,9 +486,12 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
 
     Params ``{"gamma": (m,)}`` starting at 1; ``eps`` is a fixed setting.
     """
+    eps = _args.non_negative_float("RMSNorm", "eps", eps,
+                                   "added to the mean square: 0 for the exact form")
     name = f"rms_norm(eps={eps})"
 
     def init(key, input_shape, dtype=jnp.float32):
+        _normalized_axis(name, input_shape)
         return tuple(input_shape), {"gamma": jnp.ones((input_shape[-1],), dtype)}
 
     def forward(params, z):
@@ -470,3 +505,9 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
 
     return make_layer(name, init, forward, backward,
                       *_per_example_hooks("rms_norm", ("gamma", None), backward))
+
+
+def _normalized_axis(name: str, input_shape: tuple) -> None:
+    if len(input_shape) < 1:
+        raise ValueError(f"{name}: needs per-example inputs of shape (..., m), the last axis "
+                         f"normalized, got {tuple(input_shape)}")

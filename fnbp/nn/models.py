@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 
+from fnbp.nn import _args
 from fnbp.nn.combinators import remat, residual, serial
 from fnbp.nn.layer import Layer, make_layer
 from fnbp.nn.layers import (Conv1D, Conv2D, Flatten, Linear, MaxPool, _init_family,
@@ -42,14 +43,17 @@ def mlp(
       A :class:`Layer`; ``init(key, (m,))`` gives params, a tuple with one
       entry per MM and activation layer.
     """
-    widths = list(widths)
-    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ValueError(f"mlp: widths must be a non-empty list of positive ints, got {widths!r}")
+    if not isinstance(widths, (list, tuple)) or not widths or not all(
+            _args._is_int(w) and w > 0 for w in widths):
+        raise ValueError(f"mlp: widths must be a non-empty list of positive ints, the output "
+                         f"width of each MM (e.g. [1024, 10]), got {widths!r}")
+    widths = [int(w) for w in widths]
     sigma = activation_layer(activation)
     init = _init_family("mlp", sigma, init)
     hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
-    if not isinstance(remat_every, int) or isinstance(remat_every, bool) or remat_every < 0:
-        raise ValueError(f"mlp: remat_every must be an int >= 0, got {remat_every!r}")
+    remat_every = _args.non_negative_int("mlp", "remat_every", remat_every,
+                                         "the number of (MM, activation) pairs per "
+                                         "rematerialized segment: 0 for none")
     if remat_every:
         hidden = [
             remat(serial(*hidden[i:i + remat_every], name="segment"))
@@ -83,8 +87,9 @@ def resnet_s(
       activation: as in :func:`mlp`.
       init: as in :func:`mlp`.
     """
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"resnet_s: depth must be a positive int, got {depth!r}")
+    width = _args.positive_int("resnet_s", "width", width, "the residual stream's width")
+    depth = _args.positive_int("resnet_s", "depth", depth, "the number of Res blocks")
+    num_outputs = _args.positive_int("resnet_s", "num_outputs", num_outputs, "the output width")
     sigma = activation_layer(activation)
     init = _init_family("resnet_s", sigma, init)
     blocks = [
@@ -126,8 +131,15 @@ def cnn(
     Raises:
       ValueError: no stage in ``channels``, or ``input_ndim`` not 1, 2 or 3.
     """
-    if not channels:
-        raise ValueError("cnn: channels must name at least one convolution stage")
+    num_classes = _args.positive_int("cnn", "num_classes", num_classes, "the output width")
+    if (not isinstance(channels, (list, tuple)) or not channels
+            or not all(_args._is_int(c) and c > 0 for c in channels)):
+        raise ValueError(f"cnn: channels must be a non-empty list of positive ints, the output "
+                         f"channels of each convolution stage (e.g. (16, 32)), got {channels!r}")
+    kernel_size = _args.positive_int("cnn", "kernel_size", kernel_size,
+                                     "every convolution's kernel size")
+    pool = _args.positive_int("cnn", "pool", pool, "the window and stride of every max "
+                                                   "pooling: 1 for none")
     if input_ndim not in (1, 2, 3) or isinstance(input_ndim, bool):
         raise ValueError(f"cnn: input_ndim must be 3 (images (H, W, C)), 2 (signals (L, C)) "
                          f"or 1 (signals (L,)), got {input_ndim!r}")
