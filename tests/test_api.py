@@ -12,7 +12,7 @@ import fnbp
 
 PACKAGE = Path(fnbp.__file__).resolve().parent
 
-# What each floor may not import (DESIGN.md section 4): a folder is a floor, and
+# What each floor may not import (docs/design.md#the-floors): a folder is a floor, and
 # no import runs back up.
 FORBIDDEN = {
     "rules": ("fnbp.nn", "fnbp.train", "fnbp.verify", "fnbp.cli"),

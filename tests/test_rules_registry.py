@@ -1,4 +1,4 @@
-"""The contract of a rule (DESIGN.md section 2), checked for every declared rule.
+"""The contract of a rule (docs/design.md#the-rule-contract), checked for every declared rule.
 
 Parametrized over fnbp.rules.registry(): a rule declared in fnbp/rules/ is
 covered here without adding anything. What is checked: the record is filled
