@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -15,8 +16,9 @@ from fnbp.verify.diagnose import (cotangent_mismatch, error_note, explain, raise
 from fnbp.verify.arguments import _Arg, _as_dtype, _fetch, _put, _stack, _to64, _unstack
 from fnbp.verify.finite_diff import _FiniteDifferences
 from fnbp.verify.probes import fits, fixed_probes, inspect_function, large_factors, offset, scaled
-from fnbp.verify.programs import (Cotangents, Selection, _batched_inputs, _batched_v, _core,
-                                  _second, _select, _x64, jit_fast)
+from fnbp.verify.programs import (Cotangents, Selection, _B, _batched_inputs, _batched_v,
+                                  _core, _second, _select, _x64, jit_fast)
+from fnbp.verify.round_off import sampled
 from fnbp.verify.report import Tolerance, VJPCheck, _f64, _row
 
 _PERTURBATION = 0.05        # vmap(inputs): member m is x (1 + 0.05 u), u uniform in [-1, 1]
@@ -308,8 +310,12 @@ class _Checker(_FiniteDifferences):
                 _fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U])
             if got is not None:
                 if ref is not None:
-                    tols, note = self.round_off(lambda: [_fetch(jit_fast(_second)(
-                        self.refk, sel, args, self.v0, u)) for u in U], ref[2])
+                    tols, note = self.round_off(
+                        lambda: [_fetch(jit_fast(_second)(self.refk, sel, args, self.v0, u))
+                                 for u in U],
+                        lambda: [_fetch(sampled(_second, self.refk, sel, (args64, v064, u),
+                                                self.dtype, self.seed + j, jit_fast))
+                                 for j, u in enumerate(U64)], ref[2])
                     self.compare("2nd order", "reference", got, ref[2], label="u", tols=tols,
                                  note=note)
                 if fd2 is not None:
@@ -320,34 +326,44 @@ class _Checker(_FiniteDifferences):
         if core_out is not None and self.probe_kinds and (ref is not None or fd1 is not None):
             self.run_probes("jit" if self.jit else "eager", C64, F if ref is None else None)
 
-    def round_off(self, low: Callable[[], list], want: list
+    def round_off(self, low: Callable[[], list], model: Callable[[], list], want: list
                   ) -> tuple[list[Tolerance] | None, str]:
         """Tolerances that allow the reference's own round-off in the working dtype.
 
         Below float64, a correct rule cannot beat the reference computed in
-        the same dtype; ``low()`` computes it (the reference's program at the
-        working dtype: one compile, shared by every probe), and each
-        argument's atol grows by _ROUND_OFF times the largest difference
-        between it and the float64 reference ``want``. None in float64.
+        the same dtype. Two estimates of that round-off, against the float64
+        reference ``want``: ``low()``, the reference's program compiled at
+        the working dtype (what this compiler makes of it), and ``model()``,
+        Monte Carlo arithmetic on the reference's program in float64 (every
+        rounding operation perturbed by up to the dtype's epsilon, see
+        :mod:`fnbp.verify.round_off`: what a float32 evaluation of its
+        algorithm may be off by, on any compiler). Each argument's atol
+        grows by _ROUND_OFF times the larger. None in float64.
         """
         if np.dtype(self.dtype) == np.float64 or self.refk is None:
             return None, ""
-        try:
-            lo = low()
-        except Exception:  # noqa: BLE001 - no estimate: the plain tolerance applies
+        estimates = []
+        for estimate, context in ((low, contextlib.nullcontext), (model, _x64)):
+            try:
+                with context():
+                    estimates.append(estimate())
+            except Exception:  # noqa: BLE001 - no such estimate: the other one applies
+                continue
+        if not estimates:
             return None, ""
         tols, widest = [], 0.0
         for p in range(len(self.diff)):
             floor = 0.0
-            for a, b in zip(lo, want):
-                for x, y in zip(a[p], b[p]):
-                    d = np.abs(_f64(x) - _f64(y))
-                    d = d[np.isfinite(d)]
-                    floor = max(floor, float(d.max(initial=0.0)))
+            for lo in estimates:
+                for a, b in zip(lo, want):
+                    for x, y in zip(a[p], b[p]):
+                        d = np.abs(_f64(x) - _f64(y))   # x may hold samples: a leading axis
+                        d = d[np.isfinite(d)]
+                        floor = max(floor, float(d.max(initial=0.0)))
             widest = max(widest, floor)
             tols.append(Tolerance(self.tol.rtol, self.tol.atol + _ROUND_OFF * floor))
         note = (f"atol includes {_ROUND_OFF:g}x the reference's own {np.dtype(self.dtype).name} "
-                f"round-off here ({widest:.1e})") if widest > self.tol.atol else ""
+                f"round-off here ({widest:.1e})") if _ROUND_OFF * widest > self.tol.atol else ""
         return tols, note
 
     # --- probes ---------------------------------------------------------------
@@ -403,8 +419,12 @@ class _Checker(_FiniteDifferences):
                 want = self.attempt("eager", lambda point=point: [
                     at64(point, c)[2] for c in C64], "reference", probe=name)
                 if want is not None and name.startswith(("large", "offset")):
-                    tols, note = self.round_off(lambda point=point: [_fetch(jit_fast(_core)(
-                        self.refk, sel, point, c))[2] for c in self.C], want)
+                    tols, note = self.round_off(
+                        lambda point=point: [_fetch(jit_fast(_core)(self.refk, sel, point, c))[2]
+                                             for c in self.C],
+                        lambda point=point: [_fetch(sampled(
+                            _B, self.refk, sel, (self.args64(point), c), self.dtype,
+                            self.seed + j, jit_fast)) for j, c in enumerate(C64)], want)
                 else:   # the caller's magnitudes: the plain tolerance, as at the arguments
                     tols, note = None, ""
                 if want is not None:
