@@ -4,17 +4,21 @@ fit(..., dp=...) and fnbp train --dp-clip/--dp-noise, down to digits' accuracy a
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _checkpoint_files import edit_metadata
 
 import fnbp
 from fnbp import cli, train
+from fnbp.cli import _train_config as train_config
 from fnbp.train import dp
 
 dp_accounting = pytest.importorskip("dp_accounting")
@@ -121,13 +125,14 @@ def test_bucket_widths_and_lengths():
     assert [dp.bucket(b, 16) for b in (0, 1, 16, 17, 40)] == [16, 16, 16, 32, 48]
 
 
-def test_poisson_batch_is_the_bernoulli_draw_padded_with_mask_zero():
-    n, q, m = 500, 0.05, 8
+def test_poisson_batch_keeps_the_examples_whose_bits_are_below_the_threshold():
+    n, q, m = 500, dp.sampling_rate(25, 500), 8
+    t = (25 << 32) // 500
     for step in range(5):
         sample_key, _ = dp.step_keys(jax.random.key(3), step)
         indices, mask = dp.poisson_batch(sample_key, n, q, m)
-        chosen = np.flatnonzero(np.asarray(jax.random.bernoulli(sample_key, jnp.float32(q),
-                                                                (n,))))
+        bits = np.asarray(jax.random.bits(sample_key, (n,), jnp.uint32)).astype(np.uint64)
+        chosen = np.flatnonzero(bits < t)  # P(bits < t) = t / 2^32 for uniform 32-bit bits
         k = len(chosen)
         assert indices.dtype == np.int32 and mask.dtype == np.bool_
         assert len(indices) == len(mask) == dp.bucket(k, m) and len(indices) % m == 0
@@ -135,8 +140,55 @@ def test_poisson_batch_is_the_bernoulli_draw_padded_with_mask_zero():
         assert not mask[k:].any() and not indices[k:].any()
 
 
+def test_poisson_batch_at_the_ends_of_the_threshold_range():
+    n, key = 4096, dp.step_keys(jax.random.key(5), 0)[0]
+    bits = np.asarray(jax.random.bits(key, (n,), jnp.uint32)).astype(np.uint64)
+    for t in (0, 1, 2**31 + 12345, 2**32 - 1, 2**32):  # q = 0, 2^-32, ~1/2, 1 - 2^-32, 1
+        indices, mask = dp.poisson_batch(key, n, t / 2**32, 8)
+        assert np.array_equal(indices[mask], np.flatnonzero(bits < t)), t
+    assert dp.poisson_batch(key, n, 1.0, 8)[1].sum() == n  # q = 1: every example
+
+
+# (batch size, number of examples): tiny q, the README's q, q near 1 and q = 1
+RATES = [(1, 10**9), (1, 2**32), (3, 2**32 - 1), (1, 3), (128, 1438), (32, 1437),
+         (59_999, 60_000), (2**32 - 1, 2**32), (60_000, 60_000)]
+
+
+@pytest.mark.parametrize("batch_size, n", RATES)
+def test_sampling_rate_is_the_integer_threshold_over_2_to_the_32(batch_size, n):
+    q = dp.sampling_rate(batch_size, n)
+    t = Fraction(q) * 2**32
+    # q is t / 2^32 exactly, with t the integer floor(B 2^32 / N): t N <= B 2^32 < (t + 1) N
+    assert t.denominator == 1
+    t = int(t)
+    assert t * n <= batch_size * 2**32 < (t + 1) * n
+    assert 0 <= Fraction(batch_size, n) - Fraction(q) < Fraction(1, 2**32)
+    assert dp.sampling_threshold(q) == t  # the sampler's threshold is the accountant's q
+    assert type(q) is float
+
+
+def test_sampling_threshold_floors_any_rate_and_refuses_a_non_probability():
+    for rate in (0.0, 0.05, 1 / 3, 0.999999, 1.0, np.float32(0.05)):
+        assert dp.sampling_threshold(rate) == math.floor(Fraction(float(rate)) * 2**32)
+    assert dp.sampling_threshold(1.0) == 2**32
+    for bad in (-0.1, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"^poisson_batch: `rate` must be a probability "
+                                             r"in \[0, 1\], got "):
+            dp.sampling_threshold(bad)
+
+
+@pytest.mark.parametrize("batch_size, n", [(1, 1000), (128, 1438), (59_999, 60_000)])
+def test_poisson_batch_frequency_is_q_within_the_binomial_spread(batch_size, n):
+    draws = 2**20
+    q = dp.sampling_rate(batch_size, n)
+    _, mask = dp.poisson_batch(jax.random.key(17), draws, q, 8)
+    kept = int(mask.sum())
+    # Binomial(draws, q): within 5 standard deviations (a 1-in-1.7-million miss for a fixed key)
+    assert abs(kept - draws * q) <= 5 * math.sqrt(draws * q * (1 - q)), (kept, draws * q)
+
+
 def test_poisson_sampling_rate_is_q_over_many_steps():
-    n, q, steps = 1000, 0.05, 200
+    n, q, steps = 1000, dp.sampling_rate(50, 1000), 200
     key = jax.random.key(11)
     sizes = np.array([int(dp.poisson_batch(dp.step_keys(key, t)[0], n, q, 8)[1].sum())
                       for t in range(steps)])
@@ -170,6 +222,69 @@ def test_epsilon_is_dp_accountings_rdp_and_decreases_with_sigma():
     assert dp.epsilon(1.5, q, 2 * steps, delta) > epsilons[2]
     assert dp.epsilon(1.5, q, steps, 1e-6) > epsilons[2]
     assert dp.epsilon(1.5, q, 0, delta) == 0.0
+
+
+def pld_oracle(sigma, q, steps, delta):
+    """epsilon from dp-accounting's own PLDAccountant, on fnbp's discretization."""
+    accountant = dp_accounting.pld.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=dp.PLD_DISCRETIZATION)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+def test_epsilon_pld_is_dp_accountings_pld_accountant_and_below_rdp():
+    q, steps, delta = dp.sampling_rate(128, 1438), 110, 1e-5  # the README's run
+    pld = dp.epsilon(1.5, q, steps, delta, "pld")
+    # the same computation as the accountant's, up to the rounding of its identity composition
+    assert pld == pytest.approx(pld_oracle(1.5, q, steps, delta), rel=1e-8)
+    assert pld == pytest.approx(3.2678, abs=1e-4)  # and the README's figure
+    assert pld < dp.epsilon(1.5, q, steps, delta, "rdp") == pytest.approx(3.6274, abs=1e-4)
+    for sigma, rate, count in ((1.0, 0.1, 50), (4.0, 0.01, 1000)):
+        assert dp.epsilon(sigma, rate, count, delta, "pld") < dp.epsilon(sigma, rate, count,
+                                                                           delta)
+    assert dp.epsilon(1.5, q, 0, delta, "pld") == 0.0
+
+
+def gaussian_epsilon(sigma, steps, delta):
+    """The exact epsilon of T Gaussian mechanisms without sampling (Balle and Wang 2018).
+
+    Their composition is the Gaussian mechanism with mu = sqrt(T) / sigma, whose privacy
+    profile is delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu); bisection in
+    float64 for the eps where it equals delta.
+    """
+    mu = math.sqrt(steps) / sigma
+
+    def phi(z):
+        return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if phi(mu / 2 - mid / mu) - math.exp(mid) * phi(-mu / 2 - mid / mu) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def test_epsilon_pld_without_sampling_is_the_exact_gaussian_epsilon():
+    exact = gaussian_epsilon(10.0, 100, 1e-5)  # 4.37718
+    pld = dp.epsilon(10.0, 1.0, 100, 1e-5, "pld")
+    assert exact <= pld <= exact * (1 + 1e-6)  # pessimistic: an upper bound, and tight
+    assert dp.epsilon(10.0, 1.0, 100, 1e-5, "rdp") > 1.05 * exact
+
+
+def test_epsilon_and_dp_config_refuse_an_unknown_accountant():
+    with pytest.raises(ValueError, match=r"^epsilon: `accountant` must be 'rdp' or 'pld', "
+                                         r"got 'PLD'$"):
+        dp.epsilon(1.0, 0.1, 10, 1e-5, "PLD")
+    with pytest.raises(ValueError, match=r"^DPConfig: `accountant` must be 'rdp' or 'pld', "
+                                         r"got 'moments'$"):
+        dp.DPConfig(1.0, 1.0, accountant="moments")
+    assert dp.DPConfig(1.0, 1.0).accountant == "rdp"
+    assert dp.ACCOUNTANTS == ("rdp", "pld") == train_config.DP_ACCOUNTANTS  # the CLI's copy
 
 
 def test_default_delta_is_below_one_over_n_and_at_most_1e_5():
@@ -232,16 +347,32 @@ def test_check_options_reads_precision_like_the_rest_of_fnbp():
         dp.check_options("fit", config, precision="f8")
 
 
-def test_fit_with_dp_records_epsilon_per_epoch():
-    # (a resumed run continuing exactly: test_cli_resume_keeps_the_dp_flags_...)
+def test_fit_with_dp_records_epsilon_per_epoch_at_the_rate_sampled(monkeypatch):
+    # (a resumed run continuing exactly: test_cli_resume_keeps_the_dp_flags_...; the RDP
+    # default: test_cli_digits_default_with_dp_writes_epsilon)
     params, x, y = problem(n=40)
-    config = dp.DPConfig(1.0, 1.0, delta=1e-4)
+    accountant = "pld"
+    config = dp.DPConfig(1.0, 1.0, delta=1e-4, accountant=accountant)
+    asked = []
+    epsilon = dp.epsilon
+
+    def recorded(*args):
+        asked.append(args)
+        return epsilon(*args)
+
+    monkeypatch.setattr(dp, "epsilon", recorded)
     result = train.fit(MODEL, fnbp.cross_entropy_loss, optax.sgd(0.1), params, x, y,
                        key=jax.random.key(0), epochs=2, batch_size=8, dp=config)
     history = result.history
+    q = Fraction((8 << 32) // 40, 2**32)  # floor(B 2^32 / N) / 2^32, the sampler's q
+    assert q != Fraction(8, 40)
+    # the accountant is given exactly the sampler's q (and the config's accountant)
+    assert sorted(asked) == [(1.0, float(q), s, 1e-4, accountant) for s in (5, 10)]
+    assert all(Fraction(args[1]) == q for args in asked)
     assert [h["step"] for h in history] == [5, 10]
     assert [h["delta"] for h in history] == [1e-4, 1e-4]
-    assert [h["epsilon"] for h in history] == [dp.epsilon(1.0, 0.2, s, 1e-4) for s in (5, 10)]
+    assert [h["epsilon"] for h in history] == [epsilon(1.0, float(q), s, 1e-4, accountant)
+                                               for s in (5, 10)]
     assert rel_err(result.params, params) > 0
 
 
@@ -266,6 +397,7 @@ SPIRALS = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--
      "--dp-delta must lie strictly between 0 and 1"),
     (["--dp-clip", "1", "--dp-noise", "1", "--precision", "float16"],
      "DP-SGD runs in float32; --precision float16 is not supported with it"),
+    (["--dp-accountant", "pld"], "--dp-accountant needs --dp-clip C and --dp-noise SIGMA"),
 ])
 def test_cli_dp_errors_are_one_line_and_write_nothing(tmp_path, capsys, extra, match):
     assert run_train(*SPIRALS, *extra, "--out", tmp_path / "run") == 2
@@ -273,6 +405,36 @@ def test_cli_dp_errors_are_one_line_and_write_nothing(tmp_path, capsys, extra, m
     assert err.startswith("fnbp train: error: ") and err.count("\n") == 1, err
     assert match in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_unknown_dp_accountant_is_a_one_line_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*SPIRALS, "--dp-clip", 1, "--dp-noise", 1, "--dp-accountant", "moments")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--dp-accountant" in err and "'moments'" in err
+    assert all(name in err for name in dp.ACCOUNTANTS)
+
+
+def test_cli_dp_accountant_pld_reaches_the_accountant_and_is_kept_on_resume(tmp_path,
+                                                                            capsys):
+    out = tmp_path / "run"
+    flags = [*SPIRALS, "--epochs", 1, "--dp-clip", 0.5, "--dp-noise", 1.0]
+    assert run_train(*flags, "--dp-accountant", "pld", "--out", out) == 0
+    printed = capsys.readouterr().out
+    config, metrics = read(out, "config.json"), read(out, "metrics.json")
+    n, steps = config["num_train"], metrics["steps"]
+    q = Fraction((20 << 32) // n, 2**32)
+    assert config["dp_accountant"] == "pld" and Fraction(config["dp"]["sampling_rate"]) == q
+    assert config["dp"]["accountant"].startswith("PLD, dp-accounting ")
+    assert metrics["epsilon"] == dp.epsilon(1.0, float(q), steps, 1e-5, "pld")
+    assert metrics["epsilon"] == pytest.approx(pld_oracle(1.0, float(q), steps, 1e-5),
+                                               rel=1e-8)
+    assert metrics["epsilon"] < dp.epsilon(1.0, float(q), steps, 1e-5, "rdp")
+    assert "; PLD, dp-accounting " in printed
+    assert run_train("--resume", out, "--epochs", 3, "--dp-accountant", "rdp") == 2
+    assert ("the run was made with --dp-accountant pld but --dp-accountant rdp was given"
+            in capsys.readouterr().err)
 
 
 def test_cli_without_the_accountant_says_which_extra(tmp_path, capsys, monkeypatch):
@@ -302,6 +464,14 @@ def test_cli_resume_keeps_the_dp_flags_and_continues_exactly(tmp_path, capsys):
     assert run_train("--resume", tmp_path / "part", "--epochs", 3, "--dp-noise", 1.0) == 2
     assert ("the run was made with --dp-noise 0.8 but --dp-noise 1.0 was given"
             in capsys.readouterr().err)
+    # a run saved before --dp-accountant existed was accounted by RDP, and goes on so
+    checkpoint = tmp_path / "part" / "checkpoint.npz"
+    edit_metadata(checkpoint, checkpoint,
+                  lambda meta: meta["metadata"]["config"].pop("dp_accountant"))
+    assert run_train("--resume", tmp_path / "part", "--epochs", 3) == 0
+    metrics = read(tmp_path / "part", "metrics.json")
+    q = dp.sampling_rate(20, read(tmp_path / "part", "config.json")["num_train"])
+    assert metrics["epsilon"] == dp.epsilon(0.8, q, metrics["steps"], 1e-5, "rdp")
 
 
 def test_cli_digits_default_with_dp_writes_epsilon(tmp_path, capsys):
@@ -312,17 +482,20 @@ def test_cli_digits_default_with_dp_writes_epsilon(tmp_path, capsys):
     config, metrics = read(out, "config.json"), read(out, "metrics.json")
     n = config["num_train"]
     steps = n // 32
+    q = Fraction((32 << 32) // n, 2**32)  # the sampler's q, not 32 / n
     assert config["dp"] == {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5,
-                            "sampling": "poisson", "sampling_rate": 32 / n,
+                            "sampling": "poisson", "sampling_rate": float(q),
                             "expected_batch_size": 32,
                             "accountant": config["dp"]["accountant"]}
-    assert config["dp"]["accountant"].startswith("RDP, dp-accounting ")
+    assert Fraction(config["dp"]["sampling_rate"]) == q != Fraction(32, n)
+    assert config["dp"]["accountant"].startswith("RDP, dp-accounting ")  # the default
+    assert config["dp_accountant"] is None
     assert metrics["steps"] == steps and metrics["delta"] == 1e-5
-    assert metrics["epsilon"] == dp.epsilon(1.1, 32 / n, steps, 1e-5)
+    assert metrics["epsilon"] == dp.epsilon(1.1, float(q), steps, 1e-5, "rdp")
     assert metrics["history"][-1]["epsilon"] == metrics["epsilon"]
     assert metrics["dp"] == config["dp"]
     assert (f"privacy: epsilon {metrics['epsilon']:.3g} at delta 1e-05 (DP-SGD, clip 1, "
-            f"noise 1.1, Poisson sampling q {32 / n:.4g}, {steps} steps; ") in printed
+            f"noise 1.1, Poisson sampling q {float(q):.4g}, {steps} steps; ") in printed
     assert "DP-SGD (clip 1, noise 1.1, Poisson sampling q" in printed
 
 

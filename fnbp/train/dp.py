@@ -1,12 +1,19 @@
-"""Differentially private training: DP-SGD with Poisson sampling and an RDP accountant.
+"""Differentially private training: DP-SGD with Poisson sampling, RDP or PLD accounting.
 
 DP-SGD (Abadi et al., CCS 2016), as Opacus runs it. Each step t:
 
 1. **Poisson sampling.** Every one of the N training examples joins the batch
-   independently with probability q = B / N (B the ``batch_size``, now the
+   independently with probability q (about B / N, B the ``batch_size``, now the
    *expected* batch size), so the batch size varies from step to step
-   (Binomial(N, q), mean B). This is the sampling the accountant's
+   (Binomial(N, q), mean about B). This is the sampling the accountant's
    ``PoissonSampledDpEvent`` assumes; shuffled fixed-size batches are not.
+   Example i is kept when its 32 uniform random bits u_i (``jax.random.bits``,
+   uint32) fall below the integer threshold t = floor(B 2^32 / N), so its
+   probability is exactly q = t / 2^32 (:func:`sampling_rate`; 0 <= B/N - q <
+   2^-32), and that q, not B / N, is what the accountant composes and the
+   run's record states. (A float32 uniform compared with float32(B / N), as
+   ``jax.random.bernoulli`` does, includes with a probability slightly off
+   B / N, on a 2^-23 grid.)
 2. **Clipped sum.** Each kept example's gradient g_i = dJ^(i)/dtheta is
    clipped to L2 norm C: sum_i min(1, C / ||g_i||) g_i, from
    :func:`fnbp.clipped_grads` (one forward and one backward pass, no
@@ -39,16 +46,39 @@ the guarantee is that of the mathematical mechanism, as with Opacus'
 default generator (see the README's caveats).
 
 **Accounting.** :func:`epsilon` composes ``PoissonSampledDpEvent(q,
-GaussianDpEvent(sigma))`` over the steps taken in the RDP accountant of
+GaussianDpEvent(sigma))`` over the steps taken in one of the accountants of
 Google's ``dp-accounting`` package (``pip install "fnbp[dp]"``, imported only
-here and only when needed) and converts it to epsilon at delta.
+here and only when needed) and converts it to epsilon at delta, both under
+the add-or-remove-one neighbouring relation:
+
+- ``"rdp"`` (the default): Renyi DP (Mironov 2017; Mironov, Talwar and Zhang
+  2019 for the sampled Gaussian) over :data:`RDP_ORDERS`, then the conversion
+  to (epsilon, delta). Tens of milliseconds per epsilon.
+- ``"pld"``: privacy loss distributions (Meiser and Mohammady 2018; Koskela,
+  Jalko and Honkela 2020; Doroshenko et al. 2022), as
+  ``dp_accounting.pld.PLDAccountant`` computes them: the sampled Gaussian's
+  privacy loss, discretized pessimistically on a grid of
+  :data:`PLD_DISCRETIZATION`, self-composed T times by FFT, and epsilon read
+  off at delta. An upper bound like RDP's but close to the mechanism's
+  exact epsilon: 9 to 25% below RDP's in DP-SGD's usual settings (sigma 0.8
+  to 4, q 0.001 to 0.1, up to 10^5 steps; the digits run ``fnbp train
+  --width 256 --depth 1 --batch-size 128 --lr 0.01 --dp-clip 1 --dp-noise
+  1.5``: 3.27 against 3.63). One step's distribution is built once per
+  (sigma, q) and kept; each epsilon then takes a few tenths of a second on a
+  CPU core, computed while the next epoch trains (:class:`Stepper`).
+
+The default stays RDP so that every epsilon stated so far, and a resumed
+run's, keeps its value; ``accountant="pld"`` (``fnbp train --dp-accountant
+pld``) gives the tighter figure for the same training.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any
 
 import jax
@@ -65,6 +95,16 @@ DP_STREAM = 0x44505347
 
 DEFAULT_DELTA = 1e-5
 """The largest default delta; smaller for more than 10^5 examples (:func:`default_delta`)."""
+
+ACCOUNTANTS = ("rdp", "pld")
+"""The privacy accountants :func:`epsilon` and :class:`DPConfig` know (see the module's notes)."""
+
+SAMPLING_BITS = 32
+"""Each example's Poisson draw is this many uniform bits, compared with an integer threshold."""
+
+PLD_DISCRETIZATION = 1e-4
+"""The PLD accountant's grid of privacy-loss values (dp-accounting's and jax-privacy's
+default); its epsilon is an upper bound for every grid, tighter on a finer one."""
 
 RDP_ORDERS = tuple([2 + k / 4 for k in range(32)] + list(range(10, 65)) + [80, 96, 128, 256])
 """The Renyi orders the accountant optimizes over: 2 to 256 (fractional orders below 2
@@ -84,16 +124,23 @@ class DPConfig:
         deviation sigma * C per coordinate.
       delta: the delta of the (epsilon, delta) guarantee, in (0, 1); None:
         :func:`default_delta` of the number of training examples.
+      accountant: the privacy accountant that turns the steps into epsilon,
+        one of :data:`ACCOUNTANTS`: ``"rdp"`` (default; Renyi DP) or ``"pld"``
+        (privacy loss distributions, tighter and slower; see the module's
+        notes). It changes the stated epsilon, not the training.
 
-    Sampling is Poisson with rate q = batch_size / N (see the module's notes).
+    Sampling is Poisson with rate q = floor(batch_size 2^32 / N) / 2^32
+    (:func:`sampling_rate`; see the module's notes).
 
     Raises:
-      ValueError: C or sigma not positive and finite, delta outside (0, 1).
+      ValueError: C or sigma not positive and finite, delta outside (0, 1),
+        an accountant not in :data:`ACCOUNTANTS`.
     """
 
     clip_norm: float
     noise_multiplier: float
     delta: float | None = None
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier"):
@@ -108,6 +155,7 @@ class DPConfig:
             raise ValueError(f"DPConfig: `delta` must lie strictly between 0 and 1 (usually "
                              f"below 1/N for N training examples, e.g. 1e-5), got "
                              f"{self.delta!r}")
+        check_accountant("DPConfig", self.accountant)
 
     def delta_for(self, num_examples: int) -> float:
         """The delta used for ``num_examples`` training examples: ``delta`` or the default."""
@@ -127,8 +175,34 @@ def default_delta(num_examples: int) -> float:
 
 
 def sampling_rate(batch_size: int, num_examples: int) -> float:
-    """q = batch_size / num_examples, each example's chance of joining a step's batch."""
-    return batch_size / num_examples
+    """q, each example's chance of joining a step's batch: floor(B 2^32 / N) / 2^32.
+
+    The probability :func:`poisson_batch` really includes an example with
+    (uniform 32-bit draws below the threshold t = floor(B 2^32 / N)),
+    computed in integers and exact as a float64 (t has at most 33 bits); it
+    is what the accountant must be given. 0 <= B / N - q < 2^-32, and q = 1
+    for B = N.
+    """
+    threshold = (int(batch_size) << SAMPLING_BITS) // int(num_examples)
+    return threshold / (1 << SAMPLING_BITS)
+
+
+def sampling_threshold(rate: float) -> int:
+    """t = floor(rate 2^32): :func:`poisson_batch` keeps an example when its bits are < t.
+
+    Exact (a float times a power of two is exact), so ``t / 2^32`` is the
+    largest multiple of 2^-32 not above ``rate``: the inclusion probability
+    is never above ``rate`` and equals it when ``rate`` comes from
+    :func:`sampling_rate`.
+
+    Raises:
+      ValueError: ``rate`` not a number in [0, 1].
+    """
+    if (not isinstance(rate, (int, float, np.number)) or isinstance(rate, bool)
+            or not 0 <= rate <= 1):
+        raise ValueError(f"poisson_batch: `rate` must be a probability in [0, 1], got "
+                         f"{rate!r}")
+    return math.floor(float(rate) * (1 << SAMPLING_BITS))
 
 
 def pad_multiple(batch_size: int, rate: float) -> int:
@@ -157,23 +231,33 @@ def step_keys(key: Array, step: int | Array) -> tuple[Array, Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _bernoulli(key: Array, rate: float, num_examples: int) -> Array:
-    return jax.random.bernoulli(key, jnp.float32(rate), (num_examples,))
+def _bernoulli(key: Array, threshold: int, num_examples: int) -> Array:
+    """``bits < threshold`` for N uniform uint32 draws: probability threshold / 2^32 each."""
+    if threshold >= 1 << SAMPLING_BITS:  # q = 1: every example (2^32 is no uint32)
+        return jnp.ones((num_examples,), bool)
+    bits = jax.random.bits(key, (num_examples,), jnp.uint32)
+    return bits < jnp.uint32(threshold)
 
 
 def poisson_batch(key: Array, num_examples: int, rate: float, multiple: int
                   ) -> tuple[np.ndarray, np.ndarray]:
     """One Poisson-sampled batch, padded: ``(indices, mask)``, both of a bucket's length.
 
-    Each example i in 0 .. N-1 is kept independently with probability
-    ``rate`` (``jax.random.bernoulli(key, float32(rate), (N,))``); the kept indices,
-    in increasing order, are followed by index 0 with mask False up to
-    :func:`bucket` ``(kept, multiple)``.
+    Each example i in 0 .. N-1 is kept independently, when its uniform bits
+    ``jax.random.bits(key, (N,), uint32)[i]`` are below t =
+    :func:`sampling_threshold` ``(rate)``: with probability exactly
+    t / 2^32, which is ``rate`` for a rate from :func:`sampling_rate` and
+    never above ``rate`` otherwise. The kept indices, in increasing order, are
+    followed by index 0 with mask False up to :func:`bucket` ``(kept, multiple)``.
 
     Returns:
       ``indices`` (int32) and ``mask`` (bool) NumPy arrays of the same length.
+
+    Raises:
+      ValueError: ``rate`` not in [0, 1].
     """
-    chosen = np.flatnonzero(np.asarray(_bernoulli(key, float(rate), num_examples)))
+    chosen = np.flatnonzero(np.asarray(_bernoulli(key, sampling_threshold(rate),
+                                                  num_examples)))
     length = bucket(len(chosen), multiple)
     indices = np.zeros(length, np.int32)
     indices[:len(chosen)] = chosen
@@ -250,10 +334,18 @@ class Stepper:
     from the keys of :func:`step_keys` and runs :func:`dp_train_step` on it;
     ``stepper.privacy(steps)`` is ``{"epsilon": ..., "delta": ...}`` after that
     many steps.
+
+    epsilon at the end of the epoch being trained is computed by a background
+    thread while the epoch runs (:func:`epsilon` is a pure function of
+    sigma, q, the steps, delta and the accountant, so the figure is the same
+    as a direct call's), so that an accountant slower than the steps (PLD, a
+    few tenths of a second) does not hold up the training.
     """
 
     def __init__(self, model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
                  config: DPConfig, x: Array, y: Array, key: Array, batch_size: int):
+        from fnbp.train.loop import steps_per_epoch
+
         self.model, self.loss, self.optimizer, self.config = model, loss, optimizer, config
         self.x, self.y, self.key = jnp.asarray(x), jnp.asarray(y), key
         self.num_examples = int(self.x.shape[0])
@@ -261,21 +353,52 @@ class Stepper:
         self.rate = sampling_rate(self.batch_size, self.num_examples)
         self.multiple = pad_multiple(self.batch_size, self.rate)
         self.delta = config.delta_for(self.num_examples)
+        self.per_epoch = max(1, steps_per_epoch(self.num_examples, self.batch_size))
+        self._ahead: dict[int, concurrent.futures.Future[float]] = {}  # steps -> epsilon
         require_accountant("fit")  # before the first step, not after the first epoch
 
     def __call__(self, step: int, params: Params, opt_state: Any
                  ) -> tuple[Params, Any, dict[str, Array]]:
+        epoch_end = (step // self.per_epoch + 1) * self.per_epoch
+        if epoch_end not in self._ahead:
+            self._ahead[epoch_end] = _in_background(self._epsilon, epoch_end)
         sample_key, noise_key = step_keys(self.key, step)
         indices, mask = poisson_batch(sample_key, self.num_examples, self.rate, self.multiple)
         return _dp_train_step_jit(self.model, self.loss, self.optimizer, self.config,
                                   float(self.batch_size), params, opt_state, self.x, self.y,
                                   jnp.asarray(indices), jnp.asarray(mask), noise_key)
 
+    def _epsilon(self, steps: int) -> float:
+        return epsilon(self.config.noise_multiplier, self.rate, steps, self.delta,
+                       self.config.accountant)
+
     def privacy(self, steps: int) -> dict[str, float]:
-        """epsilon at this run's delta after ``steps`` steps, and that delta."""
-        return {"epsilon": epsilon(self.config.noise_multiplier, self.rate, steps,
-                                   self.delta),
-                "delta": self.delta}
+        """epsilon at this run's delta after ``steps`` steps, and that delta.
+
+        By the config's accountant, at the sampling rate the steps really used
+        (:attr:`rate`, :func:`sampling_rate`).
+        """
+        ahead = self._ahead.pop(steps, None)
+        value = ahead.result() if ahead is not None else self._epsilon(steps)
+        return {"epsilon": value, "delta": self.delta}
+
+
+def _in_background(fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+    """``fn(*args)`` in a daemon thread; its result or exception in the returned future.
+
+    A daemon thread, not an executor's: a run that stops early (an error, a
+    signal) exits without waiting for an epsilon nobody will read.
+    """
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except Exception as error:  # noqa: BLE001 - re-raised by whoever asks for the result
+            future.set_exception(error)
+
+    threading.Thread(target=work, name="fnbp-dp-epsilon", daemon=True).start()
+    return future
 
 
 # --- accounting -----------------------------------------------------------------------
@@ -291,27 +414,78 @@ def require_accountant(fn: str) -> Any:
     return dp_accounting
 
 
-def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float) -> float:
-    """epsilon of ``steps`` DP-SGD steps at ``delta``, by the RDP accountant.
+def check_accountant(fn: str, accountant: Any) -> None:
+    """Raise ValueError unless ``accountant`` is one of :data:`ACCOUNTANTS`."""
+    if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
+        names = " or ".join(repr(name) for name in ACCOUNTANTS)
+        raise ValueError(f"{fn}: `accountant` must be {names}, got {accountant!r}")
 
-    Composes ``PoissonSampledDpEvent(rate, GaussianDpEvent(noise_multiplier))``
-    ``steps`` times in ``dp_accounting.rdp.RdpAccountant`` over the orders
-    :data:`RDP_ORDERS` (Mironov 2017; Mironov, Talwar and Zhang 2019 for the
-    sampled Gaussian) and converts to (epsilon, delta). 0 for 0 steps.
+
+def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
+            accountant: str = "rdp") -> float:
+    """epsilon of ``steps`` DP-SGD steps at ``delta``, by the RDP or the PLD accountant.
+
+    The mechanism is ``PoissonSampledDpEvent(rate, GaussianDpEvent(noise_multiplier))``
+    composed ``steps`` times, under add-or-remove-one neighbouring datasets.
+
+    - ``"rdp"``: ``dp_accounting.rdp.RdpAccountant`` over the orders
+      :data:`RDP_ORDERS` (Mironov 2017; Mironov, Talwar and Zhang 2019 for the
+      sampled Gaussian), converted to (epsilon, delta).
+    - ``"pld"``: the computation of ``dp_accounting.pld.PLDAccountant``: the
+      privacy loss distribution of one step
+      (``privacy_loss_distribution.from_gaussian_mechanism(sigma,
+      sampling_prob=rate)``, pessimistic, on a grid of
+      :data:`PLD_DISCRETIZATION`; built once per (sigma, rate) and kept),
+      self-composed ``steps`` times, then epsilon at ``delta``. Below RDP's
+      in DP-SGD's settings, and the same as the accountant's up to the float
+      rounding of its one composition with the identity.
+
+    0 for 0 steps or rate 0.
+
+    Args:
+      noise_multiplier: sigma > 0.
+      rate: q, each example's probability of joining a step's batch; the one
+        the sampler really uses (:func:`sampling_rate`).
+      steps: T >= 0.
+      delta: in (0, 1).
+      accountant: one of :data:`ACCOUNTANTS`.
 
     Raises:
+      ValueError: an accountant not in :data:`ACCOUNTANTS`.
       ImportError: dp-accounting is not installed (``pip install "fnbp[dp]"``).
     """
+    check_accountant("epsilon", accountant)
     dp_accounting = require_accountant("epsilon")
+
+    if steps == 0 or rate == 0:
+        return 0.0
+    if accountant == "pld":
+        pld = _one_step_pld(float(noise_multiplier), float(rate))
+        return float(pld.self_compose(int(steps)).get_epsilon_for_delta(delta))
     from dp_accounting import rdp
 
-    if steps == 0:
-        return 0.0
-    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
+    rdp_accountant = rdp.RdpAccountant(list(RDP_ORDERS))
     event = dp_accounting.PoissonSampledDpEvent(
         rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    accountant.compose(event, int(steps))
-    return float(accountant.get_epsilon(delta))
+    rdp_accountant.compose(event, int(steps))
+    return float(rdp_accountant.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=16)
+def _one_step_pld(noise_multiplier: float, rate: float) -> Any:
+    """The privacy loss distribution of one sampled Gaussian step, as PLDAccountant makes it.
+
+    Building it takes most of a PLD epsilon's time; a run asks for epsilon
+    after every epoch with the same (sigma, q), so it is kept. It is never
+    modified (``self_compose`` returns a new distribution).
+    """
+    import dp_accounting
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, sampling_prob=rate,
+        value_discretization_interval=PLD_DISCRETIZATION,
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
 def check_options(fn: str, config: Any, *, mesh: Any = None, precision: Any = None) -> None:
