@@ -22,6 +22,7 @@ from fnbp.cli import with_flags, without_function
 MODELS = ("mlp", "cnn", "cnn1d", "resnet-s")  # cnn1d: 1-D signals (L,) or (L, C)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
+DP_ACCOUNTANTS = ("rdp", "pld")  # fnbp.train.dp.ACCOUNTANTS, without JAX
 CHECKPOINT = "checkpoint.npz"
 
 # Defaults chosen per dataset (measured: see the README's training section).
@@ -39,9 +40,11 @@ _TEST_FRACTION = 0.2
 # Flags that define a run; on --resume they come from the checkpoint.
 _RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
               "batch_size", "seed", "test_fraction", "num_examples", "precision",
-              "dp_clip", "dp_noise", "dp_delta")
-# what a run saved before a flag existed was made with
-_BEFORE = {"precision": "float32", "dp_clip": None, "dp_noise": None, "dp_delta": None}
+              "dp_clip", "dp_noise", "dp_delta", "dp_accountant")
+# what a run saved before a flag existed was made with (--dp-accountant: None, the default,
+# RDP, the only accountant before the flag)
+_BEFORE = {"precision": "float32", "dp_clip": None, "dp_noise": None, "dp_delta": None,
+           "dp_accountant": None}
 
 
 class _AllDevices:
@@ -222,9 +225,11 @@ def _validate(config: dict[str, Any]) -> None:
 def dp_config(config: dict[str, Any]) -> Any:
     """The run's fnbp.train.DPConfig (None without --dp-clip and --dp-noise), checked."""
     clip, noise, delta = config["dp_clip"], config["dp_noise"], config["dp_delta"]
+    accountant = config["dp_accountant"]
     if clip is None and noise is None:
-        if delta is not None:
-            raise UsageError("--dp-delta needs --dp-clip C and --dp-noise SIGMA (DP-SGD)")
+        for flag, value in (("--dp-delta", delta), ("--dp-accountant", accountant)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --dp-clip C and --dp-noise SIGMA (DP-SGD)")
         return None
     if clip is None or noise is None:
         given, missing = ("--dp-clip", "--dp-noise SIGMA") if noise is None else (
@@ -233,8 +238,9 @@ def dp_config(config: dict[str, Any]) -> Any:
                          f"gradient to norm C and adds noise of std SIGMA * C")
     from fnbp.train.dp import DPConfig
 
-    try:
-        return DPConfig(clip, noise, delta)
+    try:  # no --dp-accountant: DPConfig's default
+        return DPConfig(clip, noise, delta, **({} if accountant is None
+                                                else {"accountant": accountant}))
     except ValueError as error:
         raise library_error(error) from error
 
@@ -244,7 +250,8 @@ def dp_config(config: dict[str, Any]) -> Any:
 FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
          "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction",
          "devices": "--devices", "fsdp": "--fsdp", "precision": "--precision",
-         "clip_norm": "--dp-clip", "noise_multiplier": "--dp-noise", "delta": "--dp-delta"}
+         "clip_norm": "--dp-clip", "noise_multiplier": "--dp-noise", "delta": "--dp-delta",
+         "accountant": "--dp-accountant"}
 
 
 def as_flags(message: str) -> str:

@@ -36,8 +36,8 @@ keeps each example with probability --batch-size / N (Poisson sampling), clips
 each kept example's gradient to norm C, adds Gaussian noise of std SIGMA * C
 and divides by --batch-size; the privacy spent, epsilon at --dp-delta (default
 1e-5, or below 1/N for larger N), comes from the RDP accountant of
-dp-accounting (pip install "fnbp[dp]") and is printed and written into
-metrics.json.
+dp-accounting (pip install "fnbp[dp]"), or its tighter PLD accountant with
+--dp-accountant pld, and is printed and written into metrics.json.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from fnbp.cli._train_config import (
     _MOMENTUM,
     _TEST_FRACTION,
     CHECKPOINT,
+    DP_ACCOUNTANTS,
     MODELS,
     OPTIMIZERS,
     PRECISIONS,
@@ -124,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     private.add_argument("--dp-delta", type=float, metavar="D",
                          help="the delta epsilon is stated at (default: 1e-5, or the largest "
                               "power of ten below 1/N for more than 10^5 examples)")
+    private.add_argument("--dp-accountant", choices=DP_ACCOUNTANTS,
+                         help="privacy accountant of epsilon: rdp (Renyi DP, the default) or "
+                              "pld (privacy loss distributions: tighter, a few tenths of a "
+                              "second per epoch)")
     parallel = parser.add_argument_group("several devices and hosts")
     parallel.add_argument("--devices", type=int, metavar="N",
                           help="train data parallel on N devices: each batch is split over "
@@ -393,7 +398,8 @@ def _dp_record(dp: Any, batch_size: int, n: int) -> dict[str, Any]:
             "delta": dp.delta_for(n), "sampling": "poisson",
             "sampling_rate": dp_module.sampling_rate(batch_size, n),
             "expected_batch_size": batch_size,
-            "accountant": f"RDP, dp-accounting {version('dp-accounting')}"}
+            "accountant": f"{dp.accountant.upper()}, dp-accounting "
+                          f"{version('dp-accounting')}"}
 
 
 def _saver(run: _Run, progress: Any) -> Any:
