@@ -14,6 +14,8 @@ are complete.
 - The quick start's two commands stand verbatim in README.md and on the site's home page, and
   the places that cite the design notes (``docs/design.md#<section>``) name sections that
   exist.
+- The docs build's griffe extension (docs/_griffe) reads the docstrings' reST habits as
+  Markdown (with the dev extra's griffe installed; skipped without it).
 
 The site itself (``mkdocs build --strict``) is built by the project's checks, with the dev
 extra; nothing here needs mkdocs.
@@ -29,11 +31,10 @@ import os
 import re
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
-
-import fnbp
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -217,7 +218,7 @@ def _attribute_docstring(package: str, name: str) -> str | None:
         if not path or not path.endswith(".py"):
             continue
         body = ast.parse(Path(path).read_text(encoding="utf-8")).body
-        for statement, following in zip(body, body[1:]):
+        for statement, following in pairwise(body):
             targets = (statement.targets if isinstance(statement, ast.Assign) else
                        [statement.target] if isinstance(statement, ast.AnnAssign) else [])
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
@@ -278,3 +279,21 @@ def test_citations_of_the_design_notes_name_sections_that_exist():
              for m in re.finditer(r"design\.md#([\w-]+)", path.read_text(encoding="utf-8"))}
     assert cited, "nothing cites docs/design.md"
     assert sorted((where, anchor) for where, anchor in cited if anchor not in anchors) == []
+
+
+def test_docstrings_read_as_markdown_in_the_site():
+    pytest.importorskip("griffe")  # the dev extra's; the docs build loads the same extension
+    sys.path.insert(0, str(DOCS / "_griffe"))
+    try:
+        from fnbp_docstrings import markdown
+    finally:
+        sys.path.remove(str(DOCS / "_griffe"))
+    assert markdown("by :func:`fit` and :class:`~fnbp.Layer`") == "by `fit` and `fnbp.Layer`"
+    assert markdown("B[relu, z](v) and x[0][1], `B[M, z](v)`, [site](https://x.org)") == (
+        "B\\[relu, z](v) and x\\[0][1], `B[M, z](v)`, [site](https://x.org)")
+    assert markdown("Example::\n\n    B[f, z](v)\n\nafter") == "Example:\n\n    B[f, z](v)\n\nafter"
+    table = "a:\n\n    ==  ==\n    x   y\n    ==  ==\n    1   2\n    ==  ==\n"
+    assert "| x | y |\n| --- | --- |\n| 1 | 2 |" in markdown(table)
+    assert markdown("Args:\n  z, W: the input\n    and the weight.\n  b: bias.") == (
+        "Args:\n  z: the input\n    and the weight.\n  W: the input\n    and the weight.\n"
+        "  b: bias.")

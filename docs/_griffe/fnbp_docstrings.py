@@ -63,7 +63,6 @@ def _prose(line: str) -> str:
 def _table(lines: list[str], start: int) -> tuple[list[str], int] | None:
     """The simple reST table whose top border is ``lines[start]``, as Markdown, and its end."""
     border = lines[start]
-    indent = len(_BORDER.match(border).group(1))
     spans = [(m.start(), m.end()) for m in re.finditer(r"=+", border)]
     borders = [i for i in range(start, len(lines)) if lines[i] == border]
     if len(borders) < 3:
@@ -76,10 +75,9 @@ def _table(lines: list[str], start: int) -> tuple[list[str], int] | None:
 
     rows = [cells(lines[i]) for i in range(start + 1, header)]
     body = [cells(lines[i]) for i in range(header + 1, body_end) if lines[i].strip()]
-    pad = ""
-    out = [pad + "| " + " | ".join(row) + " |" for row in rows]
-    out.append(pad + "|" + "|".join(" --- " for _ in spans) + "|")
-    out += [pad + "| " + " | ".join(_prose(c) for c in row) + " |" for row in body]
+    out = ["| " + " | ".join(row) + " |" for row in rows]
+    out.append("|" + "|".join(" --- " for _ in spans) + "|")
+    out += ["| " + " | ".join(_prose(c) for c in row) + " |" for row in body]
     return ["", *out, ""], body_end + 1
 
 
