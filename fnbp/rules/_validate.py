@@ -3,6 +3,13 @@
 Every check raises a ``TypeError`` or ``ValueError`` whose message names the
 function, the argument, what was seen and how to fix it. None of them uses
 ``assert``: user input is never validated with assertions.
+
+Every array argument of a rule enters through :func:`as_array` (directly or
+through :func:`float_array` and :func:`int_array`): JAX arrays and tracers
+pass as they are; NumPy arrays, Python numbers and (nested) lists or tuples
+of numbers are converted with ``jnp.asarray``, so ``fnbp.relu([1.0, -2.0])``
+is ``fnbp.relu(jnp.asarray([1.0, -2.0]))``; what cannot be converted (a
+ragged list, strings, other objects) is refused with the rule's message.
 """
 
 from __future__ import annotations
@@ -14,6 +21,84 @@ import jax.numpy as jnp
 import numpy as np
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+_ARRAY_LIKE = ("an array (a JAX or NumPy array, a Python number, or a nested list or tuple "
+               "of numbers of one rectangular shape)")
+
+
+def _not_an_array(x: Any) -> str:
+    """What ``x`` is, for the message of :func:`as_array`."""
+    if x is None:
+        return "None"
+    if isinstance(x, (list, tuple)):
+        kind = type(x).__name__
+        try:
+            read = np.asarray(x)
+        except (ValueError, TypeError):
+            return f"a ragged {kind} (its entries have different lengths or shapes)"
+        if read.dtype.kind in "OUSV":
+            return f"a {kind} holding non-numbers (NumPy reads it as dtype {read.dtype})"
+        return f"a {kind} NumPy reads as dtype {read.dtype}"
+    if isinstance(x, np.ndarray):
+        return f"a NumPy array of dtype {x.dtype}"
+    if isinstance(x, (str, bytes)):
+        return f"a string {x!r:.40}"
+    return f"an object of type {type(x).__name__}"
+
+
+def as_array(fn: str, name: str, x: Any) -> jax.Array:
+    """``x`` as a JAX array (a tracer stays a tracer).
+
+    Lists, tuples, NumPy arrays and Python numbers are converted with
+    ``jnp.asarray`` (as numbers, a list of Python floats takes JAX's default
+    float dtype); JAX arrays are returned as they are.
+
+    Raises:
+      ValueError: a ragged (nested) list or tuple.
+      TypeError: anything else that ``jnp.asarray`` cannot turn into an array
+        of numbers (strings, None, other objects).
+    """
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    seen = _not_an_array(x)
+    if seen.startswith("a ragged"):
+        raise ValueError(f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; give every "
+                         f"row the same length") from None
+    raise TypeError(f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; pass its numbers "
+                    f"as an array") from None
+
+
+def float_array(fn: str, name: str, x: Any) -> jax.Array:
+    """:func:`as_array` of ``x``, which must have a real floating dtype."""
+    x = as_array(fn, name, x)
+    require_float(fn, name, x)
+    return x
+
+
+def int_array(fn: str, name: str, x: Any, why: str) -> jax.Array:
+    """:func:`as_array` of ``x``, which must have an integer dtype (labels)."""
+    x = as_array(fn, name, x)
+    require_int(fn, name, x, why)
+    return x
+
+
+def labels_in_range(y: jax.Array, k: int) -> jax.Array:
+    """The mask ``0 <= y < k`` of integer labels, exact in every integer dtype.
+
+    Compared in y's own dtype without converting ``k`` to it: where k exceeds
+    the dtype's largest value (uint8 labels and 256 classes, int8 and 200),
+    ``y < k`` holds for every label and is not computed; an unsigned y is
+    never negative. No label wraps around and no class count overflows.
+    """
+    info = jnp.iinfo(y.dtype)
+    valid = jnp.ones(y.shape, bool) if info.min == 0 else y >= 0
+    if k <= info.max:
+        valid = valid & (y < k)
+    return valid
 
 
 def require_float(fn: str, name: str, x: Any) -> None:

@@ -118,11 +118,10 @@ def _conv_bwd(n: int, res: ConvResiduals, v: Array, stride, padding, dilation
 
 def _validate_conv(n: int, z, w, b, stride, padding, dilation):
     fn = _NAME[n]
-    _validate.require_float(fn, "z", z)
-    _validate.require_float(fn, "w", w)
+    z = _validate.float_array(fn, "z", z)
+    w = _validate.float_array(fn, "w", w)
     _validate.require_ndim(fn, "w", w, n + 2, _W_MEANING[n])
     _validate.require_min_ndim(fn, "z", z, n + 1, _Z_MEANING[n])
-    z, w = jnp.asarray(z), jnp.asarray(w)
     C, C2 = w.shape[n], w.shape[n + 1]
     if z.shape[-1] != C:
         raise ValueError(
@@ -133,8 +132,7 @@ def _validate_conv(n: int, z, w, b, stride, padding, dilation):
     if min(w.shape) < 1:
         raise ValueError(f"{fn}: w has an empty axis, w.shape={w.shape}")
     if b is not None:
-        _validate.require_float(fn, "b", b)
-        b = jnp.asarray(b)
+        b = _validate.float_array(fn, "b", b)
         if b.shape != (C2,):
             raise ValueError(f"{fn}: b must have shape ({C2},) to match w.shape="
                              f"{w.shape} (C2={C2} output channels), got b.shape={b.shape}")

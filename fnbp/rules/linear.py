@@ -125,11 +125,10 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
       ValueError: W not 2-D, z's last axis not W's second, b not (n,).
       TypeError: a non-floating z, W or b.
     """
-    _validate.require_float("mm", "z", z)
-    _validate.require_float("mm", "W", W)
+    z = _validate.float_array("mm", "z", z)
+    W = _validate.float_array("mm", "W", W)
     _validate.require_ndim("mm", "W", W, 2, "(n outputs, m inputs)")
     _validate.require_min_ndim("mm", "z", z, 1, "(..., m)")
-    z, W = jnp.asarray(z), jnp.asarray(W)
     n, m = W.shape
     if z.shape[-1] != m:
         raise ValueError(
@@ -138,8 +137,7 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
             f"or W with shape ({n}, {z.shape[-1]})"
         )
     if b is not None:
-        _validate.require_float("mm", "b", b)
-        b = jnp.asarray(b)
+        b = _validate.float_array("mm", "b", b)
         if b.shape != (n,):
             raise ValueError(
                 f"mm: b must have shape ({n},) to match W.shape={W.shape}, "

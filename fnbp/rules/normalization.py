@@ -73,9 +73,8 @@ from fnbp.rules._rule import declare, jit_static
 
 
 def _float_input(fn: str, z) -> Array:
-    _validate.require_float(fn, "z", z)
+    z = _validate.float_array(fn, "z", z)
     _validate.require_min_ndim(fn, "z", z, 1, "(..., m): the last axis is normalized")
-    z = jnp.asarray(z)
     if z.shape[-1] < 1:
         raise ValueError(f"{fn}: z's last axis is empty (z.shape={z.shape}); "
                          f"there is nothing to normalize")
@@ -90,13 +89,12 @@ def _eps_argument(fn: str, eps, z: Array) -> Array:
             raise ValueError(f"{fn}: eps must be >= 0, got eps={eps}; pass eps=0.0 "
                              f"for the notes' exact form or a small positive number")
         return jnp.asarray(eps, dtype=accumulation_dtype(z))
-    _validate.require_float(fn, "eps", eps)
+    eps = _validate.float_array(fn, "eps", eps)
     _validate.require_scalar(fn, "eps", eps)
     value = _validate.concrete_float(eps)
     if value is not None and value < 0:
         raise ValueError(f"{fn}: eps must be >= 0, got eps={value}; pass eps=0.0 "
                          f"for the notes' exact form or a small positive number")
-    eps = jnp.asarray(eps)
     check(eps >= 0, f"{fn}: eps must be >= 0")
     return eps
 
@@ -105,8 +103,7 @@ def _affine_argument(fn: str, name: str, p, z: Array) -> Array:
     """gamma or beta: a scalar (the notes) or a vector of z's last-axis length."""
     if isinstance(p, (int, float)) and not isinstance(p, bool):
         return jnp.asarray(p, dtype=z.dtype)
-    _validate.require_float(fn, name, p)
-    p = jnp.asarray(p)
+    p = _validate.float_array(fn, name, p)
     m = z.shape[-1]
     if p.shape not in ((), (m,)):
         raise ValueError(

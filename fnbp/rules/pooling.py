@@ -91,13 +91,12 @@ def _stride(fn: str, value, window: Ints) -> Ints:
 
 
 def _validate_pool(fn: str, z, window, stride) -> tuple[Array, Ints, Ints]:
-    _validate.require_float(fn, "z", z)
+    z = _validate.float_array(fn, "z", z)
     window = _window(fn, window)
     stride = _stride(fn, stride, window)
     n = len(window)
     meaning = "(..., m, C) for 1-D pooling" if n == 1 else "(..., H, W, C) for 2-D pooling"
     _validate.require_min_ndim(fn, "z", z, n + 1, meaning)
-    z = jnp.asarray(z)
     spatial = z.shape[z.ndim - n - 1:z.ndim - 1]
     if any(k > m for k, m in zip(window, spatial)):
         raise ValueError(
