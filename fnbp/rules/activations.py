@@ -14,6 +14,12 @@ layer settings and initialization family. Kink conventions: the derivative of
 is ``gamma`` (the slope of the z <= 0 side; ``jax.nn.leaky_relu`` takes 1
 there), the derivative of ``elu`` at 0 is ``alpha`` (as ``jax.nn.elu``).
 
+Numerics: the smooth rules are evaluated in forms that neither cancel nor
+overflow (GELU through erfc and the logistic function, softplus as
+max(z, 0) + log1p(e^{-beta |z|}) / beta), in at least float32 for float16
+and bfloat16 inputs with the result rounded once, and at z = +-inf they give
+their limits (gelu(-inf) = 0, gelu'(inf) = 1, ...); NaN in is NaN out.
+
 ``softmax`` is the one module here that is not element-wise: it maps each
 example's last axis z in R^k to s = softmax(z), and its backward function is
 the product with the (symmetric) Jacobian diag(s) - s s^T:
@@ -29,28 +35,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax.scipy.special import erf
 
 from fnbp.checking import check, check_finite
 from fnbp.rules import _validate
-from fnbp.rules._dtypes import accumulation_dtype
+from fnbp.rules._dtypes import accumulation_dtype, at_least_float32
 from fnbp.rules._examples import elementwise, normal, rng, with_scalar
 from fnbp.rules._rule import LayerSpec, declare
 
 
-def _float_input(fn: str, z: Array) -> Array:
-    _validate.require_float(fn, "z", z)
+def _float_input(fn: str, z) -> Array:
+    """z as a floating array (lists and NumPy arrays converted), checked finite
+    under :func:`fnbp.checked`."""
+    z = _validate.float_array(fn, "z", z)
     check_finite(fn, "z", z)
-    return jnp.asarray(z)
+    return z
 
 
 def _scalar_setting(fn: str, name: str, value, z: Array) -> Array:
     """A scalar setting as an array; a Python number takes z's dtype."""
     if isinstance(value, (int, float)):
         return jnp.asarray(value, dtype=z.dtype)
-    _validate.require_float(fn, name, value)
+    value = _validate.float_array(fn, name, value)
     _validate.require_scalar(fn, name, value)
-    return jnp.asarray(value)
+    return value
 
 
 def _positive_setting(fn: str, name: str, value, z: Array) -> Array:
@@ -255,10 +262,33 @@ LEAKY_RELU = declare(
 
 # --- GELU (7.27) ---------------------------------------------------------------
 
-_SQRT_2 = math.sqrt(2.0)
+_SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_K = math.sqrt(2.0 / math.pi)
 _TANH_C = 0.044715
+
+
+def _times(z: Array, factor: Array) -> Array:
+    """``z * factor`` where the factor tends to 0 as z -> +-inf: the limit 0 at
+    z = +-inf (inf * 0 is NaN), NaN where z or the factor is NaN."""
+    return jnp.where(jnp.isinf(z), jnp.zeros((), z.dtype), z * factor)
+
+
+def _normal_cdf(z: Array) -> Array:
+    """Phi(z) = erfc(-z / sqrt 2) / 2: no cancellation for z << 0 (1 + erf does)."""
+    return 0.5 * jax.lax.erfc(-_SQRT_HALF * z)
+
+
+def _tanh_gate(z: Array) -> tuple[Array, Array, Array]:
+    """``(s, 1 - s, a)`` of the tanh form: s = (1 + tanh(a)) / 2 = sigmoid(2a),
+    a = sqrt(2/pi) (z + 0.044715 z^3).
+
+    As a logistic function, s does not cancel for z << 0, and 1 - s =
+    sigmoid(-2a) is not computed as a difference. z^3 may overflow to +-inf
+    at huge |z|; a, s and 1 - s then take their limits.
+    """
+    a = _TANH_K * (z + _TANH_C * z * z * z)
+    return jax.lax.logistic(2 * a), jax.lax.logistic(-2 * a), a
 
 
 class GeluResiduals(NamedTuple):
@@ -269,41 +299,50 @@ class GeluResiduals(NamedTuple):
 
 def gelu_fwd(z: Array, *, approximate: bool = False) -> tuple[Array, GeluResiduals]:
     """Forward pass of :func:`gelu` with its residuals."""
-    if approximate:
-        inner = _TANH_K * (z + _TANH_C * z * z * z)
-        u = 0.5 * z * (1 + jnp.tanh(inner))
-    else:
-        u = 0.5 * z * (1 + erf(z / _SQRT_2))
-    return u, GeluResiduals(z)
+    w = at_least_float32(z)
+    gate = _tanh_gate(w)[0] if approximate else _normal_cdf(w)
+    u = jnp.where(w == -jnp.inf, jnp.zeros((), w.dtype), w * gate)
+    return u.astype(z.dtype), GeluResiduals(z)
 
 
 def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tuple[Array]:
     """B[GELU, z](v) = (Phi(z) + z phi(z)) (.) v for the exact form.
 
-    Phi is the standard normal CDF, phi its density. For ``approximate=True``
-    the derivative of the tanh form
-    0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2), with
-    t = tanh(sqrt(2/pi) (z + 0.044715 z^3)).
+    Phi is the standard normal CDF, computed as erfc(-z / sqrt 2) / 2, phi its
+    density. For ``approximate=True`` the derivative of the tanh form
+    z s(z), s = sigmoid(2a), a = sqrt(2/pi) (z + 0.044715 z^3):
+    s + 2 z s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 z^2), which is
+    0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2) with
+    t = tanh(a), written without the cancelling 1 + t and 1 - t^2. The
+    limits at z = -inf and inf are 0 and 1; float16/bfloat16 in float32.
     """
-    z = res.z
+    w = at_least_float32(res.z)
     if approximate:
-        t = jnp.tanh(_TANH_K * (z + _TANH_C * z * z * z))
-        slope = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _TANH_K * (1 + 3 * _TANH_C * z * z)
+        s, s_minus, _ = _tanh_gate(w)
+        bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
+        tail = jnp.where(bump == 0, jnp.zeros((), w.dtype),
+                         (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump)
+        slope = s + tail
     else:
-        cdf = 0.5 * (1 + erf(z / _SQRT_2))
-        pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
-        slope = cdf + z * pdf
-    return (slope.astype(v.dtype) * v,)
+        pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
+        slope = _normal_cdf(w) + _times(w, pdf)
+    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
 
 
 def gelu(z: Array, approximate: bool = False) -> Array:
     """GELU(z) = z Phi(z) = (z / 2)(1 + erf(z / sqrt 2)) (eq. 7.27), element-wise.
 
+    Phi(z) is computed as erfc(-z / sqrt 2) / 2, which keeps its relative
+    accuracy for z << 0 where 1 + erf(z / sqrt 2) cancels; gelu(-inf) = 0,
+    gelu(inf) = inf. float16 and bfloat16 are evaluated in float32.
+
     Args:
       z: floating array of any shape.
       approximate: a static bool; ``False`` (default) is the exact erf form of
         the notes, ``True`` the tanh approximation
-        0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).
+        0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), computed as
+        z sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3)) (the same function,
+        without the cancellation of 1 + tanh).
 
     Returns:
       Array of z's shape and dtype.
@@ -319,7 +358,7 @@ def gelu(z: Array, approximate: bool = False) -> Array:
 def _gelu_reference(z, approximate=False):
     if approximate:
         return 0.5 * z * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (z + 0.044715 * z**3)))
-    return 0.5 * z * (1 + erf(z / jnp.sqrt(2.0)))
+    return 0.5 * z * (1 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))
 
 
 GELU = declare(
@@ -335,20 +374,31 @@ GELU = declare(
 
 
 class SoftplusResiduals(NamedTuple):
-    """``z``, ``beta``, the output ``u`` and ``s = sigmoid(beta z)``."""
+    """``z``, ``beta``, ``s = sigmoid(beta z)`` and ``r = z s - softplus(z)``
+    (beta's cotangent is r / beta), the last two in at least float32."""
 
     z: Array
     beta: Array
-    u: Array
     s: Array
+    r: Array
 
 
 def softplus_fwd(z: Array, beta: Array) -> tuple[Array, SoftplusResiduals]:
-    """Forward pass of :func:`softplus` with its residuals."""
-    beta_z = beta.astype(z.dtype)
-    u = jnp.logaddexp(jnp.zeros((), z.dtype), beta_z * z) / beta_z
-    s = jax.lax.logistic(beta_z * z)
-    return u, SoftplusResiduals(z, beta, u, s)
+    """Forward pass of :func:`softplus` with its residuals.
+
+    One exponential e = exp(-beta |z|) <= 1 gives everything:
+    softplus = max(z, 0) + log1p(e) / beta, sigmoid(beta z) = 1 / (1 + e) for
+    z >= 0 and e / (1 + e) below, and z s - softplus = -(|z| e / (1 + e) +
+    log1p(e) / beta) without the cancellation of z s - u for large z.
+    """
+    w = at_least_float32(z)
+    b = beta.astype(w.dtype)
+    e = jnp.exp(-jnp.abs(b * w))
+    tail = jnp.log1p(e) / b
+    u = jnp.maximum(w, jnp.zeros((), w.dtype)) + tail
+    s = jnp.where(w >= 0, jnp.ones((), w.dtype), e) / (1 + e)
+    r = -(_times(jnp.abs(w), e / (1 + e)) + tail)
+    return u.astype(z.dtype), SoftplusResiduals(z, beta, s, r)
 
 
 def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
@@ -357,9 +407,10 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
     The scalar ``beta`` gets its cotangent
     d beta = sum of (z s - u) / beta (.) v, with s = sigmoid(beta z), u the output.
     """
-    z, beta, u, s = res
-    dz = s * v
-    dbeta = jnp.sum((z * s - u) * v / beta.astype(z.dtype),
+    z, beta, s, r = res
+    va = v.astype(s.dtype)
+    dz = (s * va).astype(v.dtype)
+    dbeta = jnp.sum(r * va / beta.astype(r.dtype),
                     dtype=jnp.promote_types(beta.dtype, jnp.float32))
     return dz, dbeta.astype(beta.dtype)
 
@@ -367,7 +418,9 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
 def softplus(z: Array, beta: float | Array = 1.0) -> Array:
     """softplus(z) = (1 / beta) log(1 + exp(beta z)) (eq. 7.28), element-wise.
 
-    Computed as ``logaddexp(0, beta z) / beta``: no overflow for large beta z.
+    Computed as ``max(z, 0) + log1p(exp(-beta |z|)) / beta``: no overflow for
+    any beta z (softplus(1000, beta=100) is 1000 in float16 too, which is
+    evaluated in float32), exact limits 0 and z for large |beta z|.
 
     Args:
       z: floating array of any shape.
@@ -396,29 +449,36 @@ SOFTPLUS = declare(
 
 
 class SiluResiduals(NamedTuple):
-    """The input ``z`` and ``s = sigmoid(z)``."""
+    """The input ``z`` (the backward recomputes sigmoid(+-z) from it)."""
 
     z: Array
-    s: Array
 
 
 def silu_fwd(z: Array) -> tuple[Array, SiluResiduals]:
     """Forward pass of :func:`silu` with its residuals."""
-    s = jax.lax.logistic(z)
-    return z * s, SiluResiduals(z, s)
+    w = at_least_float32(z)
+    u = jnp.where(w == -jnp.inf, jnp.zeros((), w.dtype), w * jax.lax.logistic(w))
+    return u.astype(z.dtype), SiluResiduals(z)
 
 
 def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
-    """B[silu, z](v) = s (1 + z (1 - s)) (.) v with s = sigmoid(z)."""
-    z, s = res
-    return (s * (1 + z * (1 - s)) * v,)
+    """B[silu, z](v) = s (1 + z (1 - s)) (.) v with s = sigmoid(z).
+
+    Computed as s + z s sigmoid(-z): 1 - s is not a difference (it cancels
+    for z >> 0); the limits at z = -inf and inf are 0 and 1.
+    """
+    w = at_least_float32(res.z)
+    s = jax.lax.logistic(w)
+    slope = s + _times(w, s * jax.lax.logistic(-w))
+    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
 
 
 def silu(z: Array) -> Array:
     """SiLU (swish with beta = 1): silu(z) = z sigmoid(z), element-wise.
 
     Not in the notes; smooth, and like ReLU for large |z|, so it gets He
-    initialization in :func:`fnbp.mlp`.
+    initialization in :func:`fnbp.mlp`. silu(-inf) = 0, silu'(-inf) = 0,
+    silu'(inf) = 1; float16 and bfloat16 are evaluated in float32.
 
     Args:
       z: floating array of any shape.
@@ -548,8 +608,9 @@ def softmax(z: Array) -> Array:
       ValueError: z a scalar.
       TypeError: a non-floating z.
     """
+    z = _float_input("softmax", z)
     _validate.require_min_ndim("softmax", "z", z, 1, "(..., k): the last axis is normalized")
-    return SOFTMAX.apply(_float_input("softmax", z))
+    return SOFTMAX.apply(z)
 
 
 def _softmax_args(key, dtype):
