@@ -11,6 +11,16 @@ rules' own run-time checks, and raises a clear error instead::
     loss = fnbp.checked(fnbp.cross_entropy_loss)(logits, labels)
     # ValueError: cross_entropy_loss: y holds a label outside [0, 10) ...
 
+Models are covered at one place, the Layer machinery (:mod:`fnbp.nn.layer`):
+under :func:`checked`, ``model.apply``, :func:`fnbp.backprop` and the
+per-example functions check the model's input x, each layer's parameters
+(named by their path in the model's params) and each layer's output, so the
+first non-finite value is reported where it enters::
+
+    fnbp.checked(model.apply)(params, x)
+    # ValueError: mlp[2] linear(10): params[2]['W'] contains NaN or infinity
+    # (the first is at index (0, 3): nan); the parameters were not finite ...
+
 The checks are added while ``f`` is traced by :func:`checked`. A function you
 have already jitted on its own and called before was traced without them and
 is reused from JAX's cache; call :func:`checked` on the outermost function.

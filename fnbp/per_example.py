@@ -40,6 +40,15 @@ materializing the per-example gradients, said once per layer with a
 All three functions trace under ``jax.jit(f, static_argnums=(0, 1))`` (the
 model and the loss static); pass ``reduction`` by ``functools.partial`` or
 ``static_argnames="reduction"``.
+
+Arguments. All four functions take x of shape (n, *example_shape) and y of
+shape (n, ...) (nested lists of numbers are converted) and refuse, with a
+``ValueError`` naming the function, an x without an example axis (0-d) and a
+y whose first axis is not n. Under :func:`fnbp.checked` the model checks its
+input, its params and every layer's output for NaN and infinity, naming the
+first place a non-finite value appears (see :func:`fnbp.make_layer`), the
+loss checks the labels, and :func:`clipped_grads` checks a traced clip norm
+and mask.
 """
 
 from __future__ import annotations
@@ -239,11 +248,21 @@ def clipped_grads(
       y: targets of shape (n, ...).
       clip_norm: C > 0, a float (flat clipping) or a pytree with params'
         structure of floats (per-parameter clipping), e.g.
-        ``jax.tree_util.tree_map(lambda _: 1.0, params)``. Checked when
-        concrete; under ``jax.jit`` a traced C is taken as given.
-      mask: optional (n,) bool or 0/1 array; examples with mask 0 contribute
-        nothing to J or grads (their norms are still returned; their inputs
-        must still be finite, e.g. zeros as padding).
+        ``jax.tree_util.tree_map(lambda _: 1.0, params)``; ``inf`` clips
+        nothing. A concrete C (a Python float, a concrete array, any leaf of
+        the pytree) that is NaN, 0 or negative is refused at call time. A
+        traced C (under ``jax.jit``) is checked at run time under
+        :func:`fnbp.checked`; unchecked, a traced C that is not > 0 makes the
+        gradient NaN (that leaf's, per parameter), never the unclipped
+        gradient a NaN C would otherwise give (for DP-SGD a silent privacy
+        failure) or a sign-flipped one (C < 0).
+      mask: optional (n,) bool or 0/1 array (a list is converted); examples
+        with mask 0 contribute nothing to J or grads (their norms are still
+        returned; their inputs must still be finite, e.g. zeros as padding).
+        A concrete mask with another value (0.5, NaN) is refused: to weight
+        examples, scale their losses. A traced non-bool mask is checked at
+        run time under :func:`fnbp.checked`; unchecked, another value makes
+        J and the gradients NaN.
       reduction: ``"mean"`` divides the clipped sum by the number of kept
         examples, ``"sum"`` does not (DP-SGD adds its noise to the sum).
         Static: under ``jax.jit`` pass it by ``functools.partial`` or
@@ -258,9 +277,11 @@ def clipped_grads(
 
     Raises:
       TypeError: model not a Layer, loss not callable, clip_norm neither a
-        number nor a pytree like params.
-      ValueError: clip_norm not > 0, a mask not of shape (n,), a reduction
-        other than "mean" or "sum", labels not one per example.
+        number nor a pytree like params, a mask neither bool nor real, x or
+        y not arrays of numbers.
+      ValueError: a concrete clip_norm not > 0 (NaN included), a mask not of
+        shape (n,) or not 0/1, a reduction other than "mean" or "sum", x
+        without an example axis, labels not one per example.
     """
     fn = "clipped_grads"
     x, y = _per_example_inputs(fn, model, loss, x, y)

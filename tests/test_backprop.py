@@ -577,6 +577,20 @@ def test_engine_rejects_a_model_that_is_not_a_layer_and_a_loss_that_is_not_calla
         fnbp.backprop(model, "cross_entropy", params, x, y)
 
 
+def test_backprop_takes_nested_lists_and_refuses_what_is_not_numbers():
+    model, _, params, x, y = setup("mlp-2-relu")
+    loss = fnbp.cross_entropy_loss
+    got = fnbp.backprop(model, loss, params, np.asarray(x).tolist(), np.asarray(y).tolist())
+    assert rel_err(got, fnbp.backprop(model, loss, params, x, y)) <= 1e-15
+    with pytest.raises(TypeError, match=r"^backprop: x must be an array of numbers \(a jax or "
+                                        r"NumPy array, or a nested list of numbers\), got str "
+                                        r"'abc'$"):
+        fnbp.backprop(model, loss, params, "abc", y)
+    with pytest.raises(TypeError, match=r"^backprop: y must be an array of targets \(class "
+                                        r"labels or values\), got list \[\[0\], 1\]$"):
+        fnbp.backprop(model, loss, params, x, [[0], 1])
+
+
 def test_per_example_grad_norms_rejects_a_loss_without_one_value_per_example():
     model, _, params, x, y = setup("mlp-2-relu")
 

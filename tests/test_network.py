@@ -456,6 +456,181 @@ def test_builders_and_layers_reject_bad_settings():
         fnbp.activation_layer("leaky_relu", beta=2.0)
 
 
+# Every public factory and builder checks each argument with one helper (fnbp/nn/_args.py):
+# (call, error, the exact message).
+FACTORY_ERRORS = [
+    (lambda: fnbp.Linear(True), ValueError,
+     "Linear: n must be a positive int, got True (n is the output width)"),
+    (lambda: fnbp.Linear(3, bias="no"), TypeError, "Linear: bias must be True or False, got 'no'"),
+    (lambda: fnbp.Linear(3, init=["he"]), ValueError,
+     "Linear: init must be one of ['glorot', 'he', 'lecun'], got ['he']"),
+    (lambda: fnbp.Conv2D(0, 3), ValueError,
+     "Conv2D: channels must be a positive int, got 0 (channels is the number of output "
+     "channels)"),
+    (lambda: fnbp.Conv2D(-2, 3), ValueError,
+     "Conv2D: channels must be a positive int, got -2 (channels is the number of output "
+     "channels)"),
+    (lambda: fnbp.Conv2D(2.0, 3), ValueError,
+     "Conv2D: channels must be a positive int, got 2.0 (channels is the number of output "
+     "channels)"),
+    (lambda: fnbp.Conv2D(4, 0), ValueError,
+     "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got 0 "
+     "(kernel_size is the filter's size along each spatial axis)"),
+    (lambda: fnbp.Conv2D(4, (3,)), ValueError,
+     "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got (3,) "
+     "(kernel_size is the filter's size along each spatial axis)"),
+    (lambda: fnbp.Conv1D(4, 3.0), ValueError,
+     "Conv1D: kernel_size must be a positive int or a tuple of 1 positive int, got 3.0 "
+     "(kernel_size is the filter's size along each spatial axis)"),
+    (lambda: fnbp.Conv1D(0, 3), ValueError,
+     "Conv1D: channels must be a positive int, got 0 (channels is the number of output "
+     "channels)"),
+    (lambda: fnbp.Conv2D(4, 3, stride=0), ValueError,
+     "Conv2D: stride must be a positive int or a tuple of 2 positive ints, got 0"),
+    (lambda: fnbp.Conv2D(4, 3, dilation=(1, -1)), ValueError,
+     "Conv2D: dilation must be a positive int or a tuple of 2 positive ints, got (1, -1)"),
+    (lambda: fnbp.Conv2D(4, 3, padding="full"), ValueError,
+     "Conv2D: conv2d: padding must be 'same', 'valid', an int or a (low, high) pair, got "
+     "padding='full'"),
+    (lambda: fnbp.Conv2D(4, 3, bias=None), TypeError,
+     "Conv2D: bias must be True or False, got None"),
+    (lambda: fnbp.MaxPool(0), ValueError,
+     "MaxPool: window must be a positive int or a tuple of 1 positive int, got 0"),
+    (lambda: fnbp.AvgPool((2, 2, 2)), ValueError,
+     "AvgPool: window must be a positive int (1-D pooling) or a tuple of 1 or 2 positive ints "
+     "(1-D or 2-D pooling), got (2, 2, 2)"),
+    (lambda: fnbp.MaxPool((2, 2), stride=(0, 1)), ValueError,
+     "MaxPool: stride must be a positive int or a tuple of 2 positive ints, got (0, 1) "
+     "(stride is the step between windows: None for non-overlapping ones)"),
+    (lambda: fnbp.LayerNorm(-1.0), ValueError,
+     "LayerNorm: eps must be a finite number >= 0, got -1.0 (eps is added to the variance: 0 "
+     "for the notes' exact form)"),
+    (lambda: fnbp.LayerNorm(float("nan")), ValueError,
+     "LayerNorm: eps must be a finite number >= 0, got nan (eps is added to the variance: 0 "
+     "for the notes' exact form)"),
+    (lambda: fnbp.LayerNorm(per_feature=1), TypeError,
+     "LayerNorm: per_feature must be True or False, got 1"),
+    (lambda: fnbp.RMSNorm("1e-6"), TypeError,
+     "RMSNorm: eps must be a number >= 0, got str '1e-6' (eps is added to the mean square: 0 "
+     "for the exact form)"),
+    (lambda: fnbp.Flatten(True), ValueError,
+     "Flatten: ndim must be a positive int, got True (ndim is the number of trailing axes to "
+     "flatten)"),
+    (lambda: fnbp.residual(3), TypeError,
+     "residual: block is int, not a Layer; use fnbp.Linear(n), fnbp.Relu(), ... or "
+     "fnbp.make_layer"),
+    (lambda: fnbp.remat(fnbp.Linear), TypeError,
+     "remat: layer is function (a layer factory: call it, fnbp.Linear(...)), not a Layer; use "
+     "fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer"),
+    (lambda: fnbp.serial(fnbp.Relu(), name=""), TypeError,
+     "serial: name must be a non-empty str (shown in errors), got ''"),
+    (lambda: fnbp.mlp(784), ValueError,
+     "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
+     "[1024, 10]), got 784"),
+    (lambda: fnbp.mlp([True]), ValueError,
+     "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
+     "[1024, 10]), got [True]"),
+    (lambda: fnbp.resnet_s(0, 1, 2), ValueError,
+     "resnet_s: width must be a positive int, got 0 (width is the residual stream's width)"),
+    (lambda: fnbp.resnet_s(4, True, 2), ValueError,
+     "resnet_s: depth must be a positive int, got True (depth is the number of Res blocks)"),
+    (lambda: fnbp.resnet_s(4, 1, 0), ValueError,
+     "resnet_s: num_outputs must be a positive int, got 0 (num_outputs is the output width)"),
+    (lambda: fnbp.cnn(0), ValueError,
+     "cnn: num_classes must be a positive int, got 0 (num_classes is the output width)"),
+    (lambda: fnbp.cnn(3, (0,)), ValueError,
+     "cnn: channels must be a non-empty list of positive ints, the output channels of each "
+     "convolution stage (e.g. (16, 32)), got (0,)"),
+    (lambda: fnbp.cnn(3, kernel_size=4), ValueError,
+     "cnn: kernel_size must be odd, got 4: the convolutions pad 'same', which needs an odd "
+     "kernel; pass 5"),
+    (lambda: fnbp.cnn(3, pool=0), ValueError,
+     "cnn: pool must be a positive int, got 0 (pool is the window and stride of every max "
+     "pooling: 1 for none)"),
+    (lambda: fnbp.make_layer("x", None, None, None), TypeError,
+     "make_layer: init must be a function (see fnbp.make_layer for its signature), got "
+     "NoneType"),
+    (lambda: fnbp.make_layer(3, lambda *a: a, lambda *a: a, lambda *a: a), TypeError,
+     "make_layer: name must be a non-empty str (shown in errors), got 3"),
+    (lambda: fnbp.nn.rule_layer(["relu"]), ValueError,
+     f"activation must be one of {sorted(n for n, r in fnbp.rules.registry().items() if r.layer)}"
+     f", the matching fnbp function (e.g. fnbp.relu) or a Layer; got ['relu']"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", FACTORY_ERRORS,
+                         ids=[str(i) for i in range(len(FACTORY_ERRORS))])
+def test_factories_refuse_each_bad_argument_by_name(call, error, message):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call()
+
+
+INIT_ERRORS = [  # (model, key, input_shape, dtype, error, message)
+    (fnbp.mlp([4, 2]), jax.random.key(0), (0,), None, ValueError,
+     "mlp: input_shape (0,) has a zero or negative dimension; every axis of an example needs "
+     "at least one entry (the batch axis is not part of it)"),
+    (fnbp.Conv2D(2, 3), jax.random.key(0), (8, -1, 1), None, ValueError,
+     "conv2d(2, 3): input_shape (8, -1, 1) has a zero or negative dimension; every axis of an "
+     "example needs at least one entry (the batch axis is not part of it)"),
+    (fnbp.mlp([4, 2]), jax.random.key(0), (3.0,), None, TypeError,
+     "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
+     "(e.g. (784,) or (28, 28, 1)), got tuple (3.0,)"),
+    (fnbp.mlp([4, 2]), jax.random.key(0), None, None, TypeError,
+     "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
+     "(e.g. (784,) or (28, 28, 1)), got NoneType None"),
+    (fnbp.mlp([4, 2]), 0, (3,), None, TypeError,
+     "mlp: key must be one PRNG key, got int 0; pass e.g. jax.random.key(0)"),
+    (fnbp.mlp([4, 2]), None, (3,), None, TypeError,
+     "mlp: key must be one PRNG key, got NoneType None; pass e.g. jax.random.key(0)"),
+    (fnbp.mlp([4, 2]), jax.random.key(0), (3,), jnp.int32, TypeError,
+     "mlp: dtype must be a real floating dtype for the parameters (jnp.float32, jnp.bfloat16, "
+     "jnp.float16 or jnp.float64), got int32"),
+    (fnbp.LayerNorm(), jax.random.key(0), (), None, ValueError,
+     "layer_norm(eps=1e-05): needs per-example inputs of shape (..., m), the last axis "
+     "normalized, got ()"),
+    (fnbp.RMSNorm(), jax.random.key(0), (), None, ValueError,
+     "rms_norm(eps=1e-06): needs per-example inputs of shape (..., m), the last axis "
+     "normalized, got ()"),
+]
+
+
+@pytest.mark.parametrize("model, key, shape, dtype, error, message", INIT_ERRORS,
+                         ids=[str(i) for i in range(len(INIT_ERRORS))])
+def test_init_refuses_a_bad_key_shape_or_dtype_by_name(model, key, shape, dtype, error, message):
+    args = (key, shape) if dtype is None else (key, shape, dtype)
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        model.init(*args)
+
+
+def test_init_takes_an_int_input_shape_as_one_axis():
+    model = fnbp.mlp([4, 2])
+    shape, params = model.init(jax.random.key(0), 5)
+    want_shape, want = model.init(jax.random.key(0), (5,))
+    assert shape == want_shape == (2,)
+    assert rel_err(params, want) == 0
+    assert model.init(jax.random.PRNGKey(0), np.int64(5))[0] == (2,)   # a raw key, a NumPy int
+
+
+def test_layers_take_a_list_input_and_refuse_what_is_not_numbers():
+    model = fnbp.serial(fnbp.Linear(2), fnbp.Relu(), name="net")
+    params = init(model, (3,))
+    x = [[0.5, -1.0, 2.0]]
+    np.testing.assert_array_equal(model.apply(params, x),
+                                  model.apply(params, jnp.asarray(x)))
+    with pytest.raises(TypeError, match=r"^net: x must be an array of numbers \(a jax or NumPy "
+                                        r"array, or a nested list of numbers\), got str 'abc'$"):
+        model.apply(params, "abc")
+    with pytest.raises(TypeError, match=r"^net: x has dtype complex64; a layer computes on real "
+                                        r"numbers"):
+        model.forward(params, jnp.ones((1, 3), jnp.complex64))
+    with pytest.raises(TypeError, match=r"^net\[0\] linear\(2\): z has dtype int32, but a real "
+                                        r"floating dtype is needed \(float16, bfloat16, float32 "
+                                        r"or float64\); convert it, e.g. z.astype\(jnp.float32\)"):
+        model.apply(params, jnp.ones((1, 3), jnp.int32))
+    with pytest.raises(TypeError, match=r"^relu: z has dtype bool"):
+        fnbp.Relu().apply((), jnp.ones(3, bool))
+
+
 def test_residual_block_that_changes_the_shape_is_rejected():
     with pytest.raises(ValueError, match=r"residual\(linear\(7\)\): the block maps shape \(5,\) "
                                          r"to \(7,\); Res\(z\) = z \+ block\(z\) needs them equal"):

@@ -450,10 +450,22 @@ def test_an_infinite_clip_norm_clips_nothing():
 # --- errors ------------------------------------------------------------------------------
 
 
+CLIP_NORM = ("clipped_grads: clip_norm must be > 0 (the L2 norm each example's gradient is "
+             "clipped to), got ")
+CLIP_FIX = "; pass a positive float (float('inf') clips nothing)"
+
+
 @pytest.mark.parametrize("clip_norm, error, message", [
-    (0.0, ValueError, r"clipped_grads: clip_norm must be > 0 .*got 0.0"),
-    (-1.0, ValueError, r"clipped_grads: clip_norm must be > 0"),
-    (math.nan, ValueError, r"clipped_grads: clip_norm must be > 0 .*got nan"),
+    (0.0, ValueError, "^" + re.escape(f"{CLIP_NORM}0.0; 0 would drop every gradient{CLIP_FIX}")
+     + "$"),
+    (-1.0, ValueError, "^" + re.escape(f"{CLIP_NORM}-1.0; a negative one would flip the "
+                                       f"gradients{CLIP_FIX}") + "$"),
+    (math.nan, ValueError, "^" + re.escape(f"{CLIP_NORM}nan; a NaN clip norm would clip "
+                                           f"nothing{CLIP_FIX}") + "$"),
+    (np.float32("nan"), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
+    (jnp.asarray(math.nan), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
+    (np.int64(0), ValueError, re.escape(f"{CLIP_NORM}0.0; 0 would drop")),
+    (True, TypeError, r"clipped_grads: clip_norm must be a positive float, got bool"),
     ("1", TypeError, r"clipped_grads: clip_norm must be a positive float, got str"),
     (np.ones(3), TypeError, r"clip_norm must be one positive float \(a scalar\), got an array "
                             r"of shape \(3,\)"),
@@ -472,6 +484,120 @@ def test_a_bad_per_parameter_clip_norm_names_its_leaf():
     C[2]["b"] = -2.0
     with pytest.raises(ValueError, match=r"clipped_grads: clip_norm\[2\]\['b'\] must be > 0"):
         fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, C)
+    C[2]["b"], C[0]["W"] = 1.0, jnp.asarray(math.nan, jnp.float32)   # a concrete array leaf
+    with pytest.raises(ValueError, match=r"^clipped_grads: clip_norm\[0\]\['W'\] must be > 0 "
+                                         r".*got nan; a NaN clip norm would clip nothing"):
+        fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, C)
+
+
+def test_a_traced_clip_norm_that_is_not_positive_gives_nan_never_the_unclipped_gradient():
+    """Under jit a NaN C would compare false everywhere (no clipping, for DP a privacy
+    failure) and a negative C would flip the gradients: both give NaN instead."""
+    model, ref, params, x, y = problem("mlp")
+    loss = fnbp.cross_entropy_loss
+    for C in (math.nan, -1.0, 0.0):
+        J, grads, norms = CLIP(model, loss, params, x, y, C)     # C traced
+        assert all(np.all(np.isnan(g)) for g in jax.tree.leaves(grads)), C
+        assert np.all(np.isfinite(norms)) and np.isfinite(J)
+    want = expected(ref, params, x, y)
+    C_leaf = jax.tree.map(lambda _: jnp.asarray(1e3), params)   # clips nothing: the mean
+    C_leaf[2]["W"] = jnp.asarray(math.nan)
+    _, grads, _ = CLIP(model, loss, params, x, y, C_leaf)
+    assert np.all(np.isnan(grads[2]["W"]))
+    others = [(g, w) for path, g, w in zip(*(
+        [p for p, _ in jax.tree_util.tree_leaves_with_path(grads)],
+        jax.tree.leaves(grads), jax.tree.leaves(want["mean"]))) if
+        jax.tree_util.keystr(path) != "[2]['W']"]
+    assert others and all(rel_err(g, w) <= F64_RTOL for g, w in others)
+
+
+def test_checked_clipped_grads_refuses_a_traced_clip_norm_that_is_not_positive():
+    model, _, params, x, y = problem("mlp")
+    loss = fnbp.cross_entropy_loss
+    checked = fnbp.checked(lambda p, C: fnbp.clipped_grads(model, loss, p, x, y, C))
+    message = ("^" + re.escape("clipped_grads: clip_norm must be > 0 (the L2 norm each "
+                               "example's gradient is clipped to), got a traced value that is "
+                               "NaN, zero or negative; pass a positive float (float('inf') "
+                               "clips nothing) (`check` failed)") + "$")
+    for C in (math.nan, -0.5, 0.0):
+        with pytest.raises(ValueError, match=message):
+            checked(params, C)
+    assert rel_err(checked(params, math.inf), CLIP(model, loss, params, x, y, math.inf)) == 0
+
+
+# --- masks ---------------------------------------------------------------------------
+
+
+MASK_VALUES = ("clipped_grads: mask must hold only 0 and 1 (or True and False), one per "
+               "example: 1 keeps it, 0 drops it")
+
+
+@pytest.mark.parametrize("mask, error, message", [
+    (np.array([1, 0.5, 1, 1, 0, 1]), ValueError,
+     f"{MASK_VALUES}; got mask[1] = 0.5; to weight examples, scale their losses instead"),
+    (np.array([1, 0, 1, 1, 0, np.nan]), ValueError,
+     f"{MASK_VALUES}; got mask[5] = nan; to weight examples, scale their losses instead"),
+    (np.array([1, 0, 2, 1, 0, 1]), ValueError,
+     f"{MASK_VALUES}; got mask[2] = 2; to weight examples, scale their losses instead"),
+    (np.ones(6, np.complex64), TypeError,
+     "clipped_grads: mask must be a bool or 0/1 array, got dtype complex64"),
+    (list("abcdef"), TypeError,
+     "clipped_grads: mask must be a bool or 0/1 array of shape (6,), got list "
+     "['a', 'b', 'c', 'd', 'e', 'f']"),
+    (np.ones((6, 1), bool), ValueError,
+     "clipped_grads: mask must have shape (6,), one entry per example (1 or True keeps it, 0 "
+     "or False drops it), got shape (6, 1)"),
+])
+def test_bad_masks_are_refused_by_name(mask, error, message):
+    model, _, params, x, y = problem("mlp")
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, 1.0, mask=mask)
+
+
+def test_a_traced_mask_other_than_0_or_1_gives_nan_and_is_refused_when_checked():
+    model, _, params, x, y = problem("mlp")
+    loss = fnbp.cross_entropy_loss
+    as_list = fnbp.clipped_grads(model, loss, params, x, y, 1.0, mask=MASK.tolist())
+    assert rel_err(as_list, CLIP(model, loss, params, x, y, 1.0, mask=MASK)) <= 1e-15
+    J, grads, _ = CLIP(model, loss, params, x, y, 1.0, mask=MASK.astype(np.float64) * 0.5)
+    assert np.isnan(J) and all(np.all(np.isnan(g)) for g in jax.tree.leaves(grads))
+    checked = fnbp.checked(lambda p, m: fnbp.clipped_grads(model, loss, p, x, y, 1.0, mask=m))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{MASK_VALUES}; got another value "
+                                                         f"(`check` failed)") + "$"):
+        checked(params, jnp.asarray(MASK, jnp.int32) * 2)
+    assert rel_err(checked(params, jnp.asarray(MASK, jnp.int32)),
+                   CLIP(model, loss, params, x, y, 1.0, mask=MASK)) <= 1e-15
+
+
+# --- the inputs of every per-example function ---------------------------------------------
+
+
+PER_EXAMPLE = [fnbp.per_example_grads, fnbp.per_example_grad_norms, fnbp.grad_moments,
+               fnbp.clipped_grads]
+
+
+@pytest.mark.parametrize("fn", PER_EXAMPLE, ids=lambda f: f.__name__)
+def test_per_example_functions_refuse_x_without_an_example_axis(fn):
+    model, _, params, x, y = problem("mlp")
+    extra = (1.0,) if fn is fnbp.clipped_grads else ()
+    with pytest.raises(ValueError, match=f"^{fn.__name__}: x must have a leading example axis, "
+                                         r"shape \(n, \.\.\.\), got a scalar; pass x\[None\] for "
+                                         r"one example$"):
+        fn(model, fnbp.cross_entropy_loss, params, jnp.float32(1.0), y, *extra)
+    with pytest.raises(ValueError, match=f"^{fn.__name__}: x has 6 examples \\(x.shape=\\(6,\\)\\) "
+                                         r"but y has 5 \(y.shape=\(5,\)\); pass one target per "
+                                         r"example$"):
+        fn(fnbp.Relu(), fnbp.mse_loss, (), jnp.ones(6), jnp.ones(5), *extra)
+    with pytest.raises(TypeError, match=f"^{fn.__name__}: x must be an array of numbers"):
+        fn(model, fnbp.cross_entropy_loss, params, {"x": x}, y, *extra)
+
+
+def test_per_example_functions_take_nested_lists():
+    model, _, params, x, y = problem("mlp")
+    loss = fnbp.cross_entropy_loss
+    x_list, y_list = np.asarray(x).tolist(), np.asarray(y).tolist()
+    got = fnbp.per_example_grads(model, loss, params, x_list, y_list)
+    assert rel_err(got, fnbp.per_example_grads(model, loss, params, x, y)) <= 1e-15
 
 
 def test_bad_masks_reductions_models_and_losses_are_named():

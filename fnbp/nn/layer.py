@@ -4,7 +4,9 @@ A network is a composition of modules, J = M_k(M_{k-1}(... M_1(x))) (eq. 7.60).
 Each module is a :class:`Layer`: an immutable record of pure functions
 
 - ``init(key, input_shape, dtype) -> (output_shape, params)``: parameters for
-  one example of shape ``input_shape`` (no batch axis);
+  one example of shape ``input_shape`` (no batch axis): a tuple of positive
+  ints, an int n taken as (n,) as NumPy takes a shape; ``key`` a PRNG key,
+  ``dtype`` a floating dtype (all three checked for every layer);
 - ``forward(params, z) -> (u, residuals)``: the forward pass that stores what
   the backward function needs (Algorithm 3, forward pass);
 - ``backward(params, residuals, v) -> (dparams, dz)``: the backward function
@@ -20,6 +22,16 @@ Each module is a :class:`Layer`: an immutable record of pure functions
   (:mod:`fnbp.per_example`) runs, derived from the above.
 
 Leading axes of ``z`` beyond the example shape are example axes (eq. 7.84).
+
+Every layer's ``forward`` and ``apply`` are wrapped once, here, whoever made
+the layer (:func:`make_layer`, the combinators, a precision policy): a model
+called by the user converts its input (a nested list of numbers) or refuses
+it, and under :func:`fnbp.checked` each layer checks for NaN and infinity the
+model's input x, its own params (named by their path in the model's params,
+``params[2]['W']``) and its output, naming itself by its place in the model
+(``mlp[2] linear(10)``). checkify keeps the first failing check, so the
+first non-finite value is reported where it enters. Unchecked, nothing is
+added to the program.
 :func:`serial` composes layers and its backward is Algorithm 3 over its
 children; :func:`residual` is Res(z) = z + block(z) (eq. 7.38).
 
@@ -234,9 +246,15 @@ def make_layer(
       moments: optional, as above (needs ``sq_grads``).
 
     Returns:
-      The :class:`Layer`; its ``apply`` is a ``jax.custom_vjp`` whose rule is
-      ``forward``/``backward``; ``sq_norms``/``sq_grads`` are always callable
+      The :class:`Layer`; its ``apply`` calls a ``jax.custom_vjp`` whose rule
+      is ``forward``/``backward``; ``sq_norms``/``sq_grads`` are always callable
       (for a layer with params and no hook they raise :class:`MissingRuleError`).
+      Its ``init`` and ``forward`` check what every layer's do (see the
+      module doc): checked mode covers your layer with nothing written.
+
+    Raises:
+      TypeError: ``name`` not a non-empty str, ``init``/``forward``/
+        ``backward`` not callable, a hook given that is not callable.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"make_layer: name must be a non-empty str (shown in errors), got "

@@ -253,6 +253,11 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
     Returns:
       A :class:`Layer` with params ``{"W": (n, m), "b": (n,)}`` (no ``"b"``
       when ``bias=False``).
+
+    Raises:
+      ValueError: ``n`` not a positive int, an unknown ``init``.
+      TypeError: ``bias`` not a bool; in the forward pass, a non-floating
+        input (as :func:`fnbp.mm` refuses it).
     """
     n = _args.positive_int("Linear", "n", n, "the output width")
     bias = _args.flag("Linear", "bias", bias)
@@ -395,6 +400,12 @@ def Conv1D(channels: int, kernel_size: int, *, stride=1, padding="same", dilatio
 
     Inputs are (..., m, C), channels last; settings as :func:`fnbp.conv1d`.
     Filters use He initialization (fan-in k C), the bias starts at 0.
+
+    Raises:
+      ValueError: ``channels``, ``kernel_size``, ``stride`` or ``dilation``
+        not a positive int (or tuple of them), or a setting :func:`fnbp.conv1d`
+        refuses (its message, after ``Conv1D:``); checked at construction.
+      TypeError: ``bias`` not a bool.
     """
     return _conv_layer(1, channels, kernel_size, stride, padding, dilation, bias)
 
@@ -405,6 +416,13 @@ def Conv2D(channels: int, kernel_size, *, stride=1, padding="same", dilation=1,
 
     Inputs are (..., H, W, C), channels last; settings as :func:`fnbp.conv2d`.
     Filters use He initialization (fan-in kh kw C), the bias starts at 0.
+
+    Raises:
+      ValueError: ``channels`` not a positive int, ``kernel_size``,
+        ``stride`` or ``dilation`` not a positive int or a pair of them, or a
+        setting :func:`fnbp.conv2d` refuses (its message, after ``Conv2D:``);
+        checked at construction.
+      TypeError: ``bias`` not a bool.
     """
     return _conv_layer(2, channels, kernel_size, stride, padding, dilation, bias)
 
@@ -415,10 +433,10 @@ def _pool_layer(kind: str, window, stride) -> Layer:
         "avg": (pooling.avg_pool_fwd, pooling.avg_pool_bwd, pooling.avg_pool),
     }[kind]
     factory = {"max": "MaxPool", "avg": "AvgPool"}[kind]
-    if not (_args._is_int(window) or isinstance(window, (tuple, list)) and len(window) in (1, 2)):
+    if not (_args.is_int(window) or isinstance(window, (tuple, list)) and len(window) in (1, 2)):
         raise ValueError(f"{factory}: window must be a positive int (1-D pooling) or a tuple of "
                          f"1 or 2 positive ints (1-D or 2-D pooling), got {window!r}")
-    axes = 1 if _args._is_int(window) else len(window)
+    axes = 1 if _args.is_int(window) else len(window)
     _args.positive_ints(factory, "window", window, axes)
     if stride is not None:
         _args.positive_ints(factory, "stride", stride, axes,
@@ -441,12 +459,20 @@ def _pool_layer(kind: str, window, stride) -> Layer:
 
 
 def MaxPool(window, stride=None) -> Layer:
-    """Max pooling over the spatial axes (see :func:`fnbp.max_pool`); no params."""
+    """Max pooling over the spatial axes (see :func:`fnbp.max_pool`); no params.
+
+    ``window`` a positive int (1-D) or a tuple of 1 or 2 (1-D or 2-D),
+    ``stride`` None (= window) or the same form; refused otherwise
+    (``ValueError``) at construction.
+    """
     return _pool_layer("max", window, stride)
 
 
 def AvgPool(window, stride=None) -> Layer:
-    """Average pooling over the spatial axes (see :func:`fnbp.avg_pool`); no params."""
+    """Average pooling over the spatial axes (see :func:`fnbp.avg_pool`); no params.
+
+    ``window`` and ``stride`` as :func:`MaxPool`'s.
+    """
     return _pool_layer("avg", window, stride)
 
 
@@ -456,6 +482,10 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
     Params ``{"gamma", "beta"}``: vectors of the last axis' length
     (``per_feature=True``, common practice) or scalars (the notes), starting at
     gamma = 1, beta = 0. ``eps`` is a fixed setting (not trained).
+
+    Raises:
+      ValueError: ``eps`` not a finite number >= 0.
+      TypeError: ``eps`` not a number, ``per_feature`` not a bool.
     """
     eps = _args.non_negative_float("LayerNorm", "eps", eps,
                                    "added to the variance: 0 for the notes' exact form")
@@ -485,6 +515,10 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
     """RMSNorm(z) = gamma * z / sqrt(mean(z^2) + eps) over the last axis, as a layer.
 
     Params ``{"gamma": (m,)}`` starting at 1; ``eps`` is a fixed setting.
+
+    Raises:
+      ValueError: ``eps`` not a finite number >= 0.
+      TypeError: ``eps`` not a number.
     """
     eps = _args.non_negative_float("RMSNorm", "eps", eps,
                                    "added to the mean square: 0 for the exact form")

@@ -40,11 +40,15 @@ def mlp(
         Required for an activation Layer of your own, which has none.
 
     Returns:
-      A :class:`Layer`; ``init(key, (m,))`` gives params, a tuple with one
-      entry per MM and activation layer.
+      A :class:`Layer`; ``init(key, (m,))`` (or ``init(key, m)``) gives
+      params, a tuple with one entry per MM and activation layer.
+
+    Raises:
+      ValueError: ``widths`` not a non-empty list of positive ints,
+        ``remat_every`` not an int >= 0, an unknown activation or init.
     """
     if not isinstance(widths, (list, tuple)) or not widths or not all(
-            _args._is_int(w) and w > 0 for w in widths):
+            _args.is_int(w) and w > 0 for w in widths):
         raise ValueError(f"mlp: widths must be a non-empty list of positive ints, the output "
                          f"width of each MM (e.g. [1024, 10]), got {widths!r}")
     widths = [int(w) for w in widths]
@@ -86,6 +90,9 @@ def resnet_s(
       num_outputs: output width.
       activation: as in :func:`mlp`.
       init: as in :func:`mlp`.
+
+    Raises:
+      ValueError: ``width``, ``depth`` or ``num_outputs`` not a positive int.
     """
     width = _args.positive_int("resnet_s", "width", width, "the residual stream's width")
     depth = _args.positive_int("resnet_s", "depth", depth, "the number of Res blocks")
@@ -129,15 +136,20 @@ def cnn(
         (L,). Any leading axes of the input are example axes.
 
     Raises:
-      ValueError: no stage in ``channels``, or ``input_ndim`` not 1, 2 or 3.
+      ValueError: ``num_classes``, ``kernel_size`` (odd) or ``pool`` not a
+        positive int, ``channels`` not a non-empty list of positive ints, or
+        ``input_ndim`` not 1, 2 or 3.
     """
     num_classes = _args.positive_int("cnn", "num_classes", num_classes, "the output width")
     if (not isinstance(channels, (list, tuple)) or not channels
-            or not all(_args._is_int(c) and c > 0 for c in channels)):
+            or not all(_args.is_int(c) and c > 0 for c in channels)):
         raise ValueError(f"cnn: channels must be a non-empty list of positive ints, the output "
                          f"channels of each convolution stage (e.g. (16, 32)), got {channels!r}")
     kernel_size = _args.positive_int("cnn", "kernel_size", kernel_size,
                                      "every convolution's kernel size")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"cnn: kernel_size must be odd, got {kernel_size}: the convolutions "
+                         f"pad 'same', which needs an odd kernel; pass {kernel_size + 1}")
     pool = _args.positive_int("cnn", "pool", pool, "the window and stride of every max "
                                                    "pooling: 1 for none")
     if input_ndim not in (1, 2, 3) or isinstance(input_ndim, bool):
