@@ -64,7 +64,7 @@ from jax import Array
 
 from fnbp.backprop import (Loss, _backprop, _check, _inputs, _loss_and_cotangent,
                            require_per_example_losses)
-from fnbp.checking import check, is_checking
+from fnbp.checking import check
 from fnbp.nn.layer import Layer, MissingRuleError, Params, check_input
 from fnbp.rules._per_example import example_sum as _example_sum
 from fnbp.rules._per_example import squares as _squares

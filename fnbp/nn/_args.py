@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """A Python or NumPy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -33,7 +33,7 @@ def _meaning(name: str, what: str) -> str:
 
 def positive_int(fn: str, name: str, value: Any, what: str = "") -> int:
     """``value`` as an int >= 1; ``what`` says what it is, in the message."""
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(
             f"{fn}: {name} must be a positive int, got {value!r}{_meaning(name, what)}")
     return int(value)
@@ -41,7 +41,7 @@ def positive_int(fn: str, name: str, value: Any, what: str = "") -> int:
 
 def non_negative_int(fn: str, name: str, value: Any, what: str = "") -> int:
     """``value`` as an int >= 0."""
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(
             f"{fn}: {name} must be an int >= 0, got {value!r}{_meaning(name, what)}")
     return int(value)
@@ -49,9 +49,9 @@ def non_negative_int(fn: str, name: str, value: Any, what: str = "") -> int:
 
 def positive_ints(fn: str, name: str, value: Any, n: int, what: str = "") -> tuple[int, ...]:
     """An int (the same in every one of the n axes) or a tuple of n ints, each >= 1."""
-    values = (value,) * n if _is_int(value) else value
+    values = (value,) * n if is_int(value) else value
     if (not isinstance(values, (tuple, list)) or len(values) != n
-            or not all(_is_int(v) and v >= 1 for v in values)):
+            or not all(is_int(v) and v >= 1 for v in values)):
         raise ValueError(f"{fn}: {name} must be a positive int or a tuple of {n} positive "
                          f"int{'s' if n > 1 else ''}, got {value!r}{_meaning(name, what)}")
     return tuple(int(v) for v in values)
@@ -104,11 +104,11 @@ def input_shape(fn: str, shape: Any) -> tuple[int, ...]:
     is ``init(key, (784,))``. A zero or negative dimension is refused: an
     example with no entries has nothing to compute on.
     """
-    if _is_int(shape):
+    if is_int(shape):
         shape = (shape,)
     elif isinstance(shape, np.ndarray) and shape.ndim == 1:
         shape = tuple(shape.tolist())
-    if not isinstance(shape, (tuple, list)) or not all(_is_int(d) for d in shape):
+    if not isinstance(shape, (tuple, list)) or not all(is_int(d) for d in shape):
         raise TypeError(f"{fn}: input_shape must be one example's shape, a tuple of ints "
                         f"without the batch axis (e.g. (784,) or (28, 28, 1)), got "
                         f"{type(shape).__name__} {shape!r}")
@@ -128,7 +128,7 @@ def prng_key(fn: str, key: Any) -> Any:
         return key
     got = (f"an array of shape {jnp.shape(key)} and dtype {dtype}" if dtype is not None
            else f"{type(key).__name__} {key!r:.80}")
-    fix = f"jax.random.key({key!r})" if _is_int(key) else "jax.random.key(0)"
+    fix = f"jax.random.key({key!r})" if is_int(key) else "jax.random.key(0)"
     raise TypeError(f"{fn}: key must be one PRNG key, got {got}; pass e.g. {fix}")
 
 
