@@ -85,10 +85,7 @@ def validate_arrays(x: Any, y: Any, source: str, *, dtype: Any = np.float32,
         raise DataError(f"{source}: x has {x.shape[0]} examples but y has {y.shape[0]} "
                         f"labels; they must match one to one")
     flat = x.reshape(x.shape[0], -1)
-    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-        bad = int(np.argwhere(~np.isfinite(flat))[0][0])
-        raise DataError(f"{source}: x contains NaN or infinity (first in "
-                        f"{_where(bad, rows)}); remove or impute those values")
+    check_finite(source, "x", x, rows=rows)
     dtype = np.dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = x.astype(dtype)
@@ -119,6 +116,109 @@ def validate_arrays(x: Any, y: Any, source: str, *, dtype: Any = np.float32,
         raise DataError(f"{source}: y holds the label {y[bad]:g} in {_where(bad, rows)}, "
                         f"too large for a class index; labels must be 0, 1, ..., k-1")
     return cast, y.astype(np.int32)
+
+
+def check_finite(source: str, name: str, x: Any, *,
+                 rows: Sequence[int] | np.ndarray | None = None) -> None:
+    """Raise :class:`DataError` if the floating-point array ``x`` holds NaN or infinity.
+
+    The one check of non-finite inputs, for the data loaders (``source`` the
+    file, ``name`` "x") and for :func:`fnbp.fit` (``source`` "fit", ``name``
+    "`x`", "`y`", ...): the message names the first example that holds one.
+    Integer arrays pass. A ``jax.Array`` is checked where it lives and only a
+    bool comes back, unless it fails.
+
+    Args:
+      source: where the array comes from (a file, or the function checking).
+      name: the array's name in the message.
+      x: the array, shape (n, ...): example i is ``x[i]``.
+      rows: for example i, the line of the file it came from.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = np.asarray(x)
+        dtype = x.dtype
+    if not jnp.issubdtype(dtype, jnp.inexact) or np.size(x) == 0:
+        return
+    if isinstance(x, jax.Array):
+        if bool(jnp.isfinite(x).all()):
+            return
+        finite = np.asarray(jnp.isfinite(x))
+    else:
+        finite = np.isfinite(x)
+        if finite.all():
+            return
+    finite = finite.reshape(finite.shape[0], -1) if finite.ndim else finite.reshape(1, 1)
+    bad = int(np.argwhere(~finite)[0][0])
+    raise DataError(f"{source}: {name} contains NaN or infinity (first in "
+                    f"{_where(bad, rows)}); remove or impute those values")
+
+
+def available_memory() -> int | None:
+    """The bytes of memory this process can still allocate, or None where unknown.
+
+    Linux's ``MemAvailable`` (``/proc/meminfo``), lowered to what the
+    process' control group still allows (``memory.max`` less
+    ``memory.current``, cgroup v2; ``memory.limit_in_bytes`` less
+    ``memory.usage_in_bytes``, v1) when it sets a limit; elsewhere
+    ``os.sysconf``'s available physical pages.
+    """
+    import os
+
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        available = None
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max",
+                                    "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as handle:
+                limit = handle.read().strip()
+            with open(usage_file, encoding="ascii") as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's "no limit" 2**63 - 4096
+            available = min(available, max(int(limit) - usage, 0))
+        break
+    return available
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count in words: ``"512 B"``, ``"3.2 GiB"``, ``"72.8 TiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_memory(what: str, nbytes: int, remedy: str) -> None:
+    """Raise :class:`DataError` before allocating ``nbytes`` that memory cannot hold.
+
+    Compared with :func:`available_memory` (no check where it is unknown).
+    The message gives both sizes: "{what} needs about 72.8 TiB of memory, but
+    21.9 GiB is available; {remedy}".
+    """
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise DataError(f"{what} needs about {size_text(nbytes)} of memory, but "
+                        f"{size_text(available)} is available; {remedy}")
 
 
 def count_classes(y: np.ndarray, source: str, *,
@@ -207,10 +307,11 @@ def check_label_range(fn: str, name: str, y: Any, num_classes: int) -> None:
                      f"outputs as there are classes")
 
 
-def model_classes(model: Any, params: Any, x: Any, y: Any) -> int | None:
+def model_classes(model: Any, params: Any, x: Any, y: Any, output: Any = None) -> int | None:
     """The number of outputs k of ``model`` when (x, y) is integer-label classification.
 
-    Found from shapes alone (``jax.eval_shape``, nothing computed): the
+    Found from shapes alone (``jax.eval_shape``, nothing computed; or from
+    ``output``, the outputs' ShapeDtypeStruct when the caller has it): the
     outputs t have one axis more than the labels, and the labels are
     integers. ``None`` otherwise (regression targets, say).
     """
@@ -220,8 +321,8 @@ def model_classes(model: Any, params: Any, x: Any, y: Any) -> int | None:
     y_dtype = getattr(y, "dtype", None)
     if y_dtype is None or not jnp.issubdtype(y_dtype, jnp.integer):
         return None
-    t = jax.eval_shape(model.apply, params,
-                       jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)))
+    t = output if output is not None else jax.eval_shape(
+        model.apply, params, jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)))
     if len(t.shape) != np.ndim(y) + 1:
         return None
     return int(t.shape[-1])
@@ -262,14 +363,14 @@ class LabelCheck:
 
 
 def check_fit_labels(fn: str, model: Any, params: Any, x: Any, y: Any,
-                     x_test: Any = None, y_test: Any = None) -> None:
+                     x_test: Any = None, y_test: Any = None, *, output: Any = None) -> None:
     """Once before training: integer labels lie in [0, k), k the model's outputs.
 
     A label outside that range makes the cross-entropy NaN and training
     silently useless; this reads the labels back to the host once (no
     per-step cost) and raises ``ValueError`` naming the label and its index.
     """
-    classes = model_classes(model, params, x, y)
+    classes = model_classes(model, params, x, y, output)
     if classes is None:
         return
     check_label_range(fn, "y", y, classes)

@@ -197,6 +197,11 @@ def _open(path: str) -> tuple[Any, dict]:
         raise CheckpointError(f"checkpoint: no such file: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint: {path} is a folder, not a checkpoint file")
+    from fnbp.train.data_files import not_a_regular_file
+
+    problem = not_a_regular_file(path)  # a named pipe would block the read, a device never end
+    if problem is not None:
+        raise CheckpointError(f"checkpoint: {problem}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:

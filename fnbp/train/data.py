@@ -42,12 +42,12 @@ from typing import Mapping
 
 import numpy as np
 
-from fnbp.train._data_checks import (DataError, DataWarning, check_test_labels, count_classes,
-                               validate_arrays)
+from fnbp.train._data_checks import (DataError, DataWarning, check_memory, check_test_labels,
+                                     count_classes, validate_arrays)
 from fnbp.train.data_files import load_csv, load_idx, load_npz, read_csv, read_idx
 
 __all__ = ["DATASETS", "FILE_DATASETS", "DataError", "DataWarning", "Dataset",
-           "check_dataset_arguments", "check_test_labels",
+           "check_dataset_arguments", "check_synthetic_size", "check_test_labels",
            "count_classes", "load_csv", "load_dataset", "load_digits",
            "load_idx", "load_npz", "make_moons", "make_spirals", "read_idx",
            "standardize", "train_test_split", "validate_arrays"]
@@ -156,6 +156,7 @@ def make_spirals(num_examples: int = 2000, *, num_classes: int = 2, turns: float
     if num_examples < num_classes or num_classes < 2:
         raise DataError(f"spirals: need num_classes >= 2 and at least one example per "
                         f"class, got num_examples={num_examples}, num_classes={num_classes}")
+    check_synthetic_size("spirals", num_examples)
     rng = np.random.default_rng(seed)
     y = np.arange(num_examples) % num_classes
     t = rng.uniform(0.0, 1.0, num_examples)
@@ -180,6 +181,7 @@ def make_moons(num_examples: int = 2000, *, noise: float = 0.1,
     """
     if num_examples < 2:
         raise DataError(f"moons: need at least 2 examples, got {num_examples}")
+    check_synthetic_size("moons", num_examples)
     rng = np.random.default_rng(seed)
     y = np.arange(num_examples) % 2
     angle = np.pi * rng.uniform(0.0, 1.0, num_examples)
@@ -190,11 +192,29 @@ def make_moons(num_examples: int = 2000, *, noise: float = 0.1,
     return x.astype(np.float32), y.astype(np.int32)
 
 
+SYNTHETIC_BYTES_PER_EXAMPLE = 96
+"""The memory one point of spirals or moons takes while it is drawn, split and
+standardized (the generators' float64 working arrays; measured peak 64 to 80
+bytes), which :func:`check_synthetic_size` checks before anything is allocated."""
+
+
+def check_synthetic_size(name: str, num_examples: int) -> None:
+    """Raise :class:`DataError` when ``num_examples`` points of ``name`` cannot fit in memory.
+
+    The points need about :data:`SYNTHETIC_BYTES_PER_EXAMPLE` bytes each, compared
+    with the memory available now (:func:`fnbp.train._data_checks.available_memory`).
+    """
+    check_memory(f"{name}: `num_examples` {num_examples}",
+                 int(num_examples) * SYNTHETIC_BYTES_PER_EXAMPLE,
+                 "pass a smaller `num_examples`")
+
+
 # --- split and standardization -----------------------------------------------------
 
 
 def _check_test_fraction(test_fraction: float) -> None:
-    if not 0.0 < test_fraction < 1.0:
+    if (not isinstance(test_fraction, (int, float, np.integer, np.floating))
+            or isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0):
         raise DataError(f"`test_fraction` must lie strictly between 0 and 1, got "
                         f"{test_fraction}")
 
@@ -296,14 +316,17 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
                             test_fraction: float = 0.2) -> None:
     """Check :func:`load_dataset`'s ``name``, ``path``, ``num_examples`` and ``test_fraction``.
 
-    Cheap and reads nothing, so a caller can check them before any work. The
+    Cheap and reads nothing (but the memory available, for ``num_examples``
+    points of spirals or moons: :func:`check_synthetic_size`), so a caller can
+    check them before any work. The
     message names the argument at fault in backticks ("pass its `path`"),
     which a front end such as the command line maps to its own option names.
 
     Raises:
       DataError: an unknown name, a file dataset without ``path``, a built-in
         one with it, ``num_examples`` that is not a positive int or is given
-        for a dataset that is not synthetic, ``test_fraction`` outside (0, 1).
+        for a dataset that is not synthetic or needs more memory than is
+        available, ``test_fraction`` outside (0, 1).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r} (`name`); choose one of "
@@ -318,6 +341,8 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
     if num_examples is not None and (not isinstance(num_examples, int)
                                      or isinstance(num_examples, bool) or num_examples < 1):
         raise DataError(f"`num_examples` must be a positive integer, got {num_examples!r}")
+    if num_examples is not None and name in ("spirals", "moons"):
+        check_synthetic_size(name, num_examples)
     _check_test_fraction(test_fraction)
 
 

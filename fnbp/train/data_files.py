@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import stat
 import struct
 import warnings
 import zipfile
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fnbp.train._data_checks import DataError, DataWarning
+from fnbp.train._data_checks import DataError, DataWarning, check_memory
 
 # Everything a corrupted archive, .npy header or compressed stream can raise.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
@@ -31,12 +32,37 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zli
 
 
 def _require_file(path: str | os.PathLike, what: str) -> str:
+    """``path`` as a string, once it is known to name a regular file (checked unopened)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{what}: no such file: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"{what}: {path} is a folder, not a file")
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise DataError(f"{what}: {problem}")
     return path
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a data file, in words, or None when it is a file.
+
+    Decided from ``os.stat`` alone, without opening the path: opening a named
+    pipe blocks until something writes into it, and a device such as
+    ``/dev/zero`` never ends. A symbolic link is followed.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"no such file: {path}"
+    except OSError as error:
+        return f"cannot read {path} ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+    return f"{path} is {kind}, not a file; pass a regular file"
 
 
 _MAGIC = (
@@ -155,6 +181,13 @@ def _reason(error: BaseException) -> str:
 
 
 def _read_member(path: str, archive: Any, name: str) -> np.ndarray:
+    try:  # the size its .npy member says, checked before anything is allocated
+        size = archive.zip.getinfo(f"{name}.npy").file_size
+    except (KeyError, AttributeError):
+        size = None
+    if size:
+        check_memory(f"npz: {path}: the array {name}", size,
+                     "train on a subset of the examples, or on a machine with more memory")
     try:
         value = archive[name]
     except _READ_ERRORS as error:
@@ -351,7 +384,8 @@ def load_idx(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     for key, names in _IDX_FILES.items():
         candidates = [os.path.join(folder, name + suffix)
                       for name in names for suffix in ("", ".gz")]
-        found = next((c for c in candidates if os.path.isfile(c)), None)
+        # anything of that name: read_idx says what it is when it is not a file
+        found = next((c for c in candidates if os.path.exists(c)), None)
         if found is None:
             raise DataError(f"idx: {folder} has no {names[0]} (or {names[0]}.gz); it "
                             f"needs the four MNIST files train-images-idx3-ubyte, "
