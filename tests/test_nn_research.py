@@ -301,17 +301,17 @@ def test_cnn_trains_on_a_1d_signal_task():
     assert after >= 0.9 and after > before + 0.2, (before, after)
 
 
-# --- the README's "Your own layers" section runs as written -------------------------
+# --- the documentation's "Your own layers" section runs as written ----------------------
 
 
-def test_readme_your_own_layers_examples_run():
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Your own layers", 1)[1].split("\n## ", 1)[0]
+def test_docs_your_own_layers_examples_run():
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "networks.md").read_text()
+    section = page.split("## Your own layers", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "docs/networks.md", "exec"), namespace)
     model, act = namespace["model"], namespace["act"]
     assert act.name == "softsign" and model.name == "mlp"
     out_shape, params = model.init(jax.random.key(0), (5,))

@@ -632,20 +632,21 @@ def test_a_hook_with_the_wrong_structure_is_named():
             total, fnbp.cross_entropy_loss, p, x, y), params)
 
 
-# --- the README's "Per-example quantities and clipping" section runs as written ----------
+# --- docs/per-example.md's "Per-example quantities and clipping" section runs as written ---
+
+PAGE = pathlib.Path(__file__).parent.parent / "docs" / "per-example.md"
 
 
 def python_blocks(title: str) -> list[str]:
-    """The ```python blocks of the README section ``## title``."""
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    """The ```python blocks of the section ``## title`` of docs/per-example.md."""
+    section = PAGE.read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_per_example_section_runs():
+def test_docs_per_example_section_runs():
     (block,) = python_blocks("Per-example quantities and clipping")
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/per-example.md", "exec"), namespace)
     params, norms = namespace["params"], namespace["norms"]
     assert norms.shape == (32,) and float(jnp.min(norms)) > 0
     for name in ("grads", "array_norms", "clipped_sum", "mean", "variance"):
