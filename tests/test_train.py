@@ -150,7 +150,7 @@ def test_epoch_order_is_a_pure_function_of_key_and_epoch():
     assert not np.array_equal(a, train.epoch_order(jax.random.key(1), 3, N))
     assert a.dtype == np.int32
     np.testing.assert_array_equal(a, train.epoch_order(jax.random.PRNGKey(0), 3, N))
-    with pytest.raises(ValueError, match="epoch must be >= 0"):
+    with pytest.raises(ValueError, match="epoch must be an int >= 0, got -1"):
         train.epoch_order(key, -1, N)
 
 

@@ -12,13 +12,15 @@ the command line):
 - :mod:`fnbp.train.sharding`: :func:`make_mesh` and the parameter layouts;
 - :mod:`fnbp.train.precision`: mixed precision policies and loss scaling;
 - :mod:`fnbp.train.dp`: differentially private training (DP-SGD, :class:`DPConfig`,
-  ``fit(..., dp=...)``) and its privacy accounting.
+  ``fit(..., dp=...)``) and its privacy accounting;
+- :mod:`fnbp.train.stopping`: stopping ``fit`` cleanly at a step boundary
+  (``fit(..., stop=...)``, :func:`stop_on_signals`, :class:`TrainingStopped`).
 
 The names most code needs are also at the top level (``fnbp.fit``,
 ``fnbp.make_train_step``, ``fnbp.DataError``, ``fnbp.make_mesh``, ...).
 """
 
-from fnbp.train import checkpoint, data, dp, loop, precision, sharding, steps
+from fnbp.train import checkpoint, data, dp, loop, precision, sharding, steps, stopping
 from fnbp.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
 from fnbp.train.dp import DPConfig
@@ -32,6 +34,7 @@ from fnbp.train.precision import (
     with_precision,
 )
 from fnbp.train.sharding import initialize_distributed, make_mesh
+from fnbp.train.stopping import StopRequest, TrainingStopped, stop_on_signals
 from fnbp.train.steps import (
     ShardedEvalStep,
     ShardedTrainStep,
@@ -58,6 +61,10 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "train_step",
+    # stopping cleanly
+    "StopRequest",
+    "TrainingStopped",
+    "stop_on_signals",
     # data
     "DataError",
     "DataWarning",
@@ -86,4 +93,5 @@ __all__ = [
     "precision",
     "sharding",
     "steps",
+    "stopping",
 ]

@@ -43,7 +43,8 @@ from jax.sharding import Mesh
 from fnbp.train import dp as _dp
 from fnbp.train import precision as _precision
 from fnbp.train import sharding as _sharding
-from fnbp.train._data_checks import check_fit_labels
+from fnbp.train import stopping as _stopping
+from fnbp.train._data_checks import check_finite, check_fit_labels
 from fnbp.backprop import Loss
 from fnbp.nn.layer import Layer, Params
 from fnbp.train.steps import (Layout, Metrics, ShardedTrainStep, _batch_step_jit, _check_parts,
@@ -130,6 +131,7 @@ def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array
         model's own init).
     """
     _check_parts("init_state", model, accuracy, optimizer)
+    check_key("init_state", key)
     input_shape = tuple(int(d) for d in input_shape)
     if mesh is None:
         params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype),
@@ -170,8 +172,9 @@ def evaluate(eval_step: Callable[[Params, Array, Array], Metrics], params: Param
     n = int(np.shape(x)[0])
     if n == 0:
         raise ValueError("evaluate: x holds no examples")
-    if batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+            or batch_size < 1):
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size!r}")
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
@@ -197,8 +200,9 @@ def epoch_order(key: Array, epoch: int, num_examples: int) -> np.ndarray:
     Returns:
       An int32 NumPy array of shape (n,).
     """
-    if epoch < 0:
-        raise ValueError(f"epoch_order: epoch must be >= 0, got {epoch}")
+    if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"epoch_order: epoch must be an int >= 0, got {epoch!r}")
+    check_key("epoch_order", key)
     if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     words = [int(w) for w in np.asarray(key, dtype=np.uint32).ravel()]
@@ -212,6 +216,61 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     The skipped examples differ from epoch to epoch, since the order does.
     """
     return num_examples // batch_size
+
+
+def check_key(fn: str, key: Any) -> None:
+    """Raise TypeError unless ``key`` is one PRNG key.
+
+    A typed key (``jax.random.key(seed)``, shape ()) or a raw one
+    (``jax.random.PRNGKey(seed)``: uint32 of shape (2,), or (4,) for the
+    ``rbg`` implementations).
+    """
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(np.shape(key)) if dtype is not None else None
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        raise TypeError(f"{fn}: `key` must be one PRNG key, got an array of keys of shape "
+                        f"{shape}; pass jax.random.key(seed)")
+    if dtype is not None and np.dtype(dtype) == np.uint32 and shape in ((2,), (4,)):
+        return
+    seen = (type(key).__name__ if dtype is None
+            else f"an array of dtype {np.dtype(dtype).name} and shape {shape}")
+    raise TypeError(f"{fn}: `key` must be a PRNG key, jax.random.key(seed), got {seen}")
+
+
+def _data(fn: str, name: str, value: Any, host: bool) -> Any:
+    """``value`` as a numeric array: a NumPy one (``host``), else a jax.Array."""
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as error:  # ragged nested lists
+            raise TypeError(f"{fn}: `{name}` must be an array (n, ...) of numbers; "
+                            f"np.asarray could not make one ({error})") from None
+    dtype = np.dtype(value.dtype)
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        raise TypeError(f"{fn}: `{name}` must hold numbers, got dtype {dtype}")
+    return np.asarray(value) if host else jnp.asarray(value)
+
+
+def _check_callable(fn: str, name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{fn}: `{name}` must be a function or None, got "
+                        f"{type(value).__name__}")
+
+
+def _check_model_fits(fn: str, model: Layer, params: Params, x: Any) -> Any:
+    """The model's output for ``params`` and inputs like ``x``, as a ShapeDtypeStruct
+    (abstractly: nothing is computed); raw errors of a wrong ``params`` as fnbp's."""
+    example = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    try:
+        return jax.eval_shape(model.apply, params, example)
+    except (TypeError, KeyError, AttributeError, IndexError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise TypeError(f"{fn}: the model cannot be applied to `params` and inputs of "
+                        f"shape {tuple(np.shape(x))} ({type(error).__name__}: "
+                        f"{detail[:200]}); pass the params of model.init(key, "
+                        f"{tuple(np.shape(x))[1:]})[1]") from error
 
 
 def check_batch_size(fn: str, batch_size: Any, num_examples: int) -> None:
@@ -238,7 +297,8 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         eval_batch_size: int = 1024, mesh: Mesh | None = None,
         min_shard_size: int = _sharding.MIN_SHARD_SIZE,
         precision: _precision.Precision | str | None = None,
-        dp: _dp.DPConfig | None = None) -> FitResult:
+        dp: _dp.DPConfig | None = None,
+        stop: Callable[[], bool] | None = None) -> FitResult:
     """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
 
     Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
@@ -249,6 +309,14 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     To continue a run, pass the saved ``state`` and ``history``: training
     resumes at ``state.step`` (mid-epoch too) and ends after ``epochs`` epochs
     in total, with exactly the parameters an uninterrupted run would have.
+
+    To stop a run cleanly, pass ``stop``: it is called at every step boundary
+    (before each step, and after each epoch's ``on_epoch``), and once it
+    returns true ``fit`` raises :class:`fnbp.train.TrainingStopped` with the
+    state and history reached, which continue exactly as above. The request
+    of :func:`fnbp.train.stop_on_signals` is such a ``stop``: Ctrl-C and
+    SIGTERM then stop at the next step boundary. Without ``stop``, Ctrl-C
+    raises ``KeyboardInterrupt`` wherever it arrives, as in any Python code.
 
     With a ``mesh`` (:func:`fnbp.make_mesh`) training is data parallel: each
     step's minibatch (the same examples as without a mesh) is gathered on the
@@ -264,8 +332,9 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
       loss: a per-example loss, e.g. ``fnbp.cross_entropy_loss``.
       optimizer: an optax ``GradientTransformation``.
       params: the initial parameters (ignored when ``state`` is given).
-      x: training inputs, shape (n, *input_shape).
-      y: training targets, shape (n, ...); integer labels get an accuracy.
+      x: training inputs, shape (n, *input_shape), finite.
+      y: training targets, shape (n, ...); integer labels get an accuracy,
+        float targets must be finite.
       key: the PRNG key of the shuffling (``jax.random.key(seed)``).
       epochs: total number of epochs (including any done before ``state``).
       batch_size: examples per step, 1 <= batch_size <= n.
@@ -291,29 +360,50 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         Gaussian noise), drawn from ``key``; every history entry gets the
         ``epsilon`` spent so far at its ``delta``. One device, float32, and
         the ``dp-accounting`` package (``pip install "fnbp[dp]"``).
+      stop: called without arguments at every step boundary; true stops the
+        run (:class:`fnbp.train.TrainingStopped`). None: never stopped.
 
     Returns:
       A :class:`FitResult` ``(params, history, state)``.
 
     Raises:
+      TypeError: a key that is not one PRNG key, inputs that are not arrays
+        of numbers, a ``state`` that is not a :class:`TrainState`, callbacks
+        that are not callable, or ``params`` the model cannot be applied to.
       ValueError: a batch size outside [1, n], a non-positive epoch count,
-        inputs and targets of different lengths, a state past ``epochs``, on
-        a mesh a batch size its device count does not divide, or an integer
-        label (of y or y_test) outside [0, k) for a model of k outputs
-        (checked once on the host before training); with ``dp``, a mesh or a
-        precision other than float32.
+        inputs and targets of different lengths, test inputs of another
+        shape, a state past ``epochs``, on a mesh a batch size its device
+        count does not divide, or an integer label (of y or y_test) outside
+        [0, k) for a model of k outputs (checked once on the host before
+        training); with ``dp``, a mesh or a precision other than float32.
+      fnbp.DataError: NaN or infinity in x, x_test or float targets y,
+        y_test (a ValueError, checked once before training, as
+        :func:`fnbp.train.data.load_dataset` checks its files).
       ImportError: ``dp`` without the dp-accounting package.
+      fnbp.train.TrainingStopped: ``stop`` returned true.
     """
     _check_parts("fit", model, loss, optimizer)
+    check_key("fit", key)
+    for name, callback in (("on_step", on_step), ("on_epoch", on_epoch), ("stop", stop)):
+        _check_callable("fit", name, callback)
+    if state is not None and not isinstance(state, TrainState):
+        raise TypeError(f"fit: `state` must be a fnbp.train.TrainState (from init_state, or "
+                        f"a FitResult's state), got {type(state).__name__}")
+    if history is not None and not (isinstance(history, (list, tuple))
+                                    and all(isinstance(h, dict) for h in history)):
+        raise TypeError(f"fit: `history` must be a list of dicts (a FitResult's history), "
+                        f"got {type(history).__name__}")
+    if (not isinstance(eval_batch_size, (int, np.integer)) or isinstance(eval_batch_size, bool)
+            or eval_batch_size < 1):
+        raise ValueError(f"fit: `eval_batch_size` must be a positive int, got "
+                         f"{eval_batch_size!r}")
     if dp is not None:
         _dp.check_options("fit", dp, mesh=mesh, precision=precision)
     model = _precision.applied("fit", model, precision)
-    if mesh is None:
-        x, y = jnp.asarray(x), jnp.asarray(y)
-    else:
+    if mesh is not None:
         _sharding.check_mesh("fit", mesh)
-        # kept on the host: each step's minibatch is placed from here
-        x, y = np.asarray(x), np.asarray(y)
+    # with a mesh kept on the host: each step's minibatch is placed from there
+    x, y = _data("fit", "x", x, mesh is not None), _data("fit", "y", y, mesh is not None)
     n = x.shape[0] if x.ndim else 0
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
@@ -323,6 +413,19 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if (x_test is None) != (y_test is None):
         raise ValueError("fit: pass both x_test and y_test, or neither")
+    if x_test is not None:
+        x_test = _data("fit", "x_test", x_test, mesh is not None)
+        y_test = _data("fit", "y_test", y_test, mesh is not None)
+        if x_test.ndim != x.ndim or x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(f"fit: `x_test` has shape {x_test.shape}, but the examples of "
+                             f"`x` have shape {x.shape[1:]}; pass test examples of that "
+                             f"shape")
+        if y_test.ndim == 0 or y_test.shape[0] != x_test.shape[0]:
+            raise ValueError(f"fit: `x_test` has {x_test.shape[0]} examples but `y_test` has "
+                             f"shape {y_test.shape}; pass one target per example")
+    for name, array in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
+        if array is not None:  # integer labels pass; their range is checked below
+            check_finite("fit", f"`{name}`", array)
     if mesh is not None:
         _sharding.check_batch("fit", mesh, int(batch_size), "batch_size")
     per_epoch = steps_per_epoch(n, batch_size)
@@ -336,9 +439,9 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     evaluator = None
     if x_test is not None:
         evaluator = make_eval_step(model, loss, mesh=mesh, min_shard_size=min_shard_size)
-        convert = jnp.asarray if mesh is None else np.asarray
-        x_test, y_test = convert(x_test), convert(y_test)
-    check_fit_labels("fit", model, state.params, x, y, x_test, y_test)  # once, on the host
+    output = _check_model_fits("fit", model, state.params, x)
+    check_fit_labels("fit", model, state.params, x, y, x_test, y_test,  # once, on the host
+                     output=output)
 
     params, opt_state, step = state.params, state.opt_state, int(state.step)
     dp_step = None if dp is None else _dp.Stepper(model, loss, optimizer, dp, x, y, key,
@@ -350,12 +453,26 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         opt_state = _sharding.put_tree(opt_state, state_sharding)
         batch_sharding = _sharding.batch_sharding(mesh)
     loss_sum, correct_sum = float(state.loss_sum), float(state.correct_sum)
+
+    def check_stop() -> None:  # at a step boundary: the state continues exactly
+        if stop is None or not stop():
+            return
+        if step == 0:
+            where = f"at step 0 of {total}, before the first step"
+        elif step % per_epoch == 0:
+            where = f"at step {step} of {total}, after epoch {step // per_epoch} of {epochs}"
+        else:
+            where = f"at step {step} of {total}, in epoch {step // per_epoch + 1} of {epochs}"
+        _stopping.check(stop, where,
+                        TrainState(params, opt_state, step, loss_sum, correct_sum), history)
+
     while step < total:
         epoch = step // per_epoch
         order = epoch_order(key, epoch, n) if dp_step is None else None
         if mesh is None and dp_step is None:
             order = jnp.asarray(order)
         for i in range(step % per_epoch, per_epoch):
+            check_stop()
             if dp_step is not None:  # a Poisson-sampled batch, not the epoch's order
                 params, opt_state, metrics = dp_step(step, params, opt_state)
             elif mesh is None:
@@ -391,5 +508,6 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         state = TrainState(params, opt_state, step, 0.0, 0.0)
         if on_epoch is not None:
             on_epoch(state, history)
+        check_stop()
     state = TrainState(params, opt_state, step, loss_sum, correct_sum)
     return FitResult(params, history, state)
