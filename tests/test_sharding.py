@@ -386,11 +386,11 @@ def test_initialize_distributed_degrades_to_one_process():
     assert sharding.initialize_distributed() == 1
     assert sharding.initialize_distributed(num_processes=1, process_id=0) == 1
     assert not jax.distributed.is_initialized()
-    with pytest.raises(ValueError, match="2 processes need a coordinator_address"):
+    with pytest.raises(ValueError, match="2 processes need a `coordinator_address`"):
         sharding.initialize_distributed(num_processes=2, process_id=0)
-    with pytest.raises(ValueError, match=r"process_id must be an int in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"`process_id` must be an int in \[0, 2\), got 2"):
         sharding.initialize_distributed("localhost:1", num_processes=2, process_id=2)
-    with pytest.raises(ValueError, match="process_id 1 needs num_processes > 1"):
+    with pytest.raises(ValueError, match="`process_id` 1 needs `num_processes` > 1"):
         sharding.initialize_distributed(process_id=1)
 
 

@@ -39,7 +39,11 @@ and a single process needs none of it.
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -58,9 +62,94 @@ MIN_SHARD_SIZE = 2**14
 # --- processes ----------------------------------------------------------------------
 
 
+DEFAULT_TIMEOUT = 60
+"""Seconds :func:`initialize_distributed` waits for the processes to join, by default."""
+
+
+def check_distributed_arguments(coordinator_address: str | None = None,
+                                num_processes: int | None = None,
+                                process_id: int | None = None,
+                                timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int] | None:
+    """Check :func:`initialize_distributed`'s arguments without touching JAX or the network.
+
+    ``coordinator_address`` is ``"host:port"`` (an IPv6 host in brackets,
+    ``"[::1]:1234"``) with a port in 1 .. 65535; ``timeout`` a positive
+    number of seconds. Messages name the argument at fault in backticks.
+
+    Returns:
+      ``(host, port)`` of the address, or None when none is given.
+
+    Raises:
+      TypeError: an address that is not a string.
+      ValueError: a malformed address, a process count or id out of range,
+        a timeout that is not a positive finite number.
+    """
+    fn = "initialize_distributed"
+    if (not isinstance(timeout, (int, float, np.integer, np.floating)) or isinstance(timeout, bool)
+            or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"{fn}: `timeout` must be a positive number of seconds, got "
+                         f"{timeout!r}")
+    address = None
+    if coordinator_address is not None:
+        address = _parse_address(fn, coordinator_address)
+    if num_processes is None or num_processes == 1:
+        if process_id not in (None, 0):
+            raise ValueError(f"{fn}: `process_id` {process_id} needs `num_processes` > "
+                             f"{process_id}")
+        return address
+    if (not isinstance(num_processes, (int, np.integer)) or isinstance(num_processes, bool)
+            or num_processes < 1):
+        raise ValueError(f"{fn}: `num_processes` must be a positive int, got "
+                         f"{num_processes!r}")
+    if address is None:
+        raise ValueError(f"{fn}: {num_processes} processes need a `coordinator_address` "
+                         f"'host:port' (the address of process 0)")
+    if (not isinstance(process_id, (int, np.integer)) or isinstance(process_id, bool)
+            or not 0 <= process_id < num_processes):
+        raise ValueError(f"{fn}: `process_id` must be an int in [0, {num_processes}), got "
+                         f"{process_id!r}")
+    return address
+
+
+def _parse_address(fn: str, address: Any) -> tuple[str, int]:
+    """``(host, port)`` of ``"host:port"`` or ``"[v6 host]:port"``, or fnbp's error."""
+    if not isinstance(address, str):
+        raise TypeError(f"{fn}: `coordinator_address` must be a string 'host:port', got "
+                        f"{type(address).__name__}")
+    example = "e.g. 'localhost:1234' or '10.0.0.1:1234'"
+    if ":" not in address:
+        raise ValueError(f"{fn}: `coordinator_address` {address!r} has no port; pass "
+                         f"'host:port', {example}")
+    if address.startswith("["):
+        close = address.find("]")
+        if close < 0 or address[close + 1:close + 2] != ":":
+            raise ValueError(f"{fn}: `coordinator_address` {address!r}: an IPv6 host in "
+                             f"brackets is followed by ':port', e.g. '[::1]:1234'")
+        host, port_text = address[1:close], address[close + 2:]
+    else:
+        host, port_text = address.rsplit(":", 1)
+        if ":" in host:
+            raise ValueError(f"{fn}: `coordinator_address` {address!r}: write an IPv6 host "
+                             f"in brackets, e.g. '[{host}]:{port_text}'")
+    if not host.strip() or host != host.strip() or any(c.isspace() for c in host):
+        raise ValueError(f"{fn}: `coordinator_address` {address!r} has "
+                         f"{'no host' if not host.strip() else 'spaces in its host'}; pass "
+                         f"'host:port', {example}")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{fn}: `coordinator_address` {address!r}: the port "
+                         f"{port_text!r} is not a number; pass 'host:port', {example}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{fn}: `coordinator_address` {address!r}: the port {port} is "
+                         f"outside 1 .. 65535")
+    return host, port
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> int:
+                           process_id: int | None = None, *,
+                           timeout: float = DEFAULT_TIMEOUT,
+                           on_timeout: Callable[[str], Any] | None = None) -> int:
     """Join a multi-process (multi-host) run, or stay a single process.
 
     With ``num_processes`` > 1 this calls ``jax.distributed.initialize``
@@ -70,44 +159,114 @@ def initialize_distributed(coordinator_address: str | None = None,
     does nothing and the process runs alone, so the same script works on one
     machine and on many. Calling it again once initialized does nothing.
 
+    Waiting is bounded by ``timeout`` seconds, in two parts:
+
+    - every process but process 0 first waits for the coordinator's port to
+      accept a connection (process 0 opens it); if it does not within
+      ``timeout``, :class:`TimeoutError` is raised;
+    - then all processes register with the coordinator, which returns once
+      all ``num_processes`` have. JAX cannot be stopped while it waits there,
+      and ends the process itself (a fatal error of its runtime) at its own
+      deadline; so when the processes have not all joined by ``timeout``,
+      ``on_timeout(message)`` is called from a watchdog thread with the
+      one-line message, and by default writes it to standard error and ends
+      the process with exit status 2 (``os._exit``).
+
     Args:
       coordinator_address: ``"host:port"`` of process 0, reachable from
-        every process (required when ``num_processes`` > 1).
+        every process (required when ``num_processes`` > 1); an IPv6 host in
+        brackets, ``"[::1]:1234"``.
       num_processes: the number of processes, usually one per host.
       process_id: this process' number in 0 .. num_processes - 1.
+      timeout: seconds to wait for the coordinator and the other processes
+        (default :data:`DEFAULT_TIMEOUT`, 60).
+      on_timeout: what to do when the processes have not all joined after
+        ``timeout`` (called with the message, in another thread; it should
+        end the process, which JAX does soon after anyway).
 
     Returns:
       The number of processes now running (``jax.process_count()``, or 1).
 
     Raises:
-      ValueError: inconsistent arguments, or ``jax.distributed.initialize``
-        failing (the backend already in use, the coordinator unreachable).
+      TypeError: an address that is not a string.
+      ValueError: a malformed address, inconsistent arguments, or
+        ``jax.distributed.initialize`` failing (the backend already in use,
+        the port taken).
+      TimeoutError: the coordinator did not answer within ``timeout``.
     """
     # jax.distributed.is_initialized is newer than some JAX versions fnbp supports
     if getattr(jax.distributed, "is_initialized", lambda: False)():
         return jax.process_count()
+    address = check_distributed_arguments(coordinator_address, num_processes, process_id,
+                                          timeout)
     if num_processes is None or num_processes == 1:
-        if process_id not in (None, 0):
-            raise ValueError(f"initialize_distributed: process_id {process_id} needs "
-                             f"num_processes > {process_id}")
         return 1
-    if not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"initialize_distributed: num_processes must be a positive int, "
-                         f"got {num_processes!r}")
-    if not coordinator_address:
-        raise ValueError(f"initialize_distributed: {num_processes} processes need a "
-                         f"coordinator_address 'host:port' (the address of process 0)")
-    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-        raise ValueError(f"initialize_distributed: process_id must be an int in "
-                         f"[0, {num_processes}), got {process_id!r}")
+    assert address is not None  # checked: several processes need one
+    deadline = time.monotonic() + timeout
+    if process_id != 0:
+        _wait_for_port(coordinator_address, address, deadline, timeout)
+    message = (f"initialize_distributed: the {num_processes} processes did not all join the "
+               f"coordinator {coordinator_address} (`coordinator_address`) within "
+               f"{timeout:g} s (`timeout`); start every process with the same "
+               f"`coordinator_address` and `num_processes` and its own `process_id`, or "
+               f"pass a larger `timeout`")
+    joined = threading.Event()
+    watchdog = threading.Thread(
+        target=_watch, args=(joined, deadline, message, on_timeout or _exit_with),
+        name="fnbp-initialize-distributed-watchdog", daemon=True)
+    watchdog.start()
+    # JAX's own deadline (which ends the process) after the watchdog's
+    remaining = max(deadline - time.monotonic(), 0.0)
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=int(num_processes), process_id=int(process_id),
+                                   initialization_timeout=int(math.ceil(remaining)) + 30)
     except (RuntimeError, ValueError) as error:
         message = " ".join(str(error).split())
         raise ValueError(f"initialize_distributed: jax.distributed.initialize failed: "
                          f"{message}") from error
+    finally:
+        joined.set()
     return jax.process_count()
+
+
+def _wait_for_port(text: str, address: tuple[str, int], deadline: float,
+                   timeout: float) -> None:
+    """Until ``deadline``, try to connect to the coordinator's port; TimeoutError if never."""
+    host, port = address
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(min(left, 2.0), 0.05)):
+                return
+        except socket.gaierror as error:
+            raise ValueError(f"initialize_distributed: the host {host!r} of "
+                             f"`coordinator_address` {text} is unknown "
+                             f"({error.strerror or error}); pass the address of process 0"
+                             ) from error
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"initialize_distributed: nothing answers at the coordinator "
+                               f"{text} (`coordinator_address`) after {timeout:g} s "
+                               f"(`timeout`); start process 0 with the same "
+                               f"`coordinator_address`, check the host and the port, or pass a "
+                               f"larger `timeout`")
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+
+
+def _watch(joined: threading.Event, deadline: float, message: str,
+           on_timeout: Callable[[str], Any]) -> None:
+    if not joined.wait(max(deadline - time.monotonic(), 0.0)):
+        on_timeout(message)
+
+
+def _exit_with(message: str) -> None:
+    """Write ``message`` on standard error and end the process with exit status 2."""
+    try:
+        os.write(2, (message + "\n").encode("utf-8", "replace"))
+    finally:
+        os._exit(2)
 
 
 # --- meshes -------------------------------------------------------------------------
