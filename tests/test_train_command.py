@@ -555,6 +555,10 @@ def test_sigterm_and_sigint_stop_alike(tmp_path, capsys, monkeypatch, signum, st
 
     monkeypatch.setattr(fnbp.train.checkpoint, "save_checkpoint", save_checkpoint)
     assert train(*SMALL, "--out", tmp_path / "run") == status
+    # the signal only sets a flag; the run stops at the next step boundary, after the save
     assert capsys.readouterr().err == (
-        f"fnbp train: interrupted; the checkpoint of step 8 is kept (continue with: fnbp "
-        f"train --resume {tmp_path / 'run'})\n")
+        f"fnbp train: interrupted by {signal.Signals(signum).name} at step 8 of 16, after "
+        f"epoch 1 of 2; the checkpoint of step 8 is kept (continue with: fnbp train --resume "
+        f"{tmp_path / 'run'})\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -9,8 +9,13 @@
 - A write that fails (disk full, the folder deleted mid-run, a read-only
   file system) becomes :class:`RunFolderError`, whose one-line message says
   what is kept and how to go on.
-- SIGTERM is handled as SIGINT (:func:`sigterm_as_interrupt`), and a closed
-  standard output (``fnbp train | head -1``) does not stop the run
+- A run folder is owned by one run at a time (:class:`RunLock`): a second
+  run on a folder that a live run holds is refused in one line, whether it
+  would start a new run there or resume it. The lock is ``fcntl.flock`` on
+  the file ``.fnbp-train.lock`` in the folder, which the kernel releases when
+  the process ends however it ends (a SIGKILL included), so a killed run never
+  leaves it stuck; a run that ends removes the file.
+- A closed standard output (``fnbp train | head -1``) does not stop the run
   (:class:`Output`).
 """
 
@@ -21,13 +26,15 @@ import errno
 import json
 import os
 import re
-import signal
+import socket
 import sys
+import time
 import warnings
 from typing import Any, Iterator
 
 CHECKPOINT = "checkpoint.npz"
 CONFIG = "config.json"
+LOCK = ".fnbp-train.lock"
 OUTPUTS = (CHECKPOINT, CONFIG, "metrics.json", "plot.png")
 # fnbp.train.checkpoint.atomic_write's temporary files: .<name>.<pid>.<8 hex digits>.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -37,16 +44,24 @@ class RunFolderError(Exception):
     """A run folder that cannot be used or written; printed as one line, exit status 2."""
 
 
-def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | None) -> str:
+def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | None,
+               words: str = "", probe: bool = True) -> str:
     """The run folder; checked here, created only once everything else is valid.
 
     ``--out`` as given, or the folder of the resumed checkpoint, or a new
-    ``runs/<dataset>-<model>-seed<seed>`` (numbered if taken).
+    ``runs/<dataset>-<model>-seed<seed>`` (numbered if taken, when it is made:
+    :func:`claim_numbered`). With ``probe``, a folder that a live run holds
+    is refused first (:func:`check_not_in_use`; ``words`` names it).
     """
     if out_arg is None and checkpoint is not None:
-        return os.path.dirname(os.path.abspath(checkpoint))
+        out = os.path.dirname(os.path.abspath(checkpoint))
+        if probe:
+            check_not_in_use(out, words)
+        return out
     if out_arg is not None:
         out = check_out(out_arg)
+        if probe:
+            check_not_in_use(out, words)
         resuming_here = (checkpoint is not None and
                          os.path.dirname(os.path.abspath(checkpoint)) == out)
         if os.path.exists(out) and not resuming_here:
@@ -55,17 +70,13 @@ def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | No
             if unstarted_run(out):  # stopped before its first checkpoint
                 print(f"fnbp train: --out {out_arg} holds a run that stopped before its "
                       f"first checkpoint; starting a run there again", file=sys.stderr)
-            elif os.listdir(out):
+            elif contents(out):
                 raise RunFolderError(f"--out {out_arg} already holds files; choose a new "
                                      f"folder, or pass --resume {out_arg} to continue that run")
         return out
-    base = os.path.abspath(os.path.join(
+    # numbered when taken, by claim_numbered, once the run is valid
+    return os.path.abspath(os.path.join(
         "runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}"))
-    out, number = base, 1
-    while os.path.exists(out):
-        number += 1
-        out = f"{base}-{number}"
-    return out
 
 
 def check_out(out_arg: str) -> str:
@@ -80,6 +91,29 @@ def check_out(out_arg: str) -> str:
     return out
 
 
+def contents(folder: str) -> list[str]:
+    """The names in ``folder`` that belong to a run (all but the lock file)."""
+    try:
+        return sorted(name for name in os.listdir(folder) if name != LOCK)
+    except OSError:
+        return []
+
+
+def folder_state(folder: str) -> Any:
+    """What a run folder holds, to tell whether another run changed it meanwhile.
+
+    The names of the run's files (not the lock, not temporaries) and the
+    identity of its checkpoint (inode, size, modification time).
+    """
+    names = frozenset(name for name in contents(folder) if not is_temporary(name))
+    try:
+        info = os.stat(os.path.join(folder, CHECKPOINT))
+        checkpoint = (info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        checkpoint = None
+    return names, checkpoint
+
+
 def is_temporary(name: str) -> bool:
     """A temporary file of an interrupted write of one of the run's outputs."""
     match = _TEMPORARY.match(name)
@@ -92,7 +126,8 @@ def unstarted_run(folder: str) -> bool:
         names = os.listdir(folder)
     except OSError:
         return False
-    return CONFIG in names and all(name == CONFIG or is_temporary(name) for name in names)
+    return CONFIG in names and all(name in (CONFIG, LOCK) or is_temporary(name)
+                                   for name in names)
 
 
 def restart_command(folder: str) -> str:
@@ -218,14 +253,42 @@ class Progress:
                 f"--out {self.out} may be reused)")
 
 
-def prepare(progress: Progress, run_config: dict[str, Any]) -> None:
-    """Make the run folder, clear it of stale temporary files, and write config.json.
+def prepare(progress: Progress, run_config: dict[str, Any], words: str, before: Any,
+            numbered: bool = False) -> RunLock:
+    """Make the run folder, take its lock, clear it of stale temporary files, and write
+    config.json; returns the lock, for the caller to release when the run ends.
+
+    The lock is taken before anything is written into the folder, and the
+    folder is then checked to be as it was when the run checked it
+    (``before``, a :func:`folder_state`): a run that started or ended there
+    meanwhile is never mixed with this one. A ``numbered`` folder (the
+    default ``runs/<dataset>-<model>-seed<seed>``) is created exclusively,
+    with the next free number (``-2``, ``-3``, ...) when taken;
+    ``progress.out`` and ``run_config["out"]`` then say which.
 
     A run resumed in its own folder keeps the old config.json until its first
     new checkpoint is saved (:meth:`Progress.write_config` then), so that a
     run that fails before (disk full) leaves config and checkpoint matching.
     """
-    make_folder(progress.out)
+    if numbered:
+        progress.out = run_config["out"] = claim_numbered(progress.out)
+    else:
+        make_folder(progress.out)
+    lock = RunLock(progress.out)
+    lock.acquire(words)
+    try:
+        if not numbered and folder_state(progress.out) != before:
+            raise RunFolderError(f"{words}: the run folder changed while this run was "
+                                 f"starting (another fnbp train run wrote into it); run the "
+                                 f"command again")
+        _clean_and_configure(progress, run_config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _clean_and_configure(progress: Progress, run_config: dict[str, Any]) -> None:
     removed = remove_stale_temporaries(progress.out)
     if removed:
         print(f"fnbp train: removed {len(removed)} temporary file(s) left in {progress.out} "
@@ -241,6 +304,26 @@ def writing(folder: str, path: str, saved_step: int | None) -> Iterator[None]:
         yield
     except OSError as error:
         raise write_error(error, folder, path, saved_step) from None
+
+
+def claim_numbered(base: str) -> str:
+    """Create ``base``, or ``base-2``, ``base-3``, ... if taken; return the one made.
+
+    ``os.mkdir`` is exclusive, so two runs started together get two folders.
+    """
+    make_folder(os.path.dirname(base))
+    out, number = base, 1
+    while True:
+        try:
+            os.mkdir(out)
+            return out
+        except FileExistsError:
+            number += 1
+            out = f"{base}-{number}"
+        except OSError as error:
+            raise RunFolderError(f"cannot create the run folder {out} "
+                                 f"({error.strerror or error}); pass an --out in a folder you "
+                                 f"can write") from None
 
 
 def make_folder(folder: str) -> None:
@@ -267,26 +350,139 @@ def warnings_as_lines(prefix: str, category: type[Warning]) -> Iterator[None]:
                                  warning.lineno)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as an interrupt (the same clean stop as Ctrl-C)."""
+class RunLock:
+    """The lock of a run folder, so that one ``fnbp train`` run at a time writes it.
+
+    :meth:`acquire` takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``folder/.fnbp-train.lock``
+    (created if needed) and writes the holder's process id and host into it;
+    :meth:`release` removes the file and lets the lock go. A process that
+    dies, even by SIGKILL, releases it with its last file descriptor, so a
+    file left by a killed run is taken over by the next one. Where the file
+    system has no ``flock`` (some network file systems), POSIX record locks
+    (``fcntl.lockf``) are used; where it has neither, the run goes on without
+    the lock, with a warning.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK)
+        self._descriptor: int | None = None
+
+    def acquire(self, words: str) -> None:
+        """Take the lock, or raise :class:`RunFolderError` naming the run that holds it.
+
+        ``words`` names the folder as the user gave it ("--out runs/a").
+        """
+        for attempt in range(20):
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as error:
+                raise write_error(error, self.folder, self.path, None) from None
+            locked = _lock(descriptor, exclusive=True)
+            if locked is None:
+                print(f"fnbp train: warning: the file system of {self.folder} supports no "
+                      f"file locks, so nothing keeps a second run from writing into it "
+                      f"meanwhile", file=sys.stderr)
+                self._descriptor = descriptor
+                return
+            if not locked:
+                holder = _holder(descriptor)
+                os.close(descriptor)
+                if attempt < 4:  # a short-lived probe, or a run that is just ending
+                    time.sleep(0.02)
+                    continue
+                raise RunFolderError(in_use(words, holder))
+            if _same_file(descriptor, self.path):
+                break
+            os.close(descriptor)  # removed by a run that ended meanwhile: take a new one
+        else:  # pragma: no cover - the file replaced twenty times over
+            raise RunFolderError(in_use(words, None))
+        self._descriptor = descriptor
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, record.encode("utf-8") + b"\n", 0)
+        except OSError:  # the lock holds without its note
+            pass
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it) and let the lock go."""
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is None:
+            return
+        try:
+            if _same_file(descriptor, self.path):
+                os.unlink(self.path)
+        except OSError:  # the folder is gone: nothing to clean
+            pass
+        os.close(descriptor)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``)."""
+def check_not_in_use(folder: str, words: str) -> None:
+    """Refuse at once a folder that a live run holds; writes nothing.
 
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
+    The lock itself is taken later (:meth:`RunLock.acquire`), when the run
+    writes its first file; this probe (a shared lock, let go at once) saves a
+    second run its start-up.
+    """
+    path = os.path.join(folder, LOCK)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave SIGTERM as it is
-        yield
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return
     try:
-        yield
+        if _lock(descriptor, exclusive=False) is False:
+            raise RunFolderError(in_use(words, _holder(descriptor)))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        os.close(descriptor)  # and with it the shared lock
+
+
+def in_use(words: str, holder: str | None) -> str:
+    """The one-line refusal of a folder that another run holds."""
+    who = f" ({holder})" if holder else ""
+    return (f"{words} is in use by another fnbp train run{who}; wait for it to end (a run "
+            f"that is stopped keeps its last checkpoint, for --resume), or pass another --out")
+
+
+def _lock(descriptor: int, exclusive: bool) -> bool | None:
+    """Try to lock without waiting: True taken, False held by another, None unsupported."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    unsupported = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL,
+                   getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+    for lock in (fcntl.flock, fcntl.lockf):
+        try:
+            lock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            if not exclusive:  # a probe: let go at once
+                lock(descriptor, fcntl.LOCK_UN)
+            return True
+        except (BlockingIOError, PermissionError):  # EWOULDBLOCK, EAGAIN, EACCES (lockf)
+            return False
+        except OSError as error:
+            if error.errno not in unsupported and error.errno != errno.EBADF:
+                raise
+    return None
+
+
+def _same_file(descriptor: int, path: str) -> bool:
+    try:
+        mine, named = os.fstat(descriptor), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _holder(descriptor: int) -> str | None:
+    """The run that holds the lock, in words ("process 123 on host h, since ..."), if known."""
+    try:
+        record = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
+        return (f"process {int(record['pid'])} on {record['host']}, since "
+                f"{record['started']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Output:

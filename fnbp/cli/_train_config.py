@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -36,6 +37,7 @@ _LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
 _MOMENTUM = 0.9
 _BATCH_SIZE = 32
 _TEST_FRACTION = 0.2
+_COORDINATOR_TIMEOUT = 60.0  # fnbp.train.sharding.DEFAULT_TIMEOUT, without importing JAX
 
 # Flags that define a run; on --resume they come from the checkpoint.
 _RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
@@ -113,7 +115,9 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                                  f"{flag} to continue it, or start a new run")
         config = {name: stored[name] for name in _RUN_FLAGS}
         config["epochs"] = args.epochs if args.epochs is not None else stored["epochs"]
+        from_checkpoint = set(_RUN_FLAGS) | ({"epochs"} if args.epochs is None else set())
     else:
+        from_checkpoint = set()
         config = dict(given)
         if config["dataset"] is None:
             config["dataset"] = ("digits" if config["data_path"] is None
@@ -136,7 +140,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         config["epochs"] = (args.epochs if args.epochs is not None
                             else dataset_defaults["epochs"])
     config["checkpoint_every"] = args.checkpoint_every
-    _validate(config)
+    _validate(config, checkpoint, from_checkpoint)
     _validate_parallel(args)
     return config, checkpoint
 
@@ -154,6 +158,7 @@ def _validate_parallel(args: argparse.Namespace) -> None:
         if args.process_id not in (None, 0):
             raise UsageError(f"--process-id {args.process_id} needs --num-processes "
                              f"greater than {args.process_id}")
+        _check_distributed(args)
         return
     if args.coordinator is None:
         raise UsageError(f"--num-processes {processes} needs --coordinator HOST:PORT, the "
@@ -161,6 +166,18 @@ def _validate_parallel(args: argparse.Namespace) -> None:
     if args.process_id is None or not 0 <= args.process_id < processes:
         raise UsageError(f"--num-processes {processes} needs --process-id, this process' "
                          f"number in 0 .. {processes - 1}, got {args.process_id}")
+    _check_distributed(args)
+
+
+def _check_distributed(args: argparse.Namespace) -> None:
+    """The library's check of --coordinator and --coordinator-timeout, before any work."""
+    from fnbp.train.sharding import check_distributed_arguments
+
+    try:
+        check_distributed_arguments(args.coordinator, args.num_processes, args.process_id,
+                                    args.coordinator_timeout)
+    except (TypeError, ValueError) as error:
+        raise library_error(error) from error
 
 
 def _mesh(args: argparse.Namespace, batch_size: int, dp: bool = False) -> Any:
@@ -196,30 +213,63 @@ def _mesh(args: argparse.Namespace, batch_size: int, dp: bool = False) -> Any:
     return None if devices == 1 and jax.process_count() == 1 else mesh
 
 
-def _validate(config: dict[str, Any]) -> None:
-    def positive_int(name: str) -> None:
-        if not isinstance(config[name], int) or config[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
-                             f"got {config[name]}")
+def _validate(config: dict[str, Any], checkpoint: str | None = None,
+              from_checkpoint: set[str] | frozenset[str] = frozenset()) -> None:
+    """Check the run's configuration; a bad value is one line naming where it came from.
+
+    The values in ``from_checkpoint`` were read from the config stored in
+    ``checkpoint`` (on --resume, every run flag, and --epochs unless given):
+    a bad one there is the file's fault, and the message names the file and
+    the stored field, never a flag the user did not pass.
+    """
+    def fail(name: str, requirement: str) -> None:
+        value = config[name]
+        if name in from_checkpoint:
+            raise UsageError(f"--resume: the config stored in {checkpoint} has {name} "
+                             f"{value!r}, but {name} {requirement}; the file was edited or "
+                             f"is corrupted, so its run cannot be resumed")
+        raise UsageError(f"--{name.replace('_', '-')} {requirement}, got {value}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
 
     for name in ("batch_size", "epochs", "width", "depth"):
-        positive_int(name)
+        if not is_int(config[name]) or config[name] < 1:
+            fail(name, "must be a positive integer")
     lr = config["lr"]
     if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
-        raise UsageError(f"--lr must be a positive finite number, got {lr}")
-    if not 0 <= config["seed"] < 2**32:
-        raise UsageError(f"--seed must lie in [0, 2**32), got {config['seed']}")
+        fail("lr", "must be a positive finite number")
+    if not is_int(config["seed"]) or not 0 <= config["seed"] < 2**32:
+        fail("seed", "must lie in [0, 2**32)")
     if config["checkpoint_every"] < 0:
         raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
                          f"{config['checkpoint_every']}")
+    for name, choices in (("model", MODELS), ("optimizer", OPTIMIZERS),
+                          ("precision", PRECISIONS)):  # argparse checks the flags' own
+        if config[name] not in choices:
+            fail(name, f"must be one of {', '.join(choices)}")
+    if config["data_path"] is not None and not isinstance(config["data_path"], str):
+        fail("data_path", "must be a path")
     from fnbp.train.data import DataError, check_dataset_arguments
 
-    try:  # the library's own check, before any work, in the flags' words
-        check_dataset_arguments(config["dataset"], config["data_path"], config["num_examples"],
-                                config["test_fraction"])
-    except DataError as error:
-        raise UsageError(as_flags(str(error))) from error
-    dp_config(config)
+    try:  # the library's own checks, before any work, in the flags' words
+        try:
+            check_dataset_arguments(config["dataset"], config["data_path"],
+                                    config["num_examples"], config["test_fraction"])
+        except DataError as error:
+            raise UsageError(as_flags(str(error))) from error
+        dp_config(config)
+    except UsageError as error:
+        if not from_checkpoint:
+            raise
+        # these arguments all come from the checkpoint: its fields, not flags, are at fault
+        message = re.sub(r"--([a-z][a-z0-9-]*)",
+                         lambda m: (f"the stored {m[1].replace('-', '_')}"
+                                    if m[1].replace("-", "_") in from_checkpoint else m[0]),
+                         as_flags(str(error)))
+        raise UsageError(f"--resume: the config stored in {checkpoint} is not a valid run: "
+                         f"{message}; the file was edited or is corrupted, so its run cannot "
+                         f"be resumed") from error
 
 
 def dp_config(config: dict[str, Any]) -> Any:
@@ -251,7 +301,9 @@ FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-exam
          "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction",
          "devices": "--devices", "fsdp": "--fsdp", "precision": "--precision",
          "clip_norm": "--dp-clip", "noise_multiplier": "--dp-noise", "delta": "--dp-delta",
-         "accountant": "--dp-accountant"}
+         "accountant": "--dp-accountant",
+         "coordinator_address": "--coordinator", "num_processes": "--num-processes",
+         "process_id": "--process-id", "timeout": "--coordinator-timeout"}
 
 
 def as_flags(message: str) -> str:

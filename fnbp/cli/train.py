@@ -54,9 +54,11 @@ import sys
 import time
 from typing import Any
 
+from fnbp.cli import without_function
 from fnbp.cli._train_config import (
     _ALL,
     _BATCH_SIZE,
+    _COORDINATOR_TIMEOUT,
     _MOMENTUM,
     _TEST_FRACTION,
     CHECKPOINT,
@@ -146,6 +148,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="several hosts: the number of processes (default 1)")
     parallel.add_argument("--process-id", type=int, metavar="I",
                           help="several hosts: this process' number, 0 .. P-1")
+    parallel.add_argument("--coordinator-timeout", type=float, default=_COORDINATOR_TIMEOUT,
+                          metavar="SECONDS",
+                          help=f"several hosts: how long to wait for the coordinator and the "
+                               f"other processes before giving up with an error (default "
+                               f"{_COORDINATOR_TIMEOUT:g})")
 
     def one_line_error(message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
@@ -229,23 +236,31 @@ def _fingerprint(*arrays: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fnbp train``; user errors print one line and return 2."""
+    """Run ``fnbp train``; user errors print one line and return 2.
+
+    SIGINT (Ctrl-C) and SIGTERM stop the run at the next step boundary (or
+    the next stage of its start-up): the last checkpoint is kept, one is
+    written at the stop if the run has stepped since, one line says where it
+    stopped and how to continue, and the exit status is 130 or 143. A
+    second signal ends the process at once.
+    """
     from fnbp.cli import _run_folder
     from fnbp.train.checkpoint import CheckpointError
     from fnbp.train.data import DataError
+    from fnbp.train.stopping import TrainingStopped, stop_on_signals
 
     progress = _run_folder.Progress()
     try:
-        with _run_folder.sigterm_as_interrupt():  # SIGTERM stops as cleanly as Ctrl-C
-            status = _train(args, progress)
+        with stop_on_signals() as stop:  # the handler only sets a flag, checked at boundaries
+            status = _train(args, progress, stop)
     except (UsageError, DataError, CheckpointError, _run_folder.RunFolderError) as error:
         message = as_flags(" ".join(str(error).split()))
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
-        print(f"fnbp train: interrupted; {progress.interrupted()}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(interrupt, _run_folder.Terminated)
-                      else signal.SIGINT)
+    except TrainingStopped as stopped:
+        print(f"fnbp train: interrupted by {stop.name()} {stopped.where}; "
+              f"{progress.interrupted()}", file=sys.stderr)
+        return 128 + (stopped.signum or signal.SIGINT)
     if progress.output.closed:
         print(f"fnbp train: error: standard output was closed before the run ended (piped "
               f"into head?), so its last lines were not printed; the run finished, its "
@@ -315,8 +330,12 @@ class _Run:
 
 
 def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str | None,
-             out: str) -> _Run:
-    """Load the data, build the model and its starting state: every check before writing."""
+             out: str, stop: Any = None) -> _Run:
+    """Load the data, build the model and its starting state: every check before writing.
+
+    ``stop`` (the signals' request) is checked after each stage, so that a
+    signal during start-up ends the run before it writes anything.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -326,18 +345,16 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     from fnbp.train import sharding
     from fnbp.train.data import DataWarning, load_dataset
     from fnbp.train.loop import check_batch_size
+    from fnbp.train.stopping import check
 
     # before anything asks JAX for its devices
-    try:
-        processes = sharding.initialize_distributed(args.coordinator, args.num_processes,
-                                                    args.process_id)
-    except ValueError as error:
-        raise UsageError(f"--coordinator {args.coordinator}: {error}") from error
-
+    processes = _join(args)
+    check(stop, "while starting")
     with _run_folder.warnings_as_lines("fnbp train: warning: ", DataWarning):
         dataset = load_dataset(config["dataset"], path=config["data_path"],
                                test_fraction=config["test_fraction"],
                                num_examples=config["num_examples"])
+    check(stop, "while loading the data")
     x_train, x_test = _prepare_inputs(config, dataset)
     y_train, y_test = dataset.y_train, dataset.y_test
     n = len(x_train)
@@ -369,9 +386,11 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     except ValueError as error:
         raise UsageError(f"--model {config['model']} does not fit {config['dataset']} "
                          f"examples of shape {x_train.shape[1:]}: {error}") from error
+    check(stop, "while building the model")
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         state, history = _resumed(config, resume_from, state, data_sha256, root, per_epoch)
+        check(stop, "while loading the checkpoint")
 
     run_config = {**config, "out": out, "num_classes": dataset.num_classes,
                   "input_shape": list(x_train.shape[1:]), "num_train": n,
@@ -386,6 +405,35 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     return _Run(config, out, processes, jax.process_index() == 0, x_train, y_train, x_test,
                 y_test, mesh, data_sha256, per_epoch, model, optimizer, root, shuffle_key,
                 state, history, run_config, dp)
+
+
+def _join(args: argparse.Namespace) -> int:
+    """Join the other processes (``fnbp.initialize_distributed``); their number.
+
+    JAX waits for the processes inside its runtime, where no Python signal
+    handler runs, so while it waits SIGINT and SIGTERM have their default
+    action (they end the process at once; nothing is written before); the
+    wait is bounded by --coordinator-timeout, after which one line says why.
+    """
+    from fnbp.train import sharding
+    from fnbp.train.stopping import default_signals
+
+    def on_timeout(message: str) -> None:  # called in the watchdog thread: exit from there
+        line = f"fnbp train: error: {as_flags(without_function(message))}\n"
+        try:
+            os.write(2, line.encode("utf-8", "replace"))
+        finally:
+            os._exit(2)
+
+    if args.num_processes is None or args.num_processes == 1:
+        return 1
+    try:
+        with default_signals():
+            return sharding.initialize_distributed(
+                args.coordinator, args.num_processes, args.process_id,
+                timeout=args.coordinator_timeout, on_timeout=on_timeout)
+    except (ValueError, TypeError, TimeoutError) as error:
+        raise library_error(error) from error
 
 
 def _dp_record(dp: Any, batch_size: int, n: int) -> dict[str, Any]:
@@ -453,23 +501,45 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
                 file=sys.stderr)
 
 
-def _train(args: argparse.Namespace, progress: Any) -> int:
+def _train(args: argparse.Namespace, progress: Any, stop: Any = None) -> int:
     from fnbp.cli import _run_folder
+    from fnbp.train.stopping import check
 
     _require_train_extra()
     config, resume_from = _resolve(args)
-    out = _run_folder.out_folder(args.out, config, resume_from)
+    numbered = args.out is None and resume_from is None  # runs/<name>, numbered when taken
+    words = f"--out {args.out}" if args.out is not None else f"--resume {args.resume}"
+    leader = args.process_id in (None, 0)  # process 0 writes the run folder
+    # a folder that a live run holds is refused at once, before the start-up's work
+    out = _run_folder.out_folder(args.out, config, resume_from, words, probe=leader)
+    before = _run_folder.folder_state(out)  # what the folder holds as it is checked
     started = time.perf_counter()
-    run = _prepare(args, config, resume_from, out)
+    check(stop, "while starting")
+    run = _prepare(args, config, resume_from, out, stop)
 
-    import fnbp
-
-    # Everything is valid: from here on the run folder is written.
+    # Everything is valid: from here on the run folder is written, by one run at a time.
     progress.out = out
     if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == out:
         progress.saved_step = run.state.step
+    lock = None
     if run.leader:
-        _run_folder.prepare(progress, run.run_config)
+        lock = _run_folder.prepare(progress, run.run_config, words, before, numbered)
+        run.out = progress.out
+    try:
+        return _run(args, run, progress, stop, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any,
+         started: float) -> int:
+    """Train the prepared run; its folder is ready (and locked, on process 0)."""
+    import fnbp
+    from fnbp.cli import _run_folder
+    from fnbp.train.stopping import TrainingStopped, check
+
+    config = run.config
     save = _saver(run, progress)
     bar = _progress_bar(run, progress, args)
     history_so_far = list(run.history)
@@ -502,7 +572,12 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
                           epochs=config["epochs"], batch_size=config["batch_size"],
                           x_test=run.x_test, y_test=run.y_test, state=run.state,
                           history=run.history, on_step=on_step, on_epoch=on_epoch,
-                          mesh=run.mesh, precision=precision, dp=run.dp)
+                          mesh=run.mesh, precision=precision, dp=run.dp, stop=stop)
+    except TrainingStopped as stopped:  # at a step boundary: keep where it got to
+        bar.close()
+        if stopped.state.step > 0 and progress.saved_step != stopped.state.step:
+            save(stopped.state, stopped.history)
+        raise
     except _Diverged as diverged:
         bar.close()
         print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
@@ -512,6 +587,8 @@ def _train(args: argparse.Namespace, progress: Any) -> int:
     seconds = time.perf_counter() - started
     if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
+    check(stop, f"at step {result.state.step}, its last, before writing its results",
+          result.state, result.history)
     if run.leader:
         _run_folder.write_results(progress, config, result, seconds, len(run.x_test),
                                   run.run_config.get("dp"))

@@ -409,7 +409,7 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
                          f"target per example")
     check_batch_size("fit", batch_size, n)
-    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+    if not isinstance(epochs, (int, np.integer)) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if (x_test is None) != (y_test is None):
         raise ValueError("fit: pass both x_test and y_test, or neither")

@@ -93,8 +93,9 @@ def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
     pass the request as ``fit(..., stop=request)`` and ``fit`` raises
     :class:`TrainingStopped` at the next step boundary. A second signal
     while a stop is pending restores that signal's default action and
-    delivers it, which ends the process at once. The previous handlers are
-    restored on leaving.
+    delivers it, which ends the process at once. A signal that is ignored
+    (``SIG_IGN``, as under ``nohup``) stays ignored. The previous handlers
+    are restored on leaving.
 
     Outside the main thread, where Python cannot install signal handlers,
     nothing is installed and the request is never set by a signal.
@@ -117,7 +118,8 @@ def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
     previous: dict[int, Any] = {}
     try:
         for signum in signals:
-            previous[signum] = signal.signal(signum, handler)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored (nohup) stays so
+                previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: leave every handler as it was
         _restore(previous)
         previous = {}
