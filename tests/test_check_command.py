@@ -284,3 +284,49 @@ def test_a_module_that_exits_on_import_is_one_line_and_status_2(user_module, cap
     assert captured.out == ""
     assert captured.err.count("\n") == 1
     assert f"importing {name!r}" in captured.err and "sys.exit(3)" in captured.err
+
+
+@pytest.mark.parametrize("flag", ["--rtol", "--atol"])
+@pytest.mark.parametrize("value", ["-1e-4", "-1", "0", "nan", "inf", "tiny"])
+def test_a_tolerance_flag_that_is_not_positive_and_finite_exits_2(flag, value, capsys):
+    # Before: a negative or NaN --rtol reported every correct rule as "not linear in v".
+    with pytest.raises(SystemExit) as done:
+        cli.main(["check", "relu", f"{flag}={value}"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert f"fnbp check: error: argument {flag}: must be a positive finite number, " \
+           f"got {value!r}" in err
+
+
+SIGN_AT_ZERO = '''
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.custom_vjp
+def absolute(z):
+    return jnp.abs(z)
+
+
+absolute.defvjp(lambda z: (jnp.abs(z), z), lambda z, v: (jnp.sign(z) * v,))
+
+
+def reference(z):
+    return jnp.where(z >= 0, z, -z)     # slope 1 at 0; the rule's sign(0) is 0
+
+
+def point():
+    return (np.array([-1.5, 0.0, 0.7, 0.0, 2.0, -0.4]),)
+'''
+
+
+def test_kinks_flag_accepts_a_subgradient_at_a_kink(user_module, capsys):
+    name = user_module("fnbp_user_sign_at_zero", SIGN_AT_ZERO)
+    command = ["check", f"{name}:absolute", "--args", f"{name}:point", "--transforms", "jit"]
+    assert cli.main(command) == 1
+    out = capsys.readouterr().out
+    assert ("likely bug: differs from the reference's convention at the kink z=0 (yours 0, "
+            "reference 1; one-sided derivatives -1 and 1), at 2 entries such as z[") in out
+    assert cli.main(command + ["--kinks", "any_subgradient"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("all rules PASS")

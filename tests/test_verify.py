@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,20 @@ def drawn():
 # --- no false alarms on the built-in rules ------------------------------------------
 
 
+def _assert_ratio_decides(report):
+    """err/tol is the pass/fail number: <= 1 on every passing row, > 1 on a failing one."""
+    for row in report.rows:
+        assert row.passed == (row.ratio <= 1), row.describe()
+    assert (report.worst_ratio <= 1) == report.ok
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_builtin_rule_passes_every_compiled_transform_in_float64(case, drawn):
     args = example_args(case.make_args, "float64", drawn=drawn)
     report = check_vjp(case.rule, *args, reference=case.reference,
                        static_kwargs=case.kwargs, transforms=FLOAT64_TRANSFORMS)
     report.assert_ok()
+    _assert_ratio_decides(report)
     assert report.dtype == "float64"
     covered = {(row.transform, row.oracle) for row in report.rows}
     assert {("jit", "reference"), ("jit", "finite diff"), ("jit(vmap)", "loop"),
@@ -55,6 +64,7 @@ def test_builtin_rule_passes_at_lower_precision(case, dtype, drawn):
     report = check_vjp(case.rule, *args, reference=case.reference,
                        static_kwargs=case.kwargs, transforms=("jit",))
     report.assert_ok()
+    _assert_ratio_decides(report)
     assert report.dtype == dtype
     assert all(row.passed for row in report.rows if row.oracle == "shape/dtype")
 
@@ -217,6 +227,29 @@ def test_report_of_a_failure_raises_naming_argument_transform_and_oracle():
     assert json.loads(json.dumps(data, allow_nan=False))["rows"][0]["max_rel_err"] == "inf"
 
 
+def test_err_over_tol_is_what_the_decision_compares_with_1():
+    from fnbp.verify.report import Tolerance, _row
+
+    tol = Tolerance(rtol=1e-4, atol=1e-6)
+    # Entries near 0 (a sigmoid far out in float32): a large relative error, a pass on atol.
+    tiny = _row("z", "jit", "reference", [("{idx}", np.array([2.5e-45, 0.0]),
+                                           np.array([1e-45, 0.0]))], tol)
+    assert tiny.passed and tiny.max_rel_err > 1 and tiny.ratio == pytest.approx(1.5e-39)
+    off = _row("z", "jit", "reference", [("{idx}", np.array([3.0, 1e-3]),
+                                          np.array([3.0, 0.0]))], tol)
+    assert not off.passed and off.ratio == pytest.approx(1e-3 / (1e-6 + 1e-4 * 3.0))
+    for err in (1.9e-4, 2.1e-4):   # either side of atol + rtol * 2 = 2.01e-4
+        edge = _row("z", "jit", "reference", [("{idx}", np.array([2.0 + err]),
+                                               np.array([2.0]))], tol)
+        assert edge.ratio == pytest.approx(err / 2.01e-4, rel=1e-9)
+        assert edge.passed == (err < 2.01e-4)
+    shape = _row("z", "jit", "reference", [("{idx}", np.zeros(2), np.zeros(3))], tol)
+    assert not shape.passed and shape.ratio == float("inf")
+    # A row built by hand gets its err/tol from its numbers.
+    row = VJPCheck("W", "jit", "loop", 0.5, 0.25, "[1]", 1e-10, 1e-12, False)
+    assert row.err_over_tol == pytest.approx(0.5 / (1e-12 + 2e-10))
+
+
 def test_check_vjp_and_the_report_are_exported():
     assert fnbp.check_vjp is check_vjp
     assert fnbp.VJPReport is VJPReport
@@ -283,7 +316,7 @@ def test_low_precision_uses_its_tolerance_and_passes(dtype):
 def test_tolerance_is_overridable():
     z = jnp.asarray(RNG.uniform(0.5, 1.5, (3, 4)), jnp.float32)
     strict = check_vjp(cube, z, reference=cube_reference, transforms=("jit",),
-                       rtol=1e-12, atol=0.0)
+                       rtol=1e-12, atol=1e-30)
     assert ("z", "reference") in {(r.argument, r.oracle) for r in strict.failures}
     assert all(r.rtol >= 1e-12 for r in strict.rows if r.oracle == "reference")
 
@@ -395,6 +428,37 @@ def test_unknown_transform_and_too_few_directions():
         check_vjp(cube, np.ones(3), n_directions=1)
     with pytest.raises(TypeError, match="static_kwargs must be a dict"):
         check_vjp(cube, np.ones(3), static_kwargs=[("a", 1)])
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol", "fd_rtol", "fd_step"])
+@pytest.mark.parametrize("value", [-1e-4, 0.0, float("nan"), float("inf"), -float("inf")])
+def test_a_tolerance_that_is_not_positive_and_finite_is_refused(name, value):
+    # Before: a negative or NaN rtol reported a correct rule as "not linear in v".
+    hint = {"rtol": "a row passes when max abs err <= atol + rtol * max |want|: pass a "
+                    "positive value (or None for the dtype's default)",
+            "atol": "a row passes when max abs err <= atol + rtol * max |want|: pass a "
+                    "positive value (or None for the dtype's default)",
+            "fd_rtol": "the relative tolerance of the float64 finite differences (default "
+                       "1e-06): pass a positive value",
+            "fd_step": "the central-difference step relative to max(1, max |x|) (default "
+                       "6.1e-06): pass a positive value"}[name]
+    message = f"check_vjp: {name} must be a positive finite number, got {value!r}; {hint}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_vjp(cube, np.ones(3), reference=cube_reference, **{name: value})
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_vjp(cube, args=lambda key, dtype: (np.ones(3, dtype),), **{name: value})
+
+
+def test_a_tolerance_that_is_not_a_number_is_refused():
+    with pytest.raises(TypeError, match=r"^check_vjp: rtol must be a positive number, got "
+                                        r"str '1e-4'$"):
+        check_vjp(cube, np.ones(3), rtol="1e-4")
+    with pytest.raises(TypeError, match=r"^check_vjp: atol must be a positive number, got "
+                                        r"bool True$"):
+        check_vjp(cube, np.ones(3), atol=True)
+    report = check_vjp(cube, np.ones(3), reference=cube_reference, transforms=("jit",),
+                       probes=False, rtol=np.float32(1e-8), atol=1)
+    assert report.ok and {row.atol for row in report.rows if row.oracle == "reference"} == {1.0}
 
 
 # --- speed-only compile options ------------------------------------------------------

@@ -9,7 +9,8 @@ Usage::
     fnbp check --full                   every transform at every dtype
 
 One row per rule and dtype: the number of checks that passed, the worst error
-as a fraction of its tolerance, PASS or FAIL; the failing checks are listed
+as a fraction of its tolerance (max |got - want| / (atol + rtol max |want|),
+at most 1 on a PASS row), PASS or FAIL; the failing checks are listed
 under the table (all checks with ``--verbose``). The exit status is 0 when
 everything passed, 1 when a check failed, 2 when the command could not run
 (an unknown rule, a module that does not import).
@@ -41,7 +42,10 @@ first of: the flag, the per-function name, the module-wide name:
   ``FUNCTION_kwargs``, ``static_kwargs``.
 
 So one module can hold several rules, each with its own ``relu_reference``,
-``relu_args``. ``--rtol``/``--atol`` override the tolerances and
+``relu_args``. ``--rtol``/``--atol`` override the tolerances (positive
+finite numbers), ``--kinks any_subgradient`` accepts, where f has a kink, any
+value between its one-sided derivatives instead of the reference's
+convention (see :func:`fnbp.check_vjp`), and
 ``--transforms jit,2nd order`` picks transforms (for built-ins too). A
 function without a ``jax.custom_vjp`` rule gets a WARNING and exit status 1
 (its derivative is autodiff's, so there is no rule to check) unless
@@ -72,6 +76,7 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -108,14 +113,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="example-argument factory for MODULE:FUNCTION targets")
     parser.add_argument("--kwargs", metavar="JSON",
                         help="static keyword settings for MODULE:FUNCTION targets")
-    parser.add_argument("--rtol", type=float, help="relative tolerance (default: per dtype)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance (default: per dtype)")
+    parser.add_argument("--rtol", type=_tolerance, help="relative tolerance, a positive finite "
+                                                        "number (default: per dtype)")
+    parser.add_argument("--atol", type=_tolerance, help="absolute tolerance, a positive finite "
+                                                        "number (default: per dtype)")
+    parser.add_argument("--kinks", choices=("reference", "any_subgradient"), default="reference",
+                        help="at a kink of f: 'reference' (default) takes the reference's "
+                             "convention; 'any_subgradient' accepts any value between the "
+                             "one-sided derivatives")
     parser.add_argument("--transforms", metavar="T1,T2",
                         help="comma-separated transforms, e.g. 'jit,2nd order' "
                              "(default: per target and dtype)")
     parser.add_argument("--allow-plain", action="store_true",
                         help="accept a function without a jax.custom_vjp rule (no WARNING, "
                              "exit 0 when it passes)")
+
+
+def _tolerance(text: str) -> float:
+    """A --rtol/--atol value: a positive finite number (argparse reports the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number, got {text!r} (a check passes when max abs err "
+            f"<= atol + rtol * max |want|; leave it out for the dtype's default)")
+    return value
 
 
 # --- what to check ----------------------------------------------------------------
@@ -266,10 +290,13 @@ def _plan(target: _Target, args: argparse.Namespace
 
 
 def _ratio(report) -> float:
-    """The largest max rel err of a report as a fraction of its row's rtol.
+    """The "worst err/tol" column: the largest error of a report over its tolerance.
 
-    A row that raised, or whose error is NaN, counts as infinite, so a FAIL
-    never shows 0.
+    Per row, the number its pass/fail decision compares with 1
+    (max |got - want| / (atol + rtol max |want|); see
+    :attr:`fnbp.verify.VJPCheck.err_over_tol`), so a PASS row shows at most
+    1 and a FAIL more. A row that raised, or whose error is NaN, counts as
+    infinite.
     """
     return report.worst_ratio
 
@@ -327,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
                                       "transforms": list(transforms)}
             settings = dict(reference=target.reference, static_kwargs=target.kwargs,
                             transforms=transforms, seed=args.seed, rtol=args.rtol,
-                            atol=args.atol, probes=probes)
+                            atol=args.atol, probes=probes, kinks=args.kinks)
             try:
                 if dtype is None:
                     report = check_vjp(target.rule, *_as_tuple(target.make_args()), **settings)

@@ -14,7 +14,12 @@ Oracles (the ``oracle`` column):
 
 - ``reference``: ``jax.vjp`` of ``reference``, a plain implementation of the
   same function, evaluated in float64 on the same (exactly up-cast) inputs.
-  At a kink the reference's convention decides.
+  At a kink the reference's convention decides; with
+  ``kinks="any_subgradient"`` any value between f's one-sided derivatives is
+  accepted there instead, and a rule that differs from the reference only at
+  kinks by such values is diagnosed as a convention ("differs from the
+  reference's convention at the kink z=0 (yours 0, reference 1; one-sided
+  derivatives -1 and 1)"; :mod:`fnbp.verify.kinks`).
 - ``finite diff``: central differences of ``f`` in float64 through the
   dot-product test <J t, c> = <t, J^T c> over ``n_directions`` random
   directions t (in one argument) and cotangents c. Kinks are detected: a
@@ -53,9 +58,11 @@ transforms compile each operation on its own, which is slower.
 Errors and tolerances. For an argument (all its floating leaves, over all
 cotangents drawn) ``max abs err = max |got - want|``; ``max rel err`` is
 that over ``max |want|``; a row passes when
-``max abs err <= atol + rtol * max |want|``. The tolerance comes from the
-coarsest floating dtype among the inputs and outputs (:data:`DEFAULT_TOLERANCES`;
-``rtol=``/``atol=`` override it):
+``err/tol = max abs err / (atol + rtol * max |want|) <= 1`` (the row's
+``ratio``, what ``fnbp check`` shows as "worst err/tol": at most 1 on a
+PASS). The tolerance comes from the coarsest floating dtype among the inputs
+and outputs (:data:`DEFAULT_TOLERANCES`; ``rtol=``/``atol=`` override it,
+with positive finite numbers: others are refused):
 
     ========  =======  =======
     dtype     rtol     atol
@@ -65,6 +72,13 @@ coarsest floating dtype among the inputs and outputs (:data:`DEFAULT_TOLERANCES`
     float16   1e-2     1e-3
     bfloat16  5e-2     1e-2
     ========  =======  =======
+
+Below float64, the ``2nd order`` reference rows and the ``large`` and
+``offset`` probes allow the reference's own round-off in the working dtype:
+atol grows by 4 times the larger of what the reference's program compiled
+at that dtype is off by and what Monte Carlo arithmetic on its program
+predicts (:mod:`fnbp.verify.round_off`), so the allowance does not depend
+on what one compiler makes of the reference.
 
 Finite-difference rows compare scalars per direction, relative to the size of
 the terms summed (so cancellation does not inflate the error), with
@@ -79,15 +93,17 @@ and at distinct sizes (:mod:`fnbp.verify.draws`).
 
 Diagnoses. A failing row names the likely bug when the evidence says so
 (a constant factor, a sign flipped where z < 0, swapped cotangents, not
-linear in v, a NaN and its index, a cotangent of the wrong shape); an
+linear in v, a NaN and its index, a cotangent of the wrong shape, another
+convention at a kink); an
 exception is one row with the file:line in the caller's code
 (:mod:`fnbp.verify.diagnose`). :func:`check_layer` checks a Layer's
 backward, sq_norms and init (:mod:`fnbp.verify.layer`).
 
 The package: ``report`` (rows, tables, tolerances), ``arguments`` (names,
 leaves, host-side arrays), ``programs`` (the compiled programs),
-``finite_diff``, ``probes``, ``draws``, ``diagnose``, ``checker`` (one
-check's matrix), ``check`` (:func:`check_vjp`), ``layer``.
+``finite_diff``, ``probes``, ``draws``, ``diagnose``, ``round_off`` (the
+reference's round-off below float64), ``kinks`` (kink conventions),
+``checker`` (one check's matrix), ``check`` (:func:`check_vjp`), ``layer``.
 
 Arguments. ``args`` are pytrees of arrays; each top-level positional argument
 is one row group (a pytree's worst index names its leaf). Integer and boolean

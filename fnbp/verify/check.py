@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -17,6 +18,43 @@ from fnbp.verify.draws import check_factory
 from fnbp.verify.probes import PROBES
 from fnbp.verify.programs import TRANSFORMS, _Bound
 from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPReport
+
+KINKS: tuple[str, ...] = ("reference", "any_subgradient")
+"""The values of check_vjp's ``kinks``: who decides B at a kink of f.
+
+``"reference"``: the reference's convention (its autodiff value there).
+``"any_subgradient"``: any value between f's one-sided derivatives at the
+entry, per coordinate and jointly along random directions over the entries
+at kinks (so a max that gives every tied entry the whole cotangent is still
+wrong): the Clarke subdifferential's bounds that one-sided differences see.
+"""
+
+_TOLERANCE_HINTS = {
+    "rtol": "a row passes when max abs err <= atol + rtol * max |want|",
+    "atol": "a row passes when max abs err <= atol + rtol * max |want|",
+    "fd_rtol": "the relative tolerance of the float64 finite differences (default "
+               f"{FD_RTOL:g})",
+    "fd_step": "the central-difference step relative to max(1, max |x|) (default "
+               f"{FD_STEP:.2g})",
+}
+
+
+def positive_finite(fn: str, name: str, value: Any) -> float:
+    """``value`` as a float, or the error naming ``fn`` and ``name``: a tolerance or a step.
+
+    A negative or NaN tolerance fails every check (a correct rule would be
+    reported as "not linear in v"), a zero one asks for bit-exact results
+    and an infinite one passes anything, so each is refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: {name} must be a positive number, got "
+                        f"{type(value).__name__} {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        default = " (or None for the dtype's default)" if name in ("rtol", "atol") else ""
+        raise ValueError(f"{fn}: {name} must be a positive finite number, got {number!r}; "
+                         f"{_TOLERANCE_HINTS[name]}: pass a positive value{default}")
+    return number
 
 
 def check_vjp(
@@ -35,6 +73,7 @@ def check_vjp(
     probes: bool | Sequence[str] = True,
     dtype: Any = None,
     draws: int = 3,
+    kinks: str = "reference",
 ) -> VJPReport:
     """Check f's backward function B[f, z](v) = (df/dz)^T v at the given arguments.
 
@@ -88,15 +127,30 @@ def check_vjp(
       transforms: a subset of :data:`TRANSFORMS` (default: all).
       n_directions: cotangents v_j and directions t_j drawn (at least 2).
       seed: seed of those random draws (numpy; results are reproducible).
-      rtol: relative tolerance; default from :data:`DEFAULT_TOLERANCES`
-        for the coarsest floating dtype of the inputs and outputs.
-      atol: absolute tolerance; default from the same table.
-      fd_rtol: relative tolerance of the float64 finite differences.
-      fd_step: central-difference step relative to max(1, max |x|).
+      rtol: relative tolerance, a positive finite number; default from
+        :data:`DEFAULT_TOLERANCES` for the coarsest floating dtype of the
+        inputs and outputs.
+      atol: absolute tolerance, a positive finite number; default from the
+        same table.
+      fd_rtol: relative tolerance of the float64 finite differences
+        (positive, finite).
+      fd_step: central-difference step relative to max(1, max |x|)
+        (positive, finite).
       probes: ``True`` (every kind of :data:`fnbp.verify.probes.PROBES`),
         ``False``, or the kinds to derive.
       dtype: the dtype the factory ``args`` is drawn at (default float64).
       draws: how many keys the factory ``args`` is drawn at (at least 1).
+      kinks: what B may return at an entry where f has a kink (its one-sided
+        derivatives there differ), when it differs from the reference.
+        ``"reference"`` (default): the reference's convention decides, as
+        everywhere; a rule that differs from it only at kinks, by values
+        between the one-sided derivatives, fails with the diagnosis
+        ``differs from the reference's convention at the kink z=0 (yours 0,
+        reference 1; one-sided derivatives -1 and 1)``.
+        ``"any_subgradient"``: any value between the one-sided derivatives
+        is accepted there (estimated by one-sided float64 differences of the
+        reference; see :data:`KINKS`), and the row's note says where. A
+        value outside them still fails.
 
     Returns:
       A :class:`VJPReport`; nothing is raised for a wrong B: call
@@ -107,7 +161,9 @@ def check_vjp(
         non-floating output of f.
       ValueError: f (or reference) rejects args, the reference's output has
         another structure or shape than f's, no floating argument to check,
-        an unknown transform or probe, both ``arrays`` and ``args``.
+        an unknown transform or probe, both ``arrays`` and ``args``, a
+        tolerance or step that is not a positive finite number, an unknown
+        ``kinks``.
     """
     fn = "check_vjp"
     if not callable(f):
@@ -124,6 +180,13 @@ def check_vjp(
         raise ValueError(f"{fn}: unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
     if not transforms:
         raise ValueError(f"{fn}: transforms is empty; choose from {list(TRANSFORMS)}")
+    for name, value in (("rtol", rtol), ("atol", atol), ("fd_rtol", fd_rtol),
+                        ("fd_step", fd_step)):
+        if value is not None or name.startswith("fd"):
+            positive_finite(fn, name, value)
+    if kinks not in KINKS:
+        raise ValueError(f"{fn}: kinks must be one of {', '.join(map(repr, KINKS))}, "
+                         f"got {kinks!r}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 2:
         raise ValueError(f"{fn}: n_directions must be an int >= 2, got {n_directions!r}")
     kinds = PROBES if probes is True else () if probes is False else tuple(probes)
@@ -133,7 +196,7 @@ def check_vjp(
                          f"(or probes=True / False)")
     settings = dict(reference=reference, static_kwargs=static_kwargs, transforms=transforms,
                     n_directions=n_directions, seed=seed, rtol=rtol, atol=atol,
-                    fd_rtol=fd_rtol, fd_step=fd_step)
+                    fd_rtol=fd_rtol, fd_step=fd_step, kinks=kinks)
     if args is not None:
         if arrays:
             raise ValueError(f"{fn}: pass the arguments either positionally or as a factory "
@@ -156,7 +219,7 @@ def check_vjp(
 
 
 def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, transforms,
-           n_directions, seed, rtol, atol, fd_rtol, fd_step) -> VJPReport:
+           n_directions, seed, rtol, atol, fd_rtol, fd_step, kinks) -> VJPReport:
     """check_vjp at one point (its arguments validated)."""
     fn = "check_vjp"
     kwargs = dict(static_kwargs or {})
@@ -209,7 +272,7 @@ def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, tr
                     default.atol if atol is None else atol)
 
     checker = _Checker(fk, refk, args, infos, diff, out_structs, out_treedef, tol, fd_rtol,
-                       fd_step, n_directions, seed, transforms, dtype, kinds)
+                       fd_step, n_directions, seed, transforms, dtype, kinds, kinks)
     checker.run()
     notes = []
     if not _uses_custom_vjp(jaxpr.jaxpr):

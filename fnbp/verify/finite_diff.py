@@ -15,7 +15,7 @@ import numpy as np
 
 from fnbp.verify.arguments import _put
 from fnbp.verify.programs import Cotangents, _x64
-from fnbp.verify.report import VJPCheck, _f64, _index
+from fnbp.verify.report import VJPCheck, _f64, _index, _over
 
 
 FD_RTOL = 1e-6
@@ -145,7 +145,7 @@ class _FiniteDifferences:
             E, S, R = probe[p][0], probe[p][1], probe[p][5]
             nan_at = ""
             levels = self.fd_levels(probe[p])
-            worst_abs, worst_rel, where, passed = 0.0, 0.0, "", True
+            worst_abs, worst_rel, where, over = 0.0, 0.0, "", 0.0
             ratios = []
             rtol_used = max(tol.rtol, self.fd_rtol)
             for j, level in enumerate(levels):
@@ -169,7 +169,7 @@ class _FiniteDifferences:
                 rtol_j = max(tol.rtol, self.fd_rtol * 10.0 ** level)
                 rtol_used = max(rtol_used, rtol_j)
                 rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-                passed &= err <= tol.atol + rtol_j * scale + _NOISE * R[j, level]
+                over = max(over, _over(err, tol.atol + rtol_j * scale + _NOISE * R[j, level]))
                 if rel > worst_rel or not where:
                     worst_abs, worst_rel, where = err, rel, f"dir {j + 1}"
             notes = []
@@ -186,6 +186,7 @@ class _FiniteDifferences:
                 notes.append(f"near a kink: step reduced along direction(s) {', '.join(near)}")
             if not where:
                 worst_abs = worst_rel = math.nan
+            passed = over <= 1
             diagnosis = ""
             if not passed and len(ratios) >= 2:
                 c = float(np.median(ratios))
@@ -197,4 +198,4 @@ class _FiniteDifferences:
                 where, diagnosis = nan_at, f"NaN at index {nan_at}"
             self.rows.append(VJPCheck(self.infos[i].name, transform, "finite diff", worst_abs,
                                       worst_rel, where, rtol_used, tol.atol, passed,
-                                      "; ".join(notes), probe_name, diagnosis))
+                                      "; ".join(notes), probe_name, diagnosis, over))

@@ -53,7 +53,7 @@ def _to64(tree: Any) -> Any:
 
 def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = (
         "jit", "jit(vmap(inputs))", "2nd order"), probes: bool | Sequence[str] = LAYER_PROBES,
-        seed: int = 0, example_axes: int = 1) -> VJPReport:
+        seed: int = 0, example_axes: int = 1, kinks: str = "reference") -> VJPReport:
     """Check a Layer's backward, sq_norms, sq_grads and init, in float64.
 
     Example::
@@ -72,6 +72,10 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
       example_axes: how many leading axes of x are example axes (for
         ``init``). For ``sq_norms`` and ``sq_grads`` example i is ``x[i]``:
         the axes after the first are positions summed into its gradient.
+      kinks: as :func:`fnbp.check_vjp`'s: ``"reference"`` (autodiff of
+        ``forward`` decides at a kink) or ``"any_subgradient"`` (any value
+        between the one-sided derivatives is accepted there, so the
+        ``zeros`` probe can be asked for).
 
     Returns:
       One :class:`fnbp.verify.VJPReport` with the rows of all three checks,
@@ -103,7 +107,7 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
 
         apply.__name__ = f"{label}.apply"
         report = check_vjp(apply, params64, x64, reference=forward, transforms=transforms,
-                           probes=probes, seed=seed)
+                           probes=probes, seed=seed, kinks=kinks)
         tol = DEFAULT_TOLERANCES["float64"]
         rows, notes = list(report.rows), report.notes
         if callable(getattr(layer, "sq_norms", None)):

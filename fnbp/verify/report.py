@@ -11,7 +11,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
-    """A row passes when ``max abs err <= atol + rtol * max |want|``."""
+    """A row passes when ``max abs err <= atol + rtol * max |want|``.
+
+    Both must be positive finite numbers (:func:`fnbp.check_vjp` refuses
+    others).
+    """
 
     rtol: float
     atol: float
@@ -45,7 +49,7 @@ class VJPCheck:
         which cotangent (``v1``...) or direction (``dir 2``).
       rtol: relative tolerance used.
       atol: absolute tolerance used.
-      passed: whether the row passed.
+      passed: whether the row passed: ``err_over_tol <= 1``.
       note: what else the reader should know (kinks, an exception).
       probe: the point B was checked at: ``""`` for the caller's arguments,
         else the probe derived from them (``zeros``, ``signs``, ``large x1e+02``,
@@ -54,6 +58,14 @@ class VJPCheck:
       diagnosis: the likely bug when the evidence says so ("off by a
         constant factor 2", "not linear in v", "NaN at index [3]", ...), else
         ``""``.
+      err_over_tol: the error as a fraction of its tolerance, the number
+        the pass/fail decision compares with 1: max |got - want| /
+        (atol + rtol max |want|) for a comparison, the largest
+        |<J t, c> - <t, B(c)>| / (atol + rtol scale + round-off) over the
+        directions for finite differences (0 where nothing was left to
+        compare), infinite for a row that raised or holds a NaN. Left out,
+        it is worked out from the other numbers (scale = max_abs_err /
+        max_rel_err).
     """
 
     argument: str
@@ -68,12 +80,23 @@ class VJPCheck:
     note: str = ""
     probe: str = ""
     diagnosis: str = ""
+    err_over_tol: float = math.nan
 
     def __post_init__(self) -> None:
         # Plain Python numbers (not numpy scalars), so that to_dict() is JSON-able.
-        for name in ("max_abs_err", "max_rel_err", "rtol", "atol"):
+        for name in ("max_abs_err", "max_rel_err", "rtol", "atol", "err_over_tol"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "passed", bool(self.passed))
+        if math.isnan(self.err_over_tol):
+            object.__setattr__(self, "err_over_tol", self._derived_ratio())
+
+    def _derived_ratio(self) -> float:
+        """err/tol of a row built without it, from its errors and tolerances."""
+        err, rel = self.max_abs_err, self.max_rel_err
+        if math.isnan(err) or not self.compared:
+            return 0.0 if self.passed else math.inf
+        scale = err / rel if rel > 0 and math.isfinite(rel) else 0.0
+        return _over(err, self.atol + self.rtol * scale)
 
     def describe(self) -> str:
         """One line naming the argument, transform and oracle, and the numbers."""
@@ -93,18 +116,17 @@ class VJPCheck:
 
     @property
     def ratio(self) -> float:
-        """max rel err over rtol: <= 1 passes (with atol); never 0 or NaN on a failure."""
-        if not self.passed and (not self.compared or math.isnan(self.max_rel_err)):
-            return math.inf
-        if math.isnan(self.max_rel_err):
-            return 0.0
-        if self.rtol > 0:
-            ratio = self.max_rel_err / self.rtol
-        else:
-            ratio = 0.0 if self.max_rel_err == 0 else math.inf
-        if not self.passed and ratio == 0:   # failed on atol or shape: at least 1
-            return math.inf if self.max_abs_err == math.inf else max(ratio, 1.0)
-        return ratio
+        """The error over its tolerance (:attr:`err_over_tol`): the row passes iff <= 1."""
+        return self.err_over_tol
+
+
+def _over(err: float, bound: float) -> float:
+    """err / bound, the pass/fail number: 0 for no error, inf for an error over a zero bound."""
+    if math.isnan(err):
+        return math.inf
+    if err == 0:
+        return 0.0
+    return err / bound if bound > 0 else math.inf
 
 
 def _num(x: float) -> str:
@@ -167,21 +189,24 @@ class VJPReport:
 
     @property
     def worst_ratio(self) -> float:
-        """The largest max rel err over rtol of any row (infinite for a row that raised)."""
+        """The largest err/tol of any row (:attr:`VJPCheck.ratio`): <= 1 iff the report passes.
+
+        Infinite for a row that raised or holds a NaN.
+        """
         return max((row.ratio for row in self.rows), default=0.0)
 
     def table(self, rows: Sequence[VJPCheck] | None = None) -> str:
         """The rows (all by default) as an aligned text table."""
         rows = self.rows if rows is None else rows
         head = ("argument", "transform", "oracle", "probe", "max abs err", "max rel err",
-                "worst index", "rtol", "result", "note")
+                "worst index", "rtol", "err/tol", "result", "note")
 
         def cell(r: VJPCheck, x: float) -> str:
             return _num(x) if r.compared else "-"
 
         body = [(r.argument, r.transform, r.oracle, r.probe or "args",
                  cell(r, r.max_abs_err), cell(r, r.max_rel_err), r.worst_index, _num(r.rtol),
-                 "PASS" if r.passed else "FAIL",
+                 f"{r.ratio:.2g}", "PASS" if r.passed else "FAIL",
                  "; ".join(x for x in (r.diagnosis and f"likely bug: {r.diagnosis}", r.note)
                            if x))
                 for r in rows]
@@ -204,7 +229,7 @@ class VJPReport:
         rows = []
         for row in self.rows:
             data = asdict(row)
-            for key in ("max_abs_err", "max_rel_err", "rtol", "atol"):
+            for key in ("max_abs_err", "max_rel_err", "rtol", "atol", "err_over_tol"):
                 data[key] = _json_float(data[key])
             rows.append(data)
         return {"function": self.function, "dtype": self.dtype, "backend": self.backend,
@@ -249,7 +274,7 @@ def _measure(triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = Fals
     for label, got, want in triples:
         got, want = _f64(got), _f64(want)
         if got.shape != want.shape:
-            return math.inf, math.inf, f"{label} shape {got.shape} vs {want.shape}", 0.0
+            return math.inf, math.inf, f"{label} shape {got.shape} vs {want.shape}", 0.0, 0
         nan = np.isnan(got) & ~np.isnan(want)
         blind = np.isnan(want) & ~np.isnan(got) if skip_nan_want else np.zeros(got.shape, bool)
         skipped += int(blind.sum())
@@ -274,7 +299,8 @@ def _measure(triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = Fals
 def _row(argument: str, transform: str, oracle: str, triples, tol: Tolerance,
          note: str = "", probe: str = "", diagnosis: str = "") -> VJPCheck:
     abs_err, rel_err, where, scale, skipped = _measure(triples, oracle == "reference")
-    passed = abs_err <= tol.atol + tol.rtol * scale
+    ratio = _over(abs_err, tol.atol + tol.rtol * scale)
+    passed = ratio <= 1
     if skipped:
         blind = (f"the reference's derivative is NaN at {skipped} entr"
                  f"{'y' if skipped == 1 else 'ies'} (no derivative there), left out")
@@ -284,4 +310,4 @@ def _row(argument: str, transform: str, oracle: str, triples, tol: Tolerance,
     elif passed:
         diagnosis = ""
     return VJPCheck(argument, transform, oracle, abs_err, rel_err, where, tol.rtol,
-                    tol.atol, passed, note, probe, diagnosis)
+                    tol.atol, passed, note, probe, diagnosis, ratio)
