@@ -13,7 +13,7 @@ Networks, float32, cross-entropy, clip norm C = 1 (``--clip``):
 
 - ``mlp``: ``fnbp.mlp([1024, 1024, 10], "relu")`` on 784 inputs, batch 32, 256
   and 1024;
-- ``cnn``: the README's conv net, the one ``fnbp train --model cnn`` trains on
+- ``cnn``: the conv net of docs/benchmarks.md, the one ``fnbp train --model cnn`` trains on
   the digits: ``fnbp.cnn(10, (32, 64))`` (conv 3x3 -> relu -> max pool 2x2,
   twice; flatten; mm) on 8 x 8 x 1 images, batch 32 (the CLI's default) and 256.
 

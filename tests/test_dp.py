@@ -149,7 +149,7 @@ def test_poisson_batch_at_the_ends_of_the_threshold_range():
     assert dp.poisson_batch(key, n, 1.0, 8)[1].sum() == n  # q = 1: every example
 
 
-# (batch size, number of examples): tiny q, the README's q, q near 1 and q = 1
+# (batch size, number of examples): tiny q, the documented run's q, q near 1 and q = 1
 RATES = [(1, 10**9), (1, 2**32), (3, 2**32 - 1), (1, 3), (128, 1438), (32, 1437),
          (59_999, 60_000), (2**32 - 1, 2**32), (60_000, 60_000)]
 
@@ -235,11 +235,11 @@ def pld_oracle(sigma, q, steps, delta):
 
 
 def test_epsilon_pld_is_dp_accountings_pld_accountant_and_below_rdp():
-    q, steps, delta = dp.sampling_rate(128, 1438), 110, 1e-5  # the README's run
+    q, steps, delta = dp.sampling_rate(128, 1438), 110, 1e-5  # the run of docs/per-example.md
     pld = dp.epsilon(1.5, q, steps, delta, "pld")
     # the same computation as the accountant's, up to the rounding of its identity composition
     assert pld == pytest.approx(pld_oracle(1.5, q, steps, delta), rel=1e-8)
-    assert pld == pytest.approx(3.2678, abs=1e-4)  # and the README's figure
+    assert pld == pytest.approx(3.2678, abs=1e-4)  # and the documented figure
     assert pld < dp.epsilon(1.5, q, steps, delta, "rdp") == pytest.approx(3.6274, abs=1e-4)
     for sigma, rate, count in ((1.0, 0.1, 50), (4.0, 0.01, 1000)):
         assert dp.epsilon(sigma, rate, count, delta, "pld") < dp.epsilon(sigma, rate, count,
@@ -499,7 +499,7 @@ def test_cli_digits_default_with_dp_writes_epsilon(tmp_path, capsys):
     assert "DP-SGD (clip 1, noise 1.1, Poisson sampling q" in printed
 
 
-# The README's figures: 92.2% test accuracy at epsilon 3.63, delta 1e-5, in about 11 s.
+# The figures of docs/per-example.md: 92.2% test accuracy at epsilon 3.63, delta 1e-5, ~11 s.
 DIGITS_DP = ["--width", "256", "--depth", "1", "--batch-size", "128", "--lr", "0.01",
              "--dp-clip", "1", "--dp-noise", "1.5"]
 

@@ -43,7 +43,7 @@ A run is therefore reproducible, and a run resumed at step t draws what an
 uninterrupted one would. These are JAX's counter-based PRNG (threefry), not
 a cryptographically secure generator, and the arithmetic is floating point:
 the guarantee is that of the mathematical mechanism, as with Opacus'
-default generator (see the README's caveats).
+default generator (see the caveats in docs/per-example.md).
 
 **Accounting.** :func:`epsilon` composes ``PoissonSampledDpEvent(q,
 GaussianDpEvent(sigma))`` over the steps taken in one of the accountants of
