@@ -250,3 +250,91 @@ def test_gelu_rejects_non_bool_approximate(approximate):
     with pytest.raises(TypeError, match=r"^gelu: approximate must be a Python bool "
                                         rf"\(a static setting\), got {kind}$"):
         fnbp.gelu(jnp.ones(3), approximate)
+
+
+# --- infinities and NaN ------------------------------------------------------------------
+
+# name: (f(-inf), f(inf), f'(-inf), f'(inf)), the limits; f(NaN) is NaN for all.
+LIMITS = {
+    "relu": (0.0, np.inf, 0.0, 1.0),
+    "sigmoid": (0.0, 1.0, 0.0, 0.0),
+    "tanh": (-1.0, 1.0, 0.0, 0.0),
+    "leaky_relu": (-np.inf, np.inf, 0.01, 1.0),
+    "gelu": (0.0, np.inf, 0.0, 1.0),
+    "softplus": (0.0, np.inf, 0.0, 1.0),
+    "silu": (0.0, np.inf, 0.0, 1.0),
+    "elu": (-1.0, np.inf, 0.0, 1.0),
+}
+SMOOTH = ("sigmoid", "tanh", "gelu", "softplus", "silu")  # f'(NaN) is NaN too
+ELEMENTWISE_AT_INF = {**{name: ACTIVATIONS[name] for name in LIMITS},
+                      "gelu(approximate)": functools.partial(fnbp.gelu, approximate=True)}
+
+
+@jax.jit
+def _at_specials(z):
+    out = {}
+    for name, f in ELEMENTWISE_AT_INF.items():
+        u, pull = jax.vjp(f, z)
+        out[name] = (u, pull(jnp.ones_like(u))[0])
+    return out
+
+
+def test_every_elementwise_activation_has_its_limits_listed():
+    assert set(LIMITS) == set(ACTIVATIONS) - {"softmax"}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_activations_take_their_limits_at_infinity_and_nan_stays_nan(dtype):
+    """f(+-inf) and f'(+-inf) are the limits where they exist (gelu(-inf) = 0,
+    gelu'(inf) = 1, silu likewise), never inf * 0 = NaN; NaN in is NaN out
+    (and a NaN slope for the smooth rules)."""
+    got = _at_specials(jnp.asarray([-np.inf, np.inf, np.nan], dtype))
+    for name, (u, du) in got.items():
+        f_lo, f_hi, d_lo, d_hi = LIMITS[name.split("(")[0]]
+        u, du = np.asarray(u, np.float64), np.asarray(du, np.float64)
+        np.testing.assert_array_equal(u[:2], [f_lo, f_hi], err_msg=name)
+        np.testing.assert_allclose(du[:2], [d_lo, d_hi], rtol=1e-2, err_msg=name)
+        assert np.isnan(u[2]), name
+        if name.split("(")[0] in SMOOTH:
+            assert np.isnan(du[2]), name
+
+
+def test_softmax_with_minus_infinity_and_nan():
+    """A -inf logit has probability 0; a NaN logit makes its example NaN, not finite."""
+    s = jax.jit(fnbp.softmax)(jnp.asarray([[-np.inf, 0.0, 0.0], [np.nan, 0.0, 1.0]]))
+    np.testing.assert_array_equal(s[0], [0.0, 0.5, 0.5])
+    assert np.all(np.isnan(s[1]))
+
+
+# --- arrays given as lists, tuples, NumPy arrays, numbers ------------------------------------
+
+
+def test_activations_take_lists_tuples_numpy_arrays_and_numbers():
+    want = fnbp.relu(jnp.asarray([1.0, -2.0]))
+    for given in ([1.0, -2.0], (1.0, -2.0), np.array([1.0, -2.0])):
+        np.testing.assert_array_equal(fnbp.relu(given), want)
+    assert float(fnbp.relu(-2.0)) == 0.0 and float(fnbp.gelu(0.0)) == 0.0
+    np.testing.assert_array_equal(fnbp.leaky_relu([[-1.0, 2.0]], np.float64(0.5)),
+                                  [[-0.5, 2.0]])
+    np.testing.assert_array_equal(fnbp.softmax([[0.0, 0.0]]), [[0.5, 0.5]])
+
+
+@pytest.mark.parametrize("bad, seen, error", [
+    ([[1.0, 2.0], [3.0]], r"a ragged list \(its entries have different lengths or shapes\); "
+                          r"give every row the same length", ValueError),
+    ("1.5", r"a string '1\.5'; pass its numbers as an array", TypeError),
+    ([1.0, "a"], r"a list holding non-numbers \(NumPy reads it as dtype <U\d+\); pass its "
+                 r"numbers as an array", TypeError),
+    (None, r"None; pass its numbers as an array", TypeError),
+    ({"z": 1.0}, r"an object of type dict; pass its numbers as an array", TypeError),
+], ids=["ragged", "string", "mixed", "None", "dict"])
+def test_activation_refuses_what_is_not_an_array(bad, seen, error):
+    with pytest.raises(error, match=r"^gelu: z must be an array \(a JAX or NumPy array, a "
+                                    r"Python number, or a nested list or tuple of numbers of "
+                                    rf"one rectangular shape\), got {seen}$"):
+        fnbp.gelu(bad)
+
+
+def test_activation_setting_given_as_a_ragged_list_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^elu: alpha must be an array .*, got a ragged list"):
+        fnbp.elu(jnp.ones(3), [[1.0], [1.0, 2.0]])

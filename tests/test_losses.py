@@ -184,3 +184,101 @@ def test_loss_rejects_integer_targets(rule):
     with pytest.raises(TypeError, match=rf"^{rule.__name__}: y has dtype int32, but a real "
                                         r"floating dtype"):
         rule(jnp.ones((5, K)), jnp.ones((5, K), jnp.int32))
+
+
+# --- labels of every integer dtype -------------------------------------------------------
+
+
+def _softmax_minus_one_hot(t, y):
+    """float64 oracle of the cross-entropy cotangent: softmax(t) - e_y per row."""
+    t = np.asarray(t, np.float64)
+    e = np.exp(t - t.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True) - np.eye(t.shape[-1])[np.asarray(y, np.int64)]
+
+
+@jax.jit
+def _loss_and_grad(t, y):
+    loss, pull = jax.vjp(lambda t: fnbp.cross_entropy_loss(t, y), t)
+    return loss, pull(jnp.ones_like(loss))[0]
+
+
+@pytest.mark.parametrize("dtype, k, labels", [
+    ("uint8", 256, [0, 255, 128, 7]),       # a byte vocabulary: 256 does not fit in uint8
+    ("int8", 200, [0, 127, 64, 5]),         # 200 does not fit in int8
+    ("int16", 40000, [0, 32767, 39, 1]),    # 40000 does not fit in int16
+    ("uint16", 300, [0, 299, 150, 2]),
+    ("int64", 5, [0, 4, 2, 1]),
+], ids=lambda x: str(x) if not isinstance(x, list) else "")
+def test_cross_entropy_accepts_labels_of_every_integer_dtype(dtype, k, labels):
+    """The range check never converts k to the labels' dtype: every label in
+    [0, k) is valid, loss and cotangent equal the int32 labels' exactly and
+    the float64 oracle's softmax(t) - e_y."""
+    t = jnp.asarray(np.random.default_rng(0).standard_normal((4, k)), jnp.float64)
+    y = jnp.asarray(np.asarray(labels, dtype))
+    loss, dt = _loss_and_grad(t, y)
+    want_loss, want_dt = _loss_and_grad(t, jnp.asarray(labels, jnp.int32))
+    np.testing.assert_array_equal(loss, want_loss)
+    np.testing.assert_array_equal(dt, want_dt)
+    assert np.all(np.isfinite(loss))
+    np.testing.assert_allclose(dt, _softmax_minus_one_hot(t, labels), rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(fnbp.checked(fnbp.cross_entropy_loss)(t, y), loss)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64"])
+def test_cross_entropy_negative_labels_give_nan_rows_in_signed_dtypes(dtype):
+    """Unchecked, a label < 0 (or >= k) is NaN in its loss and its cotangent
+    row and nowhere else; checked, it raises."""
+    t = jnp.asarray(np.random.default_rng(1).standard_normal((3, 200)), jnp.float32)
+    y = jnp.asarray(np.asarray([-1, 5, -128], dtype))
+    loss, dt = _loss_and_grad(t, y)
+    assert np.isnan(loss[0]) and np.isnan(loss[2]) and np.isfinite(loss[1])
+    assert np.all(np.isnan(dt[0])) and np.all(np.isnan(dt[2])) and np.all(np.isfinite(dt[1]))
+    with pytest.raises(ValueError, match=r"cross_entropy_loss: y holds a label outside "
+                                         r"\[0, 200\)"):
+        fnbp.checked(fnbp.cross_entropy_loss)(t, y)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_cross_entropy_label_at_or_above_k_is_nan_and_refused_checked(dtype):
+    t = jnp.zeros((2, 100), jnp.float32)
+    y = jnp.asarray(np.asarray([100, 99], dtype))
+    loss = jax.jit(fnbp.cross_entropy_loss)(t, y)
+    assert np.isnan(loss[0]) and loss[1] == np.float32(np.log(100.0))
+    with pytest.raises(ValueError, match=r"cross_entropy_loss: y holds a label outside "
+                                         r"\[0, 100\)"):
+        fnbp.checked(fnbp.cross_entropy_loss)(t, y)
+
+
+def test_cross_entropy_gradient_with_uint8_labels_and_256_classes():
+    """jax.grad of the mean loss through the rule: (softmax(t) - e_y) / n."""
+    rng = np.random.default_rng(2)
+    t = jnp.asarray(rng.standard_normal((6, 256)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 256, 6).astype(np.uint8))
+    y = y.at[0].set(255)
+    g = jax.jit(jax.grad(lambda t: jnp.mean(fnbp.cross_entropy_loss(t, y))))(t)
+    np.testing.assert_allclose(g, _softmax_minus_one_hot(t, y) / 6, rtol=0, atol=1e-8)
+
+
+# --- Python lists ----------------------------------------------------------------------
+
+
+def test_losses_take_lists_as_arrays():
+    t, y = [[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], [2, 1]
+    np.testing.assert_array_equal(fnbp.cross_entropy_loss(t, y),
+                                  fnbp.cross_entropy_loss(jnp.asarray(t), jnp.asarray(y)))
+    np.testing.assert_array_equal(fnbp.mse_loss(t, t), [0.0, 0.0])
+    np.testing.assert_array_equal(fnbp.logistic_loss((1.0, -1.0), np.array([1.0, 0.0])),
+                                  fnbp.logistic_loss(jnp.asarray([1.0, -1.0]),
+                                                     jnp.asarray([1.0, 0.0])))
+
+
+def test_cross_entropy_refuses_ragged_and_non_numeric_labels():
+    t = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"^cross_entropy_loss: y must be an array \(.*\), got "
+                                         r"a ragged list \(its entries have different lengths "
+                                         r"or shapes\); give every row the same length$"):
+        fnbp.cross_entropy_loss(t, [[0], [1, 2]])
+    with pytest.raises(TypeError, match=r"^cross_entropy_loss: y must be an array \(.*\), got "
+                                        r"a list holding non-numbers \(NumPy reads it as dtype "
+                                        r"<U\d+\); pass its numbers as an array$"):
+        fnbp.cross_entropy_loss(t, ["cat", "dog"])

@@ -187,3 +187,45 @@ def test_backward_is_the_rule_of_the_example(example):
             assert rel_err(mine, theirs) <= 1e-15
         else:
             assert mine is None
+
+
+# --- arrays given as nested lists ------------------------------------------------------------
+
+
+def _as_lists(args):
+    """Every array argument as the nested Python list (or number) of its values."""
+    return tuple(None if a is None else np.asarray(a).tolist() for a in args)
+
+
+def test_nested_lists_give_the_same_result_as_arrays(example):
+    """Every argument of every example as nested lists: converted with jnp.asarray
+    (float64 data, int labels), the same output bit for bit."""
+    rule, f, ex = example
+    args = ex.make_args(jax.random.key(4), jnp.dtype(jnp.float64))
+    want = f(*args)
+    got = f(*_as_lists(args))
+    assert got.dtype == want.dtype and got.shape == want.shape, rule.name
+    np.testing.assert_array_equal(got, want, err_msg=rule.name)
+
+
+RAGGED = [[1.0, 2.0], [3.0]]
+
+
+def test_a_ragged_list_is_refused_naming_the_rule_and_the_argument(rule):
+    """Each array argument in turn replaced by a ragged list: fnbp's message,
+    naming the rule and the argument, never one of jnp's."""
+    example = next(iter(rule.examples.values()))
+    args = example.make_args(jax.random.key(5), jnp.dtype(jnp.float32))
+    names = list(inspect.signature(rule.function).parameters)
+    for i, arg in enumerate(args):
+        if arg is None:
+            continue
+        bad = list(args)
+        bad[i] = RAGGED
+        with pytest.raises(ValueError, match=rf"^{rule.name}: {names[i]} must be an array "
+                                             r"\(a JAX or NumPy array, a Python number, or a "
+                                             r"nested list or tuple of numbers of one "
+                                             r"rectangular shape\), got a ragged list \(its "
+                                             r"entries have different lengths or shapes\); "
+                                             r"give every row the same length$"):
+            rule.function(*bad, **example.kwargs)
