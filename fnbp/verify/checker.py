@@ -316,14 +316,13 @@ class _Checker(_FiniteDifferences, _Kinks):
                 _fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U])
             if got is not None:
                 if ref is not None:
-                    tols, note = self.round_off(
+                    self.compare_with_round_off(
+                        "2nd order", got, ref[2],
                         lambda: [_fetch(jit_fast(_second)(self.refk, sel, args, self.v0, u))
                                  for u in U],
                         lambda: [_fetch(sampled(_second, self.refk, sel, (args64, v064, u),
                                                 self.dtype, self.seed + j, jit_fast))
-                                 for j, u in enumerate(U64)], ref[2])
-                    self.compare("2nd order", "reference", got, ref[2], label="u", tols=tols,
-                                 note=note)
+                                 for j, u in enumerate(U64)], label="u")
                 if fd2 is not None:
                     self.fd_rows("2nd order", fd2, got)
 
@@ -332,29 +331,43 @@ class _Checker(_FiniteDifferences, _Kinks):
         if core_out is not None and self.probe_kinds and (ref is not None or fd1 is not None):
             self.run_probes("jit" if self.jit else "eager", C64, F if ref is None else None)
 
-    def round_off(self, low: Callable[[], list], model: Callable[[], list], want: list
-                  ) -> tuple[list[Tolerance] | None, str]:
-        """Tolerances that allow the reference's own round-off in the working dtype.
+    def compare_with_round_off(self, transform: str, got: list, want: list,
+                               low: Callable[[], list], model: Callable[[], list],
+                               **kwargs: Any) -> None:
+        """:meth:`compare` with the reference, allowing its own round-off below float64.
 
-        Below float64, a correct rule cannot beat the reference computed in
-        the same dtype. Two estimates of that round-off, against the float64
+        A correct rule cannot beat the reference computed in the working
+        dtype. Two estimates of that round-off, against the float64
         reference ``want``: ``low()``, the reference's program compiled at
         the working dtype (what this compiler makes of it), and ``model()``,
         Monte Carlo arithmetic on the reference's program in float64 (every
         rounding operation perturbed by up to the dtype's epsilon, see
-        :mod:`fnbp.verify.round_off`: what a float32 evaluation of its
-        algorithm may be off by, on any compiler). Each argument's atol
-        grows by _ROUND_OFF times the larger. None in float64.
+        :mod:`fnbp.verify.round_off`: what an evaluation of its algorithm in
+        that dtype may be off by, on any compiler). Each argument's atol
+        grows by _ROUND_OFF times the larger. ``model()`` compiles one more
+        program, so it is asked only when the rows fail without it (with it
+        the tolerance only grows: a row that passes without it passes with
+        it). In float64 the plain tolerance applies.
         """
         if np.dtype(self.dtype) == np.float64 or self.refk is None:
-            return None, ""
-        estimates = []
+            self.compare(transform, "reference", got, want, **kwargs)
+            return
+        estimates: list = []
         for estimate, context in ((low, contextlib.nullcontext), (model, _x64)):
             try:
                 with context():
                     estimates.append(estimate())
             except Exception:  # noqa: BLE001 - no such estimate: the other one applies
-                continue
+                pass
+            start = len(self.rows)
+            tols, note = self._round_off(estimates, want)
+            self.compare(transform, "reference", got, want, tols=tols, note=note, **kwargs)
+            if estimate is model or all(row.passed for row in self.rows[start:]):
+                return
+            del self.rows[start:]
+
+    def _round_off(self, estimates: list, want: list) -> tuple[list[Tolerance] | None, str]:
+        """Per argument, the tolerance with _ROUND_OFF times the largest estimated round-off."""
         if not estimates:
             return None, ""
         tols, widest = [], 0.0
@@ -425,17 +438,16 @@ class _Checker(_FiniteDifferences, _Kinks):
                 want = self.attempt("eager", lambda point=point: [
                     at64(point, c)[2] for c in C64], "reference", probe=name)
                 if want is not None and name.startswith(("large", "offset")):
-                    tols, note = self.round_off(
+                    self.compare_with_round_off(
+                        transform, got, want,
                         lambda point=point: [_fetch(jit_fast(_core)(self.refk, sel, point, c))[2]
                                              for c in self.C],
                         lambda point=point: [_fetch(sampled(
                             _B, self.refk, sel, (self.args64(point), c), self.dtype,
-                            self.seed + j, jit_fast)) for j, c in enumerate(C64)], want)
-                else:   # the caller's magnitudes: the plain tolerance, as at the arguments
-                    tols, note = None, ""
-                if want is not None:
-                    self.compare(transform, "reference", got, want, probe=name, point=point,
-                                 tols=tols, note=note)
+                            self.seed + j, jit_fast)) for j, c in enumerate(C64)],
+                        probe=name, point=point)
+                elif want is not None:   # the caller's magnitudes: the plain tolerance
+                    self.compare(transform, "reference", got, want, probe=name, point=point)
             else:
                 with _x64():
                     point64 = self.args64(point)
