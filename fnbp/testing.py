@@ -43,7 +43,8 @@ def assert_vjp(f: Callable[..., Any], *arrays: Any, **kwargs: Any):
       *arrays: its positional arguments (or pass ``args=`` a factory).
       **kwargs: passed to :func:`fnbp.check_vjp` (``reference``,
         ``static_kwargs``, ``transforms``, ``rtol``, ``atol``, ``probes``,
-        ``args``, ...).
+        ``args``, ``kinks="any_subgradient"`` to accept any subgradient at a
+        kink, ...).
 
     Returns:
       The :class:`fnbp.verify.VJPReport`, when every check passed.

@@ -46,7 +46,7 @@ from fnbp.verify.arguments import _as_dtype, _fetch, _put
 from fnbp.verify.programs import _core, _x64, jit_fast
 from fnbp.verify.report import VJPCheck, _f64, _index, _row
 
-_MAX_ENTRIES = 64       # more entries than this to examine: not "only at a kink"
+_MAX_ENTRIES = 256      # more entries than this to examine: not "only at a kink"
 _GAP = 1e-3             # one-sided derivatives this far apart (relative): a kink
 _SAMPLES = 8            # nearby gradients per entry of a coupled group
 _EPS = float(np.finfo(np.float64).eps)
