@@ -35,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.scipy.special import erf
 
 from fnbp.checking import check, check_finite
 from fnbp.rules import _validate
@@ -358,7 +359,7 @@ def gelu(z: Array, approximate: bool = False) -> Array:
 def _gelu_reference(z, approximate=False):
     if approximate:
         return 0.5 * z * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (z + 0.044715 * z**3)))
-    return 0.5 * z * (1 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))
+    return 0.5 * z * (1 + erf(z / jnp.sqrt(2.0)))
 
 
 GELU = declare(
@@ -405,7 +406,8 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
     """B[softplus, z](v) = sigmoid(beta z) (.) v, stable for any beta z.
 
     The scalar ``beta`` gets its cotangent
-    d beta = sum of (z s - u) / beta (.) v, with s = sigmoid(beta z), u the output.
+    d beta = sum of (z s - u) / beta (.) v, with s = sigmoid(beta z), u the output;
+    z s - u is the forward's r, formed without cancelling for large beta z.
     """
     z, beta, s, r = res
     va = v.astype(s.dtype)
