@@ -247,3 +247,21 @@ def test_mismatched_shapes_optimizer_and_dtype(saved):
     renamed = {"dense": params["dense"], "head": params["out"]}
     with pytest.raises(CheckpointError, match=r"missing from it: \['head'\]"):
         ckpt.load_checkpoint(path, renamed, optax.adam(1e-2).init(renamed))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_or_a_device_is_refused_before_it_is_opened(tmp_path):
+    params = make_params()
+    state = optax.adam(1e-2).init(params)
+    pipe = tmp_path / "checkpoint.npz"
+    os.mkfifo(pipe)  # np.load would block on it until something wrote into it
+    for load in (lambda path: ckpt.load_checkpoint(path, params, state),
+                 ckpt.read_checkpoint_metadata):
+        with pytest.raises(CheckpointError) as info:
+            load(pipe)
+        assert str(info.value) == (f"checkpoint: {pipe} is a named pipe (FIFO), not a file; "
+                                   f"pass a regular file")
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(CheckpointError, match="^checkpoint: /dev/zero is a character "
+                                                  "device, not a file"):
+            ckpt.load_checkpoint("/dev/zero", params, state)

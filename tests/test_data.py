@@ -499,3 +499,101 @@ def test_a_file_of_another_kind_named_npz_says_what_it_is(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=r"is empty \(0 bytes\), not a .npz archive"):
         data.load_npz(empty)
+
+
+# --- paths that are not files, sizes that memory cannot hold -------------------------------
+
+
+def fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def unix_socket(path):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    return server
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("name", ["npz", "csv"])
+def test_a_named_pipe_is_refused_before_it_is_opened(tmp_path, name):
+    # opening it would block until something writes into it: the reader never opens it
+    path = fifo(tmp_path / f"data.{name}")
+    with pytest.raises(DataError) as info:
+        data.load_dataset(name, path=path)
+    assert str(info.value) == (f"{name}: {path} is a named pipe (FIFO), not a file; pass a "
+                               f"regular file")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+@pytest.mark.parametrize("name", ["npz", "csv"])
+def test_a_device_is_refused_not_read_forever(name):
+    with pytest.raises(DataError, match=f"^{name}: /dev/zero is a character device, not a "
+                                        f"file; pass a regular file$"):
+        data.load_dataset(name, path="/dev/zero")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_idx_members_and_sockets_that_are_not_files(tmp_path):
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(4, dtype=np.uint8) % 2)
+    member = fifo(tmp_path / "train-images-idx3-ubyte")
+    with pytest.raises(DataError, match=f"^idx: {member} is a named pipe \\(FIFO\\), not a "
+                                        f"file; pass a regular file$"):
+        data.load_dataset("idx", path=tmp_path)
+    with unix_socket(tmp_path / "s.csv"):
+        with pytest.raises(DataError, match="s.csv is a socket, not a file"):
+            data.load_csv(tmp_path / "s.csv")
+    with pytest.raises(DataError, match=f"^npz: {tmp_path} is a folder, not a file; pass a "
+                                        f"regular file$"):
+        data.load_npz(tmp_path)
+
+
+def test_available_memory_is_known_on_linux():
+    from fnbp.train._data_checks import available_memory, size_text
+
+    if os.path.isfile("/proc/meminfo"):
+        assert 0 < available_memory() < 2**60
+    assert [size_text(n) for n in (512, 3 * 2**30 + 2**29, 80 * 2**40)] == [
+        "512 B", "3.5 GiB", "80.0 TiB"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda n: data.check_dataset_arguments("spirals", num_examples=n),
+    lambda n: data.load_dataset("moons", num_examples=n),
+    lambda n: data.make_spirals(n),
+])
+def test_a_synthetic_size_memory_cannot_hold_is_refused_before_allocating(call, monkeypatch):
+    from fnbp.train import _data_checks
+
+    monkeypatch.setattr(_data_checks, "available_memory", lambda: 3 * 2**30)
+    n = 10**9  # 96 GB of working arrays against 3 GiB
+    with pytest.raises(DataError) as info:
+        call(n)
+    name = "moons" if "moons" in str(info.value) else "spirals"
+    assert str(info.value) == (f"{name}: `num_examples` 1000000000 needs about 89.4 GiB of "
+                               f"memory, but 3.0 GiB is available; pass a smaller "
+                               f"`num_examples`")
+    call(1000)  # what fits is made
+
+
+def test_a_huge_num_examples_is_refused_on_any_machine():
+    with pytest.raises(DataError, match=r"^spirals: `num_examples` 10000000000000000 needs "
+                                        r"about 852\.7 PiB of memory, but .* is available; "
+                                        r"pass a smaller `num_examples`$"):
+        data.load_dataset("spirals", num_examples=10**16)
+
+
+def test_an_npz_array_memory_cannot_hold_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from fnbp.train import _data_checks
+
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.zeros((1000, 8), np.float32), y=np.arange(1000) % 2)
+    monkeypatch.setattr(_data_checks, "available_memory", lambda: 20000)
+    with pytest.raises(DataError) as info:
+        data.load_npz(path)
+    assert str(info.value) == (f"npz: {path}: the array x needs about 31.4 KiB of memory, "
+                               f"but 19.5 KiB is available; train on a subset of the examples, "
+                               f"or on a machine with more memory")

@@ -394,6 +394,94 @@ def test_initialize_distributed_degrades_to_one_process():
         sharding.initialize_distributed(process_id=1)
 
 
+@pytest.mark.parametrize("address, message", [
+    ("localhost", "`coordinator_address` 'localhost' has no port; pass 'host:port', e.g. "
+                  "'localhost:1234' or '10.0.0.1:1234'"),
+    ("localhost:http", "`coordinator_address` 'localhost:http': the port 'http' is not a "
+                       "number; pass 'host:port'"),
+    (":1234", "`coordinator_address` ':1234' has no host; pass 'host:port'"),
+    ("localhost:0", "`coordinator_address` 'localhost:0': the port 0 is outside 1 .. 65535"),
+    ("localhost:65536", "`coordinator_address` 'localhost:65536': the port 65536 is outside "
+                        "1 .. 65535"),
+    ("::1:1234", "`coordinator_address` '::1:1234': write an IPv6 host in brackets, e.g. "
+                 "'[::1]:1234'"),
+    ("[::1]1234", "`coordinator_address` '[::1]1234': an IPv6 host in brackets is followed "
+                  "by ':port', e.g. '[::1]:1234'"),
+    ("local host:1", "`coordinator_address` 'local host:1' has spaces in its host"),
+])
+def test_a_malformed_coordinator_address_is_refused_before_jax_sees_it(address, message):
+    with pytest.raises(ValueError) as info:
+        sharding.initialize_distributed(address, num_processes=2, process_id=1)
+    assert str(info.value).startswith(f"initialize_distributed: {message}"), str(info.value)
+    assert sharding.check_distributed_arguments("[::1]:1234", 2, 1) == ("::1", 1234)
+    assert sharding.check_distributed_arguments("host-0.local:80") == ("host-0.local", 80)
+
+
+def test_other_distributed_arguments_are_refused_with_fnbp_s_message():
+    with pytest.raises(TypeError, match="^initialize_distributed: `coordinator_address` must "
+                                        "be a string 'host:port', got int$"):
+        sharding.initialize_distributed(1234, num_processes=2, process_id=0)
+    for timeout in (0, -1, float("nan"), float("inf"), "60", True):
+        with pytest.raises(ValueError, match="^initialize_distributed: `timeout` must be a "
+                                             "positive number of seconds, got "):
+            sharding.initialize_distributed("localhost:1", 2, 0, timeout=timeout)
+
+
+def timeout_script(process_id, port, timeout):
+    """Python that joins a 2-process run nobody else joins, and says how it ended."""
+    return ("import fnbp\n"
+            "try:\n"
+            f"    fnbp.initialize_distributed('127.0.0.1:{port}', 2, {process_id}, "
+            f"timeout={timeout})\n"
+            "except TimeoutError as error:\n"
+            "    print('TimeoutError:', error)\n")
+
+
+def test_a_coordinator_nobody_runs_or_joins_times_out_in_one_line(tmp_path):
+    # Each case in a subprocess with a hard limit, so that the suite never hangs.
+    port = free_port()  # nothing listens there
+    train_args = [sys.executable, "-m", "fnbp.cli", "train", *SMALL, "--out", tmp_path / "run",
+                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                  "--coordinator-timeout", "1", "--process-id"]
+    commands = {"library 1": [sys.executable, "-c", timeout_script(1, port, 1)],
+                "library 0": [sys.executable, "-c", timeout_script(0, free_port(), 1)],
+                "cli 1": [*train_args, "1"]}
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # nothing here needs an accelerator
+    processes = {name: subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+                 for name, command in commands.items()}
+    results = {}
+    for name, process in processes.items():
+        try:
+            out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        results[name] = process.returncode, out, err
+    status, out, err = results["library 1"]  # nothing answers at the port: a Python error
+    assert status == 0 and out == (
+        f"TimeoutError: initialize_distributed: nothing answers at the coordinator "
+        f"127.0.0.1:{port} (`coordinator_address`) after 1 s (`timeout`); start process 0 "
+        f"with the same `coordinator_address`, check the host and the port, or pass a larger "
+        f"`timeout`\n"), (status, out, err)
+    status, out, err = results["library 0"]  # the other process never joins: one line, exit 2
+    assert status == 2 and out == "", (status, err)
+    assert "Traceback" not in err and "Check failure" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "initialize_distributed: the 2 processes did not all join the coordinator 127.0.0.1:"), err
+    assert err.splitlines()[-1].endswith(
+        "within 1 s (`timeout`); start every process with the same `coordinator_address` and "
+        "`num_processes` and its own `process_id`, or pass a larger `timeout`"), err
+    status, out, err = results["cli 1"]
+    assert status == 2 and err == (
+        f"fnbp train: error: nothing answers at the coordinator 127.0.0.1:{port} "
+        f"(--coordinator) after 1 s (--coordinator-timeout); start process 0 with the same "
+        f"--coordinator, check the host and the port, or pass a larger "
+        f"--coordinator-timeout\n"), (status, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_mesh_is_refused():
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD, mesh="data")
@@ -414,6 +502,14 @@ def cli_error(capsys, args, match):
     (["--num-processes", "2", "--coordinator", "localhost:1"],
      "--num-processes 2 needs --process-id, this process' number in 0 .. 1, got None"),
     (["--process-id", "1"], "--process-id 1 needs --num-processes greater than 1"),
+    (["--num-processes", "2", "--process-id", "1", "--coordinator", "host"],
+     "fnbp train: error: --coordinator 'host' has no port; pass 'host:port', e.g. "
+     "'localhost:1234' or '10.0.0.1:1234'\n"),
+    (["--coordinator", "host:99999"], "--coordinator 'host:99999': the port 99999 is outside "
+                                      "1 .. 65535"),
+    (["--num-processes", "2", "--process-id", "1", "--coordinator", "h:1",
+      "--coordinator-timeout", "0"],
+     "--coordinator-timeout must be a positive number of seconds, got 0.0"),
 ])
 def test_cli_parallel_flag_errors_are_one_line(tmp_path, capsys, extra, match):
     cli_error(capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)

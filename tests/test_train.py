@@ -264,3 +264,150 @@ def test_fit_and_step_reject_wrong_parts():
         train.make_train_step(MODEL, fnbp.cross_entropy_loss, lambda g: g)
     with pytest.raises(TypeError, match="model must be a fnbp Layer"):
         train.make_eval_step(lambda p, x: x, fnbp.cross_entropy_loss)
+
+
+# --- fit's arguments, its inputs, and stopping it cleanly ---------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(key=None), TypeError,
+     "fit: `key` must be a PRNG key, jax.random.key(seed), got NoneType"),
+    (dict(key=7), TypeError, "fit: `key` must be a PRNG key, jax.random.key(seed), got int"),
+    (dict(key=np.zeros(3, np.float32)), TypeError,
+     "fit: `key` must be a PRNG key, jax.random.key(seed), got an array of dtype float32 "
+     "and shape (3,)"),
+    (dict(key=jax.random.split(jax.random.key(0), 2)), TypeError,
+     "fit: `key` must be one PRNG key, got an array of keys of shape (2,); pass "
+     "jax.random.key(seed)"),
+    (dict(epochs=True), ValueError, "fit: epochs must be a positive int, got True"),
+    (dict(on_step=3), TypeError, "fit: `on_step` must be a function or None, got int"),
+    (dict(on_epoch="yes"), TypeError, "fit: `on_epoch` must be a function or None, got str"),
+    (dict(stop=True), TypeError, "fit: `stop` must be a function or None, got bool"),
+    (dict(state=((), ())), TypeError,
+     "fit: `state` must be a fnbp.train.TrainState (from init_state, or a FitResult's "
+     "state), got tuple"),
+    (dict(history={"epoch": 1}), TypeError,
+     "fit: `history` must be a list of dicts (a FitResult's history), got dict"),
+    (dict(eval_batch_size=0), ValueError, "fit: `eval_batch_size` must be a positive int, "
+                                          "got 0"),
+    (dict(x=[["a"] * 4] * N), TypeError, "fit: `x` must hold numbers, got dtype <U1"),
+    (dict(y=[[0, 1]] * (N - 1) + [[0]]), TypeError,
+     "fit: `y` must be an array (n, ...) of numbers; np.asarray could not make one"),
+    (dict(x_test=np.ones((3, 5)), y_test=np.zeros(3, np.int32)), ValueError,
+     "fit: `x_test` has shape (3, 5), but the examples of `x` have shape (4,); pass test "
+     "examples of that shape"),
+    (dict(x_test=np.ones((3, 4)), y_test=np.zeros(2, np.int32)), ValueError,
+     "fit: `x_test` has 3 examples but `y_test` has shape (2,); pass one target per "
+     "example"),
+])
+def test_fit_refuses_bad_arguments_with_its_own_message(kwargs, error, message):
+    params, x, y = problem()
+    arguments = dict(x=x, y=y, key=jax.random.key(0), epochs=2, batch_size=5)
+    arguments.update(kwargs)
+    x, y = arguments.pop("x"), arguments.pop("y")
+    with pytest.raises(error) as info:
+        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, **arguments)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_fit_refuses_params_the_model_cannot_apply():
+    # a layer of one's own that does not check its params: fit names them, not jnp's internals
+    scale = fnbp.make_layer(
+        "scale", lambda key, shape, dtype=jnp.float32: (shape, {"a": jnp.ones(shape, dtype)}),
+        lambda params, z: (z * params["a"], z),
+        lambda params, z, v: ({"a": jnp.sum(v * z, axis=0)}, v * params["a"]))
+    _, x, y = problem()
+    with pytest.raises(TypeError, match=r"^fit: the model cannot be applied to `params` and "
+                                        r"inputs of shape \(20, 4\) \(KeyError: 'a'\); pass "
+                                        r"the params of model.init\(key, \(4,\)\)\[1\]$"):
+        train.fit(scale, fnbp.cross_entropy_loss, SGD, {"b": jnp.ones(4)}, x, y,
+                  key=jax.random.key(0), epochs=1, batch_size=5)
+
+
+@pytest.mark.parametrize("where, on_device", [("x", False), ("x", True), ("y", False),
+                                              ("x_test", False), ("y_test", True)])
+def test_fit_refuses_nan_and_inf_inputs_naming_the_first_example(where, on_device):
+    params, x, _ = problem()
+    targets = np.asarray(x[:, :3]) * 0.5  # float targets: a regression with a squared loss
+    arrays = {"x": np.asarray(x), "y": targets, "x_test": np.asarray(x)[:6],
+              "y_test": targets[:6]}
+    bad = arrays[where].copy()
+    bad[4, 1] = np.inf if where.startswith("y") else np.nan
+    arrays[where] = jnp.asarray(bad) if on_device else bad
+
+    def squared(t, y):
+        return 0.5 * jnp.sum((t - y) ** 2, axis=-1)
+
+    with pytest.raises(fnbp.DataError) as info:
+        train.fit(MODEL, squared, SGD, params, arrays["x"], arrays["y"], key=jax.random.key(0),
+                  epochs=1, batch_size=5, x_test=arrays["x_test"], y_test=arrays["y_test"])
+    assert str(info.value) == (f"fit: `{where}` contains NaN or infinity (first in example "
+                               f"4); remove or impute those values")
+
+
+@pytest.mark.parametrize("stop_at", [0, 6, 8])  # before any step, mid-epoch, at an epoch's end
+def test_fit_stopped_by_stop_continues_exactly(stop_at):
+    params, x, y = problem(dtype=jnp.float32)
+    kwargs = dict(key=jax.random.key(5), epochs=3, batch_size=5, x_test=x, y_test=y)
+    full = train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y, **kwargs)
+    steps = [0]
+    with pytest.raises(train.TrainingStopped) as info:
+        train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y,
+                  on_step=lambda state, running: steps.__setitem__(0, state.step),
+                  stop=lambda: steps[0] >= stop_at, **kwargs)
+    stopped = info.value
+    where = {0: "at step 0 of 12, before the first step", 6: "at step 6 of 12, in epoch 2 "
+             "of 3", 8: "at step 8 of 12, after epoch 2 of 3"}[stop_at]
+    assert str(stopped) == f"stopped by a stop request {where}" and stopped.where == where
+    assert stopped.state.step == stop_at and stopped.signum is None
+    assert [h["epoch"] for h in stopped.history] == list(range(1, stop_at // 4 + 1))
+    resumed = train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, None, x, y,
+                        state=stopped.state, history=stopped.history, **kwargs)
+    assert_trees_identical(resumed.params, full.params)
+    assert resumed.history == full.history
+
+
+def test_stop_on_signals_turns_a_signal_into_a_stop_at_the_next_boundary(monkeypatch):
+    import signal
+
+    params, x, y = problem()
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    kills = []
+    monkeypatch.setattr(train.stopping.os, "kill", lambda pid, signum: kills.append(signum))
+    with train.stop_on_signals() as stop:
+        assert not stop()
+        signal.raise_signal(signal.SIGTERM)  # the handler returns: nothing is raised here
+        assert stop() and stop.signum == signal.SIGTERM and stop.name() == "SIGTERM"
+        with pytest.raises(train.TrainingStopped, match="^stopped by SIGTERM at step 0 of 8, "
+                                                        "before the first step$") as info:
+            train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y,
+                      key=jax.random.key(0), epochs=2, batch_size=5, stop=stop)
+        assert info.value.signum == signal.SIGTERM and info.value.state.step == 0
+        signal.raise_signal(signal.SIGINT)  # a second signal: its default action, at once
+        assert kills == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_stop_on_signals_leaves_an_ignored_signal_ignored():
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as under nohup
+    try:
+        with train.stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)
+            assert not stop()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_fit_without_stop_keeps_python_s_keyboard_interrupt():
+    import signal
+
+    params, x, y = problem()
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, key=jax.random.key(0),
+                  epochs=2, batch_size=5,
+                  on_step=lambda state, running: signal.raise_signal(signal.SIGINT))

@@ -48,10 +48,15 @@ def assert_same_params(a, b):
 
 def snapshot(folder):
     """Every file under ``folder`` with its bytes, to prove nothing was written."""
+    import stat
+
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe: never opened
+                files[os.path.relpath(path, folder)] = os.stat(path).st_mode
+                continue
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, folder)] = handle.read()
     return files
@@ -246,6 +251,9 @@ def assert_clean_error(tmp_path, capsys, args, match):
     (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),
     (["--num-examples", "0"], "--num-examples must be a positive integer, got 0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--num-examples", "10000000000000000"],
+     "fnbp train: error: spirals: --num-examples 10000000000000000 needs about 852.7 PiB of "
+     "memory, but "),
 ])
 def test_bad_flags(tmp_path, capsys, extra, match):
     assert_clean_error(tmp_path, capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
@@ -291,12 +299,26 @@ ROWS = "".join(f"{i % 7 / 3:.3f},{i % 5 / 2:.3f},{i % 2}\n" for i in range(40))
      "a.npz is a single NumPy array (the .npy format, from np.save), not a .npz archive"),
     (lambda d: (d / "image.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)) and
      d / "image.npz", "image.npz is a PNG image, not a .npz archive"),
+    # not files: refused before they are opened (a named pipe would block, a device never end)
+    (lambda d: (os.mkfifo(d / "pipe.npz"), d / "pipe.npz")[-1],
+     "pipe.npz is a named pipe (FIFO), not a file; pass a regular file\n"),
 ])
 def test_bad_data(tmp_path, capsys, make, match):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     path = make(data_dir)
     assert_clean_error(tmp_path, capsys, ["--data-path", path, "--out", tmp_path / "run"], match)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_as_data_or_checkpoint_is_one_line(tmp_path, capsys):
+    assert_clean_error(tmp_path, capsys, ["--dataset", "csv", "--data-path", "/dev/zero",
+                                          "--out", tmp_path / "run"],
+                       "fnbp train: error: csv: /dev/zero is a character device, not a file; "
+                       "pass a regular file\n")
+    assert_clean_error(tmp_path, capsys, ["--resume", "/dev/zero"],
+                       "fnbp train: error: checkpoint: /dev/zero is a character device, not "
+                       "a file; pass a regular file\n")
 
 
 def test_bad_csv_labels(tmp_path, capsys):
@@ -359,6 +381,21 @@ def test_corrupted_checkpoint_is_refused(finished_run, capsys):
     (lambda m: m["metadata"].update(data_sha256="0" * 64),
      "the data of spirals differ from those the run was trained on"),
     (lambda m: m["metadata"].pop("config"), "holds no fnbp train config"),
+    # a bad stored value is the file's, never a flag's the user did not pass
+    (lambda m: m["metadata"]["config"].update(batch_size=0),
+     "checkpoint.npz has batch_size 0, but batch_size must be a positive integer; the file was "
+     "edited or is corrupted, so its run cannot be resumed\n"),
+    (lambda m: m["metadata"]["config"].update(lr="fast"),
+     "checkpoint.npz has lr 'fast', but lr must be a positive finite number; the file"),
+    (lambda m: m["metadata"]["config"].update(seed=None),
+     "checkpoint.npz has seed None, but seed must lie in [0, 2**32); the file"),
+    (lambda m: m["metadata"]["config"].update(optimizer="lbfgs"),
+     "has optimizer 'lbfgs', but optimizer must be one of sgd, momentum, adam"),
+    (lambda m: m["metadata"]["config"].update(num_examples=-3),
+     "checkpoint.npz is not a valid run: the stored num_examples must be a positive integer, "
+     "got -3; the file was edited or is corrupted, so its run cannot be resumed\n"),
+    (lambda m: m["metadata"]["config"].update(dp_noise=1.0),
+     "is not a valid run: the stored dp_noise needs the stored dp_clip C too"),
 ])
 def test_checkpoint_that_does_not_fit_its_run_is_refused(finished_run, capsys, edit, match):
     capsys.readouterr()
