@@ -8,13 +8,22 @@ optimizer state, step and PRNG key; saved after every epoch, and every N
 steps with --checkpoint-every). --resume RUN_FOLDER continues a run exactly
 where its last checkpoint left it.
 
+A run folder belongs to one run at a time: while a run holds it (a lock
+file, .fnbp-train.lock, that a killed run never leaves stuck), a second
+fnbp train with the same --out, or a --resume of it, is refused. Ctrl-C
+(SIGINT) or SIGTERM stops the run at the next step boundary: the last
+checkpoint is kept (one is written at the stop if the run stepped since), one
+line says where it stopped and how to continue, and the exit status is 130
+(SIGINT) or 143 (SIGTERM); a second signal ends it at once.
+
 On several devices the run is data parallel: every batch is split over
 --devices N (default: all of them, or as many as the batch splits evenly
 over) and the parameters are replicated; --fsdp
 also splits the large parameters and their optimizer state over the devices.
 Several hosts run the same command, each with --coordinator HOST:PORT (of
 process 0), --num-processes and its own --process-id; process 0 writes the
-run folder.
+run folder. A process that cannot reach the coordinator, or whose peers do
+not all join, stops with an error after --coordinator-timeout seconds (60).
 
 Examples:
   fnbp train
