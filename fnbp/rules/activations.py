@@ -275,6 +275,18 @@ def _times(z: Array, factor: Array) -> Array:
     return jnp.where(jnp.isinf(z), jnp.zeros((), z.dtype), z * factor)
 
 
+def _sigmoids(x: Array) -> tuple[Array, Array]:
+    """``(sigmoid(x), sigmoid(-x))`` from one exponential e = e^{-|x|} <= 1.
+
+    Neither is computed as 1 minus the other, so neither cancels; both take
+    their limits 0 and 1 at x = +-inf.
+    """
+    e = jnp.exp(-jnp.abs(x))
+    r = 1 / (1 + e)
+    positive = x >= 0
+    return jnp.where(positive, r, e * r), jnp.where(positive, e * r, r)
+
+
 def _normal_cdf(z: Array) -> Array:
     """Phi(z) = erfc(-z / sqrt 2) / 2: no cancellation for z << 0 (1 + erf does)."""
     return 0.5 * jax.lax.erfc(-_SQRT_HALF * z)
@@ -289,7 +301,7 @@ def _tanh_gate(z: Array) -> tuple[Array, Array, Array]:
     at huge |z|; a, s and 1 - s then take their limits.
     """
     a = _TANH_K * (z + _TANH_C * z * z * z)
-    return jax.lax.logistic(2 * a), jax.lax.logistic(-2 * a), a
+    return (*_sigmoids(2 * a), a)
 
 
 class GeluResiduals(NamedTuple):
@@ -470,8 +482,8 @@ def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     for z >> 0); the limits at z = -inf and inf are 0 and 1.
     """
     w = at_least_float32(res.z)
-    s = jax.lax.logistic(w)
-    slope = s + _times(w, s * jax.lax.logistic(-w))
+    s, s_minus = _sigmoids(w)
+    slope = s + _times(w, s * s_minus)
     return ((slope * v.astype(w.dtype)).astype(v.dtype),)
 
 
