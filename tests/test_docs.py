@@ -49,8 +49,6 @@ PACKAGES = ["fnbp", "fnbp.rules", "fnbp.nn", "fnbp.verify", "fnbp.train",
             "fnbp.testing"]
 """The packages and modules whose public names the API reference documents."""
 
-MISSING_DOCSTRINGS = {"fnbp.verify.DEFAULT_TOLERANCES"}
-"""Public names known to have no docstring yet (fixed in fnbp/, then removed from here)."""
 
 
 def _fenced(path: Path, language: str) -> list[tuple[int, str]]:
@@ -245,13 +243,7 @@ def _docstring(public: str, obj) -> str | None:
 def test_every_public_name_has_a_docstring():
     missing = [public for public, obj in _public_names()
                if not (_docstring(public, obj) or "").strip()]
-    assert sorted(set(missing) - MISSING_DOCSTRINGS) == []
-
-
-@pytest.mark.xfail(strict=True, reason="public names still without a docstring in fnbp/")
-def test_known_missing_docstrings_are_written():
-    names = dict(_public_names())
-    assert all((_docstring(public, names[public]) or "").strip() for public in MISSING_DOCSTRINGS)
+    assert missing == []
 
 
 # --- the quick start and the design notes ------------------------------------------------

@@ -27,6 +27,9 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
     "float16": Tolerance(rtol=1e-2, atol=1e-3),
     "bfloat16": Tolerance(rtol=5e-2, atol=1e-2),
 })
+"""The default :class:`Tolerance` of a check by working dtype (``check_vjp``'s ``rtol``/``atol``
+override them). Below float64 a comparison also allows the reference's own round-off in that
+dtype (see :mod:`fnbp.verify.round_off`)."""
 
 
 # --- the report -------------------------------------------------------------------
