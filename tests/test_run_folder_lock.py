@@ -81,7 +81,9 @@ def test_a_held_new_folder_refuses_a_second_run_before_its_first_file(tmp_path, 
 
 def spawn(*args):
     command = [sys.executable, "-m", "fnbp.cli", "train", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # processes side by side
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def finish(process, timeout=120):

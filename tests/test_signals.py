@@ -78,7 +78,9 @@ def stopped(tmp_path_factory):
     """Every moment of MOMENTS, run four at a time: (anchor, delay, signum, out, status, err)."""
     tmp = tmp_path_factory.mktemp("signals")
     # the processes share their compilations (the same executables, the same numbers)
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
+    # (on an accelerator, four processes at once each take only the memory they use)
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
