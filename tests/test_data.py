@@ -597,3 +597,9 @@ def test_an_npz_array_memory_cannot_hold_is_refused_before_it_is_read(tmp_path, 
     assert str(info.value) == (f"npz: {path}: the array x needs about 31.4 KiB of memory, "
                                f"but 19.5 KiB is available; train on a subset of the examples, "
                                f"or on a machine with more memory")
+
+
+def test_a_path_that_is_not_a_name_is_refused():
+    with pytest.raises(DataError, match=r"^`path` must be a file or folder name \(str or "
+                                        r"os.PathLike\), got int$"):
+        data.load_dataset("npz", path=3)

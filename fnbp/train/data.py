@@ -331,6 +331,9 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r} (`name`); choose one of "
                         f"{', '.join(DATASETS)}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"`path` must be a file or folder name (str or os.PathLike), got "
+                        f"{type(path).__name__}")
     if name in FILE_DATASETS and path is None:
         raise DataError(f"dataset {name!r} is read from a file; pass its `path`")
     if name not in FILE_DATASETS and path is not None:
