@@ -32,8 +32,12 @@ ARGS = ["--dataset", "spirals", "--num-examples", "400", "--width", "8", "--dept
         "--batch-size", "16", "--checkpoint-every", "7", "--seed", "0", "--no-progress"]
 LONG = ["--epochs", "100000"]  # never ends before its signal
 
-# (anchor, seconds after it, signal): spread over start-up, compilation and training
-MOMENTS = [("handler", 0.0, signal.SIGINT), ("handler", 0.02, signal.SIGTERM),
+# (anchor, seconds after it, signal): spread over start-up, compilation and training.
+# "import": the console script's first handlers (before `import fnbp` imports jax, which
+# takes seconds); the other anchors run `python -m fnbp.cli`, whose handlers come after it.
+MOMENTS = [("import", 0.0, signal.SIGINT), ("import", 0.05, signal.SIGTERM),
+           ("import", 0.3, signal.SIGINT),
+           ("handler", 0.0, signal.SIGINT), ("handler", 0.02, signal.SIGTERM),
            ("handler", 0.1, signal.SIGINT), ("handler", 0.3, signal.SIGTERM),
            ("handler", 1.0, signal.SIGINT), ("config", 0.0, signal.SIGTERM),
            ("config", 0.01, signal.SIGINT), ("config", 0.2, signal.SIGTERM),
@@ -53,11 +57,14 @@ def catches_sigterm(pid: int) -> bool:
 
 def signalled_run(out, anchor, delay, signum, env):
     """Start a run, send ``signum`` ``delay`` s after ``anchor``; (status, stderr)."""
-    command = [sys.executable, "-m", "fnbp.cli", "train", *ARGS, *LONG, "--out", str(out)]
+    entry = (["-c", "import sys, _fnbp_launch; sys.argv[0] = 'fnbp'; "
+                    "sys.exit(_fnbp_launch.main())"] if anchor == "import" else ["-m", "fnbp.cli"])
+    command = [sys.executable, *entry, "train", *ARGS, *LONG, "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=env, text=True)
     try:
         seen = {"handler": lambda: catches_sigterm(process.pid),
+                "import": lambda: catches_sigterm(process.pid),
                 "config": lambda: (out / "config.json").exists(),
                 "checkpoint": lambda: (out / "checkpoint.npz").exists()}[anchor]
         deadline = time.monotonic() + 120

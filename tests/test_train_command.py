@@ -111,7 +111,10 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path, capsys):
     assert train(*SMALL, "--epochs", "1", "--out", split) == 0
     assert metadata_of(split)["step"] == 8
     # the run's flags come from the checkpoint; only --epochs is raised
+    capsys.readouterr()
     assert train("--resume", split, "--epochs", "3", "--no-progress") == 0
+    start = capsys.readouterr().out.splitlines()[0]
+    assert start.endswith(f"3 epochs; resumed at step 8 of 24; run folder {split}"), start
     assert_same_params(params_of(straight), params_of(split))
     assert history_of(split) == history_of(straight)
 
@@ -427,7 +430,9 @@ def test_missing_train_extra_is_a_clean_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a))
     assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
-                       'needs tqdm, from the train extra: python -m pip install "fnbp[train]"')
+                       'needs tqdm, from the train extra: python -m pip install ".[train]" '
+                       'from a clone of the repository, or python -m pip install '
+                       '"fnbp[train]" from a package index')
 
 
 # --- bad data and file-system faults: one line, exit status 2 (issue 14) --------------------

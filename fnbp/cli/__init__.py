@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import signal
 import sys
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 COMMANDS = {
     "check": ("fnbp.cli.check",
@@ -45,8 +46,17 @@ def without_function(message: str) -> str:
     return re.sub(r"^[A-Za-z_][\w.]*: ", "", message)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fnbp`` console script; returns the exit status."""
+def main(argv: Sequence[str] | None = None, *, noted_signals: list[int] | None = None,
+         restore_handlers: Mapping[int, Any] | None = None) -> int:
+    """Entry point of the ``fnbp`` command line; returns the exit status.
+
+    Args:
+      argv: the arguments after ``fnbp`` (default ``sys.argv[1:]``).
+      noted_signals: the list into which the console script's first handlers note
+        SIGINT/SIGTERM while jax imports (``_fnbp_launch``); ``fnbp train`` takes the
+        first as its stop request, any other command acts on it once parsed.
+      restore_handlers: the handlers those first handlers replaced, put back on return.
+    """
     parser = argparse.ArgumentParser(
         prog="fnbp", description="Hand-written backpropagation on JAX."
     )
@@ -57,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         modules[name] = module
         module.add_arguments(subparsers.add_parser(name, help=help_text,
                                                    description=module.__doc__))
-    args = parser.parse_args(argv)
+    noted = noted_signals if noted_signals is not None else []
     try:
+        args = parser.parse_args(argv)
+        if args.command == "train":
+            args.noted_signals = noted  # the same list: a signal noted until train's handlers
+        else:
+            _restore(restore_handlers)
+            if noted:  # as Python would have acted on it, now that the import is done
+                signal.raise_signal(noted[0])
         return modules[args.command].run(args)
     except BrokenPipeError:
         # stdout piped into a reader that stopped (fnbp check | head -1): one line, no
@@ -69,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fnbp {args.command}: error: standard output was closed before all output "
               f"was written (piped into head?); the rest is not printed", file=sys.stderr)
         return 2
+    finally:
+        _restore(restore_handlers)
+
+
+def _restore(handlers: Mapping[int, Any] | None) -> None:
+    for signum, handler in (handlers or {}).items():
+        signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

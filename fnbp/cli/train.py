@@ -258,9 +258,14 @@ def run(args: argparse.Namespace) -> int:
     from fnbp.train.data import DataError
     from fnbp.train.stopping import TrainingStopped, stop_on_signals
 
+    # The signals the console script noted while jax imported (_fnbp_launch): its handlers
+    # write into this list until stop_on_signals replaces them.
+    noted = getattr(args, "noted_signals", None)
     progress = _run_folder.Progress()
     try:
         with stop_on_signals() as stop:  # the handler only sets a flag, checked at boundaries
+            if noted:
+                stop.request(noted[0])
             status = _train(args, progress, stop)
     except (UsageError, DataError, CheckpointError, _run_folder.RunFolderError) as error:
         message = as_flags(" ".join(str(error).split()))
@@ -282,7 +287,8 @@ def _require_train_extra() -> None:
     missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"fnbp train needs {' and '.join(missing)}, from the train extra: "
-                         f"python -m pip install \"fnbp[train]\"")
+                         f"python -m pip install \".[train]\" from a clone of the repository, "
+                         f"or python -m pip install \"fnbp[train]\" from a package index")
 
 
 def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: str,
@@ -499,6 +505,9 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
         where += f", {config['precision']} mixed precision"
     if run.dp is not None:
         where += f", DP-SGD ({dp_summary(run.run_config['dp'])})"
+    if run.state.step:
+        total = config["epochs"] * run.per_epoch
+        where += f"; resumed at step {run.state.step} of {total}"
     if run.leader:
         progress.output.say(
             f"fnbp train: {config['model']} on {config['dataset']} ({len(run.x_train)} "
