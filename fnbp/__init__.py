@@ -86,6 +86,7 @@ from fnbp.train import (
     Precision,
     ShardedEvalStep,
     ShardedTrainStep,
+    TrainingStopped,
     TrainState,
     dynamic_loss_scale,
     epoch_order,
@@ -100,6 +101,7 @@ from fnbp.train import (
     make_mesh,
     make_train_step,
     save_checkpoint,
+    stop_on_signals,
     with_precision,
 )
 
@@ -165,6 +167,8 @@ __all__ = [
     "make_eval_step",
     "FitResult",
     "TrainState",
+    "TrainingStopped",
+    "stop_on_signals",
     "ShardedTrainStep",
     "ShardedEvalStep",
     "load_dataset",

@@ -45,7 +45,7 @@ QUICK_START = ('python -m pip install ".[train]" && fnbp train',
 
 PACKAGES = ["fnbp", "fnbp.rules", "fnbp.nn", "fnbp.verify", "fnbp.train",
             *(f"fnbp.train.{name}" for name in
-              ("loop", "steps", "data", "checkpoint", "sharding", "precision", "dp")),
+              ("loop", "steps", "data", "checkpoint", "sharding", "precision", "dp", "stopping")),
             "fnbp.testing"]
 """The packages and modules whose public names the API reference documents."""
 
