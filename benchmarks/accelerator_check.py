@@ -87,8 +87,9 @@ class Step:
         self.name, self.status, self.seconds, self.output = name, "skipped", 0.0, ""
 
 
-def run(step: Step, command: list[str], timeout: float, env: dict[str, str],
-        log: Path | None) -> Step:
+def run(
+    step: Step, command: list[str], timeout: float, env: dict[str, str], log: Path | None
+) -> Step:
     """Run ``command``, echoing its output as it comes, within ``timeout`` seconds."""
     print(f"\n=== {step.name}: {' '.join(command)} (limit {timeout:.0f} s)", flush=True)
     if timeout < 5:
@@ -96,8 +97,15 @@ def run(step: Step, command: list[str], timeout: float, env: dict[str, str],
         return step
     started = time.perf_counter()
     lines: list[str] = []
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
     def echo() -> None:
         assert process.stdout is not None
@@ -135,8 +143,11 @@ def card_lines() -> list[str]:
         return []
     try:
         result = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
@@ -149,8 +160,9 @@ def data_parallel_figures() -> int:
     import optax
 
     sys.path.insert(0, str(BENCHMARKS))
-    import fnbp
     from timing import compare
+
+    import fnbp
 
     count = jax.device_count()
     model = fnbp.mlp([1024, 1024, 10])
@@ -167,18 +179,36 @@ def data_parallel_figures() -> int:
     sharded_x = fnbp.train.sharding.shard_batch(mesh, x)
     sharded_y = fnbp.train.sharding.shard_batch(mesh, y)
     placed = fnbp.train.sharding.shard_params((params, opt_state), mesh)
-    times = compare({"one device": (one, (params, opt_state, x[:per_device], y[:per_device])),
-                     f"{count} devices": (many, (*placed, sharded_x, sharded_y))},
-                    repeats=11, inner=3)
+    times = compare(
+        {
+            "one device": (one, (params, opt_state, x[:per_device], y[:per_device])),
+            f"{count} devices": (many, (*placed, sharded_x, sharded_y)),
+        },
+        repeats=11,
+        inner=3,
+    )
     rate_one = per_device / times["one device"]
     rate_many = batch / times[f"{count} devices"]
-    print(f"data-parallel train step, MLP 784-1024-1024-10 float32, {per_device} examples "
-          f"per device, on {fnbp.train.sharding.describe(mesh)}")
-    print(f"  one device: {rate_one:,.0f} examples/s; {count} devices: {rate_many:,.0f} "
-          f"examples/s; speed-up {rate_many / rate_one:.2f} (ideal {count})")
-    print(json.dumps({"data_parallel": {"devices": count, "one_device_examples_per_s":
-                                        rate_one, "all_devices_examples_per_s": rate_many,
-                                        "speedup": rate_many / rate_one}}))
+    print(
+        f"data-parallel train step, MLP 784-1024-1024-10 float32, {per_device} examples "
+        f"per device, on {fnbp.train.sharding.describe(mesh)}"
+    )
+    print(
+        f"  one device: {rate_one:,.0f} examples/s; {count} devices: {rate_many:,.0f} "
+        f"examples/s; speed-up {rate_many / rate_one:.2f} (ideal {count})"
+    )
+    print(
+        json.dumps(
+            {
+                "data_parallel": {
+                    "devices": count,
+                    "one_device_examples_per_s": rate_one,
+                    "all_devices_examples_per_s": rate_many,
+                    "speedup": rate_many / rate_one,
+                }
+            }
+        )
+    )
     return 0
 
 
@@ -194,17 +224,21 @@ def mlp_lines(figures: dict | None) -> list[str]:
     if not figures:
         return []
     net = figures["network"]
-    lines = [f"MLP {net['input']}-{'-'.join(map(str, net['widths']))} training step, "
-             f"{figures['k']} steps per timing; ratio = fnbp / autodiff (A/A control); "
-             f"ms per step; TFLOP/s = 6 * B * P / step time"]
+    lines = [
+        f"MLP {net['input']}-{'-'.join(map(str, net['widths']))} training step, "
+        f"{figures['k']} steps per timing; ratio = fnbp / autodiff (A/A control); "
+        f"ms per step; TFLOP/s = 6 * B * P / step time"
+    ]
     for r in figures["rows"]:
         torch_part = ""
         if r.get("torch_ms") is not None:
             torch_part = f"; torch {r['torch_ms']:.3f} ms ({r['torch_ratio']:.3f} of autodiff)"
-        lines.append(f"  B{r['batch']:<6} {r['dtype']:<8}: {r['ratio']:.3f} (A/A "
-                     f"{r['aa_ratio']:.3f}); autodiff {r['autodiff_ms']:.3f} ms "
-                     f"({r['autodiff_tflops']:.4g} TFLOP/s), fnbp {r['fnbp_ms']:.3f} ms"
-                     f"{torch_part}")
+        lines.append(
+            f"  B{r['batch']:<6} {r['dtype']:<8}: {r['ratio']:.3f} (A/A "
+            f"{r['aa_ratio']:.3f}); autodiff {r['autodiff_ms']:.3f} ms "
+            f"({r['autodiff_tflops']:.4g} TFLOP/s), fnbp {r['fnbp_ms']:.3f} ms"
+            f"{torch_part}"
+        )
     for r in figures.get("skipped", []):
         lines.append(f"  B{r['batch']:<6} {r['dtype']:<8}: skipped (time limit)")
     for r in figures.get("errors", []):
@@ -215,9 +249,11 @@ def mlp_lines(figures: dict | None) -> list[str]:
 def conv_lines(figures: dict | None) -> list[str]:
     if not figures:
         return []
-    return [f"conv-net step, fnbp / {name}: {ratio:.3f} "
-            f"({1e3 * figures['seconds']['fnbp']:.3f} ms/step)"
-            for name, ratio in figures.get("ratios", {}).items()]
+    return [
+        f"conv-net step, fnbp / {name}: {ratio:.3f} "
+        f"({1e3 * figures['seconds']['fnbp']:.3f} ms/step)"
+        for name, ratio in figures.get("ratios", {}).items()
+    ]
 
 
 def dp_lines(figures: dict | None) -> list[str]:
@@ -227,9 +263,11 @@ def dp_lines(figures: dict | None) -> list[str]:
     lines = []
     for row in figures.get("rows", []):
         ratios = row.get("ratios", {})
-        shown = ", ".join(f"{name} {ratios[name]:.3f}"
-                          for name in ("clipped_grads", "grad_moments", "grad_norms", "aa")
-                          if isinstance(ratios.get(name), (int, float)))
+        shown = ", ".join(
+            f"{name} {ratios[name]:.3f}"
+            for name in ("clipped_grads", "grad_moments", "grad_norms", "aa")
+            if isinstance(ratios.get(name), (int, float))
+        )
         lines.append(f"per-example {row['net']} B{row['batch']}, x backprop: {shown}")
     return lines
 
@@ -244,30 +282,45 @@ def test_file_seconds(junit: Path) -> dict[str, float]:
     for case in tree.iter("testcase"):
         parts = case.get("classname", "").split(".")
         module = next((i for i, part in enumerate(parts) if part.startswith("test_")), None)
-        name = "/".join(parts[:module + 1]) + ".py" if module is not None else "?"
+        name = "/".join(parts[: module + 1]) + ".py" if module is not None else "?"
         seconds[name] += float(case.get("time") or 0.0)
     return dict(sorted(seconds.items(), key=lambda item: -item[1]))
 
 
-def tests_step(tests: Step, args: argparse.Namespace, out: Path, env: dict[str, str],
-               timeout: float) -> Step:
+def tests_step(
+    tests: Step, args: argparse.Namespace, out: Path, env: dict[str, str], timeout: float
+) -> Step:
     """The suite (or ``--pytest-args``) in parallel, float32 products at full precision."""
     workers = args.workers
     has_xdist = importlib.util.find_spec("xdist") is not None
     if workers is None:
         workers = min(12, os.cpu_count() or 1) if has_xdist else 0
     targets = shlex.split(args.pytest_args) if args.pytest_args else [str(ROOT / "tests")]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "--durations=5", f"--junitxml={out / 'tests.xml'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--durations=5",
+        f"--junitxml={out / 'tests.xml'}",
+    ]
     if has_xdist:
         command += ["-n", str(workers)] + (["--dist", args.dist] if workers > 0 else [])
     else:  # pyproject's addopts name pytest-xdist's -n: drop them
-        print("pytest-xdist is not installed: the tests run in one process, which may not "
-              "fit the budget", flush=True)
+        print(
+            "pytest-xdist is not installed: the tests run in one process, which may not "
+            "fit the budget",
+            flush=True,
+        )
         command += ["-o", "addopts=-ra"]
-    test_env = dict(env, JAX_DEFAULT_MATMUL_PRECISION="highest",
-                    # several processes share the card: none takes 75% of its memory
-                    XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    test_env = dict(
+        env,
+        JAX_DEFAULT_MATMUL_PRECISION="highest",
+        # several processes share the card: none takes 75% of its memory
+        XLA_PYTHON_CLIENT_PREALLOCATE="false",
+    )
     return run(tests, command + targets, timeout, test_env, out / "tests.log")
 
 
@@ -278,26 +331,41 @@ def last_line(output: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=290.0,
-                        help="seconds for the whole run (default 290)")
+    parser.add_argument(
+        "--budget", type=float, default=290.0, help="seconds for the whole run (default 290)"
+    )
     parser.add_argument("--out", type=Path, help="folder for the logs and JSON figures")
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="run even when JAX sees no accelerator (to try the script)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the MLP benchmark at tiny sizes (seconds, any backend; "
-                             "always so on a CPU)")
-    parser.add_argument("--skip-tests", "--no-tests", action="store_true",
-                        help="benchmarks only")
-    parser.add_argument("--pytest-args", default=None,
-                        help="what pytest runs instead of the whole suite, e.g. "
-                             "\"tests/test_benchmarks.py\" or \"tests -k linear\"")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="pytest-xdist workers (default: min(12, CPU cores) when "
-                             "pytest-xdist is installed; 0 runs the tests in one process)")
-    parser.add_argument("--dist", default="loadfile",
-                        help="pytest-xdist scheduling (default loadfile: a file's module "
-                             "fixtures, such as test_sharding's subprocesses, and compiled "
-                             "programs are made once, by one worker)")
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run even when JAX sees no accelerator (to try the script)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the MLP benchmark at tiny sizes (seconds, any backend; always so on a CPU)",
+    )
+    parser.add_argument("--skip-tests", "--no-tests", action="store_true", help="benchmarks only")
+    parser.add_argument(
+        "--pytest-args",
+        default=None,
+        help="what pytest runs instead of the whole suite, e.g. "
+        '"tests/test_benchmarks.py" or "tests -k linear"',
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="pytest-xdist workers (default: min(12, CPU cores) when "
+        "pytest-xdist is installed; 0 runs the tests in one process)",
+    )
+    parser.add_argument(
+        "--dist",
+        default="loadfile",
+        help="pytest-xdist scheduling (default loadfile: a file's module "
+        "fixtures, such as test_sharding's subprocesses, and compiled "
+        "programs are made once, by one worker)",
+    )
     parser.add_argument("--data-parallel", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_parallel:
@@ -321,8 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nvidia-smi: {line}")
     card = Step("card")
     try:
-        query = subprocess.run([python, "-c", DEVICE_QUERY], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=min(90.0, left(60)))
+        query = subprocess.run(
+            [python, "-c", DEVICE_QUERY],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=min(90.0, left(60)),
+        )
     except subprocess.TimeoutExpired:
         print("JAX did not start within its time limit; nothing was measured")
         return 1
@@ -332,11 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         print("JAX could not start; nothing was measured")
         return 1
     device = json.loads(query.stdout.strip().splitlines()[-1])
-    print(f"JAX {device['jax']} (Python {device['python']}): backend {device['backend']}, "
-          f"{device['count']} x {device['kind']} ({card.seconds:.1f} s)", flush=True)
+    print(
+        f"JAX {device['jax']} (Python {device['python']}): backend {device['backend']}, "
+        f"{device['count']} x {device['kind']} ({card.seconds:.1f} s)",
+        flush=True,
+    )
     if device["backend"] == "cpu" and not args.allow_cpu:
-        print("no GPU or TPU is visible to JAX (backend cpu): install the accelerator's jax "
-              "(e.g. pip install -U \"jax[cuda12]\") or pass --allow-cpu to run here anyway")
+        print(
+            "no GPU or TPU is visible to JAX (backend cpu): install the accelerator's jax "
+            '(e.g. pip install -U "jax[cuda12]") or pass --allow-cpu to run here anyway'
+        )
         return 3
 
     steps: list[Step] = [card]
@@ -345,36 +424,71 @@ def main(argv: list[str] | None = None) -> int:
     # step only runs where the MLP benchmark left the tests more than that.
     bench_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # PyTorch shares the card
     limit = min(120.0, left(170))
-    command = [python, str(BENCHMARKS / "bench_gpu_mlp.py"), "--json",
-               str(out / "bench_gpu_mlp.json"), "--time-limit", f"{max(limit - 20, 1):.0f}"]
+    command = [
+        python,
+        str(BENCHMARKS / "bench_gpu_mlp.py"),
+        "--json",
+        str(out / "bench_gpu_mlp.json"),
+        "--time-limit",
+        f"{max(limit - 20, 1):.0f}",
+    ]
     if args.smoke or device["backend"] == "cpu":
         command.append("--smoke")  # on a CPU the full sizes take far longer than the budget
-    steps.append(run(Step("bench_gpu_mlp"), command, limit, bench_env,
-                     out / "bench_gpu_mlp.log"))
+    steps.append(run(Step("bench_gpu_mlp"), command, limit, bench_env, out / "bench_gpu_mlp.log"))
     conv = Step("bench_conv --quick")
     if left(190) >= 30:
-        run(conv, [python, str(BENCHMARKS / "bench_conv.py"), "--quick", "--json",
-                   str(out / "bench_conv.json")], min(45.0, left(190)), env,
-            out / "bench_conv.log")
+        run(
+            conv,
+            [
+                python,
+                str(BENCHMARKS / "bench_conv.py"),
+                "--quick",
+                "--json",
+                str(out / "bench_conv.json"),
+            ],
+            min(45.0, left(190)),
+            env,
+            out / "bench_conv.log",
+        )
     else:
         print(f"\n=== {conv.name}: skipped, the tests keep the {left():.0f} s left", flush=True)
     steps.append(conv)
     per_example = Step("bench_dp --quick")
     if left(190) >= 25:
-        run(per_example, [python, str(BENCHMARKS / "bench_dp.py"), "--quick",
-                          "--max-materialize-gb", "0", "--no-torch", "--no-jax-privacy",
-                          "--json", str(out / "bench_dp.json")]
-            + (["--smoke"] if args.smoke else []), min(40.0, left(190)), env,
-            out / "bench_dp.log")
+        run(
+            per_example,
+            [
+                python,
+                str(BENCHMARKS / "bench_dp.py"),
+                "--quick",
+                "--max-materialize-gb",
+                "0",
+                "--no-torch",
+                "--no-jax-privacy",
+                "--json",
+                str(out / "bench_dp.json"),
+            ]
+            + (["--smoke"] if args.smoke else []),
+            min(40.0, left(190)),
+            env,
+            out / "bench_dp.log",
+        )
     else:
-        print(f"\n=== {per_example.name}: skipped, the tests keep the {left():.0f} s left",
-              flush=True)
+        print(
+            f"\n=== {per_example.name}: skipped, the tests keep the {left():.0f} s left", flush=True
+        )
     steps.append(per_example)
     data_parallel = Step("data parallel")
     if device["count"] > 1:
-        steps.append(run(data_parallel, [python, str(Path(__file__).resolve()),
-                                         "--data-parallel"],
-                         min(40.0, left(150)), env, out / "data_parallel.log"))
+        steps.append(
+            run(
+                data_parallel,
+                [python, str(Path(__file__).resolve()), "--data-parallel"],
+                min(40.0, left(150)),
+                env,
+                out / "data_parallel.log",
+            )
+        )
     else:
         data_parallel.output = "one device: the data-parallel figures need several"
         steps.append(data_parallel)
@@ -388,20 +502,39 @@ def main(argv: list[str] | None = None) -> int:
     dp_figures = read_json(out / "bench_dp.json")
     files = test_file_seconds(out / "tests.xml") if tests.output else {}
     pytest_line = last_line(tests.output) if tests.output else None
-    speedup = [line.strip() for line in data_parallel.output.splitlines()
-               if "speed-up" in line or line.startswith("one device")]
+    speedup = [
+        line.strip()
+        for line in data_parallel.output.splitlines()
+        if "speed-up" in line or line.startswith("one device")
+    ]
     total = time.perf_counter() - started
-    (out / "accelerator_check.json").write_text(json.dumps({
-        "card": cards, "jax": device,
-        "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in steps],
-        "gpu_mlp": mlp, "conv": conv_figures, "per_example": dp_figures, "data_parallel": speedup, "pytest": pytest_line,
-        "test_file_seconds": files, "seconds": total}, indent=2))
+    (out / "accelerator_check.json").write_text(
+        json.dumps(
+            {
+                "card": cards,
+                "jax": device,
+                "steps": [
+                    {"name": s.name, "status": s.status, "seconds": s.seconds} for s in steps
+                ],
+                "gpu_mlp": mlp,
+                "conv": conv_figures,
+                "per_example": dp_figures,
+                "data_parallel": speedup,
+                "pytest": pytest_line,
+                "test_file_seconds": files,
+                "seconds": total,
+            },
+            indent=2,
+        )
+    )
 
     print("\n=== summary")
     if cards:
         print(f"card: {'; '.join(cards)}")
-    print(f"JAX {device['jax']} (Python {device['python']}): {device['count']} x "
-          f"{device['kind']} ({device['backend']})")
+    print(
+        f"JAX {device['jax']} (Python {device['python']}): {device['count']} x "
+        f"{device['kind']} ({device['backend']})"
+    )
     for step in steps:
         print(f"  {step.name:<20} {step.status:<22} {step.seconds:6.1f} s")
     for line in mlp_lines(mlp) + conv_lines(conv_figures) + dp_lines(dp_figures) + speedup:
@@ -410,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         cut = " (stopped at its time limit: counts so far)" if "timeout" in tests.status else ""
         print(f"pytest: {pytest_line}{cut}")
         if files:
-            slowest = ", ".join(f"{Path(name).name} {sec:.0f} s"
-                                for name, sec in list(files.items())[:5])
+            slowest = ", ".join(
+                f"{Path(name).name} {sec:.0f} s" for name, sec in list(files.items())[:5]
+            )
             print(f"  slowest test files (summed test time): {slowest}")
     print(f"total {total:.1f} s; logs and figures in {out}")
     failed = [s for s in steps if s.status not in ("ok", "skipped")]

@@ -35,8 +35,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fnbp  # noqa: E402
 from timing import compare  # noqa: E402
+
+import fnbp  # noqa: E402
 
 SPATIAL, CHANNELS_IN, CHANNELS, CLASSES = 28, 1, 32, 10
 
@@ -63,8 +64,9 @@ def fnbp_loss(params: dict, x: jax.Array, y: jax.Array, pool: str = "max") -> ja
 def plain_loss(params: dict, x: jax.Array, y: jax.Array, pool: str = "max") -> jax.Array:
     """The plain network; ``pool`` is "max" (lax.reduce_window, as flax's max_pool),
     "max-reshape" (jnp.max over a (2, 2) reshape) or "avg" (lax.reduce_window sum)."""
-    h = jax.lax.conv_general_dilated(x, params["w"], (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        x, params["w"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jnp.maximum(h + params["b"], 0.0)
     window = ((1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     if pool == "max":
@@ -85,15 +87,19 @@ def make_step(loss_fn, optimizer):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
     return step
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--pool", choices=["max", "avg"], default="max",
-                        help="max (default; baselines: lax.reduce_window max and a reshape "
-                             "max) or avg")
+    parser.add_argument(
+        "--pool",
+        choices=["max", "avg"],
+        default="max",
+        help="max (default; baselines: lax.reduce_window max and a reshape max) or avg",
+    )
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--inner", type=int, default=5, help="steps per timing")
     parser.add_argument("--quick", action="store_true", help="11 repeats, 2 steps each")
@@ -116,20 +122,30 @@ def main(argv: list[str] | None = None) -> int:
     steps = {name: make_step(f, optimizer) for name, f in losses.items()}
     # Same loss and gradients before timing anything.
     grads = {name: jax.jit(jax.grad(f))(params, x, y) for name, f in losses.items()}
-    worst = max(float(jnp.max(jnp.abs(grads["fnbp"][k] - g[k])) / jnp.max(jnp.abs(g[k])))
-                for name, g in grads.items() for k in g)
+    worst = max(
+        float(jnp.max(jnp.abs(grads["fnbp"][k] - g[k])) / jnp.max(jnp.abs(g[k])))
+        for name, g in grads.items()
+        for k in g
+    )
     if worst > 1e-4:
         print(f"mismatch: gradient rel err {worst:.2e}")
         return 1
 
-    times = compare({name: (s, (params, opt_state, x, y)) for name, s in steps.items()},
-                    repeats=repeats, warmup=3, inner=inner)
+    times = compare(
+        {name: (s, (params, opt_state, x, y)) for name, s in steps.items()},
+        repeats=repeats,
+        warmup=3,
+        inner=inner,
+    )
     device = jax.devices()[0]
-    print(f"conv-net training step (conv2d 3x3x1x32 same, relu, {fnbp_pool} pool 2x2, mm, "
-          f"cross-entropy), batch {args.batch}, 28x28x1, float32, on {jax.default_backend()} "
-          f"({device.device_kind}), {platform.machine()}")
-    print(f"median of {repeats} interleaved repeats x {inner} steps; gradients agree to "
-          f"{worst:.1e}")
+    print(
+        f"conv-net training step (conv2d 3x3x1x32 same, relu, {fnbp_pool} pool 2x2, mm, "
+        f"cross-entropy), batch {args.batch}, 28x28x1, float32, on {jax.default_backend()} "
+        f"({device.device_kind}), {platform.machine()}"
+    )
+    print(
+        f"median of {repeats} interleaved repeats x {inner} steps; gradients agree to {worst:.1e}"
+    )
     ratios = {}
     for name, t in times.items():
         line = f"  {name:<24} {t * 1e3:8.2f} ms/step"
@@ -139,11 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print("target: ratio <= 1.05")
     if args.json:
-        args.json.write_text(json.dumps({
-            "benchmark": "conv_step", "pool": fnbp_pool, "batch": args.batch,
-            "backend": jax.default_backend(), "device": device.device_kind,
-            "repeats": repeats, "inner": inner, "seconds": times, "ratios": ratios,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "conv_step",
+                    "pool": fnbp_pool,
+                    "batch": args.batch,
+                    "backend": jax.default_backend(),
+                    "device": device.device_kind,
+                    "repeats": repeats,
+                    "inner": inner,
+                    "seconds": times,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

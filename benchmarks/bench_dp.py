@@ -79,23 +79,29 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fnbp  # noqa: E402
 from timing import paired_ratios  # noqa: E402
+
+import fnbp  # noqa: E402
 
 LOSS = fnbp.cross_entropy_loss
 CLASSES = 10
 FAST = ("aa", "clipped_grads", "grad_moments", "grad_norms")
 SLOW = ("vmap_clip", "vmap_dot", "jax_privacy")
-TARGETS = {("mlp", "clipped_grads"): 1.15, ("cnn", "clipped_grads"): 1.5,
-           ("mlp", "grad_moments"): 1.2, ("cnn", "grad_moments"): 1.2}
+TARGETS = {
+    ("mlp", "clipped_grads"): 1.15,
+    ("cnn", "clipped_grads"): 1.5,
+    ("mlp", "grad_moments"): 1.2,
+    ("cnn", "grad_moments"): 1.2,
+}
 
 
 class Net(NamedTuple):
@@ -109,14 +115,22 @@ class Net(NamedTuple):
 def nets(mode: str) -> list[Net]:
     """The benchmarked networks; ``mode`` is "full", "quick" or "smoke" (tiny)."""
     if mode == "smoke":
-        return [Net("mlp", fnbp.mlp([16, 10], "relu"), (12,), (4,), "MLP 12-16-10"),
-                Net("cnn", fnbp.cnn(CLASSES, (4,)), (8, 8, 1), (4,), "cnn(10, (4,)) on 8x8x1")]
+        return [
+            Net("mlp", fnbp.mlp([16, 10], "relu"), (12,), (4,), "MLP 12-16-10"),
+            Net("cnn", fnbp.cnn(CLASSES, (4,)), (8, 8, 1), (4,), "cnn(10, (4,)) on 8x8x1"),
+        ]
     mlp_batches = (32, 256) if mode == "quick" else (32, 256, 1024)
     cnn_batches = (32,) if mode == "quick" else (32, 256)
-    return [Net("mlp", fnbp.mlp([1024, 1024, 10], "relu"), (784,), mlp_batches,
-                "MLP 784-1024-1024-10"),
-            Net("cnn", fnbp.cnn(CLASSES, (32, 64)), (8, 8, 1), cnn_batches,
-                "cnn(10, (32, 64)) on 8x8x1 (fnbp train --model cnn, digits)")]
+    return [
+        Net("mlp", fnbp.mlp([1024, 1024, 10], "relu"), (784,), mlp_batches, "MLP 784-1024-1024-10"),
+        Net(
+            "cnn",
+            fnbp.cnn(CLASSES, (32, 64)),
+            (8, 8, 1),
+            cnn_batches,
+            "cnn(10, (32, 64)) on 8x8x1 (fnbp train --model cnn, digits)",
+        ),
+    ]
 
 
 def make_batch(example_shape, batch, seed=0):
@@ -128,8 +142,10 @@ def make_batch(example_shape, batch, seed=0):
 
 def example_loss(model):
     """J(params, x, y) of a batch, for the baselines that add a batch axis of 1 per example."""
+
     def mean_loss(params, x, y):
         return jnp.mean(LOSS(model.apply(params, x), y))
+
     return mean_loss
 
 
@@ -163,12 +179,16 @@ def vmap_dot(model, clip):
     def run(params, x, y):
         losses, g = jax.vmap(lambda x_i, y_i: one(params, x_i[None], y_i[None]))(x, y)
         leaves = jax.tree_util.tree_leaves(g)
-        norms = jnp.sqrt(sum(jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
-                             for leaf in leaves))
+        norms = jnp.sqrt(
+            sum(jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim))) for leaf in leaves)
+        )
         scale = jnp.minimum(1.0, clip / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))
         n = x.shape[0]
-        return (jnp.mean(losses), jax.tree_util.tree_map(
-            lambda leaf: jnp.tensordot(scale, leaf, 1) / n, g), norms)
+        return (
+            jnp.mean(losses),
+            jax.tree_util.tree_map(lambda leaf: jnp.tensordot(scale, leaf, 1) / n, g),
+            norms,
+        )
 
     return run
 
@@ -180,8 +200,14 @@ def jax_privacy_clip(model, clip, batch, microbatch_size):
     except ImportError:
         return "not installed"
     grad_fn = jax_privacy.clipped_grad(
-        example_loss(model), l2_clip_norm=clip, batch_argnums=(1, 2), normalize_by=batch,
-        return_values=True, return_grad_norms=True, microbatch_size=microbatch_size)
+        example_loss(model),
+        l2_clip_norm=clip,
+        batch_argnums=(1, 2),
+        normalize_by=batch,
+        return_values=True,
+        return_grad_norms=True,
+        microbatch_size=microbatch_size,
+    )
 
     def run(params, x, y):
         grads, aux = grad_fn(params, x, y)
@@ -190,8 +216,9 @@ def jax_privacy_clip(model, clip, batch, microbatch_size):
     return run
 
 
-def programs(net: Net, batch: int, clip: float, params, max_bytes: float,
-             use_jax_privacy: bool) -> tuple[dict[str, Callable], dict[str, str]]:
+def programs(
+    net: Net, batch: int, clip: float, params, max_bytes: float, use_jax_privacy: bool
+) -> tuple[dict[str, Callable], dict[str, str]]:
     """name -> function(params, x, y), and name -> why it is left out."""
     model = net.model
     progs: dict[str, Callable] = {
@@ -210,7 +237,8 @@ def programs(net: Net, batch: int, clip: float, params, max_bytes: float,
     else:
         missing["vmap_clip"] = missing["vmap_dot"] = (
             f"skipped: {batch} per-example gradients of {per_example_bytes / 1e6:.1f} MB "
-            f"pass --max-materialize-gb")
+            f"pass --max-materialize-gb"
+        )
         microbatch = 2 ** int(np.log2(max(max_bytes / per_example_bytes, 1.0)))
     if use_jax_privacy:
         jp = jax_privacy_clip(model, clip, batch, microbatch)
@@ -267,18 +295,28 @@ def hlo_summary(compiled) -> dict:
     except (NotImplementedError, RuntimeError):
         cost = {}
     shapes = {m.group(0) for m in _ARRAY.finditer(text)}
-    sizes = {shape: int(np.prod([int(d) for d in shape[shape.index("[") + 1:-1].split(",")
-                                 if d] or [1])) for shape in shapes}
+    sizes = {
+        shape: int(
+            np.prod([int(d) for d in shape[shape.index("[") + 1 : -1].split(",") if d] or [1])
+        )
+        for shape in shapes
+    }
     largest = max(sizes, key=sizes.get) if sizes else None
-    return {"dots": len(re.findall(r"\bdot\(", text)),
-            "convolutions": len(re.findall(r"\bconvolution\(", text)),
-            "largest_array": largest, "largest_elements": sizes.get(largest, 0),
-            "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
+    return {
+        "dots": len(re.findall(r"\bdot\(", text)),
+        "convolutions": len(re.findall(r"\bconvolution\(", text)),
+        "largest_array": largest,
+        "largest_elements": sizes.get(largest, 0),
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+    }
 
 
 def max_rel_err(a, b) -> float:
-    errs = [float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
-            for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    errs = [
+        float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    ]
     return max(errs) if errs else 0.0
 
 
@@ -290,11 +328,13 @@ def agreement(outputs: dict[str, Any]) -> dict[str, float]:
         out["clipped_grads_vs_vmap_grads"] = max_rel_err(outputs["clipped_grads"][1], ref[1])
         out["clipped_grads_vs_vmap_norms"] = max_rel_err(outputs["clipped_grads"][2], ref[2])
     if "jax_privacy" in outputs and "vmap_clip" in outputs:
-        out["jax_privacy_vs_vmap_grads"] = max_rel_err(outputs["jax_privacy"][1],
-                                                       outputs["vmap_clip"][1])
+        out["jax_privacy_vs_vmap_grads"] = max_rel_err(
+            outputs["jax_privacy"][1], outputs["vmap_clip"][1]
+        )
     if "grad_moments" in outputs:
-        out["grad_moments_vs_backprop_grads"] = max_rel_err(outputs["grad_moments"][1],
-                                                            outputs["backprop"][1])
+        out["grad_moments_vs_backprop_grads"] = max_rel_err(
+            outputs["grad_moments"][1], outputs["backprop"][1]
+        )
     if ref is not None and "grad_norms" in outputs:
         out["grad_norms_vs_vmap_norms"] = max_rel_err(outputs["grad_norms"][1], ref[2])
     return out
@@ -305,8 +345,9 @@ def bench_one(net: Net, batch: int, opts) -> dict:
     _, params = net.model.init(jax.random.PRNGKey(0), net.example_shape, jnp.float32)
     x, y = make_batch(net.example_shape, batch)
     args = (params, x, y)
-    progs, missing = programs(net, batch, opts.clip, params, opts.max_materialize_gb * 1e9,
-                              opts.jax_privacy)
+    progs, missing = programs(
+        net, batch, opts.clip, params, opts.max_materialize_gb * 1e9, opts.jax_privacy
+    )
     outputs: dict[str, Any] = {}
     compiled = compile_all(progs, args, missing, outputs)
     agree = agreement(outputs)
@@ -329,14 +370,17 @@ def bench_one(net: Net, batch: int, opts) -> dict:
         rounds[name] = n_rounds
     temp = {n: c[2] for n, c in compiled.items()}
     return {
-        "net": net.name, "batch": batch,
+        "net": net.name,
+        "batch": batch,
         "backprop_ms": 1e3 * seconds["baseline"],
         "ratios": ratios,
         "ms": {n: 1e3 * s for n, s in seconds.items() if n != "baseline"},
         "rounds": rounds,
         "temp_bytes": temp,
-        "temp_ratios": {n: (None if t is None or not temp["backprop"] else t / temp["backprop"])
-                        for n, t in temp.items()},
+        "temp_ratios": {
+            n: (None if t is None or not temp["backprop"] else t / temp["backprop"])
+            for n, t in temp.items()
+        },
         "compile_s": {n: c[1] for n, c in compiled.items()},
         "hlo": {n: hlo_summary(c[0]) for n, c in compiled.items() if n not in SLOW},
         "agreement": agree,
@@ -344,15 +388,24 @@ def bench_one(net: Net, batch: int, opts) -> dict:
     }
 
 
-COLUMNS = ("aa", "clipped_grads", "grad_moments", "grad_norms", "vmap_clip", "vmap_dot",
-           "jax_privacy")
+COLUMNS = (
+    "aa",
+    "clipped_grads",
+    "grad_moments",
+    "grad_norms",
+    "vmap_clip",
+    "vmap_dot",
+    "jax_privacy",
+)
 HEAD = ("A/A", "clipped", "moments", "norms", "vmap+clip", "vmap+dot", "jax-privacy")
 
 
 def print_header(title: str) -> None:
     print(f"\n{title}")
-    print(f"{'net':>4} {'batch':>6} {'backprop ms':>12} "
-          + " ".join(f"{h:>11}" for h in HEAD), flush=True)
+    print(
+        f"{'net':>4} {'batch':>6} {'backprop ms':>12} " + " ".join(f"{h:>11}" for h in HEAD),
+        flush=True,
+    )
 
 
 def fmt_ratio(row, name) -> str:
@@ -365,21 +418,25 @@ def fmt_ratio(row, name) -> str:
 
 
 def print_row(row) -> None:
-    print(f"{row['net']:>4} {row['batch']:>6} {row['backprop_ms']:>12.2f} "
-          + " ".join(fmt_ratio(row, n) for n in COLUMNS), flush=True)
+    print(
+        f"{row['net']:>4} {row['batch']:>6} {row['backprop_ms']:>12.2f} "
+        + " ".join(fmt_ratio(row, n) for n in COLUMNS),
+        flush=True,
+    )
 
 
 def flops_ratio(h: dict, base: dict) -> str:
     if h is base or not h.get("flops") or not base.get("flops"):
         return ""
-    return (f", {h['flops'] / base['flops']:.2f}x flops, "
-            f"{h['bytes_accessed'] / base['bytes_accessed']:.2f}x bytes")
+    return (
+        f", {h['flops'] / base['flops']:.2f}x flops, "
+        f"{h['bytes_accessed'] / base['bytes_accessed']:.2f}x bytes"
+    )
 
 
 def print_memory(rows) -> None:
     print("\ncompiled temporary memory (MB; x backprop's)")
-    print(f"{'net':>4} {'batch':>6} {'backprop':>10} "
-          + " ".join(f"{h:>17}" for h in HEAD[1:]))
+    print(f"{'net':>4} {'batch':>6} {'backprop':>10} " + " ".join(f"{h:>17}" for h in HEAD[1:]))
     for row in rows:
         temp, base = row["temp_bytes"], row["temp_bytes"]["backprop"]
         if base is None:
@@ -388,8 +445,9 @@ def print_memory(rows) -> None:
         cells = []
         for n in COLUMNS[1:]:
             t = temp.get(n)
-            cells.append(f"{'-':>17}" if t is None else
-                         f"{f'{t / 1e6:.3g} ({t / max(base, 1):.2f}x)':>17}")
+            cells.append(
+                f"{'-':>17}" if t is None else f"{f'{t / 1e6:.3g} ({t / max(base, 1):.2f}x)':>17}"
+            )
         print(f"{row['net']:>4} {row['batch']:>6} {base / 1e6:>10.3g} " + " ".join(cells))
 
 
@@ -399,7 +457,8 @@ def opacus_rows(batches, rounds, clip, device="cpu") -> list[dict] | str:
         import opacus  # noqa: F401
         import torch
         from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-            GradSampleModuleFastGradientClipping)
+            GradSampleModuleFastGradientClipping,
+        )
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
     except ImportError:
@@ -407,9 +466,13 @@ def opacus_rows(batches, rounds, clip, device="cpu") -> list[dict] | str:
 
     def net():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(),
-                                   torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
-                                   torch.nn.Linear(1024, 10)).to(device)
+        return torch.nn.Sequential(
+            torch.nn.Linear(784, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 10),
+        ).to(device)
 
     rows = []
     for batch in batches:
@@ -424,11 +487,15 @@ def opacus_rows(batches, rounds, clip, device="cpu") -> list[dict] | str:
             ce(plain(x), y).backward()
             plain_opt.step()
 
-        ghost = GradSampleModuleFastGradientClipping(net(), max_grad_norm=clip,
-                                                     use_ghost_clipping=True)
+        ghost = GradSampleModuleFastGradientClipping(
+            net(), max_grad_norm=clip, use_ghost_clipping=True
+        )
         ghost_opt = DPOptimizerFastGradientClipping(
-            torch.optim.SGD(ghost.parameters(), lr=0.01), noise_multiplier=0.0,
-            max_grad_norm=clip, expected_batch_size=batch)
+            torch.optim.SGD(ghost.parameters(), lr=0.01),
+            noise_multiplier=0.0,
+            max_grad_norm=clip,
+            expected_batch_size=batch,
+        )
         ghost_loss = DPLossFastGradientClipping(ghost, ghost_opt, torch.nn.CrossEntropyLoss())
 
         def ghost_step():
@@ -439,17 +506,27 @@ def opacus_rows(batches, rounds, clip, device="cpu") -> list[dict] | str:
         with warnings.catch_warnings():  # torch's note on Opacus' second backward pass
             warnings.filterwarnings("ignore", "Full backward hook", UserWarning)
             timed = paired_ratios({"ghost": (ghost_step, ())}, (plain_step, ()), rounds=rounds)
-        rows.append({"batch": batch, "torch_ms": 1e3 * timed.seconds["baseline"],
-                     "ghost_ms": 1e3 * timed.seconds["ghost"], "ratio": timed.ratios["ghost"],
-                     "rounds": rounds})
+        rows.append(
+            {
+                "batch": batch,
+                "torch_ms": 1e3 * timed.seconds["baseline"],
+                "ghost_ms": 1e3 * timed.seconds["ghost"],
+                "ratio": timed.ratios["ghost"],
+                "rounds": rounds,
+            }
+        )
         r = rows[-1]
-        print(f"  batch {batch:>5}: torch step {r['torch_ms']:.2f} ms, Opacus ghost clipping "
-              f"{r['ghost_ms']:.2f} ms, ratio {r['ratio']:.3f}", flush=True)
+        print(
+            f"  batch {batch:>5}: torch step {r['torch_ms']:.2f} ms, Opacus ghost clipping "
+            f"{r['ghost_ms']:.2f} ms, ratio {r['ratio']:.3f}",
+            flush=True,
+        )
     return rows
 
 
 def versions() -> dict[str, str | None]:
     from importlib import metadata
+
     out: dict[str, str | None] = {}
     for package in ("jax", "jaxlib", "jax-privacy", "torch", "opacus"):
         try:
@@ -462,23 +539,44 @@ def versions() -> dict[str, str | None]:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and batches")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny networks and 2 rounds: checks the script, measures nothing")
-    parser.add_argument("--json", "--out", dest="json", type=Path,
-                        help="write the figures to this file (rewritten after every row)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny networks and 2 rounds: checks the script, measures nothing",
+    )
+    parser.add_argument(
+        "--json",
+        "--out",
+        dest="json",
+        type=Path,
+        help="write the figures to this file (rewritten after every row)",
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="clip norm C (default 1)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per ratio (default 101; "
-                                                   "21 with --quick, 2 with --smoke)")
-    parser.add_argument("--slow-seconds", type=float,
-                        help="time budget of each slow baseline's rounds (default 60 s; "
-                             "15 with --quick)")
-    parser.add_argument("--max-materialize-gb", type=float, default=2.5,
-                        help="skip vmap+clip (and microbatch jax-privacy) where the "
-                             "per-example gradients would pass this many GB (default 2.5)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="timed rounds per ratio (default 101; 21 with --quick, 2 with --smoke)",
+    )
+    parser.add_argument(
+        "--slow-seconds",
+        type=float,
+        help="time budget of each slow baseline's rounds (default 60 s; 15 with --quick)",
+    )
+    parser.add_argument(
+        "--max-materialize-gb",
+        type=float,
+        default=2.5,
+        help="skip vmap+clip (and microbatch jax-privacy) where the "
+        "per-example gradients would pass this many GB (default 2.5)",
+    )
     parser.add_argument("--nets", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--no-torch", action="store_true", help="skip the Opacus column")
-    parser.add_argument("--no-jax-privacy", dest="jax_privacy", action="store_false",
-                        help="skip the jax-privacy column")
+    parser.add_argument(
+        "--no-jax-privacy",
+        dest="jax_privacy",
+        action="store_false",
+        help="skip the jax-privacy column",
+    )
     opts = parser.parse_args(argv)
     opts.mode = "smoke" if opts.smoke else "quick" if opts.quick else "full"
     default_rounds = {"smoke": 2, "quick": 21, "full": 101}[opts.mode]
@@ -492,21 +590,30 @@ def main(argv=None) -> dict:
     opts = parse(argv)
     device = jax.devices()[0]
     figures: dict[str, Any] = {
-        "backend": jax.default_backend(), "device": device.device_kind,
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "versions": versions(), "mode": opts.mode, "clip": opts.clip,
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "versions": versions(),
+        "mode": opts.mode,
+        "clip": opts.clip,
         "targets": {f"{net} {prog}": t for (net, prog), t in TARGETS.items()},
-        "rows": [], "opacus": None,
+        "rows": [],
+        "opacus": None,
     }
 
     def save():
         if opts.json:
             opts.json.write_text(json.dumps(figures, indent=2))
 
-    print(f"backend {figures['backend']} ({figures['device']}), jax {jax.__version__}, "
-          f"{figures['machine']}, {figures['cpus']} cpus; clip norm {opts.clip}")
-    print("ratio = time(program) / time(fnbp.backprop), median of per-round side-by-side "
-          f"ratios ({opts.rounds} rounds; the slow baselines fewer); * = above its target")
+    print(
+        f"backend {figures['backend']} ({figures['device']}), jax {jax.__version__}, "
+        f"{figures['machine']}, {figures['cpus']} cpus; clip norm {opts.clip}"
+    )
+    print(
+        "ratio = time(program) / time(fnbp.backprop), median of per-round side-by-side "
+        f"ratios ({opts.rounds} rounds; the slow baselines fewer); * = above its target"
+    )
     wanted = opts.nets.split(",")
     for net in nets(opts.mode):
         if net.name not in wanted:
@@ -519,20 +626,29 @@ def main(argv=None) -> dict:
             for name, why in row["missing"].items():
                 print(f"{'':>12}{name}: {why}")
             if row["agreement"]:
-                print(f"{'':>12}agree: " + ", ".join(f"{k} {v:.1e}"
-                                                   for k, v in row["agreement"].items()))
-            print(f"{'':>12}compiled: " + "; ".join(
-                f"{n} {h['dots']} dots + {h['convolutions']} convs, largest {h['largest_array']}"
-                + flops_ratio(h, row["hlo"]["backprop"]) for n, h in row["hlo"].items()
-                if n != "aa"))
+                print(
+                    f"{'':>12}agree: "
+                    + ", ".join(f"{k} {v:.1e}" for k, v in row["agreement"].items())
+                )
+            print(
+                f"{'':>12}compiled: "
+                + "; ".join(
+                    f"{n} {h['dots']} dots + {h['convolutions']} convs, largest {h['largest_array']}"
+                    + flops_ratio(h, row["hlo"]["backprop"])
+                    for n, h in row["hlo"].items()
+                    if n != "aa"
+                )
+            )
             save()
     print_memory(figures["rows"])
     mlp = [n for n in nets(opts.mode) if n.name == "mlp"]
     if opts.no_torch or opts.mode == "smoke" or not mlp:
         figures["opacus"] = "not run"
     else:
-        print("\nOpacus ghost clipping on the same MLP in PyTorch (eager, CPU); "
-              "ratio = time(ghost clipping step) / time(torch's non-private step)")
+        print(
+            "\nOpacus ghost clipping on the same MLP in PyTorch (eager, CPU); "
+            "ratio = time(ghost clipping step) / time(torch's non-private step)"
+        )
         figures["opacus"] = opacus_rows(mlp[0].batches, max(opts.rounds // 2, 11), opts.clip)
         if isinstance(figures["opacus"], str):
             print(f"  Opacus: {figures['opacus']}")

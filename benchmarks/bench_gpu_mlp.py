@@ -55,15 +55,30 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fnbp  # noqa: E402
 from bench_mlp import steps, torch_step  # noqa: E402
 from timing import back_to_back, paired_ratios  # noqa: E402
 
+import fnbp  # noqa: E402
+
 CLASSES = 10
-FULL = {"input": 1024, "width": 4096, "hidden": 3, "batches": [4096, 16384],
-        "k": 10, "rounds": 15, "warmup": 2}
-SMOKE = {"input": 64, "width": 64, "hidden": 3, "batches": [32, 64],
-         "k": 2, "rounds": 3, "warmup": 1}
+FULL = {
+    "input": 1024,
+    "width": 4096,
+    "hidden": 3,
+    "batches": [4096, 16384],
+    "k": 10,
+    "rounds": 15,
+    "warmup": 2,
+}
+SMOKE = {
+    "input": 64,
+    "width": 64,
+    "hidden": 3,
+    "batches": [32, 64],
+    "k": 2,
+    "rounds": 3,
+    "warmup": 1,
+}
 DTYPES = ("float32", "bfloat16")
 
 
@@ -114,20 +129,28 @@ def torch_setup(use_torch: bool) -> dict[str, Any] | None:
     elif jax.default_backend() == "gpu" and torch.cuda.is_available():
         device = "cuda"
     else:
-        print(f"PyTorch {torch.__version__}: cannot use this {jax.default_backend()} "
-              "(no CUDA in torch), no torch column", flush=True)
+        print(
+            f"PyTorch {torch.__version__}: cannot use this {jax.default_backend()} "
+            "(no CUDA in torch), no torch column",
+            flush=True,
+        )
         return None
     precision = getattr(jax.config, "jax_default_matmul_precision", None)
     full = precision is not None and str(precision).lower() in ("highest", "float32")
     torch.set_float32_matmul_precision("highest" if full else "high")
     matmul = "full float32" if full or device == "cpu" else "TF32, as JAX's default precision"
     print(f"PyTorch {torch.__version__} on {device}; float32 matmuls: {matmul}", flush=True)
-    return {"torch": torch, "device": device, "version": torch.__version__,
-            "float32_matmul": matmul}
+    return {
+        "torch": torch,
+        "device": device,
+        "version": torch.__version__,
+        "float32_matmul": matmul,
+    }
 
 
-def torch_k_steps(tsetup: dict[str, Any], widths: list[int], n_in: int, batch: int,
-                  dtype: str, k: int):
+def torch_k_steps(
+    tsetup: dict[str, Any], widths: list[int], n_in: int, batch: int, dtype: str, k: int
+):
     """``k`` eager PyTorch steps, then one wait for the GPU; returns None (nothing to wait for)."""
     torch, device = tsetup["torch"], tsetup["device"]
     step = torch_step(widths, n_in, batch, dtype=dtype, device=device)
@@ -141,8 +164,14 @@ def torch_k_steps(tsetup: dict[str, Any], widths: list[int], n_in: int, batch: i
     return run
 
 
-def measure(widths: list[int], n_in: int, batch: int, dtype: str, opts: argparse.Namespace,
-            tsetup: dict[str, Any] | None) -> dict[str, Any]:
+def measure(
+    widths: list[int],
+    n_in: int,
+    batch: int,
+    dtype: str,
+    opts: argparse.Namespace,
+    tsetup: dict[str, Any] | None,
+) -> dict[str, Any]:
     """One row: compile seconds, ms per step, ratios with the A/A control, TFLOP/s, torch."""
     started = time.perf_counter()
     dt = jnp.dtype(dtype)
@@ -166,37 +195,59 @@ def measure(widths: list[int], n_in: int, batch: int, dtype: str, opts: argparse
         jax.block_until_ready(jitted(*args))
         row[f"compile_{name}_s"] = time.perf_counter() - t0
         compiled[name] = jitted
-    print(f"{label} compile (first call: trace, compile, one step): fnbp "
-          f"{row['compile_fnbp_s']:.2f} s, autodiff {row['compile_autodiff_s']:.2f} s", flush=True)
+    print(
+        f"{label} compile (first call: trace, compile, one step): fnbp "
+        f"{row['compile_fnbp_s']:.2f} s, autodiff {row['compile_autodiff_s']:.2f} s",
+        flush=True,
+    )
 
     k = opts.k
     autodiff_k = back_to_back(compiled["autodiff"], k)
-    paired = paired_ratios({"fnbp": (back_to_back(compiled["fnbp"], k), args),
-                            "aa": (autodiff_k, args)},
-                           (autodiff_k, args), rounds=opts.rounds, warmup=opts.warmup)
+    paired = paired_ratios(
+        {"fnbp": (back_to_back(compiled["fnbp"], k), args), "aa": (autodiff_k, args)},
+        (autodiff_k, args),
+        rounds=opts.rounds,
+        warmup=opts.warmup,
+    )
     auto_s, fnbp_s = paired.seconds["baseline"] / k, paired.seconds["fnbp"] / k
-    row.update({
-        "autodiff_ms": 1e3 * auto_s, "fnbp_ms": 1e3 * fnbp_s,
-        "ratio": paired.ratios["fnbp"], "aa_ratio": paired.ratios["aa"],
-        "autodiff_tflops": tflops(batch, count, auto_s),
-        "fnbp_tflops": tflops(batch, count, fnbp_s),
-    })
-    print(f"{label} autodiff {row['autodiff_ms']:8.3f} ms ({row['autodiff_tflops']:.4g} TFLOP/s)"
-          f"  fnbp {row['fnbp_ms']:8.3f} ms ({row['fnbp_tflops']:.4g} TFLOP/s)"
-          f"  fnbp/autodiff {row['ratio']:.3f}  A/A {row['aa_ratio']:.3f}", flush=True)
+    row.update(
+        {
+            "autodiff_ms": 1e3 * auto_s,
+            "fnbp_ms": 1e3 * fnbp_s,
+            "ratio": paired.ratios["fnbp"],
+            "aa_ratio": paired.ratios["aa"],
+            "autodiff_tflops": tflops(batch, count, auto_s),
+            "fnbp_tflops": tflops(batch, count, fnbp_s),
+        }
+    )
+    print(
+        f"{label} autodiff {row['autodiff_ms']:8.3f} ms ({row['autodiff_tflops']:.4g} TFLOP/s)"
+        f"  fnbp {row['fnbp_ms']:8.3f} ms ({row['fnbp_tflops']:.4g} TFLOP/s)"
+        f"  fnbp/autodiff {row['ratio']:.3f}  A/A {row['aa_ratio']:.3f}",
+        flush=True,
+    )
 
     row.update({"torch_ms": None, "torch_ratio": None, "torch_tflops": None})
     if tsetup is not None:
         try:
             torch_k = torch_k_steps(tsetup, widths, n_in, batch, dtype, k)
-            tp = paired_ratios({"torch": (torch_k, ())}, (autodiff_k, args),
-                               rounds=opts.rounds, warmup=opts.warmup)
+            tp = paired_ratios(
+                {"torch": (torch_k, ())}, (autodiff_k, args), rounds=opts.rounds, warmup=opts.warmup
+            )
             torch_s = tp.seconds["torch"] / k
-            row.update({"torch_ms": 1e3 * torch_s, "torch_ratio": tp.ratios["torch"],
-                        "torch_tflops": tflops(batch, count, torch_s)})
-            print(f"{label} torch eager {row['torch_ms']:8.3f} ms "
-                  f"({row['torch_tflops']:.4g} TFLOP/s)  torch/autodiff "
-                  f"{row['torch_ratio']:.3f}", flush=True)
+            row.update(
+                {
+                    "torch_ms": 1e3 * torch_s,
+                    "torch_ratio": tp.ratios["torch"],
+                    "torch_tflops": tflops(batch, count, torch_s),
+                }
+            )
+            print(
+                f"{label} torch eager {row['torch_ms']:8.3f} ms "
+                f"({row['torch_tflops']:.4g} TFLOP/s)  torch/autodiff "
+                f"{row['torch_ratio']:.3f}",
+                flush=True,
+            )
         except Exception as error:  # a torch failure keeps the JAX figures
             row["torch_error"] = f"{type(error).__name__}: {error}"
             print(f"{label} torch eager step failed: {row['torch_error']}", flush=True)
@@ -211,11 +262,17 @@ def write(path: Path | None, result: dict[str, Any]) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and few repeats (width 64, batches 32 and 64): "
-                             "checks that the benchmark runs, on any backend")
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="run the full-size (or given) sizes even when JAX has no accelerator")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and few repeats (width 64, batches 32 and 64): "
+        "checks that the benchmark runs, on any backend",
+    )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run the full-size (or given) sizes even when JAX has no accelerator",
+    )
     parser.add_argument("--input", type=int, help="input width (default 1024)")
     parser.add_argument("--width", type=int, help="hidden width (default 4096)")
     parser.add_argument("--hidden", type=int, help="hidden layers (default 3)")
@@ -225,8 +282,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds per ratio (default 15)")
     parser.add_argument("--warmup", type=int, help="untimed calls of each function (default 2)")
     parser.add_argument("--no-torch", action="store_true", help="no PyTorch column")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds: skip the configurations that would end past it")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds: skip the configurations that would end past it",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
@@ -239,9 +300,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if min(args.batches) < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
     if jax.default_backend() == "cpu" and not (args.smoke or args.allow_cpu):
-        parser.exit(3, "bench_gpu_mlp: JAX sees no GPU or TPU (backend cpu); the full sizes "
-                       "would take hours here. Pass --smoke for a tiny run, or --allow-cpu "
-                       "with small sizes (e.g. --width 1024 --batches 256) to run anyway\n")
+        parser.exit(
+            3,
+            "bench_gpu_mlp: JAX sees no GPU or TPU (backend cpu); the full sizes "
+            "would take hours here. Pass --smoke for a tiny run, or --allow-cpu "
+            "with small sizes (e.g. --width 1024 --batches 256) to run anyway\n",
+        )
     return args
 
 
@@ -252,24 +316,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     widths = [args.width] * args.hidden + [CLASSES]
     count = parameter_count(args.input, widths)
     device = jax.devices()[0]
-    print(f"MLP {args.input}-{'-'.join(map(str, widths))} ({count / 1e6:.2f}M parameters), "
-          f"training step with SGD; backend {jax.default_backend()} ({device.device_kind}), "
-          f"jax {jax.__version__}", flush=True)
-    print(f"each timing: {args.k} steps back to back, then one wait; {args.rounds} rounds of "
-          f"side-by-side timings per ratio; TFLOP/s = 6 * B * P / step time, P = {count}",
-          flush=True)
+    print(
+        f"MLP {args.input}-{'-'.join(map(str, widths))} ({count / 1e6:.2f}M parameters), "
+        f"training step with SGD; backend {jax.default_backend()} ({device.device_kind}), "
+        f"jax {jax.__version__}",
+        flush=True,
+    )
+    print(
+        f"each timing: {args.k} steps back to back, then one wait; {args.rounds} rounds of "
+        f"side-by-side timings per ratio; TFLOP/s = 6 * B * P / step time, P = {count}",
+        flush=True,
+    )
     tsetup = torch_setup(not args.no_torch)
     result: dict[str, Any] = {
-        "device": {"backend": jax.default_backend(), "kind": device.device_kind,
-                   "count": jax.device_count()},
+        "device": {
+            "backend": jax.default_backend(),
+            "kind": device.device_kind,
+            "count": jax.device_count(),
+        },
         "jax": jax.__version__,
-        "torch": None if tsetup is None else {"version": tsetup["version"],
-                                              "device": tsetup["device"],
-                                              "float32_matmul": tsetup["float32_matmul"]},
+        "torch": None
+        if tsetup is None
+        else {
+            "version": tsetup["version"],
+            "device": tsetup["device"],
+            "float32_matmul": tsetup["float32_matmul"],
+        },
         "network": {"input": args.input, "widths": widths, "parameters": count},
-        "k": args.k, "rounds": args.rounds,
+        "k": args.k,
+        "rounds": args.rounds,
         "flops_per_step": "6 * batch * parameters",
-        "rows": [], "skipped": [], "errors": [],
+        "rows": [],
+        "skipped": [],
+        "errors": [],
     }
     last: dict[str, Any] | None = None  # the last row measured
     for batch in args.batches:
@@ -281,9 +360,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 scale = max(1.0, batch / last["batch"])
                 estimate = compiling + (last["seconds"] - compiling) * scale
                 if elapsed + estimate > args.time_limit:
-                    print(f"B{batch} {dtype}: skipped, about {estimate:.0f} s would pass the "
-                          f"time limit of {args.time_limit:.0f} s ({elapsed:.0f} s used)",
-                          flush=True)
+                    print(
+                        f"B{batch} {dtype}: skipped, about {estimate:.0f} s would pass the "
+                        f"time limit of {args.time_limit:.0f} s ({elapsed:.0f} s used)",
+                        flush=True,
+                    )
                     result["skipped"].append({"batch": batch, "dtype": dtype})
                     continue
             try:
@@ -298,15 +379,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write(args.json, result)
     result["seconds"] = time.perf_counter() - started
     write(args.json, result)
-    print(f"\n{'batch':>6} {'dtype':<9} {'autodiff ms':>11} {'fnbp ms':>9} {'ratio':>6} "
-          f"{'A/A':>6} {'TFLOP/s ad':>10} {'fnbp':>6} {'torch ms':>9} {'torch/ad':>8}")
+    print(
+        f"\n{'batch':>6} {'dtype':<9} {'autodiff ms':>11} {'fnbp ms':>9} {'ratio':>6} "
+        f"{'A/A':>6} {'TFLOP/s ad':>10} {'fnbp':>6} {'torch ms':>9} {'torch/ad':>8}"
+    )
     for r in result["rows"]:
         torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}"
         torch_ratio = "-" if r["torch_ratio"] is None else f"{r['torch_ratio']:.3f}"
-        print(f"{r['batch']:>6} {r['dtype']:<9} {r['autodiff_ms']:>11.3f} {r['fnbp_ms']:>9.3f} "
-              f"{r['ratio']:>6.3f} {r['aa_ratio']:>6.3f} {r['autodiff_tflops']:>10.4g} "
-              f"{r['fnbp_tflops']:>6.4g} "
-              f"{torch_ms:>9} {torch_ratio:>8}")
+        print(
+            f"{r['batch']:>6} {r['dtype']:<9} {r['autodiff_ms']:>11.3f} {r['fnbp_ms']:>9.3f} "
+            f"{r['ratio']:>6.3f} {r['aa_ratio']:>6.3f} {r['autodiff_tflops']:>10.4g} "
+            f"{r['fnbp_tflops']:>6.4g} "
+            f"{torch_ms:>9} {torch_ratio:>8}"
+        )
     print(f"total {result['seconds']:.1f} s", flush=True)
     return result
 

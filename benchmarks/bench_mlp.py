@@ -39,8 +39,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fnbp  # noqa: E402
 from timing import compare, compile_seconds, paired_ratios, temp_bytes  # noqa: E402
+
+import fnbp  # noqa: E402
 
 WIDTHS = (1024, 1024, 10)
 INPUT = 784
@@ -110,12 +111,14 @@ def vmapped_mean(model):
         def mean_loss(p):
             per = jax.vmap(lambda x_i, y_i: fnbp.cross_entropy_loss(model.apply(p, x_i), y_i))
             return jnp.mean(per(x, y))
+
         return jax.value_and_grad(mean_loss)(params)
 
     def autodiff_vm(params, x, y):
         def mean_loss(p):
             per = jax.vmap(lambda x_i, y_i: plain_loss(plain_apply(p, x_i), y_i))
             return jnp.mean(per(x, y))
+
         return jax.value_and_grad(mean_loss)(params)
 
     return fnbp_vm, autodiff_vm
@@ -182,10 +185,15 @@ def bench_batches(batches, repeats, rounds):
     fnbp_step, grad_apply_step, autodiff_step = steps(model, optimizer)
     fnbp_pe, autodiff_pe = per_example(model)
     fnbp_vm, autodiff_vm = vmapped_mean(model)
-    print("\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median over "
-          f"{rounds} rounds of side-by-side timings (A/A: autodiff against a copy of itself)")
-    print(f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'A/A':>6} "
-          f"{'grad(apply)':>12} {'per-example':>12} {'vmap mean':>10} {'torch ms':>9}", flush=True)
+    print(
+        "\nMLP 784-1024-1024-10 float32; ratio = time(fnbp) / time(autodiff), median over "
+        f"{rounds} rounds of side-by-side timings (A/A: autodiff against a copy of itself)"
+    )
+    print(
+        f"{'batch':>6} {'autodiff ms':>12} {'fnbp ms':>9} {'train step':>11} {'A/A':>6} "
+        f"{'grad(apply)':>12} {'per-example':>12} {'vmap mean':>10} {'torch ms':>9}",
+        flush=True,
+    )
     rows = []
     for batch in batches:
         x, y = make_data(batch)
@@ -194,42 +202,61 @@ def bench_batches(batches, repeats, rounds):
         # timed right beside it; "A/A" is autodiff against a second compiled
         # copy of itself, the noise floor of the machine.
         step = paired_ratios(
-            {"fnbp": (jax.jit(fnbp_step), step_args),
-             "grad_apply": (jax.jit(grad_apply_step), step_args),
-             "aa": (jax.jit(autodiff_step), step_args)},
-            (jax.jit(autodiff_step), step_args), rounds=rounds)
-        pe = paired_ratios({"fnbp": (jax.jit(fnbp_pe), grad_args)},
-                           (jax.jit(autodiff_pe), grad_args), rounds=max(rounds // 2, 11))
-        vm = paired_ratios({"fnbp": (jax.jit(fnbp_vm), grad_args)},
-                           (jax.jit(autodiff_vm), grad_args), rounds=max(rounds // 2, 11))
+            {
+                "fnbp": (jax.jit(fnbp_step), step_args),
+                "grad_apply": (jax.jit(grad_apply_step), step_args),
+                "aa": (jax.jit(autodiff_step), step_args),
+            },
+            (jax.jit(autodiff_step), step_args),
+            rounds=rounds,
+        )
+        pe = paired_ratios(
+            {"fnbp": (jax.jit(fnbp_pe), grad_args)},
+            (jax.jit(autodiff_pe), grad_args),
+            rounds=max(rounds // 2, 11),
+        )
+        vm = paired_ratios(
+            {"fnbp": (jax.jit(fnbp_vm), grad_args)},
+            (jax.jit(autodiff_vm), grad_args),
+            rounds=max(rounds // 2, 11),
+        )
         torch_s = torch_step_seconds(batch, repeats)
-        rows.append({
-            "batch": batch,
-            "step_autodiff_ms": 1e3 * step.seconds["baseline"],
-            "step_fnbp_ms": 1e3 * step.seconds["fnbp"],
-            "train_step_ratio": step.ratios["fnbp"],
-            "grad_apply_ratio": step.ratios["grad_apply"],
-            "autodiff_aa_ratio": step.ratios["aa"],
-            "per_example_ratio": pe.ratios["fnbp"],
-            "vmap_mean_ratio": vm.ratios["fnbp"],
-            "torch_eager_step_ms": None if torch_s is None else 1e3 * torch_s,
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "step_autodiff_ms": 1e3 * step.seconds["baseline"],
+                "step_fnbp_ms": 1e3 * step.seconds["fnbp"],
+                "train_step_ratio": step.ratios["fnbp"],
+                "grad_apply_ratio": step.ratios["grad_apply"],
+                "autodiff_aa_ratio": step.ratios["aa"],
+                "per_example_ratio": pe.ratios["fnbp"],
+                "vmap_mean_ratio": vm.ratios["fnbp"],
+                "torch_eager_step_ms": None if torch_s is None else 1e3 * torch_s,
+            }
+        )
         print_row(rows[-1])
     x, y = make_data(256)
     step_args = (params, state, x, y)
-    mem = {"fnbp": temp_bytes(fnbp_step, step_args),
-           "autodiff": temp_bytes(autodiff_step, step_args)}
-    comp = {"fnbp": compile_seconds(fnbp_step, step_args),
-            "autodiff": compile_seconds(autodiff_step, step_args)}
+    mem = {
+        "fnbp": temp_bytes(fnbp_step, step_args),
+        "autodiff": temp_bytes(autodiff_step, step_args),
+    }
+    comp = {
+        "fnbp": compile_seconds(fnbp_step, step_args),
+        "autodiff": compile_seconds(autodiff_step, step_args),
+    }
     return rows, mem, comp
 
 
 def print_row(r):
     torch_ms = "-" if r["torch_eager_step_ms"] is None else f"{r['torch_eager_step_ms']:.2f}"
-    print(f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
-          f"{r['train_step_ratio']:>11.3f} {r['autodiff_aa_ratio']:>6.3f} "
-          f"{r['grad_apply_ratio']:>12.3f} "
-          f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}", flush=True)
+    print(
+        f"{r['batch']:>6} {r['step_autodiff_ms']:>12.2f} {r['step_fnbp_ms']:>9.2f} "
+        f"{r['train_step_ratio']:>11.3f} {r['autodiff_aa_ratio']:>6.3f} "
+        f"{r['grad_apply_ratio']:>12.3f} "
+        f"{r['per_example_ratio']:>12.3f} {r['vmap_mean_ratio']:>10.3f} {torch_ms:>9}",
+        flush=True,
+    )
 
 
 def bench_depth(depths, repeats, batch=256, width=256):
@@ -239,16 +266,27 @@ def bench_depth(depths, repeats, batch=256, width=256):
     for depth in depths:
         model = fnbp.mlp([width] * (depth - 1) + [10], "relu")
         _, params = model.init(jax.random.PRNGKey(0), (width,), jnp.float32)
-        forward = jax.jit(lambda p, x, y, m=model: jnp.mean(fnbp.cross_entropy_loss(m.apply(p, x), y)))
+        forward = jax.jit(
+            lambda p, x, y, m=model: jnp.mean(fnbp.cross_entropy_loss(m.apply(p, x), y))
+        )
         both = jax.jit(lambda p, x, y, m=model: fnbp.backprop(m, fnbp.cross_entropy_loss, p, x, y))
-        t = compare({"forward": (forward, (params, x, y)), "both": (both, (params, x, y))},
-                    repeats=repeats)
-        rows.append({"depth": depth, "forward_ms": 1e3 * t["forward"],
-                     "forward_backward_ms": 1e3 * t["both"],
-                     "backward_cost_ratio": t["both"] / t["forward"]})
+        t = compare(
+            {"forward": (forward, (params, x, y)), "both": (both, (params, x, y))}, repeats=repeats
+        )
+        rows.append(
+            {
+                "depth": depth,
+                "forward_ms": 1e3 * t["forward"],
+                "forward_backward_ms": 1e3 * t["both"],
+                "backward_cost_ratio": t["both"] / t["forward"],
+            }
+        )
         r = rows[-1]
-        print(f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
-              f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}", flush=True)
+        print(
+            f"  depth {r['depth']:>3}: forward {r['forward_ms']:.3f} ms, forward+backward "
+            f"{r['forward_backward_ms']:.3f} ms, ratio {r['backward_cost_ratio']:.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -259,8 +297,11 @@ def stored_bytes(model, params, x):
     anyway and are not counted.
     """
     _, residuals = jax.eval_shape(model.forward, params, x)
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(residuals)
-               if leaf.ndim and leaf.shape[0] == x.shape[0])
+    return sum(
+        leaf.size * leaf.dtype.itemsize
+        for leaf in jax.tree_util.tree_leaves(residuals)
+        if leaf.ndim and leaf.shape[0] == x.shape[0]
+    )
 
 
 def remat_memory(depth=16, width=512, batch=256):
@@ -273,7 +314,8 @@ def remat_memory(depth=16, width=512, batch=256):
         out[f"stored_bytes_remat_{k}"] = stored_bytes(model, params, x)
         out[f"temp_bytes_remat_{k}"] = temp_bytes(
             lambda p, x, y, m=model: fnbp.backprop(m, fnbp.cross_entropy_loss, p, x, y),
-            (params, x, y))
+            (params, x, y),
+        )
     return out
 
 
@@ -286,33 +328,55 @@ def main(argv=None):
     rounds = 21 if args.quick else 101
     depths = (2, 8, 32) if args.quick else (2, 4, 8, 16, 32)
 
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+        f"{platform.processor() or platform.machine()}"
+    )
     rows, mem, comp = bench_batches((32, 256, 1024), repeats, rounds)
-    print(f"\ncompiled temporary memory (batch 256): fnbp {mem['fnbp']} B, autodiff {mem['autodiff']} B")
-    print(f"compile time: fnbp {comp['fnbp']:.3f} s, autodiff {comp['autodiff']:.3f} s, "
-          f"ratio {comp['fnbp'] / comp['autodiff']:.3f}")
-    print("\ncost against depth (width 256, batch 256): time(forward + backward) / time(forward)",
-          flush=True)
+    print(
+        f"\ncompiled temporary memory (batch 256): fnbp {mem['fnbp']} B, autodiff {mem['autodiff']} B"
+    )
+    print(
+        f"compile time: fnbp {comp['fnbp']:.3f} s, autodiff {comp['autodiff']:.3f} s, "
+        f"ratio {comp['fnbp'] / comp['autodiff']:.3f}"
+    )
+    print(
+        "\ncost against depth (width 256, batch 256): time(forward + backward) / time(forward)",
+        flush=True,
+    )
     depth_rows = bench_depth(depths, repeats)
     depth_ms = np.array([[r["depth"], r["forward_backward_ms"]] for r in depth_rows])
     slope, intercept = np.polyfit(depth_ms[:, 0], depth_ms[:, 1], 1)
     fitted = slope * depth_ms[:, 0] + intercept
-    r2 = 1 - np.sum((depth_ms[:, 1] - fitted) ** 2) / np.sum((depth_ms[:, 1] - depth_ms[:, 1].mean()) ** 2)
+    r2 = 1 - np.sum((depth_ms[:, 1] - fitted) ** 2) / np.sum(
+        (depth_ms[:, 1] - depth_ms[:, 1].mean()) ** 2
+    )
     per_layer = ", ".join(f"{ms / d:.3f}" for d, ms in depth_ms)
-    print(f"  step time against depth: linear fit {slope:.3f} ms per layer, R^2 {r2:.4f}; "
-          f"time per layer {per_layer} ms")
+    print(
+        f"  step time against depth: linear fit {slope:.3f} ms per layer, R^2 {r2:.4f}; "
+        f"time per layer {per_layer} ms"
+    )
     rm = remat_memory()
-    print(f"\nrematerialization (MLP depth {rm['depth']}, width {rm['width']}, batch {rm['batch']}):")
-    print(f"  residuals stored by the forward pass: {rm['stored_bytes_remat_0']} B storing all, "
-          f"{rm['stored_bytes_remat_4']} B with remat_every=4 "
-          f"({rm['stored_bytes_remat_4'] / rm['stored_bytes_remat_0']:.2f}x)")
-    print(f"  compiled temp memory: {rm['temp_bytes_remat_0']} B storing all, "
-          f"{rm['temp_bytes_remat_4']} B with remat_every=4 (XLA:CPU schedules the whole "
-          f"step and may merge the recomputation; jax.checkpoint behaves the same there)")
+    print(
+        f"\nrematerialization (MLP depth {rm['depth']}, width {rm['width']}, batch {rm['batch']}):"
+    )
+    print(
+        f"  residuals stored by the forward pass: {rm['stored_bytes_remat_0']} B storing all, "
+        f"{rm['stored_bytes_remat_4']} B with remat_every=4 "
+        f"({rm['stored_bytes_remat_4'] / rm['stored_bytes_remat_0']:.2f}x)"
+    )
+    print(
+        f"  compiled temp memory: {rm['temp_bytes_remat_0']} B storing all, "
+        f"{rm['temp_bytes_remat_4']} B with remat_every=4 (XLA:CPU schedules the whole "
+        f"step and may merge the recomputation; jax.checkpoint behaves the same there)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"batches": rows, "memory": mem, "compile": comp,
-                                         "depth": depth_rows, "remat": rm}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"batches": rows, "memory": mem, "compile": comp, "depth": depth_rows, "remat": rm},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

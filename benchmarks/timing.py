@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
@@ -60,8 +61,8 @@ def compare(
 class Paired(NamedTuple):
     """What :func:`paired_ratios` measured."""
 
-    ratios: dict[str, float]    # name -> median of time(candidate) / time(baseline) per round
-    seconds: dict[str, float]   # name (and "baseline") -> median seconds per call
+    ratios: dict[str, float]  # name -> median of time(candidate) / time(baseline) per round
+    seconds: dict[str, float]  # name (and "baseline") -> median seconds per call
 
 
 def paired_ratios(
@@ -102,8 +103,10 @@ def paired_ratios(
             ratios[name].append(t / t_base)
             seconds[name].append(t)
             seconds["baseline"].append(t_base)
-    return Paired({name: statistics.median(v) for name, v in ratios.items()},
-                  {name: statistics.median(v) for name, v in seconds.items()})
+    return Paired(
+        {name: statistics.median(v) for name, v in ratios.items()},
+        {name: statistics.median(v) for name, v in seconds.items()},
+    )
 
 
 def back_to_back(step: Callable[..., Any], k: int, carry: int = 2) -> Callable[..., Any]:

@@ -31,17 +31,15 @@ from fnbp.rules import registry as _registry
 # The rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one per record of the
 # registry: a rule declared in fnbp/rules/ appears here under its notes-facing name.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
-from fnbp.backward import backward
+# --- networks -----------------------------------------------------------------------
+# --- training -----------------------------------------------------------------------
+# --- the floors below ---------------------------------------------------------------
+from fnbp import nn, testing, train, verify
 from fnbp.backprop import backprop
-from fnbp.per_example import (PerExampleFallbackWarning, clipped_grads, grad_moments,
-                              per_example_grad_norms, per_example_grads)
+from fnbp.backward import backward
 
 # --- checking hand-written rules ----------------------------------------------------
 from fnbp.checking import checked
-from fnbp.verify import VJPReport, check_layer, check_vjp
-
-# --- networks -----------------------------------------------------------------------
-from fnbp import nn
 from fnbp.nn import (
     AvgPool,
     Conv1D,
@@ -54,8 +52,8 @@ from fnbp.nn import (
     LeakyRelu,
     Linear,
     MaxPool,
-    RMSNorm,
     Relu,
+    RMSNorm,
     Sigmoid,
     Silu,
     Softmax,
@@ -71,15 +69,19 @@ from fnbp.nn import (
     resnet_s,
     serial,
 )
-
-# --- training -----------------------------------------------------------------------
-from fnbp import train
+from fnbp.per_example import (
+    PerExampleFallbackWarning,
+    clipped_grads,
+    grad_moments,
+    per_example_grad_norms,
+    per_example_grads,
+)
 from fnbp.train import (
     Checkpoint,
     CheckpointError,
     DataError,
-    DataWarning,
     Dataset,
+    DataWarning,
     DPConfig,
     DynamicLossScale,
     FitResult,
@@ -104,10 +106,7 @@ from fnbp.train import (
     stop_on_signals,
     with_precision,
 )
-
-# --- the floors below ---------------------------------------------------------------
-from fnbp import verify
-from fnbp import testing
+from fnbp.verify import VJPReport, check_layer, check_vjp
 
 try:
     __version__ = _metadata.version("fnbp")

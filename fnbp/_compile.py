@@ -20,10 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-FAST_CPU_COMPILE: Mapping[str, Any] = MappingProxyType({
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-})
+FAST_CPU_COMPILE: Mapping[str, Any] = MappingProxyType(
+    {
+        "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False,
+    }
+)
 """XLA options for small, short-lived programs on CPU (speed only).
 
 The verifier's programs are small and each runs a few times, so compiling is
@@ -55,12 +57,12 @@ def _compiles_with(backend: str, name: str, value: Any) -> bool:
 
 @functools.cache
 def _supported(backend: str, options: tuple[tuple[str, Any], ...]) -> Mapping[str, Any]:
-    return MappingProxyType({name: value for name, value in options
-                             if _compiles_with(backend, name, value)})
+    return MappingProxyType(
+        {name: value for name, value in options if _compiles_with(backend, name, value)}
+    )
 
 
-def supported_options(options: Mapping[str, Any], backend: str | None = None
-                      ) -> Mapping[str, Any]:
+def supported_options(options: Mapping[str, Any], backend: str | None = None) -> Mapping[str, Any]:
     """The subset of ``options`` that the installed XLA accepts on ``backend``.
 
     Each option is tried on its own, once per backend and process, by
@@ -78,8 +80,9 @@ def supported_options(options: Mapping[str, Any], backend: str | None = None
     return _supported(backend, tuple(sorted(options.items())))
 
 
-def fast_compile_options(backend: str | None = None,
-                         options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def fast_compile_options(
+    backend: str | None = None, options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Compile options for small programs on ``backend``, or ``None`` for defaults.
 
     On CPU: the supported part of ``options`` (default :data:`FAST_CPU_COMPILE`);
@@ -90,4 +93,3 @@ def fast_compile_options(backend: str | None = None,
         return None
     kept = supported_options(FAST_CPU_COMPILE if options is None else options, backend)
     return dict(kept) or None
-

@@ -19,7 +19,8 @@ differentiates primitives with autodiff. The loss' own rule is called through
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,9 @@ def _check(fn: str, model: Any, loss: Any, x: Array, y: Array) -> None:
             f"got {type(model).__name__}"
         )
     if not callable(loss):
-        raise TypeError(f"{fn}: loss must be callable (t, y) -> per-example loss, "
-                        f"got {type(loss).__name__}")
+        raise TypeError(
+            f"{fn}: loss must be callable (t, y) -> per-example loss, got {type(loss).__name__}"
+        )
     x_shape, y_shape = jnp.shape(x), jnp.shape(y)
     # A 1-D x is one example of a vector-input model (e.g. under jax.vmap): its
     # axis holds features, not examples, and y's may hold targets (mse_loss).
@@ -58,13 +60,16 @@ def _inputs(fn: str, x: Any, y: Any) -> tuple[Array, Array]:
         try:
             y = jnp.asarray(y)
         except (TypeError, ValueError):
-            raise TypeError(f"{fn}: y must be an array of targets (class labels or values), "
-                            f"got {type(y).__name__} {y!r:.80}") from None
+            raise TypeError(
+                f"{fn}: y must be an array of targets (class labels or values), "
+                f"got {type(y).__name__} {y!r:.80}"
+            ) from None
     return x, y
 
 
-def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = None,
-                        fn: str = "backprop"):
+def _loss_and_cotangent(
+    loss: Loss, t: Array, y: Array, examples: int | None = None, fn: str = "backprop"
+):
     """The losses and dJ/dt, for the function named ``fn`` (its errors say which).
 
     ``examples`` None: J is the mean of all the losses (eq. 7.2). ``examples``
@@ -76,9 +81,11 @@ def _loss_and_cotangent(loss: Loss, t: Array, y: Array, examples: int | None = N
     if examples is not None:
         require_per_example_losses(fn, losses, examples)
     if losses.size == 0:
-        raise ValueError(f"{fn}: no examples (the model's output has shape "
-                         f"{jnp.shape(t)}, the loss returned shape {jnp.shape(losses)}); J is "
-                         f"the mean over the examples (eq. 7.2), so pass at least one")
+        raise ValueError(
+            f"{fn}: no examples (the model's output has shape "
+            f"{jnp.shape(t)}, the loss returned shape {jnp.shape(losses)}); J is "
+            f"the mean over the examples (eq. 7.2), so pass at least one"
+        )
     count = losses.size if examples is None else losses.size // examples
     v = jnp.full(losses.shape, 1.0 / count, losses.dtype)
     (dt,) = loss_vjp(v)
@@ -118,8 +125,8 @@ def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tu
 
 def _backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array):
     """:func:`backprop` without the argument checks (for one example under vmap)."""
-    t, residuals = model.forward(params, x)                    # forward pass, stored
-    losses, dt = _loss_and_cotangent(loss, t, y)                # dJ/du[k] = B[loss](1/n)
-    grads, _ = model.backward(params, residuals, dt)            # backward pass
+    t, residuals = model.forward(params, x)  # forward pass, stored
+    losses, dt = _loss_and_cotangent(loss, t, y)  # dJ/du[k] = B[loss](1/n)
+    grads, _ = model.backward(params, residuals, dt)  # backward pass
     J = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))
     return J, grads

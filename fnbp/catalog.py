@@ -9,8 +9,9 @@ is in :data:`CASES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -37,8 +38,7 @@ class RuleCase:
 
 
 CASES: tuple[RuleCase, ...] = tuple(
-    RuleCase(example_name, rule.function, rule.reference, example.make_args,
-             dict(example.kwargs))
+    RuleCase(example_name, rule.function, rule.reference, example.make_args, dict(example.kwargs))
     for rule in registry().values()
     for example_name, example in rule.examples.items()
 )

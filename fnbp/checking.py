@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "fnbp_checking", default=False
-)
+_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("fnbp_checking", default=False)
 
 
 def is_checking() -> bool:
@@ -60,8 +59,10 @@ def _literal(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-_FIX = ("clean the input or find where the non-finite values come from "
-        "(jax.config.update('jax_debug_nans', True))")
+_FIX = (
+    "clean the input or find where the non-finite values come from "
+    "(jax.config.update('jax_debug_nans', True))"
+)
 
 
 def check_finite(fn: str, name: str, x: Any, *, fix: str = _FIX, locate: bool = False) -> None:
@@ -87,17 +88,18 @@ def check_finite(fn: str, name: str, x: Any, *, fix: str = _FIX, locate: bool = 
         return
     finite = jnp.isfinite(x)
     if not locate:
-        checkify.check(jnp.all(finite),
-                       _literal(f"{fn}: {name} contains NaN or infinity; {fix}"))
+        checkify.check(jnp.all(finite), _literal(f"{fn}: {name} contains NaN or infinity; {fix}"))
         return
     first = jnp.argmin(finite.reshape(-1))
     index = jnp.unravel_index(first, x.shape) if x.ndim else ()
     slots = ", ".join("{}" for _ in index) + ("," if len(index) == 1 else "")
     where = f"the first is at index ({slots}): {{}}" if index else "it is {}"
-    checkify.check(jnp.all(finite),
-                   f"{_literal(f'{fn}: {name}')} contains NaN or infinity ({where}); "
-                   f"{_literal(fix)}",
-                   *index, x.reshape(-1)[first])
+    checkify.check(
+        jnp.all(finite),
+        f"{_literal(f'{fn}: {name}')} contains NaN or infinity ({where}); {_literal(fix)}",
+        *index,
+        x.reshape(-1)[first],
+    )
 
 
 def checked(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,8 +125,7 @@ def checked(f: Callable[..., Any]) -> Callable[..., Any]:
         key = tuple(sorted(kwargs.items()))
         if key not in compiled:
             compiled[key] = jax.jit(
-                checkify.checkify(functools.partial(f, **kwargs),
-                                  errors=checkify.user_checks)
+                checkify.checkify(functools.partial(f, **kwargs), errors=checkify.user_checks)
             )
         token = _CHECKING.set(True)
         try:

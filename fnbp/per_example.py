@@ -62,15 +62,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from fnbp.backprop import (Loss, _backprop, _check, _inputs, _loss_and_cotangent,
-                           require_per_example_losses)
+from fnbp.backprop import (
+    Loss,
+    _backprop,
+    _check,
+    _inputs,
+    _loss_and_cotangent,
+    require_per_example_losses,
+)
 from fnbp.checking import check
 from fnbp.nn.layer import Layer, MissingRuleError, Params, check_input
 from fnbp.rules._per_example import example_sum as _example_sum
 from fnbp.rules._per_example import squares as _squares
 
-__all__ = ["PerExampleFallbackWarning", "clipped_grads", "grad_moments",
-           "per_example_grad_norms", "per_example_grads"]
+__all__ = [
+    "PerExampleFallbackWarning",
+    "clipped_grads",
+    "grad_moments",
+    "per_example_grad_norms",
+    "per_example_grads",
+]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -94,12 +105,16 @@ def _fallback(fn: str, missing: MissingRuleError) -> None:
     if key in _WARNED:
         return
     _WARNED.add(key)
-    warnings.warn(PerExampleFallbackWarning(
-        f"{fn}: layer {missing.layer!r} has parameters but no {missing.hook} rule, so the "
-        f"per-example gradients of the whole model are materialized (jax.vmap of the "
-        f"per-example backprop: n times the memory of the gradient). Give the layer one: "
-        f"fnbp.make_layer(name, init, forward, backward, {missing.hook}=...); see "
-        f"fnbp.make_layer for the contract"), stacklevel=3)
+    warnings.warn(
+        PerExampleFallbackWarning(
+            f"{fn}: layer {missing.layer!r} has parameters but no {missing.hook} rule, so the "
+            f"per-example gradients of the whole model are materialized (jax.vmap of the "
+            f"per-example backprop: n times the memory of the gradient). Give the layer one: "
+            f"fnbp.make_layer(name, init, forward, backward, {missing.hook}=...); see "
+            f"fnbp.make_layer for the contract"
+        ),
+        stacklevel=3,
+    )
 
 
 # --- per-example gradients, materialized -------------------------------------------
@@ -135,9 +150,11 @@ def _per_example_inputs(fn: str, model, loss, x, y):
     _check(fn, model, loss, x, y)
     n = _examples(fn, x)
     if jnp.ndim(y) >= 1 and jnp.shape(y)[0] != n:
-        raise ValueError(f"{fn}: x has {n} examples (x.shape={jnp.shape(x)}) but y has "
-                         f"{jnp.shape(y)[0]} (y.shape={jnp.shape(y)}); pass one target per "
-                         f"example")
+        raise ValueError(
+            f"{fn}: x has {n} examples (x.shape={jnp.shape(x)}) but y has "
+            f"{jnp.shape(y)[0]} (y.shape={jnp.shape(y)}); pass one target per "
+            f"example"
+        )
     return x, y
 
 
@@ -156,8 +173,9 @@ def _forward(fn: str, model: Layer, loss: Loss, params, x, y):
     n = jnp.shape(x)[0]
     t, residuals = model.forward(params, x)
     losses, dt = _loss_and_cotangent(loss, t, y, examples=n, fn=fn)
-    losses = jnp.mean(losses.reshape(n, -1), axis=1,
-                      dtype=jnp.promote_types(losses.dtype, jnp.float32))
+    losses = jnp.mean(
+        losses.reshape(n, -1), axis=1, dtype=jnp.promote_types(losses.dtype, jnp.float32)
+    )
     return residuals, losses, dt
 
 
@@ -217,8 +235,15 @@ def per_example_grad_norms(
 
 
 def clipped_grads(
-    model: Layer, loss: Loss, params: Params, x: Array, y: Array, clip_norm: Any, *,
-    mask: Array | None = None, reduction: str = "mean",
+    model: Layer,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    y: Array,
+    clip_norm: Any,
+    *,
+    mask: Array | None = None,
+    reduction: str = "mean",
 ) -> tuple[Array, Params, Any]:
     """J, the mean of the per-example gradients clipped to norm C, and the norms.
 
@@ -289,9 +314,11 @@ def clipped_grads(
     per_leaf, traced = _clip_norms(fn, clip_norm, params)
     keep = _mask(fn, mask, n)
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be 'mean' (the clipped mean over the kept "
-                         f"examples) or 'sum' (their clipped sum, for DP-SGD's noise), got "
-                         f"{reduction!r}")
+        raise ValueError(
+            f"{fn}: reduction must be 'mean' (the clipped mean over the kept "
+            f"examples) or 'sum' (their clipped sum, for DP-SGD's noise), got "
+            f"{reduction!r}"
+        )
     losses, sq, tape, grads_i = _norms_pass(fn, model, loss, params, x, y)
     acc = losses.dtype
     weight = jnp.ones((n,), acc) if keep is None else keep.astype(acc)
@@ -312,7 +339,7 @@ def clipped_grads(
     if per_leaf is None:
         norms = jnp.sqrt(_total(sq, losses))
         s = scale(norms, clip_norm)
-        scales = jax.tree_util.tree_map(lambda _: s, params)   # one array: one contraction
+        scales = jax.tree_util.tree_map(lambda _: s, params)  # one array: one contraction
     else:
         norms = jax.tree_util.tree_map(lambda q: jnp.sqrt(q.astype(acc)), sq)
         scales = jax.tree_util.tree_map(scale, norms, per_leaf)
@@ -320,16 +347,18 @@ def clipped_grads(
         grads = model.book.clipped(params, tape, scales)
     else:
         grads = jax.tree_util.tree_map(
-            lambda g, s, p: _example_sum(g, s).astype(jnp.result_type(p)),
-            grads_i, scales, params)
+            lambda g, s, p: _example_sum(g, s).astype(jnp.result_type(p)), grads_i, scales, params
+        )
     J = jnp.sum(jnp.where(weight > 0, losses, 0)) / jnp.maximum(kept, 1)
     return J, grads, norms
 
 
 def _examples(fn: str, x) -> int:
     if jnp.ndim(x) < 1:
-        raise ValueError(f"{fn}: x must have a leading example axis, shape (n, ...), got a "
-                         f"scalar; pass x[None] for one example")
+        raise ValueError(
+            f"{fn}: x must have a leading example axis, shape (n, ...), got a "
+            f"scalar; pass x[None] for one example"
+        )
     return jnp.shape(x)[0]
 
 
@@ -348,32 +377,44 @@ def _clip_norms(fn: str, clip_norm, params):
             f"{fn}: clip_norm must be one positive float (flat clipping) or a pytree with "
             f"params' structure, one positive float per parameter array (per-parameter "
             f"clipping), got {treedef}; params have {jax.tree_util.tree_structure(params)}. "
-            f"Make one with jax.tree_util.tree_map(lambda _: C, params)")
+            f"Make one with jax.tree_util.tree_map(lambda _: C, params)"
+        )
     for path, c in jax.tree_util.tree_leaves_with_path(clip_norm):
         where = "clip_norm" + jax.tree_util.keystr(path)
         if not (isinstance(c, (int, float)) and not isinstance(c, bool)) and not (
-                hasattr(c, "dtype") and jnp.issubdtype(c.dtype, jnp.number)
-                and not jnp.issubdtype(c.dtype, jnp.complexfloating)):
-            raise TypeError(f"{fn}: {where} must be a positive float, got "
-                            f"{type(c).__name__} {c!r}")
+            hasattr(c, "dtype")
+            and jnp.issubdtype(c.dtype, jnp.number)
+            and not jnp.issubdtype(c.dtype, jnp.complexfloating)
+        ):
+            raise TypeError(f"{fn}: {where} must be a positive float, got {type(c).__name__} {c!r}")
         if jnp.ndim(c) != 0:
-            raise TypeError(f"{fn}: {where} must be one positive float (a scalar), got an "
-                            f"array of shape {jnp.shape(c)}; for per-parameter clipping pass "
-                            f"a pytree like params with one float per parameter array")
+            raise TypeError(
+                f"{fn}: {where} must be one positive float (a scalar), got an "
+                f"array of shape {jnp.shape(c)}; for per-parameter clipping pass "
+                f"a pytree like params with one float per parameter array"
+            )
         value = _concrete(c)
         if value is None:
             traced.append(c)
-            check(jnp.asarray(c) > 0,
-                  f"{fn}: {where} must be > 0 (the L2 norm each example's gradient is clipped "
-                  f"to), got a traced value that is NaN, zero or negative; pass a positive "
-                  f"float (float('inf') clips nothing)")
+            check(
+                jnp.asarray(c) > 0,
+                f"{fn}: {where} must be > 0 (the L2 norm each example's gradient is clipped "
+                f"to), got a traced value that is NaN, zero or negative; pass a positive "
+                f"float (float('inf') clips nothing)",
+            )
         elif not value > 0:
-            why = ("; a NaN clip norm would clip nothing" if math.isnan(value) else
-                   "; a negative one would flip the gradients" if value < 0 else
-                   "; 0 would drop every gradient")
-            raise ValueError(f"{fn}: {where} must be > 0 (the L2 norm each example's gradient "
-                             f"is clipped to), got {value}{why}; pass a positive float "
-                             f"(float('inf') clips nothing)")
+            why = (
+                "; a NaN clip norm would clip nothing"
+                if math.isnan(value)
+                else "; a negative one would flip the gradients"
+                if value < 0
+                else "; 0 would drop every gradient"
+            )
+            raise ValueError(
+                f"{fn}: {where} must be > 0 (the L2 norm each example's gradient "
+                f"is clipped to), got {value}{why}; pass a positive float "
+                f"(float('inf') clips nothing)"
+            )
     return (None if flat else clip_norm), traced
 
 
@@ -393,24 +434,35 @@ def _mask(fn: str, mask, n: int):
         try:
             mask = jnp.asarray(mask)
         except (TypeError, ValueError):
-            raise TypeError(f"{fn}: mask must be a bool or 0/1 array of shape ({n},), got "
-                            f"{type(mask).__name__} {mask!r:.80}") from None
+            raise TypeError(
+                f"{fn}: mask must be a bool or 0/1 array of shape ({n},), got "
+                f"{type(mask).__name__} {mask!r:.80}"
+            ) from None
     if jnp.shape(mask) != (n,):
-        raise ValueError(f"{fn}: mask must have shape ({n},), one entry per example (1 or "
-                         f"True keeps it, 0 or False drops it), got shape {jnp.shape(mask)}")
-    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)
-            or jnp.issubdtype(mask.dtype, jnp.floating)):
+        raise ValueError(
+            f"{fn}: mask must have shape ({n},), one entry per example (1 or "
+            f"True keeps it, 0 or False drops it), got shape {jnp.shape(mask)}"
+        )
+    if not (
+        jnp.issubdtype(mask.dtype, jnp.bool_)
+        or jnp.issubdtype(mask.dtype, jnp.integer)
+        or jnp.issubdtype(mask.dtype, jnp.floating)
+    ):
         raise TypeError(f"{fn}: mask must be a bool or 0/1 array, got dtype {mask.dtype}")
     if jnp.issubdtype(mask.dtype, jnp.bool_):
         return jnp.asarray(mask)
-    message = (f"{fn}: mask must hold only 0 and 1 (or True and False), one per example: 1 "
-               f"keeps it, 0 drops it")
+    message = (
+        f"{fn}: mask must hold only 0 and 1 (or True and False), one per example: 1 "
+        f"keeps it, 0 drops it"
+    )
     if not isinstance(mask, jax.core.Tracer):
         values = np.asarray(mask)
         bad = np.flatnonzero((values != 0) & (values != 1))
         if bad.size:
-            raise ValueError(f"{message}; got mask[{bad[0]}] = {values[bad[0]]}; to weight "
-                             f"examples, scale their losses instead")
+            raise ValueError(
+                f"{message}; got mask[{bad[0]}] = {values[bad[0]]}; to weight "
+                f"examples, scale their losses instead"
+            )
         return jnp.asarray(mask) != 0
     mask = jnp.asarray(mask)
     binary = (mask == 0) | (mask == 1)
@@ -459,7 +511,7 @@ def grad_moments(
     x, y = _per_example_inputs(fn, model, loss, x, y)
     n = _examples(fn, x)
     t, residuals = model.forward(params, x)
-    losses, dt = _loss_and_cotangent(loss, t, y, fn=fn)         # backprop's dJ/dt
+    losses, dt = _loss_and_cotangent(loss, t, y, fn=fn)  # backprop's dJ/dt
     require_per_example_losses(fn, losses, n)
     J = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32))
     try:
@@ -469,8 +521,10 @@ def grad_moments(
         _fallback(fn, missing)
     _, grads_i = _materialized(model, loss, params, x, y)
     grads = jax.tree_util.tree_map(
-        lambda g, p: jnp.mean(g, axis=0).astype(jnp.result_type(p)), grads_i, params)
+        lambda g, p: jnp.mean(g, axis=0).astype(jnp.result_type(p)), grads_i, params
+    )
     second = jax.tree_util.tree_map(
-        lambda g: jnp.mean(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))),
-                           axis=0), grads_i)
+        lambda g: jnp.mean(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))), axis=0),
+        grads_i,
+    )
     return J, grads, second

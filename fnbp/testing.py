@@ -27,7 +27,8 @@ Keep the shapes fixed in such a test: each new shape compiles new programs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fnbp.verify import check_vjp
 
@@ -53,13 +54,15 @@ def assert_vjp(f: Callable[..., Any], *arrays: Any, **kwargs: Any):
       AssertionError: with at most one screen: the header, the likely bug,
         up to 8 failing rows (one line each) and how many more failed.
     """
-    __tracebackhide__ = True   # pytest: show the caller's line, not this one
+    __tracebackhide__ = True  # pytest: show the caller's line, not this one
     report = check_vjp(f, *arrays, **kwargs)
     if not report.ok:
         raise AssertionError(failure_message(report))
     if not report.custom_vjp:
-        raise AssertionError(f"assert_vjp: {report.function} has no jax.custom_vjp rule; its "
-                             f"derivative comes from autodiff, so there is no rule to check")
+        raise AssertionError(
+            f"assert_vjp: {report.function} has no jax.custom_vjp rule; its "
+            f"derivative comes from autodiff, so there is no rule to check"
+        )
     return report
 
 
@@ -67,17 +70,21 @@ def failure_message(report) -> str:
     """The one-screen account of a failing report that :func:`assert_vjp` raises."""
     failures = report.failures
     passed = len(report.rows) - len(failures)
-    lines = [f"check_vjp({report.function}) failed {len(failures)} of {len(report.rows)} "
-             f"checks ({passed} passed), dtype {report.dtype}"]
+    lines = [
+        f"check_vjp({report.function}) failed {len(failures)} of {len(report.rows)} "
+        f"checks ({passed} passed), dtype {report.dtype}"
+    ]
     if report.diagnosis:
         lines.append(f"likely bug: {report.diagnosis}")
     ranked = sorted(failures, key=lambda row: -row.ratio)
     for row in ranked[:_MAX_ROWS]:
         text = row.describe()
-        lines.append("  " + (text if len(text) <= _MAX_LINE else text[:_MAX_LINE - 3] + "..."))
+        lines.append("  " + (text if len(text) <= _MAX_LINE else text[: _MAX_LINE - 3] + "..."))
     if len(failures) > _MAX_ROWS:
-        lines.append(f"  ... and {len(failures) - _MAX_ROWS} more failing rows "
-                     f"(print(fnbp.check_vjp(...)) shows them all)")
+        lines.append(
+            f"  ... and {len(failures) - _MAX_ROWS} more failing rows "
+            f"(print(fnbp.check_vjp(...)) shows them all)"
+        )
     return "\n".join(lines)
 
 
@@ -102,11 +109,16 @@ def arrays(shape: tuple[int, ...], dtype: Any = "float64", max_magnitude: float 
     try:
         from hypothesis import strategies as st
         from hypothesis.extra import numpy as hnp
-    except ImportError as err:   # pragma: no cover - hypothesis is in the test extra
+    except ImportError as err:  # pragma: no cover - hypothesis is in the test extra
         raise ImportError("fnbp.testing.arrays needs hypothesis: pip install hypothesis") from err
     import numpy as np
 
     special = st.sampled_from([0.0, 1.0, -1.0, 0.5, -0.5])
-    finite = st.floats(-max_magnitude, max_magnitude, allow_nan=False, allow_infinity=False,
-                       width=64 if np.dtype(dtype) == np.float64 else 32)
+    finite = st.floats(
+        -max_magnitude,
+        max_magnitude,
+        allow_nan=False,
+        allow_infinity=False,
+        width=64 if np.dtype(dtype) == np.float64 else 32,
+    )
     return hnp.arrays(np.dtype(dtype), shape, elements=st.one_of(special, finite))

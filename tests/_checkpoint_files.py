@@ -23,6 +23,7 @@ def rewrite_members(path, target, change):
 
 def edit_metadata(path, target, edit):
     """Like :func:`rewrite_members`, with ``edit(meta)`` changing the JSON metadata in place."""
+
     def change(name, content):
         if name != "__metadata__.npy":
             return content

@@ -21,8 +21,9 @@ Errors are measured per array as the relative error
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,9 @@ class Case:
     shared: tuple[int, ...] = ()
 
 
-def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any,
-           scale: float = 1.0) -> jax.Array:
+def normal(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, scale: float = 1.0
+) -> jax.Array:
     """Standard normal draws (times ``scale``) rounded to ``dtype``.
 
     Drawn with numpy: no compilation per shape, so drawing is free.
@@ -126,7 +128,8 @@ def draw(case: Case, dtype: Any, batch: tuple[int, ...] = (), seed: int = 0):
 def upcast(tree: Any) -> Any:
     """Floating leaves to float64, integer leaves unchanged (works under jit)."""
     return jax.tree_util.tree_map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def _replace(args: tuple, positions: tuple[int, ...], values: tuple) -> tuple:
@@ -142,8 +145,9 @@ def cotangents(f: Callable[..., Any], args: tuple, v: jax.Array, diff: tuple[int
     return out, pull(v)
 
 
-def hvp(f: Callable[..., Any], args: tuple, v: jax.Array, tangents: tuple,
-        diff: tuple[int, ...]) -> tuple:
+def hvp(
+    f: Callable[..., Any], args: tuple, v: jax.Array, tangents: tuple, diff: tuple[int, ...]
+) -> tuple:
     """Hessian-vector product of ``sum(v * f(args))`` with ``tangents``.
 
     Reverse over reverse: the gradient of ``<grad(phi)(x), t>``. (Forward mode
@@ -165,8 +169,9 @@ def example(args: tuple, index: tuple[int, ...], shared: tuple[int, ...]) -> tup
 
     Indexed in numpy (eagerly, a jnp index would compile a program per shape).
     """
-    return tuple(a if i in shared else jnp.asarray(np.asarray(a)[index])
-                 for i, a in enumerate(args))
+    return tuple(
+        a if i in shared else jnp.asarray(np.asarray(a)[index]) for i, a in enumerate(args)
+    )
 
 
 def loop_over_examples(f, args, v, diff, shared, batch, sum_shared):
@@ -178,16 +183,20 @@ def loop_over_examples(f, args, v, diff, shared, batch, sum_shared):
     must give); otherwise they are per example.
     """
     v = np.asarray(v)
-    rows = [jax.device_get(jit_cotangents(f, example(args, i, shared), v[i], diff))
-            for i in np.ndindex(*batch)]
+    rows = [
+        jax.device_get(jit_cotangents(f, example(args, i, shared), v[i], diff))
+        for i in np.ndindex(*batch)
+    ]
 
     def stacked(xs):
         return np.stack(xs).reshape(batch + np.shape(xs[0]))
 
     cts = tuple(
-        np.sum([r[1][k] for r in rows], axis=0) if sum_shared and p in shared
+        np.sum([r[1][k] for r in rows], axis=0)
+        if sum_shared and p in shared
         else stacked([r[1][k] for r in rows])
-        for k, p in enumerate(diff))
+        for k, p in enumerate(diff)
+    )
     return stacked([r[0] for r in rows]), cts
 
 
@@ -203,6 +212,7 @@ def per_example_cotangents(f, args, v, diff, shared):
 # programs skip LLVM's optimization passes, which do not change IEEE results
 # and take longer than these tiny programs run. In ``rule_and_oracle`` the
 # oracle sees float64: the rule's (possibly rounded) inputs upcast.
+
 
 def jit(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
     """``jax.jit`` with the verifier's fast compilation on a CPU (fnbp._compile)."""
@@ -268,19 +278,20 @@ class RuleContract:
     def test_per_example_cotangents_equal_loop(self, case, transform):
         args, v = draw(case, jnp.float64, (4,), seed=2)
         per_example = lambda a, u: per_example_cotangents(  # noqa: E731
-            case.rule, a, u, case.diff, case.shared)
+            case.rule, a, u, case.diff, case.shared
+        )
         if transform == "jit(vmap)":
             per_example = jit(per_example)
-        want = loop_over_examples(case.reference, args, v, case.diff, case.shared, (4,),
-                                  sum_shared=False)
+        want = loop_over_examples(
+            case.reference, args, v, case.diff, case.shared, (4,), sum_shared=False
+        )
         assert_close(per_example(args, v), want, F64_RTOL)
 
     def test_hessian_vector_product_equals_oracle(self, case):
         args, v = draw(case, jnp.float64, (3,), seed=3)
         rng = np.random.default_rng(4)
         tangents = tuple(normal(rng, args[i].shape, args[i].dtype) for i in case.diff)
-        got, want = hvp_rule_and_oracle(case.rule, case.reference, args, v, tangents,
-                                        case.diff)
+        got, want = hvp_rule_and_oracle(case.rule, case.reference, args, v, tangents, case.diff)
         assert_close(got, want, F64_RTOL)
 
     def test_batch_equals_stacked_examples(self, case):
@@ -288,8 +299,9 @@ class RuleContract:
         batch = (2, 3)
         args, v = draw(case, jnp.float64, batch, seed=5)
         got = jit_cotangents(case.rule, args, v, case.diff)
-        want = loop_over_examples(case.rule, args, v, case.diff, case.shared, batch,
-                                  sum_shared=True)
+        want = loop_over_examples(
+            case.rule, args, v, case.diff, case.shared, batch, sum_shared=True
+        )
         assert_close(got, want, F64_RTOL)
 
     @pytest.mark.parametrize("dtype", DTYPES)
@@ -333,8 +345,10 @@ def mlp_problem(widths, n, dtype, seed=0):
     rng = np.random.default_rng(seed)
 
     def linear(out, m):
-        return {"W": np.asarray(rng.normal(size=(out, m)) * np.sqrt(2 / m), dtype),
-                "b": np.asarray(rng.normal(size=out) * 0.1, dtype)}
+        return {
+            "W": np.asarray(rng.normal(size=(out, m)) * np.sqrt(2 / m), dtype),
+            "b": np.asarray(rng.normal(size=out) * 0.1, dtype),
+        }
 
     layers = [linear(out, m) for m, out in zip(widths[:-1], widths[1:])]
     params = tuple(p for layer in layers for p in (layer, ()))[:-1]

@@ -72,6 +72,7 @@ def _z(rng, dtype, batch):
 def _z_and(value):
     def make(rng, dtype, batch):
         return _z(rng, dtype, batch), jnp.asarray(value, dtype)
+
     return make
 
 
@@ -85,8 +86,9 @@ CASES = [
     Case("tanh", fnbp.tanh, tanh_ref, _z_only),
     Case("leaky_relu", fnbp.leaky_relu, leaky_relu_ref, _z_and(0.1), diff=(0, 1), shared=(1,)),
     Case("gelu", fnbp.gelu, gelu_ref, _z_only),
-    Case("gelu(approximate)", functools.partial(fnbp.gelu, approximate=True), gelu_tanh_ref,
-         _z_only),
+    Case(
+        "gelu(approximate)", functools.partial(fnbp.gelu, approximate=True), gelu_tanh_ref, _z_only
+    ),
     Case("softplus", fnbp.softplus, softplus_ref, _z_and(1.7), diff=(0, 1), shared=(1,)),
     Case("silu", fnbp.silu, silu_ref, _z_only),
     Case("elu", fnbp.elu, elu_ref, _z_and(0.6), diff=(0, 1), shared=(1,)),
@@ -94,8 +96,11 @@ CASES = [
     Case("softmax", fnbp.softmax, softmax_ref, _z_only),
 ]
 # Every declared activation, by name (the registry's list, not one kept here).
-ACTIVATIONS = {name: rule.function for name, rule in fnbp.rules.registry().items()
-               if rule.family == "activation"}
+ACTIVATIONS = {
+    name: rule.function
+    for name, rule in fnbp.rules.registry().items()
+    if rule.family == "activation"
+}
 
 
 @pytest.fixture(params=CASES, ids=lambda c: c.name)
@@ -118,7 +123,9 @@ def test_relu_derivative_at_zero_is_zero():
     assert jax.grad(fnbp.relu)(0.0) == 0.0 == jax.grad(jax.nn.relu)(0.0)
     _, (dz,) = jit_cotangents(fnbp.relu, (KINK_Z,), KINK_V, (0,))
     np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
-    (dz,) = fnbp.rules.relu_bwd(fnbp.rules.relu_fwd(KINK_Z)[1], KINK_V)  # B[relu, z] called directly
+    (dz,) = fnbp.rules.relu_bwd(
+        fnbp.rules.relu_fwd(KINK_Z)[1], KINK_V
+    )  # B[relu, z] called directly
     np.testing.assert_array_equal(dz, [0.0, 0.0, 7.0])
 
 
@@ -133,8 +140,7 @@ def test_leaky_relu_derivative_at_zero_is_gamma(gamma):
 def test_elu_derivative_at_zero_is_alpha(alpha):
     assert jax.grad(fnbp.elu)(0.0, alpha) == np.float64(alpha) == jax.grad(jax.nn.elu)(0.0, alpha)
     _, (dz, _) = jit_cotangents(fnbp.elu, (KINK_Z, jnp.asarray(alpha)), KINK_V, (0, 1))
-    np.testing.assert_allclose(dz, [3.0 * alpha * math.exp(-1.0), 5.0 * alpha, 7.0],
-                               rtol=1e-15)
+    np.testing.assert_allclose(dz, [3.0 * alpha * math.exp(-1.0), 5.0 * alpha, 7.0], rtol=1e-15)
 
 
 def test_elu_alpha_cotangent_sums_the_nonpositive_side():
@@ -158,8 +164,7 @@ def test_softmax_backward_is_s_times_v_minus_its_mean_under_s():
 
 def test_leaky_relu_gamma_cotangent_sums_nonpositive_entries():
     """d gamma = sum of where(z > 0, 0, z) v: the slope is learnable (PReLU)."""
-    _, (_, dgamma) = jit_cotangents(fnbp.leaky_relu, (KINK_Z, jnp.asarray(0.2)), KINK_V,
-                                    (0, 1))
+    _, (_, dgamma) = jit_cotangents(fnbp.leaky_relu, (KINK_Z, jnp.asarray(0.2)), KINK_V, (0, 1))
     assert dgamma == -1.0 * 3.0 + 0.0 * 5.0
 
 
@@ -173,8 +178,7 @@ def test_softplus_and_sigmoid_are_finite_for_large_inputs(dtype):
     @jax.jit
     def values_and_slopes(z):
         rules = (lambda z: fnbp.softplus(z, 2.0), fnbp.sigmoid, fnbp.silu)
-        return ([f(z) for f in rules],
-                [jax.vjp(f, z)[1](jnp.ones_like(z))[0] for f in rules])
+        return ([f(z) for f in rules], [jax.vjp(f, z)[1](jnp.ones_like(z))[0] for f in rules])
 
     values, slopes = values_and_slopes(z)
     np.testing.assert_array_equal(values[0], [0.0, 1e4])  # softplus, beta = 2
@@ -199,8 +203,11 @@ def test_softmax_is_stable_for_large_logits(dtype):
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("bad", [jnp.arange(3), jnp.ones(3, jnp.complex64)], ids=["int", "complex"])
 def test_activation_rejects_non_float_z(name, bad):
-    with pytest.raises(TypeError, match=rf"^{name}: z has dtype {bad.dtype}, but a real "
-                                        r"floating dtype is needed .* z\.astype\(jnp\.float32\)"):
+    with pytest.raises(
+        TypeError,
+        match=rf"^{name}: z has dtype {bad.dtype}, but a real "
+        r"floating dtype is needed .* z\.astype\(jnp\.float32\)",
+    ):
         ACTIVATIONS[name](bad)
 
 
@@ -209,14 +216,20 @@ def test_activation_rejects_non_float_z(name, bad):
 def test_leaky_relu_rejects_gamma_outside_open_unit_interval(gamma, as_array):
     if as_array:
         gamma = jnp.asarray(float(gamma))
-    with pytest.raises(ValueError, match=r"^leaky_relu: gamma must lie in the open interval "
-                                         rf"\(0\.0, 1\.0\), got {float(gamma)}$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^leaky_relu: gamma must lie in the open interval "
+        rf"\(0\.0, 1\.0\), got {float(gamma)}$",
+    ):
         fnbp.leaky_relu(jnp.ones(3), gamma)
 
 
 def test_leaky_relu_rejects_non_scalar_gamma():
-    with pytest.raises(ValueError, match=r"^leaky_relu: gamma must be a scalar, "
-                                         r"got gamma\.shape=\(2,\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^leaky_relu: gamma must be a scalar, "
+        r"got gamma\.shape=\(2,\)$",
+    ):
         fnbp.leaky_relu(jnp.ones(3), jnp.array([0.1, 0.2]))
 
 
@@ -226,8 +239,11 @@ def test_leaky_relu_rejects_integer_gamma_array():
 
 
 def test_softmax_rejects_a_scalar():
-    with pytest.raises(ValueError, match=r"^softmax: z must have at least 1 axes \(\.\.\., k\): "
-                                         r"the last axis is normalized, got z\.shape=\(\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^softmax: z must have at least 1 axes \(\.\.\., k\): "
+        r"the last axis is normalized, got z\.shape=\(\)$",
+    ):
         fnbp.softmax(jnp.asarray(1.0))
 
 
@@ -239,16 +255,22 @@ def test_positive_setting_rejects_nonpositive_values(rule, setting, value):
 
 
 def test_softplus_rejects_non_scalar_beta():
-    with pytest.raises(ValueError, match=r"^softplus: beta must be a scalar, "
-                                         r"got beta\.shape=\(1, 2\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^softplus: beta must be a scalar, "
+        r"got beta\.shape=\(1, 2\)$",
+    ):
         fnbp.softplus(jnp.ones(3), jnp.ones((1, 2)))
 
 
 @pytest.mark.parametrize("approximate", ["yes", 1, 0, None, np.bool_(True)])
 def test_gelu_rejects_non_bool_approximate(approximate):
     kind = type(approximate).__name__
-    with pytest.raises(TypeError, match=r"^gelu: approximate must be a Python bool "
-                                        rf"\(a static setting\), got {kind}$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^gelu: approximate must be a Python bool "
+        rf"\(a static setting\), got {kind}$",
+    ):
         fnbp.gelu(jnp.ones(3), approximate)
 
 
@@ -266,8 +288,10 @@ LIMITS = {
     "elu": (-1.0, np.inf, 0.0, 1.0),
 }
 SMOOTH = ("sigmoid", "tanh", "gelu", "softplus", "silu")  # f'(NaN) is NaN too
-ELEMENTWISE_AT_INF = {**{name: ACTIVATIONS[name] for name in LIMITS},
-                      "gelu(approximate)": functools.partial(fnbp.gelu, approximate=True)}
+ELEMENTWISE_AT_INF = {
+    **{name: ACTIVATIONS[name] for name in LIMITS},
+    "gelu(approximate)": functools.partial(fnbp.gelu, approximate=True),
+}
 
 
 @jax.jit
@@ -314,24 +338,38 @@ def test_activations_take_lists_tuples_numpy_arrays_and_numbers():
     for given in ([1.0, -2.0], (1.0, -2.0), np.array([1.0, -2.0])):
         np.testing.assert_array_equal(fnbp.relu(given), want)
     assert float(fnbp.relu(-2.0)) == 0.0 and float(fnbp.gelu(0.0)) == 0.0
-    np.testing.assert_array_equal(fnbp.leaky_relu([[-1.0, 2.0]], np.float64(0.5)),
-                                  [[-0.5, 2.0]])
+    np.testing.assert_array_equal(fnbp.leaky_relu([[-1.0, 2.0]], np.float64(0.5)), [[-0.5, 2.0]])
     np.testing.assert_array_equal(fnbp.softmax([[0.0, 0.0]]), [[0.5, 0.5]])
 
 
-@pytest.mark.parametrize("bad, seen, error", [
-    ([[1.0, 2.0], [3.0]], r"a ragged list \(its entries have different lengths or shapes\); "
-                          r"give every row the same length", ValueError),
-    ("1.5", r"a string '1\.5'; pass its numbers as an array", TypeError),
-    ([1.0, None], r"a list holding non-numbers \(NumPy reads it as dtype object\); pass its "
-                  r"numbers as an array", TypeError),
-    (None, r"None; pass its numbers as an array", TypeError),
-    ({"z": 1.0}, r"an object of type dict; pass its numbers as an array", TypeError),
-], ids=["ragged", "string", "mixed", "None", "dict"])
+@pytest.mark.parametrize(
+    "bad, seen, error",
+    [
+        (
+            [[1.0, 2.0], [3.0]],
+            r"a ragged list \(its entries have different lengths or shapes\); "
+            r"give every row the same length",
+            ValueError,
+        ),
+        ("1.5", r"a string '1\.5'; pass its numbers as an array", TypeError),
+        (
+            [1.0, None],
+            r"a list holding non-numbers \(NumPy reads it as dtype object\); pass its "
+            r"numbers as an array",
+            TypeError,
+        ),
+        (None, r"None; pass its numbers as an array", TypeError),
+        ({"z": 1.0}, r"an object of type dict; pass its numbers as an array", TypeError),
+    ],
+    ids=["ragged", "string", "mixed", "None", "dict"],
+)
 def test_activation_refuses_what_is_not_an_array(bad, seen, error):
-    with pytest.raises(error, match=r"^gelu: z must be an array \(a JAX or NumPy array, a "
-                                    r"Python number, or a nested list or tuple of numbers of "
-                                    rf"one rectangular shape\), got {seen}$"):
+    with pytest.raises(
+        error,
+        match=r"^gelu: z must be an array \(a JAX or NumPy array, a "
+        r"Python number, or a nested list or tuple of numbers of "
+        rf"one rectangular shape\), got {seen}$",
+    ):
         fnbp.gelu(bad)
 
 

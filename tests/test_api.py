@@ -34,14 +34,36 @@ def test_all_is_one_list_of_existing_names():
 
 
 def test_top_level_has_the_notes_names_and_the_subpackages():
-    for name in ("mm", "relu", "cross_entropy_loss", "backward", "backprop", "per_example_grads",
-                 "check_vjp", "check_layer", "checked", "mlp", "serial", "residual"):
+    for name in (
+        "mm",
+        "relu",
+        "cross_entropy_loss",
+        "backward",
+        "backprop",
+        "per_example_grads",
+        "check_vjp",
+        "check_layer",
+        "checked",
+        "mlp",
+        "serial",
+        "residual",
+    ):
         assert name in fnbp.__all__
     for name in ("rules", "nn", "train", "verify", "testing"):
         assert name in fnbp.__all__
     # the types the API returns
-    for name in ("VJPReport", "TrainState", "FitResult", "Precision", "DataError", "DataWarning",
-                 "Layer", "Dataset", "Checkpoint", "CheckpointError"):
+    for name in (
+        "VJPReport",
+        "TrainState",
+        "FitResult",
+        "Precision",
+        "DataError",
+        "DataWarning",
+        "Layer",
+        "Dataset",
+        "Checkpoint",
+        "CheckpointError",
+    ):
         assert isinstance(getattr(fnbp, name), type), name
 
 
@@ -71,19 +93,26 @@ def _imports(path):
 
 @pytest.mark.parametrize("floor", sorted(FORBIDDEN))
 def test_no_import_runs_back_up(floor):
-    wrong = [(str(path.relative_to(PACKAGE)), name)
-             for path in sorted((PACKAGE / floor).glob("*.py"))
-             for name in _imports(path)
-             if name == "fnbp" or name.startswith(FORBIDDEN[floor])]
+    wrong = [
+        (str(path.relative_to(PACKAGE)), name)
+        for path in sorted((PACKAGE / floor).glob("*.py"))
+        for name in _imports(path)
+        if name == "fnbp" or name.startswith(FORBIDDEN[floor])
+    ]
     assert wrong == []
 
 
 def test_nothing_in_the_library_imports_the_cli():
-    wrong = [(str(path.relative_to(PACKAGE)), name)
-             for path in sorted(PACKAGE.rglob("*.py")) if path.parent.name != "cli"
-             for name in _imports(path) if name.startswith("fnbp.cli")]
+    wrong = [
+        (str(path.relative_to(PACKAGE)), name)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.parent.name != "cli"
+        for name in _imports(path)
+        if name.startswith("fnbp.cli")
+    ]
     assert wrong == []
     code = "import sys, fnbp; print(sorted(m for m in sys.modules if m.startswith('fnbp.cli')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=PACKAGE.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    )
     assert out.stdout.strip() == "[]"

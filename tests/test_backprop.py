@@ -20,15 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracle import rel_err
 from jax.scipy.special import erf
 
 import fnbp
-from _oracle import rel_err
 from fnbp.nn.layer import MissingRuleError
 
 F64_RTOL = 1e-10
-F32_RTOL = 1e-4     # float32 network against the float64 oracle at the same values
-BF16_RTOL = 3e-2    # bfloat16 parameters (eps = 7.8e-3) against float32
+F32_RTOL = 1e-4  # float32 network against the float64 oracle at the same values
+BF16_RTOL = 3e-2  # bfloat16 parameters (eps = 7.8e-3) against float32
 
 
 def tree_vdot(a, b):
@@ -113,8 +113,9 @@ def random_params(model, input_shape=(D_IN,), dtype="float64", seed=1):
     W ~ N(0, 1/m) as fan-in initializers draw it; b ~ N(0, 0.2^2), so biases are
     not zero; other leaves ~ N(1, 0.2^2).
     """
-    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, jnp.dtype(dtype))[1],
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda key: model.init(key, input_shape, jnp.dtype(dtype))[1], jax.random.key(0)
+    )
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
@@ -148,7 +149,7 @@ def build_model(model_id: str):
     return model, ref
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(model_id: str, dtype: str = "float64"):
     """(model, ref, params, x, y) with classification labels, cached per id."""
     model, ref = build_model(model_id)
@@ -167,7 +168,7 @@ def apply_objective(model, loss, params, x, y):
 def oracle_loop(ref, ref_loss, params, x, y):
     """One jax.grad of the oracle per example, in a Python loop."""
     grad_one = jax.value_and_grad(ref_objective, argnums=2)
-    results = [grad_one(ref, ref_loss, params, x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
+    results = [grad_one(ref, ref_loss, params, x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
     losses = jnp.stack([J for J, _ in results])
     grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for _, g in results])
     return losses, grads
@@ -181,29 +182,51 @@ def grad_norms(grads):
 
 def oracle_grads(ref, ref_loss, params, x, y):
     """What the oracle says about one network and batch."""
-    J, (grads, dx) = jax.value_and_grad(ref_objective, argnums=(2, 3))(
-        ref, ref_loss, params, x, y)
+    J, (grads, dx) = jax.value_and_grad(ref_objective, argnums=(2, 3))(ref, ref_loss, params, x, y)
     losses, pe_grads = oracle_loop(ref, ref_loss, params, x, y)
-    return {"J": J, "grads": grads, "dx": dx, "losses": losses,
-            "per_example_grads": pe_grads, "norms": grad_norms(pe_grads)}
+    return {
+        "J": J,
+        "grads": grads,
+        "dx": dx,
+        "losses": losses,
+        "per_example_grads": pe_grads,
+        "norms": grad_norms(pe_grads),
+    }
 
 
 def fnbp_grads(model, loss, params, x, y):
     """The same quantities from fnbp: the engine, and jax.grad through model.apply."""
     J, grads = fnbp.backprop(model, loss, params, x, y)
     J_apply, (grads_apply, dx_apply) = jax.value_and_grad(apply_objective, argnums=(2, 3))(
-        model, loss, params, x, y)
+        model, loss, params, x, y
+    )
     pe_losses, pe_grads = fnbp.per_example_grads(model, loss, params, x, y)
     norm_losses, norms = fnbp.per_example_grad_norms(model, loss, params, x, y)
-    return {"J": J, "grads": grads, "J_apply": J_apply, "grads_apply": grads_apply,
-            "dx_apply": dx_apply, "pe_losses": pe_losses, "per_example_grads": pe_grads,
-            "norm_losses": norm_losses, "norms": norms}
+    return {
+        "J": J,
+        "grads": grads,
+        "J_apply": J_apply,
+        "grads_apply": grads_apply,
+        "dx_apply": dx_apply,
+        "pe_losses": pe_losses,
+        "per_example_grads": pe_grads,
+        "norm_losses": norm_losses,
+        "norms": norms,
+    }
 
 
 # Which oracle entry each of fnbp's results must equal.
-ORACLE_KEY = {"J": "J", "grads": "grads", "J_apply": "J", "grads_apply": "grads",
-              "dx_apply": "dx", "pe_losses": "losses", "per_example_grads": "per_example_grads",
-              "norm_losses": "losses", "norms": "norms"}
+ORACLE_KEY = {
+    "J": "J",
+    "grads": "grads",
+    "J_apply": "J",
+    "grads_apply": "grads",
+    "dx_apply": "dx",
+    "pe_losses": "losses",
+    "per_example_grads": "per_example_grads",
+    "norm_losses": "losses",
+    "norms": "norms",
+}
 
 
 def assert_matches(got, want, rtol):
@@ -219,12 +242,14 @@ def assert_matches(got, want, rtol):
 fnbp_grads_jit = jax.jit(fnbp_grads, static_argnums=(0, 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def results(model_id: str):
     """(fnbp's, the oracle's) results for one network, computed once."""
     model, ref, params, x, y = setup(model_id)
-    return (fnbp_grads(model, fnbp.cross_entropy_loss, params, x, y),
-            oracle_grads(ref, ref_cross_entropy, params, x, y))
+    return (
+        fnbp_grads(model, fnbp.cross_entropy_loss, params, x, y),
+        oracle_grads(ref, ref_cross_entropy, params, x, y),
+    )
 
 
 # --- Algorithm 3 against the oracle --------------------------------------------------
@@ -258,7 +283,7 @@ def test_per_example_grads_equal_oracle_loop(model_id):
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_per_example_grad_norms_equal_norms_of_oracle_loop(model_id):
     model, _, params, x, _ = setup(model_id)
-    assert keeps_books(model, params, x)       # the path with no per-example gradients
+    assert keeps_books(model, params, x)  # the path with no per-example gradients
     got, want = results(model_id)
     assert got["norms"].shape == (N,)
     assert rel_err(got["norm_losses"], want["losses"]) <= F64_RTOL
@@ -279,11 +304,11 @@ def hvp(grad_fn, params, t):
 def test_hessian_vector_products_equal_oracle(model_id):
     model, ref, params, x, y = setup(model_id)
     loss, t = fnbp.cross_entropy_loss, direction(params)
-    want = hvp(lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_cross_entropy, p, x, y),
-               params, t)
+    want = hvp(
+        lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_cross_entropy, p, x, y), params, t
+    )
     by_backprop = hvp(lambda p: fnbp.backprop(model, loss, p, x, y)[1], params, t)
-    by_apply = hvp(lambda p: jax.grad(apply_objective, argnums=2)(model, loss, p, x, y),
-                   params, t)
+    by_apply = hvp(lambda p: jax.grad(apply_objective, argnums=2)(model, loss, p, x, y), params, t)
     assert rel_err(by_backprop, want) <= F64_RTOL
     assert rel_err(by_apply, want) <= F64_RTOL
 
@@ -334,20 +359,24 @@ def _all_shapes(jaxpr):
 def test_per_example_grad_norms_builds_no_per_example_weight_gradient():
     model, _, params, x, y = setup("mlp-4-relu")
     per_example_W = {(N,) + tuple(p["W"].shape) for p in params[0::2]}
-    norms_jaxpr = jax.make_jaxpr(functools.partial(
-        fnbp.per_example_grad_norms, model, fnbp.cross_entropy_loss))(params, x, y)
+    norms_jaxpr = jax.make_jaxpr(
+        functools.partial(fnbp.per_example_grad_norms, model, fnbp.cross_entropy_loss)
+    )(params, x, y)
     assert not per_example_W & set(_all_shapes(norms_jaxpr.jaxpr))
     # whereas per_example_grads has to build them
-    grads_jaxpr = jax.make_jaxpr(functools.partial(
-        fnbp.per_example_grads, model, fnbp.cross_entropy_loss))(params, x, y)
+    grads_jaxpr = jax.make_jaxpr(
+        functools.partial(fnbp.per_example_grads, model, fnbp.cross_entropy_loss)
+    )(params, x, y)
     assert per_example_W <= set(_all_shapes(grads_jaxpr.jaxpr))
 
 
 def keeps_books(model, params, x) -> bool:
     """Whether every layer with params has an sq_norms rule (no per-example gradients)."""
+
     def norms(params, x):
         u, residuals = model.forward(params, x)
         return model.sq_norms(params, residuals, u)
+
     try:
         jax.eval_shape(norms, params, x)
     except MissingRuleError:
@@ -400,14 +429,19 @@ def test_per_example_engine_with_a_sequence_axis_per_example(summed):
     # (as J is the mean over all of them); a loss may also sum them itself.
     model, ref, params, x, y = setup("mlp-3-tanh")
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
-    loss, ref_loss = ((summed_cross_entropy, summed_ref_cross_entropy) if summed
-                      else (fnbp.cross_entropy_loss, ref_cross_entropy))
+    loss, ref_loss = (
+        (summed_cross_entropy, summed_ref_cross_entropy)
+        if summed
+        else (fnbp.cross_entropy_loss, ref_cross_entropy)
+    )
 
-    @jax.jit    # new shapes: compiled whole rather than primitive by primitive
+    @jax.jit  # new shapes: compiled whole rather than primitive by primitive
     def run(params, x, y):
-        return (oracle_loop(ref, ref_loss, params, x, y),
-                fnbp.per_example_grads(model, loss, params, x, y),
-                fnbp.per_example_grad_norms(model, loss, params, x, y))
+        return (
+            oracle_loop(ref, ref_loss, params, x, y),
+            fnbp.per_example_grads(model, loss, params, x, y),
+            fnbp.per_example_grad_norms(model, loss, params, x, y),
+        )
 
     (losses_ref, grads_ref), (losses, grads), (norm_losses, norms) = run(params, x, y)
     assert rel_err(losses, losses_ref) <= F64_RTOL and rel_err(grads, grads_ref) <= F64_RTOL
@@ -426,7 +460,7 @@ def test_mse_and_logistic_losses(loss_name, model_id):
     if loss_name == "mse":
         loss, ref_loss = fnbp.mse_loss, ref_mse
         y = jnp.asarray(np.random.default_rng(3).standard_normal((N, K)))
-    else:   # K independent logits per example, soft targets in [0, 1]
+    else:  # K independent logits per example, soft targets in [0, 1]
         loss, ref_loss = fnbp.logistic_loss, ref_logistic
         y = jnp.asarray(np.random.default_rng(3).uniform(size=(N, K)))
     got = fnbp_grads(model, loss, params, x, y)
@@ -441,7 +475,7 @@ def test_vmap_of_grad_through_apply_gives_per_example_losses_and_grads(model_id)
     model, _, params, x, y = setup(model_id)
     _, want = results(model_id)
 
-    def one(params, x_i, y_i):       # one example: x_i of shape (d,), y_i a scalar label
+    def one(params, x_i, y_i):  # one example: x_i of shape (d,), y_i a scalar label
         return fnbp.cross_entropy_loss(model.apply(params, x_i), y_i)
 
     per_example = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0))
@@ -450,10 +484,9 @@ def test_vmap_of_grad_through_apply_gives_per_example_losses_and_grads(model_id)
     assert rel_err(losses, want["losses"]) <= F64_RTOL
     assert rel_err(grads, want["per_example_grads"]) <= F64_RTOL
     # the mean of vmapped per-example losses gives the batch gradient
-    J, grads = jax.value_and_grad(lambda p: jnp.mean(jax.vmap(one, (None, 0, 0))(p, x, y)))(
-        params)
+    J, grads = jax.value_and_grad(lambda p: jnp.mean(jax.vmap(one, (None, 0, 0))(p, x, y)))(params)
     assert rel_err(J, want["J"]) <= F64_RTOL and rel_err(grads, want["grads"]) <= F64_RTOL
-    if model_id.startswith("mlp"):   # and jitted
+    if model_id.startswith("mlp"):  # and jitted
         losses, grads = jax.jit(per_example)(params, x, y)
         assert rel_err(losses, want["losses"]) <= F64_RTOL
         assert rel_err(grads, want["per_example_grads"]) <= F64_RTOL
@@ -462,14 +495,17 @@ def test_vmap_of_grad_through_apply_gives_per_example_losses_and_grads(model_id)
 @pytest.mark.parametrize("model_id", ["mlp-3-relu", "resnet_s-2-tanh"])
 def test_any_leading_batch_axes_equal_the_flattened_batch(model_id):
     model, _, params, x, y = setup(model_id)
-    _, want = results(model_id)         # for x of shape (4, d), y of shape (4,)
+    _, want = results(model_id)  # for x of shape (4, d), y of shape (4,)
     x, y = x.reshape(2, 2, D_IN), y.reshape(2, 2)
     loss = fnbp.cross_entropy_loss
 
-    @jax.jit    # new shapes: compiled whole rather than primitive by primitive
+    @jax.jit  # new shapes: compiled whole rather than primitive by primitive
     def run(params, x, y):
-        return (model.apply(params, x), fnbp.backprop(model, loss, params, x, y),
-                jax.value_and_grad(apply_objective, argnums=(2, 3))(model, loss, params, x, y))
+        return (
+            model.apply(params, x),
+            fnbp.backprop(model, loss, params, x, y),
+            jax.value_and_grad(apply_objective, argnums=(2, 3))(model, loss, params, x, y),
+        )
 
     t, (J, grads), (J_apply, (grads_apply, dx)) = run(params, x, y)
     assert t.shape == (2, 2, K)
@@ -511,7 +547,6 @@ def test_bfloat16_params_with_float32_inputs():
         assert err <= BF16_RTOL, f"{name}: relative error {err:.3g}"
 
 
-
 @pytest.mark.filterwarnings("ignore::fnbp.PerExampleFallbackWarning")
 @pytest.mark.parametrize("with_sq_norms", [True, False], ids=["sq_norms", "per-example-fallback"])
 def test_grad_norms_dtypes_agree_on_both_paths_for_bfloat16(with_sq_norms):
@@ -525,10 +560,15 @@ def test_grad_norms_dtypes_agree_on_both_paths_for_bfloat16(with_sq_norms):
     pe_losses, pe_grads = fnbp.per_example_grads(model, fnbp.cross_entropy_loss, params, x, y)
     assert losses.dtype == norms.dtype == pe_losses.dtype == jnp.float32
     assert losses.shape == norms.shape == (N,)
-    want = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
-                        for g in jax.tree.leaves(pe_grads)))
+    want = jnp.sqrt(
+        sum(
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+            for g in jax.tree.leaves(pe_grads)
+        )
+    )
     assert rel_err(losses, pe_losses) <= BF16_RTOL
     assert rel_err(norms, want) <= BF16_RTOL
+
 
 # --- bad input ------------------------------------------------------------------------
 
@@ -538,8 +578,11 @@ ENGINE = [fnbp.backprop, fnbp.per_example_grads, fnbp.per_example_grad_norms]
 @pytest.mark.parametrize("fn", ENGINE, ids=lambda f: f.__name__)
 def test_labels_with_another_number_of_examples_are_rejected(fn):
     model, _, params, x, y = setup("mlp-2-relu")
-    with pytest.raises(ValueError, match=rf"{fn.__name__}: x has 4 examples \(x.shape=\(4, 5\)\)"
-                                         r" but y has 3 \(y.shape=\(3,\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{fn.__name__}: x has 4 examples \(x.shape=\(4, 5\)\)"
+        r" but y has 3 \(y.shape=\(3,\)\)",
+    ):
         fn(model, fnbp.cross_entropy_loss, params, x, y[:3])
 
 
@@ -555,8 +598,11 @@ def test_labels_whose_inner_leading_axes_differ_are_rejected():
 def test_input_that_does_not_fit_the_first_layer_names_the_layer(fn):
     model, _, params, _, y = setup("mlp-3-relu")
     x = jnp.zeros((N, D_IN + 2))
-    with pytest.raises(ValueError, match=r"mlp\[0\] linear\(7\): input has shape \(.*7,?\) but "
-                                         r"W.shape=\(7, 5\) expects 5 features"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp\[0\] linear\(7\): input has shape \(.*7,?\) but "
+        r"W.shape=\(7, 5\) expects 5 features",
+    ):
         fn(model, fnbp.cross_entropy_loss, params, x, y)
     with pytest.raises(ValueError, match=r"mlp\[0\] linear\(7\)"):
         jax.jit(fn, static_argnums=(0, 1))(model, fnbp.cross_entropy_loss, params, x, y)
@@ -566,7 +612,8 @@ def test_input_that_does_not_fit_apply_names_the_layer():
     model, _, params, _, y = setup("resnet_s-1-relu")
     with pytest.raises(ValueError, match=r"resnet_s\[0\] linear\(7\): input has shape \(4, 6\)"):
         jax.grad(apply_objective, argnums=2)(
-            model, fnbp.cross_entropy_loss, params, jnp.zeros((N, D_IN + 1)), y)
+            model, fnbp.cross_entropy_loss, params, jnp.zeros((N, D_IN + 1)), y
+        )
 
 
 def test_engine_rejects_a_model_that_is_not_a_layer_and_a_loss_that_is_not_callable():
@@ -582,12 +629,18 @@ def test_backprop_takes_nested_lists_and_refuses_what_is_not_numbers():
     loss = fnbp.cross_entropy_loss
     got = fnbp.backprop(model, loss, params, np.asarray(x).tolist(), np.asarray(y).tolist())
     assert rel_err(got, fnbp.backprop(model, loss, params, x, y)) <= 1e-15
-    with pytest.raises(TypeError, match=r"^backprop: x must be an array of numbers \(a jax or "
-                                        r"NumPy array, or a nested list of numbers\), got str "
-                                        r"'abc'$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^backprop: x must be an array of numbers \(a jax or "
+        r"NumPy array, or a nested list of numbers\), got str "
+        r"'abc'$",
+    ):
         fnbp.backprop(model, loss, params, "abc", y)
-    with pytest.raises(TypeError, match=r"^backprop: y must be an array of targets \(class "
-                                        r"labels or values\), got list \[\[0\], 1\]$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^backprop: y must be an array of targets \(class "
+        r"labels or values\), got list \[\[0\], 1\]$",
+    ):
         fnbp.backprop(model, loss, params, x, [[0], 1])
 
 
@@ -597,8 +650,11 @@ def test_per_example_grad_norms_rejects_a_loss_without_one_value_per_example():
     def mean_loss(t, y):
         return jnp.mean(fnbp.cross_entropy_loss(t, y))
 
-    with pytest.raises(ValueError, match=r"per_example_grad_norms: the loss returned shape \(\) "
-                                         r"for 4 examples; it must return one loss per example"):
+    with pytest.raises(
+        ValueError,
+        match=r"per_example_grad_norms: the loss returned shape \(\) "
+        r"for 4 examples; it must return one loss per example",
+    ):
         fnbp.per_example_grad_norms(model, mean_loss, params, x, y)
 
 

@@ -66,8 +66,7 @@ def test_rule_jaxpr_holds_its_custom_vjp(case):
 
 def test_backward_equals_jax_vjp(case):
     rule, args, v = _at(case.name)
-    got, want = jit(lambda a, v: (fnbp.backward(rule, *a)(v), jax.vjp(rule, *a)[1](v)))(
-        args, v)
+    got, want = jit(lambda a, v: (fnbp.backward(rule, *a)(v), jax.vjp(rule, *a)[1](v)))(args, v)
     assert len(got) == len(args)
     for g, w, x in zip(got, want, args):
         if _is_integer(x):
@@ -160,9 +159,12 @@ def test_backward_rejects_a_function_without_custom_vjp():
     def plain(z):
         return jnp.sin(z) * 2.0
 
-    with pytest.raises(ValueError, match=r"^backward: plain has no jax\.custom_vjp rule, so "
-                                         r"B\[plain, z\] would come from autodiff; define it "
-                                         r"with jax\.custom_vjp and defvjp\(fwd, bwd\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^backward: plain has no jax\.custom_vjp rule, so "
+        r"B\[plain, z\] would come from autodiff; define it "
+        r"with jax\.custom_vjp and defvjp\(fwd, bwd\)$",
+    ):
         fnbp.backward(plain, jnp.ones(3))
 
 

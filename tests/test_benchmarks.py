@@ -30,8 +30,19 @@ def load(name):
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench_gpu_mlp.json"
     figures = load("bench_gpu_mlp").main(
-        ["--smoke", "--hidden", "1", "--batches", "32", "--rounds", "2", "--no-torch",
-         "--json", str(out)])
+        [
+            "--smoke",
+            "--hidden",
+            "1",
+            "--batches",
+            "32",
+            "--rounds",
+            "2",
+            "--no-torch",
+            "--json",
+            str(out),
+        ]
+    )
     return figures, out
 
 
@@ -39,14 +50,27 @@ def test_smoke_run_gives_finite_positive_ratios_for_both_dtypes(smoke, capsys):
     figures, _ = smoke
     assert figures["errors"] == [] and figures["skipped"] == []
     assert [(r["batch"], r["dtype"]) for r in figures["rows"]] == [
-        (32, "float32"), (32, "bfloat16")]
+        (32, "float32"),
+        (32, "bfloat16"),
+    ]
     for row in figures["rows"]:
-        for key in ("ratio", "aa_ratio", "autodiff_ms", "fnbp_ms", "autodiff_tflops",
-                    "fnbp_tflops", "compile_fnbp_s", "compile_autodiff_s"):
+        for key in (
+            "ratio",
+            "aa_ratio",
+            "autodiff_ms",
+            "fnbp_ms",
+            "autodiff_tflops",
+            "fnbp_tflops",
+            "compile_fnbp_s",
+            "compile_autodiff_s",
+        ):
             assert math.isfinite(row[key]) and row[key] > 0, (row["dtype"], key, row[key])
         assert row["torch_ms"] is None  # --no-torch
-    assert figures["network"] == {"input": 64, "widths": [64, 10],
-                                  "parameters": 64 * 64 + 64 + 64 * 10 + 10}
+    assert figures["network"] == {
+        "input": 64,
+        "widths": [64, 10],
+        "parameters": 64 * 64 + 64 + 64 * 10 + 10,
+    }
 
 
 def test_smoke_run_writes_the_json_the_summary_reads(smoke):
@@ -86,14 +110,21 @@ def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
     """bench_dp --smoke on the tiny cnn (conv and Linear layers): every program fnbp has
     compiles, runs, agrees and gets a ratio."""
     out = tmp_path / "bench_dp.json"
-    figures = load("bench_dp").main(["--smoke", "--nets", "cnn", "--no-torch",
-                                     "--no-jax-privacy", "--json", str(out)])
+    figures = load("bench_dp").main(
+        ["--smoke", "--nets", "cnn", "--no-torch", "--no-jax-privacy", "--json", str(out)]
+    )
     assert [(r["net"], r["batch"]) for r in figures["rows"]] == [("cnn", 4)]
     for row in figures["rows"]:
         assert row["missing"] == {"jax_privacy": "not run (--no-jax-privacy)"}, row["missing"]
         assert set(row["ratios"]) | set(row["missing"]) == {
-            "aa", "clipped_grads", "grad_moments", "grad_norms", "vmap_clip", "vmap_dot",
-            "jax_privacy"}
+            "aa",
+            "clipped_grads",
+            "grad_moments",
+            "grad_norms",
+            "vmap_clip",
+            "vmap_dot",
+            "jax_privacy",
+        }
         for name, ratio in row["ratios"].items():
             assert math.isfinite(ratio) and ratio > 0, (row["net"], name, ratio)
             assert row["ms"][name] > 0 and row["compile_s"][name] > 0

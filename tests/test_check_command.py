@@ -13,7 +13,7 @@ from fnbp import cli
 from fnbp.cli.check import FLOAT64_TRANSFORMS, OTHER_TRANSFORMS
 from fnbp.verify import TRANSFORMS
 
-CUBE = '''
+CUBE = """
 import jax
 import jax.numpy as jnp
 
@@ -40,9 +40,9 @@ def reference(z):
 
 def example_args(key, dtype):
     return (jax.random.normal(key, (4, 3)).astype(dtype),)
-'''
+"""
 
-SCALED = '''
+SCALED = """
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +76,7 @@ def plain(z, scale, squared):
 
 def point():
     return np.linspace(-1.0, 1.0, 6), np.array(1.5)
-'''
+"""
 
 
 @pytest.fixture
@@ -105,8 +105,11 @@ def test_json_has_one_passing_report_per_rule_and_dtype(capsys):
     data = _json(capsys)
     assert data["passed"] is True
     cells = {(r["rule"], r["dtype"]) for r in data["results"]}
-    assert cells == {(rule, dtype) for rule in ("relu", "sigmoid")
-                     for dtype in ("float64", "float32", "bfloat16", "float16")}
+    assert cells == {
+        (rule, dtype)
+        for rule in ("relu", "sigmoid")
+        for dtype in ("float64", "float32", "bfloat16", "float16")
+    }
     for result in data["results"]:
         assert result["passed"] and result["report"]["passed"]
         want = FLOAT64_TRANSFORMS if result["dtype"] == "float64" else OTHER_TRANSFORMS
@@ -157,19 +160,35 @@ def test_your_wrong_function_in_json(user_module, capsys):
     assert cli.main(["check", f"{name}:cube", "--dtype", "float32", "--json"]) == 1
     data = _json(capsys)
     assert data["passed"] is False
-    failing = {(row["argument"], row["transform"], row["oracle"])
-               for row in data["results"][0]["report"]["rows"] if not row["passed"]}
+    failing = {
+        (row["argument"], row["transform"], row["oracle"])
+        for row in data["results"][0]["report"]["rows"]
+        if not row["passed"]
+    }
     assert ("z", "jit", "reference") in failing
 
 
 def test_flags_give_reference_factory_and_static_settings(user_module, capsys):
     name = user_module("fnbp_user_scaled", SCALED)
     for squared in ("false", "true"):
-        assert cli.main(["check", f"{name}:scaled", "--reference", f"{name}:plain",
-                         "--args", f"{name}:point", "--kwargs", f'{{"squared": {squared}}}',
-                         "--json"]) == 0
+        assert (
+            cli.main(
+                [
+                    "check",
+                    f"{name}:scaled",
+                    "--reference",
+                    f"{name}:plain",
+                    "--args",
+                    f"{name}:point",
+                    "--kwargs",
+                    f'{{"squared": {squared}}}',
+                    "--json",
+                ]
+            )
+            == 0
+        )
         data = _json(capsys)
-        (result,) = data["results"]          # a factory without (key, dtype): one report
+        (result,) = data["results"]  # a factory without (key, dtype): one report
         assert result["dtype"] == "float64" and result["passed"]
         arguments = {row["argument"] for row in result["report"]["rows"]}
         assert {"z", "scale"} <= arguments
@@ -190,14 +209,18 @@ def test_missing_example_args_and_bad_modules_exit_2(user_module, capsys):
 def test_bad_input_to_the_verifier_is_a_failed_row(user_module, capsys):
     source = CUBE.format(factor=3) + "\n\ndef wrong_shape(z):\n    return jnp.sum(z)\n"
     name = user_module("fnbp_user_cube_bad_reference", source)
-    assert cli.main(["check", f"{name}:cube", "--reference", f"{name}:wrong_shape",
-                     "--dtype", "float64"]) == 1
+    assert (
+        cli.main(
+            ["check", f"{name}:cube", "--reference", f"{name}:wrong_shape", "--dtype", "float64"]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "the reference returns shape () but cube returns shape (4, 3)" in out
     assert out.rstrip().endswith("1 of 1 FAIL")
 
 
-TWO_RULES = '''
+TWO_RULES = """
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,7 +264,7 @@ def plain(z):
 
 def plain_args():
     return (np.linspace(-1.0, 1.0, 5),)
-'''
+"""
 
 
 def test_per_function_reference_and_args_and_the_diagnosis(user_module, capsys):
@@ -251,16 +274,31 @@ def test_per_function_reference_and_args_and_the_diagnosis(user_module, capsys):
     assert cli.main(["check", f"{name}:halved", "--transforms", "jit"]) == 1
     out = capsys.readouterr().out
     assert "likely bug: off by a constant factor 0.5" in out
-    assert re.search(rf"^{name}:halved\s+float64\s+\d+/\d+\s+(\S+)\s+\S+\s+FAIL$", out,
-                     re.MULTILINE).group(1) not in ("0", "0.0")
+    assert re.search(
+        rf"^{name}:halved\s+float64\s+\d+/\d+\s+(\S+)\s+\S+\s+FAIL$", out, re.MULTILINE
+    ).group(1) not in ("0", "0.0")
 
 
 def test_rtol_atol_and_transforms_flags(user_module, capsys):
     name = user_module("fnbp_user_two_rules_flags", TWO_RULES)
     assert cli.main(["check", f"{name}:halved", "--transforms", "jit,zero", "--json"]) == 2
     assert "unknown transform(s) ['zero'] in --transforms" in capsys.readouterr().err
-    assert cli.main(["check", f"{name}:halved", "--transforms", "jit", "--rtol", "1",
-                     "--atol", "10", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "check",
+                f"{name}:halved",
+                "--transforms",
+                "jit",
+                "--rtol",
+                "1",
+                "--atol",
+                "10",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = _json(capsys)
     rows = data["results"][0]["report"]["rows"]
     assert {row["transform"] for row in rows} == {"jit"}
@@ -294,11 +332,13 @@ def test_a_tolerance_flag_that_is_not_positive_and_finite_exits_2(flag, value, c
         cli.main(["check", "relu", f"{flag}={value}"])
     assert done.value.code == 2
     err = capsys.readouterr().err
-    assert f"fnbp check: error: argument {flag}: must be a positive finite number, " \
-           f"got {value!r}" in err
+    assert (
+        f"fnbp check: error: argument {flag}: must be a positive finite number, "
+        f"got {value!r}" in err
+    )
 
 
-SIGN_AT_ZERO = '''
+SIGN_AT_ZERO = """
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,7 +358,7 @@ def reference(z):
 
 def point():
     return (np.array([-1.5, 0.0, 0.7, 0.0, 2.0, -0.4]),)
-'''
+"""
 
 
 def test_kinks_flag_accepts_a_subgradient_at_a_kink(user_module, capsys):
@@ -326,7 +366,9 @@ def test_kinks_flag_accepts_a_subgradient_at_a_kink(user_module, capsys):
     command = ["check", f"{name}:absolute", "--args", f"{name}:point", "--transforms", "jit"]
     assert cli.main(command) == 1
     out = capsys.readouterr().out
-    assert ("likely bug: differs from the reference's convention at the kink z=0 (yours 0, "
-            "reference 1; one-sided derivatives -1 and 1), at 2 entries such as z[") in out
+    assert (
+        "likely bug: differs from the reference's convention at the kink z=0 (yours 0, "
+        "reference 1; one-sided derivatives -1 and 1), at 2 entries such as z["
+    ) in out
     assert cli.main(command + ["--kinks", "any_subgradient"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("all rules PASS")

@@ -12,17 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _checkpoint_files import edit_metadata, rewrite_members
 
 from fnbp.train import checkpoint as ckpt
 from fnbp.train.checkpoint import CheckpointError
-from _checkpoint_files import edit_metadata, rewrite_members
 
 
 def make_params(seed=0, hidden=3, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     return {
-        "dense": {"W": jnp.asarray(rng.normal(size=(hidden, 2)), dtype),
-                  "b": jnp.zeros(hidden, dtype)},
+        "dense": {
+            "W": jnp.asarray(rng.normal(size=(hidden, 2)), dtype),
+            "b": jnp.zeros(hidden, dtype),
+        },
         "out": (jnp.asarray(rng.normal(size=(1, hidden)), dtype), jnp.arange(1, dtype=dtype)),
     }
 
@@ -50,8 +52,14 @@ def saved(tmp_path):
     params, state = adam_state(make_params())
     path = tmp_path / "checkpoint.npz"
     key = jax.random.key(7)
-    ckpt.save_checkpoint(path, params, state, step=12, key=key,
-                         metadata={"epoch": 3, "config": {"lr": 0.01}, "history": [1.5, 0.25]})
+    ckpt.save_checkpoint(
+        path,
+        params,
+        state,
+        step=12,
+        key=key,
+        metadata={"epoch": 3, "config": {"lr": 0.01}, "history": [1.5, 0.25]},
+    )
     return path, params, state, key
 
 
@@ -67,13 +75,14 @@ def test_round_trip_is_exact(saved):
     assert jnp.issubdtype(loaded.key.dtype, jax.dtypes.prng_key)
     np.testing.assert_array_equal(jax.random.key_data(loaded.key), jax.random.key_data(key))
     # the restored key draws the same numbers
-    np.testing.assert_array_equal(jax.random.normal(loaded.key, (3,)),
-                                  jax.random.normal(key, (3,)))
+    np.testing.assert_array_equal(jax.random.normal(loaded.key, (3,)), jax.random.normal(key, (3,)))
 
 
 def test_round_trip_raw_key_bfloat16_and_float64(tmp_path):
-    params = {"w": jnp.asarray([1.5, -2.25, 3.0e-3], jnp.bfloat16),
-              "v": jnp.asarray([1.0 / 3.0], jnp.float64)}
+    params = {
+        "w": jnp.asarray([1.5, -2.25, 3.0e-3], jnp.bfloat16),
+        "v": jnp.asarray([1.0 / 3.0], jnp.float64),
+    }
     state = optax.sgd(0.1, momentum=0.9).init(params)
     raw_key = jax.random.PRNGKey(3)
     path = tmp_path / "c.npz"
@@ -96,7 +105,11 @@ def test_file_is_a_plain_npz_of_arrays_and_json(saved):
     assert "[0].count" in paths and "[0].mu['dense']['W']" in paths
     assert "ScaleByAdamState" in meta["trees"]["opt_state"]["treedef"]
     assert ckpt.read_checkpoint_metadata(path) == {
-        "epoch": 3, "config": {"lr": 0.01}, "history": [1.5, 0.25], "step": 12}
+        "epoch": 3,
+        "config": {"lr": 0.01},
+        "history": [1.5, 0.25],
+        "step": 12,
+    }
 
 
 def test_save_replaces_atomically_and_leaves_no_temporary_files(saved, tmp_path, monkeypatch):
@@ -194,21 +207,27 @@ def test_valid_zip_with_altered_data_fails_the_digest(saved, tmp_path):
 
     target = tmp_path / "altered.npz"
     rewrite_members(path, target, change)
-    with pytest.raises(CheckpointError,
-                       match=r"params\['dense'\]\['W'\] do not match their SHA-256"):
+    with pytest.raises(
+        CheckpointError, match=r"params\['dense'\]\['W'\] do not match their SHA-256"
+    ):
         ckpt.load_checkpoint(target, params, state)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m.update(version=99), "format version 99; this fnbp reads version 1"),
-    (lambda m: m.update(format="other"), "is not an fnbp checkpoint"),
-    (lambda m: m.pop("trees"), "lacks 'trees'"),
-    (lambda m: m.update(step=-3), "step -3 is not an int >= 0"),
-    (lambda m: m.update(key={"typed": True}), "PRNG key record is unreadable"),
-    (lambda m: m["trees"]["params"]["leaves"][0].pop("sha256"), "malformed"),
-    (lambda m: m["trees"]["params"]["leaves"][0].update(shape=[9]),
-     r"params\['dense'\]\['W'\] has shape \(9,\)"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(version=99), "format version 99; this fnbp reads version 1"),
+        (lambda m: m.update(format="other"), "is not an fnbp checkpoint"),
+        (lambda m: m.pop("trees"), "lacks 'trees'"),
+        (lambda m: m.update(step=-3), "step -3 is not an int >= 0"),
+        (lambda m: m.update(key={"typed": True}), "PRNG key record is unreadable"),
+        (lambda m: m["trees"]["params"]["leaves"][0].pop("sha256"), "malformed"),
+        (
+            lambda m: m["trees"]["params"]["leaves"][0].update(shape=[9]),
+            r"params\['dense'\]\['W'\] has shape \(9,\)",
+        ),
+    ],
+)
 def test_tampered_metadata(saved, tmp_path, edit, match):
     path, params, state, _ = saved
     target = tmp_path / "tampered.npz"
@@ -233,9 +252,11 @@ def test_metadata_that_is_not_json(saved, tmp_path):
 def test_mismatched_shapes_optimizer_and_dtype(saved):
     path, params, state, _ = saved
     wider = make_params(hidden=4)
-    with pytest.raises(CheckpointError,
-                       match=r"params\['dense'\]\['W'\] has shape \(3, 2\) and dtype float32, "
-                             r"but this model needs \(4, 2\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"params\['dense'\]\['W'\] has shape \(3, 2\) and dtype float32, "
+        r"but this model needs \(4, 2\)",
+    ):
         ckpt.load_checkpoint(path, wider, optax.adam(1e-2).init(wider))
     with pytest.raises(CheckpointError, match="its opt_state do not match this model/optimizer"):
         ckpt.load_checkpoint(path, params, optax.sgd(0.1, momentum=0.9).init(params))
@@ -255,13 +276,17 @@ def test_a_named_pipe_or_a_device_is_refused_before_it_is_opened(tmp_path):
     state = optax.adam(1e-2).init(params)
     pipe = tmp_path / "checkpoint.npz"
     os.mkfifo(pipe)  # np.load would block on it until something wrote into it
-    for load in (lambda path: ckpt.load_checkpoint(path, params, state),
-                 ckpt.read_checkpoint_metadata):
+    for load in (
+        lambda path: ckpt.load_checkpoint(path, params, state),
+        ckpt.read_checkpoint_metadata,
+    ):
         with pytest.raises(CheckpointError) as info:
             load(pipe)
-        assert str(info.value) == (f"checkpoint: {pipe} is a named pipe (FIFO), not a file; "
-                                   f"pass a regular file")
+        assert str(info.value) == (
+            f"checkpoint: {pipe} is a named pipe (FIFO), not a file; pass a regular file"
+        )
     if os.path.exists("/dev/zero"):
-        with pytest.raises(CheckpointError, match="^checkpoint: /dev/zero is a character "
-                                                  "device, not a file"):
+        with pytest.raises(
+            CheckpointError, match="^checkpoint: /dev/zero is a character device, not a file"
+        ):
             ckpt.load_checkpoint("/dev/zero", params, state)

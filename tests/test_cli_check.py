@@ -26,8 +26,9 @@ from fnbp.catalog import CASES, RuleCase
 def _row(name: str, dtype: str, result: str) -> re.Pattern:
     """A table row: rule, dtype, passed/total checks, worst err/tol, seconds, result."""
     checks = r"(\d+)/\1" if result == "PASS" else r"\d+/\d+"
-    return re.compile(rf"^{re.escape(name)}\s+{dtype}\s+{checks}\s+\S+\s+\S+\s+{result}$",
-                      re.MULTILINE)
+    return re.compile(
+        rf"^{re.escape(name)}\s+{dtype}\s+{checks}\s+\S+\s+\S+\s+{result}$", re.MULTILINE
+    )
 
 
 def test_fnbp_check_passes_every_rule_in_the_catalog(capsys):
@@ -52,8 +53,12 @@ _doubled_relu.defvjp(fnbp.rules.relu_fwd, lambda res, v: (2 * fnbp.rules.relu_bw
 
 
 def test_fnbp_check_fails_with_status_1_on_a_wrong_rule(capsys, monkeypatch):
-    wrong = RuleCase("doubled_relu", _doubled_relu, lambda z: jnp.where(z > 0, z, 0.0),
-                     lambda key, dtype: (jnp.array([-1.0, 0.5, 2.0], dtype),))
+    wrong = RuleCase(
+        "doubled_relu",
+        _doubled_relu,
+        lambda z: jnp.where(z > 0, z, 0.0),
+        lambda key, dtype: (jnp.array([-1.0, 0.5, 2.0], dtype),),
+    )
     monkeypatch.setattr("fnbp.catalog.CASES", (wrong,))
     assert cli.main(["check", "--dtype", "float64", "--dtype", "float32"]) == 1
     out = capsys.readouterr().out
@@ -70,8 +75,7 @@ def test_fnbp_console_script_exits_0():
         command = [shutil.which("fnbp")]
     else:
         command = [sys.executable, "-m", "fnbp.cli"]
-    done = subprocess.run(command + ["check", "relu"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command + ["check", "relu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     for dtype in ("float64", "float32", "bfloat16", "float16"):
         assert _row("relu", dtype, "PASS").search(done.stdout), dtype

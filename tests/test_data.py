@@ -14,8 +14,14 @@ from fnbp.train.data import DataError
 
 def write_idx(path, array, *, compress=False, type_byte=None):
     """Write ``array`` as an IDX file: 0, 0, type, ndim, big-endian dims, data."""
-    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype("int16"): 0x0B,
-             np.dtype("int32"): 0x0C, np.dtype("float32"): 0x0D, np.dtype("float64"): 0x0E}
+    codes = {
+        np.dtype("uint8"): 0x08,
+        np.dtype("int8"): 0x09,
+        np.dtype("int16"): 0x0B,
+        np.dtype("int32"): 0x0C,
+        np.dtype("float32"): 0x0D,
+        np.dtype("float64"): 0x0E,
+    }
     code = codes[array.dtype] if type_byte is None else type_byte
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
     raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
@@ -134,19 +140,29 @@ def test_validate_arrays_accepts_whole_float_labels_and_casts():
     assert y.tolist() == [0, 2, 1]
 
 
-@pytest.mark.parametrize("x, y, match", [
-    (np.ones(4), np.zeros(4), r"x has shape \(4,\).*one row per example"),
-    (np.ones((4, 2)), np.zeros(3), "x has 4 examples but y has 3 labels"),
-    (np.ones((4, 2)), np.eye(4)[:, :2], r"y has shape \(4, 2\).*argmax"),
-    (np.array([[1.0], [np.nan]]), np.zeros(2),
-     r"x contains NaN or infinity \(first in example 1\)"),
-    (np.array([[1.0], [np.inf]]), np.zeros(2), "NaN or infinity"),
-    (np.ones((3, 1)), np.array([0.0, 1.5, 1.0]), r"non-integer labels \(e.g. 1.5 in example 1\)"),
-    (np.ones((2, 1)), np.array([0, -1]), "the negative label -1 in example 1"),
-    (np.ones((2, 1)), np.array([0.0, np.nan]), "y holds nan in example 1"),
-    (np.array([["a"], ["b"]]), np.zeros(2), "x has dtype <U1"),
-    (np.zeros((0, 2)), np.zeros(0), "no examples"),
-])
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (np.ones(4), np.zeros(4), r"x has shape \(4,\).*one row per example"),
+        (np.ones((4, 2)), np.zeros(3), "x has 4 examples but y has 3 labels"),
+        (np.ones((4, 2)), np.eye(4)[:, :2], r"y has shape \(4, 2\).*argmax"),
+        (
+            np.array([[1.0], [np.nan]]),
+            np.zeros(2),
+            r"x contains NaN or infinity \(first in example 1\)",
+        ),
+        (np.array([[1.0], [np.inf]]), np.zeros(2), "NaN or infinity"),
+        (
+            np.ones((3, 1)),
+            np.array([0.0, 1.5, 1.0]),
+            r"non-integer labels \(e.g. 1.5 in example 1\)",
+        ),
+        (np.ones((2, 1)), np.array([0, -1]), "the negative label -1 in example 1"),
+        (np.ones((2, 1)), np.array([0.0, np.nan]), "y holds nan in example 1"),
+        (np.array([["a"], ["b"]]), np.zeros(2), "x has dtype <U1"),
+        (np.zeros((0, 2)), np.zeros(0), "no examples"),
+    ],
+)
 def test_validate_arrays_errors(x, y, match):
     with pytest.raises(DataError, match=match):
         data.validate_arrays(x, y, "mydata")
@@ -168,22 +184,33 @@ def test_load_dataset_npz_xy_is_split_and_standardized(tmp_path):
 def test_load_dataset_npz_keeps_the_given_split(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "split.npz"
-    np.savez(path, x_train=rng.normal(size=(6, 3, 3)), y_train=np.array([0, 1, 2] * 2),
-             x_test=rng.normal(size=(2, 3, 3)), y_test=np.array([1, 0]))
-    with pytest.warns(data.DataWarning, match="the test split has no examples of class 2 "
-                                              r"\(of 3\)"):
+    np.savez(
+        path,
+        x_train=rng.normal(size=(6, 3, 3)),
+        y_train=np.array([0, 1, 2] * 2),
+        x_test=rng.normal(size=(2, 3, 3)),
+        y_test=np.array([1, 0]),
+    )
+    with pytest.warns(
+        data.DataWarning,
+        match="the test split has no examples of class 2 "
+        r"\(of 3\)",
+    ):
         d = data.load_dataset("npz", path=path, standardized=False)
     assert d.x_train.shape == (6, 3, 3) and d.x_test.shape == (2, 3, 3)
     assert d.num_classes == 3 and d.y_test.tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("arrays, match", [
-    ({"inputs": np.ones((2, 1)), "y": np.zeros(2)}, r"holds arrays \['inputs', 'y'\]"),
-    ({"x": np.ones((2, 1)), "y": np.array([0.5, 1.0])}, "non-integer labels"),
-    ({"x": np.ones((3, 2)), "y": np.zeros(2, int)}, "x has 3 examples but y has 2"),
-    ({"x": np.array([[0.0], [np.nan]]), "y": np.array([0, 1])}, "NaN"),
-    ({"x": np.ones((2, 1)), "y": np.zeros(2, int)}, "every label is 0"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"inputs": np.ones((2, 1)), "y": np.zeros(2)}, r"holds arrays \['inputs', 'y'\]"),
+        ({"x": np.ones((2, 1)), "y": np.array([0.5, 1.0])}, "non-integer labels"),
+        ({"x": np.ones((3, 2)), "y": np.zeros(2, int)}, "x has 3 examples but y has 2"),
+        ({"x": np.array([[0.0], [np.nan]]), "y": np.array([0, 1])}, "NaN"),
+        ({"x": np.ones((2, 1)), "y": np.zeros(2, int)}, "every label is 0"),
+    ],
+)
 def test_load_dataset_npz_errors(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -193,8 +220,13 @@ def test_load_dataset_npz_errors(tmp_path, arrays, match):
 
 def test_load_dataset_npz_mismatched_split_shapes(tmp_path):
     path = tmp_path / "bad.npz"
-    np.savez(path, x_train=np.ones((2, 3)), y_train=np.array([0, 1]),
-             x_test=np.ones((2, 4)), y_test=np.array([0, 1]))
+    np.savez(
+        path,
+        x_train=np.ones((2, 3)),
+        y_train=np.array([0, 1]),
+        x_test=np.ones((2, 4)),
+        y_test=np.array([0, 1]),
+    )
     with pytest.raises(DataError, match=r"training examples have shape \(3,\) but test"):
         data.load_dataset("npz", path=path)
 
@@ -231,24 +263,30 @@ def test_load_csv_without_header_label_last(tmp_path):
     assert d.input_shape == (2,)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("1,2,0\n3,oops,1\n", r"line 2 column 2 holds 'oops', which is not a number"),
-    ("1,2,0\n3,1\n", "line 2 has 2 columns but line 1 has 3"),
-    ("1,2,0.5\n3,4,1\n", "non-integer labels"),
-    ("1,nan,0\n3,4,1\n", "x contains NaN"),
-    ("", "is empty"),
-    ("a,label\n", "has a header but no rows"),
-    ("1\n2\n", "has one column"),
-    # missing values on any row, and the header rule
-    ("NA,2,0\n3,4,1\n", r"line 1 column 1 is a missing value \('NA'\); fill it in or drop"),
-    ("1,2,0\nNA,4,1\n", r"line 2 column 1 is a missing value \('NA'\)"),
-    ("1,,0\n3,4,1\n", r"line 1 column 2 is a missing value \(''\)"),
-    ("id,2,label\n3,4,1\n", r"line 1 column 1 holds 'id', which is not a number; a header "
-                            r"row must have no numbers in it"),
-    ("a,b\n1,2,0\n", r"has 2 names in its header \(line 1\) but 3 columns in line 2"),
-    ("1,2,0\n3,4,1e400\n", "y holds inf in line 2"),
-    ("1,2,0\n3,4,-1\n", "the negative label -1 in line 2"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("1,2,0\n3,oops,1\n", r"line 2 column 2 holds 'oops', which is not a number"),
+        ("1,2,0\n3,1\n", "line 2 has 2 columns but line 1 has 3"),
+        ("1,2,0.5\n3,4,1\n", "non-integer labels"),
+        ("1,nan,0\n3,4,1\n", "x contains NaN"),
+        ("", "is empty"),
+        ("a,label\n", "has a header but no rows"),
+        ("1\n2\n", "has one column"),
+        # missing values on any row, and the header rule
+        ("NA,2,0\n3,4,1\n", r"line 1 column 1 is a missing value \('NA'\); fill it in or drop"),
+        ("1,2,0\nNA,4,1\n", r"line 2 column 1 is a missing value \('NA'\)"),
+        ("1,,0\n3,4,1\n", r"line 1 column 2 is a missing value \(''\)"),
+        (
+            "id,2,label\n3,4,1\n",
+            r"line 1 column 1 holds 'id', which is not a number; a header "
+            r"row must have no numbers in it",
+        ),
+        ("a,b\n1,2,0\n", r"has 2 names in its header \(line 1\) but 3 columns in line 2"),
+        ("1,2,0\n3,4,1e400\n", "y holds inf in line 2"),
+        ("1,2,0\n3,4,-1\n", "the negative label -1 in line 2"),
+    ],
+)
 def test_load_csv_errors(tmp_path, text, match):
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -276,8 +314,10 @@ def test_read_idx_errors(tmp_path):
     write_idx(good, array)
     raw = good.read_bytes()
     cases = {
-        "truncated": (raw[:-1],
-                      r"holds 23 bytes but its header \(shape \(3, 4\), uint8\) needs 24"),
+        "truncated": (
+            raw[:-1],
+            r"holds 23 bytes but its header \(shape \(3, 4\), uint8\) needs 24",
+        ),
         "padded": (raw + b"\x00", "needs 24; the file is truncated or corrupted"),
         "magic": (b"\x01" + raw[1:], "not an IDX file"),
         "type": (raw[:2] + b"\x07" + raw[3:], "not an IDX file"),
@@ -353,24 +393,34 @@ def test_load_dataset_argument_errors(tmp_path):
 
 def test_a_stray_label_is_an_error_naming_its_line_not_a_bigger_model(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(8))
-                    + "9,9,100000\n")
-    with pytest.raises(DataError, match=r"csv .*d\.csv: label 100000 in line 10 is not a "
-                                        r"class index: the 3 distinct labels must be 0 \.\. 2, "
-                                        r"but class 2 has no examples; fix or drop that row"):
+    path.write_text(
+        "a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(8)) + "9,9,100000\n"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"csv .*d\.csv: label 100000 in line 10 is not a "
+        r"class index: the 3 distinct labels must be 0 \.\. 2, "
+        r"but class 2 has no examples; fix or drop that row",
+    ):
         data.load_dataset("csv", path=path)
     npz = tmp_path / "d.npz"
     np.savez(npz, x=np.ones((9, 2)), y=np.array([0, 1] * 4 + [5]))
-    with pytest.raises(DataError, match=r"label 5 in example 8 is not a class index.*"
-                                        r"class 2 has no examples"):
+    with pytest.raises(
+        DataError,
+        match=r"label 5 in example 8 is not a class index.*"
+        r"class 2 has no examples",
+    ):
         data.load_dataset("npz", path=npz)
 
 
-@pytest.mark.parametrize("labels, match", [
-    ([1] * 6, "every label is 1; classification needs at least two classes"),
-    ([0] * 6, "every label is 0"),
-    ([1, 2] * 3, "label 2 in example 1 .* class 0 has no examples"),
-])
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ([1] * 6, "every label is 1; classification needs at least two classes"),
+        ([0] * 6, "every label is 0"),
+        ([1, 2] * 3, "label 2 in example 1 .* class 0 has no examples"),
+    ],
+)
 def test_labels_must_be_0_to_k_minus_1(labels, match):
     with pytest.raises(DataError, match=match):
         data.count_classes(np.array(labels), "src")
@@ -378,10 +428,18 @@ def test_labels_must_be_0_to_k_minus_1(labels, match):
 
 def test_test_labels_are_checked_against_the_training_classes(tmp_path):
     path = tmp_path / "split.npz"
-    np.savez(path, x_train=np.ones((4, 2)), y_train=np.array([0, 1, 0, 1]),
-             x_test=np.ones((3, 2)), y_test=np.array([0, 1, 2]))
-    with pytest.raises(DataError, match=r"\(test split\): label 2 in example 2 is not one of "
-                                        r"the 2 classes of the training split \(0 \.\. 1\)"):
+    np.savez(
+        path,
+        x_train=np.ones((4, 2)),
+        y_train=np.array([0, 1, 0, 1]),
+        x_test=np.ones((3, 2)),
+        y_test=np.array([0, 1, 2]),
+    )
+    with pytest.raises(
+        DataError,
+        match=r"\(test split\): label 2 in example 2 is not one of "
+        r"the 2 classes of the training split \(0 \.\. 1\)",
+    ):
         data.load_dataset("npz", path=path)
 
 
@@ -391,7 +449,6 @@ def test_a_class_of_one_example_stays_in_training_and_the_test_split_warns():
     x_train, y_train, x_test, y_test = data.train_test_split(x, y, test_fraction=0.5)
     assert sorted(set(y_train.tolist())) == [0, 1, 2] and 2 not in y_test
     assert len(x_test) == 10 and len(x_train) == 11
-
 
 
 def previous_split(y, test_fraction, seed):
@@ -421,8 +478,11 @@ def test_the_split_is_unchanged_where_every_class_keeps_training_examples():
 def test_the_test_split_missing_a_class_is_a_warning(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("".join(f"{i},{i % 2}\n" for i in range(20)) + "5,2\n")
-    with pytest.warns(data.DataWarning, match="the test split has no examples of class 2 "
-                                              r"\(of 3\); the test accuracy does not measure it"):
+    with pytest.warns(
+        data.DataWarning,
+        match="the test split has no examples of class 2 "
+        r"\(of 3\); the test accuracy does not measure it",
+    ):
         d = data.load_dataset("csv", path=path)
     assert d.num_classes == 3 and 2 in d.y_train
 
@@ -450,8 +510,11 @@ def test_csv_header_can_be_forced(tmp_path):
 def test_values_are_checked_after_the_cast_to_float32(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("1,2,0\n3,1e300,1\n5,6,0\n7,8,1\n")
-    with pytest.raises(DataError, match=r"csv .*d\.csv: x holds 1e\+300 in line 2, too large "
-                                        r"for float32 \(largest 3.4e\+38\); rescale the inputs"):
+    with pytest.raises(
+        DataError,
+        match=r"csv .*d\.csv: x holds 1e\+300 in line 2, too large "
+        r"for float32 \(largest 3.4e\+38\); rescale the inputs",
+    ):
         data.load_dataset("csv", path=path)
     x, _ = data.validate_arrays(np.array([[1e300]]), np.array([0]), "t", dtype=np.float64)
     assert x.dtype == np.float64 and x[0, 0] == 1e300
@@ -462,8 +525,13 @@ def test_values_are_checked_after_the_cast_to_float32(tmp_path):
 
 def test_npz_layout_x_y_x_test_y_test_is_the_given_split(tmp_path):
     path = tmp_path / "mnist1d.npz"
-    np.savez(path, x=np.arange(8.0).reshape(4, 2), y=np.array([0, 1, 0, 1]),
-             x_test=np.ones((2, 2)), y_test=np.array([1, 0]))
+    np.savez(
+        path,
+        x=np.arange(8.0).reshape(4, 2),
+        y=np.array([0, 1, 0, 1]),
+        x_test=np.ones((2, 2)),
+        y_test=np.array([1, 0]),
+    )
     d = data.load_dataset("npz", path=path, standardized=False)
     np.testing.assert_array_equal(d.x_train, np.arange(8.0).reshape(4, 2))
     assert d.y_test.tolist() == [1, 0] and d.num_classes == 2
@@ -471,10 +539,16 @@ def test_npz_layout_x_y_x_test_y_test_is_the_given_split(tmp_path):
 
 def test_npz_extra_arrays_are_ignored_with_a_warning_and_not_read(tmp_path):
     path = tmp_path / "extra.npz"
-    np.savez(path, x=np.ones((4, 2)), y=np.array([0, 1, 0, 1]),
-             templates=np.array([{"a": 1}], dtype=object), t=np.arange(3))
-    with pytest.warns(data.DataWarning, match="training on x, y; ignoring the other arrays "
-                                              "t, templates"):
+    np.savez(
+        path,
+        x=np.ones((4, 2)),
+        y=np.array([0, 1, 0, 1]),
+        templates=np.array([{"a": 1}], dtype=object),
+        t=np.arange(3),
+    )
+    with pytest.warns(
+        data.DataWarning, match="training on x, y; ignoring the other arrays t, templates"
+    ):
         arrays = data.load_npz(path)
     assert sorted(arrays) == ["x", "y"]
 
@@ -483,9 +557,12 @@ def test_a_file_of_another_kind_named_npz_says_what_it_is(tmp_path):
     npy = tmp_path / "renamed.npz"
     with open(npy, "wb") as handle:
         np.save(handle, np.ones(3))
-    with pytest.raises(DataError, match=r"is a single NumPy array \(the .npy format, from "
-                                        r"np.save\), not a .npz archive; write one with "
-                                        r"np.savez\(path, x=x, y=y\)"):
+    with pytest.raises(
+        DataError,
+        match=r"is a single NumPy array \(the .npy format, from "
+        r"np.save\), not a .npz archive; write one with "
+        r"np.savez\(path, x=x, y=y\)",
+    ):
         data.load_npz(npy)
     png = tmp_path / "image.npz"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
@@ -524,15 +601,18 @@ def test_a_named_pipe_is_refused_before_it_is_opened(tmp_path, name):
     path = fifo(tmp_path / f"data.{name}")
     with pytest.raises(DataError) as info:
         data.load_dataset(name, path=path)
-    assert str(info.value) == (f"{name}: {path} is a named pipe (FIFO), not a file; pass a "
-                               f"regular file")
+    assert str(info.value) == (
+        f"{name}: {path} is a named pipe (FIFO), not a file; pass a regular file"
+    )
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 @pytest.mark.parametrize("name", ["npz", "csv"])
 def test_a_device_is_refused_not_read_forever(name):
-    with pytest.raises(DataError, match=f"^{name}: /dev/zero is a character device, not a "
-                                        f"file; pass a regular file$"):
+    with pytest.raises(
+        DataError,
+        match=f"^{name}: /dev/zero is a character device, not a file; pass a regular file$",
+    ):
         data.load_dataset(name, path="/dev/zero")
 
 
@@ -540,14 +620,17 @@ def test_a_device_is_refused_not_read_forever(name):
 def test_idx_members_and_sockets_that_are_not_files(tmp_path):
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(4, dtype=np.uint8) % 2)
     member = fifo(tmp_path / "train-images-idx3-ubyte")
-    with pytest.raises(DataError, match=f"^idx: {member} is a named pipe \\(FIFO\\), not a "
-                                        f"file; pass a regular file$"):
+    with pytest.raises(
+        DataError,
+        match=f"^idx: {member} is a named pipe \\(FIFO\\), not a file; pass a regular file$",
+    ):
         data.load_dataset("idx", path=tmp_path)
     with unix_socket(tmp_path / "s.csv"):
         with pytest.raises(DataError, match="s.csv is a socket, not a file"):
             data.load_csv(tmp_path / "s.csv")
-    with pytest.raises(DataError, match=f"^npz: {tmp_path} is a folder, not a file; pass a "
-                                        f"regular file$"):
+    with pytest.raises(
+        DataError, match=f"^npz: {tmp_path} is a folder, not a file; pass a regular file$"
+    ):
         data.load_npz(tmp_path)
 
 
@@ -557,14 +640,20 @@ def test_available_memory_is_known_on_linux():
     if os.path.isfile("/proc/meminfo"):
         assert 0 < available_memory() < 2**60
     assert [size_text(n) for n in (512, 3 * 2**30 + 2**29, 80 * 2**40)] == [
-        "512 B", "3.5 GiB", "80.0 TiB"]
+        "512 B",
+        "3.5 GiB",
+        "80.0 TiB",
+    ]
 
 
-@pytest.mark.parametrize("call", [
-    lambda n: data.check_dataset_arguments("spirals", num_examples=n),
-    lambda n: data.load_dataset("moons", num_examples=n),
-    lambda n: data.make_spirals(n),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda n: data.check_dataset_arguments("spirals", num_examples=n),
+        lambda n: data.load_dataset("moons", num_examples=n),
+        lambda n: data.make_spirals(n),
+    ],
+)
 def test_a_synthetic_size_memory_cannot_hold_is_refused_before_allocating(call, monkeypatch):
     from fnbp.train import _data_checks
 
@@ -573,16 +662,21 @@ def test_a_synthetic_size_memory_cannot_hold_is_refused_before_allocating(call, 
     with pytest.raises(DataError) as info:
         call(n)
     name = "moons" if "moons" in str(info.value) else "spirals"
-    assert str(info.value) == (f"{name}: `num_examples` 1000000000 needs about 89.4 GiB of "
-                               f"memory, but 3.0 GiB is available; pass a smaller "
-                               f"`num_examples`")
+    assert str(info.value) == (
+        f"{name}: `num_examples` 1000000000 needs about 89.4 GiB of "
+        f"memory, but 3.0 GiB is available; pass a smaller "
+        f"`num_examples`"
+    )
     call(1000)  # what fits is made
 
 
 def test_a_huge_num_examples_is_refused_on_any_machine():
-    with pytest.raises(DataError, match=r"^spirals: `num_examples` 10000000000000000 needs "
-                                        r"about 852\.7 PiB of memory, but .* is available; "
-                                        r"pass a smaller `num_examples`$"):
+    with pytest.raises(
+        DataError,
+        match=r"^spirals: `num_examples` 10000000000000000 needs "
+        r"about 852\.7 PiB of memory, but .* is available; "
+        r"pass a smaller `num_examples`$",
+    ):
         data.load_dataset("spirals", num_examples=10**16)
 
 
@@ -594,12 +688,17 @@ def test_an_npz_array_memory_cannot_hold_is_refused_before_it_is_read(tmp_path, 
     monkeypatch.setattr(_data_checks, "available_memory", lambda: 20000)
     with pytest.raises(DataError) as info:
         data.load_npz(path)
-    assert str(info.value) == (f"npz: {path}: the array x needs about 31.4 KiB of memory, "
-                               f"but 19.5 KiB is available; train on a subset of the examples, "
-                               f"or on a machine with more memory")
+    assert str(info.value) == (
+        f"npz: {path}: the array x needs about 31.4 KiB of memory, "
+        f"but 19.5 KiB is available; train on a subset of the examples, "
+        f"or on a machine with more memory"
+    )
 
 
 def test_a_path_that_is_not_a_name_is_refused():
-    with pytest.raises(DataError, match=r"^`path` must be a file or folder name \(str or "
-                                        r"os.PathLike\), got int$"):
+    with pytest.raises(
+        DataError,
+        match=r"^`path` must be a file or folder name \(str or "
+        r"os.PathLike\), got int$",
+    ):
         data.load_dataset("npz", path=3)

@@ -39,16 +39,35 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md"] + sorted(
-    path for path in DOCS.rglob("*.md") if "tutorials" not in path.relative_to(DOCS).parts)
-QUICK_START = ('python -m pip install ".[train]" && fnbp train',
-               'python -m pip install ".[test]" && python -m pytest')
+    path for path in DOCS.rglob("*.md") if "tutorials" not in path.relative_to(DOCS).parts
+)
+QUICK_START = (
+    'python -m pip install ".[train]" && fnbp train',
+    'python -m pip install ".[test]" && python -m pytest',
+)
 
-PACKAGES = ["fnbp", "fnbp.rules", "fnbp.nn", "fnbp.verify", "fnbp.train",
-            *(f"fnbp.train.{name}" for name in
-              ("loop", "steps", "data", "checkpoint", "sharding", "precision", "dp", "stopping")),
-            "fnbp.testing"]
+PACKAGES = [
+    "fnbp",
+    "fnbp.rules",
+    "fnbp.nn",
+    "fnbp.verify",
+    "fnbp.train",
+    *(
+        f"fnbp.train.{name}"
+        for name in (
+            "loop",
+            "steps",
+            "data",
+            "checkpoint",
+            "sharding",
+            "precision",
+            "dp",
+            "stopping",
+        )
+    ),
+    "fnbp.testing",
+]
 """The packages and modules whose public names the API reference documents."""
-
 
 
 def _fenced(path: Path, language: str) -> list[tuple[int, str]]:
@@ -65,13 +84,16 @@ def _fenced(path: Path, language: str) -> list[tuple[int, str]]:
         while i < len(lines) and lines[i].strip() != "```":
             i += 1
         if info == language:
-            blocks.append((start, "\n".join(line[len(indent):] for line in lines[start:i])))
+            blocks.append((start, "\n".join(line[len(indent) :] for line in lines[start:i])))
         i += 1
     return blocks
 
 
-PYTHON_BLOCKS = [pytest.param(code, id=f"{path.relative_to(ROOT)}:{line}")
-                 for path in PAGES for line, code in _fenced(path, "python")]
+PYTHON_BLOCKS = [
+    pytest.param(code, id=f"{path.relative_to(ROOT)}:{line}")
+    for path in PAGES
+    for line, code in _fenced(path, "python")
+]
 
 
 def test_the_pages_have_python_blocks():
@@ -86,8 +108,14 @@ def test_python_block_runs_on_its_own(code, tmp_path, monkeypatch):
         # the CPU (whatever the machine's accelerators), where the variable gives the devices
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("JAX_NUM_CPU_DEVICES", None)
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return
     assert "jax.config" not in code, "a block runs in this process: leave jax's config alone"
@@ -103,8 +131,11 @@ def _parser_flags(command: str) -> list[tuple[str, ...]]:
     module = importlib.import_module(f"fnbp.cli.{command}")
     parser = argparse.ArgumentParser(prog=f"fnbp {command}")
     module.add_arguments(parser)
-    return [tuple(action.option_strings) for action in parser._actions
-            if action.option_strings and not isinstance(action, argparse._HelpAction)]
+    return [
+        tuple(action.option_strings)
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    ]
 
 
 def _synopses(command: str) -> list[tuple[str, set[str]]]:
@@ -118,8 +149,12 @@ def _synopses(command: str) -> list[tuple[str, set[str]]]:
                     text += " " + row
                     continue
                 if text is not None:
-                    found.append((f"{path.relative_to(ROOT)}:{line}",
-                                  set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text))))
+                    found.append(
+                        (
+                            f"{path.relative_to(ROOT)}:{line}",
+                            set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text)),
+                        )
+                    )
                     text = None
                 if re.match(rf"^fnbp {command}(\s|$)(?!\s*:)", row):
                     text = row
@@ -156,9 +191,11 @@ def _resolve(target: str):
 
 
 def _directives() -> list[str]:
-    return [match.group(1) for path in sorted((DOCS / "api").glob("*.md"))
-            for match in re.finditer(r"^::: (\S+)\s*$", path.read_text(encoding="utf-8"),
-                                     re.MULTILINE)]
+    return [
+        match.group(1)
+        for path in sorted((DOCS / "api").glob("*.md"))
+        for match in re.finditer(r"^::: (\S+)\s*$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    ]
 
 
 def _public(module) -> list[str]:
@@ -168,8 +205,11 @@ def _public(module) -> list[str]:
     names = []
     for name, obj in vars(module).items():
         target = getattr(obj, "__wrapped__", obj)
-        if (not name.startswith("_") and (inspect.isfunction(target) or inspect.isclass(target))
-                and target.__module__ == module.__name__):
+        if (
+            not name.startswith("_")
+            and (inspect.isfunction(target) or inspect.isclass(target))
+            and target.__module__ == module.__name__
+        ):
             names.append(name)
     return names
 
@@ -217,11 +257,19 @@ def _attribute_docstring(package: str, name: str) -> str | None:
             continue
         body = ast.parse(Path(path).read_text(encoding="utf-8")).body
         for statement, following in pairwise(body):
-            targets = (statement.targets if isinstance(statement, ast.Assign) else
-                       [statement.target] if isinstance(statement, ast.AnnAssign) else [])
+            targets = (
+                statement.targets
+                if isinstance(statement, ast.Assign)
+                else [statement.target]
+                if isinstance(statement, ast.AnnAssign)
+                else []
+            )
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                        and isinstance(following.value.value, str)):
+                if (
+                    isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)
+                ):
                     return following.value.value
                 return None
     return None
@@ -233,16 +281,18 @@ def _docstring(public: str, obj) -> str | None:
     target = getattr(obj, "__wrapped__", obj)
     if inspect.isclass(target) or inspect.isfunction(target) or inspect.isbuiltin(target):
         doc = target.__doc__
-        generated = (inspect.isclass(target) and doc is not None
-                     and doc.startswith(f"{target.__name__}("))  # a NamedTuple's or dataclass'
+        generated = (
+            inspect.isclass(target) and doc is not None and doc.startswith(f"{target.__name__}(")
+        )  # a NamedTuple's or dataclass'
         return None if generated else doc
     package, name = public.rsplit(".", 1)
     return _attribute_docstring(package, name)
 
 
 def test_every_public_name_has_a_docstring():
-    missing = [public for public, obj in _public_names()
-               if not (_docstring(public, obj) or "").strip()]
+    missing = [
+        public for public, obj in _public_names() if not (_docstring(public, obj) or "").strip()
+    ]
     assert missing == []
 
 
@@ -265,10 +315,18 @@ def _slug(heading: str) -> str:
 def test_citations_of_the_design_notes_name_sections_that_exist():
     design = (DOCS / "design.md").read_text(encoding="utf-8")
     anchors = {_slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", design, re.MULTILINE)}
-    sources = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "tests").glob("*.py")),
-               *sorted((ROOT / "fnbp").rglob("*.py")), *PAGES]
-    cited = {(path.name, m.group(1)) for path in sources
-             for m in re.finditer(r"design\.md#([\w-]+)", path.read_text(encoding="utf-8"))}
+    sources = [
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        *sorted((ROOT / "tests").glob("*.py")),
+        *sorted((ROOT / "fnbp").rglob("*.py")),
+        *PAGES,
+    ]
+    cited = {
+        (path.name, m.group(1))
+        for path in sources
+        for m in re.finditer(r"design\.md#([\w-]+)", path.read_text(encoding="utf-8"))
+    }
     assert cited, "nothing cites docs/design.md"
     assert sorted((where, anchor) for where, anchor in cited if anchor not in anchors) == []
 
@@ -282,10 +340,12 @@ def test_docstrings_read_as_markdown_in_the_site():
         sys.path.remove(str(DOCS / "_griffe"))
     assert markdown("by :func:`fit` and :class:`~fnbp.Layer`") == "by `fit` and `fnbp.Layer`"
     assert markdown("B[relu, z](v) and x[0][1], `B[M, z](v)`, [site](https://x.org)") == (
-        "B\\[relu, z](v) and x\\[0][1], `B[M, z](v)`, [site](https://x.org)")
+        "B\\[relu, z](v) and x\\[0][1], `B[M, z](v)`, [site](https://x.org)"
+    )
     assert markdown("Example::\n\n    B[f, z](v)\n\nafter") == "Example:\n\n    B[f, z](v)\n\nafter"
     table = "a:\n\n    ==  ==\n    x   y\n    ==  ==\n    1   2\n    ==  ==\n"
     assert "| x | y |\n| --- | --- |\n| 1 | 2 |" in markdown(table)
     assert markdown("Args:\n  z, W: the input\n    and the weight.\n  b: bias.") == (
         "Args:\n  z: the input\n    and the weight.\n  W: the input\n    and the weight.\n"
-        "  b: bias.")
+        "  b: bias."
+    )

@@ -54,7 +54,7 @@ def problem(n=8, d=4, seed=0):
 def rel_err(a, b):
     a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     num = sum(float(jnp.sum((p - q) ** 2)) for p, q in zip(a, b, strict=True))
-    den = sum(float(jnp.sum(q ** 2)) for q in b)
+    den = sum(float(jnp.sum(q**2)) for q in b)
     return (num / den) ** 0.5
 
 
@@ -65,19 +65,36 @@ def test_noisy_grad_without_noise_is_the_clipped_sum_over_the_expected_batch():
     params, x, y = problem()
     mask = jnp.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
     C, B = 0.3, 5.0
-    J, grads, norms = jax.jit(lambda p, m: dp.noisy_grad(
-        MODEL, fnbp.cross_entropy_loss, p, x, y, jax.random.key(1), clip_norm=C,
-        noise_multiplier=0.0, expected_batch_size=B, mask=m))(params, mask)
+    J, grads, norms = jax.jit(
+        lambda p, m: dp.noisy_grad(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            p,
+            x,
+            y,
+            jax.random.key(1),
+            clip_norm=C,
+            noise_multiplier=0.0,
+            expected_batch_size=B,
+            mask=m,
+        )
+    )(params, mask)
     # fnbp.clipped_grads' sum, divided by the expected batch size
-    J2, summed, norms2 = jax.jit(lambda p, m: fnbp.clipped_grads(
-        MODEL, fnbp.cross_entropy_loss, p, x, y, C, mask=m, reduction="sum"))(params, mask)
+    J2, summed, norms2 = jax.jit(
+        lambda p, m: fnbp.clipped_grads(
+            MODEL, fnbp.cross_entropy_loss, p, x, y, C, mask=m, reduction="sum"
+        )
+    )(params, mask)
     assert rel_err(grads, jax.tree_util.tree_map(lambda g: g / B, summed)) <= 1e-14
     assert float(J) == pytest.approx(float(J2), rel=1e-14)
     assert np.allclose(norms, norms2, rtol=1e-14)
     # and the float64 oracle: vmap of jax.grad of the plain-jnp network, clipped by hand
-    per_example = jax.jit(jax.vmap(jax.grad(
-        lambda p, xi, yi: ref_cross_entropy(ref_mlp(p, xi[None]), yi[None])[0]),
-        in_axes=(None, 0, 0)))(params, x, y)
+    per_example = jax.jit(
+        jax.vmap(
+            jax.grad(lambda p, xi, yi: ref_cross_entropy(ref_mlp(p, xi[None]), yi[None])[0]),
+            in_axes=(None, 0, 0),
+        )
+    )(params, x, y)
     leaves = jax.tree_util.tree_leaves(per_example)
     norm = jnp.sqrt(sum(jnp.sum(g.reshape(len(x), -1) ** 2, axis=1) for g in leaves))
     scale = jnp.minimum(1.0, C / norm) * mask
@@ -98,8 +115,17 @@ def test_noise_has_std_sigma_C_over_B_on_every_leaf():
 
     @jax.jit
     def grads(key, noise):
-        return dp.noisy_grad(model, fnbp.cross_entropy_loss, params, x, y, key, clip_norm=C,
-                             noise_multiplier=noise, expected_batch_size=B)[1]
+        return dp.noisy_grad(
+            model,
+            fnbp.cross_entropy_loss,
+            params,
+            x,
+            y,
+            key,
+            clip_norm=C,
+            noise_multiplier=noise,
+            expected_batch_size=B,
+        )[1]
 
     key = jax.random.key(7)
     noise = jax.tree_util.tree_map(lambda a, b: a - b, grads(key, sigma), grads(key, 0.0))
@@ -119,9 +145,9 @@ def test_noise_has_std_sigma_C_over_B_on_every_leaf():
 
 
 def test_bucket_widths_and_lengths():
-    assert dp.pad_multiple(128, 128 / 1438) == 32   # 2 sqrt(128 * 0.911) = 21.6
-    assert dp.pad_multiple(32, 32 / 1438) == 16     # 11.2
-    assert dp.pad_multiple(4, 0.5) == 8             # at least 8
+    assert dp.pad_multiple(128, 128 / 1438) == 32  # 2 sqrt(128 * 0.911) = 21.6
+    assert dp.pad_multiple(32, 32 / 1438) == 16  # 11.2
+    assert dp.pad_multiple(4, 0.5) == 8  # at least 8
     assert [dp.bucket(b, 16) for b in (0, 1, 16, 17, 40)] == [16, 16, 16, 32, 48]
 
 
@@ -150,8 +176,17 @@ def test_poisson_batch_at_the_ends_of_the_threshold_range():
 
 
 # (batch size, number of examples): tiny q, the documented run's q, q near 1 and q = 1
-RATES = [(1, 10**9), (1, 2**32), (3, 2**32 - 1), (1, 3), (128, 1438), (32, 1437),
-         (59_999, 60_000), (2**32 - 1, 2**32), (60_000, 60_000)]
+RATES = [
+    (1, 10**9),
+    (1, 2**32),
+    (3, 2**32 - 1),
+    (1, 3),
+    (128, 1438),
+    (32, 1437),
+    (59_999, 60_000),
+    (2**32 - 1, 2**32),
+    (60_000, 60_000),
+]
 
 
 @pytest.mark.parametrize("batch_size, n", RATES)
@@ -172,8 +207,11 @@ def test_sampling_threshold_floors_any_rate_and_refuses_a_non_probability():
         assert dp.sampling_threshold(rate) == math.floor(Fraction(float(rate)) * 2**32)
     assert dp.sampling_threshold(1.0) == 2**32
     for bad in (-0.1, 1.5, float("nan"), True, "0.1"):
-        with pytest.raises(ValueError, match=r"^poisson_batch: `rate` must be a probability "
-                                             r"in \[0, 1\], got "):
+        with pytest.raises(
+            ValueError,
+            match=r"^poisson_batch: `rate` must be a probability "
+            r"in \[0, 1\], got ",
+        ):
             dp.sampling_threshold(bad)
 
 
@@ -190,8 +228,9 @@ def test_poisson_batch_frequency_is_q_within_the_binomial_spread(batch_size, n):
 def test_poisson_sampling_rate_is_q_over_many_steps():
     n, q, steps = 1000, dp.sampling_rate(50, 1000), 200
     key = jax.random.key(11)
-    sizes = np.array([int(dp.poisson_batch(dp.step_keys(key, t)[0], n, q, 8)[1].sum())
-                      for t in range(steps)])
+    sizes = np.array(
+        [int(dp.poisson_batch(dp.step_keys(key, t)[0], n, q, 8)[1].sum()) for t in range(steps)]
+    )
     # the kept count is Binomial(n, q) at each step: its mean and spread
     assert abs(sizes.sum() - steps * n * q) <= 4 * np.sqrt(steps * n * q * (1 - q))
     assert np.std(sizes) == pytest.approx(np.sqrt(n * q * (1 - q)), rel=0.25)
@@ -213,8 +252,9 @@ def test_step_keys_are_a_pure_function_of_key_and_step():
 def test_epsilon_is_dp_accountings_rdp_and_decreases_with_sigma():
     q, steps, delta = 128 / 1438, 110, 1e-5
     accountant = dp_accounting.rdp.RdpAccountant(list(dp.RDP_ORDERS))
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
-        q, dp_accounting.GaussianDpEvent(1.5)), steps)
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.5)), steps
+    )
     assert dp.epsilon(1.5, q, steps, delta) == accountant.get_epsilon(delta)
     sigmas = [0.8, 1.0, 1.5, 2.0, 4.0]
     epsilons = [dp.epsilon(s, q, steps, delta) for s in sigmas]
@@ -228,9 +268,11 @@ def pld_oracle(sigma, q, steps, delta):
     """epsilon from dp-accounting's own PLDAccountant, on fnbp's discretization."""
     accountant = dp_accounting.pld.PLDAccountant(
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-        value_discretization_interval=dp.PLD_DISCRETIZATION)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
-        q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        value_discretization_interval=dp.PLD_DISCRETIZATION,
+    )
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
     return accountant.get_epsilon(delta)
 
 
@@ -242,8 +284,7 @@ def test_epsilon_pld_is_dp_accountings_pld_accountant_and_below_rdp():
     assert pld == pytest.approx(3.2678, abs=1e-4)  # and the documented figure
     assert pld < dp.epsilon(1.5, q, steps, delta, "rdp") == pytest.approx(3.6274, abs=1e-4)
     for sigma, rate, count in ((1.0, 0.1, 50), (4.0, 0.01, 1000)):
-        assert dp.epsilon(sigma, rate, count, delta, "pld") < dp.epsilon(sigma, rate, count,
-                                                                           delta)
+        assert dp.epsilon(sigma, rate, count, delta, "pld") < dp.epsilon(sigma, rate, count, delta)
     assert dp.epsilon(1.5, q, 0, delta, "pld") == 0.0
 
 
@@ -277,20 +318,32 @@ def test_epsilon_pld_without_sampling_is_the_exact_gaussian_epsilon():
 
 
 def test_epsilon_and_dp_config_refuse_an_unknown_accountant():
-    with pytest.raises(ValueError, match=r"^epsilon: `accountant` must be 'rdp' or 'pld', "
-                                         r"got 'PLD'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^epsilon: `accountant` must be 'rdp' or 'pld', "
+        r"got 'PLD'$",
+    ):
         dp.epsilon(1.0, 0.1, 10, 1e-5, "PLD")
-    with pytest.raises(ValueError, match=r"^DPConfig: `accountant` must be 'rdp' or 'pld', "
-                                         r"got 'moments'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^DPConfig: `accountant` must be 'rdp' or 'pld', "
+        r"got 'moments'$",
+    ):
         dp.DPConfig(1.0, 1.0, accountant="moments")
     assert dp.DPConfig(1.0, 1.0).accountant == "rdp"
     assert dp.ACCOUNTANTS == ("rdp", "pld") == train_config.DP_ACCOUNTANTS  # the CLI's copy
 
 
 def test_default_delta_is_below_one_over_n_and_at_most_1e_5():
-    assert [dp.default_delta(n) for n in (100, 1438, 60000, 10**5, 10**6, 2 * 10**6,
-                                          999_999)] == [1e-5, 1e-5, 1e-5, 1e-6, 1e-7, 1e-7,
-                                                        1e-6]
+    assert [dp.default_delta(n) for n in (100, 1438, 60000, 10**5, 10**6, 2 * 10**6, 999_999)] == [
+        1e-5,
+        1e-5,
+        1e-5,
+        1e-6,
+        1e-7,
+        1e-7,
+        1e-6,
+    ]
 
 
 def test_a_missing_accountant_names_the_extra(monkeypatch):
@@ -302,13 +355,16 @@ def test_a_missing_accountant_names_the_extra(monkeypatch):
 # --- the configuration and fit's refusals -------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(clip_norm=0.0, noise_multiplier=1.0), "`clip_norm` must be a positive finite"),
-    (dict(clip_norm=1.0, noise_multiplier=-1.0), "`noise_multiplier` must be a positive"),
-    (dict(clip_norm=float("inf"), noise_multiplier=1.0), "`clip_norm` must be a positive"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, delta=1.0), "`delta` must lie strictly"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, delta=0.0), "`delta` must lie strictly"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(clip_norm=0.0, noise_multiplier=1.0), "`clip_norm` must be a positive finite"),
+        (dict(clip_norm=1.0, noise_multiplier=-1.0), "`noise_multiplier` must be a positive"),
+        (dict(clip_norm=float("inf"), noise_multiplier=1.0), "`clip_norm` must be a positive"),
+        (dict(clip_norm=1.0, noise_multiplier=1.0, delta=1.0), "`delta` must lie strictly"),
+        (dict(clip_norm=1.0, noise_multiplier=1.0, delta=0.0), "`delta` must lie strictly"),
+    ],
+)
 def test_dp_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=f"^DPConfig: {match}"):
         dp.DPConfig(**kwargs)
@@ -320,28 +376,54 @@ def test_fit_refuses_dp_on_a_mesh_in_low_precision_or_not_a_config():
     config = dp.DPConfig(1.0, 1.0)
     sgd = optax.sgd(0.1)
     with pytest.raises(ValueError, match=r"^fit: DP-SGD runs on one device; .*\(`devices` 1\)"):
-        train.fit(MODEL, fnbp.cross_entropy_loss, sgd, params, x, y, **arguments, dp=config,
-                  mesh=fnbp.make_mesh(1))
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            sgd,
+            params,
+            x,
+            y,
+            **arguments,
+            dp=config,
+            mesh=fnbp.make_mesh(1),
+        )
     for precision in ("bfloat16", "float16"):
-        with pytest.raises(ValueError, match=f"^fit: DP-SGD runs in float32; `precision` "
-                                             f"{precision} is not supported"):
-            train.fit(MODEL, fnbp.cross_entropy_loss, sgd, params, x, y, **arguments,
-                      dp=config, precision=precision)
+        with pytest.raises(
+            ValueError,
+            match=f"^fit: DP-SGD runs in float32; `precision` {precision} is not supported",
+        ):
+            train.fit(
+                MODEL,
+                fnbp.cross_entropy_loss,
+                sgd,
+                params,
+                x,
+                y,
+                **arguments,
+                dp=config,
+                precision=precision,
+            )
     with pytest.raises(TypeError, match="`dp` must be a fnbp.train.DPConfig"):
-        train.fit(MODEL, fnbp.cross_entropy_loss, sgd, params, x, y, **arguments,
-                  dp=(1.0, 1.0))
+        train.fit(MODEL, fnbp.cross_entropy_loss, sgd, params, x, y, **arguments, dp=(1.0, 1.0))
 
 
 def test_check_options_reads_precision_like_the_rest_of_fnbp():
     config = dp.DPConfig(1.0, 1.0)
-    for plain in (None, "float32", "p=f32,c=f32", "params=float32,compute=float32,output=f32",
-                  fnbp.Precision()):
+    for plain in (
+        None,
+        "float32",
+        "p=f32,c=f32",
+        "params=float32,compute=float32,output=f32",
+        fnbp.Precision(),
+    ):
         dp.check_options("fit", config, precision=plain)  # the float32 policy, any spelling
-    for policy, shown in ((fnbp.Precision(param_dtype="bfloat16"),
-                           "params=bfloat16,compute=float32,output=float32"),
-                          ("p=f32,c=bf16", "bfloat16")):
-        with pytest.raises(ValueError, match=f"^fit: DP-SGD runs in float32; `precision` "
-                                             f"{shown} is not supported"):
+    for policy, shown in (
+        (fnbp.Precision(param_dtype="bfloat16"), "params=bfloat16,compute=float32,output=float32"),
+        ("p=f32,c=bf16", "bfloat16"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"^fit: DP-SGD runs in float32; `precision` {shown} is not supported"
+        ):
             dp.check_options("fit", config, precision=policy)
     with pytest.raises(ValueError, match="^fit: unknown precision 'f8'"):
         dp.check_options("fit", config, precision="f8")
@@ -361,8 +443,18 @@ def test_fit_with_dp_records_epsilon_per_epoch_at_the_rate_sampled(monkeypatch):
         return epsilon(*args)
 
     monkeypatch.setattr(dp, "epsilon", recorded)
-    result = train.fit(MODEL, fnbp.cross_entropy_loss, optax.sgd(0.1), params, x, y,
-                       key=jax.random.key(0), epochs=2, batch_size=8, dp=config)
+    result = train.fit(
+        MODEL,
+        fnbp.cross_entropy_loss,
+        optax.sgd(0.1),
+        params,
+        x,
+        y,
+        key=jax.random.key(0),
+        epochs=2,
+        batch_size=8,
+        dp=config,
+    )
     history = result.history
     q = Fraction((8 << 32) // 40, 2**32)  # floor(B 2^32 / N) / 2^32, the sampler's q
     assert q != Fraction(8, 40)
@@ -371,8 +463,9 @@ def test_fit_with_dp_records_epsilon_per_epoch_at_the_rate_sampled(monkeypatch):
     assert all(Fraction(args[1]) == q for args in asked)
     assert [h["step"] for h in history] == [5, 10]
     assert [h["delta"] for h in history] == [1e-4, 1e-4]
-    assert [h["epsilon"] for h in history] == [epsilon(1.0, float(q), s, 1e-4, accountant)
-                                               for s in (5, 10)]
+    assert [h["epsilon"] for h in history] == [
+        epsilon(1.0, float(q), s, 1e-4, accountant) for s in (5, 10)
+    ]
     assert rel_err(result.params, params) > 0
 
 
@@ -383,22 +476,41 @@ def run_train(*args):
     return cli.main(["train", *map(str, args), "--no-progress"])
 
 
-SPIRALS = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
-           "--batch-size", "20"]
+SPIRALS = [
+    "--dataset",
+    "spirals",
+    "--num-examples",
+    "200",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--batch-size",
+    "20",
+]
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--dp-clip", "1"], "--dp-clip needs --dp-noise SIGMA too"),
-    (["--dp-noise", "1"], "--dp-noise needs --dp-clip C too"),
-    (["--dp-delta", "1e-5"], "--dp-delta needs --dp-clip C and --dp-noise SIGMA"),
-    (["--dp-clip", "0", "--dp-noise", "1"],
-     "--dp-clip must be a positive finite number, got 0.0"),
-    (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"],
-     "--dp-delta must lie strictly between 0 and 1"),
-    (["--dp-clip", "1", "--dp-noise", "1", "--precision", "float16"],
-     "DP-SGD runs in float32; --precision float16 is not supported with it"),
-    (["--dp-accountant", "pld"], "--dp-accountant needs --dp-clip C and --dp-noise SIGMA"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--dp-clip", "1"], "--dp-clip needs --dp-noise SIGMA too"),
+        (["--dp-noise", "1"], "--dp-noise needs --dp-clip C too"),
+        (["--dp-delta", "1e-5"], "--dp-delta needs --dp-clip C and --dp-noise SIGMA"),
+        (
+            ["--dp-clip", "0", "--dp-noise", "1"],
+            "--dp-clip must be a positive finite number, got 0.0",
+        ),
+        (
+            ["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"],
+            "--dp-delta must lie strictly between 0 and 1",
+        ),
+        (
+            ["--dp-clip", "1", "--dp-noise", "1", "--precision", "float16"],
+            "DP-SGD runs in float32; --precision float16 is not supported with it",
+        ),
+        (["--dp-accountant", "pld"], "--dp-accountant needs --dp-clip C and --dp-noise SIGMA"),
+    ],
+)
 def test_cli_dp_errors_are_one_line_and_write_nothing(tmp_path, capsys, extra, match):
     assert run_train(*SPIRALS, *extra, "--out", tmp_path / "run") == 2
     err = capsys.readouterr().err
@@ -416,8 +528,7 @@ def test_cli_unknown_dp_accountant_is_a_one_line_error_naming_the_flag(capsys):
     assert all(name in err for name in dp.ACCOUNTANTS)
 
 
-def test_cli_dp_accountant_pld_reaches_the_accountant_and_is_kept_on_resume(tmp_path,
-                                                                            capsys):
+def test_cli_dp_accountant_pld_reaches_the_accountant_and_is_kept_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     flags = [*SPIRALS, "--epochs", 1, "--dp-clip", 0.5, "--dp-noise", 1.0]
     assert run_train(*flags, "--dp-accountant", "pld", "--out", out) == 0
@@ -428,21 +539,23 @@ def test_cli_dp_accountant_pld_reaches_the_accountant_and_is_kept_on_resume(tmp_
     assert config["dp_accountant"] == "pld" and Fraction(config["dp"]["sampling_rate"]) == q
     assert config["dp"]["accountant"].startswith("PLD, dp-accounting ")
     assert metrics["epsilon"] == dp.epsilon(1.0, float(q), steps, 1e-5, "pld")
-    assert metrics["epsilon"] == pytest.approx(pld_oracle(1.0, float(q), steps, 1e-5),
-                                               rel=1e-8)
+    assert metrics["epsilon"] == pytest.approx(pld_oracle(1.0, float(q), steps, 1e-5), rel=1e-8)
     assert metrics["epsilon"] < dp.epsilon(1.0, float(q), steps, 1e-5, "rdp")
     assert "; PLD, dp-accounting " in printed
     assert run_train("--resume", out, "--epochs", 3, "--dp-accountant", "rdp") == 2
-    assert ("the run was made with --dp-accountant pld but --dp-accountant rdp was given"
-            in capsys.readouterr().err)
+    assert (
+        "the run was made with --dp-accountant pld but --dp-accountant rdp was given"
+        in capsys.readouterr().err
+    )
 
 
 def test_cli_without_the_accountant_says_which_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "dp_accounting", None)
     assert run_train(*SPIRALS, "--dp-clip", 1, "--dp-noise", 1, "--out", tmp_path / "r") == 2
     assert capsys.readouterr().err == (
-        'fnbp train: error: differentially private training needs the privacy accountant of '
-        'the dp-accounting package: pip install "fnbp[dp]"\n')
+        "fnbp train: error: differentially private training needs the privacy accountant of "
+        'the dp-accounting package: pip install "fnbp[dp]"\n'
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -455,19 +568,21 @@ def test_cli_resume_keeps_the_dp_flags_and_continues_exactly(tmp_path, capsys):
     assert run_train(*flags, "--epochs", 2, "--out", tmp_path / "whole") == 0
     assert run_train(*flags, "--epochs", 1, "--out", tmp_path / "part") == 0
     assert run_train("--resume", tmp_path / "part", "--epochs", 2) == 0
-    whole, part = read(tmp_path / "whole", "metrics.json"), read(tmp_path / "part",
-                                                                  "metrics.json")
+    whole, part = read(tmp_path / "whole", "metrics.json"), read(tmp_path / "part", "metrics.json")
     assert part["history"] == whole["history"]  # the same batches, noise and updates
     assert part["epsilon"] == whole["epsilon"] > 0
     assert read(tmp_path / "part", "config.json")["dp"]["noise_multiplier"] == 0.8
     capsys.readouterr()
     assert run_train("--resume", tmp_path / "part", "--epochs", 3, "--dp-noise", 1.0) == 2
-    assert ("the run was made with --dp-noise 0.8 but --dp-noise 1.0 was given"
-            in capsys.readouterr().err)
+    assert (
+        "the run was made with --dp-noise 0.8 but --dp-noise 1.0 was given"
+        in capsys.readouterr().err
+    )
     # a run saved before --dp-accountant existed was accounted by RDP, and goes on so
     checkpoint = tmp_path / "part" / "checkpoint.npz"
-    edit_metadata(checkpoint, checkpoint,
-                  lambda meta: meta["metadata"]["config"].pop("dp_accountant"))
+    edit_metadata(
+        checkpoint, checkpoint, lambda meta: meta["metadata"]["config"].pop("dp_accountant")
+    )
     assert run_train("--resume", tmp_path / "part", "--epochs", 3) == 0
     metrics = read(tmp_path / "part", "metrics.json")
     q = dp.sampling_rate(20, read(tmp_path / "part", "config.json")["num_train"])
@@ -483,10 +598,15 @@ def test_cli_digits_default_with_dp_writes_epsilon(tmp_path, capsys):
     n = config["num_train"]
     steps = n // 32
     q = Fraction((32 << 32) // n, 2**32)  # the sampler's q, not 32 / n
-    assert config["dp"] == {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5,
-                            "sampling": "poisson", "sampling_rate": float(q),
-                            "expected_batch_size": 32,
-                            "accountant": config["dp"]["accountant"]}
+    assert config["dp"] == {
+        "clip_norm": 1.0,
+        "noise_multiplier": 1.1,
+        "delta": 1e-5,
+        "sampling": "poisson",
+        "sampling_rate": float(q),
+        "expected_batch_size": 32,
+        "accountant": config["dp"]["accountant"],
+    }
     assert Fraction(config["dp"]["sampling_rate"]) == q != Fraction(32, n)
     assert config["dp"]["accountant"].startswith("RDP, dp-accounting ")  # the default
     assert config["dp_accountant"] is None
@@ -494,14 +614,28 @@ def test_cli_digits_default_with_dp_writes_epsilon(tmp_path, capsys):
     assert metrics["epsilon"] == dp.epsilon(1.1, float(q), steps, 1e-5, "rdp")
     assert metrics["history"][-1]["epsilon"] == metrics["epsilon"]
     assert metrics["dp"] == config["dp"]
-    assert (f"privacy: epsilon {metrics['epsilon']:.3g} at delta 1e-05 (DP-SGD, clip 1, "
-            f"noise 1.1, Poisson sampling q {float(q):.4g}, {steps} steps; ") in printed
+    assert (
+        f"privacy: epsilon {metrics['epsilon']:.3g} at delta 1e-05 (DP-SGD, clip 1, "
+        f"noise 1.1, Poisson sampling q {float(q):.4g}, {steps} steps; "
+    ) in printed
     assert "DP-SGD (clip 1, noise 1.1, Poisson sampling q" in printed
 
 
 # The figures of docs/per-example.md: 92.2% test accuracy at epsilon 3.63, delta 1e-5, ~11 s.
-DIGITS_DP = ["--width", "256", "--depth", "1", "--batch-size", "128", "--lr", "0.01",
-             "--dp-clip", "1", "--dp-noise", "1.5"]
+DIGITS_DP = [
+    "--width",
+    "256",
+    "--depth",
+    "1",
+    "--batch-size",
+    "128",
+    "--lr",
+    "0.01",
+    "--dp-clip",
+    "1",
+    "--dp-noise",
+    "1.5",
+]
 
 
 def test_digits_reaches_90_percent_at_epsilon_below_4(tmp_path):

@@ -29,24 +29,51 @@ def test_fit_refuses_a_label_outside_the_model_outputs_before_training(params):
     x, y = problem()
     y[7] = 3
     seen = []
-    with pytest.raises(ValueError, match=r"fit: y holds the label 3 \(at 7\), outside \[0, 3\): "
-                                         r"the model has 3 outputs"):
-        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, key=jax.random.key(1),
-                  epochs=1, batch_size=4, on_step=lambda *a: seen.append(1))
+    with pytest.raises(
+        ValueError,
+        match=r"fit: y holds the label 3 \(at 7\), outside \[0, 3\): "
+        r"the model has 3 outputs",
+    ):
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            SGD,
+            params,
+            x,
+            y,
+            key=jax.random.key(1),
+            epochs=1,
+            batch_size=4,
+            on_step=lambda *a: seen.append(1),
+        )
     assert seen == []  # nothing trained
     x, y = problem()
     y_test = np.array([0, -1])
     with pytest.raises(ValueError, match=r"fit: y_test holds the label -1 \(at 1\)"):
-        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, key=jax.random.key(1),
-                  epochs=1, batch_size=4, x_test=x[:2], y_test=y_test)
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            SGD,
+            params,
+            x,
+            y,
+            key=jax.random.key(1),
+            epochs=1,
+            batch_size=4,
+            x_test=x[:2],
+            y_test=y_test,
+        )
 
 
 def test_make_train_step_checks_host_labels_and_device_labels_once(params):
     x, y = problem(4)
     step = train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD)
     opt_state = SGD.init(params)
-    with pytest.raises(ValueError, match=r"train_step: y holds the label 5 \(at 2\), outside "
-                                         r"\[0, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_step: y holds the label 5 \(at 2\), outside "
+        r"\[0, 3\)",
+    ):
         step(params, opt_state, x, np.array([0, 1, 5, 2], np.int32))
     new_params, _, metrics = step(params, opt_state, x, y)  # good labels train
     assert np.isfinite(float(metrics["loss"]))
@@ -67,8 +94,11 @@ def test_regression_targets_are_not_taken_for_labels():
 
 def test_backprop_on_no_examples_is_a_clear_error(params):
     x, y = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
-    with pytest.raises(ValueError, match=r"backprop: no examples \(the model's output has shape "
-                                         r"\(0, 3\).*pass at least one"):
+    with pytest.raises(
+        ValueError,
+        match=r"backprop: no examples \(the model's output has shape "
+        r"\(0, 3\).*pass at least one",
+    ):
         fnbp.backprop(MODEL, fnbp.cross_entropy_loss, params, x, y)
     with pytest.raises(ValueError, match="per_example_grad_norms: no examples"):
         fnbp.per_example_grad_norms(MODEL, fnbp.cross_entropy_loss, params, x, y)

@@ -79,8 +79,9 @@ def test_mm_batched_weight_cotangent_is_one_contraction(batch, jit):
     eqns = list(iter_eqns(jaxpr.jaxpr))
 
     examples = tuple(range(len(batch)))
-    weight_dots = [e for e in eqns if e.primitive.name == "dot_general"
-                   and e.outvars[0].aval.shape == (n, m)]
+    weight_dots = [
+        e for e in eqns if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (n, m)
+    ]
     assert len(weight_dots) == 1, weight_dots
     (contract, batch_dims) = weight_dots[0].params["dimension_numbers"]
     assert contract == (examples, examples) and batch_dims == ((), ())
@@ -111,16 +112,22 @@ def test_mm_rejects_W_not_2d(W_shape):
 
 
 def test_mm_rejects_feature_mismatch():
-    with pytest.raises(ValueError, match=r"^mm: z has 5 features but W expects 6 "
-                                         r"\(W\.shape=\(3, 6\), z\.shape=\(4, 5\)\); pass z "
-                                         r"with shape \(\.\.\., 6\) or W with shape \(3, 5\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^mm: z has 5 features but W expects 6 "
+        r"\(W\.shape=\(3, 6\), z\.shape=\(4, 5\)\); pass z "
+        r"with shape \(\.\.\., 6\) or W with shape \(3, 5\)$",
+    ):
         fnbp.mm(*_bad_mm(z=(4, 5)))
 
 
 @pytest.mark.parametrize("b_shape", [(4,), (1, N), ()], ids=str)
 def test_mm_rejects_b_of_wrong_shape(b_shape):
-    with pytest.raises(ValueError, match=r"^mm: b must have shape \(3,\) to match "
-                                         r"W\.shape=\(3, 6\), got b\.shape="):
+    with pytest.raises(
+        ValueError,
+        match=r"^mm: b must have shape \(3,\) to match "
+        r"W\.shape=\(3, 6\), got b\.shape=",
+    ):
         fnbp.mm(*_bad_mm(b=b_shape))
 
 
@@ -135,6 +142,9 @@ def test_mm_rejects_non_float_arguments(name, dtype):
     z, W, b = _bad_mm()
     args = {"z": z, "W": W, "b": b}
     args[name] = jnp.ones(args[name].shape, dtype)
-    with pytest.raises(TypeError, match=rf"^mm: {name} has dtype {jnp.dtype(dtype)}, but a "
-                                        r"real floating dtype is needed"):
+    with pytest.raises(
+        TypeError,
+        match=rf"^mm: {name} has dtype {jnp.dtype(dtype)}, but a "
+        r"real floating dtype is needed",
+    ):
         fnbp.mm(**args)

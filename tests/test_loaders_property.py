@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from fnbp.train import data, data_files
 from fnbp.train.data import DataError, DataWarning
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def outcome(name, path):
@@ -89,11 +90,13 @@ def arrays(draw, n, ndim_min=1, ndim_max=3, label=False):
         pool = [0, 1] if clean else [0, 1, 2, 3, 1.5, -1, 1e9, np.nan]
     else:
         dtype = draw(DTYPES)
-        shape = (n,) + tuple(draw(st.lists(st.integers(1, 3), min_size=ndim_min - 1,
-                                           max_size=ndim_max - 1)))
+        shape = (n,) + tuple(
+            draw(st.lists(st.integers(1, 3), min_size=ndim_min - 1, max_size=ndim_max - 1))
+        )
         pool = [0.0, 1.0, -2.5, 7.0] + ([] if clean else [1e300, np.inf, np.nan])
-    values = draw(st.lists(st.sampled_from(pool), min_size=int(np.prod(shape)),
-                           max_size=int(np.prod(shape))))
+    values = draw(
+        st.lists(st.sampled_from(pool), min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))
+    )
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return np.array(values, dtype=np.float64).astype(dtype).reshape(shape)
@@ -101,8 +104,7 @@ def arrays(draw, n, ndim_min=1, ndim_max=3, label=False):
 
 @st.composite
 def npz_files(draw):
-    layout = draw(st.sampled_from(data_files.NPZ_LAYOUTS * 3 + (("x", "y", "extra"),
-                                                                     ("inputs",))))
+    layout = draw(st.sampled_from(data_files.NPZ_LAYOUTS * 3 + (("x", "y", "extra"), ("inputs",))))
     members = {}
     sizes = {"train": draw(st.integers(0, 12)), "test": draw(st.integers(0, 6))}
     for name in layout:
@@ -128,8 +130,24 @@ def test_any_npz_file_loads_or_is_one_data_error(raw):
 
 
 NUMBERS = ["0", "1", "2", "1.5", "-3", "7", " 4 ", "1e3"]
-CELLS = st.sampled_from(NUMBERS * 4 + ["1e300", "nan", "inf", "NA", "", " ", "x", "label",
-                                       "\ufeff1", '"1"', '"a,b"', "1e400", "\x00"])
+CELLS = st.sampled_from(
+    NUMBERS * 4
+    + [
+        "1e300",
+        "nan",
+        "inf",
+        "NA",
+        "",
+        " ",
+        "x",
+        "label",
+        "\ufeff1",
+        '"1"',
+        '"a,b"',
+        "1e400",
+        "\x00",
+    ]
+)
 LABELS = st.sampled_from(["0", "1"] * 8 + ["2", "1.5", "-1", "NA", "5"])
 
 
@@ -139,8 +157,13 @@ def csv_files(draw):
         return draw(st.binary(max_size=200))
     width = draw(st.integers(1, 4))
     ragged = draw(st.integers(0, 3)) == 0
-    rows = draw(st.lists(st.lists(CELLS, min_size=width - 1 if ragged else width,
-                                  max_size=width), min_size=1, max_size=12))
+    rows = draw(
+        st.lists(
+            st.lists(CELLS, min_size=width - 1 if ragged else width, max_size=width),
+            min_size=1,
+            max_size=12,
+        )
+    )
     if draw(st.booleans()):  # mostly well-formed labels in the last column
         rows = [row[:-1] + [draw(LABELS)] if row else row for row in rows]
     text = "\n".join(",".join(row) for row in rows)
@@ -158,10 +181,15 @@ def test_any_csv_file_loads_or_is_one_data_error(raw):
 
 
 def idx_bytes(array):
-    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype("float64"): 0x0E,
-             np.dtype("float32"): 0x0D}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(
-        array.shape, ">u4").tobytes()
+    codes = {
+        np.dtype("uint8"): 0x08,
+        np.dtype("int8"): 0x09,
+        np.dtype("float64"): 0x0E,
+        np.dtype("float32"): 0x0D,
+    }
+    header = (
+        bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    )
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
 
 
@@ -177,8 +205,13 @@ def idx_folders(draw):
         else:
             shape = (n,)
             dtype = draw(st.sampled_from(["uint8", "int8"]))
-        values = draw(st.lists(st.integers(0, 3 if key.startswith("x") else 1),
-                               min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        values = draw(
+            st.lists(
+                st.integers(0, 3 if key.startswith("x") else 1),
+                min_size=int(np.prod(shape)),
+                max_size=int(np.prod(shape)),
+            )
+        )
         raw = idx_bytes(np.array(values, dtype=dtype).reshape(shape))
         if draw(st.integers(0, 7)) == 0:
             raw = corrupt(draw, raw)
@@ -200,14 +233,20 @@ def test_any_idx_folder_loads_or_is_one_data_error(files):
         record("idx", outcome("idx", folder))
 
 
-@pytest.mark.parametrize("name, raw, match", [
-    ("npz", b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }",
-     "is a single NumPy array"),
-    ("npz", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a PNG image, not a .npz archive"),
-    ("npz", b"PK\x03\x04" + bytes(60), "cannot read"),
-    ("csv", "\ufeff\x00,1\n".encode(), "line 1 column 1 holds '\\x00', which is not a number"),
-    ("csv", b"\xff\xfe1\x00,\x000\x00", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "name, raw, match",
+    [
+        (
+            "npz",
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }",
+            "is a single NumPy array",
+        ),
+        ("npz", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a PNG image, not a .npz archive"),
+        ("npz", b"PK\x03\x04" + bytes(60), "cannot read"),
+        ("csv", "\ufeff\x00,1\n".encode(), "line 1 column 1 holds '\\x00', which is not a number"),
+        ("csv", b"\xff\xfe1\x00,\x000\x00", "cannot read"),
+    ],
+)
 def test_examples_found_by_the_property_tests(tmp_path, name, raw, match):
     message = outcome(name, write(tmp_path, "d." + name, raw))
     assert isinstance(message, str) and match in message, message

@@ -135,8 +135,7 @@ def plain_conv(p, h, stride=1):
     """Channels-last convolution, "same" zero padding for odd kernels, + bias."""
     n = p["w"].ndim - 2
     pads = [((k - 1) // 2, (k - 1) // 2) for k in p["w"].shape[:n]]
-    u = jax.lax.conv_general_dilated(h, p["w"], (stride,) * n, pads,
-                                     dimension_numbers=_DN[n])
+    u = jax.lax.conv_general_dilated(h, p["w"], (stride,) * n, pads, dimension_numbers=_DN[n])
     return u + p["b"]
 
 
@@ -157,8 +156,14 @@ def plain_cnn1d_loss(params, x, y):
 
 MLP = fnbp.mlp([16, 12, 10], "relu")
 CNN2D = fnbp.serial(fnbp.Conv2D(4, 3), fnbp.Relu(), fnbp.Flatten(3), fnbp.Linear(10))
-CNN1D = fnbp.serial(fnbp.Conv1D(4, 3), fnbp.Relu(), fnbp.Conv1D(6, 3, stride=2), fnbp.Relu(),
-                    fnbp.Flatten(2), fnbp.Linear(10))
+CNN1D = fnbp.serial(
+    fnbp.Conv1D(4, 3),
+    fnbp.Relu(),
+    fnbp.Conv1D(6, 3, stride=2),
+    fnbp.Relu(),
+    fnbp.Flatten(2),
+    fnbp.Linear(10),
+)
 
 NETWORKS = {
     # name: (fnbp model, per-example input shape, autodiff's plain loss)
@@ -271,9 +276,11 @@ MIXED = [  # (z, W or w, b or None)
     ("float16", "bfloat16", None),
     ("float32", "float64", "float32"),
 ]
-MIXED_RULES = {"mm": (fnbp.mm, mm_plain, ((5, 6), (3, 6), (3,))),
-               "conv1d": (fnbp.conv1d, conv1d_plain, ((2, 7, 2), (3, 2, 3), (3,))),
-               "conv2d": (fnbp.conv2d, conv2d_plain, ((2, 5, 5, 2), (3, 3, 2, 3), (3,)))}
+MIXED_RULES = {
+    "mm": (fnbp.mm, mm_plain, ((5, 6), (3, 6), (3,))),
+    "conv1d": (fnbp.conv1d, conv1d_plain, ((2, 7, 2), (3, 2, 3), (3,))),
+    "conv2d": (fnbp.conv2d, conv2d_plain, ((2, 5, 5, 2), (3, 3, 2, 3), (3,))),
+}
 
 
 @pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "/".join(map(str, d)))

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracle import rel_err
 
 import fnbp
-from _oracle import rel_err
 from fnbp.nn.layer import MissingRuleError
 
 F64_RTOL = 1e-10
@@ -61,8 +61,9 @@ def init(model, input_shape=(D_IN,), seed=1):
     W ~ N(0, 1/m) as fan-in initializers draw it; b ~ N(0, 0.2^2), so biases are
     not zero; other leaves ~ N(1, 0.2^2).
     """
-    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, jnp.float64)[1],
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda key: model.init(key, input_shape, jnp.float64)[1], jax.random.key(0)
+    )
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
@@ -101,7 +102,8 @@ def gradients_and_oracle(model, ref, params, x, y):
         "oracle": jax.value_and_grad(ref_objective, argnums=1)(ref, params, x, y),
         "norms": norms,
         "norms of per_example_grads": jnp.sqrt(
-            sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves)),
+            sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves)
+        ),
     }
 
 
@@ -126,7 +128,7 @@ def shapes_of_init(model, input_shape=(D_IN,), *dtype):
 def test_mlp_init_shapes_and_params():
     model = fnbp.mlp([WIDTH, WIDTH, K], "relu")
     out_shape, _ = jax.eval_shape(lambda key: model.init(key, (D_IN,)), jax.random.key(0))
-    assert len(out_shape) == 1                     # the output shape (K,)
+    assert len(out_shape) == 1  # the output shape (K,)
     params = shapes_of_init(model, (D_IN,), jnp.float64)
     assert len(params) == 5 and params[1] == () and params[3] == ()
     assert [p["W"].shape for p in params[0::2]] == [(WIDTH, D_IN), (WIDTH, WIDTH), (K, WIDTH)]
@@ -139,12 +141,15 @@ def test_mlp_init_shapes_and_params():
     assert out.shape == (2, 3, K) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("activation, variance", [
-    ("relu", lambda m, n: 2.0 / m),           # He: ReLU-like activations
-    ("gelu", lambda m, n: 2.0 / m),
-    ("tanh", lambda m, n: 2.0 / (m + n)),     # Glorot: saturating activations
-    ("sigmoid", lambda m, n: 2.0 / (m + n)),
-])
+@pytest.mark.parametrize(
+    "activation, variance",
+    [
+        ("relu", lambda m, n: 2.0 / m),  # He: ReLU-like activations
+        ("gelu", lambda m, n: 2.0 / m),
+        ("tanh", lambda m, n: 2.0 / (m + n)),  # Glorot: saturating activations
+        ("sigmoid", lambda m, n: 2.0 / (m + n)),
+    ],
+)
 def test_mlp_initializers(activation, variance):
     m, n = 300, 200
     out_shape, params = fnbp.mlp([n, 10], activation).init(jax.random.key(0), (m,))
@@ -153,13 +158,13 @@ def test_mlp_initializers(activation, variance):
     assert W.shape == (n, m)
     assert abs(W.var() / variance(m, n) - 1.0) < 0.05
     assert abs(W.mean()) < 0.01 * np.sqrt(variance(m, n))
-    assert not np.any(params[0]["b"]) and not np.any(params[2]["b"])   # biases start at 0
+    assert not np.any(params[0]["b"]) and not np.any(params[2]["b"])  # biases start at 0
 
 
 def test_resnet_s_init_shapes_and_params():
     model = fnbp.resnet_s(WIDTH, 2, K, "tanh")
     params = shapes_of_init(model)
-    assert len(params) == 4                  # MM_in, Res, Res, MM_out
+    assert len(params) == 4  # MM_in, Res, Res, MM_out
     assert params[0]["W"].shape == (WIDTH, D_IN) and params[-1]["W"].shape == (K, WIDTH)
     for block in params[1:3]:
         first, act1, second, act2 = block
@@ -204,8 +209,9 @@ def straight_through_round() -> fnbp.Layer:
     def backward(params, residuals, v):
         return (), v
 
-    return fnbp.make_layer("round", lambda key, shape, dtype=None: (tuple(shape), ()),
-                           forward, backward)
+    return fnbp.make_layer(
+        "round", lambda key, shape, dtype=None: (tuple(shape), ()), forward, backward
+    )
 
 
 @pytest.mark.filterwarnings("ignore::fnbp.PerExampleFallbackWarning")
@@ -221,8 +227,11 @@ def test_make_layer_composes_in_serial_and_backprop():
 
     # with no sq_norms of its own, the norms come from per-example gradients
     u, residuals = model.forward(params, x)
-    with pytest.raises(MissingRuleError, match=r"scale: this layer has parameters but no "
-                                               r"sq_norms rule; give it one with fnbp.make_layer"):
+    with pytest.raises(
+        MissingRuleError,
+        match=r"scale: this layer has parameters but no "
+        r"sq_norms rule; give it one with fnbp.make_layer",
+    ):
         model.sq_norms(params, residuals, u)
     assert_gradients_equal_oracle(model, ref, params, x, y)
 
@@ -263,7 +272,8 @@ def residual_cotangents(params, z, v):
     _, ref_vjp = jax.vjp(ref_res, params, z)
     _, apply_vjp = jax.vjp(RES.apply, params, z)
     return {
-        "u": u, "z + block(z)": z + u_block,
+        "u": u,
+        "z + block(z)": z + u_block,
         "backward": RES.backward(params, residuals, v),
         "block backward": RES_BLOCK.backward(params, block_residuals, v),
         "oracle": ref_vjp(v),
@@ -317,7 +327,7 @@ def test_flatten_in_a_network_equals_the_oracle():
         return ref_mm(last, ref_relu(ref_mm(first, x.reshape(x.shape[0], 6))))
 
     u, residuals = model.forward(params, x)
-    sq, _ = model.sq_norms(params, residuals, u)     # Flatten needs no rule of its own
+    sq, _ = model.sq_norms(params, residuals, u)  # Flatten needs no rule of its own
     assert jax.tree.structure(sq) == jax.tree.structure(params)
     assert [q.shape for q in jax.tree.leaves(sq)] == [(N,)] * 4
     assert_gradients_equal_oracle(model, ref, params, x, y)
@@ -416,8 +426,11 @@ def test_params_as_a_list_give_grads_as_a_list():
 
 
 def test_serial_rejects_a_non_layer():
-    with pytest.raises(TypeError, match=r"serial: argument 1 is function, not a Layer; use "
-                                        r"fnbp.Linear\(n\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"serial: argument 1 is function, not a Layer; use "
+        r"fnbp.Linear\(n\)",
+    ):
         fnbp.serial(fnbp.Linear(3), fnbp.relu)
 
 
@@ -443,159 +456,333 @@ def test_builders_and_layers_reject_bad_settings():
         fnbp.resnet_s(WIDTH, 0, K)
     with pytest.raises(ValueError, match=r"Linear: n must be a positive int, got 0"):
         fnbp.Linear(0)
-    with pytest.raises(ValueError, match=r"Linear: init must be one of \['glorot', 'he', "
-                                         r"'lecun'\], got 'xavier'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Linear: init must be one of \['glorot', 'he', "
+        r"'lecun'\], got 'xavier'",
+    ):
         fnbp.Linear(3, init="xavier")
-    with pytest.raises(ValueError, match=r"^LeakyRelu: leaky_relu: gamma must lie in the open "
-                                         r"interval \(0.0, 1.0\), got 1.5$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^LeakyRelu: leaky_relu: gamma must lie in the open "
+        r"interval \(0.0, 1.0\), got 1.5$",
+    ):
         fnbp.LeakyRelu(1.5)
     with pytest.raises(ValueError, match=r"^Softplus: softplus: beta must be > 0, got 0.0$"):
         fnbp.Softplus(0.0)
-    with pytest.raises(ValueError, match=r"^LeakyRelu: unknown settings \['beta'\]; it takes "
-                                         r"\['gamma'\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^LeakyRelu: unknown settings \['beta'\]; it takes "
+        r"\['gamma'\]$",
+    ):
         fnbp.activation_layer("leaky_relu", beta=2.0)
 
 
 # Every public factory and builder checks each argument with one helper (fnbp/nn/_args.py):
 # (call, error, the exact message).
 FACTORY_ERRORS = [
-    (lambda: fnbp.Linear(True), ValueError,
-     "Linear: n must be a positive int, got True (n is the output width)"),
+    (
+        lambda: fnbp.Linear(True),
+        ValueError,
+        "Linear: n must be a positive int, got True (n is the output width)",
+    ),
     (lambda: fnbp.Linear(3, bias="no"), TypeError, "Linear: bias must be True or False, got 'no'"),
-    (lambda: fnbp.Linear(3, init=["he"]), ValueError,
-     "Linear: init must be one of ['glorot', 'he', 'lecun'], got ['he']"),
-    (lambda: fnbp.Conv2D(0, 3), ValueError,
-     "Conv2D: channels must be a positive int, got 0 (channels is the number of output "
-     "channels)"),
-    (lambda: fnbp.Conv2D(-2, 3), ValueError,
-     "Conv2D: channels must be a positive int, got -2 (channels is the number of output "
-     "channels)"),
-    (lambda: fnbp.Conv2D(2.0, 3), ValueError,
-     "Conv2D: channels must be a positive int, got 2.0 (channels is the number of output "
-     "channels)"),
-    (lambda: fnbp.Conv2D(4, 0), ValueError,
-     "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got 0 "
-     "(kernel_size is the filter's size along each spatial axis)"),
-    (lambda: fnbp.Conv2D(4, (3,)), ValueError,
-     "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got (3,) "
-     "(kernel_size is the filter's size along each spatial axis)"),
-    (lambda: fnbp.Conv1D(4, 3.0), ValueError,
-     "Conv1D: kernel_size must be a positive int or a tuple of 1 positive int, got 3.0 "
-     "(kernel_size is the filter's size along each spatial axis)"),
-    (lambda: fnbp.Conv1D(0, 3), ValueError,
-     "Conv1D: channels must be a positive int, got 0 (channels is the number of output "
-     "channels)"),
-    (lambda: fnbp.Conv2D(4, 3, stride=0), ValueError,
-     "Conv2D: stride must be a positive int or a tuple of 2 positive ints, got 0"),
-    (lambda: fnbp.Conv2D(4, 3, dilation=(1, -1)), ValueError,
-     "Conv2D: dilation must be a positive int or a tuple of 2 positive ints, got (1, -1)"),
-    (lambda: fnbp.Conv2D(4, 3, padding="full"), ValueError,
-     "Conv2D: conv2d: padding must be 'same', 'valid', an int or a (low, high) pair, got "
-     "padding='full'"),
-    (lambda: fnbp.Conv2D(4, 3, bias=None), TypeError,
-     "Conv2D: bias must be True or False, got None"),
-    (lambda: fnbp.MaxPool(0), ValueError,
-     "MaxPool: window must be a positive int or a tuple of 1 positive int, got 0"),
-    (lambda: fnbp.AvgPool((2, 2, 2)), ValueError,
-     "AvgPool: window must be a positive int (1-D pooling) or a tuple of 1 or 2 positive ints "
-     "(1-D or 2-D pooling), got (2, 2, 2)"),
-    (lambda: fnbp.MaxPool((2, 2), stride=(0, 1)), ValueError,
-     "MaxPool: stride must be a positive int or a tuple of 2 positive ints, got (0, 1) "
-     "(stride is the step between windows: None for non-overlapping ones)"),
-    (lambda: fnbp.LayerNorm(-1.0), ValueError,
-     "LayerNorm: eps must be a finite number >= 0, got -1.0 (eps is added to the variance: 0 "
-     "for the notes' exact form)"),
-    (lambda: fnbp.LayerNorm(float("nan")), ValueError,
-     "LayerNorm: eps must be a finite number >= 0, got nan (eps is added to the variance: 0 "
-     "for the notes' exact form)"),
-    (lambda: fnbp.LayerNorm(per_feature=1), TypeError,
-     "LayerNorm: per_feature must be True or False, got 1"),
-    (lambda: fnbp.RMSNorm("1e-6"), TypeError,
-     "RMSNorm: eps must be a number >= 0, got str '1e-6' (eps is added to the mean square: 0 "
-     "for the exact form)"),
-    (lambda: fnbp.Flatten(True), ValueError,
-     "Flatten: ndim must be a positive int, got True (ndim is the number of trailing axes to "
-     "flatten)"),
-    (lambda: fnbp.residual(3), TypeError,
-     "residual: block is int, not a Layer; use fnbp.Linear(n), fnbp.Relu(), ... or "
-     "fnbp.make_layer"),
-    (lambda: fnbp.remat(fnbp.Linear), TypeError,
-     "remat: layer is function (a layer factory: call it, fnbp.Linear(...)), not a Layer; use "
-     "fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer"),
-    (lambda: fnbp.serial(fnbp.Relu(), name=""), TypeError,
-     "serial: name must be a non-empty str (shown in errors), got ''"),
-    (lambda: fnbp.mlp(784), ValueError,
-     "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
-     "[1024, 10]), got 784"),
-    (lambda: fnbp.mlp([True]), ValueError,
-     "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
-     "[1024, 10]), got [True]"),
-    (lambda: fnbp.resnet_s(0, 1, 2), ValueError,
-     "resnet_s: width must be a positive int, got 0 (width is the residual stream's width)"),
-    (lambda: fnbp.resnet_s(4, True, 2), ValueError,
-     "resnet_s: depth must be a positive int, got True (depth is the number of Res blocks)"),
-    (lambda: fnbp.resnet_s(4, 1, 0), ValueError,
-     "resnet_s: num_outputs must be a positive int, got 0 (num_outputs is the output width)"),
-    (lambda: fnbp.cnn(0), ValueError,
-     "cnn: num_classes must be a positive int, got 0 (num_classes is the output width)"),
-    (lambda: fnbp.cnn(3, (0,)), ValueError,
-     "cnn: channels must be a non-empty list of positive ints, the output channels of each "
-     "convolution stage (e.g. (16, 32)), got (0,)"),
-    (lambda: fnbp.cnn(3, kernel_size=4), ValueError,
-     "cnn: kernel_size must be odd, got 4: the convolutions pad 'same', which needs an odd "
-     "kernel; pass 5"),
-    (lambda: fnbp.cnn(3, pool=0), ValueError,
-     "cnn: pool must be a positive int, got 0 (pool is the window and stride of every max "
-     "pooling: 1 for none)"),
-    (lambda: fnbp.make_layer("x", None, None, None), TypeError,
-     "make_layer: init must be a function (see fnbp.make_layer for its signature), got "
-     "NoneType"),
-    (lambda: fnbp.make_layer(3, lambda *a: a, lambda *a: a, lambda *a: a), TypeError,
-     "make_layer: name must be a non-empty str (shown in errors), got 3"),
-    (lambda: fnbp.nn.rule_layer(["relu"]), ValueError,
-     f"activation must be one of {sorted(n for n, r in fnbp.rules.registry().items() if r.layer)}"
-     f", the matching fnbp function (e.g. fnbp.relu) or a Layer; got ['relu']"),
+    (
+        lambda: fnbp.Linear(3, init=["he"]),
+        ValueError,
+        "Linear: init must be one of ['glorot', 'he', 'lecun'], got ['he']",
+    ),
+    (
+        lambda: fnbp.Conv2D(0, 3),
+        ValueError,
+        "Conv2D: channels must be a positive int, got 0 (channels is the number of output "
+        "channels)",
+    ),
+    (
+        lambda: fnbp.Conv2D(-2, 3),
+        ValueError,
+        "Conv2D: channels must be a positive int, got -2 (channels is the number of output "
+        "channels)",
+    ),
+    (
+        lambda: fnbp.Conv2D(2.0, 3),
+        ValueError,
+        "Conv2D: channels must be a positive int, got 2.0 (channels is the number of output "
+        "channels)",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, 0),
+        ValueError,
+        "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got 0 "
+        "(kernel_size is the filter's size along each spatial axis)",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, (3,)),
+        ValueError,
+        "Conv2D: kernel_size must be a positive int or a tuple of 2 positive ints, got (3,) "
+        "(kernel_size is the filter's size along each spatial axis)",
+    ),
+    (
+        lambda: fnbp.Conv1D(4, 3.0),
+        ValueError,
+        "Conv1D: kernel_size must be a positive int or a tuple of 1 positive int, got 3.0 "
+        "(kernel_size is the filter's size along each spatial axis)",
+    ),
+    (
+        lambda: fnbp.Conv1D(0, 3),
+        ValueError,
+        "Conv1D: channels must be a positive int, got 0 (channels is the number of output "
+        "channels)",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, 3, stride=0),
+        ValueError,
+        "Conv2D: stride must be a positive int or a tuple of 2 positive ints, got 0",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, 3, dilation=(1, -1)),
+        ValueError,
+        "Conv2D: dilation must be a positive int or a tuple of 2 positive ints, got (1, -1)",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, 3, padding="full"),
+        ValueError,
+        "Conv2D: conv2d: padding must be 'same', 'valid', an int or a (low, high) pair, got "
+        "padding='full'",
+    ),
+    (
+        lambda: fnbp.Conv2D(4, 3, bias=None),
+        TypeError,
+        "Conv2D: bias must be True or False, got None",
+    ),
+    (
+        lambda: fnbp.MaxPool(0),
+        ValueError,
+        "MaxPool: window must be a positive int or a tuple of 1 positive int, got 0",
+    ),
+    (
+        lambda: fnbp.AvgPool((2, 2, 2)),
+        ValueError,
+        "AvgPool: window must be a positive int (1-D pooling) or a tuple of 1 or 2 positive ints "
+        "(1-D or 2-D pooling), got (2, 2, 2)",
+    ),
+    (
+        lambda: fnbp.MaxPool((2, 2), stride=(0, 1)),
+        ValueError,
+        "MaxPool: stride must be a positive int or a tuple of 2 positive ints, got (0, 1) "
+        "(stride is the step between windows: None for non-overlapping ones)",
+    ),
+    (
+        lambda: fnbp.LayerNorm(-1.0),
+        ValueError,
+        "LayerNorm: eps must be a finite number >= 0, got -1.0 (eps is added to the variance: 0 "
+        "for the notes' exact form)",
+    ),
+    (
+        lambda: fnbp.LayerNorm(float("nan")),
+        ValueError,
+        "LayerNorm: eps must be a finite number >= 0, got nan (eps is added to the variance: 0 "
+        "for the notes' exact form)",
+    ),
+    (
+        lambda: fnbp.LayerNorm(per_feature=1),
+        TypeError,
+        "LayerNorm: per_feature must be True or False, got 1",
+    ),
+    (
+        lambda: fnbp.RMSNorm("1e-6"),
+        TypeError,
+        "RMSNorm: eps must be a number >= 0, got str '1e-6' (eps is added to the mean square: 0 "
+        "for the exact form)",
+    ),
+    (
+        lambda: fnbp.Flatten(True),
+        ValueError,
+        "Flatten: ndim must be a positive int, got True (ndim is the number of trailing axes to "
+        "flatten)",
+    ),
+    (
+        lambda: fnbp.residual(3),
+        TypeError,
+        "residual: block is int, not a Layer; use fnbp.Linear(n), fnbp.Relu(), ... or "
+        "fnbp.make_layer",
+    ),
+    (
+        lambda: fnbp.remat(fnbp.Linear),
+        TypeError,
+        "remat: layer is function (a layer factory: call it, fnbp.Linear(...)), not a Layer; use "
+        "fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer",
+    ),
+    (
+        lambda: fnbp.serial(fnbp.Relu(), name=""),
+        TypeError,
+        "serial: name must be a non-empty str (shown in errors), got ''",
+    ),
+    (
+        lambda: fnbp.mlp(784),
+        ValueError,
+        "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
+        "[1024, 10]), got 784",
+    ),
+    (
+        lambda: fnbp.mlp([True]),
+        ValueError,
+        "mlp: widths must be a non-empty list of positive ints, the output width of each MM (e.g. "
+        "[1024, 10]), got [True]",
+    ),
+    (
+        lambda: fnbp.resnet_s(0, 1, 2),
+        ValueError,
+        "resnet_s: width must be a positive int, got 0 (width is the residual stream's width)",
+    ),
+    (
+        lambda: fnbp.resnet_s(4, True, 2),
+        ValueError,
+        "resnet_s: depth must be a positive int, got True (depth is the number of Res blocks)",
+    ),
+    (
+        lambda: fnbp.resnet_s(4, 1, 0),
+        ValueError,
+        "resnet_s: num_outputs must be a positive int, got 0 (num_outputs is the output width)",
+    ),
+    (
+        lambda: fnbp.cnn(0),
+        ValueError,
+        "cnn: num_classes must be a positive int, got 0 (num_classes is the output width)",
+    ),
+    (
+        lambda: fnbp.cnn(3, (0,)),
+        ValueError,
+        "cnn: channels must be a non-empty list of positive ints, the output channels of each "
+        "convolution stage (e.g. (16, 32)), got (0,)",
+    ),
+    (
+        lambda: fnbp.cnn(3, kernel_size=4),
+        ValueError,
+        "cnn: kernel_size must be odd, got 4: the convolutions pad 'same', which needs an odd "
+        "kernel; pass 5",
+    ),
+    (
+        lambda: fnbp.cnn(3, pool=0),
+        ValueError,
+        "cnn: pool must be a positive int, got 0 (pool is the window and stride of every max "
+        "pooling: 1 for none)",
+    ),
+    (
+        lambda: fnbp.make_layer("x", None, None, None),
+        TypeError,
+        "make_layer: init must be a function (see fnbp.make_layer for its signature), got NoneType",
+    ),
+    (
+        lambda: fnbp.make_layer(3, lambda *a: a, lambda *a: a, lambda *a: a),
+        TypeError,
+        "make_layer: name must be a non-empty str (shown in errors), got 3",
+    ),
+    (
+        lambda: fnbp.nn.rule_layer(["relu"]),
+        ValueError,
+        f"activation must be one of {sorted(n for n, r in fnbp.rules.registry().items() if r.layer)}"
+        f", the matching fnbp function (e.g. fnbp.relu) or a Layer; got ['relu']",
+    ),
 ]
 
 
-@pytest.mark.parametrize("call, error, message", FACTORY_ERRORS,
-                         ids=[str(i) for i in range(len(FACTORY_ERRORS))])
+@pytest.mark.parametrize(
+    "call, error, message", FACTORY_ERRORS, ids=[str(i) for i in range(len(FACTORY_ERRORS))]
+)
 def test_factories_refuse_each_bad_argument_by_name(call, error, message):
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         call()
 
 
 INIT_ERRORS = [  # (model, key, input_shape, dtype, error, message)
-    (fnbp.mlp([4, 2]), jax.random.key(0), (0,), None, ValueError,
-     "mlp: input_shape (0,) has a zero or negative dimension; every axis of an example needs "
-     "at least one entry (the batch axis is not part of it)"),
-    (fnbp.Conv2D(2, 3), jax.random.key(0), (8, -1, 1), None, ValueError,
-     "conv2d(2, 3): input_shape (8, -1, 1) has a zero or negative dimension; every axis of an "
-     "example needs at least one entry (the batch axis is not part of it)"),
-    (fnbp.mlp([4, 2]), jax.random.key(0), (3.0,), None, TypeError,
-     "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
-     "(e.g. (784,) or (28, 28, 1)), got tuple (3.0,)"),
-    (fnbp.mlp([4, 2]), jax.random.key(0), None, None, TypeError,
-     "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
-     "(e.g. (784,) or (28, 28, 1)), got NoneType None"),
-    (fnbp.mlp([4, 2]), 0, (3,), None, TypeError,
-     "mlp: key must be one PRNG key, got int 0; pass e.g. jax.random.key(0)"),
-    (fnbp.mlp([4, 2]), None, (3,), None, TypeError,
-     "mlp: key must be one PRNG key, got NoneType None; pass e.g. jax.random.key(0)"),
-    (fnbp.mlp([4, 2]), jax.random.key(0), (3,), jnp.int32, TypeError,
-     "mlp: dtype must be a real floating dtype for the parameters (jnp.float32, jnp.bfloat16, "
-     "jnp.float16 or jnp.float64), got int32"),
-    (fnbp.LayerNorm(), jax.random.key(0), (), None, ValueError,
-     "layer_norm(eps=1e-05): needs per-example inputs of shape (..., m), the last axis "
-     "normalized, got ()"),
-    (fnbp.RMSNorm(), jax.random.key(0), (), None, ValueError,
-     "rms_norm(eps=1e-06): needs per-example inputs of shape (..., m), the last axis "
-     "normalized, got ()"),
+    (
+        fnbp.mlp([4, 2]),
+        jax.random.key(0),
+        (0,),
+        None,
+        ValueError,
+        "mlp: input_shape (0,) has a zero or negative dimension; every axis of an example needs "
+        "at least one entry (the batch axis is not part of it)",
+    ),
+    (
+        fnbp.Conv2D(2, 3),
+        jax.random.key(0),
+        (8, -1, 1),
+        None,
+        ValueError,
+        "conv2d(2, 3): input_shape (8, -1, 1) has a zero or negative dimension; every axis of an "
+        "example needs at least one entry (the batch axis is not part of it)",
+    ),
+    (
+        fnbp.mlp([4, 2]),
+        jax.random.key(0),
+        (3.0,),
+        None,
+        TypeError,
+        "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
+        "(e.g. (784,) or (28, 28, 1)), got tuple (3.0,)",
+    ),
+    (
+        fnbp.mlp([4, 2]),
+        jax.random.key(0),
+        None,
+        None,
+        TypeError,
+        "mlp: input_shape must be one example's shape, a tuple of ints without the batch axis "
+        "(e.g. (784,) or (28, 28, 1)), got NoneType None",
+    ),
+    (
+        fnbp.mlp([4, 2]),
+        0,
+        (3,),
+        None,
+        TypeError,
+        "mlp: key must be one PRNG key, got int 0; pass e.g. jax.random.key(0)",
+    ),
+    (
+        fnbp.mlp([4, 2]),
+        None,
+        (3,),
+        None,
+        TypeError,
+        "mlp: key must be one PRNG key, got NoneType None; pass e.g. jax.random.key(0)",
+    ),
+    (
+        fnbp.mlp([4, 2]),
+        jax.random.key(0),
+        (3,),
+        jnp.int32,
+        TypeError,
+        "mlp: dtype must be a real floating dtype for the parameters (jnp.float32, jnp.bfloat16, "
+        "jnp.float16 or jnp.float64), got int32",
+    ),
+    (
+        fnbp.LayerNorm(),
+        jax.random.key(0),
+        (),
+        None,
+        ValueError,
+        "layer_norm(eps=1e-05): needs per-example inputs of shape (..., m), the last axis "
+        "normalized, got ()",
+    ),
+    (
+        fnbp.RMSNorm(),
+        jax.random.key(0),
+        (),
+        None,
+        ValueError,
+        "rms_norm(eps=1e-06): needs per-example inputs of shape (..., m), the last axis "
+        "normalized, got ()",
+    ),
 ]
 
 
-@pytest.mark.parametrize("model, key, shape, dtype, error, message", INIT_ERRORS,
-                         ids=[str(i) for i in range(len(INIT_ERRORS))])
+@pytest.mark.parametrize(
+    "model, key, shape, dtype, error, message",
+    INIT_ERRORS,
+    ids=[str(i) for i in range(len(INIT_ERRORS))],
+)
 def test_init_refuses_a_bad_key_shape_or_dtype_by_name(model, key, shape, dtype, error, message):
     args = (key, shape) if dtype is None else (key, shape, dtype)
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
@@ -608,32 +795,43 @@ def test_init_takes_an_int_input_shape_as_one_axis():
     want_shape, want = model.init(jax.random.key(0), (5,))
     assert shape == want_shape == (2,)
     assert rel_err(params, want) == 0
-    assert model.init(jax.random.PRNGKey(0), np.int64(5))[0] == (2,)   # a raw key, a NumPy int
+    assert model.init(jax.random.PRNGKey(0), np.int64(5))[0] == (2,)  # a raw key, a NumPy int
 
 
 def test_layers_take_a_list_input_and_refuse_what_is_not_numbers():
     model = fnbp.serial(fnbp.Linear(2), fnbp.Relu(), name="net")
     params = init(model, (3,))
     x = [[0.5, -1.0, 2.0]]
-    np.testing.assert_array_equal(model.apply(params, x),
-                                  model.apply(params, jnp.asarray(x)))
-    with pytest.raises(TypeError, match=r"^net: x must be an array of numbers \(a jax or NumPy "
-                                        r"array, or a nested list of numbers\), got str 'abc'$"):
+    np.testing.assert_array_equal(model.apply(params, x), model.apply(params, jnp.asarray(x)))
+    with pytest.raises(
+        TypeError,
+        match=r"^net: x must be an array of numbers \(a jax or NumPy "
+        r"array, or a nested list of numbers\), got str 'abc'$",
+    ):
         model.apply(params, "abc")
-    with pytest.raises(TypeError, match=r"^net: x has dtype complex64; a layer computes on real "
-                                        r"numbers"):
+    with pytest.raises(
+        TypeError,
+        match=r"^net: x has dtype complex64; a layer computes on real "
+        r"numbers",
+    ):
         model.forward(params, jnp.ones((1, 3), jnp.complex64))
-    with pytest.raises(TypeError, match=r"^net\[0\] linear\(2\): z has dtype int32, but a real "
-                                        r"floating dtype is needed \(float16, bfloat16, float32 "
-                                        r"or float64\); convert it, e.g. z.astype\(jnp.float32\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"^net\[0\] linear\(2\): z has dtype int32, but a real "
+        r"floating dtype is needed \(float16, bfloat16, float32 "
+        r"or float64\); convert it, e.g. z.astype\(jnp.float32\)",
+    ):
         model.apply(params, jnp.ones((1, 3), jnp.int32))
     with pytest.raises(TypeError, match=r"^relu: z has dtype bool"):
         fnbp.Relu().apply((), jnp.ones(3, bool))
 
 
 def test_residual_block_that_changes_the_shape_is_rejected():
-    with pytest.raises(ValueError, match=r"residual\(linear\(7\)\): the block maps shape \(5,\) "
-                                         r"to \(7,\); Res\(z\) = z \+ block\(z\) needs them equal"):
+    with pytest.raises(
+        ValueError,
+        match=r"residual\(linear\(7\)\): the block maps shape \(5,\) "
+        r"to \(7,\); Res\(z\) = z \+ block\(z\) needs them equal",
+    ):
         init(fnbp.residual(fnbp.Linear(WIDTH)))
     model = fnbp.serial(fnbp.Linear(WIDTH), fnbp.residual(fnbp.Linear(K)))
     with pytest.raises(ValueError, match=r"the block maps shape \(7,\) to \(4,\)"):
@@ -664,9 +862,12 @@ def _every_entry_point(model, params, x, y):
 def test_params_with_the_wrong_number_of_entries_are_rejected(mlp_and_params):
     model, params, x, y = mlp_and_params
     for run in _every_entry_point(model, params[:4], x, y):
-        with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries \(one per "
-                                             r"layer\), got 4; pass the params made by this "
-                                             r"model's init"):
+        with pytest.raises(
+            ValueError,
+            match=r"mlp: params must be a tuple of 5 entries \(one per "
+            r"layer\), got 4; pass the params made by this "
+            r"model's init",
+        ):
             run()
     with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries .*got dict"):
         model.apply({"W": params[0]["W"]}, x)
@@ -676,8 +877,11 @@ def test_params_dict_with_a_missing_key_is_rejected(mlp_and_params):
     model, params, x, y = mlp_and_params
     bad = ({"W": params[0]["W"]},) + params[1:]
     for run in _every_entry_point(model, bad, x, y):
-        with pytest.raises(ValueError, match=r"mlp\[0\] linear\(16\): params must be a dict with "
-                                             r"keys \['W', 'b'\], got \['W'\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"mlp\[0\] linear\(16\): params must be a dict with "
+            r"keys \['W', 'b'\], got \['W'\]",
+        ):
             run()
 
 
@@ -685,18 +889,27 @@ def test_params_with_a_W_of_the_wrong_shape_are_rejected(mlp_and_params):
     model, params, x, y = mlp_and_params
     short = params[:2] + ({"W": params[2]["W"][:8], "b": params[2]["b"]},) + params[3:]
     for run in _every_entry_point(model, short, x, y):
-        with pytest.raises(ValueError, match=r"mlp\[2\] linear\(16\): params have "
-                                             r"W.shape=\(8, 16\), b.shape=\(16,\); expected W "
-                                             r"of shape \(16, m\) and b of shape \(16,\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"mlp\[2\] linear\(16\): params have "
+            r"W.shape=\(8, 16\), b.shape=\(16,\); expected W "
+            r"of shape \(16, m\) and b of shape \(16,\)",
+        ):
             run()
     outputs = params[:4] + ({"W": params[4]["W"][:3], "b": params[4]["b"][:3]},)
-    with pytest.raises(ValueError, match=r"mlp\[4\] linear\(4\): params have W.shape=\(3, 16\), "
-                                         r"b.shape=\(3,\); expected W of shape \(4, m\) and b of "
-                                         r"shape \(4,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp\[4\] linear\(4\): params have W.shape=\(3, 16\), "
+        r"b.shape=\(3,\); expected W of shape \(4, m\) and b of "
+        r"shape \(4,\)",
+    ):
         model.apply(outputs, x)
     narrow = params[:2] + ({"W": params[2]["W"][:, :15], "b": params[2]["b"]},) + params[3:]
-    with pytest.raises(ValueError, match=r"mlp\[2\] linear\(16\): input has shape \(3, 16\) but "
-                                         r"W.shape=\(16, 15\) expects 15 features"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp\[2\] linear\(16\): input has shape \(3, 16\) but "
+        r"W.shape=\(16, 15\) expects 15 features",
+    ):
         fnbp.backprop(model, LOSS, narrow, x, y)
 
 
@@ -711,9 +924,12 @@ def test_input_that_does_not_fit_the_first_layer_names_the_layer(mlp_and_params)
     model, params, _, y = mlp_and_params
     x = jnp.ones((3, 7))
     for run in _every_entry_point(model, params, x, y):
-        with pytest.raises(ValueError, match=r"mlp\[0\] linear\(16\): input has shape \(3, 7\) "
-                                             r"but W.shape=\(16, 8\) expects 8 features in the "
-                                             r"last axis; pass inputs of shape \(\.\.\., 8\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"mlp\[0\] linear\(16\): input has shape \(3, 7\) "
+            r"but W.shape=\(16, 8\) expects 8 features in the "
+            r"last axis; pass inputs of shape \(\.\.\., 8\)",
+        ):
             run()
 
 
@@ -722,6 +938,9 @@ def test_errors_inside_nested_layers_name_the_path():
     params = init(model)
     block = params[2]
     bad = params[:2] + ((block[0], block[1], {"W": block[2]["W"]}, block[3]),) + params[3:]
-    with pytest.raises(ValueError, match=r"resnet_s\[2\] residual\(block\): block\[2\] "
-                                         r"linear\(7\): params must be a dict"):
+    with pytest.raises(
+        ValueError,
+        match=r"resnet_s\[2\] residual\(block\): block\[2\] "
+        r"linear\(7\): params must be a dict",
+    ):
         model.apply(bad, jnp.ones((2, D_IN)))

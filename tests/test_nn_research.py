@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracle import rel_err
 
 import fnbp
-from _oracle import rel_err
 
 F64_RTOL = 1e-10
 LOSS = fnbp.cross_entropy_loss
@@ -128,12 +128,18 @@ def test_layer_from_rule_names_the_layer_when_bwd_returns_the_wrong_count():
     layer = fnbp.layer_from_rule(scale, scale_fwd, bad_bwd, init=scale_init)
     model = fnbp.serial(fnbp.Linear(4), layer, name="net")
     _, params = model.init(jax.random.key(0), (3,))
-    with pytest.raises(TypeError, match=r"net\[1\] scale: f_bwd must return a tuple of 2 "
-                                        r"cotangents, one per argument of f \(z and 1 params\), "
-                                        r"got 1 values"):
+    with pytest.raises(
+        TypeError,
+        match=r"net\[1\] scale: f_bwd must return a tuple of 2 "
+        r"cotangents, one per argument of f \(z and 1 params\), "
+        r"got 1 values",
+    ):
         fnbp.backprop(model, fnbp.mse_loss, params, jnp.ones((2, 3)), jnp.ones((2, 4)))
-    with pytest.raises(TypeError, match=r"layer_from_rule: f_bwd must be the rule's bwd "
-                                        r"function"):
+    with pytest.raises(
+        TypeError,
+        match=r"layer_from_rule: f_bwd must be the rule's bwd "
+        r"function",
+    ):
         fnbp.layer_from_rule(scale, scale_fwd, None)
 
 
@@ -146,13 +152,19 @@ def _no_params(key, shape, dtype=None):
 
 def test_serial_backward_names_a_layer_that_returns_a_rules_tuple():
     # a rule's bwd returns (dz,); a Layer's backward must return (dparams, dz)
-    wrong = fnbp.make_layer("my_relu", _no_params, lambda p, z: fnbp.rules.relu_fwd(z),
-                            lambda p, res, v: fnbp.rules.relu_bwd(res, v))
+    wrong = fnbp.make_layer(
+        "my_relu",
+        _no_params,
+        lambda p, z: fnbp.rules.relu_fwd(z),
+        lambda p, res, v: fnbp.rules.relu_bwd(res, v),
+    )
     model = fnbp.serial(fnbp.Linear(4), wrong, fnbp.Linear(2), name="net")
     _, params = model.init(jax.random.key(0), (3,))
     x, y = jnp.ones((2, 3)), jnp.array([0, 1])
-    pattern = (r"net\[1\] my_relu: backward must return the pair \(dparams, dz\), got a tuple "
-               r"of 1 values\. A rule's bwd returns one cotangent per argument")
+    pattern = (
+        r"net\[1\] my_relu: backward must return the pair \(dparams, dz\), got a tuple "
+        r"of 1 values\. A rule's bwd returns one cotangent per argument"
+    )
     with pytest.raises(TypeError, match=pattern):
         fnbp.backprop(model, LOSS, params, x, y)
     with pytest.raises(TypeError, match=pattern):
@@ -164,23 +176,35 @@ def test_serial_backward_names_a_layer_whose_dparams_do_not_match_its_params():
         return params["a"] * v, jnp.sum(v * z)  # (dz, da): the pair the wrong way round
 
     wrong = fnbp.make_layer(
-        "swapped", lambda key, shape, dtype=jnp.float32: (tuple(shape), {"a": jnp.ones(())}),
-        lambda p, z: (p["a"] * z, z), backward)
+        "swapped",
+        lambda key, shape, dtype=jnp.float32: (tuple(shape), {"a": jnp.ones(())}),
+        lambda p, z: (p["a"] * z, z),
+        backward,
+    )
     model = fnbp.serial(fnbp.Linear(4), wrong, name="net")
     _, params = model.init(jax.random.key(0), (3,))
-    with pytest.raises(TypeError, match=r"net\[1\] swapped: backward returned dparams with "
-                                        r"structure .* but the params have structure"):
+    with pytest.raises(
+        TypeError,
+        match=r"net\[1\] swapped: backward returned dparams with "
+        r"structure .* but the params have structure",
+    ):
         fnbp.backprop(model, fnbp.mse_loss, params, jnp.ones((2, 3)), jnp.ones((2, 4)))
 
 
 def test_serial_init_names_the_layer_whose_init_is_wrong():
     # (params, shape) the wrong way round used to fail in the *next* layer's init
-    swapped = fnbp.make_layer("swapped_init",
-                              lambda key, shape, dtype=None: ({"a": jnp.ones(())}, tuple(shape)),
-                              lambda p, z: (z, None), lambda p, r, v: ((), v))
+    swapped = fnbp.make_layer(
+        "swapped_init",
+        lambda key, shape, dtype=None: ({"a": jnp.ones(())}, tuple(shape)),
+        lambda p, z: (z, None),
+        lambda p, r, v: ((), v),
+    )
     model = fnbp.serial(fnbp.Linear(4), swapped, fnbp.Linear(2), name="net")
-    with pytest.raises(TypeError, match=r"net\[1\] swapped_init: init\(key, \(4,\), dtype\) "
-                                        r"must return \(output_shape, params\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"net\[1\] swapped_init: init\(key, \(4,\), dtype\) "
+        r"must return \(output_shape, params\)",
+    ):
         model.init(jax.random.key(0), (3,))
 
     def failing(key, shape, dtype=None):
@@ -188,8 +212,11 @@ def test_serial_init_names_the_layer_whose_init_is_wrong():
 
     two_d = fnbp.make_layer("two_d", failing, lambda p, z: (z, None), lambda p, r, v: ((), v))
     model = fnbp.serial(fnbp.Linear(4), two_d, name="net")
-    with pytest.raises(ValueError, match=r"^net\[1\] two_d: needs 2 axes, got \(4,\) "
-                                         r"\(in its init\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^net\[1\] two_d: needs 2 axes, got \(4,\) "
+        r"\(in its init\)$",
+    ):
         model.init(jax.random.key(0), (3,))
 
 
@@ -198,11 +225,16 @@ def test_serial_init_names_the_layer_whose_init_is_wrong():
 
 def test_custom_activation_needs_an_explicit_init_family():
     act = fnbp.layer_from_rule(softsign, softsign_fwd, softsign_bwd)
-    for build in (lambda **kw: fnbp.mlp([4, 2], act, **kw),
-                  lambda **kw: fnbp.resnet_s(4, 1, 2, act, **kw)):
-        with pytest.raises(ValueError, match=r"the activation 'softsign' is not a declared "
-                                             r"rule's layer, so its initialization family is "
-                                             r"unknown; pass init='he'"):
+    for build in (
+        lambda **kw: fnbp.mlp([4, 2], act, **kw),
+        lambda **kw: fnbp.resnet_s(4, 1, 2, act, **kw),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"the activation 'softsign' is not a declared "
+            r"rule's layer, so its initialization family is "
+            r"unknown; pass init='he'",
+        ):
             build()
     model = fnbp.mlp([64, 2], act, init="glorot")
     _, params = model.init(jax.random.key(0), (64,))
@@ -228,8 +260,11 @@ def test_every_layer_is_a_factory():
             factory = rule.layer.factory or name.capitalize()
             assert getattr(fnbp.nn, factory)() is fnbp.nn.rule_layer(name), name
     assert fnbp.nn.Gelu().name == "gelu(approximate=False)"
-    with pytest.raises(TypeError, match=r"serial: argument 1 is function \(a layer factory: "
-                                        r"call it, fnbp.Relu\(...\)\), not a Layer"):
+    with pytest.raises(
+        TypeError,
+        match=r"serial: argument 1 is function \(a layer factory: "
+        r"call it, fnbp.Relu\(...\)\), not a Layer",
+    ):
         fnbp.serial(fnbp.Linear(3), fnbp.Relu)
 
 
@@ -240,13 +275,14 @@ def ref_conv1d_same(z, w, b):
     """Plain-jnp conv1d, 'same' padding, odd k: u[i, c2] = sum_j,c z[i + j - k//2, c] w[j, c, c2]."""
     k, length = w.shape[0], z.shape[-2]
     pad = jnp.pad(z, [(0, 0)] * (z.ndim - 2) + [(k // 2, k // 2), (0, 0)])
-    return sum(jnp.einsum("...lc,cd->...ld", pad[..., j:j + length, :], w[j])
-               for j in range(k)) + b
+    return (
+        sum(jnp.einsum("...lc,cd->...ld", pad[..., j : j + length, :], w[j]) for j in range(k)) + b
+    )
 
 
 def ref_max_pool1d(z, p):
     n = z.shape[-2] // p
-    return jnp.max(z[..., :n * p, :].reshape(z.shape[:-2] + (n, p, z.shape[-1])), axis=-2)
+    return jnp.max(z[..., : n * p, :].reshape(z.shape[:-2] + (n, p, z.shape[-1])), axis=-2)
 
 
 @pytest.mark.parametrize("example_shape", [(12,), (12, 2)])
@@ -266,8 +302,11 @@ def test_cnn_on_1d_signals_gradients_equal_the_oracle(example_shape):
         return ref_mm(p[-1], z.reshape(z.shape[:-2] + (-1,)))
 
     assert_backprop_equals_oracle(model, ref, params, x, y)
-    with pytest.raises(ValueError, match=r"cnn: input_ndim must be 3 \(images \(H, W, C\)\), "
-                                         r"2 \(signals \(L, C\)\) or 1 \(signals \(L,\)\), got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"cnn: input_ndim must be 3 \(images \(H, W, C\)\), "
+        r"2 \(signals \(L, C\)\) or 1 \(signals \(L,\)\), got 4",
+    ):
         fnbp.cnn(3, input_ndim=4)
 
 

@@ -54,6 +54,7 @@ def _z(rng, dtype, batch):
 def _ln_s_args(eps):
     def make(rng, dtype, batch):
         return _z(rng, dtype, batch), jnp.asarray(eps, dtype)
+
     return make
 
 
@@ -62,6 +63,7 @@ def _ln_args(gamma_shape, beta_shape):
         gamma = normal(rng, gamma_shape, dtype) + jnp.asarray(1.0, dtype)
         beta = normal(rng, beta_shape, dtype)
         return _z(rng, dtype, batch), gamma, beta, jnp.asarray(0.2, dtype)
+
     return make
 
 
@@ -69,26 +71,63 @@ def _rms_args(gamma_shape):
     def make(rng, dtype, batch):
         gamma = normal(rng, gamma_shape, dtype) + jnp.asarray(1.0, dtype)
         return _z(rng, dtype, batch), gamma, jnp.asarray(0.3, dtype)
+
     return make
 
 
 CASES = [
     Case("layer_norm_s", fnbp.layer_norm_s, ln_s_ref, _ln_s_args(0.1), diff=(0, 1), shared=(1,)),
-    Case("layer_norm(vector gamma, scalar beta)", fnbp.layer_norm, ln_ref, _ln_args((M,), ()),
-         diff=(0, 1, 2, 3), shared=(1, 2, 3)),
-    Case("rms_norm(vector gamma)", fnbp.rms_norm, rms_ref, _rms_args((M,)), diff=(0, 1, 2),
-         shared=(1, 2)),
+    Case(
+        "layer_norm(vector gamma, scalar beta)",
+        fnbp.layer_norm,
+        ln_ref,
+        _ln_args((M,), ()),
+        diff=(0, 1, 2, 3),
+        shared=(1, 2, 3),
+    ),
+    Case(
+        "rms_norm(vector gamma)",
+        fnbp.rms_norm,
+        rms_ref,
+        _rms_args((M,)),
+        diff=(0, 1, 2),
+        shared=(1, 2),
+    ),
 ]
 # More settings against the float64 oracle (the full contract runs for CASES).
 SETTINGS = [
-    Case("layer_norm_s(eps=0)", fnbp.layer_norm_s, ln_s_ref, _ln_s_args(0.0), diff=(0, 1),
-         shared=(1,)),
-    Case("layer_norm(scalar gamma, vector beta)", fnbp.layer_norm, ln_ref, _ln_args((), (M,)),
-         diff=(0, 1, 2, 3), shared=(1, 2, 3)),
-    Case("layer_norm(scalars)", fnbp.layer_norm, ln_ref, _ln_args((), ()), diff=(0, 1, 2, 3),
-         shared=(1, 2, 3)),
-    Case("rms_norm(scalar gamma)", fnbp.rms_norm, rms_ref, _rms_args(()), diff=(0, 1, 2),
-         shared=(1, 2)),
+    Case(
+        "layer_norm_s(eps=0)",
+        fnbp.layer_norm_s,
+        ln_s_ref,
+        _ln_s_args(0.0),
+        diff=(0, 1),
+        shared=(1,),
+    ),
+    Case(
+        "layer_norm(scalar gamma, vector beta)",
+        fnbp.layer_norm,
+        ln_ref,
+        _ln_args((), (M,)),
+        diff=(0, 1, 2, 3),
+        shared=(1, 2, 3),
+    ),
+    Case(
+        "layer_norm(scalars)",
+        fnbp.layer_norm,
+        ln_ref,
+        _ln_args((), ()),
+        diff=(0, 1, 2, 3),
+        shared=(1, 2, 3),
+    ),
+    Case(
+        "rms_norm(scalar gamma)",
+        fnbp.rms_norm,
+        rms_ref,
+        _rms_args(()),
+        diff=(0, 1, 2),
+        shared=(1, 2),
+    ),
 ]
 
 
@@ -133,8 +172,9 @@ def _ln_of_mm(z, W, b, gamma, beta):
     return fnbp.layer_norm(fnbp.mm(z, W, b), gamma, beta, 0.0)
 
 
-_ln_of_mm_grad = jax.jit(jax.grad(lambda W, b, z, gamma, beta, c: jnp.sum(
-    c * _ln_of_mm(z, W, b, gamma, beta))))
+_ln_of_mm_grad = jax.jit(
+    jax.grad(lambda W, b, z, gamma, beta, c: jnp.sum(c * _ln_of_mm(z, W, b, gamma, beta)))
+)
 
 
 @pytest.mark.parametrize("a", [1e-3, 0.37, 25.0, 4e3])
@@ -172,8 +212,9 @@ def test_layer_norm_accepts_python_scalars_and_mixed_shapes():
     mu = zf.mean(axis=-1, keepdims=True)
     want = 2.0 * (zf - mu) / np.sqrt(((zf - mu) ** 2).mean(-1, keepdims=True) + 1e-5) + beta
     assert_close(u, want, 1e-6)
-    dgamma, dbeta = jax.jit(jax.grad(lambda g, b: jnp.sum(fnbp.layer_norm(z, g, b) ** 2),
-                                     argnums=(0, 1)))(jnp.float32(2.0), beta)
+    dgamma, dbeta = jax.jit(
+        jax.grad(lambda g, b: jnp.sum(fnbp.layer_norm(z, g, b) ** 2), argnums=(0, 1))
+    )(jnp.float32(2.0), beta)
     assert dgamma.shape == () and dbeta.shape == (M,)
 
 
@@ -187,8 +228,11 @@ def test_layer_norm_s_constant_example_with_eps_zero_is_nan_and_checked_raises()
     z = jnp.ones((2, 4)).at[1].set(jnp.arange(4.0))
     assert np.all(np.isnan(fnbp.layer_norm_s(z, 0.0)[0]))
     assert np.all(np.isfinite(fnbp.layer_norm_s(z)))
-    with pytest.raises(ValueError, match=r"layer_norm_s: an example has variance = 0 with "
-                                         r"eps = 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer_norm_s: an example has variance = 0 with "
+        r"eps = 0",
+    ):
         fnbp.checked(fnbp.layer_norm_s)(z, jnp.asarray(0.0))
 
 
@@ -199,16 +243,22 @@ def test_layer_norm_s_constant_example_with_eps_zero_is_nan_and_checked_raises()
 def test_layer_norm_rejects_parameter_of_wrong_length(name):
     z, good = jnp.ones((3, 4)), jnp.ones(4)
     args = {"gamma": good, "beta": good, name: jnp.ones(5)}
-    with pytest.raises(ValueError, match=rf"^layer_norm: {name} must be a scalar \(shape \(\)\) "
-                                         rf"or a vector of length m=4, z's last axis "
-                                         rf"\(z\.shape=\(3, 4\)\), got {name}\.shape=\(5,\); "
-                                         rf"pass {name} with shape \(\) or \(4,\)$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^layer_norm: {name} must be a scalar \(shape \(\)\) "
+        rf"or a vector of length m=4, z's last axis "
+        rf"\(z\.shape=\(3, 4\)\), got {name}\.shape=\(5,\); "
+        rf"pass {name} with shape \(\) or \(4,\)$",
+    ):
         fnbp.layer_norm(z, args["gamma"], args["beta"])
 
 
 def test_rms_norm_rejects_gamma_of_wrong_length():
-    with pytest.raises(ValueError, match=r"^rms_norm: gamma must be a scalar .* got "
-                                         r"gamma\.shape=\(2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rms_norm: gamma must be a scalar .* got "
+        r"gamma\.shape=\(2, 4\)",
+    ):
         fnbp.rms_norm(jnp.ones((3, 4)), jnp.ones((2, 4)))
 
 
@@ -216,15 +266,20 @@ def test_rms_norm_rejects_gamma_of_wrong_length():
 @pytest.mark.parametrize("fn", ["layer_norm_s", "rms_norm"])
 def test_norms_reject_negative_eps(fn, eps):
     z = jnp.ones((2, 3))
-    call = {"layer_norm_s": lambda: fnbp.layer_norm_s(z, eps),
-            "rms_norm": lambda: fnbp.rms_norm(z, 1.0, eps)}[fn]
+    call = {
+        "layer_norm_s": lambda: fnbp.layer_norm_s(z, eps),
+        "rms_norm": lambda: fnbp.rms_norm(z, 1.0, eps),
+    }[fn]
     with pytest.raises(ValueError, match=rf"^{fn}: eps must be >= 0, got eps=-"):
         call()
 
 
 def test_layer_norm_rejects_non_scalar_eps_and_scalar_z():
-    with pytest.raises(ValueError, match=r"^layer_norm: eps must be a scalar, "
-                                         r"got eps\.shape=\(3,\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^layer_norm: eps must be a scalar, "
+        r"got eps\.shape=\(3,\)$",
+    ):
         fnbp.layer_norm(jnp.ones((2, 3)), 1.0, 0.0, jnp.ones(3))
     with pytest.raises(ValueError, match=r"^layer_norm_s: z must have at least 1 axes"):
         fnbp.layer_norm_s(jnp.asarray(1.0))

@@ -33,8 +33,12 @@ FIGURES = {
     "01_backward_functions": ["activations.png", "conv1d_Q.png"],
     "02_algorithm3_by_hand": ["algorithm3.png"],
     "03_verify_your_own_vjp": ["log_cosh_bug.png"],
-    "04_training": ["spirals_curves.png", "spirals_boundary.png", "digits_curves.png",
-                    "digits_confusion.png"],
+    "04_training": [
+        "spirals_curves.png",
+        "spirals_boundary.png",
+        "digits_curves.png",
+        "digits_confusion.png",
+    ],
     "05_per_example_gradients": ["per_example_norms.png"],
     "06_performance": ["ratios.png", "depth.png"],
 }
@@ -58,11 +62,15 @@ def kernel_for_this_interpreter(tmp_path, monkeypatch) -> str:
     """A kernel spec named KERNEL that starts ipykernel with sys.executable."""
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "fnbp tests",
-        "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "fnbp tests",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return KERNEL
 
@@ -85,8 +93,9 @@ def test_notebook_asserts_facts_and_saves_figures(name):
     sources = "\n".join(cell.source for cell in _code_cells(_read(name)))
     assert "\nassert " in sources or sources.startswith("assert "), f"{name} asserts nothing"
     assert 'matplotlib.use("Agg")' in sources
-    assert 'os.environ.get("FNBP_FIGURES", os.path.join(tempfile.gettempdir()' in sources, \
+    assert 'os.environ.get("FNBP_FIGURES", os.path.join(tempfile.gettempdir()' in sources, (
         f"{name}: figures must default to a folder under the temp dir, never the repository"
+    )
     for figure in FIGURES[name]:
         assert f'"{figure}"' in sources, f"{name} never saves {figure}"
 
@@ -97,8 +106,11 @@ def test_notebook_runs(name, tmp_path, monkeypatch, kernel_for_this_interpreter)
     monkeypatch.setenv("FNBP_FIGURES", str(figures))
     nb = _read(name)
     client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel_for_this_interpreter,
-        resources={"metadata": {"path": str(NOTEBOOKS)}})
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name=kernel_for_this_interpreter,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
 
     outputs = [out for cell in _code_cells(nb) for out in cell.outputs]
@@ -109,6 +121,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch, kernel_for_this_interpreter)
         data = path.read_bytes()
         assert data[:8] == PNG_SIGNATURE, f"{figure} is not a PNG"
         assert len(data) > 2000, f"{figure} is nearly empty ({len(data)} bytes)"
-    shown = [out for out in outputs
-             if out.output_type == "display_data" and "image/png" in out.data]
+    shown = [
+        out for out in outputs if out.output_type == "display_data" and "image/png" in out.data
+    ]
     assert len(shown) >= len(FIGURES[name]), f"{name} displayed fewer figures than it saved"

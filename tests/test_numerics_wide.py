@@ -81,7 +81,8 @@ def assert_within(name, got, want, scale, dtype, x=None):
         at = "" if x is None else f" at {np.asarray(x, np.float64).ravel()[i]!r}"
         raise AssertionError(
             f"{name} {dtype}: {bad.sum()} entries off; first{at}: got "
-            f"{got.ravel()[i]!r}, want {want.ravel()[i]!r}, tolerance {tol.ravel()[i]:.3e}")
+            f"{got.ravel()[i]!r}, want {want.ravel()[i]!r}, tolerance {tol.ravel()[i]:.3e}"
+        )
 
 
 # --- float64 oracles ------------------------------------------------------------------
@@ -119,15 +120,18 @@ def gelu64(z):
 def gelu_tanh64(z):
     """(f, f', f'') of z sigmoid(2a), a = sqrt(2/pi)(z + 0.044715 z^3)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        a = TANH_K * (z + TANH_C * z ** 3)
+        a = TANH_K * (z + TANH_C * z**3)
         da = TANH_K * (1 + 3 * TANH_C * z * z)
         s, sm = sigmoid64(2 * a), sigmoid64(-2 * a)
         bump = s * sm
         f = _safe(z * s, z)
         tail = np.where(bump == 0, 0.0, 2 * z * bump * da)
         f1 = s + tail
-        f2 = np.where(bump == 0, 0.0, 4 * bump * da + 4 * z * da * da * bump * (sm - s)
-                      + 12 * TANH_K * TANH_C * z * z * bump)
+        f2 = np.where(
+            bump == 0,
+            0.0,
+            4 * bump * da + 4 * z * da * da * bump * (sm - s) + 12 * TANH_K * TANH_C * z * z * bump,
+        )
     return f, f1, f2
 
 
@@ -138,6 +142,7 @@ def softplus64(beta):
             value = np.maximum(z, 0.0) + np.log1p(e) / beta
             s = sigmoid64(beta * z)
             return value, s, beta * s * sigmoid64(-beta * z)
+
     return f
 
 
@@ -161,8 +166,14 @@ def grid(dtype) -> np.ndarray:
     """[-40, 40] every 1/256 (and 1e-3 near 0), huge values up to the dtype's max."""
     big = float(finfo(dtype).max)
     huge = [x for x in (1e3, 6e4, 1e10, 1e30, 1e100, 1e300) if x < big] + [big]
-    z = np.concatenate([np.arange(-40 * 256, 40 * 256 + 1) / 256.0,
-                        np.linspace(-1, 1, 2001), huge, [-x for x in huge]])
+    z = np.concatenate(
+        [
+            np.arange(-40 * 256, 40 * 256 + 1) / 256.0,
+            np.linspace(-1, 1, 2001),
+            huge,
+            [-x for x in huge],
+        ]
+    )
     return np.asarray(jnp.asarray(z, dtype)).astype(np.float64)  # the rule's rounded inputs
 
 
@@ -208,8 +219,12 @@ def test_exact_gelu_keeps_its_sign_and_digits_for_negative_inputs():
 # --- softmax and the losses ------------------------------------------------------------
 
 
-OFFSETS = {"float16": (0.0, -30.0, 100.0, 1e4), "bfloat16": (0.0, -30.0, 100.0, 1e4),
-           "float32": (0.0, -30.0, 100.0, 1e4, 1e6), "float64": (0.0, -30.0, 100.0, 1e4, 1e8)}
+OFFSETS = {
+    "float16": (0.0, -30.0, 100.0, 1e4),
+    "bfloat16": (0.0, -30.0, 100.0, 1e4),
+    "float32": (0.0, -30.0, 100.0, 1e4, 1e6),
+    "float64": (0.0, -30.0, 100.0, 1e4, 1e8),
+}
 K = 10
 
 
@@ -260,8 +275,9 @@ def test_cross_entropy_and_softmax_match_float64_at_wide_offsets(dtype):
     d_y = d[np.arange(len(y)), y]
     want = lse - d_y
     spread = np.sum(p * np.abs(d), axis=-1)
-    assert_within("cross_entropy_loss", loss, want,
-                  (1 + K / ULPS) * (want + 1) + spread + np.abs(d_y), dtype)
+    assert_within(
+        "cross_entropy_loss", loss, want, (1 + K / ULPS) * (want + 1) + spread + np.abs(d_y), dtype
+    )
     one_hot = np.eye(K)[y]
     entry = (1 + K / ULPS + np.abs(d)) * (p + one_hot)
     assert_within("cross_entropy_loss'", dt, p - one_hot, entry, dtype)
@@ -303,8 +319,7 @@ def test_logistic_loss_matches_float64_over_wide_ranges(dtype):
     # of the oracle's own (y = 1, t = 30 is -9.4e-14 to the last digit).
     sig, sig_minus = sigmoid64(t), sigmoid64(-t)
     want = np.where(t > 0, (1 - y) - sig_minus, sig - y)
-    assert_within("logistic_loss'", dt, want, np.where(t > 0, 1 - y + sig_minus, sig + y),
-                  dtype)
+    assert_within("logistic_loss'", dt, want, np.where(t > 0, 1 - y + sig_minus, sig + y), dtype)
     assert_within("logistic_loss' (y)", dy, -t, np.abs(t), dtype)
 
 
@@ -327,5 +342,11 @@ def test_softplus_beta_cotangent_matches_float64_over_wide_ranges(dtype):
         with np.errstate(under="ignore"):
             e = np.exp(-beta * np.abs(z))
             want = -(np.abs(z) * e / (1 + e) + np.log1p(e) / beta) / beta
-        assert_within(f"softplus d beta (beta={beta})", got, want,
-                      (1 + beta * np.abs(z)) * np.abs(want), dtype, z)
+        assert_within(
+            f"softplus d beta (beta={beta})",
+            got,
+            want,
+            (1 + beta * np.abs(z)) * np.abs(want),
+            dtype,
+            z,
+        )

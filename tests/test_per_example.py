@@ -27,16 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracle import iter_eqns, rel_err
 
 import fnbp
-from _oracle import iter_eqns, rel_err
 from fnbp._compile import fast_compile_options
 
 # The verifier's fast CPU compile options without xla_backend_optimization_level=0,
 # which gives wrong gradients for the 1-D cnn oracle below on XLA:CPU (jax 0.10 and
 # 0.12); the other two only skip work.
-COMPILE = fast_compile_options(options={"xla_llvm_disable_expensive_passes": True,
-                                        "xla_cpu_use_fusion_emitters": False})
+COMPILE = fast_compile_options(
+    options={"xla_llvm_disable_expensive_passes": True, "xla_cpu_use_fusion_emitters": False}
+)
 
 F64_RTOL = 1e-10
 N, K = 6, 3
@@ -70,7 +71,7 @@ def ref_mlp(params, x, sigma=relu):
 
 def ref_remat_mlp(params, x):
     """fnbp.mlp(..., remat_every=1): ((mm, relu),), ..., mm."""
-    for (p, _), in params[:-1]:
+    for ((p, _),) in params[:-1]:
         x = relu(ref_mm(p, x))
     return ref_mm(params[-1], x)
 
@@ -91,8 +92,7 @@ def ref_conv(p, z):
     pad = [(0, 0)] + [(s // 2, s // 2) for s in k] + [(0, 0)]
     zp = jnp.pad(z, pad)
     for offset in np.ndindex(*k):
-        window = zp[(slice(None),) + tuple(slice(o, o + n) for o, n in
-                                           zip(offset, z.shape[1:-1]))]
+        window = zp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, z.shape[1:-1]))]
         out = out + jnp.einsum("...c,cd->...d", window, w[offset])
     return out + p["b"]
 
@@ -109,7 +109,7 @@ def ref_max_pool(z):
 
 def ref_cnn(params, x):
     """fnbp.cnn(K, (3, 4)): [conv, relu, max pool] x 2, flatten, MM; a 1-D signal gets a channel."""
-    if x.ndim == 2:                       # a signal (n, L): channel_axis, no params
+    if x.ndim == 2:  # a signal (n, L): channel_axis, no params
         x, params = x[..., None], params[1:]
     conv1, _, _, conv2, _, _, _, last = params
     h = ref_max_pool(relu(ref_conv(conv1, x)))
@@ -170,8 +170,19 @@ CASES = {
     "cnn-1d": (fnbp.cnn(K, (3, 4), input_ndim=1), ref_cnn, (8,), ()),
     "resnet_s": (fnbp.resnet_s(5, 2, K), ref_resnet_s, (4,), ()),
     "layer_norm-rms_norm": (
-        fnbp.serial(fnbp.Linear(5), fnbp.LayerNorm(), fnbp.Tanh(), fnbp.Linear(5),
-                    fnbp.RMSNorm(), fnbp.Relu(), fnbp.Linear(K)), ref_norms_net, (4,), ()),
+        fnbp.serial(
+            fnbp.Linear(5),
+            fnbp.LayerNorm(),
+            fnbp.Tanh(),
+            fnbp.Linear(5),
+            fnbp.RMSNorm(),
+            fnbp.Relu(),
+            fnbp.Linear(K),
+        ),
+        ref_norms_net,
+        (4,),
+        (),
+    ),
     # Sequences (n, T, d): MM's rule takes the Gram form when 2 T^2 <= d_in d_out
     # (T = 2: 8 <= 4*6 and 8 <= 6*3), else materializes (T = 5: 50 > 3*4, 50 > 4*3).
     "seq-gram": (seq_mlp(6), functools.partial(ref_mlp, sigma=tanh), (2, 4), (2,)),
@@ -183,8 +194,9 @@ CASES = {
 def random_params(model, example_shape, seed=1):
     """Params shaped as ``model.init`` makes them: W, w ~ N(0, 1/fan_in), b, beta ~ N(0, 0.04),
     gamma ~ N(1, 0.04), drawn with NumPy in float64."""
-    shapes = jax.eval_shape(lambda key: model.init(key, example_shape, jnp.float64)[1],
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda key: model.init(key, example_shape, jnp.float64)[1], jax.random.key(0)
+    )
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -199,7 +211,7 @@ def random_params(model, example_shape, seed=1):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(case: str):
     model, ref, shape, label_shape = CASES[case]
     rng = np.random.default_rng(2)
@@ -247,9 +259,15 @@ def expected(ref, params, x, y):
     s_leaf = jax.tree.map(clip_scale, leaf_norms, C_leaf)
     k = MASK.astype(np.float64)
     return {
-        "C": C, "C_leaf": C_leaf, "s": s, "s_leaf": s_leaf,
-        "losses": losses, "norms": norms, "leaf_norms": leaf_norms,
-        "J": losses.mean(), "J_mask": (k * losses).sum() / k.sum(),
+        "C": C,
+        "C_leaf": C_leaf,
+        "s": s,
+        "s_leaf": s_leaf,
+        "losses": losses,
+        "norms": norms,
+        "leaf_norms": leaf_norms,
+        "J": losses.mean(),
+        "J_mask": (k * losses).sum() / k.sum(),
         "flat": jax.tree.map(lambda a: contract(s, a) / N, g),
         "leaf": jax.tree.map(lambda a, t: contract(t, a) / N, g, s_leaf),
         "mask_sum": jax.tree.map(lambda a: contract(k * s, a), g),
@@ -266,8 +284,7 @@ def fnbp_all(model, loss, params, x, y, C, C_leaf, mask):
         "norms": fnbp.per_example_grad_norms(model, loss, params, x, y),
         "flat": fnbp.clipped_grads(model, loss, params, x, y, C),
         "leaf": fnbp.clipped_grads(model, loss, params, x, y, C_leaf),
-        "mask_sum": fnbp.clipped_grads(model, loss, params, x, y, C, mask=mask,
-                                       reduction="sum"),
+        "mask_sum": fnbp.clipped_grads(model, loss, params, x, y, C, mask=mask, reduction="sum"),
         "mask_mean": fnbp.clipped_grads(model, loss, params, x, y, C, mask=mask),
         "moments": fnbp.grad_moments(model, loss, params, x, y),
         "backprop": fnbp.backprop(model, loss, params, x, y),
@@ -278,8 +295,9 @@ def check_against_oracle(got, want):
     losses, norms = got["norms"]
     checks = {"losses": (losses, want["losses"]), "norms": (norms, want["norms"])}
     J, grads, flat_norms = got["flat"]
-    checks.update(J=(J, want["J"]), flat=(grads, want["flat"]),
-                  flat_norms=(flat_norms, want["norms"]))
+    checks.update(
+        J=(J, want["J"]), flat=(grads, want["flat"]), flat_norms=(flat_norms, want["norms"])
+    )
     J, grads, leaf_norms = got["leaf"]
     checks.update(leaf=(grads, want["leaf"]), leaf_norms=(leaf_norms, want["leaf_norms"]))
     for name in ("mask_sum", "mask_mean"):
@@ -287,8 +305,11 @@ def check_against_oracle(got, want):
         checks[name] = (grads, want[name])
         checks[f"{name} J"] = (J, want["J_mask"])
     J, grads, second = got["moments"]
-    checks.update(moments_J=(J, want["J"]), mean=(grads, want["mean"]),
-                  second_moment=(second, want["second_moment"]))
+    checks.update(
+        moments_J=(J, want["J"]),
+        mean=(grads, want["mean"]),
+        second_moment=(second, want["second_moment"]),
+    )
     for name, (a, b) in checks.items():
         err = rel_err(a, b)
         assert err <= F64_RTOL, f"{name}: relative error {err:.3g}"
@@ -305,9 +326,17 @@ def test_every_quantity_equals_the_vmap_grad_oracle(case):
     assert 0 < np.sum(want["s"] < 1) < N
     assert any(0 < np.sum(s < 1) < N for s in jax.tree.leaves(want["s_leaf"]))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fnbp.PerExampleFallbackWarning)   # no fallback here
-        got = fnbp_all(model, fnbp.cross_entropy_loss, params, x, y, want["C"],
-                       want["C_leaf"], jnp.asarray(MASK))
+        warnings.simplefilter("error", fnbp.PerExampleFallbackWarning)  # no fallback here
+        got = fnbp_all(
+            model,
+            fnbp.cross_entropy_loss,
+            params,
+            x,
+            y,
+            want["C"],
+            want["C_leaf"],
+            jnp.asarray(MASK),
+        )
     assert jax.tree.structure(got["leaf"][2]) == jax.tree.structure(params)
     assert got["flat"][2].shape == (N,) and got["flat"][2].dtype == jnp.float64
     check_against_oracle(got, want)
@@ -331,10 +360,11 @@ def test_clipped_grads_and_moments_of_an_mlp_build_no_per_example_weight_gradien
     model, params, x, y = mlp_program_inputs()
     per_example_W = {(N,) + tuple(p["W"].shape) for p in params[0::2]}
     loss = fnbp.cross_entropy_loss
-    for fn in (lambda p: fnbp.clipped_grads(model, loss, p, x, y, 1.0),
-               lambda p: fnbp.clipped_grads(model, loss, p, x, y,
-                                            jax.tree.map(lambda _: 1.0, p)),
-               lambda p: fnbp.grad_moments(model, loss, p, x, y)):
+    for fn in (
+        lambda p: fnbp.clipped_grads(model, loss, p, x, y, 1.0),
+        lambda p: fnbp.clipped_grads(model, loss, p, x, y, jax.tree.map(lambda _: 1.0, p)),
+        lambda p: fnbp.grad_moments(model, loss, p, x, y),
+    ):
         assert not per_example_W & shapes_in(jax.make_jaxpr(fn)(params).jaxpr)
     # whereas per_example_grads has to build them
     grads_jaxpr = jax.make_jaxpr(lambda p: fnbp.per_example_grads(model, loss, p, x, y))
@@ -353,8 +383,14 @@ def test_clipped_grads_of_an_mlp_computes_each_weight_gradient_once():
 
     want = products(lambda p, x, y: fnbp.backprop(model, loss, p, x, y))
     assert products(lambda p, x, y: fnbp.clipped_grads(model, loss, p, x, y, 1.0)) == want
-    assert products(lambda p, x, y: fnbp.clipped_grads(
-        model, loss, p, x, y, 1.0, mask=jnp.asarray(MASK), reduction="sum")) == want
+    assert (
+        products(
+            lambda p, x, y: fnbp.clipped_grads(
+                model, loss, p, x, y, 1.0, mask=jnp.asarray(MASK), reduction="sum"
+            )
+        )
+        == want
+    )
 
 
 def test_conv_layers_that_materialize_reuse_their_per_example_gradients():
@@ -375,7 +411,7 @@ def test_conv_layers_that_materialize_reuse_their_per_example_gradients():
         return len(re.findall(r"\bconvolution\(", text))
 
     backprop = convolutions(lambda p, x, y: fnbp.backprop(model, loss, p, x, y))
-    assert backprop == 5   # 2 forward, the second layer's dz, 2 weight gradients
+    assert backprop == 5  # 2 forward, the second layer's dz, 2 weight gradients
     assert convolutions(lambda p, x, y: fnbp.clipped_grads(model, loss, p, x, y, 1.0)) == 4
     assert convolutions(lambda p, x, y: fnbp.grad_moments(model, loss, p, x, y)) == 3
 
@@ -391,15 +427,26 @@ def test_a_layer_without_rules_falls_back_and_says_so_once():
     want = expected(ref_scaled, params, x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = fnbp_all(model, fnbp.cross_entropy_loss, params, x, y, want["C"],
-                       want["C_leaf"], jnp.asarray(MASK))
+        got = fnbp_all(
+            model,
+            fnbp.cross_entropy_loss,
+            params,
+            x,
+            y,
+            want["C"],
+            want["C_leaf"],
+            jnp.asarray(MASK),
+        )
     check_against_oracle(got, want)
     said = [str(w.message) for w in caught if w.category is fnbp.PerExampleFallbackWarning]
     # five calls that need sq_norms, one that needs sq_grads: each said once
     assert len(said) == 2, said
     assert all(f"layer '{name}' has parameters but no" in m for m in said)
-    assert any("no sq_norms rule" in m and "fnbp.make_layer(name, init, forward, backward, "
-               "sq_norms=...)" in m for m in said)
+    assert any(
+        "no sq_norms rule" in m
+        and "fnbp.make_layer(name, init, forward, backward, sq_norms=...)" in m
+        for m in said
+    )
     assert any("no sq_grads rule" in m for m in said)
     assert issubclass(fnbp.PerExampleFallbackWarning, UserWarning)
 
@@ -407,8 +454,9 @@ def test_a_layer_without_rules_falls_back_and_says_so_once():
 # --- edges: zero gradients, an empty mask, jit with the functions themselves -------------
 
 
-CLIP = jax.jit(fnbp.clipped_grads, static_argnums=(0, 1), static_argnames="reduction",
-               compiler_options=COMPILE)
+CLIP = jax.jit(
+    fnbp.clipped_grads, static_argnums=(0, 1), static_argnames="reduction", compiler_options=COMPILE
+)
 
 
 def ref_mse(t, y):
@@ -418,7 +466,7 @@ def ref_mse(t, y):
 def test_a_zero_gradient_is_not_clipped_and_gives_no_nan():
     model, ref, params, x, _ = problem("mlp")
     y = model.apply(params, x)
-    y = y.at[1:].add(1.0)                  # mse: example 0 is fit exactly, g_0 = 0
+    y = y.at[1:].add(1.0)  # mse: example 0 is fit exactly, g_0 = 0
     for C in (0.5, jax.tree.map(lambda _: 0.5, params)):
         J, grads, norms = CLIP(model, fnbp.mse_loss, params, x, y, C)
         assert all(np.isfinite(g).all() for g in jax.tree.leaves((J, grads, norms)))
@@ -434,8 +482,16 @@ def test_a_zero_gradient_is_not_clipped_and_gives_no_nan():
 def test_no_kept_example_gives_zero_loss_and_zero_grads():
     model, _, params, x, y = problem("mlp")
     for reduction in ("mean", "sum"):
-        J, grads, norms = CLIP(model, fnbp.cross_entropy_loss, params, x, y, 1.0,
-                               mask=jnp.zeros(N, bool), reduction=reduction)
+        J, grads, norms = CLIP(
+            model,
+            fnbp.cross_entropy_loss,
+            params,
+            x,
+            y,
+            1.0,
+            mask=jnp.zeros(N, bool),
+            reduction=reduction,
+        )
         assert float(J) == 0.0 and norms.shape == (N,)
         assert all(not np.any(g) for g in jax.tree.leaves(grads))
 
@@ -450,28 +506,51 @@ def test_an_infinite_clip_norm_clips_nothing():
 # --- errors ------------------------------------------------------------------------------
 
 
-CLIP_NORM = ("clipped_grads: clip_norm must be > 0 (the L2 norm each example's gradient is "
-             "clipped to), got ")
+CLIP_NORM = (
+    "clipped_grads: clip_norm must be > 0 (the L2 norm each example's gradient is clipped to), got "
+)
 CLIP_FIX = "; pass a positive float (float('inf') clips nothing)"
 
 
-@pytest.mark.parametrize("clip_norm, error, message", [
-    (0.0, ValueError, "^" + re.escape(f"{CLIP_NORM}0.0; 0 would drop every gradient{CLIP_FIX}")
-     + "$"),
-    (-1.0, ValueError, "^" + re.escape(f"{CLIP_NORM}-1.0; a negative one would flip the "
-                                       f"gradients{CLIP_FIX}") + "$"),
-    (math.nan, ValueError, "^" + re.escape(f"{CLIP_NORM}nan; a NaN clip norm would clip "
-                                           f"nothing{CLIP_FIX}") + "$"),
-    (np.float32("nan"), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
-    (jnp.asarray(math.nan), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
-    (np.int64(0), ValueError, re.escape(f"{CLIP_NORM}0.0; 0 would drop")),
-    (True, TypeError, r"clipped_grads: clip_norm must be a positive float, got bool"),
-    ("1", TypeError, r"clipped_grads: clip_norm must be a positive float, got str"),
-    (np.ones(3), TypeError, r"clip_norm must be one positive float \(a scalar\), got an array "
-                            r"of shape \(3,\)"),
-    ((1.0, 2.0), TypeError, r"clipped_grads: clip_norm must be one positive float .* or a "
-                            r"pytree with params' structure.*tree_map\(lambda _: C, params\)"),
-])
+@pytest.mark.parametrize(
+    "clip_norm, error, message",
+    [
+        (
+            0.0,
+            ValueError,
+            "^" + re.escape(f"{CLIP_NORM}0.0; 0 would drop every gradient{CLIP_FIX}") + "$",
+        ),
+        (
+            -1.0,
+            ValueError,
+            "^"
+            + re.escape(f"{CLIP_NORM}-1.0; a negative one would flip the gradients{CLIP_FIX}")
+            + "$",
+        ),
+        (
+            math.nan,
+            ValueError,
+            "^" + re.escape(f"{CLIP_NORM}nan; a NaN clip norm would clip nothing{CLIP_FIX}") + "$",
+        ),
+        (np.float32("nan"), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
+        (jnp.asarray(math.nan), ValueError, re.escape(f"{CLIP_NORM}nan; a NaN clip norm")),
+        (np.int64(0), ValueError, re.escape(f"{CLIP_NORM}0.0; 0 would drop")),
+        (True, TypeError, r"clipped_grads: clip_norm must be a positive float, got bool"),
+        ("1", TypeError, r"clipped_grads: clip_norm must be a positive float, got str"),
+        (
+            np.ones(3),
+            TypeError,
+            r"clip_norm must be one positive float \(a scalar\), got an array "
+            r"of shape \(3,\)",
+        ),
+        (
+            (1.0, 2.0),
+            TypeError,
+            r"clipped_grads: clip_norm must be one positive float .* or a "
+            r"pytree with params' structure.*tree_map\(lambda _: C, params\)",
+        ),
+    ],
+)
 def test_bad_clip_norms_are_named(clip_norm, error, message):
     model, _, params, x, y = problem("mlp")
     with pytest.raises(error, match=message):
@@ -484,9 +563,12 @@ def test_a_bad_per_parameter_clip_norm_names_its_leaf():
     C[2]["b"] = -2.0
     with pytest.raises(ValueError, match=r"clipped_grads: clip_norm\[2\]\['b'\] must be > 0"):
         fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, C)
-    C[2]["b"], C[0]["W"] = 1.0, jnp.asarray(math.nan, jnp.float32)   # a concrete array leaf
-    with pytest.raises(ValueError, match=r"^clipped_grads: clip_norm\[0\]\['W'\] must be > 0 "
-                                         r".*got nan; a NaN clip norm would clip nothing"):
+    C[2]["b"], C[0]["W"] = 1.0, jnp.asarray(math.nan, jnp.float32)  # a concrete array leaf
+    with pytest.raises(
+        ValueError,
+        match=r"^clipped_grads: clip_norm\[0\]\['W'\] must be > 0 "
+        r".*got nan; a NaN clip norm would clip nothing",
+    ):
         fnbp.clipped_grads(model, fnbp.cross_entropy_loss, params, x, y, C)
 
 
@@ -496,18 +578,25 @@ def test_a_traced_clip_norm_that_is_not_positive_gives_nan_never_the_unclipped_g
     model, ref, params, x, y = problem("mlp")
     loss = fnbp.cross_entropy_loss
     for C in (math.nan, -1.0, 0.0):
-        J, grads, norms = CLIP(model, loss, params, x, y, C)     # C traced
+        J, grads, norms = CLIP(model, loss, params, x, y, C)  # C traced
         assert all(np.all(np.isnan(g)) for g in jax.tree.leaves(grads)), C
         assert np.all(np.isfinite(norms)) and np.isfinite(J)
     want = expected(ref, params, x, y)
-    C_leaf = jax.tree.map(lambda _: jnp.asarray(1e3), params)   # clips nothing: the mean
+    C_leaf = jax.tree.map(lambda _: jnp.asarray(1e3), params)  # clips nothing: the mean
     C_leaf[2]["W"] = jnp.asarray(math.nan)
     _, grads, _ = CLIP(model, loss, params, x, y, C_leaf)
     assert np.all(np.isnan(grads[2]["W"]))
-    others = [(g, w) for path, g, w in zip(*(
-        [p for p, _ in jax.tree_util.tree_leaves_with_path(grads)],
-        jax.tree.leaves(grads), jax.tree.leaves(want["mean"]))) if
-        jax.tree_util.keystr(path) != "[2]['W']"]
+    others = [
+        (g, w)
+        for path, g, w in zip(
+            *(
+                [p for p, _ in jax.tree_util.tree_leaves_with_path(grads)],
+                jax.tree.leaves(grads),
+                jax.tree.leaves(want["mean"]),
+            )
+        )
+        if jax.tree_util.keystr(path) != "[2]['W']"
+    ]
     assert others and all(rel_err(g, w) <= F64_RTOL for g, w in others)
 
 
@@ -515,10 +604,16 @@ def test_checked_clipped_grads_refuses_a_traced_clip_norm_that_is_not_positive()
     model, _, params, x, y = problem("mlp")
     loss = fnbp.cross_entropy_loss
     checked = fnbp.checked(lambda p, C: fnbp.clipped_grads(model, loss, p, x, y, C))
-    message = ("^" + re.escape("clipped_grads: clip_norm must be > 0 (the L2 norm each "
-                               "example's gradient is clipped to), got a traced value that is "
-                               "NaN, zero or negative; pass a positive float (float('inf') "
-                               "clips nothing) (`check` failed)") + "$")
+    message = (
+        "^"
+        + re.escape(
+            "clipped_grads: clip_norm must be > 0 (the L2 norm each "
+            "example's gradient is clipped to), got a traced value that is "
+            "NaN, zero or negative; pass a positive float (float('inf') "
+            "clips nothing) (`check` failed)"
+        )
+        + "$"
+    )
     for C in (math.nan, -0.5, 0.0):
         with pytest.raises(ValueError, match=message):
             checked(params, C)
@@ -528,26 +623,49 @@ def test_checked_clipped_grads_refuses_a_traced_clip_norm_that_is_not_positive()
 # --- masks ---------------------------------------------------------------------------
 
 
-MASK_VALUES = ("clipped_grads: mask must hold only 0 and 1 (or True and False), one per "
-               "example: 1 keeps it, 0 drops it")
+MASK_VALUES = (
+    "clipped_grads: mask must hold only 0 and 1 (or True and False), one per "
+    "example: 1 keeps it, 0 drops it"
+)
 
 
-@pytest.mark.parametrize("mask, error, message", [
-    (np.array([1, 0.5, 1, 1, 0, 1]), ValueError,
-     f"{MASK_VALUES}; got mask[1] = 0.5; to weight examples, scale their losses instead"),
-    (np.array([1, 0, 1, 1, 0, np.nan]), ValueError,
-     f"{MASK_VALUES}; got mask[5] = nan; to weight examples, scale their losses instead"),
-    (np.array([1, 0, 2, 1, 0, 1]), ValueError,
-     f"{MASK_VALUES}; got mask[2] = 2; to weight examples, scale their losses instead"),
-    (np.ones(6, np.complex64), TypeError,
-     "clipped_grads: mask must be a bool or 0/1 array, got dtype complex64"),
-    (list("abcdef"), TypeError,
-     "clipped_grads: mask must be a bool or 0/1 array of shape (6,), got list "
-     "['a', 'b', 'c', 'd', 'e', 'f']"),
-    (np.ones((6, 1), bool), ValueError,
-     "clipped_grads: mask must have shape (6,), one entry per example (1 or True keeps it, 0 "
-     "or False drops it), got shape (6, 1)"),
-])
+@pytest.mark.parametrize(
+    "mask, error, message",
+    [
+        (
+            np.array([1, 0.5, 1, 1, 0, 1]),
+            ValueError,
+            f"{MASK_VALUES}; got mask[1] = 0.5; to weight examples, scale their losses instead",
+        ),
+        (
+            np.array([1, 0, 1, 1, 0, np.nan]),
+            ValueError,
+            f"{MASK_VALUES}; got mask[5] = nan; to weight examples, scale their losses instead",
+        ),
+        (
+            np.array([1, 0, 2, 1, 0, 1]),
+            ValueError,
+            f"{MASK_VALUES}; got mask[2] = 2; to weight examples, scale their losses instead",
+        ),
+        (
+            np.ones(6, np.complex64),
+            TypeError,
+            "clipped_grads: mask must be a bool or 0/1 array, got dtype complex64",
+        ),
+        (
+            list("abcdef"),
+            TypeError,
+            "clipped_grads: mask must be a bool or 0/1 array of shape (6,), got list "
+            "['a', 'b', 'c', 'd', 'e', 'f']",
+        ),
+        (
+            np.ones((6, 1), bool),
+            ValueError,
+            "clipped_grads: mask must have shape (6,), one entry per example (1 or True keeps it, 0 "
+            "or False drops it), got shape (6, 1)",
+        ),
+    ],
+)
 def test_bad_masks_are_refused_by_name(mask, error, message):
     model, _, params, x, y = problem("mlp")
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
@@ -562,31 +680,48 @@ def test_a_traced_mask_other_than_0_or_1_gives_nan_and_is_refused_when_checked()
     J, grads, _ = CLIP(model, loss, params, x, y, 1.0, mask=MASK.astype(np.float64) * 0.5)
     assert np.isnan(J) and all(np.all(np.isnan(g)) for g in jax.tree.leaves(grads))
     checked = fnbp.checked(lambda p, m: fnbp.clipped_grads(model, loss, p, x, y, 1.0, mask=m))
-    with pytest.raises(ValueError, match="^" + re.escape(f"{MASK_VALUES}; got another value "
-                                                         f"(`check` failed)") + "$"):
+    with pytest.raises(
+        ValueError,
+        match="^" + re.escape(f"{MASK_VALUES}; got another value (`check` failed)") + "$",
+    ):
         checked(params, jnp.asarray(MASK, jnp.int32) * 2)
-    assert rel_err(checked(params, jnp.asarray(MASK, jnp.int32)),
-                   CLIP(model, loss, params, x, y, 1.0, mask=MASK)) <= 1e-15
+    assert (
+        rel_err(
+            checked(params, jnp.asarray(MASK, jnp.int32)),
+            CLIP(model, loss, params, x, y, 1.0, mask=MASK),
+        )
+        <= 1e-15
+    )
 
 
 # --- the inputs of every per-example function ---------------------------------------------
 
 
-PER_EXAMPLE = [fnbp.per_example_grads, fnbp.per_example_grad_norms, fnbp.grad_moments,
-               fnbp.clipped_grads]
+PER_EXAMPLE = [
+    fnbp.per_example_grads,
+    fnbp.per_example_grad_norms,
+    fnbp.grad_moments,
+    fnbp.clipped_grads,
+]
 
 
 @pytest.mark.parametrize("fn", PER_EXAMPLE, ids=lambda f: f.__name__)
 def test_per_example_functions_refuse_x_without_an_example_axis(fn):
     model, _, params, x, y = problem("mlp")
     extra = (1.0,) if fn is fnbp.clipped_grads else ()
-    with pytest.raises(ValueError, match=f"^{fn.__name__}: x must have a leading example axis, "
-                                         r"shape \(n, \.\.\.\), got a scalar; pass x\[None\] for "
-                                         r"one example$"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{fn.__name__}: x must have a leading example axis, "
+        r"shape \(n, \.\.\.\), got a scalar; pass x\[None\] for "
+        r"one example$",
+    ):
         fn(model, fnbp.cross_entropy_loss, params, jnp.float32(1.0), y, *extra)
-    with pytest.raises(ValueError, match=f"^{fn.__name__}: x has 6 examples \\(x.shape=\\(6,\\)\\) "
-                                         r"but y has 5 \(y.shape=\(5,\)\); pass one target per "
-                                         r"example$"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{fn.__name__}: x has 6 examples \\(x.shape=\\(6,\\)\\) "
+        r"but y has 5 \(y.shape=\(5,\)\); pass one target per "
+        r"example$",
+    ):
         fn(fnbp.Relu(), fnbp.mse_loss, (), jnp.ones(6), jnp.ones(5), *extra)
     with pytest.raises(TypeError, match=f"^{fn.__name__}: x must be an array of numbers"):
         fn(model, fnbp.cross_entropy_loss, params, {"x": x}, y, *extra)
@@ -603,33 +738,51 @@ def test_per_example_functions_take_nested_lists():
 def test_bad_masks_reductions_models_and_losses_are_named():
     model, _, params, x, y = problem("mlp")
     loss = fnbp.cross_entropy_loss
-    with pytest.raises(ValueError, match=r"clipped_grads: mask must have shape \(6,\), one "
-                                         r"entry per example .*got shape \(5,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"clipped_grads: mask must have shape \(6,\), one "
+        r"entry per example .*got shape \(5,\)",
+    ):
         fnbp.clipped_grads(model, loss, params, x, y, 1.0, mask=jnp.ones(5, bool))
-    with pytest.raises(ValueError, match=r"clipped_grads: reduction must be 'mean' .* or "
-                                         r"'sum' .*got 'max'"):
+    with pytest.raises(
+        ValueError,
+        match=r"clipped_grads: reduction must be 'mean' .* or "
+        r"'sum' .*got 'max'",
+    ):
         fnbp.clipped_grads(model, loss, params, x, y, 1.0, reduction="max")
     for fn in (fnbp.clipped_grads, fnbp.grad_moments):
         args = (1.0,) if fn is fnbp.clipped_grads else ()
         with pytest.raises(TypeError, match=rf"{fn.__name__}: model must be a fnbp Layer"):
             fn(lambda p, x: x, loss, params, x, y, *args)
-        with pytest.raises(ValueError, match=rf"{fn.__name__}: the loss returned shape \(\) for "
-                                             r"6 examples; it must return one loss per example"):
-            jax.eval_shape(lambda p: fn(model, lambda t, y: jnp.mean(loss(t, y)), p, x, y,
-                                        *args), params)
+        with pytest.raises(
+            ValueError,
+            match=rf"{fn.__name__}: the loss returned shape \(\) for "
+            r"6 examples; it must return one loss per example",
+        ):
+            jax.eval_shape(
+                lambda p: fn(model, lambda t, y: jnp.mean(loss(t, y)), p, x, y, *args), params
+            )
 
 
 def test_a_hook_with_the_wrong_structure_is_named():
     lin = fnbp.Linear(K)
-    total = fnbp.make_layer("total", lin.init, lin.forward, lin.backward,
-                            lambda p, r, v: (sum(lin.sq_norms(p, r, v)[0].values()),
-                                             lin.backward(p, r, v)[1]))
+    total = fnbp.make_layer(
+        "total",
+        lin.init,
+        lin.forward,
+        lin.backward,
+        lambda p, r, v: (sum(lin.sq_norms(p, r, v)[0].values()), lin.backward(p, r, v)[1]),
+    )
     _, _, _, x, y = problem("mlp")
     params = random_params(total, (4,))
-    with pytest.raises(TypeError, match=r"total: sq_norms returned PyTreeDef\(\*\), but the "
-                                        r"params have structure .*return a pytree like params"):
-        jax.eval_shape(lambda p: fnbp.per_example_grad_norms(
-            total, fnbp.cross_entropy_loss, p, x, y), params)
+    with pytest.raises(
+        TypeError,
+        match=r"total: sq_norms returned PyTreeDef\(\*\), but the "
+        r"params have structure .*return a pytree like params",
+    ):
+        jax.eval_shape(
+            lambda p: fnbp.per_example_grad_norms(total, fnbp.cross_entropy_loss, p, x, y), params
+        )
 
 
 # --- docs/per-example.md's "Per-example quantities and clipping" section runs as written ---
@@ -651,5 +804,7 @@ def test_docs_per_example_section_runs():
     assert norms.shape == (32,) and float(jnp.min(norms)) > 0
     for name in ("grads", "array_norms", "clipped_sum", "mean", "variance"):
         assert jax.tree.structure(namespace[name]) == jax.tree.structure(params), name
-    assert all(float(jnp.min(v)) >= -1e-6 * float(jnp.max(v)) for v in
-               jax.tree.leaves(namespace["variance"]))
+    assert all(
+        float(jnp.min(v)) >= -1e-6 * float(jnp.max(v))
+        for v in jax.tree.leaves(namespace["variance"])
+    )

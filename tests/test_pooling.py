@@ -31,13 +31,18 @@ import fnbp
 def taps(z, window, stride):
     """(|K|, ..., out..., C): the entry at each window offset for every output."""
     n = len(window)
-    spatial = z.shape[z.ndim - n - 1:-1]
+    spatial = z.shape[z.ndim - n - 1 : -1]
     out = [(m - k) // s + 1 for m, k, s in zip(spatial, window, stride)]
-    return jnp.stack([
-        z[(Ellipsis,) + tuple(slice(j, j + s * (o - 1) + 1, s)
-                              for j, s, o in zip(offset, stride, out)) + (slice(None),)]
-        for offset in itertools.product(*(range(k) for k in window))
-    ])
+    return jnp.stack(
+        [
+            z[
+                (Ellipsis,)
+                + tuple(slice(j, j + s * (o - 1) + 1, s) for j, s, o in zip(offset, stride, out))
+                + (slice(None),)
+            ]
+            for offset in itertools.product(*(range(k) for k in window))
+        ]
+    )
 
 
 def avg_pool_ref(z, window, stride):
@@ -55,21 +60,28 @@ def max_pool_ref(z, window, stride):
 
 def _case(name, rule, ref, spatial, window, stride, C=2):
     full_window = window if isinstance(window, tuple) else (window,)
-    full_stride = (full_window if stride is None
-                   else stride if isinstance(stride, tuple) else (stride,) * len(full_window))
+    full_stride = (
+        full_window
+        if stride is None
+        else stride
+        if isinstance(stride, tuple)
+        else (stride,) * len(full_window)
+    )
 
     def make(rng, dtype, batch):
         return (normal(rng, batch + spatial + (C,), dtype),)
 
-    return Case(name, functools.partial(rule, window=window, stride=stride),
-                functools.partial(ref, window=full_window, stride=full_stride), make)
+    return Case(
+        name,
+        functools.partial(rule, window=window, stride=stride),
+        functools.partial(ref, window=full_window, stride=full_stride),
+        make,
+    )
 
 
 CASES = [
-    _case("max_pool((3, 2), stride (1, 2))", fnbp.max_pool, max_pool_ref, (6, 5), (3, 2),
-          (1, 2)),
-    _case("avg_pool((2, 3), stride (2, 1))", fnbp.avg_pool, avg_pool_ref, (5, 6), (2, 3),
-          (2, 1)),
+    _case("max_pool((3, 2), stride (1, 2))", fnbp.max_pool, max_pool_ref, (6, 5), (3, 2), (1, 2)),
+    _case("avg_pool((2, 3), stride (2, 1))", fnbp.avg_pool, avg_pool_ref, (5, 6), (2, 3), (2, 1)),
 ]
 # More settings against the float64 oracle (the full contract runs for CASES).
 SETTINGS = [
@@ -98,24 +110,21 @@ def test_vjp_equals_oracle_float64_for_more_settings(case):
 
 
 def test_max_pool_tie_sends_the_cotangent_to_the_first_maximum():
-    z = jnp.array([[1.0, 3.0, 3.0, 0.0],
-                   [3.0, 2.0, 7.0, 7.0],
-                   [5.0, 5.0, 2.0, 2.0],
-                   [5.0, 5.0, 2.0, 2.0]])[..., None]
+    z = jnp.array(
+        [[1.0, 3.0, 3.0, 0.0], [3.0, 2.0, 7.0, 7.0], [5.0, 5.0, 2.0, 2.0], [5.0, 5.0, 2.0, 2.0]]
+    )[..., None]
     v = jnp.array([[10.0, 20.0], [30.0, 40.0]])[..., None]
     u, res = fnbp.rules.max_pool_fwd(z, window=(2, 2))
     np.testing.assert_array_equal(u[..., 0], [[3.0, 7.0], [5.0, 2.0]])
     # Ties: the first maximum in row-major window order takes the whole cotangent.
     np.testing.assert_array_equal(res.selected[0, ..., 0], [[1, 2], [0, 0]])
     (dz,) = fnbp.rules.max_pool_bwd(res, v, window=(2, 2))
-    want = np.array([[0, 10, 0, 0],
-                     [0, 0, 20, 0],
-                     [30, 0, 40, 0],
-                     [0, 0, 0, 0]], float)
+    want = np.array([[0, 10, 0, 0], [0, 0, 20, 0], [30, 0, 40, 0], [0, 0, 0, 0]], float)
     np.testing.assert_array_equal(dz[..., 0], want)
     # The convention of autodiff through XLA's reduce_window max (select-and-scatter).
-    xla = jax.vjp(lambda z: jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (2, 2, 1),
-                                                  (2, 2, 1), "VALID"), z)[1](v)[0]
+    xla = jax.vjp(
+        lambda z: jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (2, 2, 1), (2, 2, 1), "VALID"), z
+    )[1](v)[0]
     np.testing.assert_array_equal(dz, xla)
 
 
@@ -152,33 +161,52 @@ def test_max_pool_residual_is_a_small_index():
 
 @pytest.mark.parametrize("name", ["avg_pool", "max_pool"])
 def test_pool_rejects_window_larger_than_input(name):
-    with pytest.raises(ValueError, match=rf"^{name}: window=\(3, 5\) is larger than the "
-                                         rf"input's spatial size \(4, 4\) \(z\.shape=\(2, 4, 4, "
-                                         rf"1\), channels last\); use a window of at most "
-                                         rf"\(4, 4\)$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: window=\(3, 5\) is larger than the "
+        rf"input's spatial size \(4, 4\) \(z\.shape=\(2, 4, 4, "
+        rf"1\), channels last\); use a window of at most "
+        rf"\(4, 4\)$",
+    ):
         getattr(fnbp, name)(jnp.ones((2, 4, 4, 1)), (3, 5))
     with pytest.raises(ValueError, match=rf"^{name}: window=\(4,\) is larger than"):
         getattr(fnbp, name)(jnp.ones((3, 1)), 4)
 
 
-@pytest.mark.parametrize("window,stride,error,message", [
-    (0, None, ValueError, r"window must be >= 1 in every spatial axis, got window=\(0,\)"),
-    ((2, 2), (1, 0), ValueError, r"stride must be >= 1 in every spatial axis, got "
-                                 r"stride=\(1, 0\)"),
-    ((1, 2, 2), None, TypeError, r"window must be an int \(1-D pooling\) or a tuple of 1 or "
-                                 r"2 ints"),
-    ((2, 2), (1,), TypeError, r"stride must be None \(= window\), an int or a tuple of 2 ints"),
-    (2.0, None, TypeError, r"window must be an int"),
-])
+@pytest.mark.parametrize(
+    "window,stride,error,message",
+    [
+        (0, None, ValueError, r"window must be >= 1 in every spatial axis, got window=\(0,\)"),
+        (
+            (2, 2),
+            (1, 0),
+            ValueError,
+            r"stride must be >= 1 in every spatial axis, got "
+            r"stride=\(1, 0\)",
+        ),
+        (
+            (1, 2, 2),
+            None,
+            TypeError,
+            r"window must be an int \(1-D pooling\) or a tuple of 1 or "
+            r"2 ints",
+        ),
+        ((2, 2), (1,), TypeError, r"stride must be None \(= window\), an int or a tuple of 2 ints"),
+        (2.0, None, TypeError, r"window must be an int"),
+    ],
+)
 def test_pool_rejects_bad_window_or_stride(window, stride, error, message):
     with pytest.raises(error, match=rf"^max_pool: {message}"):
         fnbp.max_pool(jnp.ones((4, 4, 1)), window, stride)
 
 
 def test_pool_rejects_too_few_axes_and_integer_input():
-    with pytest.raises(ValueError, match=r"^avg_pool: z must have at least 3 axes "
-                                         r"\(\.\.\., H, W, C\) for 2-D pooling, "
-                                         r"got z\.shape=\(4, 4\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^avg_pool: z must have at least 3 axes "
+        r"\(\.\.\., H, W, C\) for 2-D pooling, "
+        r"got z\.shape=\(4, 4\)$",
+    ):
         fnbp.avg_pool(jnp.ones((4, 4)), (2, 2))
     with pytest.raises(TypeError, match=r"^max_pool: z has dtype int"):
         fnbp.max_pool(jnp.ones((4, 1), jnp.int32), 2)

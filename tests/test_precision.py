@@ -23,15 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import fnbp
-from fnbp.train import precision as P
-from fnbp import train
-from fnbp.cli import train as train_command_module
 from _checkpoint_files import edit_metadata
 from _oracle import iter_eqns, mlp_problem
 from test_train_command import SMALL, metadata_of, params_of
 from test_train_command import train as train_command
+
+import fnbp
+from fnbp import train
+from fnbp.cli import train as train_command_module
+from fnbp.train import precision as P
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16
 BF16_GRAD_RTOL = 8 * BF16_U  # first layer; the last layer gets 3u (module doc)
@@ -51,8 +51,7 @@ def dtypes_of(tree):
 # --- the policy ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, compute", [("float32", F32), ("bfloat16", BF16),
-                                           ("float16", F16)])
+@pytest.mark.parametrize("name, compute", [("float32", F32), ("bfloat16", BF16), ("float16", F16)])
 def test_precision_names_set_the_compute_dtype_with_float32_params_and_output(name, compute):
     policy = fnbp.Precision.from_name(name)
     assert (policy.param_dtype, policy.compute_dtype, policy.output_dtype) == (F32, compute, F32)
@@ -62,25 +61,37 @@ def test_precision_names_set_the_compute_dtype_with_float32_params_and_output(na
 
 def test_precision_full_spec_in_jmp_spelling_and_its_name():
     long = fnbp.Precision.from_name("params=float32,compute=bfloat16,output=float32")
-    assert long == fnbp.Precision.from_name("p=f32,c=bf16,o=f32") == fnbp.Precision(
-        compute_dtype=jnp.bfloat16)
+    assert (
+        long
+        == fnbp.Precision.from_name("p=f32,c=bf16,o=f32")
+        == fnbp.Precision(compute_dtype=jnp.bfloat16)
+    )
     odd = fnbp.Precision.from_name("p=f64,c=f16,o=f32")
     assert (odd.param_dtype, odd.compute_dtype, odd.output_dtype) == (
-        jnp.dtype(jnp.float64), F16, F32)
+        jnp.dtype(jnp.float64),
+        F16,
+        F32,
+    )
     assert odd.name == "params=float64,compute=float16,output=float32"
     assert fnbp.Precision.from_name(odd.name) == odd
     assert hash(long) == hash(fnbp.Precision(F32, BF16, F32))  # a static jit argument
 
 
-@pytest.mark.parametrize("name", ["bf8", "float", "params=float32,compute=int8",
-                                  "compute=bf16,c=f32", "", "p=f32;c=bf16"])
+@pytest.mark.parametrize(
+    "name",
+    ["bf8", "float", "params=float32,compute=int8", "compute=bf16,c=f32", "", "p=f32;c=bf16"],
+)
 def test_precision_unknown_name_lists_the_valid_ones(name):
-    with pytest.raises(ValueError, match=r"unknown precision .*one of float32, bfloat16, "
-                                         r"float16 or a full policy such as 'params=float32,"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown precision .*one of float32, bfloat16, "
+        r"float16 or a full policy such as 'params=float32,",
+    ):
         fnbp.Precision.from_name(name)
     with pytest.raises(ValueError, match=r"^make_train_step: unknown precision"):
-        train.make_train_step(fnbp.mlp([3]), fnbp.cross_entropy_loss, optax.sgd(0.1),
-                              precision=name)
+        train.make_train_step(
+            fnbp.mlp([3]), fnbp.cross_entropy_loss, optax.sgd(0.1), precision=name
+        )
 
 
 def test_precision_rejects_non_floating_dtypes_and_non_names():
@@ -148,19 +159,24 @@ def test_clipping_under_a_policy_is_the_models_own_book_keeping():
     for clip in (0.5, per_array):
         got = clipped(wrapped, fnbp.cross_entropy_loss, params, x, y, clip)
         want = clipped(MODEL, fnbp.cross_entropy_loss, params, x, y, clip)
-        assert all(np.array_equal(g, w) for g, w in
-                   zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+        assert all(
+            np.array_equal(g, w)
+            for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+        )
 
         def dots(model):
-            jaxpr = jax.make_jaxpr(lambda p: fnbp.clipped_grads(
-                model, fnbp.cross_entropy_loss, p, x, y, clip))(params)
+            jaxpr = jax.make_jaxpr(
+                lambda p: fnbp.clipped_grads(model, fnbp.cross_entropy_loss, p, x, y, clip)
+            )(params)
             return sum(e.primitive.name == "dot_general" for e in iter_eqns(jaxpr.jaxpr))
 
         assert dots(wrapped) == dots(MODEL)
     got = moments(wrapped, fnbp.cross_entropy_loss, params, x, y)
     want = moments(MODEL, fnbp.cross_entropy_loss, params, x, y)
-    assert all(np.array_equal(g, w) for g, w in
-               zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+    assert all(
+        np.array_equal(g, w)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +195,9 @@ def test_bf16_gradients_agree_with_float32_on_digits(digits):
     _, params = DIGITS_MODEL.init(jax.random.key(0), x_train.shape[1:], jnp.float32)
     x, y = jnp.asarray(x_train[:512]), jnp.asarray(y_train[:512])
     J32, g32 = backprop_jit(DIGITS_MODEL, fnbp.cross_entropy_loss, params, x, y)
-    J16, g16 = backprop_jit(fnbp.with_precision(DIGITS_MODEL, "bfloat16"),
-                            fnbp.cross_entropy_loss, params, x, y)
+    J16, g16 = backprop_jit(
+        fnbp.with_precision(DIGITS_MODEL, "bfloat16"), fnbp.cross_entropy_loss, params, x, y
+    )
     assert J16.dtype == F32 and abs(float(J16) - float(J32)) <= 2 * BF16_U * float(J32)
     errors = [norm_err(a, b) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32))]
     assert dtypes_of(g16) == {F32}
@@ -193,9 +210,20 @@ def test_bf16_mixed_precision_trains_digits_to_97_percent(digits):
     x_train, y_train, x_test, y_test = digits
     _, params = DIGITS_MODEL.init(jax.random.key(0), x_train.shape[1:], jnp.float32)
     adam = optax.adam(1e-3)
-    result = train.fit(DIGITS_MODEL, fnbp.cross_entropy_loss, adam, params, x_train, y_train,
-                       key=jax.random.key(1), epochs=10, batch_size=32, x_test=x_test,
-                       y_test=y_test, precision="bfloat16")
+    result = train.fit(
+        DIGITS_MODEL,
+        fnbp.cross_entropy_loss,
+        adam,
+        params,
+        x_train,
+        y_train,
+        key=jax.random.key(1),
+        epochs=10,
+        batch_size=32,
+        x_test=x_test,
+        y_test=y_test,
+        precision="bfloat16",
+    )
     final = result.history[-1]
     assert final["test_accuracy"] >= 0.97, final
     # the master weights and Adam's moments stayed float32
@@ -208,8 +236,9 @@ def test_float32_policy_is_the_step_without_policy_bit_for_bit():
     sgd = optax.sgd(0.1)
     state = sgd.init(params)
     plain = train.make_train_step(MODEL, fnbp.cross_entropy_loss, sgd)(params, state, x, y)
-    f32 = train.make_train_step(MODEL, fnbp.cross_entropy_loss, sgd,
-                                precision="float32")(params, state, x, y)
+    f32 = train.make_train_step(MODEL, fnbp.cross_entropy_loss, sgd, precision="float32")(
+        params, state, x, y
+    )
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(f32), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -217,8 +246,7 @@ def test_float32_policy_is_the_step_without_policy_bit_for_bit():
 def test_eval_step_computes_in_the_policy_and_reports_float32():
     params, x, y = small_problem()
     want = train.make_eval_step(MODEL, fnbp.cross_entropy_loss)(params, x, y)
-    got = train.make_eval_step(MODEL, fnbp.cross_entropy_loss, precision="bfloat16")(
-        params, x, y)
+    got = train.make_eval_step(MODEL, fnbp.cross_entropy_loss, precision="bfloat16")(params, x, y)
     assert got["loss"].dtype == F32 and got["accuracy"].dtype == F32
     assert abs(float(got["loss"]) - float(want["loss"])) <= 4 * BF16_U * float(want["loss"])
 
@@ -235,8 +263,18 @@ def test_dynamic_loss_scale_halves_on_overflow_and_doubles_after_period_good_ste
     for finite in (True, True, False, True, True, True, True, False, False, False):
         state = update(state, jnp.asarray(finite))
         seen.append((float(state.scale), int(state.good_steps)))
-    assert seen == [(8, 1), (8, 2), (4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (4, 0), (2, 0),
-                    (2, 0)]  # the last two: floored at min_scale
+    assert seen == [
+        (8, 1),
+        (8, 2),
+        (4, 0),
+        (4, 1),
+        (4, 2),
+        (8, 0),
+        (8, 1),
+        (4, 0),
+        (2, 0),
+        (2, 0),
+    ]  # the last two: floored at min_scale
     big = fnbp.dynamic_loss_scale(initial_scale=2.0**127, period=1)
     assert float(big.update(big.init(), jnp.asarray(True)).scale) == 2.0**127  # no inf
 
@@ -309,8 +347,11 @@ def test_loss_scaled_inside_a_chain_is_refused():
 def test_float16_without_loss_scaling_is_refused():
     params, x, y = small_problem()
     step = train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD, precision="float16")
-    with pytest.raises(ValueError, match=r"precision 'float16' computes in float16.*"
-                                         r"fnbp\.loss_scaled\(optimizer\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"precision 'float16' computes in float16.*"
+        r"fnbp\.loss_scaled\(optimizer\)",
+    ):
         step(params, SGD.init(params), x, y)
 
 
@@ -318,11 +359,23 @@ def test_float16_mixed_precision_trains_digits_and_grows_the_scale(digits):
     x_train, y_train, x_test, y_test = digits
     model = fnbp.mlp([64, 10])
     _, params = model.init(jax.random.key(0), x_train.shape[1:], jnp.float32)
-    scaled = fnbp.loss_scaled(optax.adam(3e-3),
-                              fnbp.dynamic_loss_scale(initial_scale=2.0**4, period=20))
-    result = train.fit(model, fnbp.cross_entropy_loss, scaled, params, x_train, y_train,
-                       key=jax.random.key(1), epochs=3, batch_size=64, x_test=x_test,
-                       y_test=y_test, precision="float16")
+    scaled = fnbp.loss_scaled(
+        optax.adam(3e-3), fnbp.dynamic_loss_scale(initial_scale=2.0**4, period=20)
+    )
+    result = train.fit(
+        model,
+        fnbp.cross_entropy_loss,
+        scaled,
+        params,
+        x_train,
+        y_train,
+        key=jax.random.key(1),
+        epochs=3,
+        batch_size=64,
+        x_test=x_test,
+        y_test=y_test,
+        precision="float16",
+    )
     assert result.history[-1]["test_accuracy"] >= 0.9, result.history
     # 66 steps: the scale grew from 2^4 (no overflow at these scales) and stays a power of 2
     scale = float(result.state.opt_state.loss_scale.scale)
@@ -333,11 +386,23 @@ def test_float16_mixed_precision_trains_digits_and_grows_the_scale(digits):
 def test_float16_fit_on_a_mesh_equals_the_single_device_run():
     params, x, y = small_problem()
     scaled = fnbp.loss_scaled(optax.adam(1e-2))
-    runs = [train.fit(MODEL, fnbp.cross_entropy_loss, scaled, params, x, y,
-                      key=jax.random.key(1), epochs=2, batch_size=8, precision="float16",
-                      mesh=mesh) for mesh in (None, fnbp.make_mesh(1))]
-    for a, b in zip(jax.tree.leaves(runs[0].state), jax.tree.leaves(runs[1].state),
-                    strict=True):
+    runs = [
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            scaled,
+            params,
+            x,
+            y,
+            key=jax.random.key(1),
+            epochs=2,
+            batch_size=8,
+            precision="float16",
+            mesh=mesh,
+        )
+        for mesh in (None, fnbp.make_mesh(1))
+    ]
+    for a, b in zip(jax.tree.leaves(runs[0].state), jax.tree.leaves(runs[1].state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(runs[1].state.opt_state.loss_scale.good_steps) == 4
 
@@ -357,8 +422,11 @@ def test_loss_scaled_state_round_trips_through_a_checkpoint(tmp_path):
 
 def good_steps_of(run_folder):
     """The loss scale's count of finite steps, as saved in a run's checkpoint."""
-    (record,) = [leaf for leaf in metadata_of(run_folder)["trees"]["opt_state"]["leaves"]
-                 if leaf["path"].endswith(".good_steps")]
+    (record,) = [
+        leaf
+        for leaf in metadata_of(run_folder)["trees"]["opt_state"]["leaves"]
+        if leaf["path"].endswith(".good_steps")
+    ]
     with np.load(run_folder / "checkpoint.npz", allow_pickle=False) as archive:
         return int(archive[record["name"]])
 
@@ -381,8 +449,11 @@ def test_cli_precision_is_in_the_config_and_resume_keeps_it(tmp_path, capsys):
 def test_cli_resumes_a_run_saved_before_precision_existed_as_float32(tmp_path, capsys):
     run = tmp_path / "old"
     assert train_command(*SMALL, "--epochs", "1", "--out", run) == 0
-    edit_metadata(run / "checkpoint.npz", run / "checkpoint.npz",
-                  lambda meta: meta["metadata"]["config"].pop("precision"))
+    edit_metadata(
+        run / "checkpoint.npz",
+        run / "checkpoint.npz",
+        lambda meta: meta["metadata"]["config"].pop("precision"),
+    )
     parser = argparse.ArgumentParser()
     train_command_module.add_arguments(parser)
     config, _ = train_command_module._resolve(parser.parse_args(["--resume", str(run)]))

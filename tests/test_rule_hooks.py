@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +36,16 @@ def _mm(z, W, b=None):
 
 def _conv(z, w, b=None, *, stride, pads, dilation):
     n = w.ndim - 2
-    lead = z.shape[:z.ndim - n - 1]
+    lead = z.shape[: z.ndim - n - 1]
     dn = ("NWC", "WIO", "NWC") if n == 1 else ("NHWC", "HWIO", "NHWC")
-    u = jax.lax.conv_general_dilated(z.reshape((-1,) + z.shape[len(lead):]), w, stride, pads,
-                                     rhs_dilation=dilation, dimension_numbers=dn)
+    u = jax.lax.conv_general_dilated(
+        z.reshape((-1,) + z.shape[len(lead) :]),
+        w,
+        stride,
+        pads,
+        rhs_dilation=dilation,
+        dimension_numbers=dn,
+    )
     u = u.reshape(lead + u.shape[1:])
     return u if b is None else u + b
 
@@ -78,17 +85,20 @@ class Case:
     trainable: tuple[bool, ...] = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "trainable",
-                           tuple(a is not None and a != EPS for a in self.args))
+        object.__setattr__(self, "trainable", tuple(a is not None and a != EPS for a in self.args))
 
 
 def _conv_case(name, z, w, bias, path, settings=(), stride=None, pads=None, dilation=None):
     n = len(w) - 2
-    oracle = (("stride", stride or (1,) * n), ("pads", pads or ((1, 1),) * n),
-              ("dilation", dilation or (1,) * n))
+    oracle = (
+        ("stride", stride or (1,) * n),
+        ("pads", pads or ((1, 1),) * n),
+        ("dilation", dilation or (1,) * n),
+    )
     rule = "conv1d" if n == 1 else "conv2d"
-    return Case(name, rule, z, (w, (w[-1],) if bias else None), _conv, path,
-                tuple(settings), oracle)
+    return Case(
+        name, rule, z, (w, (w[-1],) if bias else None), _conv, path, tuple(settings), oracle
+    )
 
 
 CASES = (
@@ -99,33 +109,100 @@ CASES = (
     Case("mm(seq, materialize, no bias)", "mm", (2, 5, 2), ((2, 2), None), _mm, "materialize"),
     _conv_case("conv1d(gram)", (3, 5, 4), (3, 4, 5), True, "gram"),
     _conv_case("conv1d(materialize)", (3, 9, 4), (3, 4, 5), True, "materialize"),
-    _conv_case("conv1d(s2, p(1,2), d2, gram)", (3, 9, 4), (3, 4, 5), True, "gram",
-               {"stride": 2, "padding": (1, 2), "dilation": 2}.items(),
-               (2,), ((1, 2),), (2,)),
-    _conv_case("conv1d(s2, p(1,2), d2, materialize, no bias)", (3, 20, 2), (3, 2, 3), False,
-               "materialize", {"stride": 2, "padding": (1, 2), "dilation": 2}.items(),
-               (2,), ((1, 2),), (2,)),
-    _conv_case("conv1d(positions, s2, valid, gram)", (2, 2, 4, 3), (3, 3, 4), True, "gram",
-               {"stride": 2, "padding": "valid"}.items(), (2,), ((0, 0),)),
-    _conv_case("conv1d(positions, valid, materialize)", (2, 2, 6, 2), (3, 2, 2), True,
-               "materialize", {"padding": "valid"}.items(), pads=((0, 0),)),
-    _conv_case("conv2d(s2, valid, gram)", (3, 5, 5, 2), (3, 3, 2, 3), True, "gram",
-               {"stride": 2, "padding": "valid"}.items(), (2, 2), ((0, 0), (0, 0))),
-    _conv_case("conv2d(s2, same, d(1,2), gram)", (3, 4, 3, 2), (3, 3, 2, 4), True, "gram",
-               {"stride": 2, "padding": "same", "dilation": (1, 2)}.items(),
-               (2, 2), ((1, 1), (2, 2)), (1, 2)),
-    _conv_case("conv2d(s(1,2), p((1,1),(0,1)), d(2,1), materialize)", (3, 6, 5, 2),
-               (3, 2, 2, 3), True, "materialize",
-               {"stride": (1, 2), "padding": ((1, 1), (0, 1)), "dilation": (2, 1)}.items(),
-               (1, 2), ((1, 1), (0, 1)), (2, 1)),
-    _conv_case("conv2d(valid, one output position)", (3, 3, 3, 2), (3, 3, 2, 3), True, "gram",
-               {"padding": "valid"}.items(), pads=((0, 0), (0, 0))),
-    _conv_case("conv2d(same, materialize, no bias)", (2, 5, 5, 2), (3, 3, 2, 2), False,
-               "materialize"),
+    _conv_case(
+        "conv1d(s2, p(1,2), d2, gram)",
+        (3, 9, 4),
+        (3, 4, 5),
+        True,
+        "gram",
+        {"stride": 2, "padding": (1, 2), "dilation": 2}.items(),
+        (2,),
+        ((1, 2),),
+        (2,),
+    ),
+    _conv_case(
+        "conv1d(s2, p(1,2), d2, materialize, no bias)",
+        (3, 20, 2),
+        (3, 2, 3),
+        False,
+        "materialize",
+        {"stride": 2, "padding": (1, 2), "dilation": 2}.items(),
+        (2,),
+        ((1, 2),),
+        (2,),
+    ),
+    _conv_case(
+        "conv1d(positions, s2, valid, gram)",
+        (2, 2, 4, 3),
+        (3, 3, 4),
+        True,
+        "gram",
+        {"stride": 2, "padding": "valid"}.items(),
+        (2,),
+        ((0, 0),),
+    ),
+    _conv_case(
+        "conv1d(positions, valid, materialize)",
+        (2, 2, 6, 2),
+        (3, 2, 2),
+        True,
+        "materialize",
+        {"padding": "valid"}.items(),
+        pads=((0, 0),),
+    ),
+    _conv_case(
+        "conv2d(s2, valid, gram)",
+        (3, 5, 5, 2),
+        (3, 3, 2, 3),
+        True,
+        "gram",
+        {"stride": 2, "padding": "valid"}.items(),
+        (2, 2),
+        ((0, 0), (0, 0)),
+    ),
+    _conv_case(
+        "conv2d(s2, same, d(1,2), gram)",
+        (3, 4, 3, 2),
+        (3, 3, 2, 4),
+        True,
+        "gram",
+        {"stride": 2, "padding": "same", "dilation": (1, 2)}.items(),
+        (2, 2),
+        ((1, 1), (2, 2)),
+        (1, 2),
+    ),
+    _conv_case(
+        "conv2d(s(1,2), p((1,1),(0,1)), d(2,1), materialize)",
+        (3, 6, 5, 2),
+        (3, 2, 2, 3),
+        True,
+        "materialize",
+        {"stride": (1, 2), "padding": ((1, 1), (0, 1)), "dilation": (2, 1)}.items(),
+        (1, 2),
+        ((1, 1), (0, 1)),
+        (2, 1),
+    ),
+    _conv_case(
+        "conv2d(valid, one output position)",
+        (3, 3, 3, 2),
+        (3, 3, 2, 3),
+        True,
+        "gram",
+        {"padding": "valid"}.items(),
+        pads=((0, 0), (0, 0)),
+    ),
+    _conv_case(
+        "conv2d(same, materialize, no bias)", (2, 5, 5, 2), (3, 3, 2, 2), False, "materialize"
+    ),
     Case("layer_norm(per feature)", "layer_norm", (4, 6), ((6,), (6,), EPS), _layer_norm),
     Case("layer_norm(scalar)", "layer_norm", (4, 6), ((), (), EPS), _layer_norm),
-    Case("layer_norm(positions, gamma (m,), beta ())", "layer_norm", (3, 2, 6),
-         ((6,), (), EPS), _layer_norm),
+    Case(
+        "layer_norm(positions, gamma (m,), beta ())",
+        "layer_norm",
+        (3, 2, 6),
+        ((6,), (), EPS),
+        _layer_norm,
+    ),
     Case("rms_norm(per feature)", "rms_norm", (4, 6), ((6,), EPS), _rms_norm),
     Case("rms_norm(positions, scalar)", "rms_norm", (3, 2, 6), ((), EPS), _rms_norm),
 )
@@ -139,8 +216,10 @@ def _draw(case: Case, dtype, seed: int = 0):
         return jnp.asarray(gen.normal(size=shape) + shift, dtype)
 
     z = draw(case.z, 1.0)
-    args = tuple(None if a is None else jnp.asarray(0.1, dtype) if a == EPS
-                 else draw(a, 0.5) for a in case.args)
+    args = tuple(
+        None if a is None else jnp.asarray(0.1, dtype) if a == EPS else draw(a, 0.5)
+        for a in case.args
+    )
     out = jax.eval_shape(functools.partial(case.ref, **dict(case.oracle)), z, *args)
     return z, args, draw(out.shape)
 
@@ -149,8 +228,7 @@ def _hooks(case: Case, z, args, v):
     rule = registry()[case.rule]
     settings = dict(case.settings)
     res = rule.fwd(z, *args, **settings)[1]
-    return (rule.hooks["sq_norms"](res, v, **settings),
-            rule.hooks["sq_grads"](res, v, **settings))
+    return (rule.hooks["sq_norms"](res, v, **settings), rule.hooks["sq_grads"](res, v, **settings))
 
 
 def _oracle(case: Case, z, args, v):
@@ -165,8 +243,9 @@ def _oracle(case: Case, z, args, v):
 
     grads = iter(jax.vmap(jax.grad(inner), in_axes=(None, 0, 0))(params, z, v))
     per_arg = [next(grads) if t else None for t in case.trainable]
-    norms = tuple(None if g is None else jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
-                  for g in per_arg)
+    norms = tuple(
+        None if g is None else jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in per_arg
+    )
     sums = tuple(None if g is None else jnp.sum(g * g, axis=0) for g in per_arg)
     return norms, sums
 
@@ -199,9 +278,9 @@ def test_shapes_force_the_stated_form(case):
     """The case exercises the form its name says: Gram iff 2 T^2 <= D."""
     z, args, v = _draw(case, jnp.float64)
     positions = math.prod(v.shape[1:-1])
-    per_example = math.prod(case.args[0])   # W (d_out, d_in) or w (k..., C, C2)
+    per_example = math.prod(case.args[0])  # W (d_out, d_in) or w (k..., C, C2)
     assert use_gram(positions, per_example) == (case.path == "gram")
-    assert use_gram(positions, per_example) == (2 * positions ** 2 <= per_example)
+    assert use_gram(positions, per_example) == (2 * positions**2 <= per_example)
 
 
 def test_bfloat16_inputs_give_float32_outputs_of_the_argument_shapes(case):
@@ -242,8 +321,7 @@ def _per_example_oracle(case: Case, z, args, v):
 
     def inner(ps, zi, vi):
         it = iter(ps)
-        return jnp.sum(vi * ref(zi, *[next(it) if t else a for a, t in
-                                      zip(args, case.trainable)]))
+        return jnp.sum(vi * ref(zi, *[next(it) if t else a for a, t in zip(args, case.trainable)]))
 
     grads = iter(jax.vmap(jax.grad(inner), in_axes=(None, 0, 0))(params, z, v))
     return tuple(next(grads) if t else None for t in case.trainable)
@@ -254,8 +332,9 @@ def _materialized_and_oracle(case, z, args, v):
     return _grads_and_moments(case, z, args, v), _per_example_oracle(case, z, args, v)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "grads" in registry()[c.rule].hooks],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if "grads" in registry()[c.rule].hooks], ids=lambda c: c.name
+)
 def test_grads_and_moments_hand_over_what_the_cost_rule_materializes(case):
     """``grads``: the g_i where sq_norms materializes them; ``moments``: their sums where
     sq_grads does (more than one position); the bias alongside the weight; float64 oracle."""
@@ -302,9 +381,12 @@ def test_materialized_moments_run_a_chunk_of_examples_at_a_time(monkeypatch):
     assert _per_example.outer_moments(a[:, :1], b[:, :1]) is None
 
 
-CHUNKED = ("conv1d(s2, p(1,2), d2, materialize, no bias)",
-           "conv1d(positions, valid, materialize)", "conv2d(s2, same, d(1,2), gram)",
-           "conv2d(same, materialize, no bias)")
+CHUNKED = (
+    "conv1d(s2, p(1,2), d2, materialize, no bias)",
+    "conv1d(positions, valid, materialize)",
+    "conv2d(s2, same, d(1,2), gram)",
+    "conv2d(same, materialize, no bias)",
+)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in CHUNKED], ids=lambda c: c.name)
@@ -318,14 +400,20 @@ def test_conv_grads_and_moments_in_chunks_equal_the_oracle(case, monkeypatch):
     settings = dict(case.settings)
     res = registry()[case.rule].fwd(z, *args, **settings)[1]
     spatial = len(case.args[0]) - 2
-    positional = (settings.get("stride", 1), settings.get("padding", "same"),
-                  settings.get("dilation", 1))
-    for per_chunk in (1, 2, 10 ** 6):
+    positional = (
+        settings.get("stride", 1),
+        settings.get("padding", "same"),
+        settings.get("dilation", 1),
+    )
+    for per_chunk in (1, 2, 10**6):
         monkeypatch.setattr(_per_example, "CHUNK_NUMBERS", per_chunk * math.prod(case.args[0]))
         # the unjitted bodies, in a new jit: traced afresh with the chunk size just set
-        grads, moments = jax.jit(lambda res, v: (
-            conv_per_example._conv_grads(spatial, res, v, *positional),
-            conv_per_example._conv_moments(spatial, res, v, *positional)))(res, v)
+        grads, moments = jax.jit(
+            lambda res, v: (
+                conv_per_example._conv_grads(spatial, res, v, *positional),
+                conv_per_example._conv_moments(spatial, res, v, *positional),
+            )
+        )(res, v)
         for grad, m, g_i in zip(grads, moments, g):
             if g_i is None:
                 assert grad is None and m is None

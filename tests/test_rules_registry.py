@@ -27,8 +27,7 @@ import fnbp
 from fnbp.rules import Rule, declare, registry
 
 RULES = tuple(registry().values())
-EXAMPLES = tuple((rule, name, example) for rule in RULES
-                 for name, example in rule.examples.items())
+EXAMPLES = tuple((rule, name, example) for rule in RULES for name, example in rule.examples.items())
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
@@ -57,12 +56,15 @@ def test_record_is_filled_in(rule):
     assert rule.kink.strip() and callable(rule.reference) and callable(rule.apply)
     assert next(iter(rule.examples)) == name
     assert rule.family in ("linear", "activation", "loss", "normalization", "conv", "pooling")
-    assert rule.function.__module__ == f"fnbp.rules.{rule.family}" or rule.function.__module__ \
-        .startswith("fnbp.rules.")
+    assert (
+        rule.function.__module__ == f"fnbp.rules.{rule.family}"
+        or rule.function.__module__.startswith("fnbp.rules.")
+    )
     assert all(re.fullmatch(r"\d+\.\d+", e) for e in rule.equations)
     for eq in rule.equations:  # the docstrings cite what the record says
-        assert eq in inspect.getmodule(rule.function).__doc__ + (rule.function.__doc__ or "") \
-            + (rule.bwd.__doc__ or ""), f"{name}: equation {eq} is cited nowhere in its docs"
+        assert eq in inspect.getmodule(rule.function).__doc__ + (rule.function.__doc__ or "") + (
+            rule.bwd.__doc__ or ""
+        ), f"{name}: equation {eq} is cited nowhere in its docs"
     assert rule.function.__doc__ and rule.fwd.__doc__ and rule.bwd.__doc__
     assert all(callable(hook) for hook in rule.hooks.values())
 
@@ -95,10 +97,20 @@ def test_registry_is_read_only_and_names_are_unique():
     with pytest.raises(TypeError):
         registry()["relu"] = RULES[0]  # type: ignore[index]
     relu = registry()["relu"]
-    with pytest.raises(ValueError, match=r"^declare: a rule named 'relu' is already declared "
-                                         r"\(in fnbp.rules.activations\); pick another name$"):
-        declare(relu.function, relu.fwd, relu.bwd, reference=relu.reference,
-                examples=relu.examples, kink=relu.kink, family="activation")
+    with pytest.raises(
+        ValueError,
+        match=r"^declare: a rule named 'relu' is already declared "
+        r"\(in fnbp.rules.activations\); pick another name$",
+    ):
+        declare(
+            relu.function,
+            relu.fwd,
+            relu.bwd,
+            reference=relu.reference,
+            examples=relu.examples,
+            kink=relu.kink,
+            family="activation",
+        )
     assert registry()["relu"] is relu
 
 
@@ -112,14 +124,31 @@ def test_declare_refuses_a_misnamed_bwd_and_a_missing_kink():
     def backward(res, v):
         return (v,)
 
-    with pytest.raises(ValueError, match=r"^declare: my_rule's bwd must be named my_rule_bwd, "
-                                         r"got 'backward'$"):
-        declare(my_rule, my_rule_fwd, backward, reference=my_rule, examples=lambda k, d: (),
-                kink="none: linear.", family="activation")
+    with pytest.raises(
+        ValueError,
+        match=r"^declare: my_rule's bwd must be named my_rule_bwd, "
+        r"got 'backward'$",
+    ):
+        declare(
+            my_rule,
+            my_rule_fwd,
+            backward,
+            reference=my_rule,
+            examples=lambda k, d: (),
+            kink="none: linear.",
+            family="activation",
+        )
     backward.__name__ = "my_rule_bwd"
     with pytest.raises(ValueError, match=r"^declare: my_rule needs a kink convention"):
-        declare(my_rule, my_rule_fwd, backward, reference=my_rule, examples=lambda k, d: (),
-                kink="", family="activation")
+        declare(
+            my_rule,
+            my_rule_fwd,
+            backward,
+            reference=my_rule,
+            examples=lambda k, d: (),
+            kink="",
+            family="activation",
+        )
     assert "my_rule" not in registry()
 
 
@@ -222,10 +251,13 @@ def test_a_ragged_list_is_refused_naming_the_rule_and_the_argument(rule):
             continue
         bad = list(args)
         bad[i] = RAGGED
-        with pytest.raises(ValueError, match=rf"^{rule.name}: {names[i]} must be an array "
-                                             r"\(a JAX or NumPy array, a Python number, or a "
-                                             r"nested list or tuple of numbers of one "
-                                             r"rectangular shape\), got a ragged list \(its "
-                                             r"entries have different lengths or shapes\); "
-                                             r"give every row the same length$"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{rule.name}: {names[i]} must be an array "
+            r"\(a JAX or NumPy array, a Python number, or a "
+            r"nested list or tuple of numbers of one "
+            r"rectangular shape\), got a ragged list \(its "
+            r"entries have different lengths or shapes\); "
+            r"give every row the same length$",
+        ):
             rule.function(*bad, **example.kwargs)

@@ -17,8 +17,21 @@ import pytest
 from fnbp import cli
 from fnbp.cli import _run_folder
 
-SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
-         "--batch-size", "20", "--epochs", "2", "--no-progress"]
+SMALL = [
+    "--dataset",
+    "spirals",
+    "--num-examples",
+    "200",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--batch-size",
+    "20",
+    "--epochs",
+    "2",
+    "--no-progress",
+]
 RUN_FILES = ["checkpoint.npz", "config.json", "metrics.json", "plot.png"]
 
 
@@ -35,18 +48,23 @@ def snapshot(folder):
     return files
 
 
-def in_use(words, pid=os.getpid()):
-    """fnbp's refusal of a folder held by process ``pid`` of this host (up to its time)."""
-    return (f"fnbp train: error: {words} is in use by another fnbp train run (process {pid} on "
-            f"{socket.gethostname()}, since ")
+def in_use(words, pid=None):
+    """fnbp's refusal of a folder held by process ``pid`` (default: this one) of this host."""
+    pid = os.getpid() if pid is None else pid
+    return (
+        f"fnbp train: error: {words} is in use by another fnbp train run (process {pid} on "
+        f"{socket.gethostname()}, since "
+    )
 
 
-def assert_refused(capsys, args, words, pid=os.getpid()):
+def assert_refused(capsys, args, words, pid=None):
     assert train(*args) == 2
     err = capsys.readouterr().err
     assert err.startswith(in_use(words, pid)) and err.count("\n") == 1, err
-    assert err.endswith("); wait for it to end (a run that is stopped keeps its last "
-                        "checkpoint, for --resume), or pass another --out\n"), err
+    assert err.endswith(
+        "); wait for it to end (a run that is stopped keeps its last "
+        "checkpoint, for --resume), or pass another --out\n"
+    ), err
 
 
 def test_a_held_folder_refuses_a_new_run_and_a_resume_and_nothing_is_written(tmp_path, capsys):
@@ -82,8 +100,9 @@ def test_a_held_new_folder_refuses_a_second_run_before_its_first_file(tmp_path, 
 def spawn(*args):
     command = [sys.executable, "-m", "fnbp.cli", "train", *map(str, args)]
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # processes side by side
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def finish(process, timeout=120):
@@ -101,19 +120,20 @@ def stored(out):
         return json.loads(archive["__metadata__"].tobytes())
 
 
-def test_a_live_process_holds_its_folder_and_a_sigkilled_one_leaves_it_resumable(tmp_path,
-                                                                                  capsys):
+def test_a_live_process_holds_its_folder_and_a_sigkilled_one_leaves_it_resumable(tmp_path, capsys):
     out = tmp_path / "run"
     holder = spawn(*SMALL, "--epochs", "100000", "--checkpoint-every", "3", "--out", out)
     try:
         deadline = time.monotonic() + 120
-        while (not (out / "checkpoint.npz").exists() and holder.poll() is None
-               and time.monotonic() < deadline):
+        while (
+            not (out / "checkpoint.npz").exists()
+            and holder.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         assert holder.poll() is None, holder.communicate()[1]
         assert_refused(capsys, [*SMALL, "--out", out], f"--out {out}", holder.pid)
-        assert_refused(capsys, ["--resume", out, "--epochs", "1"], f"--resume {out}",
-                       holder.pid)
+        assert_refused(capsys, ["--resume", out, "--epochs", "1"], f"--resume {out}", holder.pid)
         holder.send_signal(signal.SIGKILL)
         status, _ = finish(holder)
     finally:
@@ -136,10 +156,14 @@ def test_two_runs_started_together_on_one_out_never_mix(tmp_path):
     assert sorted(status for status, _ in results) == [0, 2], results
     err = next(err for status, err in results if status == 2)
     assert err.count("\n") == 1 and err.startswith("fnbp train: error: "), err
-    assert any(reason in err for reason in ("is in use by another fnbp train run",
-                                            "already holds files",
-                                            "the run folder changed while this run was "
-                                            "starting")), err
+    assert any(
+        reason in err
+        for reason in (
+            "is in use by another fnbp train run",
+            "already holds files",
+            "the run folder changed while this run was starting",
+        )
+    ), err
     # one run's files, all of them: its config, checkpoint and metrics agree
     seed = json.loads((out / "config.json").read_text())["seed"]
     assert stored(out)["metadata"]["config"]["seed"] == seed
@@ -152,7 +176,8 @@ def test_without_file_locks_the_run_goes_on_with_a_warning(tmp_path, capsys, mon
     assert train(*SMALL, "--epochs", "1", "--out", out) == 0
     assert capsys.readouterr().err == (
         f"fnbp train: warning: the file system of {out} supports no file locks, so nothing "
-        f"keeps a second run from writing into it meanwhile\n")
+        f"keeps a second run from writing into it meanwhile\n"
+    )
     assert sorted(os.listdir(out)) == RUN_FILES
 
 
@@ -167,10 +192,16 @@ def test_where_flock_is_missing_posix_record_locks_hold_the_folder(tmp_path, mon
     lock.acquire("--out test")
     try:  # another process sees the record lock
         probe = subprocess.run(
-            [sys.executable, "-c", "import fcntl, sys\n"
-             f"handle = open({str(tmp_path / _run_folder.LOCK)!r}, 'r+')\n"
-             "try:\n    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-             "except OSError:\n    sys.exit(3)\n"], timeout=60)
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, sys\n"
+                f"handle = open({str(tmp_path / _run_folder.LOCK)!r}, 'r+')\n"
+                "try:\n    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except OSError:\n    sys.exit(3)\n",
+            ],
+            timeout=60,
+        )
         assert probe.returncode == 3
     finally:
         lock.release()
@@ -211,6 +242,7 @@ def test_a_folder_another_run_wrote_into_meanwhile_is_refused(tmp_path, capsys, 
     assert train(*SMALL, "--out", out) == 2
     assert capsys.readouterr().err == (
         f"fnbp train: error: --out {out}: the run folder changed while this run was starting "
-        f"(another fnbp train run wrote into it); run the command again\n")
+        f"(another fnbp train run wrote into it); run the command again\n"
+    )
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json"]  # theirs, untouched
     assert (out / "checkpoint.npz").read_bytes() == b"theirs"

@@ -32,8 +32,19 @@ from fnbp import cli, train
 from fnbp.train import sharding
 
 HERE = Path(__file__).resolve()
-SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
-         "--epochs", "1", "--no-progress"]
+SMALL = [
+    "--dataset",
+    "spirals",
+    "--num-examples",
+    "200",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
 SUBPROCESS_TIMEOUT = 240
 
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
@@ -57,15 +68,17 @@ def specs(tree):
 
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64))))
-               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
-                               strict=True))
+    return max(
+        float(np.max(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64))))
+        for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
 def identical(a, b):
-    return all(np.array_equal(np.asarray(p), np.asarray(q))
-               for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
-                               strict=True))
+    return all(
+        np.array_equal(np.asarray(p), np.asarray(q))
+        for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
 def error_of(fn):
@@ -103,8 +116,9 @@ def eight_device_checks(tmp: Path) -> dict:
     step = train.make_train_step(MODEL, loss, SGD, mesh=mesh)
     new_params, _, metrics = step(params64, SGD.init(params64), x64[:16], y64[:16])
     J, grads = jax.jit(jax.value_and_grad(ref_loss))(params64, x64[:16], y64[:16])
-    got = jax.tree_util.tree_map(lambda p, q: (np.asarray(p) - np.asarray(q)) / 0.1,
-                                 params64, new_params)
+    got = jax.tree_util.tree_map(
+        lambda p, q: (np.asarray(p) - np.asarray(q)) / 0.1, params64, new_params
+    )
     scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(grads))
     found["dp_f64_grad_rel_err"] = max_diff(got, grads) / scale
     found["dp_f64_loss_err"] = abs(float(metrics["loss"]) - float(J)) / abs(float(J))
@@ -123,8 +137,9 @@ def eight_device_checks(tmp: Path) -> dict:
     found["dp_in_params"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_params)]
     out_params, out_state, out_metrics = step(params, ADAM.init(params), x[:16], y[:16])
     found["dp_out_params"] = specs(out_params)
-    found["dp_out_params_devices"] = [len(p.sharding.device_set)
-                                      for p in jax.tree_util.tree_leaves(out_params)]
+    found["dp_out_params_devices"] = [
+        len(p.sharding.device_set) for p in jax.tree_util.tree_leaves(out_params)
+    ]
     found["dp_out_mu"] = specs(out_state[0].mu)
     found["dp_out_loss"] = spec_of(out_metrics["loss"])
     batch = fnbp.train.sharding.shard_batch(mesh, x[:16])
@@ -135,22 +150,39 @@ def eight_device_checks(tmp: Path) -> dict:
     # init_state on an FSDP mesh: created split, the same values as one device's draw
     # (a toy layer with a cheap initializer: the real ones compile slowly)
     def toy_init(key, input_shape, dtype=jnp.float32):
-        return (16,), {"W": jax.random.normal(key, (16,) + tuple(input_shape), dtype),
-                       "b": jnp.zeros((16,), dtype)}
+        return (16,), {
+            "W": jax.random.normal(key, (16,) + tuple(input_shape), dtype),
+            "b": jnp.zeros((16,), dtype),
+        }
 
-    toy = fnbp.make_layer("toy", toy_init, lambda p, z: (z @ p["W"].T, z),
-                          lambda p, z, v: ({"W": v.T @ z, "b": v.sum(0)}, v @ p["W"]))
+    toy = fnbp.make_layer(
+        "toy",
+        toy_init,
+        lambda p, z: (z @ p["W"].T, z),
+        lambda p, z, v: ({"W": v.T @ z, "b": v.sum(0)}, v @ p["W"]),
+    )
     key3 = jax.random.key(3)
-    state = train.init_state(toy, ADAM, key3, (4,), mesh=fnbp.make_mesh(8, fsdp=8),
-                             min_shard_size=64)
-    found["init_max_diff"] = float(np.max(np.abs(np.asarray(state.params["W"])
-                                                - np.asarray(jax.random.normal(key3, (16, 4))))))
+    state = train.init_state(
+        toy, ADAM, key3, (4,), mesh=fnbp.make_mesh(8, fsdp=8), min_shard_size=64
+    )
+    found["init_max_diff"] = float(
+        np.max(np.abs(np.asarray(state.params["W"]) - np.asarray(jax.random.normal(key3, (16, 4)))))
+    )
     found["init_specs"] = [specs(state.params), specs(state.opt_state[0].mu)]
 
     # data parallel fit: the same trajectory as one device, in float32
     seen = []
-    parallel = train.fit(MODEL, loss, ADAM, params, x, y, mesh=mesh,
-                         on_step=lambda s, running: seen.append(specs(s.params)), **kwargs)
+    parallel = train.fit(
+        MODEL,
+        loss,
+        ADAM,
+        params,
+        x,
+        y,
+        mesh=mesh,
+        on_step=lambda s, running: seen.append(specs(s.params)),
+        **kwargs,
+    )
     found["dp_fit_step_specs"] = seen[0]
     found["dp_fit_steps"] = len(seen)
     found["dp_history"] = [parallel.history, single.history]
@@ -173,11 +205,23 @@ def eight_device_checks(tmp: Path) -> dict:
     except Stop:
         pass
     host_state = train.TrainState(*sharding.to_host(saved["state"]))
-    resumed = train.fit(MODEL, loss, ADAM, None, x, y, mesh=mesh, state=host_state,
-                        history=[parallel.history[0]], **kwargs)
-    found["resume_identical"] = (identical(resumed.params, parallel.params)
-                                 and identical(resumed.state.opt_state, parallel.state.opt_state)
-                                 and resumed.history == parallel.history)
+    resumed = train.fit(
+        MODEL,
+        loss,
+        ADAM,
+        None,
+        x,
+        y,
+        mesh=mesh,
+        state=host_state,
+        history=[parallel.history[0]],
+        **kwargs,
+    )
+    found["resume_identical"] = (
+        identical(resumed.params, parallel.params)
+        and identical(resumed.state.opt_state, parallel.state.opt_state)
+        and resumed.history == parallel.history
+    )
 
     # FSDP: a (data=2, fsdp=4) mesh, parameters of >= 32 elements split
     fsdp_mesh = fnbp.make_mesh(8, fsdp=4)
@@ -187,8 +231,9 @@ def eight_device_checks(tmp: Path) -> dict:
     found["fsdp_in_x"] = spec_of_sharding(in_x)
     found["fsdp_in_params"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_params)]
     found["fsdp_in_mu"] = [spec_of_sharding(s) for s in jax.tree_util.tree_leaves(in_state[0].mu)]
-    sharded = train.fit(MODEL, loss, ADAM, params, x, y, mesh=fsdp_mesh, min_shard_size=32,
-                        **kwargs)
+    sharded = train.fit(
+        MODEL, loss, ADAM, params, x, y, mesh=fsdp_mesh, min_shard_size=32, **kwargs
+    )
     found["fsdp_result_specs"] = specs(sharded.params)
     found["fsdp_result_mu_specs"] = specs(sharded.state.opt_state[0].mu)
     first = jax.tree_util.tree_leaves(sharded.params)[0]
@@ -197,27 +242,47 @@ def eight_device_checks(tmp: Path) -> dict:
     found["fsdp_params_max_diff"] = max_diff(sharded.params, single.params)
 
     # clear errors
-    found["err_fit_batch"] = error_of(lambda: train.fit(
-        MODEL, loss, ADAM, params, x, y, key=key, epochs=1, batch_size=12, mesh=mesh))
+    found["err_fit_batch"] = error_of(
+        lambda: train.fit(
+            MODEL, loss, ADAM, params, x, y, key=key, epochs=1, batch_size=12, mesh=mesh
+        )
+    )
     found["err_step_batch"] = error_of(lambda: step(params, ADAM.init(params), x[:12], y[:12]))
     found["err_mesh_16"] = error_of(lambda: fnbp.make_mesh(16))
     found["err_mesh_fsdp"] = error_of(lambda: fnbp.make_mesh(8, fsdp=3))
-    found["err_other_axes"] = error_of(lambda: train.make_train_step(
-        MODEL, loss, ADAM, mesh=jax.sharding.Mesh(np.array(jax.devices()), ("batch",))))
+    found["err_other_axes"] = error_of(
+        lambda: train.make_train_step(
+            MODEL, loss, ADAM, mesh=jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+        )
+    )
 
     # the command line: errors on one line with exit status 2, and a real run
-    found["cli_devices_16"] = cli_run(*SMALL, "--devices", "16", "--batch-size", "16",
-                                      "--out", tmp / "bad1")
-    found["cli_batch_20"] = cli_run(*SMALL, "--devices", "8", "--batch-size", "20",
-                                    "--out", tmp / "bad2")
+    found["cli_devices_16"] = cli_run(
+        *SMALL, "--devices", "16", "--batch-size", "16", "--out", tmp / "bad1"
+    )
+    found["cli_batch_20"] = cli_run(
+        *SMALL, "--devices", "8", "--batch-size", "20", "--out", tmp / "bad2"
+    )
     # without --devices: as many of the 8 as the batch of 20 splits evenly over
     found["cli_auto_devices"] = cli_run(*SMALL, "--batch-size", "20", "--out", tmp / "auto")
     found["cli_auto_devices_config"] = json.loads((tmp / "auto" / "config.json").read_text())
-    found["cli_fsdp_3"] = cli_run(*SMALL, "--fsdp", "3", "--batch-size", "16",
-                                  "--out", tmp / "bad3")
+    found["cli_fsdp_3"] = cli_run(
+        *SMALL, "--fsdp", "3", "--batch-size", "16", "--out", tmp / "bad3"
+    )
     # DP-SGD runs on one device: an explicit --devices 8 is refused (fnbp.train.dp's check)
-    found["cli_dp_8"] = cli_run(*SMALL, "--devices", "8", "--batch-size", "16", "--dp-clip",
-                                "1", "--dp-noise", "1", "--out", tmp / "bad4")
+    found["cli_dp_8"] = cli_run(
+        *SMALL,
+        "--devices",
+        "8",
+        "--batch-size",
+        "16",
+        "--dp-clip",
+        "1",
+        "--dp-noise",
+        "1",
+        "--out",
+        tmp / "bad4",
+    )
     found["cli_nothing_written"] = not any((tmp / f"bad{i}").exists() for i in (1, 2, 3, 4))
     return found
 
@@ -237,9 +302,23 @@ def worker_main(argv: list[str]) -> int:
         print("RESULT " + json.dumps(eight_device_checks(Path(argv[1]))), flush=True)
         return 0
     process_id, port, out = int(argv[1]), argv[2], argv[3]
-    return cli.main(["train", *SMALL, "--batch-size", "16", "--fsdp", "--out", out,
-                     "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                     "--process-id", str(process_id)])
+    return cli.main(
+        [
+            "train",
+            *SMALL,
+            "--batch-size",
+            "16",
+            "--fsdp",
+            "--out",
+            out,
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(process_id),
+        ]
+    )
 
 
 # --- the subprocesses, started once for the whole module ---------------------------------
@@ -252,11 +331,20 @@ def free_port() -> int:
 
 
 def start(args, devices, log):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # the default in newer JAX
-    return subprocess.Popen([sys.executable, str(HERE), *map(str, args)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)
+    env = dict(
+        os.environ,
+        JAX_NUM_CPU_DEVICES=str(devices),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )  # the default in newer JAX
+    return subprocess.Popen(
+        [sys.executable, str(HERE), *map(str, args)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=HERE.parent,
+    )
 
 
 def wait(process, log_path):
@@ -313,7 +401,7 @@ def eight(workers):
     status, log = workers["eight"]
     assert status == 0, log[-3000:]
     line = next(line for line in log.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 # --- in this process: one device ---------------------------------------------------------
@@ -333,8 +421,10 @@ def test_make_mesh_on_this_process_devices_and_its_errors():
     are = "device is" if n == 1 else "devices are"
     with pytest.raises(ValueError) as error:
         fnbp.make_mesh(n + 1)
-    assert str(error.value) == (f"make_mesh: `devices` {n + 1}: only {n} {are} present "
-                                f"({summary}); pass `devices` {n} or fewer")
+    assert str(error.value) == (
+        f"make_mesh: `devices` {n + 1}: only {n} {are} present "
+        f"({summary}); pass `devices` {n} or fewer"
+    )
     with pytest.raises(ValueError, match="`devices` must be a positive int, got 0"):
         fnbp.make_mesh(0)
     with pytest.raises(ValueError, match="`fsdp` must be a positive int"):
@@ -352,16 +442,19 @@ class FakeMesh:
 P = jax.sharding.PartitionSpec
 
 
-@pytest.mark.parametrize("shape, want", [
-    ((1024, 784), P("fsdp")),          # largest axis divides: the output features
-    ((10, 1024), P(None, "fsdp")),     # 10 does not divide by 4: the input features
-    ((3, 3, 16, 32), P(None, None, None, "fsdp")),  # a conv kernel: its largest axis
-    ((64, 64), P("fsdp")),             # a tie: the first axis
-    ((1024,), P("fsdp")),
-    ((15,), P()),                      # under min_shard_size
-    ((1001, 33), P()),                 # no axis divides by 4
-    ((), P()),                         # Adam's count
-])
+@pytest.mark.parametrize(
+    "shape, want",
+    [
+        ((1024, 784), P("fsdp")),  # largest axis divides: the output features
+        ((10, 1024), P(None, "fsdp")),  # 10 does not divide by 4: the input features
+        ((3, 3, 16, 32), P(None, None, None, "fsdp")),  # a conv kernel: its largest axis
+        ((64, 64), P("fsdp")),  # a tie: the first axis
+        ((1024,), P("fsdp")),
+        ((15,), P()),  # under min_shard_size
+        ((1001, 33), P()),  # no axis divides by 4
+        ((), P()),  # Adam's count
+    ],
+)
 def test_param_spec_shards_large_leaves_along_their_largest_divisible_axis(shape, want):
     assert sharding.param_spec(shape, FakeMesh(data=2, fsdp=4), min_shard_size=16) == want
     # a data-parallel mesh replicates everything
@@ -374,10 +467,14 @@ def test_check_batch_message():
     assert str(error.value) == (
         "fit: `batch_size` 30 does not split evenly over the 8 devices of the mesh (data=2, "
         "fsdp=4), each of which takes an equal part of every batch; pass a `batch_size` that "
-        "is a multiple of 8 (24 or 32) or fewer `devices`")
-    with pytest.raises(ValueError, match=r"^train_step: a batch of 4 examples does not split "
-                                         r".* pass a batch of a multiple of 8 examples \(8\) or "
-                                         r"fewer `devices`$"):
+        "is a multiple of 8 (24 or 32) or fewer `devices`"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^train_step: a batch of 4 examples does not split "
+        r".* pass a batch of a multiple of 8 examples \(8\) or "
+        r"fewer `devices`$",
+    ):
         sharding.check_batch("train_step", FakeMesh(data=8), 4)
     sharding.check_batch("fit", FakeMesh(data=2, fsdp=4), 32)
 
@@ -394,21 +491,37 @@ def test_initialize_distributed_degrades_to_one_process():
         sharding.initialize_distributed(process_id=1)
 
 
-@pytest.mark.parametrize("address, message", [
-    ("localhost", "`coordinator_address` 'localhost' has no port; pass 'host:port', e.g. "
-                  "'localhost:1234' or '10.0.0.1:1234'"),
-    ("localhost:http", "`coordinator_address` 'localhost:http': the port 'http' is not a "
-                       "number; pass 'host:port'"),
-    (":1234", "`coordinator_address` ':1234' has no host; pass 'host:port'"),
-    ("localhost:0", "`coordinator_address` 'localhost:0': the port 0 is outside 1 .. 65535"),
-    ("localhost:65536", "`coordinator_address` 'localhost:65536': the port 65536 is outside "
-                        "1 .. 65535"),
-    ("::1:1234", "`coordinator_address` '::1:1234': write an IPv6 host in brackets, e.g. "
-                 "'[::1]:1234'"),
-    ("[::1]1234", "`coordinator_address` '[::1]1234': an IPv6 host in brackets is followed "
-                  "by ':port', e.g. '[::1]:1234'"),
-    ("local host:1", "`coordinator_address` 'local host:1' has spaces in its host"),
-])
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        (
+            "localhost",
+            "`coordinator_address` 'localhost' has no port; pass 'host:port', e.g. "
+            "'localhost:1234' or '10.0.0.1:1234'",
+        ),
+        (
+            "localhost:http",
+            "`coordinator_address` 'localhost:http': the port 'http' is not a "
+            "number; pass 'host:port'",
+        ),
+        (":1234", "`coordinator_address` ':1234' has no host; pass 'host:port'"),
+        ("localhost:0", "`coordinator_address` 'localhost:0': the port 0 is outside 1 .. 65535"),
+        (
+            "localhost:65536",
+            "`coordinator_address` 'localhost:65536': the port 65536 is outside 1 .. 65535",
+        ),
+        (
+            "::1:1234",
+            "`coordinator_address` '::1:1234': write an IPv6 host in brackets, e.g. '[::1]:1234'",
+        ),
+        (
+            "[::1]1234",
+            "`coordinator_address` '[::1]1234': an IPv6 host in brackets is followed "
+            "by ':port', e.g. '[::1]:1234'",
+        ),
+        ("local host:1", "`coordinator_address` 'local host:1' has spaces in its host"),
+    ],
+)
 def test_a_malformed_coordinator_address_is_refused_before_jax_sees_it(address, message):
     with pytest.raises(ValueError) as info:
         sharding.initialize_distributed(address, num_processes=2, process_id=1)
@@ -418,38 +531,67 @@ def test_a_malformed_coordinator_address_is_refused_before_jax_sees_it(address, 
 
 
 def test_other_distributed_arguments_are_refused_with_fnbp_s_message():
-    with pytest.raises(TypeError, match="^initialize_distributed: `coordinator_address` must "
-                                        "be a string 'host:port', got int$"):
+    with pytest.raises(
+        TypeError,
+        match="^initialize_distributed: `coordinator_address` must "
+        "be a string 'host:port', got int$",
+    ):
         sharding.initialize_distributed(1234, num_processes=2, process_id=0)
     for timeout in (0, -1, float("nan"), float("inf"), "60", True):
-        with pytest.raises(ValueError, match="^initialize_distributed: `timeout` must be a "
-                                             "positive number of seconds, got "):
+        with pytest.raises(
+            ValueError,
+            match="^initialize_distributed: `timeout` must be a positive number of seconds, got ",
+        ):
             sharding.initialize_distributed("localhost:1", 2, 0, timeout=timeout)
 
 
 def timeout_script(process_id, port, timeout):
     """Python that joins a 2-process run nobody else joins, and says how it ended."""
-    return ("import fnbp\n"
-            "try:\n"
-            f"    fnbp.initialize_distributed('127.0.0.1:{port}', 2, {process_id}, "
-            f"timeout={timeout})\n"
-            "except TimeoutError as error:\n"
-            "    print('TimeoutError:', error)\n")
+    return (
+        "import fnbp\n"
+        "try:\n"
+        f"    fnbp.initialize_distributed('127.0.0.1:{port}', 2, {process_id}, "
+        f"timeout={timeout})\n"
+        "except TimeoutError as error:\n"
+        "    print('TimeoutError:', error)\n"
+    )
 
 
 def test_a_coordinator_nobody_runs_or_joins_times_out_in_one_line(tmp_path):
     # Each case in a subprocess with a hard limit, so that the suite never hangs.
     port = free_port()  # nothing listens there
-    train_args = [sys.executable, "-m", "fnbp.cli", "train", *SMALL, "--out", tmp_path / "run",
-                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                  "--coordinator-timeout", "1", "--process-id"]
-    commands = {"library 1": [sys.executable, "-c", timeout_script(1, port, 1)],
-                "library 0": [sys.executable, "-c", timeout_script(0, free_port(), 1)],
-                "cli 1": [*train_args, "1"]}
+    train_args = [
+        sys.executable,
+        "-m",
+        "fnbp.cli",
+        "train",
+        *SMALL,
+        "--out",
+        tmp_path / "run",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--coordinator-timeout",
+        "1",
+        "--process-id",
+    ]
+    commands = {
+        "library 1": [sys.executable, "-c", timeout_script(1, port, 1)],
+        "library 0": [sys.executable, "-c", timeout_script(0, free_port(), 1)],
+        "cli 1": [*train_args, "1"],
+    }
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # nothing here needs an accelerator
-    processes = {name: subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=env)
-                 for name, command in commands.items()}
+    processes = {
+        name: subprocess.Popen(
+            list(map(str, command)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, command in commands.items()
+    }
     results = {}
     for name, process in processes.items():
         try:
@@ -464,21 +606,25 @@ def test_a_coordinator_nobody_runs_or_joins_times_out_in_one_line(tmp_path):
         f"TimeoutError: initialize_distributed: nothing answers at the coordinator "
         f"127.0.0.1:{port} (`coordinator_address`) after 1 s (`timeout`); start process 0 "
         f"with the same `coordinator_address`, check the host and the port, or pass a larger "
-        f"`timeout`\n"), (status, out, err)
+        f"`timeout`\n"
+    ), (status, out, err)
     status, out, err = results["library 0"]  # the other process never joins: one line, exit 2
     assert status == 2 and out == "", (status, err)
     assert "Traceback" not in err and "Check failure" not in err, err
     assert err.splitlines()[-1].startswith(
-        "initialize_distributed: the 2 processes did not all join the coordinator 127.0.0.1:"), err
+        "initialize_distributed: the 2 processes did not all join the coordinator 127.0.0.1:"
+    ), err
     assert err.splitlines()[-1].endswith(
         "within 1 s (`timeout`); start every process with the same `coordinator_address` and "
-        "`num_processes` and its own `process_id`, or pass a larger `timeout`"), err
+        "`num_processes` and its own `process_id`, or pass a larger `timeout`"
+    ), err
     status, out, err = results["cli 1"]
     assert status == 2 and err == (
         f"fnbp train: error: nothing answers at the coordinator 127.0.0.1:{port} "
         f"(--coordinator) after 1 s (--coordinator-timeout); start process 0 with the same "
         f"--coordinator, check the host and the port, or pass a larger "
-        f"--coordinator-timeout\n"), (status, err)
+        f"--coordinator-timeout\n"
+    ), (status, err)
     assert not (tmp_path / "run").exists()
 
 
@@ -494,23 +640,44 @@ def cli_error(capsys, args, match):
     assert match in err, err
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--devices", "0"], "--devices must be a positive integer, got 0"),
-    (["--fsdp", "0"], "--fsdp must be a positive integer, got 0"),
-    (["--num-processes", "2", "--process-id", "0"],
-     "--num-processes 2 needs --coordinator HOST:PORT"),
-    (["--num-processes", "2", "--coordinator", "localhost:1"],
-     "--num-processes 2 needs --process-id, this process' number in 0 .. 1, got None"),
-    (["--process-id", "1"], "--process-id 1 needs --num-processes greater than 1"),
-    (["--num-processes", "2", "--process-id", "1", "--coordinator", "host"],
-     "fnbp train: error: --coordinator 'host' has no port; pass 'host:port', e.g. "
-     "'localhost:1234' or '10.0.0.1:1234'\n"),
-    (["--coordinator", "host:99999"], "--coordinator 'host:99999': the port 99999 is outside "
-                                      "1 .. 65535"),
-    (["--num-processes", "2", "--process-id", "1", "--coordinator", "h:1",
-      "--coordinator-timeout", "0"],
-     "--coordinator-timeout must be a positive number of seconds, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--devices", "0"], "--devices must be a positive integer, got 0"),
+        (["--fsdp", "0"], "--fsdp must be a positive integer, got 0"),
+        (
+            ["--num-processes", "2", "--process-id", "0"],
+            "--num-processes 2 needs --coordinator HOST:PORT",
+        ),
+        (
+            ["--num-processes", "2", "--coordinator", "localhost:1"],
+            "--num-processes 2 needs --process-id, this process' number in 0 .. 1, got None",
+        ),
+        (["--process-id", "1"], "--process-id 1 needs --num-processes greater than 1"),
+        (
+            ["--num-processes", "2", "--process-id", "1", "--coordinator", "host"],
+            "fnbp train: error: --coordinator 'host' has no port; pass 'host:port', e.g. "
+            "'localhost:1234' or '10.0.0.1:1234'\n",
+        ),
+        (
+            ["--coordinator", "host:99999"],
+            "--coordinator 'host:99999': the port 99999 is outside 1 .. 65535",
+        ),
+        (
+            [
+                "--num-processes",
+                "2",
+                "--process-id",
+                "1",
+                "--coordinator",
+                "h:1",
+                "--coordinator-timeout",
+                "0",
+            ],
+            "--coordinator-timeout must be a positive number of seconds, got 0.0",
+        ),
+    ],
+)
 def test_cli_parallel_flag_errors_are_one_line(tmp_path, capsys, extra, match):
     cli_error(capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
     assert not (tmp_path / "run").exists()
@@ -520,17 +687,23 @@ def test_cli_more_devices_than_present_is_one_line(tmp_path, capsys):
     # make_mesh's own check, its message in the flags' words
     n, summary = present()
     are = "device is" if n == 1 else "devices are"
-    cli_error(capsys, [*SMALL, "--devices", n + 1, "--out", tmp_path / "run"],
-              f"fnbp train: error: --devices {n + 1}: only {n} {are} present ({summary}); "
-              f"pass --devices {n} or fewer")
+    cli_error(
+        capsys,
+        [*SMALL, "--devices", n + 1, "--out", tmp_path / "run"],
+        f"fnbp train: error: --devices {n + 1}: only {n} {are} present ({summary}); "
+        f"pass --devices {n} or fewer",
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_fsdp_must_divide_the_devices_is_one_line(tmp_path, capsys):
     # make_mesh's check, even on one device (the mesh of 1 device is never used)
-    cli_error(capsys, [*SMALL, "--devices", 1, "--fsdp", 2, "--out", tmp_path / "run"],
-              "fnbp train: error: --fsdp 2 does not divide --devices 1; the devices form a "
-              "(1 // fsdp) x fsdp mesh, so pass an --fsdp that divides 1")
+    cli_error(
+        capsys,
+        [*SMALL, "--devices", 1, "--fsdp", 2, "--out", tmp_path / "run"],
+        "fnbp train: error: --fsdp 2 does not divide --devices 1; the devices form a "
+        "(1 // fsdp) x fsdp mesh, so pass an --fsdp that divides 1",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -600,32 +773,52 @@ def test_clear_errors_with_8_devices(eight):
     assert eight["err_fit_batch"] == (
         "ValueError: fit: `batch_size` 12 does not split evenly over the 8 devices of the "
         "mesh (data=8), each of which takes an equal part of every batch; pass a "
-        "`batch_size` that is a multiple of 8 (8 or 16) or fewer `devices`")
+        "`batch_size` that is a multiple of 8 (8 or 16) or fewer `devices`"
+    )
     assert eight["err_step_batch"].startswith(
         "ValueError: train_step: a batch of 12 examples does not split evenly over the 8 "
-        "devices of the mesh (data=2, fsdp=4)")
+        "devices of the mesh (data=2, fsdp=4)"
+    )
     assert eight["err_mesh_16"] == (
         "ValueError: make_mesh: `devices` 16: only 8 devices are present (8 cpu); pass "
-        "`devices` 8 or fewer")
+        "`devices` 8 or fewer"
+    )
     assert "`fsdp` 3 does not divide `devices` 8" in eight["err_mesh_fsdp"]
-    assert "the mesh axes must be ('data',) or ('data', 'fsdp'), got ('batch',)" in \
-        eight["err_other_axes"]
+    assert (
+        "the mesh axes must be ('data',) or ('data', 'fsdp'), got ('batch',)"
+        in eight["err_other_axes"]
+    )
 
 
-@pytest.mark.parametrize("name, match", [
-    # the library's checks (make_mesh, check_batch), their messages in the flags' words
-    ("cli_devices_16", "fnbp train: error: --devices 16: only 8 devices are present "
-                       "(8 cpu); pass --devices 8 or fewer\n"),
-    ("cli_batch_20", "fnbp train: error: --batch-size 20 does not split evenly over the 8 "
-                     "devices of the mesh (data=8), each of which takes an equal part of every "
-                     "batch; pass a --batch-size that is a multiple of 8 (16 or 24) or fewer "
-                     "--devices\n"),
-    ("cli_fsdp_3", "fnbp train: error: --fsdp 3 does not divide --devices 8; the devices form "
-                   "a (8 // fsdp) x fsdp mesh, so pass an --fsdp that divides 8\n"),
-    ("cli_dp_8", "fnbp train: error: DP-SGD runs on one device; its per-example clipping and "
-                 "noise are not sharded over a device mesh yet, so train without a mesh, on "
-                 "one device (--devices 1)\n"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        # the library's checks (make_mesh, check_batch), their messages in the flags' words
+        (
+            "cli_devices_16",
+            "fnbp train: error: --devices 16: only 8 devices are present "
+            "(8 cpu); pass --devices 8 or fewer\n",
+        ),
+        (
+            "cli_batch_20",
+            "fnbp train: error: --batch-size 20 does not split evenly over the 8 "
+            "devices of the mesh (data=8), each of which takes an equal part of every "
+            "batch; pass a --batch-size that is a multiple of 8 (16 or 24) or fewer "
+            "--devices\n",
+        ),
+        (
+            "cli_fsdp_3",
+            "fnbp train: error: --fsdp 3 does not divide --devices 8; the devices form "
+            "a (8 // fsdp) x fsdp mesh, so pass an --fsdp that divides 8\n",
+        ),
+        (
+            "cli_dp_8",
+            "fnbp train: error: DP-SGD runs on one device; its per-example clipping and "
+            "noise are not sharded over a device mesh yet, so train without a mesh, on "
+            "one device (--devices 1)\n",
+        ),
+    ],
+)
 def test_cli_errors_with_8_devices(eight, name, match):
     status, out, err = eight[name]
     assert status == 2 and out == ""
@@ -637,8 +830,10 @@ def test_cli_errors_with_8_devices(eight, name, match):
 def test_cli_without_devices_uses_as_many_as_the_batch_splits_over(eight):
     status, _, err = eight["cli_auto_devices"]
     assert status == 0, err
-    assert ("fnbp train: --batch-size 20 does not split evenly over the 8 devices present; "
-            "training on 5 (pass --devices to choose)") in err
+    assert (
+        "fnbp train: --batch-size 20 does not split evenly over the 8 devices present; "
+        "training on 5 (pass --devices to choose)"
+    ) in err
     assert eight["cli_auto_devices_config"]["devices"] == 5
 
 
@@ -668,7 +863,11 @@ def test_two_processes_train_as_one_device_does(workers, one_device_run):
     # the parameters, split over the devices of both processes and gathered for the
     # checkpoint, and the losses are the one-device run's
     assert [h["step"] for h in history] == [10] and [p.shape for p in params] == [
-        (16, 2), (16,), (2, 16), (2,)]
+        (16, 2),
+        (16,),
+        (2, 16),
+        (2,),
+    ]
     assert_same_trajectory(history, want_history)
     assert max_diff(params, want_params) <= 1e-5
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _oracle import mlp_problem, ref_loss, ref_mlp
 
 import fnbp
 from fnbp import train
-from _oracle import mlp_problem, ref_loss, ref_mlp
 
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---
 
@@ -97,8 +97,11 @@ def test_train_step_float32():
 
 def test_train_step_regression_has_no_accuracy():
     model = fnbp.mlp([5, 2])
-    params = ({"W": jnp.ones((5, 3)), "b": jnp.zeros(5)}, (),
-              {"W": jnp.ones((2, 5)), "b": jnp.zeros(2)})
+    params = (
+        {"W": jnp.ones((5, 3)), "b": jnp.zeros(5)},
+        (),
+        {"W": jnp.ones((2, 5)), "b": jnp.zeros(2)},
+    )
     x = jnp.ones((4, 3))
     t = jnp.zeros((4, 2))
     step = train.make_train_step(model, fnbp.mse_loss, SGD)
@@ -124,15 +127,17 @@ def test_init_state_matches_model_and_optimizer_init():
     def init(key, input_shape, dtype=jnp.float32):
         return (2,), {"W": jax.random.normal(key, (2,) + tuple(input_shape), dtype)}
 
-    toy = fnbp.make_layer("toy", init, lambda p, z: (z @ p["W"].T, z),
-                          lambda p, z, v: ({"W": v.T @ z}, v @ p["W"]))
+    toy = fnbp.make_layer(
+        "toy", init, lambda p, z: (z @ p["W"].T, z), lambda p, z, v: ({"W": v.T @ z}, v @ p["W"])
+    )
     key = jax.random.key(4)
     state = train.init_state(toy, ADAM, key, (4,), jnp.float64)
     want = jax.random.normal(key, (2, 4), jnp.float64)
     np.testing.assert_array_equal(state.params["W"], want)
     assert state.step == 0 and state.params["W"].dtype == jnp.float64
     assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(
-        ADAM.init(state.params))
+        ADAM.init(state.params)
+    )
     np.testing.assert_array_equal(state.opt_state[0].mu["W"], np.zeros((2, 4)))
     with pytest.raises(ValueError, match="conv2d"):
         train.init_state(fnbp.cnn(3), ADAM, key, (4,))
@@ -160,21 +165,38 @@ def test_epoch_order_is_a_pure_function_of_key_and_epoch():
 def test_fit_is_the_minibatch_sgd_loop_and_learns():
     params, x, y = problem()
     key = jax.random.key(9)
-    result = train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, key=key,
-                       epochs=3, batch_size=6, x_test=x, y_test=y)
+    result = train.fit(
+        MODEL,
+        fnbp.cross_entropy_loss,
+        SGD,
+        params,
+        x,
+        y,
+        key=key,
+        epochs=3,
+        batch_size=6,
+        x_test=x,
+        y_test=y,
+    )
     # the same thing by hand: 20 // 6 = 3 minibatches per epoch in epoch_order
     step = train.make_train_step(MODEL, fnbp.cross_entropy_loss, SGD)
     p, s = params, SGD.init(params)
     for epoch in range(3):
         order = np.asarray(train.epoch_order(key, epoch, N))
         for i in range(3):
-            idx = order[i * 6:(i + 1) * 6]
+            idx = order[i * 6 : (i + 1) * 6]
             p, s, _ = step(p, s, x[idx], y[idx])
     assert rel_err(result.params, p) <= 1e-12
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert [h["step"] for h in result.history] == [3, 6, 9]
-    assert set(result.history[0]) == {"epoch", "step", "train_loss", "train_accuracy",
-                                      "test_loss", "test_accuracy"}
+    assert set(result.history[0]) == {
+        "epoch",
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+    }
     assert result.history[-1]["test_loss"] < result.history[0]["test_loss"]
     assert result.history[-1]["test_loss"] == pytest.approx(float(ref_loss(p, x, y)), rel=1e-10)
     assert result.state.step == 9
@@ -184,8 +206,17 @@ def test_fit_same_key_same_parameters_float32():
     params, x, y = problem(dtype=jnp.float32)
 
     def run(seed):
-        return train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y,
-                         key=jax.random.key(seed), epochs=2, batch_size=5)
+        return train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            ADAM,
+            params,
+            x,
+            y,
+            key=jax.random.key(seed),
+            epochs=2,
+            batch_size=5,
+        )
 
     first, second = run(3), run(3)
     assert_trees_identical(first.params, second.params)
@@ -215,12 +246,30 @@ def test_fit_resumed_from_any_step_equals_uninterrupted(stop_at):
             raise Stop
 
     with pytest.raises(Stop):
-        train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y, on_step=on_step,
-                  on_epoch=on_epoch, **kwargs)
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            ADAM,
+            params,
+            x,
+            y,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            **kwargs,
+        )
     # a round trip through host memory, as through a checkpoint
     state = jax.tree_util.tree_map(np.asarray, saved["state"])
-    resumed = train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, None, x, y,
-                        state=train.TrainState(*state), history=saved.get("history"), **kwargs)
+    resumed = train.fit(
+        MODEL,
+        fnbp.cross_entropy_loss,
+        ADAM,
+        None,
+        x,
+        y,
+        state=train.TrainState(*state),
+        history=saved.get("history"),
+        **kwargs,
+    )
     assert_trees_identical(resumed.params, full.params)
     assert_trees_identical(resumed.state.opt_state, full.state.opt_state)
     assert resumed.history == full.history
@@ -229,24 +278,42 @@ def test_fit_resumed_from_any_step_equals_uninterrupted(stop_at):
 def test_fit_callbacks_see_running_means():
     params, x, y = problem()
     seen = []
-    train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y,
-              key=jax.random.key(0), epochs=1, batch_size=6,
-              on_step=lambda state, running: seen.append((state.step, running)))
+    train.fit(
+        MODEL,
+        fnbp.cross_entropy_loss,
+        SGD,
+        params,
+        x,
+        y,
+        key=jax.random.key(0),
+        epochs=1,
+        batch_size=6,
+        on_step=lambda state, running: seen.append((state.step, running)),
+    )
     assert [s for s, _ in seen] == [1, 2, 3]
     assert set(seen[0][1]) == {"loss", "accuracy"}
-    losses = [seen[0][1]["loss"], 2 * seen[1][1]["loss"] - seen[0][1]["loss"],
-              3 * seen[2][1]["loss"] - 2 * seen[1][1]["loss"]]
+    losses = [
+        seen[0][1]["loss"],
+        2 * seen[1][1]["loss"] - seen[0][1]["loss"],
+        3 * seen[2][1]["loss"] - 2 * seen[1][1]["loss"],
+    ]
     assert seen[-1][1]["loss"] == pytest.approx(np.mean(losses))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=0), r"^fit: `batch_size` must be a positive int, got 0$"),
-    (dict(batch_size=21), r"^fit: `batch_size` 21 is larger than the 20 training examples; "
-                          r"pass a `batch_size` of 20 or less$"),
-    (dict(epochs=0), "epochs must be a positive int"),
-    (dict(x_test=np.ones((2, 4))), "pass both x_test and y_test"),
-    (dict(state=train.TrainState((), (), step=100)), "past the 8 steps of 2 epochs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=0), r"^fit: `batch_size` must be a positive int, got 0$"),
+        (
+            dict(batch_size=21),
+            r"^fit: `batch_size` 21 is larger than the 20 training examples; "
+            r"pass a `batch_size` of 20 or less$",
+        ),
+        (dict(epochs=0), "epochs must be a positive int"),
+        (dict(x_test=np.ones((2, 4))), "pass both x_test and y_test"),
+        (dict(state=train.TrainState((), (), step=100)), "past the 8 steps of 2 epochs"),
+    ],
+)
 def test_fit_errors(kwargs, match):
     params, x, y = problem()
     arguments = dict(key=jax.random.key(0), epochs=2, batch_size=5)
@@ -258,8 +325,17 @@ def test_fit_errors(kwargs, match):
 def test_fit_and_step_reject_wrong_parts():
     params, x, y = problem()
     with pytest.raises(ValueError, match="x has 20 examples but y has shape"):
-        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y[:5],
-                  key=jax.random.key(0), epochs=1, batch_size=4)
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            SGD,
+            params,
+            x,
+            y[:5],
+            key=jax.random.key(0),
+            epochs=1,
+            batch_size=4,
+        )
     with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
         train.make_train_step(MODEL, fnbp.cross_entropy_loss, lambda g: g)
     with pytest.raises(TypeError, match="model must be a fnbp Layer"):
@@ -269,37 +345,66 @@ def test_fit_and_step_reject_wrong_parts():
 # --- fit's arguments, its inputs, and stopping it cleanly ---------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(key=None), TypeError,
-     "fit: `key` must be a PRNG key, jax.random.key(seed), got NoneType"),
-    (dict(key=7), TypeError, "fit: `key` must be a PRNG key, jax.random.key(seed), got int"),
-    (dict(key=np.zeros(3, np.float32)), TypeError,
-     "fit: `key` must be a PRNG key, jax.random.key(seed), got an array of dtype float32 "
-     "and shape (3,)"),
-    (dict(key=jax.random.split(jax.random.key(0), 2)), TypeError,
-     "fit: `key` must be one PRNG key, got an array of keys of shape (2,); pass "
-     "jax.random.key(seed)"),
-    (dict(epochs=True), ValueError, "fit: epochs must be a positive int, got True"),
-    (dict(on_step=3), TypeError, "fit: `on_step` must be a function or None, got int"),
-    (dict(on_epoch="yes"), TypeError, "fit: `on_epoch` must be a function or None, got str"),
-    (dict(stop=True), TypeError, "fit: `stop` must be a function or None, got bool"),
-    (dict(state=((), ())), TypeError,
-     "fit: `state` must be a fnbp.train.TrainState (from init_state, or a FitResult's "
-     "state), got tuple"),
-    (dict(history={"epoch": 1}), TypeError,
-     "fit: `history` must be a list of dicts (a FitResult's history), got dict"),
-    (dict(eval_batch_size=0), ValueError, "fit: `eval_batch_size` must be a positive int, "
-                                          "got 0"),
-    (dict(x=[["a"] * 4] * N), TypeError, "fit: `x` must hold numbers, got dtype <U1"),
-    (dict(y=[[0, 1]] * (N - 1) + [[0]]), TypeError,
-     "fit: `y` must be an array (n, ...) of numbers; np.asarray could not make one"),
-    (dict(x_test=np.ones((3, 5)), y_test=np.zeros(3, np.int32)), ValueError,
-     "fit: `x_test` has shape (3, 5), but the examples of `x` have shape (4,); pass test "
-     "examples of that shape"),
-    (dict(x_test=np.ones((3, 4)), y_test=np.zeros(2, np.int32)), ValueError,
-     "fit: `x_test` has 3 examples but `y_test` has shape (2,); pass one target per "
-     "example"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(key=None),
+            TypeError,
+            "fit: `key` must be a PRNG key, jax.random.key(seed), got NoneType",
+        ),
+        (dict(key=7), TypeError, "fit: `key` must be a PRNG key, jax.random.key(seed), got int"),
+        (
+            dict(key=np.zeros(3, np.float32)),
+            TypeError,
+            "fit: `key` must be a PRNG key, jax.random.key(seed), got an array of dtype float32 "
+            "and shape (3,)",
+        ),
+        (
+            dict(key=jax.random.split(jax.random.key(0), 2)),
+            TypeError,
+            "fit: `key` must be one PRNG key, got an array of keys of shape (2,); pass "
+            "jax.random.key(seed)",
+        ),
+        (dict(epochs=True), ValueError, "fit: epochs must be a positive int, got True"),
+        (dict(on_step=3), TypeError, "fit: `on_step` must be a function or None, got int"),
+        (dict(on_epoch="yes"), TypeError, "fit: `on_epoch` must be a function or None, got str"),
+        (dict(stop=True), TypeError, "fit: `stop` must be a function or None, got bool"),
+        (
+            dict(state=((), ())),
+            TypeError,
+            "fit: `state` must be a fnbp.train.TrainState (from init_state, or a FitResult's "
+            "state), got tuple",
+        ),
+        (
+            dict(history={"epoch": 1}),
+            TypeError,
+            "fit: `history` must be a list of dicts (a FitResult's history), got dict",
+        ),
+        (
+            dict(eval_batch_size=0),
+            ValueError,
+            "fit: `eval_batch_size` must be a positive int, got 0",
+        ),
+        (dict(x=[["a"] * 4] * N), TypeError, "fit: `x` must hold numbers, got dtype <U1"),
+        (
+            dict(y=[[0, 1]] * (N - 1) + [[0]]),
+            TypeError,
+            "fit: `y` must be an array (n, ...) of numbers; np.asarray could not make one",
+        ),
+        (
+            dict(x_test=np.ones((3, 5)), y_test=np.zeros(3, np.int32)),
+            ValueError,
+            "fit: `x_test` has shape (3, 5), but the examples of `x` have shape (4,); pass test "
+            "examples of that shape",
+        ),
+        (
+            dict(x_test=np.ones((3, 4)), y_test=np.zeros(2, np.int32)),
+            ValueError,
+            "fit: `x_test` has 3 examples but `y_test` has shape (2,); pass one target per example",
+        ),
+    ],
+)
 def test_fit_refuses_bad_arguments_with_its_own_message(kwargs, error, message):
     params, x, y = problem()
     arguments = dict(x=x, y=y, key=jax.random.key(0), epochs=2, batch_size=5)
@@ -313,24 +418,39 @@ def test_fit_refuses_bad_arguments_with_its_own_message(kwargs, error, message):
 def test_fit_refuses_params_the_model_cannot_apply():
     # a layer of one's own that does not check its params: fit names them, not jnp's internals
     scale = fnbp.make_layer(
-        "scale", lambda key, shape, dtype=jnp.float32: (shape, {"a": jnp.ones(shape, dtype)}),
+        "scale",
+        lambda key, shape, dtype=jnp.float32: (shape, {"a": jnp.ones(shape, dtype)}),
         lambda params, z: (z * params["a"], z),
-        lambda params, z, v: ({"a": jnp.sum(v * z, axis=0)}, v * params["a"]))
+        lambda params, z, v: ({"a": jnp.sum(v * z, axis=0)}, v * params["a"]),
+    )
     _, x, y = problem()
-    with pytest.raises(TypeError, match=r"^fit: the model cannot be applied to `params` and "
-                                        r"inputs of shape \(20, 4\) \(KeyError: 'a'\); pass "
-                                        r"the params of model.init\(key, \(4,\)\)\[1\]$"):
-        train.fit(scale, fnbp.cross_entropy_loss, SGD, {"b": jnp.ones(4)}, x, y,
-                  key=jax.random.key(0), epochs=1, batch_size=5)
+    with pytest.raises(
+        TypeError,
+        match=r"^fit: the model cannot be applied to `params` and "
+        r"inputs of shape \(20, 4\) \(KeyError: 'a'\); pass "
+        r"the params of model.init\(key, \(4,\)\)\[1\]$",
+    ):
+        train.fit(
+            scale,
+            fnbp.cross_entropy_loss,
+            SGD,
+            {"b": jnp.ones(4)},
+            x,
+            y,
+            key=jax.random.key(0),
+            epochs=1,
+            batch_size=5,
+        )
 
 
-@pytest.mark.parametrize("where, on_device", [("x", False), ("x", True), ("y", False),
-                                              ("x_test", False), ("y_test", True)])
+@pytest.mark.parametrize(
+    "where, on_device",
+    [("x", False), ("x", True), ("y", False), ("x_test", False), ("y_test", True)],
+)
 def test_fit_refuses_nan_and_inf_inputs_naming_the_first_example(where, on_device):
     params, x, _ = problem()
     targets = np.asarray(x[:, :3]) * 0.5  # float targets: a regression with a squared loss
-    arrays = {"x": np.asarray(x), "y": targets, "x_test": np.asarray(x)[:6],
-              "y_test": targets[:6]}
+    arrays = {"x": np.asarray(x), "y": targets, "x_test": np.asarray(x)[:6], "y_test": targets[:6]}
     bad = arrays[where].copy()
     bad[4, 1] = np.inf if where.startswith("y") else np.nan
     arrays[where] = jnp.asarray(bad) if on_device else bad
@@ -339,10 +459,23 @@ def test_fit_refuses_nan_and_inf_inputs_naming_the_first_example(where, on_devic
         return 0.5 * jnp.sum((t - y) ** 2, axis=-1)
 
     with pytest.raises(fnbp.DataError) as info:
-        train.fit(MODEL, squared, SGD, params, arrays["x"], arrays["y"], key=jax.random.key(0),
-                  epochs=1, batch_size=5, x_test=arrays["x_test"], y_test=arrays["y_test"])
-    assert str(info.value) == (f"fit: `{where}` contains NaN or infinity (first in example "
-                               f"4); remove or impute those values")
+        train.fit(
+            MODEL,
+            squared,
+            SGD,
+            params,
+            arrays["x"],
+            arrays["y"],
+            key=jax.random.key(0),
+            epochs=1,
+            batch_size=5,
+            x_test=arrays["x_test"],
+            y_test=arrays["y_test"],
+        )
+    assert str(info.value) == (
+        f"fit: `{where}` contains NaN or infinity (first in example "
+        f"4); remove or impute those values"
+    )
 
 
 @pytest.mark.parametrize("stop_at", [0, 6, 8])  # before any step, mid-epoch, at an epoch's end
@@ -352,17 +485,37 @@ def test_fit_stopped_by_stop_continues_exactly(stop_at):
     full = train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y, **kwargs)
     steps = [0]
     with pytest.raises(train.TrainingStopped) as info:
-        train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, params, x, y,
-                  on_step=lambda state, running: steps.__setitem__(0, state.step),
-                  stop=lambda: steps[0] >= stop_at, **kwargs)
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            ADAM,
+            params,
+            x,
+            y,
+            on_step=lambda state, running: steps.__setitem__(0, state.step),
+            stop=lambda: steps[0] >= stop_at,
+            **kwargs,
+        )
     stopped = info.value
-    where = {0: "at step 0 of 12, before the first step", 6: "at step 6 of 12, in epoch 2 "
-             "of 3", 8: "at step 8 of 12, after epoch 2 of 3"}[stop_at]
+    where = {
+        0: "at step 0 of 12, before the first step",
+        6: "at step 6 of 12, in epoch 2 of 3",
+        8: "at step 8 of 12, after epoch 2 of 3",
+    }[stop_at]
     assert str(stopped) == f"stopped by a stop request {where}" and stopped.where == where
     assert stopped.state.step == stop_at and stopped.signum is None
     assert [h["epoch"] for h in stopped.history] == list(range(1, stop_at // 4 + 1))
-    resumed = train.fit(MODEL, fnbp.cross_entropy_loss, ADAM, None, x, y,
-                        state=stopped.state, history=stopped.history, **kwargs)
+    resumed = train.fit(
+        MODEL,
+        fnbp.cross_entropy_loss,
+        ADAM,
+        None,
+        x,
+        y,
+        state=stopped.state,
+        history=stopped.history,
+        **kwargs,
+    )
     assert_trees_identical(resumed.params, full.params)
     assert resumed.history == full.history
 
@@ -378,10 +531,22 @@ def test_stop_on_signals_turns_a_signal_into_a_stop_at_the_next_boundary(monkeyp
         assert not stop()
         signal.raise_signal(signal.SIGTERM)  # the handler returns: nothing is raised here
         assert stop() and stop.signum == signal.SIGTERM and stop.name() == "SIGTERM"
-        with pytest.raises(train.TrainingStopped, match="^stopped by SIGTERM at step 0 of 8, "
-                                                        "before the first step$") as info:
-            train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y,
-                      key=jax.random.key(0), epochs=2, batch_size=5, stop=stop)
+        with pytest.raises(
+            train.TrainingStopped,
+            match="^stopped by SIGTERM at step 0 of 8, before the first step$",
+        ) as info:
+            train.fit(
+                MODEL,
+                fnbp.cross_entropy_loss,
+                SGD,
+                params,
+                x,
+                y,
+                key=jax.random.key(0),
+                epochs=2,
+                batch_size=5,
+                stop=stop,
+            )
         assert info.value.signum == signal.SIGTERM and info.value.state.step == 0
         signal.raise_signal(signal.SIGINT)  # a second signal: its default action, at once
         assert kills == [signal.SIGINT]
@@ -408,6 +573,15 @@ def test_fit_without_stop_keeps_python_s_keyboard_interrupt():
 
     params, x, y = problem()
     with pytest.raises(KeyboardInterrupt):
-        train.fit(MODEL, fnbp.cross_entropy_loss, SGD, params, x, y, key=jax.random.key(0),
-                  epochs=2, batch_size=5,
-                  on_step=lambda state, running: signal.raise_signal(signal.SIGINT))
+        train.fit(
+            MODEL,
+            fnbp.cross_entropy_loss,
+            SGD,
+            params,
+            x,
+            y,
+            key=jax.random.key(0),
+            epochs=2,
+            batch_size=5,
+            on_step=lambda state, running: signal.raise_signal(signal.SIGINT),
+        )

@@ -12,13 +12,26 @@ import time
 
 import numpy as np
 import pytest
-
-from fnbp import cli
 from _checkpoint_files import edit_metadata
 
+from fnbp import cli
+
 # A small, fast configuration: 200 spiral points, one hidden layer of 16.
-SMALL = ["--dataset", "spirals", "--num-examples", "200", "--width", "16", "--depth", "1",
-         "--batch-size", "20", "--epochs", "2", "--no-progress"]
+SMALL = [
+    "--dataset",
+    "spirals",
+    "--num-examples",
+    "200",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--batch-size",
+    "20",
+    "--epochs",
+    "2",
+    "--no-progress",
+]
 
 
 def train(*args):
@@ -70,8 +83,7 @@ def test_train_writes_metrics_plot_config_and_checkpoint(tmp_path, capsys):
     assert train(*SMALL, "--out", out) == 0
     printed = capsys.readouterr()
     assert "test accuracy" in printed.out and str(out) in printed.out
-    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json",
-                                       "plot.png"]
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json", "plot.png"]
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "spirals" and config["model"] == "mlp"
     assert config["optimizer"] == "adam" and config["lr"] == pytest.approx(1e-2)
@@ -101,8 +113,9 @@ def test_train_same_seed_identical_parameters(tmp_path, capsys):
     assert_same_params(params_of(tmp_path / "a"), params_of(tmp_path / "b"))
     assert history_of(tmp_path / "a") == history_of(tmp_path / "b")
     assert train(*SMALL, "--seed", "4", "--out", tmp_path / "c") == 0
-    assert not np.array_equal(params_of(tmp_path / "a")["params.0"],
-                              params_of(tmp_path / "c")["params.0"])
+    assert not np.array_equal(
+        params_of(tmp_path / "a")["params.0"], params_of(tmp_path / "c")["params.0"]
+    )
 
 
 def test_resume_continues_to_the_uninterrupted_result(tmp_path, capsys):
@@ -131,13 +144,26 @@ def test_train_user_npz_images_with_cnn_and_resnet_s(tmp_path, capsys):
     y = np.arange(60) % 3
     x = rng.normal(size=(60, 6, 6)) + y[:, None, None]  # (n, H, W): a channel axis is added
     np.savez(tmp_path / "images.npz", x=x, y=y)
-    common = ["--data-path", tmp_path / "images.npz", "--epochs", "1", "--batch-size", "16",
-              "--width", "4", "--depth", "1", "--no-progress"]
+    common = [
+        "--data-path",
+        tmp_path / "images.npz",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--no-progress",
+    ]
     assert train(*common, "--model", "cnn", "--out", tmp_path / "cnn") == 0
     config = json.loads((tmp_path / "cnn" / "config.json").read_text())
     assert config["dataset"] == "npz" and config["input_shape"] == [6, 6, 1]
-    assert train(*common, "--model", "resnet-s", "--optimizer", "momentum",
-                 "--out", tmp_path / "res") == 0
+    assert (
+        train(*common, "--model", "resnet-s", "--optimizer", "momentum", "--out", tmp_path / "res")
+        == 0
+    )
     config = json.loads((tmp_path / "res" / "config.json").read_text())
     assert config["input_shape"] == [36] and config["lr"] == pytest.approx(0.01)
 
@@ -148,8 +174,11 @@ def signals_npz(path, channels: int | None):
     y = np.arange(64) % 2
     t = np.arange(16) / 16
     angle = 2 * np.pi * (np.where(y == 0, 1.0, 4.0)[:, None] * t + rng.random((64, 1)))
-    x = np.sin(angle) if channels is None else np.stack(
-        [np.sin(angle + c) for c in range(channels)], axis=-1)
+    x = (
+        np.sin(angle)
+        if channels is None
+        else np.stack([np.sin(angle + c) for c in range(channels)], axis=-1)
+    )
     np.savez(path, x=x.astype(np.float32), y=y)
     return path
 
@@ -157,8 +186,26 @@ def signals_npz(path, channels: int | None):
 def conv_run(tmp_path, model, channels):
     """Train ``model`` on signals_npz for an epoch; its config and parameter shapes."""
     data = signals_npz(tmp_path / "signals.npz", channels)
-    assert train("--data-path", data, "--model", model, "--epochs", "1", "--batch-size", "16",
-                 "--width", "4", "--depth", "2", "--no-progress", "--out", tmp_path / "run") == 0
+    assert (
+        train(
+            "--data-path",
+            data,
+            "--model",
+            model,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--width",
+            "4",
+            "--depth",
+            "2",
+            "--no-progress",
+            "--out",
+            tmp_path / "run",
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as archive:
         shapes = [archive[k].shape for k in archive.files if k.startswith("params.")]
@@ -180,10 +227,19 @@ def test_train_user_npz_multichannel_signals_with_cnn1d(tmp_path, capsys):
 
 
 def test_cnn1d_refuses_images_in_one_line(tmp_path, capsys):
-    np.savez(tmp_path / "images.npz", x=np.zeros((20, 4, 4, 3), np.float32),
-             y=np.arange(20) % 2)
-    assert train("--data-path", tmp_path / "images.npz", "--model", "cnn1d", "--no-progress",
-                 "--out", tmp_path / "run") == 2
+    np.savez(tmp_path / "images.npz", x=np.zeros((20, 4, 4, 3), np.float32), y=np.arange(20) % 2)
+    assert (
+        train(
+            "--data-path",
+            tmp_path / "images.npz",
+            "--model",
+            "cnn1d",
+            "--no-progress",
+            "--out",
+            tmp_path / "run",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--model cnn1d needs 1-D signals" in err, err
     assert "(4, 4, 3)" in err and "use --model cnn for images" in err, err
@@ -192,8 +248,23 @@ def test_cnn1d_refuses_images_in_one_line(tmp_path, capsys):
 # --- a real kill, then --resume --------------------------------------------------------
 
 
-KILL_ARGS = ["--dataset", "spirals", "--width", "16", "--depth", "1", "--batch-size", "16",
-             "--epochs", "4", "--checkpoint-every", "10", "--seed", "1", "--no-progress"]
+KILL_ARGS = [
+    "--dataset",
+    "spirals",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "4",
+    "--checkpoint-every",
+    "10",
+    "--seed",
+    "1",
+    "--no-progress",
+]
 
 
 def spawn(env, *args):
@@ -204,9 +275,12 @@ def spawn(env, *args):
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
     # Three processes; JAX's persistent compilation cache lets the last reuse the
     # executables the first two compiled (the same executables, the same numbers).
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     reference = spawn(env, *KILL_ARGS, "--out", tmp_path / "reference")
     victim = spawn(env, *KILL_ARGS, "--out", tmp_path / "victim")
     checkpoint = tmp_path / "victim" / "checkpoint.npz"
@@ -242,22 +316,30 @@ def assert_clean_error(tmp_path, capsys, args, match):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-    (["--lr", "-0.1"], "--lr must be a positive finite number, got -0.1"),
-    (["--lr", "nan"], "--lr must be a positive finite number"),
-    (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--batch-size", "500"], "fnbp train: error: --batch-size 500 is larger than the 160 "
-                              "training examples; pass a --batch-size of 160 or less\n"),
-    (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
-    (["--data-path", "x.npz"], "is built in and reads no file; drop --data-path"),
-    (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),
-    (["--num-examples", "0"], "--num-examples must be a positive integer, got 0"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
-    (["--num-examples", "10000000000000000"],
-     "fnbp train: error: spirals: --num-examples 10000000000000000 needs about 852.7 PiB of "
-     "memory, but "),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--lr", "-0.1"], "--lr must be a positive finite number, got -0.1"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (
+            ["--batch-size", "500"],
+            "fnbp train: error: --batch-size 500 is larger than the 160 "
+            "training examples; pass a --batch-size of 160 or less\n",
+        ),
+        (["--test-fraction", "1.5"], "--test-fraction must lie strictly between 0 and 1"),
+        (["--data-path", "x.npz"], "is built in and reads no file; drop --data-path"),
+        (["--dataset", "digits"], "--num-examples only applies to spirals and moons, not 'digits'"),
+        (["--num-examples", "0"], "--num-examples must be a positive integer, got 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+        (
+            ["--num-examples", "10000000000000000"],
+            "fnbp train: error: spirals: --num-examples 10000000000000000 needs about 852.7 PiB of "
+            "memory, but ",
+        ),
+    ],
+)
 def test_bad_flags(tmp_path, capsys, extra, match):
     assert_clean_error(tmp_path, capsys, [*SMALL, *extra, "--out", tmp_path / "run"], match)
 
@@ -275,37 +357,71 @@ def write_csv(path, text, bom=False):
 ROWS = "".join(f"{i % 7 / 3:.3f},{i % 5 / 2:.3f},{i % 2}\n" for i in range(40))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda d: d / "missing.npz", "no such file"),
-    (lambda d: write_npz(d / "shape.npz", x=np.ones((10, 2)), y=np.zeros(9, int)),
-     "x has 10 examples but y has 9 labels"),
-    (lambda d: write_npz(d / "onehot.npz", x=np.ones((10, 2)), y=np.eye(10)[:, :2]),
-     "labels must have shape (n,)"),
-    (lambda d: write_npz(d / "nan.npz", x=np.where(np.eye(10, 2) > 0, np.nan, 1.0),
-                         y=np.arange(10) % 2), "x contains NaN or infinity"),
-    (lambda d: write_npz(d / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10)),
-     "non-integer labels"),
-    (lambda d: write_npz(d / "keys.npz", inputs=np.ones((10, 2))), "but fnbp expects"),
-    (lambda d: write_csv(d / "stray.csv", "a,b,label\n" + ROWS + "1,2,100000\n"),
-     "stray.csv: label 100000 in line 42 is not a class index: the 3 distinct labels must "
-     "be 0 .. 2, but class 2 has no examples; fix or drop that row"),
-    (lambda d: write_npz(d / "ones.npz", x=np.ones((10, 2)), y=np.ones(10, int)),
-     "every label is 1; classification needs at least two classes"),
-    (lambda d: write_csv(d / "big.csv", ROWS + "1e300,2,1\n"),
-     "big.csv: x holds 1e+300 in line 41, too large for float32"),
-    (lambda d: write_csv(d / "na.csv", "NA,2,0\n" + ROWS),
-     "na.csv line 1 column 1 is a missing value ('NA'); fill it in or drop the row"),
-    (lambda d: write_csv(d / "na2.csv", ROWS + "NA,2,0\n"),
-     "na2.csv line 41 column 1 is a missing value ('NA')"),
-    (lambda d: (np.save(d / "a.npy", np.ones(3)), os.replace(d / "a.npy", d / "a.npz"),
-                d / "a.npz")[-1],
-     "a.npz is a single NumPy array (the .npy format, from np.save), not a .npz archive"),
-    (lambda d: (d / "image.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)) and
-     d / "image.npz", "image.npz is a PNG image, not a .npz archive"),
-    # not files: refused before they are opened (a named pipe would block, a device never end)
-    (lambda d: (os.mkfifo(d / "pipe.npz"), d / "pipe.npz")[-1],
-     "pipe.npz is a named pipe (FIFO), not a file; pass a regular file\n"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: d / "missing.npz", "no such file"),
+        (
+            lambda d: write_npz(d / "shape.npz", x=np.ones((10, 2)), y=np.zeros(9, int)),
+            "x has 10 examples but y has 9 labels",
+        ),
+        (
+            lambda d: write_npz(d / "onehot.npz", x=np.ones((10, 2)), y=np.eye(10)[:, :2]),
+            "labels must have shape (n,)",
+        ),
+        (
+            lambda d: write_npz(
+                d / "nan.npz", x=np.where(np.eye(10, 2) > 0, np.nan, 1.0), y=np.arange(10) % 2
+            ),
+            "x contains NaN or infinity",
+        ),
+        (
+            lambda d: write_npz(d / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10)),
+            "non-integer labels",
+        ),
+        (lambda d: write_npz(d / "keys.npz", inputs=np.ones((10, 2))), "but fnbp expects"),
+        (
+            lambda d: write_csv(d / "stray.csv", "a,b,label\n" + ROWS + "1,2,100000\n"),
+            "stray.csv: label 100000 in line 42 is not a class index: the 3 distinct labels must "
+            "be 0 .. 2, but class 2 has no examples; fix or drop that row",
+        ),
+        (
+            lambda d: write_npz(d / "ones.npz", x=np.ones((10, 2)), y=np.ones(10, int)),
+            "every label is 1; classification needs at least two classes",
+        ),
+        (
+            lambda d: write_csv(d / "big.csv", ROWS + "1e300,2,1\n"),
+            "big.csv: x holds 1e+300 in line 41, too large for float32",
+        ),
+        (
+            lambda d: write_csv(d / "na.csv", "NA,2,0\n" + ROWS),
+            "na.csv line 1 column 1 is a missing value ('NA'); fill it in or drop the row",
+        ),
+        (
+            lambda d: write_csv(d / "na2.csv", ROWS + "NA,2,0\n"),
+            "na2.csv line 41 column 1 is a missing value ('NA')",
+        ),
+        (
+            lambda d: (
+                np.save(d / "a.npy", np.ones(3)),
+                os.replace(d / "a.npy", d / "a.npz"),
+                d / "a.npz",
+            )[-1],
+            "a.npz is a single NumPy array (the .npy format, from np.save), not a .npz archive",
+        ),
+        (
+            lambda d: (
+                (d / "image.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)) and d / "image.npz"
+            ),
+            "image.npz is a PNG image, not a .npz archive",
+        ),
+        # not files: refused before they are opened (a named pipe would block, a device never end)
+        (
+            lambda d: (os.mkfifo(d / "pipe.npz"), d / "pipe.npz")[-1],
+            "pipe.npz is a named pipe (FIFO), not a file; pass a regular file\n",
+        ),
+    ],
+)
 def test_bad_data(tmp_path, capsys, make, match):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -315,26 +431,36 @@ def test_bad_data(tmp_path, capsys, make, match):
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 def test_a_device_as_data_or_checkpoint_is_one_line(tmp_path, capsys):
-    assert_clean_error(tmp_path, capsys, ["--dataset", "csv", "--data-path", "/dev/zero",
-                                          "--out", tmp_path / "run"],
-                       "fnbp train: error: csv: /dev/zero is a character device, not a file; "
-                       "pass a regular file\n")
-    assert_clean_error(tmp_path, capsys, ["--resume", "/dev/zero"],
-                       "fnbp train: error: checkpoint: /dev/zero is a character device, not "
-                       "a file; pass a regular file\n")
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        ["--dataset", "csv", "--data-path", "/dev/zero", "--out", tmp_path / "run"],
+        "fnbp train: error: csv: /dev/zero is a character device, not a file; "
+        "pass a regular file\n",
+    )
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        ["--resume", "/dev/zero"],
+        "fnbp train: error: checkpoint: /dev/zero is a character device, not "
+        "a file; pass a regular file\n",
+    )
 
 
 def test_bad_csv_labels(tmp_path, capsys):
     (tmp_path / "d.csv").write_text("a,b,label\n1,2,0\n3,4,1.5\n5,6,1\n")
-    assert_clean_error(tmp_path, capsys, ["--data-path", tmp_path / "d.csv", "--dataset", "csv",
-                                          "--out", tmp_path / "run"], "non-integer labels")
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        ["--data-path", tmp_path / "d.csv", "--dataset", "csv", "--out", tmp_path / "run"],
+        "non-integer labels",
+    )
 
 
 def test_out_folder_in_use_is_refused(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
-                       "already holds files")
+    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"], "already holds files")
 
 
 @pytest.fixture(scope="module")
@@ -352,16 +478,22 @@ def finished_run(finished_run_original, tmp_path):
 
 def test_resume_with_a_different_model_is_refused(finished_run, capsys):
     capsys.readouterr()
-    assert_clean_error(finished_run.parent, capsys,
-                       ["--resume", finished_run, "--model", "cnn", "--epochs", "2"],
-                       "the run was made with --model mlp but --model cnn was given")
+    assert_clean_error(
+        finished_run.parent,
+        capsys,
+        ["--resume", finished_run, "--model", "cnn", "--epochs", "2"],
+        "the run was made with --model mlp but --model cnn was given",
+    )
 
 
 def test_resume_with_a_different_batch_size_is_refused(finished_run, capsys):
     capsys.readouterr()
-    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2",
-                                                     "--batch-size", "10"],
-                       "--batch-size 20 but --batch-size 10 was given")
+    assert_clean_error(
+        finished_run.parent,
+        capsys,
+        ["--resume", finished_run, "--epochs", "2", "--batch-size", "10"],
+        "--batch-size 20 but --batch-size 10 was given",
+    )
 
 
 def test_corrupted_checkpoint_is_refused(finished_run, capsys):
@@ -369,48 +501,75 @@ def test_corrupted_checkpoint_is_refused(finished_run, capsys):
     path = finished_run / "checkpoint.npz"
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
-    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
-                       "corrupted")
+    assert_clean_error(
+        finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"], "corrupted"
+    )
     path.write_bytes(b"\x00" * 100)
     assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run], "corrupted")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m["metadata"]["config"].update(width=32),
-     "has shape (16, 2) and dtype float32, but this model needs (32, 2)"),
-    (lambda m: m["metadata"]["config"].update(model="cnn"),
-     "its params do not match this model/optimizer"),
-    (lambda m: m["key"].update(data=[0, 7]), "its PRNG key does not belong to seed 0"),
-    (lambda m: m["metadata"].update(data_sha256="0" * 64),
-     "the data of spirals differ from those the run was trained on"),
-    (lambda m: m["metadata"].pop("config"), "holds no fnbp train config"),
-    # a bad stored value is the file's, never a flag's the user did not pass
-    (lambda m: m["metadata"]["config"].update(batch_size=0),
-     "checkpoint.npz has batch_size 0, but batch_size must be a positive integer; the file was "
-     "edited or is corrupted, so its run cannot be resumed\n"),
-    (lambda m: m["metadata"]["config"].update(lr="fast"),
-     "checkpoint.npz has lr 'fast', but lr must be a positive finite number; the file"),
-    (lambda m: m["metadata"]["config"].update(seed=None),
-     "checkpoint.npz has seed None, but seed must lie in [0, 2**32); the file"),
-    (lambda m: m["metadata"]["config"].update(optimizer="lbfgs"),
-     "has optimizer 'lbfgs', but optimizer must be one of sgd, momentum, adam"),
-    (lambda m: m["metadata"]["config"].update(num_examples=-3),
-     "checkpoint.npz is not a valid run: the stored num_examples must be a positive integer, "
-     "got -3; the file was edited or is corrupted, so its run cannot be resumed\n"),
-    (lambda m: m["metadata"]["config"].update(dp_noise=1.0),
-     "is not a valid run: the stored dp_noise needs the stored dp_clip C too"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda m: m["metadata"]["config"].update(width=32),
+            "has shape (16, 2) and dtype float32, but this model needs (32, 2)",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(model="cnn"),
+            "its params do not match this model/optimizer",
+        ),
+        (lambda m: m["key"].update(data=[0, 7]), "its PRNG key does not belong to seed 0"),
+        (
+            lambda m: m["metadata"].update(data_sha256="0" * 64),
+            "the data of spirals differ from those the run was trained on",
+        ),
+        (lambda m: m["metadata"].pop("config"), "holds no fnbp train config"),
+        # a bad stored value is the file's, never a flag's the user did not pass
+        (
+            lambda m: m["metadata"]["config"].update(batch_size=0),
+            "checkpoint.npz has batch_size 0, but batch_size must be a positive integer; the file was "
+            "edited or is corrupted, so its run cannot be resumed\n",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(lr="fast"),
+            "checkpoint.npz has lr 'fast', but lr must be a positive finite number; the file",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(seed=None),
+            "checkpoint.npz has seed None, but seed must lie in [0, 2**32); the file",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(optimizer="lbfgs"),
+            "has optimizer 'lbfgs', but optimizer must be one of sgd, momentum, adam",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(num_examples=-3),
+            "checkpoint.npz is not a valid run: the stored num_examples must be a positive integer, "
+            "got -3; the file was edited or is corrupted, so its run cannot be resumed\n",
+        ),
+        (
+            lambda m: m["metadata"]["config"].update(dp_noise=1.0),
+            "is not a valid run: the stored dp_noise needs the stored dp_clip C too",
+        ),
+    ],
+)
 def test_checkpoint_that_does_not_fit_its_run_is_refused(finished_run, capsys, edit, match):
     capsys.readouterr()
     path = finished_run / "checkpoint.npz"
     edit_metadata(path, path, edit)
-    assert_clean_error(finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"],
-                       match)
+    assert_clean_error(
+        finished_run.parent, capsys, ["--resume", finished_run, "--epochs", "2"], match
+    )
 
 
 def test_resume_of_a_missing_run(tmp_path, capsys):
-    assert_clean_error(tmp_path, capsys, ["--resume", tmp_path / "nothing"],
-                       "no such run folder or checkpoint file")
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        ["--resume", tmp_path / "nothing"],
+        "no such run folder or checkpoint file",
+    )
     (tmp_path / "empty").mkdir()
     assert_clean_error(tmp_path, capsys, ["--resume", tmp_path / "empty"], "no such file")
 
@@ -427,12 +586,19 @@ def test_missing_train_extra_is_a_clean_error(tmp_path, capsys, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a))
-    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "run"],
-                       'needs tqdm, from the train extra: python -m pip install ".[train]" '
-                       'from a clone of the repository, or python -m pip install '
-                       '"fnbp[train]" from a package index')
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a),
+    )
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        [*SMALL, "--out", tmp_path / "run"],
+        'needs tqdm, from the train extra: python -m pip install ".[train]" '
+        "from a clone of the repository, or python -m pip install "
+        '"fnbp[train]" from a package index',
+    )
 
 
 # --- bad data and file-system faults: one line, exit status 2 (issue 14) --------------------
@@ -441,20 +607,29 @@ def test_missing_train_extra_is_a_clean_error(tmp_path, capsys, monkeypatch):
 def test_usable_data_trains_and_says_what_it_did(tmp_path, capsys):
     # a byte-order mark (Excel's "CSV UTF-8") is not data; the header row stays a header
     path = write_csv(tmp_path / "excel.csv", "a,b,label\n" + ROWS, bom=True)
-    assert train(*SMALL[4:], "--data-path", path, "--batch-size", "8", "--out",
-                 tmp_path / "csv") == 0
+    assert (
+        train(*SMALL[4:], "--data-path", path, "--batch-size", "8", "--out", tmp_path / "csv") == 0
+    )
     config = json.loads((tmp_path / "csv" / "config.json").read_text())
     assert config["num_train"] + config["num_test"] == 40 and config["num_classes"] == 2
     # mnist1d's layout x, y, x_test, y_test, with a test split that lacks class 2
     rng = np.random.default_rng(0)
-    npz = write_npz(tmp_path / "m.npz", x=rng.normal(size=(30, 2)), y=np.arange(30) % 3,
-                    x_test=rng.normal(size=(6, 2)), y_test=np.arange(6) % 2)
+    npz = write_npz(
+        tmp_path / "m.npz",
+        x=rng.normal(size=(30, 2)),
+        y=np.arange(30) % 3,
+        x_test=rng.normal(size=(6, 2)),
+        y_test=np.arange(6) % 2,
+    )
     capsys.readouterr()
-    assert train(*SMALL[4:], "--data-path", npz, "--batch-size", "10", "--out",
-                 tmp_path / "npz") == 0
+    assert (
+        train(*SMALL[4:], "--data-path", npz, "--batch-size", "10", "--out", tmp_path / "npz") == 0
+    )
     err = capsys.readouterr().err
-    assert err == (f"fnbp train: warning: npz {npz}: the test split has no examples of "
-                   f"class 2 (of 3); the test accuracy does not measure it\n")
+    assert err == (
+        f"fnbp train: warning: npz {npz}: the test split has no examples of "
+        f"class 2 (of 3); the test accuracy does not measure it\n"
+    )
     config = json.loads((tmp_path / "npz" / "config.json").read_text())
     assert (config["num_train"], config["num_test"], config["num_classes"]) == (30, 6, 3)
 
@@ -462,11 +637,18 @@ def test_usable_data_trains_and_says_what_it_did(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_out_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("mine")
-    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", tmp_path / "file.txt" / "sub"],
-                       f"{tmp_path / 'file.txt'} is a file, not a folder, so no run folder can "
-                       f"be made under it")
-    assert_clean_error(tmp_path, capsys, [*SMALL, "--out", "/proc/fnbp-run"],
-                       "cannot create the run folder /proc/fnbp-run")
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        [*SMALL, "--out", tmp_path / "file.txt" / "sub"],
+        f"{tmp_path / 'file.txt'} is a file, not a folder, so no run folder can be made under it",
+    )
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        [*SMALL, "--out", "/proc/fnbp-run"],
+        "cannot create the run folder /proc/fnbp-run",
+    )
 
 
 def failing_checkpoint_writes(monkeypatch, error):
@@ -491,9 +673,11 @@ def test_disk_full_keeps_the_checkpoint_and_the_config(finished_run, capsys, mon
     capsys.readouterr()
     assert train("--resume", finished_run, "--epochs", "3", "--no-progress") == 2
     err = capsys.readouterr().err
-    assert err == (f"fnbp train: error: cannot write {finished_run / 'checkpoint.npz'}: No "
-                   f"space left on device; the checkpoint of step 8 is kept; free some space "
-                   f"and continue with: fnbp train --resume {finished_run}\n")
+    assert err == (
+        f"fnbp train: error: cannot write {finished_run / 'checkpoint.npz'}: No "
+        f"space left on device; the checkpoint of step 8 is kept; free some space "
+        f"and continue with: fnbp train --resume {finished_run}\n"
+    )
     assert snapshot(finished_run) == before  # config.json still says --epochs 1
 
 
@@ -510,7 +694,8 @@ def test_run_folder_deleted_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
     assert train(*SMALL, "--out", tmp_path / "run") == 2
     assert capsys.readouterr().err == (
         f"fnbp train: error: the run folder {tmp_path / 'run'} was deleted or moved while the "
-        f"run was writing checkpoint.npz; nothing more can be saved, start the run again\n")
+        f"run was writing checkpoint.npz; nothing more can be saved, start the run again\n"
+    )
 
 
 class ClosingPipe:
@@ -539,7 +724,8 @@ def test_stdout_closed_by_head_does_not_stop_the_run(tmp_path, capsys, monkeypat
     assert capsys.readouterr().err == (
         f"fnbp train: error: standard output was closed before the run ended (piped into "
         f"head?), so its last lines were not printed; the run finished, its results are in "
-        f"{tmp_path / 'run'}\n")
+        f"{tmp_path / 'run'}\n"
+    )
 
 
 def test_divergence_before_any_checkpoint_then_the_same_out_again(tmp_path, capsys):
@@ -547,29 +733,37 @@ def test_divergence_before_any_checkpoint_then_the_same_out_again(tmp_path, caps
     assert train(*SMALL, "--lr", "1e30", "--out", out) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the loss became NaN or infinite at step" in err
-    assert err.endswith(f"lower --lr (now 1e+30); no checkpoint was written, so start again "
-                        f"with a lower --lr (the same --out {out} may be reused)\n")
+    assert err.endswith(
+        f"lower --lr (now 1e+30); no checkpoint was written, so start again "
+        f"with a lower --lr (the same --out {out} may be reused)\n"
+    )
     assert os.listdir(out) == ["config.json"]
     assert train(*SMALL, "--out", out) == 0
-    assert capsys.readouterr().err == (f"fnbp train: --out {out} holds a run that stopped "
-                                       f"before its first checkpoint; starting a run there "
-                                       f"again\n")
+    assert capsys.readouterr().err == (
+        f"fnbp train: --out {out} holds a run that stopped "
+        f"before its first checkpoint; starting a run there "
+        f"again\n"
+    )
 
 
 def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"dataset": "spirals", "num_examples": 200,
-                                                  "epochs": 2, "data_path": None}))
+    (out / "config.json").write_text(
+        json.dumps({"dataset": "spirals", "num_examples": 200, "epochs": 2, "data_path": None})
+    )
     (out / ".checkpoint.npz.999999999.0123abcd.tmp").write_bytes(b"half")
-    assert_clean_error(tmp_path, capsys, ["--resume", out],
-                       f"--resume {out}: the run stopped before its first checkpoint, so "
-                       f"there is nothing to resume; start it again: fnbp train --dataset "
-                       f"spirals --epochs 2 --num-examples 200 --out {out}")
+    assert_clean_error(
+        tmp_path,
+        capsys,
+        ["--resume", out],
+        f"--resume {out}: the run stopped before its first checkpoint, so "
+        f"there is nothing to resume; start it again: fnbp train --dataset "
+        f"spirals --epochs 2 --num-examples 200 --out {out}",
+    )
     assert train(*SMALL, "--out", out) == 0
     assert "removed 1 temporary file(s) left in" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json",
-                                       "plot.png"]
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json", "plot.png"]
 
 
 def test_stale_temporary_checkpoints_are_removed_at_resume(finished_run, capsys):
@@ -580,8 +774,9 @@ def test_stale_temporary_checkpoints_are_removed_at_resume(finished_run, capsys)
     capsys.readouterr()
     assert train("--resume", finished_run, "--epochs", "2", "--no-progress") == 0
     assert not stale.exists() and mine.exists()
-    assert (f"fnbp train: removed 1 temporary file(s) left in {finished_run} by an "
-            f"interrupted write\n") in capsys.readouterr().err
+    assert (
+        f"fnbp train: removed 1 temporary file(s) left in {finished_run} by an interrupted write\n"
+    ) in capsys.readouterr().err
     assert json.loads((finished_run / "config.json").read_text())["epochs"] == 2
 
 
@@ -601,6 +796,7 @@ def test_sigterm_and_sigint_stop_alike(tmp_path, capsys, monkeypatch, signum, st
     assert capsys.readouterr().err == (
         f"fnbp train: interrupted by {signal.Signals(signum).name} at step 8 of 16, after "
         f"epoch 1 of 2; the checkpoint of step 8 is kept (continue with: fnbp train --resume "
-        f"{tmp_path / 'run'})\n")
+        f"{tmp_path / 'run'})\n"
+    )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

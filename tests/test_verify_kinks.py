@@ -27,7 +27,7 @@ def rule(primal, fwd, bwd):
 
 
 def ref_abs(z):
-    return jnp.where(z >= 0, z, -z)     # d|z|/dz at 0 is 1: the z >= 0 side
+    return jnp.where(z >= 0, z, -z)  # d|z|/dz at 0 is 1: the z >= 0 side
 
 
 def abs_rule(slope):
@@ -35,12 +35,14 @@ def abs_rule(slope):
     return rule(ref_abs, lambda z: (ref_abs(z), z), lambda z, v: (slope(z) * v,))
 
 
-SIGN_AT_0 = abs_rule(jnp.sign)                                    # 0 at 0: inside [-1, 1]
-THREE_AT_0 = abs_rule(lambda z: jnp.where(z == 0, 3.0, jnp.sign(z)))   # outside [-1, 1]
+SIGN_AT_0 = abs_rule(jnp.sign)  # 0 at 0: inside [-1, 1]
+THREE_AT_0 = abs_rule(lambda z: jnp.where(z == 0, 3.0, jnp.sign(z)))  # outside [-1, 1]
 WRONG_BELOW_MINUS_1 = abs_rule(lambda z: jnp.where(z < -1, -2.0, jnp.where(z >= 0, 1.0, -1.0)))
 
-DIAGNOSIS = ("differs from the reference's convention at the kink z=0 (yours 0, reference 1; "
-             "one-sided derivatives -1 and 1)")
+DIAGNOSIS = (
+    "differs from the reference's convention at the kink z=0 (yours 0, reference 1; "
+    "one-sided derivatives -1 and 1)"
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -48,7 +50,8 @@ def test_check_vjp_diagnoses_a_kink_convention(dtype):
     report = check_vjp(SIGN_AT_0, Z.astype(dtype), reference=ref_abs, transforms=JIT)
     assert not report.ok
     assert {(r.argument, r.oracle, r.probe) for r in report.failures} == {
-        ("z", "reference", "zeros")}
+        ("z", "reference", "zeros")
+    }
     assert report.diagnosis.startswith(DIAGNOSIS + ", at ")
     assert report.diagnosis.split(" such as ")[-1].startswith("z[")
     row = report.failures[0]
@@ -57,8 +60,9 @@ def test_check_vjp_diagnoses_a_kink_convention(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_check_vjp_accepts_any_subgradient_with_the_option(dtype):
-    report = check_vjp(SIGN_AT_0, Z.astype(dtype), reference=ref_abs, transforms=JIT,
-                       kinks="any_subgradient")
+    report = check_vjp(
+        SIGN_AT_0, Z.astype(dtype), reference=ref_abs, transforms=JIT, kinks="any_subgradient"
+    )
     report.assert_ok()
     zeros = next(r for r in report.rows if r.probe == "zeros" and r.oracle == "reference")
     assert zeros.note.startswith("accepted (kinks='any_subgradient'): " + DIAGNOSIS)
@@ -75,12 +79,11 @@ def test_a_value_outside_the_one_sided_derivatives_fails_with_the_option():
 
 def test_a_wrong_derivative_away_from_kinks_is_not_called_a_convention():
     for kinks in ("reference", "any_subgradient"):
-        report = check_vjp(WRONG_BELOW_MINUS_1, Z, reference=ref_abs, transforms=JIT,
-                           kinks=kinks)
-        assert ("z", "reference", "") in {(r.argument, r.oracle, r.probe)
-                                          for r in report.failures}, kinks
-        assert not any("convention" in r.diagnosis or "accepted" in r.note
-                       for r in report.rows)
+        report = check_vjp(WRONG_BELOW_MINUS_1, Z, reference=ref_abs, transforms=JIT, kinks=kinks)
+        assert ("z", "reference", "") in {
+            (r.argument, r.oracle, r.probe) for r in report.failures
+        }, kinks
+        assert not any("convention" in r.diagnosis or "accepted" in r.note for r in report.rows)
     doubled = abs_rule(lambda z: 2 * jnp.where(z >= 0, 1.0, -1.0))
     report = check_vjp(doubled, Z, reference=ref_abs, transforms=JIT, kinks="any_subgradient")
     assert report.diagnosis == "off by a constant factor 2"
@@ -99,6 +102,7 @@ def test_a_max_giving_every_tied_entry_the_cotangent_is_no_subgradient():
         hit = z == z.max(-1, keepdims=True)
         first = jnp.cumsum(hit, axis=-1) == 1
         return ((hit & first) * v[..., None],)
+
     for bwd, ok in ((everyone, False), (first_only, True)):
         f = rule(ref_max, lambda z: (ref_max(z), z), bwd)
         report = check_vjp(f, Z, reference=ref_max, transforms=JIT, kinks="any_subgradient")
@@ -106,7 +110,7 @@ def test_a_max_giving_every_tied_entry_the_cotangent_is_no_subgradient():
         if not ok:
             assert {r.probe for r in report.failures} == {"ties"}
             assert "convention" not in report.diagnosis
-    f = rule(ref_max, lambda z: (ref_max(z), z), first_only)     # jnp.max splits ties evenly
+    f = rule(ref_max, lambda z: (ref_max(z), z), first_only)  # jnp.max splits ties evenly
     report = check_vjp(f, Z, reference=ref_max, transforms=JIT)
     assert {r.probe for r in report.failures} == {"ties"}
     assert report.diagnosis.startswith("differs from the reference's convention at the kink z=")
@@ -117,14 +121,18 @@ def test_check_layer_takes_the_kinks_option():
     _, params = layer.init(jax.random.PRNGKey(0), (4,))
     x = np.where(np.arange(12).reshape(3, 4) % 3 == 0, 0.0, Z)
     default = check_layer(layer, params, x, transforms=JIT, probes=("zeros",))
-    report = check_layer(layer, params, x, transforms=JIT, probes=("zeros",),
-                         kinks="any_subgradient")
+    report = check_layer(
+        layer, params, x, transforms=JIT, probes=("zeros",), kinks="any_subgradient"
+    )
     report.assert_ok()
-    if not default.ok:   # autodiff of forward takes its own convention at 0
+    if not default.ok:  # autodiff of forward takes its own convention at 0
         assert default.diagnosis.startswith("differs from the reference's convention")
 
 
 def test_kinks_must_be_a_known_policy():
-    with pytest.raises(ValueError, match=r"^check_vjp: kinks must be one of 'reference', "
-                                         r"'any_subgradient', got 'subgradient'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^check_vjp: kinks must be one of 'reference', "
+        r"'any_subgradient', got 'subgradient'$",
+    ):
         check_vjp(SIGN_AT_0, Z, reference=ref_abs, kinks="subgradient")

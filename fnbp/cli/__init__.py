@@ -18,11 +18,11 @@ import importlib
 import re
 import signal
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 COMMANDS = {
-    "check": ("fnbp.cli.check",
-              "verify hand-written rules (built-in or yours) against autodiff"),
+    "check": ("fnbp.cli.check", "verify hand-written rules (built-in or yours) against autodiff"),
     "train": ("fnbp.cli.train", "train a network with hand-written backprop on real data"),
 }
 
@@ -46,8 +46,12 @@ def without_function(message: str) -> str:
     return re.sub(r"^[A-Za-z_][\w.]*: ", "", message)
 
 
-def main(argv: Sequence[str] | None = None, *, noted_signals: list[int] | None = None,
-         restore_handlers: Mapping[int, Any] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    noted_signals: list[int] | None = None,
+    restore_handlers: Mapping[int, Any] | None = None,
+) -> int:
     """Entry point of the ``fnbp`` command line; returns the exit status.
 
     Args:
@@ -65,8 +69,9 @@ def main(argv: Sequence[str] | None = None, *, noted_signals: list[int] | None =
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         modules[name] = module
-        module.add_arguments(subparsers.add_parser(name, help=help_text,
-                                                   description=module.__doc__))
+        module.add_arguments(
+            subparsers.add_parser(name, help=help_text, description=module.__doc__)
+        )
     noted = noted_signals if noted_signals is not None else []
     try:
         args = parser.parse_args(argv)
@@ -83,8 +88,11 @@ def main(argv: Sequence[str] | None = None, *, noted_signals: list[int] | None =
         from fnbp.cli._run_folder import silence_stdout
 
         silence_stdout()
-        print(f"fnbp {args.command}: error: standard output was closed before all output "
-              f"was written (piped into head?); the rest is not printed", file=sys.stderr)
+        print(
+            f"fnbp {args.command}: error: standard output was closed before all output "
+            f"was written (piped into head?); the rest is not printed",
+            file=sys.stderr,
+        )
         return 2
     finally:
         _restore(restore_handlers)

@@ -30,7 +30,8 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 CHECKPOINT = "checkpoint.npz"
 CONFIG = "config.json"
@@ -44,8 +45,13 @@ class RunFolderError(Exception):
     """A run folder that cannot be used or written; printed as one line, exit status 2."""
 
 
-def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | None,
-               words: str = "", probe: bool = True) -> str:
+def out_folder(
+    out_arg: str | None,
+    config: dict[str, Any],
+    checkpoint: str | None,
+    words: str = "",
+    probe: bool = True,
+) -> str:
     """The run folder; checked here, created only once everything else is valid.
 
     ``--out`` as given, or the folder of the resumed checkpoint, or a new
@@ -62,21 +68,28 @@ def out_folder(out_arg: str | None, config: dict[str, Any], checkpoint: str | No
         out = check_out(out_arg)
         if probe:
             check_not_in_use(out, words)
-        resuming_here = (checkpoint is not None and
-                         os.path.dirname(os.path.abspath(checkpoint)) == out)
+        resuming_here = (
+            checkpoint is not None and os.path.dirname(os.path.abspath(checkpoint)) == out
+        )
         if os.path.exists(out) and not resuming_here:
             if not os.path.isdir(out):
                 raise RunFolderError(f"--out {out_arg} is a file; pass a folder")
             if unstarted_run(out):  # stopped before its first checkpoint
-                print(f"fnbp train: --out {out_arg} holds a run that stopped before its "
-                      f"first checkpoint; starting a run there again", file=sys.stderr)
+                print(
+                    f"fnbp train: --out {out_arg} holds a run that stopped before its "
+                    f"first checkpoint; starting a run there again",
+                    file=sys.stderr,
+                )
             elif contents(out):
-                raise RunFolderError(f"--out {out_arg} already holds files; choose a new "
-                                     f"folder, or pass --resume {out_arg} to continue that run")
+                raise RunFolderError(
+                    f"--out {out_arg} already holds files; choose a new "
+                    f"folder, or pass --resume {out_arg} to continue that run"
+                )
         return out
     # numbered when taken, by claim_numbered, once the run is valid
-    return os.path.abspath(os.path.join(
-        "runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}"))
+    return os.path.abspath(
+        os.path.join("runs", f"{config['dataset']}-{config['model']}-seed{config['seed']}")
+    )
 
 
 def check_out(out_arg: str) -> str:
@@ -86,8 +99,10 @@ def check_out(out_arg: str) -> str:
     while not os.path.exists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise RunFolderError(f"--out {out_arg}: {parent} is a file, not a folder, so no run "
-                             f"folder can be made under it; pass another --out")
+        raise RunFolderError(
+            f"--out {out_arg}: {parent} is a file, not a folder, so no run "
+            f"folder can be made under it; pass another --out"
+        )
     return out
 
 
@@ -126,8 +141,7 @@ def unstarted_run(folder: str) -> bool:
         names = os.listdir(folder)
     except OSError:
         return False
-    return CONFIG in names and all(name in (CONFIG, LOCK) or is_temporary(name)
-                                   for name in names)
+    return CONFIG in names and all(name in (CONFIG, LOCK) or is_temporary(name) for name in names)
 
 
 def restart_command(folder: str) -> str:
@@ -137,8 +151,21 @@ def restart_command(folder: str) -> str:
             config = json.load(handle)
     except (OSError, ValueError):
         return f"fnbp train ... --out {folder}"
-    flags = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
-             "batch_size", "epochs", "seed", "test_fraction", "num_examples", "precision")
+    flags = (
+        "dataset",
+        "data_path",
+        "model",
+        "width",
+        "depth",
+        "optimizer",
+        "lr",
+        "batch_size",
+        "epochs",
+        "seed",
+        "test_fraction",
+        "num_examples",
+        "precision",
+    )
     words = ["fnbp train"]
     for name in flags:
         value = config.get(name) if isinstance(config, dict) else None
@@ -202,17 +229,20 @@ def kept(saved_step: int | None) -> str:
     return f"the checkpoint of step {saved_step} is kept"
 
 
-def write_error(error: OSError, folder: str, path: str, saved_step: int | None
-                ) -> RunFolderError:
+def write_error(error: OSError, folder: str, path: str, saved_step: int | None) -> RunFolderError:
     """The one-line error for a write into the run folder that failed."""
     if not os.path.isdir(folder):
-        return RunFolderError(f"the run folder {folder} was deleted or moved while the run "
-                              f"was writing {os.path.basename(path)}; nothing more can be "
-                              f"saved, start the run again")
+        return RunFolderError(
+            f"the run folder {folder} was deleted or moved while the run "
+            f"was writing {os.path.basename(path)}; nothing more can be "
+            f"saved, start the run again"
+        )
     reason = error.strerror or str(error)
-    go_on = (f"free some space and continue with: fnbp train --resume {folder}"
-             if saved_step is not None else f"free some space and start the run again "
-                                                f"with --out {folder}")
+    go_on = (
+        f"free some space and continue with: fnbp train --resume {folder}"
+        if saved_step is not None
+        else f"free some space and start the run again with --out {folder}"
+    )
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return RunFolderError(f"cannot write {path}: {reason}; {kept(saved_step)}; {go_on}")
     return RunFolderError(f"cannot write {path} ({reason}); {kept(saved_step)}")
@@ -241,20 +271,25 @@ class Progress:
         if saved is not None:
             return f"{kept(saved)} (continue with: fnbp train --resume {self.out})"
         if self.out is not None and os.path.isdir(self.out):
-            return (f"it stopped before its first checkpoint, so start it again with the "
-                    f"same command (its --out {self.out} may be reused)")
+            return (
+                f"it stopped before its first checkpoint, so start it again with the "
+                f"same command (its --out {self.out} may be reused)"
+            )
         return "nothing was written"
 
     def diverged(self) -> str:
         """What a diverged run leaves."""
         if self.saved_step is not None:
             return f"{kept(self.saved_step)}, from before the divergence"
-        return (f"no checkpoint was written, so start again with a lower --lr (the same "
-                f"--out {self.out} may be reused)")
+        return (
+            f"no checkpoint was written, so start again with a lower --lr (the same "
+            f"--out {self.out} may be reused)"
+        )
 
 
-def prepare(progress: Progress, run_config: dict[str, Any], words: str, before: Any,
-            numbered: bool = False) -> RunLock:
+def prepare(
+    progress: Progress, run_config: dict[str, Any], words: str, before: Any, numbered: bool = False
+) -> RunLock:
     """Make the run folder, take its lock, clear it of stale temporary files, and write
     config.json; returns the lock, for the caller to release when the run ends.
 
@@ -278,9 +313,11 @@ def prepare(progress: Progress, run_config: dict[str, Any], words: str, before: 
     lock.acquire(words)
     try:
         if not numbered and folder_state(progress.out) != before:
-            raise RunFolderError(f"{words}: the run folder changed while this run was "
-                                 f"starting (another fnbp train run wrote into it); run the "
-                                 f"command again")
+            raise RunFolderError(
+                f"{words}: the run folder changed while this run was "
+                f"starting (another fnbp train run wrote into it); run the "
+                f"command again"
+            )
         _clean_and_configure(progress, run_config)
     except BaseException:
         lock.release()
@@ -291,8 +328,11 @@ def prepare(progress: Progress, run_config: dict[str, Any], words: str, before: 
 def _clean_and_configure(progress: Progress, run_config: dict[str, Any]) -> None:
     removed = remove_stale_temporaries(progress.out)
     if removed:
-        print(f"fnbp train: removed {len(removed)} temporary file(s) left in {progress.out} "
-              f"by an interrupted write", file=sys.stderr)
+        print(
+            f"fnbp train: removed {len(removed)} temporary file(s) left in {progress.out} "
+            f"by an interrupted write",
+            file=sys.stderr,
+        )
     if progress.saved_step is None:
         progress.write_config(run_config)
 
@@ -321,9 +361,11 @@ def claim_numbered(base: str) -> str:
             number += 1
             out = f"{base}-{number}"
         except OSError as error:
-            raise RunFolderError(f"cannot create the run folder {out} "
-                                 f"({error.strerror or error}); pass an --out in a folder you "
-                                 f"can write") from None
+            raise RunFolderError(
+                f"cannot create the run folder {out} "
+                f"({error.strerror or error}); pass an --out in a folder you "
+                f"can write"
+            ) from None
 
 
 def make_folder(folder: str) -> None:
@@ -331,9 +373,11 @@ def make_folder(folder: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise RunFolderError(f"cannot create the run folder {folder} "
-                             f"({error.strerror or error}); pass an --out in a folder you can "
-                             f"write") from None
+        raise RunFolderError(
+            f"cannot create the run folder {folder} "
+            f"({error.strerror or error}); pass an --out in a folder you can "
+            f"write"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -346,8 +390,9 @@ def warnings_as_lines(prefix: str, category: type[Warning]) -> Iterator[None]:
         if issubclass(warning.category, category):
             print(prefix + " ".join(str(warning.message).split()), file=sys.stderr)
         else:
-            warnings.showwarning(warning.message, warning.category, warning.filename,
-                                 warning.lineno)
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
 
 
 class RunLock:
@@ -380,9 +425,12 @@ class RunLock:
                 raise write_error(error, self.folder, self.path, None) from None
             locked = _lock(descriptor, exclusive=True)
             if locked is None:
-                print(f"fnbp train: warning: the file system of {self.folder} supports no "
-                      f"file locks, so nothing keeps a second run from writing into it "
-                      f"meanwhile", file=sys.stderr)
+                print(
+                    f"fnbp train: warning: the file system of {self.folder} supports no "
+                    f"file locks, so nothing keeps a second run from writing into it "
+                    f"meanwhile",
+                    file=sys.stderr,
+                )
                 self._descriptor = descriptor
                 return
             if not locked:
@@ -398,8 +446,13 @@ class RunLock:
         else:  # pragma: no cover - the file replaced twenty times over
             raise RunFolderError(in_use(words, None))
         self._descriptor = descriptor
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        record = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
         try:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, record.encode("utf-8") + b"\n", 0)
@@ -441,8 +494,10 @@ def check_not_in_use(folder: str, words: str) -> None:
 def in_use(words: str, holder: str | None) -> str:
     """The one-line refusal of a folder that another run holds."""
     who = f" ({holder})" if holder else ""
-    return (f"{words} is in use by another fnbp train run{who}; wait for it to end (a run "
-            f"that is stopped keeps its last checkpoint, for --resume), or pass another --out")
+    return (
+        f"{words} is in use by another fnbp train run{who}; wait for it to end (a run "
+        f"that is stopped keeps its last checkpoint, for --resume), or pass another --out"
+    )
 
 
 def _lock(descriptor: int, exclusive: bool) -> bool | None:
@@ -451,8 +506,13 @@ def _lock(descriptor: int, exclusive: bool) -> bool | None:
         import fcntl
     except ImportError:  # not a POSIX system
         return None
-    unsupported = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL,
-                   getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+    unsupported = {
+        errno.ENOLCK,
+        errno.EOPNOTSUPP,
+        errno.ENOSYS,
+        errno.EINVAL,
+        getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+    }
     for lock in (fcntl.flock, fcntl.lockf):
         try:
             lock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -479,8 +539,7 @@ def _holder(descriptor: int) -> str | None:
     """The run that holds the lock, in words ("process 123 on host h, since ..."), if known."""
     try:
         record = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
-        return (f"process {int(record['pid'])} on {record['host']}, since "
-                f"{record['started']}")
+        return f"process {int(record['pid'])} on {record['host']}, since {record['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -517,8 +576,14 @@ def silence_stdout() -> None:
         pass
 
 
-def write_results(progress: Progress, config: dict[str, Any], result: Any, seconds: float,
-                  num_test: int, dp: dict[str, Any] | None = None) -> None:
+def write_results(
+    progress: Progress,
+    config: dict[str, Any],
+    result: Any,
+    seconds: float,
+    num_test: int,
+    dp: dict[str, Any] | None = None,
+) -> None:
     """metrics.json and plot.png of a finished run, and its summary on standard output.
 
     With DP-SGD (``dp``: the mechanism as config.json records it), metrics.json
@@ -526,25 +591,36 @@ def write_results(progress: Progress, config: dict[str, Any], result: Any, secon
     steps) and ``dp``, and a line states them.
     """
     out, final = progress.out, result.history[-1]
-    metrics = {"test_loss": final["test_loss"], "test_accuracy": final["test_accuracy"],
-               "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
-               "epochs": len(result.history), "steps": result.state.step,
-               "seconds": seconds}
+    metrics = {
+        "test_loss": final["test_loss"],
+        "test_accuracy": final["test_accuracy"],
+        "train_loss": final["train_loss"],
+        "train_accuracy": final["train_accuracy"],
+        "epochs": len(result.history),
+        "steps": result.state.step,
+        "seconds": seconds,
+    }
     if dp is not None:
         metrics.update(epsilon=final["epsilon"], delta=final["delta"], dp=dp)
     metrics["history"] = result.history
     with writing(out, os.path.join(out, "metrics.json"), progress.saved_step):
         write_json(os.path.join(out, "metrics.json"), metrics)
-        plot(os.path.join(out, "plot.png"), result.history,
-             f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
-             f"lr {config['lr']:g}")
-    progress.output.say(f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
-                        f"{final['test_loss']:.4f}  ({num_test} test examples, "
-                        f"{result.state.step} steps, {seconds:.1f} s)")
+        plot(
+            os.path.join(out, "plot.png"),
+            result.history,
+            f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
+            f"lr {config['lr']:g}",
+        )
+    progress.output.say(
+        f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
+        f"{final['test_loss']:.4f}  ({num_test} test examples, "
+        f"{result.state.step} steps, {seconds:.1f} s)"
+    )
     if dp is not None:
         progress.output.say(
             f"privacy: epsilon {final['epsilon']:.3g} at delta {final['delta']:g} (DP-SGD, "
-            f"{dp_summary(dp)}, {result.state.step} steps; {dp['accountant']})")
+            f"{dp_summary(dp)}, {result.state.step} steps; {dp['accountant']})"
+        )
     progress.output.say(f"wrote {out}/: config.json metrics.json plot.png {CHECKPOINT}")
 
 
@@ -554,8 +630,10 @@ def dp_summary(dp: dict[str, Any]) -> str:
     ``dp`` is a run's DP-SGD record (config.json's ``dp``); fnbp train's start
     line and its privacy line both say it.
     """
-    return (f"clip {dp['clip_norm']:g}, noise {dp['noise_multiplier']:g}, "
-            f"Poisson sampling q {dp['sampling_rate']:.4g}")
+    return (
+        f"clip {dp['clip_norm']:g}, noise {dp['noise_multiplier']:g}, "
+        f"Poisson sampling q {dp['sampling_rate']:.4g}"
+    )
 
 
 def write_json(path: str, document: Any) -> None:
@@ -579,8 +657,9 @@ def plot(path: str, history: list[dict[str, Any]], title: str) -> None:
         if f"{split}_loss" in history[0]:
             loss_axes.plot(epochs, [e[f"{split}_loss"] for e in history], style, label=split)
         if f"{split}_accuracy" in history[0]:
-            accuracy_axes.plot(epochs, [100 * e[f"{split}_accuracy"] for e in history], style,
-                               label=split)
+            accuracy_axes.plot(
+                epochs, [100 * e[f"{split}_accuracy"] for e in history], style, label=split
+            )
     loss_axes.set(xlabel="epoch", ylabel="mean cross-entropy loss", title="loss")
     loss_axes.set_yscale("log")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")

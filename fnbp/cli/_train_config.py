@@ -40,13 +40,33 @@ _TEST_FRACTION = 0.2
 _COORDINATOR_TIMEOUT = 60.0  # fnbp.train.sharding.DEFAULT_TIMEOUT, without importing JAX
 
 # Flags that define a run; on --resume they come from the checkpoint.
-_RUN_FLAGS = ("dataset", "data_path", "model", "width", "depth", "optimizer", "lr",
-              "batch_size", "seed", "test_fraction", "num_examples", "precision",
-              "dp_clip", "dp_noise", "dp_delta", "dp_accountant")
+_RUN_FLAGS = (
+    "dataset",
+    "data_path",
+    "model",
+    "width",
+    "depth",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "seed",
+    "test_fraction",
+    "num_examples",
+    "precision",
+    "dp_clip",
+    "dp_noise",
+    "dp_delta",
+    "dp_accountant",
+)
 # what a run saved before a flag existed was made with (--dp-accountant: None, the default,
 # RDP, the only accountant before the flag)
-_BEFORE = {"precision": "float32", "dp_clip": None, "dp_noise": None, "dp_delta": None,
-           "dp_accountant": None}
+_BEFORE = {
+    "precision": "float32",
+    "dp_clip": None,
+    "dp_noise": None,
+    "dp_delta": None,
+    "dp_accountant": None,
+}
 
 
 class _AllDevices:
@@ -73,8 +93,9 @@ def _infer_dataset(data_path: str) -> str:
     extension = os.path.splitext(data_path)[1].lower()
     if extension in (".npz", ".csv"):
         return extension[1:]
-    raise UsageError(f"cannot tell the format of --data-path {data_path}; pass --dataset "
-                     f"npz, csv or idx")
+    raise UsageError(
+        f"cannot tell the format of --data-path {data_path}; pass --dataset npz, csv or idx"
+    )
 
 
 def _checkpoint_path(resume: str) -> str:
@@ -82,9 +103,11 @@ def _checkpoint_path(resume: str) -> str:
 
     if os.path.isdir(resume):
         if _run_folder.unstarted_run(resume):
-            raise UsageError(f"--resume {resume}: the run stopped before its first "
-                             f"checkpoint, so there is nothing to resume; start it again: "
-                             f"{_run_folder.restart_command(resume)}")
+            raise UsageError(
+                f"--resume {resume}: the run stopped before its first "
+                f"checkpoint, so there is nothing to resume; start it again: "
+                f"{_run_folder.restart_command(resume)}"
+            )
         return os.path.join(resume, CHECKPOINT)
     if not os.path.exists(resume):
         raise UsageError(f"--resume {resume}: no such run folder or checkpoint file")
@@ -105,14 +128,18 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         if isinstance(stored, dict):  # runs saved before --precision and --dp-* existed
             stored = {**_BEFORE, **stored}
         if not isinstance(stored, dict) or any(name not in stored for name in _RUN_FLAGS):
-            raise UsageError(f"--resume: {checkpoint} holds no fnbp train config; it was "
-                             f"not written by fnbp train")
+            raise UsageError(
+                f"--resume: {checkpoint} holds no fnbp train config; it was "
+                f"not written by fnbp train"
+            )
         for name, value in given.items():
             if value is not None and value != stored[name]:
                 flag = "--" + name.replace("_", "-")
-                raise UsageError(f"--resume: the run was made with {flag} "
-                                 f"{stored[name]} but {flag} {value} was given; drop "
-                                 f"{flag} to continue it, or start a new run")
+                raise UsageError(
+                    f"--resume: the run was made with {flag} "
+                    f"{stored[name]} but {flag} {value} was given; drop "
+                    f"{flag} to continue it, or start a new run"
+                )
         config = {name: stored[name] for name in _RUN_FLAGS}
         config["epochs"] = args.epochs if args.epochs is not None else stored["epochs"]
         from_checkpoint = set(_RUN_FLAGS) | ({"epochs"} if args.epochs is None else set())
@@ -120,8 +147,9 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         from_checkpoint = set()
         config = dict(given)
         if config["dataset"] is None:
-            config["dataset"] = ("digits" if config["data_path"] is None
-                                 else _infer_dataset(config["data_path"]))
+            config["dataset"] = (
+                "digits" if config["data_path"] is None else _infer_dataset(config["data_path"])
+            )
         config["model"] = config["model"] or "mlp"
         config["optimizer"] = config["optimizer"] or "adam"
         config["precision"] = config["precision"] or "float32"
@@ -133,12 +161,14 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             config["depth"] = model_defaults.get("depth", 2)
         if config["lr"] is None:
             config["lr"] = _LR[config["optimizer"]] * dataset_defaults["lr_scale"]
-        for name, value in (("batch_size", _BATCH_SIZE), ("seed", 0),
-                            ("test_fraction", _TEST_FRACTION)):
+        for name, value in (
+            ("batch_size", _BATCH_SIZE),
+            ("seed", 0),
+            ("test_fraction", _TEST_FRACTION),
+        ):
             if config[name] is None:
                 config[name] = value
-        config["epochs"] = (args.epochs if args.epochs is not None
-                            else dataset_defaults["epochs"])
+        config["epochs"] = args.epochs if args.epochs is not None else dataset_defaults["epochs"]
     config["checkpoint_every"] = args.checkpoint_every
     _validate(config, checkpoint, from_checkpoint)
     _validate_parallel(args)
@@ -156,16 +186,22 @@ def _validate_parallel(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-processes must be a positive integer, got {processes}")
     if processes is None or processes == 1:
         if args.process_id not in (None, 0):
-            raise UsageError(f"--process-id {args.process_id} needs --num-processes "
-                             f"greater than {args.process_id}")
+            raise UsageError(
+                f"--process-id {args.process_id} needs --num-processes "
+                f"greater than {args.process_id}"
+            )
         _check_distributed(args)
         return
     if args.coordinator is None:
-        raise UsageError(f"--num-processes {processes} needs --coordinator HOST:PORT, the "
-                         f"address of process 0, on every process")
+        raise UsageError(
+            f"--num-processes {processes} needs --coordinator HOST:PORT, the "
+            f"address of process 0, on every process"
+        )
     if args.process_id is None or not 0 <= args.process_id < processes:
-        raise UsageError(f"--num-processes {processes} needs --process-id, this process' "
-                         f"number in 0 .. {processes - 1}, got {args.process_id}")
+        raise UsageError(
+            f"--num-processes {processes} needs --process-id, this process' "
+            f"number in 0 .. {processes - 1}, got {args.process_id}"
+        )
     _check_distributed(args)
 
 
@@ -174,8 +210,9 @@ def _check_distributed(args: argparse.Namespace) -> None:
     from fnbp.train.sharding import check_distributed_arguments
 
     try:
-        check_distributed_arguments(args.coordinator, args.num_processes, args.process_id,
-                                    args.coordinator_timeout)
+        check_distributed_arguments(
+            args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout
+        )
     except (TypeError, ValueError) as error:
         raise library_error(error) from error
 
@@ -199,11 +236,14 @@ def _mesh(args: argparse.Namespace, batch_size: int, dp: bool = False) -> Any:
         # By default, as many devices as the batch splits evenly over (3 GPUs and
         # --batch-size 32: 2 of them); an explicit --devices is taken as given.
         group = args.fsdp if isinstance(args.fsdp, int) and args.fsdp > 0 else 1
-        devices = max((d for d in range(group, present + 1, group) if batch_size % d == 0),
-                      default=devices)
-        print(f"fnbp train: --batch-size {batch_size} does not split evenly over the "
-              f"{present} devices present; training on {devices} (pass --devices to choose)",
-              file=sys.stderr)
+        devices = max(
+            (d for d in range(group, present + 1, group) if batch_size % d == 0), default=devices
+        )
+        print(
+            f"fnbp train: --batch-size {batch_size} does not split evenly over the "
+            f"{present} devices present; training on {devices} (pass --devices to choose)",
+            file=sys.stderr,
+        )
     fsdp = devices if args.fsdp is _ALL else (args.fsdp or 1)
     try:
         mesh = sharding.make_mesh(devices, fsdp=fsdp)
@@ -213,8 +253,11 @@ def _mesh(args: argparse.Namespace, batch_size: int, dp: bool = False) -> Any:
     return None if devices == 1 and jax.process_count() == 1 else mesh
 
 
-def _validate(config: dict[str, Any], checkpoint: str | None = None,
-              from_checkpoint: set[str] | frozenset[str] = frozenset()) -> None:
+def _validate(
+    config: dict[str, Any],
+    checkpoint: str | None = None,
+    from_checkpoint: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Check the run's configuration; a bad value is one line naming where it came from.
 
     The values in ``from_checkpoint`` were read from the config stored in
@@ -222,12 +265,15 @@ def _validate(config: dict[str, Any], checkpoint: str | None = None,
     a bad one there is the file's fault, and the message names the file and
     the stored field, never a flag the user did not pass.
     """
+
     def fail(name: str, requirement: str) -> None:
         value = config[name]
         if name in from_checkpoint:
-            raise UsageError(f"--resume: the config stored in {checkpoint} has {name} "
-                             f"{value!r}, but {name} {requirement}; the file was edited or "
-                             f"is corrupted, so its run cannot be resumed")
+            raise UsageError(
+                f"--resume: the config stored in {checkpoint} has {name} "
+                f"{value!r}, but {name} {requirement}; the file was edited or "
+                f"is corrupted, so its run cannot be resumed"
+            )
         raise UsageError(f"--{name.replace('_', '-')} {requirement}, got {value}")
 
     def is_int(value: Any) -> bool:
@@ -242,10 +288,15 @@ def _validate(config: dict[str, Any], checkpoint: str | None = None,
     if not is_int(config["seed"]) or not 0 <= config["seed"] < 2**32:
         fail("seed", "must lie in [0, 2**32)")
     if config["checkpoint_every"] < 0:
-        raise UsageError(f"--checkpoint-every must be >= 0 (0: every epoch only), got "
-                         f"{config['checkpoint_every']}")
-    for name, choices in (("model", MODELS), ("optimizer", OPTIMIZERS),
-                          ("precision", PRECISIONS)):  # argparse checks the flags' own
+        raise UsageError(
+            f"--checkpoint-every must be >= 0 (0: every epoch only), got "
+            f"{config['checkpoint_every']}"
+        )
+    for name, choices in (
+        ("model", MODELS),
+        ("optimizer", OPTIMIZERS),
+        ("precision", PRECISIONS),
+    ):  # argparse checks the flags' own
         if config[name] not in choices:
             fail(name, f"must be one of {', '.join(choices)}")
     if config["data_path"] is not None and not isinstance(config["data_path"], str):
@@ -254,8 +305,12 @@ def _validate(config: dict[str, Any], checkpoint: str | None = None,
 
     try:  # the library's own checks, before any work, in the flags' words
         try:
-            check_dataset_arguments(config["dataset"], config["data_path"],
-                                    config["num_examples"], config["test_fraction"])
+            check_dataset_arguments(
+                config["dataset"],
+                config["data_path"],
+                config["num_examples"],
+                config["test_fraction"],
+            )
         except DataError as error:
             raise UsageError(as_flags(str(error))) from error
         dp_config(config)
@@ -263,13 +318,20 @@ def _validate(config: dict[str, Any], checkpoint: str | None = None,
         if not from_checkpoint:
             raise
         # these arguments all come from the checkpoint: its fields, not flags, are at fault
-        message = re.sub(r"--([a-z][a-z0-9-]*)",
-                         lambda m: (f"the stored {m[1].replace('-', '_')}"
-                                    if m[1].replace("-", "_") in from_checkpoint else m[0]),
-                         as_flags(str(error)))
-        raise UsageError(f"--resume: the config stored in {checkpoint} is not a valid run: "
-                         f"{message}; the file was edited or is corrupted, so its run cannot "
-                         f"be resumed") from error
+        message = re.sub(
+            r"--([a-z][a-z0-9-]*)",
+            lambda m: (
+                f"the stored {m[1].replace('-', '_')}"
+                if m[1].replace("-", "_") in from_checkpoint
+                else m[0]
+            ),
+            as_flags(str(error)),
+        )
+        raise UsageError(
+            f"--resume: the config stored in {checkpoint} is not a valid run: "
+            f"{message}; the file was edited or is corrupted, so its run cannot "
+            f"be resumed"
+        ) from error
 
 
 def dp_config(config: dict[str, Any]) -> Any:
@@ -282,28 +344,44 @@ def dp_config(config: dict[str, Any]) -> Any:
                 raise UsageError(f"{flag} needs --dp-clip C and --dp-noise SIGMA (DP-SGD)")
         return None
     if clip is None or noise is None:
-        given, missing = ("--dp-clip", "--dp-noise SIGMA") if noise is None else (
-            "--dp-noise", "--dp-clip C")
-        raise UsageError(f"{given} needs {missing} too: DP-SGD clips every example's "
-                         f"gradient to norm C and adds noise of std SIGMA * C")
+        given, missing = (
+            ("--dp-clip", "--dp-noise SIGMA") if noise is None else ("--dp-noise", "--dp-clip C")
+        )
+        raise UsageError(
+            f"{given} needs {missing} too: DP-SGD clips every example's "
+            f"gradient to norm C and adds noise of std SIGMA * C"
+        )
     from fnbp.train.dp import DPConfig
 
     try:  # no --dp-accountant: DPConfig's default
-        return DPConfig(clip, noise, delta, **({} if accountant is None
-                                                else {"accountant": accountant}))
+        return DPConfig(
+            clip, noise, delta, **({} if accountant is None else {"accountant": accountant})
+        )
     except ValueError as error:
         raise library_error(error) from error
 
 
 # The library names an argument at fault in backticks (`path`); the command line
 # says which flag sets it.
-FLAGS = {"name": "--dataset", "path": "--data-path", "num_examples": "--num-examples",
-         "batch_size": "--batch-size", "epochs": "--epochs", "test_fraction": "--test-fraction",
-         "devices": "--devices", "fsdp": "--fsdp", "precision": "--precision",
-         "clip_norm": "--dp-clip", "noise_multiplier": "--dp-noise", "delta": "--dp-delta",
-         "accountant": "--dp-accountant",
-         "coordinator_address": "--coordinator", "num_processes": "--num-processes",
-         "process_id": "--process-id", "timeout": "--coordinator-timeout"}
+FLAGS = {
+    "name": "--dataset",
+    "path": "--data-path",
+    "num_examples": "--num-examples",
+    "batch_size": "--batch-size",
+    "epochs": "--epochs",
+    "test_fraction": "--test-fraction",
+    "devices": "--devices",
+    "fsdp": "--fsdp",
+    "precision": "--precision",
+    "clip_norm": "--dp-clip",
+    "noise_multiplier": "--dp-noise",
+    "delta": "--dp-delta",
+    "accountant": "--dp-accountant",
+    "coordinator_address": "--coordinator",
+    "num_processes": "--num-processes",
+    "process_id": "--process-id",
+    "timeout": "--coordinator-timeout",
+}
 
 
 def as_flags(message: str) -> str:

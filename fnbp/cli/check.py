@@ -80,7 +80,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 USER_DTYPES = ("float64", "float32")
@@ -94,39 +95,70 @@ class UsageError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("targets", nargs="*", metavar="RULE|MODULE:FUNCTION",
-                        help="built-in rule names, or MODULE:FUNCTION of yours "
-                             "(default: every built-in rule)")
+    parser.add_argument(
+        "targets",
+        nargs="*",
+        metavar="RULE|MODULE:FUNCTION",
+        help="built-in rule names, or MODULE:FUNCTION of yours (default: every built-in rule)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    parser.add_argument("--dtype", action="append", choices=DTYPES, dest="dtypes",
-                        help="check at this dtype (repeatable; default: all four for "
-                             "built-ins, float64 and float32 for your function)")
-    parser.add_argument("--full", action="store_true",
-                        help="every transform at every dtype (slower)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the reports as JSON instead of the table")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print every check of every report")
-    parser.add_argument("--reference", metavar="MODULE:FN",
-                        help="reference for MODULE:FUNCTION targets")
-    parser.add_argument("--args", metavar="MODULE:FACTORY", dest="factory",
-                        help="example-argument factory for MODULE:FUNCTION targets")
-    parser.add_argument("--kwargs", metavar="JSON",
-                        help="static keyword settings for MODULE:FUNCTION targets")
-    parser.add_argument("--rtol", type=_tolerance, help="relative tolerance, a positive finite "
-                                                        "number (default: per dtype)")
-    parser.add_argument("--atol", type=_tolerance, help="absolute tolerance, a positive finite "
-                                                        "number (default: per dtype)")
-    parser.add_argument("--kinks", choices=("reference", "any_subgradient"), default="reference",
-                        help="at a kink of f: 'reference' (default) takes the reference's "
-                             "convention; 'any_subgradient' accepts any value between the "
-                             "one-sided derivatives")
-    parser.add_argument("--transforms", metavar="T1,T2",
-                        help="comma-separated transforms, e.g. 'jit,2nd order' "
-                             "(default: per target and dtype)")
-    parser.add_argument("--allow-plain", action="store_true",
-                        help="accept a function without a jax.custom_vjp rule (no WARNING, "
-                             "exit 0 when it passes)")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        dest="dtypes",
+        help="check at this dtype (repeatable; default: all four for "
+        "built-ins, float64 and float32 for your function)",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="every transform at every dtype (slower)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the reports as JSON instead of the table"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print every check of every report"
+    )
+    parser.add_argument(
+        "--reference", metavar="MODULE:FN", help="reference for MODULE:FUNCTION targets"
+    )
+    parser.add_argument(
+        "--args",
+        metavar="MODULE:FACTORY",
+        dest="factory",
+        help="example-argument factory for MODULE:FUNCTION targets",
+    )
+    parser.add_argument(
+        "--kwargs", metavar="JSON", help="static keyword settings for MODULE:FUNCTION targets"
+    )
+    parser.add_argument(
+        "--rtol",
+        type=_tolerance,
+        help="relative tolerance, a positive finite number (default: per dtype)",
+    )
+    parser.add_argument(
+        "--atol",
+        type=_tolerance,
+        help="absolute tolerance, a positive finite number (default: per dtype)",
+    )
+    parser.add_argument(
+        "--kinks",
+        choices=("reference", "any_subgradient"),
+        default="reference",
+        help="at a kink of f: 'reference' (default) takes the reference's "
+        "convention; 'any_subgradient' accepts any value between the "
+        "one-sided derivatives",
+    )
+    parser.add_argument(
+        "--transforms",
+        metavar="T1,T2",
+        help="comma-separated transforms, e.g. 'jit,2nd order' (default: per target and dtype)",
+    )
+    parser.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="accept a function without a jax.custom_vjp rule (no WARNING, exit 0 when it passes)",
+    )
 
 
 def _tolerance(text: str) -> float:
@@ -134,11 +166,14 @@ def _tolerance(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number, got {text!r}"
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(
             f"must be a positive finite number, got {text!r} (a check passes when max abs err "
-            f"<= atol + rtol * max |want|; leave it out for the dtype's default)")
+            f"<= atol + rtol * max |want|; leave it out for the dtype's default)"
+        )
     return value
 
 
@@ -148,8 +183,15 @@ def _tolerance(text: str) -> float:
 class _Target:
     """One function to check: its name, rule, reference, arguments and settings."""
 
-    def __init__(self, name: str, rule: Callable[..., Any], reference: Callable[..., Any] | None,
-                 make_args: Callable[..., Any], kwargs: dict, builtin: bool):
+    def __init__(
+        self,
+        name: str,
+        rule: Callable[..., Any],
+        reference: Callable[..., Any] | None,
+        make_args: Callable[..., Any],
+        kwargs: dict,
+        builtin: bool,
+    ):
         self.name, self.rule, self.reference = name, rule, reference
         self.make_args, self.kwargs, self.builtin = make_args, kwargs, builtin
         self.takes_key = builtin or _positional_count(make_args) >= 2
@@ -175,17 +217,22 @@ def _load(spec: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except SystemExit as err:
-        raise UsageError(f"fnbp check: importing {module_name!r} (for {what} {spec!r}) called "
-                         f"sys.exit({err.code!r}); put the module's script code under "
-                         f"`if __name__ == \"__main__\":`") from err
+        raise UsageError(
+            f"fnbp check: importing {module_name!r} (for {what} {spec!r}) called "
+            f"sys.exit({err.code!r}); put the module's script code under "
+            f'`if __name__ == "__main__":`'
+        ) from err
     except Exception as err:
-        raise UsageError(f"fnbp check: cannot import {module_name!r} for {what} {spec!r}: "
-                         f"{type(err).__name__}: {err}") from err
+        raise UsageError(
+            f"fnbp check: cannot import {module_name!r} for {what} {spec!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"fnbp check: {module_name!r} has no attribute {attr!r} "
-                             f"(for {what} {spec!r})")
+            raise UsageError(
+                f"fnbp check: {module_name!r} has no attribute {attr!r} (for {what} {spec!r})"
+            )
         obj = getattr(obj, part)
     return obj
 
@@ -208,11 +255,13 @@ def _user_target(spec: str, args: argparse.Namespace) -> _Target:
         raise UsageError(
             f"fnbp check: no example arguments for {spec}: define {base}_args(key, dtype) "
             f"or example_args(key, dtype) -> tuple in {module.__name__}, or pass "
-            f"--args MODULE:FACTORY")
+            f"--args MODULE:FACTORY"
+        )
     if not callable(factory):
         raise UsageError(f"fnbp check: the example-argument factory of {spec} is not callable")
-    reference = (_load(args.reference, "--reference") if args.reference
-                 else pick("reference", "reference"))
+    reference = (
+        _load(args.reference, "--reference") if args.reference else pick("reference", "reference")
+    )
     if reference is not None and not callable(reference):
         raise UsageError(f"fnbp check: the reference of {spec} is not callable")
     if args.kwargs:
@@ -223,16 +272,19 @@ def _user_target(spec: str, args: argparse.Namespace) -> _Target:
     else:
         kwargs = pick("kwargs", "static_kwargs", {})
     if not isinstance(kwargs, dict):
-        raise UsageError("fnbp check: static keyword settings must be a dict "
-                         f"(a JSON object), got {type(kwargs).__name__}")
+        raise UsageError(
+            "fnbp check: static keyword settings must be a dict "
+            f"(a JSON object), got {type(kwargs).__name__}"
+        )
     return _Target(spec, rule, reference, factory, dict(kwargs), builtin=False)
 
 
 def _targets(args: argparse.Namespace) -> list[_Target]:
     from fnbp.catalog import CASES
 
-    builtins = [_Target(c.name, c.rule, c.reference, c.make_args, dict(c.kwargs), True)
-                for c in CASES]
+    builtins = [
+        _Target(c.name, c.rule, c.reference, c.make_args, dict(c.kwargs), True) for c in CASES
+    ]
     if not args.targets:
         return builtins
     by_name = {t.name: t for t in builtins}
@@ -243,9 +295,11 @@ def _targets(args: argparse.Namespace) -> list[_Target]:
         elif spec in by_name:
             chosen.append(by_name[spec])
         else:
-            raise UsageError(f"fnbp check: unknown rule {spec!r}; built-in rules: "
-                             f"{', '.join(by_name)}; for your own function pass "
-                             f"MODULE:FUNCTION")
+            raise UsageError(
+                f"fnbp check: unknown rule {spec!r}; built-in rules: "
+                f"{', '.join(by_name)}; for your own function pass "
+                f"MODULE:FUNCTION"
+            )
     return chosen
 
 
@@ -258,13 +312,14 @@ def _transforms(args: argparse.Namespace) -> tuple[str, ...] | None:
     chosen = tuple(t.strip() for t in args.transforms.split(",") if t.strip())
     unknown = [t for t in chosen if t not in TRANSFORMS]
     if unknown or not chosen:
-        raise UsageError(f"fnbp check: unknown transform(s) {unknown or [args.transforms]} in "
-                         f"--transforms; choose from {', '.join(TRANSFORMS)}")
+        raise UsageError(
+            f"fnbp check: unknown transform(s) {unknown or [args.transforms]} in "
+            f"--transforms; choose from {', '.join(TRANSFORMS)}"
+        )
     return chosen
 
 
-def _plan(target: _Target, args: argparse.Namespace
-          ) -> list[tuple[str | None, tuple, tuple]]:
+def _plan(target: _Target, args: argparse.Namespace) -> list[tuple[str | None, tuple, tuple]]:
     """(dtype, transforms, probes) for a target; dtype None: the factory decides.
 
     The built-in matrix probes every kind in float64 and float32; in
@@ -282,8 +337,14 @@ def _plan(target: _Target, args: argparse.Namespace
     if args.full or not target.builtin:
         return [(d, chosen or TRANSFORMS, PROBES) for d in dtypes]
     cheap = tuple(p for p in PROBES if p not in ("large", "offset"))
-    return [(d, chosen or (FLOAT64_TRANSFORMS if d == "float64" else OTHER_TRANSFORMS),
-             PROBES if d in ("float64", "float32") else cheap) for d in dtypes]
+    return [
+        (
+            d,
+            chosen or (FLOAT64_TRANSFORMS if d == "float64" else OTHER_TRANSFORMS),
+            PROBES if d in ("float64", "float32") else cheap,
+        )
+        for d in dtypes
+    ]
 
 
 # --- output -----------------------------------------------------------------------
@@ -310,10 +371,16 @@ def _print_table(results: list[dict], verbose: bool) -> None:
             lines.append((r["rule"], r["dtype"] or "-", "-", "-", f"{r['seconds']:.1f}", "FAIL"))
             continue
         passed = sum(row.passed for row in report.rows)
-        lines.append((r["rule"], report.dtype, f"{passed}/{len(report.rows)}",
-                      f"{_ratio(report):.2g}", f"{r['seconds']:.1f}",
-                      "PASS" if report.ok and not r["plain"] else
-                      "FAIL" if not report.ok else "WARNING"))
+        lines.append(
+            (
+                r["rule"],
+                report.dtype,
+                f"{passed}/{len(report.rows)}",
+                f"{_ratio(report):.2g}",
+                f"{r['seconds']:.1f}",
+                "PASS" if report.ok and not r["plain"] else "FAIL" if not report.ok else "WARNING",
+            )
+        )
     widths = [max(len(str(x[c])) for x in [head, *lines]) for c in range(len(head))]
     for line in [head, *lines]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
@@ -350,26 +417,41 @@ def run(args: argparse.Namespace) -> int:
     for target, plan in plans:
         for dtype, transforms, probes in plan:
             t0 = time.perf_counter()
-            result: dict[str, Any] = {"rule": target.name, "dtype": dtype,
-                                      "transforms": list(transforms)}
-            settings = dict(reference=target.reference, static_kwargs=target.kwargs,
-                            transforms=transforms, seed=args.seed, rtol=args.rtol,
-                            atol=args.atol, probes=probes, kinks=args.kinks)
+            result: dict[str, Any] = {
+                "rule": target.name,
+                "dtype": dtype,
+                "transforms": list(transforms),
+            }
+            settings = dict(
+                reference=target.reference,
+                static_kwargs=target.kwargs,
+                transforms=transforms,
+                seed=args.seed,
+                rtol=args.rtol,
+                atol=args.atol,
+                probes=probes,
+                kinks=args.kinks,
+            )
             try:
                 if dtype is None:
                     report = check_vjp(target.rule, *_as_tuple(target.make_args()), **settings)
                 elif target.builtin:
-                    report = check_vjp(target.rule, *example_args(
-                        target.make_args, dtype, args.seed, drawn), **settings)
-                else:   # drawn at several keys, and at distinct sizes where it can be
-                    report = check_vjp(target.rule, args=target.make_args, dtype=dtype,
-                                       **settings)
+                    report = check_vjp(
+                        target.rule,
+                        *example_args(target.make_args, dtype, args.seed, drawn),
+                        **settings,
+                    )
+                else:  # drawn at several keys, and at distinct sizes where it can be
+                    report = check_vjp(target.rule, args=target.make_args, dtype=dtype, **settings)
                 result["report"] = report
             except Exception as err:  # bad input to the verifier: a failed row, not a crash
                 result["report"] = None
                 result["error"] = f"{type(err).__name__}: {err}"
-            result["plain"] = (result["report"] is not None and not result["report"].custom_vjp
-                               and not args.allow_plain)
+            result["plain"] = (
+                result["report"] is not None
+                and not result["report"].custom_vjp
+                and not args.allow_plain
+            )
             result["seconds"] = time.perf_counter() - t0
             results.append(result)
     failed = sum(r["report"] is None or not r["report"].ok or r["plain"] for r in results)
@@ -377,28 +459,43 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
 
     if args.json:
-        print(json.dumps({
-            "device": device,
-            "passed": not failed,
-            "seconds": round(elapsed, 3),
-            "results": [{
-                "rule": r["rule"],
-                "dtype": r["report"].dtype if r["report"] is not None else r["dtype"],
-                "transforms": r["transforms"],
-                "passed": r["report"] is not None and r["report"].ok and not r["plain"],
-                "seconds": round(r["seconds"], 3),
-                **({"report": r["report"].to_dict()} if r["report"] is not None
-                   else {"error": r["error"]}),
-            } for r in results],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "device": device,
+                    "passed": not failed,
+                    "seconds": round(elapsed, 3),
+                    "results": [
+                        {
+                            "rule": r["rule"],
+                            "dtype": r["report"].dtype if r["report"] is not None else r["dtype"],
+                            "transforms": r["transforms"],
+                            "passed": r["report"] is not None and r["report"].ok and not r["plain"],
+                            "seconds": round(r["seconds"], 3),
+                            **(
+                                {"report": r["report"].to_dict()}
+                                if r["report"] is not None
+                                else {"error": r["error"]}
+                            ),
+                        }
+                        for r in results
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"fnbp check on {device}: check_vjp against the float64 reference and "
-              f"finite differences")
+        print(
+            f"fnbp check on {device}: check_vjp against the float64 reference and "
+            f"finite differences"
+        )
         _print_table(results, args.verbose)
         for name in plain:
-            print(f"\nWARNING: {name} has no jax.custom_vjp rule: its derivative comes from "
-                  f"autodiff, so there is no hand-written rule to check; define it with "
-                  f"jax.custom_vjp, or pass --allow-plain to accept it")
+            print(
+                f"\nWARNING: {name} has no jax.custom_vjp rule: its derivative comes from "
+                f"autodiff, so there is no hand-written rule to check; define it with "
+                f"jax.custom_vjp, or pass --allow-plain to accept it"
+            )
         print(f"\n{len(results)} reports in {elapsed:.1f} s")
         print("all rules PASS" if not failed else f"{failed} of {len(results)} FAIL")
     return 1 if failed else 0

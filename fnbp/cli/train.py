@@ -86,82 +86,153 @@ from fnbp.cli._train_config import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--dataset", choices=("digits", "spirals", "moons", "npz", "csv", "idx"),
-                        help="data to train on (default digits; npz, csv and idx read "
-                             "--data-path, and are inferred from it when it is given alone)")
-    parser.add_argument("--data-path", help="your .npz or .csv file, or a folder of "
-                                            "MNIST-format IDX files")
-    parser.add_argument("--model", choices=MODELS,
-                        help="network (default mlp); cnn takes images (H, W) or (H, W, C), "
-                             "or signals (L,); cnn1d takes signals (L,) or (L, C)")
-    parser.add_argument("--width", type=int,
-                        help="mlp/resnet-s hidden width, cnn channels of the first stage "
-                             "(default 1024 for mlp on digits, 256 for mlp elsewhere and "
-                             "resnet-s, 32 for cnn)")
-    parser.add_argument("--depth", type=int,
-                        help="hidden layers (mlp), residual blocks (resnet-s) or "
-                             "convolution stages (cnn); default 2")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="optax optimizer (default "
-                                                                 "adam; momentum is 0.9)")
-    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, "
-                                                 "0.05 for sgd, 0.01 for momentum; 10x on "
-                                                 "spirals)")
-    parser.add_argument("--batch-size", type=int, help=f"examples per step (default "
-                                                       f"{_BATCH_SIZE})")
+    parser.add_argument(
+        "--dataset",
+        choices=("digits", "spirals", "moons", "npz", "csv", "idx"),
+        help="data to train on (default digits; npz, csv and idx read "
+        "--data-path, and are inferred from it when it is given alone)",
+    )
+    parser.add_argument(
+        "--data-path", help="your .npz or .csv file, or a folder of MNIST-format IDX files"
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        help="network (default mlp); cnn takes images (H, W) or (H, W, C), "
+        "or signals (L,); cnn1d takes signals (L,) or (L, C)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        help="mlp/resnet-s hidden width, cnn channels of the first stage "
+        "(default 1024 for mlp on digits, 256 for mlp elsewhere and "
+        "resnet-s, 32 for cnn)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        help="hidden layers (mlp), residual blocks (resnet-s) or "
+        "convolution stages (cnn); default 2",
+    )
+    parser.add_argument(
+        "--optimizer", choices=OPTIMIZERS, help="optax optimizer (default adam; momentum is 0.9)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default 1e-3 for adam, "
+        "0.05 for sgd, 0.01 for momentum; 10x on "
+        "spirals)",
+    )
+    parser.add_argument("--batch-size", type=int, help=f"examples per step (default {_BATCH_SIZE})")
     parser.add_argument("--epochs", type=int, help="total epochs (default 10; 30 on spirals)")
-    parser.add_argument("--seed", type=int, help="seed of the initialization and the "
-                                                 "shuffling (default 0)")
-    parser.add_argument("--test-fraction", type=float,
-                        help=f"fraction held out for testing when the data have no split "
-                             f"(default {_TEST_FRACTION})")
-    parser.add_argument("--num-examples", type=int,
-                        help="number of points for spirals and moons (default 2000)")
-    parser.add_argument("--out", help="run folder to create (default runs/<dataset>-<model>-"
-                                      "seed<seed>, numbered if taken)")
-    parser.add_argument("--resume", metavar="RUN",
-                        help="continue the run in this folder (or from this checkpoint file)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                        help="also save a checkpoint every N steps (default: every epoch only)")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="compute dtype; bfloat16 and float16 are mixed precision with "
-                             "float32 parameters, optimizer state and loss, float16 with "
-                             "dynamic loss scaling (default float32)")
+    parser.add_argument(
+        "--seed", type=int, help="seed of the initialization and the shuffling (default 0)"
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        help=f"fraction held out for testing when the data have no split "
+        f"(default {_TEST_FRACTION})",
+    )
+    parser.add_argument(
+        "--num-examples", type=int, help="number of points for spirals and moons (default 2000)"
+    )
+    parser.add_argument(
+        "--out",
+        help="run folder to create (default runs/<dataset>-<model>-seed<seed>, numbered if taken)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in this folder (or from this checkpoint file)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also save a checkpoint every N steps (default: every epoch only)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="compute dtype; bfloat16 and float16 are mixed precision with "
+        "float32 parameters, optimizer state and loss, float16 with "
+        "dynamic loss scaling (default float32)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     private = parser.add_argument_group("differentially private training (DP-SGD)")
-    private.add_argument("--dp-clip", type=float, metavar="C",
-                         help="clip every example's gradient to L2 norm C (with --dp-noise)")
-    private.add_argument("--dp-noise", type=float, metavar="SIGMA",
-                         help="noise multiplier: Gaussian noise of std SIGMA * C on the "
-                              "clipped sum (with --dp-clip)")
-    private.add_argument("--dp-delta", type=float, metavar="D",
-                         help="the delta epsilon is stated at (default: 1e-5, or the largest "
-                              "power of ten below 1/N for more than 10^5 examples)")
-    private.add_argument("--dp-accountant", choices=DP_ACCOUNTANTS,
-                         help="privacy accountant of epsilon: rdp (Renyi DP, the default) or "
-                              "pld (privacy loss distributions: tighter, a few tenths of a "
-                              "second per epoch)")
+    private.add_argument(
+        "--dp-clip",
+        type=float,
+        metavar="C",
+        help="clip every example's gradient to L2 norm C (with --dp-noise)",
+    )
+    private.add_argument(
+        "--dp-noise",
+        type=float,
+        metavar="SIGMA",
+        help="noise multiplier: Gaussian noise of std SIGMA * C on the "
+        "clipped sum (with --dp-clip)",
+    )
+    private.add_argument(
+        "--dp-delta",
+        type=float,
+        metavar="D",
+        help="the delta epsilon is stated at (default: 1e-5, or the largest "
+        "power of ten below 1/N for more than 10^5 examples)",
+    )
+    private.add_argument(
+        "--dp-accountant",
+        choices=DP_ACCOUNTANTS,
+        help="privacy accountant of epsilon: rdp (Renyi DP, the default) or "
+        "pld (privacy loss distributions: tighter, a few tenths of a "
+        "second per epoch)",
+    )
     parallel = parser.add_argument_group("several devices and hosts")
-    parallel.add_argument("--devices", type=int, metavar="N",
-                          help="train data parallel on N devices: each batch is split over "
-                               "them, so --batch-size must be a multiple of N (default: all "
-                               "devices, of every process; on one host, as many as the batch "
-                               "splits evenly over; 1 is one device)")
-    parallel.add_argument("--fsdp", type=int, nargs="?", const=_ALL, metavar="K",
-                          help="also split the large parameters and their optimizer state "
-                               "over K of the devices, FSDP-style (--fsdp alone: over all "
-                               "--devices; default: replicated on every device)")
-    parallel.add_argument("--coordinator", metavar="HOST:PORT",
-                          help="several hosts: the address of process 0, the same on "
-                               "every process")
-    parallel.add_argument("--num-processes", type=int, metavar="P",
-                          help="several hosts: the number of processes (default 1)")
-    parallel.add_argument("--process-id", type=int, metavar="I",
-                          help="several hosts: this process' number, 0 .. P-1")
-    parallel.add_argument("--coordinator-timeout", type=float, default=_COORDINATOR_TIMEOUT,
-                          metavar="SECONDS",
-                          help=f"several hosts: how long to wait for the coordinator and the "
-                               f"other processes before giving up with an error (default "
-                               f"{_COORDINATOR_TIMEOUT:g})")
+    parallel.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train data parallel on N devices: each batch is split over "
+        "them, so --batch-size must be a multiple of N (default: all "
+        "devices, of every process; on one host, as many as the batch "
+        "splits evenly over; 1 is one device)",
+    )
+    parallel.add_argument(
+        "--fsdp",
+        type=int,
+        nargs="?",
+        const=_ALL,
+        metavar="K",
+        help="also split the large parameters and their optimizer state "
+        "over K of the devices, FSDP-style (--fsdp alone: over all "
+        "--devices; default: replicated on every device)",
+    )
+    parallel.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="several hosts: the address of process 0, the same on every process",
+    )
+    parallel.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="P",
+        help="several hosts: the number of processes (default 1)",
+    )
+    parallel.add_argument(
+        "--process-id", type=int, metavar="I", help="several hosts: this process' number, 0 .. P-1"
+    )
+    parallel.add_argument(
+        "--coordinator-timeout",
+        type=float,
+        default=_COORDINATOR_TIMEOUT,
+        metavar="SECONDS",
+        help=f"several hosts: how long to wait for the coordinator and the "
+        f"other processes before giving up with an error (default "
+        f"{_COORDINATOR_TIMEOUT:g})",
+    )
 
     def one_line_error(message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
@@ -182,19 +253,23 @@ def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
         if len(shape) == 1:
             return x_train[..., None], x_test[..., None]
         if len(shape) != 2:
-            raise UsageError(f"--model cnn1d needs 1-D signals, examples of shape (L,) or "
-                             f"(L, C), but {config['dataset']} examples have shape {shape}; "
-                             f"use --model cnn for images or --model mlp")
+            raise UsageError(
+                f"--model cnn1d needs 1-D signals, examples of shape (L,) or "
+                f"(L, C), but {config['dataset']} examples have shape {shape}; "
+                f"use --model cnn for images or --model mlp"
+            )
         return x_train, x_test
     if config["model"] == "cnn":
         shape = dataset.input_shape
         if len(shape) in (1, 2):
             return x_train[..., None], x_test[..., None]
         if len(shape) != 3:
-            raise UsageError(f"--model cnn needs images, examples of shape (H, W) or "
-                             f"(H, W, C), or 1-D signals of shape (L,), but "
-                             f"{config['dataset']} examples have shape {shape}; "
-                             f"use --model mlp")
+            raise UsageError(
+                f"--model cnn needs images, examples of shape (H, W) or "
+                f"(H, W, C), or 1-D signals of shape (L,), but "
+                f"{config['dataset']} examples have shape {shape}; "
+                f"use --model mlp"
+            )
         return x_train, x_test
     return x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
 
@@ -203,8 +278,7 @@ def _prepare_inputs(config: dict[str, Any], dataset: Any) -> tuple[Any, Any]:
 # once per (model, optimizer) object. Building them through a cache lets
 # repeated runs in one process (a notebook, the tests) reuse the compiled code.
 @functools.lru_cache(maxsize=16)
-def _build_model(model: str, width: int, depth: int, num_classes: int,
-                 input_ndim: int = 3) -> Any:
+def _build_model(model: str, width: int, depth: int, num_classes: int, input_ndim: int = 3) -> Any:
     import fnbp
 
     if model == "mlp":
@@ -213,8 +287,11 @@ def _build_model(model: str, width: int, depth: int, num_classes: int,
         return fnbp.resnet_s(width, depth, num_classes)
     # cnn1d: examples (L, C), Conv1D and 1-D pooling (notes 7.48-7.50); cnn decides
     # from the prepared inputs' rank (3: images, 2: signals).
-    return fnbp.cnn(num_classes, tuple(width * 2**i for i in range(depth)),
-                    input_ndim=2 if model == "cnn1d" else input_ndim)
+    return fnbp.cnn(
+        num_classes,
+        tuple(width * 2**i for i in range(depth)),
+        input_ndim=2 if model == "cnn1d" else input_ndim,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -272,13 +349,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"fnbp train: error: {message}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"fnbp train: interrupted by {stop.name()} {stopped.where}; "
-              f"{progress.interrupted()}", file=sys.stderr)
+        print(
+            f"fnbp train: interrupted by {stop.name()} {stopped.where}; {progress.interrupted()}",
+            file=sys.stderr,
+        )
         return 128 + (stopped.signum or signal.SIGINT)
     if progress.output.closed:
-        print(f"fnbp train: error: standard output was closed before the run ended (piped "
-              f"into head?), so its last lines were not printed; the run finished, its "
-              f"results are in {progress.out}", file=sys.stderr)
+        print(
+            f"fnbp train: error: standard output was closed before the run ended (piped "
+            f"into head?), so its last lines were not printed; the run finished, its "
+            f"results are in {progress.out}",
+            file=sys.stderr,
+        )
         return 2
     return status
 
@@ -286,36 +368,55 @@ def run(args: argparse.Namespace) -> int:
 def _require_train_extra() -> None:
     missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
-        raise UsageError(f"fnbp train needs {' and '.join(missing)}, from the train extra: "
-                         f"python -m pip install \".[train]\" from a clone of the repository, "
-                         f"or python -m pip install \"fnbp[train]\" from a package index")
+        raise UsageError(
+            f"fnbp train needs {' and '.join(missing)}, from the train extra: "
+            f'python -m pip install ".[train]" from a clone of the repository, '
+            f'or python -m pip install "fnbp[train]" from a package index'
+        )
 
 
-def _resumed(config: dict[str, Any], resume_from: str, state: Any, data_sha256: str,
-             root: Any, per_epoch: int) -> tuple[Any, list[dict[str, Any]]]:
+def _resumed(
+    config: dict[str, Any],
+    resume_from: str,
+    state: Any,
+    data_sha256: str,
+    root: Any,
+    per_epoch: int,
+) -> tuple[Any, list[dict[str, Any]]]:
     """The state and history of the checkpoint, checked against this run's data and seed."""
     import jax
     import numpy as np
 
-    from fnbp.train import checkpoint as ckpt
     from fnbp import train
+    from fnbp.train import checkpoint as ckpt
 
     loaded = ckpt.load_checkpoint(resume_from, state.params, state.opt_state)
     meta = loaded.metadata
     if meta.get("data_sha256") != data_sha256:
-        raise UsageError(f"--resume: the data of {config['dataset']} differ from those "
-                         f"the run was trained on; restore them or start a new run")
-    if loaded.key is None or not np.array_equal(jax.random.key_data(loaded.key),
-                                                jax.random.key_data(root)):
-        raise ckpt.CheckpointError(f"checkpoint {resume_from}: its PRNG key does not belong "
-                                   f"to seed {config['seed']}; the file is corrupted")
+        raise UsageError(
+            f"--resume: the data of {config['dataset']} differ from those "
+            f"the run was trained on; restore them or start a new run"
+        )
+    if loaded.key is None or not np.array_equal(
+        jax.random.key_data(loaded.key), jax.random.key_data(root)
+    ):
+        raise ckpt.CheckpointError(
+            f"checkpoint {resume_from}: its PRNG key does not belong "
+            f"to seed {config['seed']}; the file is corrupted"
+        )
     if loaded.step > config["epochs"] * per_epoch:
-        raise UsageError(f"--resume: the run is at step {loaded.step} (epoch "
-                         f"{loaded.step / per_epoch:g}), past --epochs "
-                         f"{config['epochs']}; pass more epochs")
-    state = train.TrainState(loaded.params, loaded.opt_state, loaded.step,
-                             float(meta.get("loss_sum", 0.0)),
-                             float(meta.get("correct_sum", 0.0)))
+        raise UsageError(
+            f"--resume: the run is at step {loaded.step} (epoch "
+            f"{loaded.step / per_epoch:g}), past --epochs "
+            f"{config['epochs']}; pass more epochs"
+        )
+    state = train.TrainState(
+        loaded.params,
+        loaded.opt_state,
+        loaded.step,
+        float(meta.get("loss_sum", 0.0)),
+        float(meta.get("correct_sum", 0.0)),
+    )
     return state, list(meta.get("history", []))
 
 
@@ -344,8 +445,13 @@ class _Run:
     dp: Any = None  # the fnbp.train.DPConfig of --dp-clip/--dp-noise, or None
 
 
-def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str | None,
-             out: str, stop: Any = None) -> _Run:
+def _prepare(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    resume_from: str | None,
+    out: str,
+    stop: Any = None,
+) -> _Run:
     """Load the data, build the model and its starting state: every check before writing.
 
     ``stop`` (the signals' request) is checked after each stage, so that a
@@ -366,9 +472,12 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     processes = _join(args)
     check(stop, "while starting")
     with _run_folder.warnings_as_lines("fnbp train: warning: ", DataWarning):
-        dataset = load_dataset(config["dataset"], path=config["data_path"],
-                               test_fraction=config["test_fraction"],
-                               num_examples=config["num_examples"])
+        dataset = load_dataset(
+            config["dataset"],
+            path=config["data_path"],
+            test_fraction=config["test_fraction"],
+            num_examples=config["num_examples"],
+        )
     check(stop, "while loading the data")
     x_train, x_test = _prepare_inputs(config, dataset)
     y_train, y_test = dataset.y_train, dataset.y_test
@@ -390,36 +499,65 @@ def _prepare(args: argparse.Namespace, config: dict[str, Any], resume_from: str 
     data_sha256 = _fingerprint(x_train, y_train, x_test, y_test)
     per_epoch = train.steps_per_epoch(n, config["batch_size"])
 
-    model = _build_model(config["model"], config["width"], config["depth"],
-                         dataset.num_classes, x_train.ndim - 1)
+    model = _build_model(
+        config["model"], config["width"], config["depth"], dataset.num_classes, x_train.ndim - 1
+    )
     optimizer = _optimizer(config["optimizer"], config["lr"], config["precision"])
     root = jax.random.key(config["seed"])
     init_key, shuffle_key = jax.random.split(root)
     try:
-        state = train.init_state(model, optimizer, init_key, x_train.shape[1:], jnp.float32,
-                                 mesh=mesh)
+        state = train.init_state(
+            model, optimizer, init_key, x_train.shape[1:], jnp.float32, mesh=mesh
+        )
     except ValueError as error:
-        raise UsageError(f"--model {config['model']} does not fit {config['dataset']} "
-                         f"examples of shape {x_train.shape[1:]}: {error}") from error
+        raise UsageError(
+            f"--model {config['model']} does not fit {config['dataset']} "
+            f"examples of shape {x_train.shape[1:]}: {error}"
+        ) from error
     check(stop, "while building the model")
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         state, history = _resumed(config, resume_from, state, data_sha256, root, per_epoch)
         check(stop, "while loading the checkpoint")
 
-    run_config = {**config, "out": out, "num_classes": dataset.num_classes,
-                  "input_shape": list(x_train.shape[1:]), "num_train": n,
-                  "num_test": len(x_test), "steps_per_epoch": per_epoch,
-                  "fnbp_version": fnbp.__version__,
-                  "jax_version": jax.__version__, "backend": jax.default_backend(),
-                  "devices": 1 if mesh is None else mesh.size,
-                  "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
-                  "processes": processes}
+    run_config = {
+        **config,
+        "out": out,
+        "num_classes": dataset.num_classes,
+        "input_shape": list(x_train.shape[1:]),
+        "num_train": n,
+        "num_test": len(x_test),
+        "steps_per_epoch": per_epoch,
+        "fnbp_version": fnbp.__version__,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": 1 if mesh is None else mesh.size,
+        "fsdp": 1 if mesh is None else dict(mesh.shape).get(sharding.FSDP_AXIS, 1),
+        "processes": processes,
+    }
     if dp is not None:
         run_config["dp"] = _dp_record(dp, config["batch_size"], n)
-    return _Run(config, out, processes, jax.process_index() == 0, x_train, y_train, x_test,
-                y_test, mesh, data_sha256, per_epoch, model, optimizer, root, shuffle_key,
-                state, history, run_config, dp)
+    return _Run(
+        config,
+        out,
+        processes,
+        jax.process_index() == 0,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        mesh,
+        data_sha256,
+        per_epoch,
+        model,
+        optimizer,
+        root,
+        shuffle_key,
+        state,
+        history,
+        run_config,
+        dp,
+    )
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -445,8 +583,12 @@ def _join(args: argparse.Namespace) -> int:
     try:
         with default_signals():
             return sharding.initialize_distributed(
-                args.coordinator, args.num_processes, args.process_id,
-                timeout=args.coordinator_timeout, on_timeout=on_timeout)
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                timeout=args.coordinator_timeout,
+                on_timeout=on_timeout,
+            )
     except (ValueError, TypeError, TimeoutError) as error:
         raise library_error(error) from error
 
@@ -457,12 +599,15 @@ def _dp_record(dp: Any, batch_size: int, n: int) -> dict[str, Any]:
 
     from fnbp.train import dp as dp_module
 
-    return {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
-            "delta": dp.delta_for(n), "sampling": "poisson",
-            "sampling_rate": dp_module.sampling_rate(batch_size, n),
-            "expected_batch_size": batch_size,
-            "accountant": f"{dp.accountant.upper()}, dp-accounting "
-                          f"{version('dp-accounting')}"}
+    return {
+        "clip_norm": dp.clip_norm,
+        "noise_multiplier": dp.noise_multiplier,
+        "delta": dp.delta_for(n),
+        "sampling": "poisson",
+        "sampling_rate": dp_module.sampling_rate(batch_size, n),
+        "expected_batch_size": batch_size,
+        "accountant": f"{dp.accountant.upper()}, dp-accounting {version('dp-accounting')}",
+    }
 
 
 def _saver(run: _Run, progress: Any) -> Any:
@@ -479,12 +624,20 @@ def _saver(run: _Run, progress: Any) -> Any:
             params, opt_state = sharding.to_host((params, opt_state))
         if run.leader:
             with _run_folder.writing(run.out, checkpoint_file, progress.saved_step):
-                ckpt.save_checkpoint(checkpoint_file, params, opt_state,
-                                     step=current.step, key=run.root,
-                                     metadata={"config": run.config, "history": epochs_done,
-                                               "loss_sum": current.loss_sum,
-                                               "correct_sum": current.correct_sum,
-                                               "data_sha256": run.data_sha256})
+                ckpt.save_checkpoint(
+                    checkpoint_file,
+                    params,
+                    opt_state,
+                    step=current.step,
+                    key=run.root,
+                    metadata={
+                        "config": run.config,
+                        "history": epochs_done,
+                        "loss_sum": current.loss_sum,
+                        "correct_sum": current.correct_sum,
+                        "data_sha256": run.data_sha256,
+                    },
+                )
         progress.saved_step = current.step
         if run.leader and not progress.config_written:
             progress.write_config(run.run_config)
@@ -513,10 +666,16 @@ def _progress_bar(run: _Run, progress: Any, args: argparse.Namespace) -> Any:
             f"fnbp train: {config['model']} on {config['dataset']} ({len(run.x_train)} "
             f"train, {len(run.x_test)} test, {run.run_config['num_classes']} classes), "
             f"{config['optimizer']} lr {config['lr']:g}, batch {config['batch_size']}, "
-            f"{config['epochs']} epochs{where}; run folder {run.out}")
-    return tqdm(total=config["epochs"] * run.per_epoch, initial=run.state.step, unit="step",
-                dynamic_ncols=True, disable=args.no_progress or not run.leader,
-                file=sys.stderr)
+            f"{config['epochs']} epochs{where}; run folder {run.out}"
+        )
+    return tqdm(
+        total=config["epochs"] * run.per_epoch,
+        initial=run.state.step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=args.no_progress or not run.leader,
+        file=sys.stderr,
+    )
 
 
 def _train(args: argparse.Namespace, progress: Any, stop: Any = None) -> int:
@@ -550,8 +709,7 @@ def _train(args: argparse.Namespace, progress: Any, stop: Any = None) -> int:
             lock.release()
 
 
-def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any,
-         started: float) -> int:
+def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any, started: float) -> int:
     """Train the prepared run; its folder is ready (and locked, on process 0)."""
     import fnbp
     from fnbp.cli import _run_folder
@@ -585,12 +743,27 @@ def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any,
     # float32 is the step without casts, exactly as before --precision existed
     precision = None if config["precision"] == "float32" else config["precision"]
     try:
-        result = fnbp.fit(run.model, fnbp.cross_entropy_loss, run.optimizer, run.state.params,
-                          run.x_train, run.y_train, key=run.shuffle_key,
-                          epochs=config["epochs"], batch_size=config["batch_size"],
-                          x_test=run.x_test, y_test=run.y_test, state=run.state,
-                          history=run.history, on_step=on_step, on_epoch=on_epoch,
-                          mesh=run.mesh, precision=precision, dp=run.dp, stop=stop)
+        result = fnbp.fit(
+            run.model,
+            fnbp.cross_entropy_loss,
+            run.optimizer,
+            run.state.params,
+            run.x_train,
+            run.y_train,
+            key=run.shuffle_key,
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            x_test=run.x_test,
+            y_test=run.y_test,
+            state=run.state,
+            history=run.history,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            mesh=run.mesh,
+            precision=precision,
+            dp=run.dp,
+            stop=stop,
+        )
     except TrainingStopped as stopped:  # at a step boundary: keep where it got to
         bar.close()
         if stopped.state.step > 0 and progress.saved_step != stopped.state.step:
@@ -598,18 +771,26 @@ def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any,
         raise
     except _Diverged as diverged:
         bar.close()
-        print(f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
-              f"lower --lr (now {config['lr']:g}); {progress.diverged()}", file=sys.stderr)
+        print(
+            f"fnbp train: error: the loss became NaN or infinite at step {diverged.step}; "
+            f"lower --lr (now {config['lr']:g}); {progress.diverged()}",
+            file=sys.stderr,
+        )
         return 1
     bar.close()
     seconds = time.perf_counter() - started
     if progress.saved_step != result.state.step:  # e.g. a finished run resumed elsewhere
         save(result.state, result.history)
-    check(stop, f"at step {result.state.step}, its last, before writing its results",
-          result.state, result.history)
+    check(
+        stop,
+        f"at step {result.state.step}, its last, before writing its results",
+        result.state,
+        result.history,
+    )
     if run.leader:
-        _run_folder.write_results(progress, config, result, seconds, len(run.x_test),
-                                  run.run_config.get("dp"))
+        _run_folder.write_results(
+            progress, config, result, seconds, len(run.x_test), run.run_config.get("dp")
+        )
     return 0
 
 

@@ -35,25 +35,30 @@ def positive_int(fn: str, name: str, value: Any, what: str = "") -> int:
     """``value`` as an int >= 1; ``what`` says what it is, in the message."""
     if not is_int(value) or value < 1:
         raise ValueError(
-            f"{fn}: {name} must be a positive int, got {value!r}{_meaning(name, what)}")
+            f"{fn}: {name} must be a positive int, got {value!r}{_meaning(name, what)}"
+        )
     return int(value)
 
 
 def non_negative_int(fn: str, name: str, value: Any, what: str = "") -> int:
     """``value`` as an int >= 0."""
     if not is_int(value) or value < 0:
-        raise ValueError(
-            f"{fn}: {name} must be an int >= 0, got {value!r}{_meaning(name, what)}")
+        raise ValueError(f"{fn}: {name} must be an int >= 0, got {value!r}{_meaning(name, what)}")
     return int(value)
 
 
 def positive_ints(fn: str, name: str, value: Any, n: int, what: str = "") -> tuple[int, ...]:
     """An int (the same in every one of the n axes) or a tuple of n ints, each >= 1."""
     values = (value,) * n if is_int(value) else value
-    if (not isinstance(values, (tuple, list)) or len(values) != n
-            or not all(is_int(v) and v >= 1 for v in values)):
-        raise ValueError(f"{fn}: {name} must be a positive int or a tuple of {n} positive "
-                         f"int{'s' if n > 1 else ''}, got {value!r}{_meaning(name, what)}")
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) != n
+        or not all(is_int(v) and v >= 1 for v in values)
+    ):
+        raise ValueError(
+            f"{fn}: {name} must be a positive int or a tuple of {n} positive "
+            f"int{'s' if n > 1 else ''}, got {value!r}{_meaning(name, what)}"
+        )
     return tuple(int(v) for v in values)
 
 
@@ -67,20 +72,31 @@ def flag(fn: str, name: str, value: Any) -> bool:
 def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
     """A finite real number >= 0 (a Python or NumPy number or a concrete scalar array)."""
     if isinstance(value, (bool, np.bool_)) or not (
-            isinstance(value, numbers.Real)
-            or (hasattr(value, "dtype") and jnp.ndim(value) == 0
-                and (jnp.issubdtype(value.dtype, jnp.floating)
-                     or jnp.issubdtype(value.dtype, jnp.integer)))):
-        raise TypeError(f"{fn}: {name} must be a number >= 0, got "
-                        f"{type(value).__name__} {value!r}{_meaning(name, what)}")
+        isinstance(value, numbers.Real)
+        or (
+            hasattr(value, "dtype")
+            and jnp.ndim(value) == 0
+            and (
+                jnp.issubdtype(value.dtype, jnp.floating)
+                or jnp.issubdtype(value.dtype, jnp.integer)
+            )
+        )
+    ):
+        raise TypeError(
+            f"{fn}: {name} must be a number >= 0, got "
+            f"{type(value).__name__} {value!r}{_meaning(name, what)}"
+        )
     try:
         number = float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
-        raise TypeError(f"{fn}: {name} is a fixed setting and must be a concrete number, got "
-                        f"a traced value; pass a Python float") from None
+        raise TypeError(
+            f"{fn}: {name} is a fixed setting and must be a concrete number, got "
+            f"a traced value; pass a Python float"
+        ) from None
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got "
-                         f"{number}{_meaning(name, what)}")
+        raise ValueError(
+            f"{fn}: {name} must be a finite number >= 0, got {number}{_meaning(name, what)}"
+        )
     return number
 
 
@@ -92,8 +108,10 @@ def layer(fn: str, name: str, value: Any) -> Any:
         hint = ""
         if getattr(value, "__module__", "").startswith("fnbp.nn") and callable(value):
             hint = f" (a layer factory: call it, fnbp.{value.__name__}(...))"
-        raise TypeError(f"{fn}: {name} is {type(value).__name__}{hint}, not a Layer; use "
-                        f"fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer")
+        raise TypeError(
+            f"{fn}: {name} is {type(value).__name__}{hint}, not a Layer; use "
+            f"fnbp.Linear(n), fnbp.Relu(), ... or fnbp.make_layer"
+        )
     return value
 
 
@@ -109,13 +127,17 @@ def input_shape(fn: str, shape: Any) -> tuple[int, ...]:
     elif isinstance(shape, np.ndarray) and shape.ndim == 1:
         shape = tuple(shape.tolist())
     if not isinstance(shape, (tuple, list)) or not all(is_int(d) for d in shape):
-        raise TypeError(f"{fn}: input_shape must be one example's shape, a tuple of ints "
-                        f"without the batch axis (e.g. (784,) or (28, 28, 1)), got "
-                        f"{type(shape).__name__} {shape!r}")
+        raise TypeError(
+            f"{fn}: input_shape must be one example's shape, a tuple of ints "
+            f"without the batch axis (e.g. (784,) or (28, 28, 1)), got "
+            f"{type(shape).__name__} {shape!r}"
+        )
     if not all(d >= 1 for d in shape):
-        raise ValueError(f"{fn}: input_shape {tuple(shape)} has a zero or negative dimension; "
-                         f"every axis of an example needs at least one entry (the batch axis "
-                         f"is not part of it)")
+        raise ValueError(
+            f"{fn}: input_shape {tuple(shape)} has a zero or negative dimension; "
+            f"every axis of an example needs at least one entry (the batch axis "
+            f"is not part of it)"
+        )
     return tuple(int(d) for d in shape)
 
 
@@ -126,8 +148,11 @@ def prng_key(fn: str, key: Any) -> Any:
         return key
     if dtype is not None and dtype == jnp.uint32 and jnp.ndim(key) == 1:
         return key
-    got = (f"an array of shape {jnp.shape(key)} and dtype {dtype}" if dtype is not None
-           else f"{type(key).__name__} {key!r:.80}")
+    got = (
+        f"an array of shape {jnp.shape(key)} and dtype {dtype}"
+        if dtype is not None
+        else f"{type(key).__name__} {key!r:.80}"
+    )
     fix = f"jax.random.key({key!r})" if is_int(key) else "jax.random.key(0)"
     raise TypeError(f"{fn}: key must be one PRNG key, got {got}; pass e.g. {fix}")
 
@@ -140,8 +165,10 @@ def float_dtype(fn: str, dtype: Any) -> Any:
         as_dtype = None
     if as_dtype is None or not jnp.issubdtype(as_dtype, jnp.floating):
         got = repr(dtype) if as_dtype is None else as_dtype.name
-        raise TypeError(f"{fn}: dtype must be a real floating dtype for the parameters "
-                        f"(jnp.float32, jnp.bfloat16, jnp.float16 or jnp.float64), got {got}")
+        raise TypeError(
+            f"{fn}: dtype must be a real floating dtype for the parameters "
+            f"(jnp.float32, jnp.bfloat16, jnp.float16 or jnp.float64), got {got}"
+        )
     return dtype
 
 
@@ -149,9 +176,11 @@ def float_input(fn: str, name: str, z: Any) -> None:
     """A layer whose rule computes in floating point refuses other inputs, as the rule does."""
     dtype = jnp.result_type(z)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{fn}: {name} has dtype {dtype}, but a real floating dtype is needed "
-                        f"(float16, bfloat16, float32 or float64); convert it, e.g. "
-                        f"{name}.astype(jnp.float32)")
+        raise TypeError(
+            f"{fn}: {name} has dtype {dtype}, but a real floating dtype is needed "
+            f"(float16, bfloat16, float32 or float64); convert it, e.g. "
+            f"{name}.astype(jnp.float32)"
+        )
 
 
 def model_input(fn: str, x: Any) -> Any:
@@ -162,12 +191,19 @@ def model_input(fn: str, x: Any) -> Any:
         try:
             array = jnp.asarray(x)
         except (TypeError, ValueError):
-            raise TypeError(f"{fn}: x must be an array of numbers (a jax or NumPy array, or a "
-                            f"nested list of numbers), got {type(x).__name__} {x!r:.80}") from None
+            raise TypeError(
+                f"{fn}: x must be an array of numbers (a jax or NumPy array, or a "
+                f"nested list of numbers), got {type(x).__name__} {x!r:.80}"
+            ) from None
     dtype = np.result_type(array) if isinstance(array, (np.ndarray, np.generic)) else array.dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-            or jnp.issubdtype(dtype, jnp.bool_)):
-        raise TypeError(f"{fn}: x has dtype {dtype}; a layer computes on real numbers "
-                        f"(float32, bfloat16, ...; integers for index inputs); convert it, "
-                        f"e.g. x.astype(jnp.float32)")
+    if not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        raise TypeError(
+            f"{fn}: x has dtype {dtype}; a layer computes on real numbers "
+            f"(float32, bfloat16, ...; integers for index inputs); convert it, "
+            f"e.g. x.astype(jnp.float32)"
+        )
     return array

@@ -37,7 +37,8 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
         params = []
         shape = tuple(input_shape)
         for i, (layer, layer_key) in enumerate(
-                zip(layers, jax.random.split(key, max(len(layers), 1)))):
+            zip(layers, jax.random.split(key, max(len(layers), 1)))
+        ):
             with _blame(where(i), layer.name, "init"):
                 out = layer.init(layer_key, shape, dtype)
             shape, layer_params = _check_init(where(i), layer.name, shape, out)
@@ -58,9 +59,12 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
         residuals = []
         for i, (layer, layer_params) in enumerate(zip(layers, params)):
             # Child i's input is checked: serial's own, or child i - 1's output.
-            child = Site(f"{outer.prefix}{where(i)} ",
-                         None if outer.path is None else f"{outer.path}[{i}]",
-                         checked_input=True, quiet=outer.quiet)
+            child = Site(
+                f"{outer.prefix}{where(i)} ",
+                None if outer.path is None else f"{outer.path}[{i}]",
+                checked_input=True,
+                quiet=outer.quiet,
+            )
             with _blame(where(i), layer.name, "forward"), at_site(child):
                 z, layer_residuals = layer.forward(layer_params, z)
             residuals.append(layer_residuals)
@@ -133,8 +137,7 @@ def residual(block: Layer) -> Layer:
         grads, sq, dz = block.book.moments(params, residuals, v)
         return grads, sq, v + dz
 
-    return _layer(name, init, forward, backward,
-                  BookKeeping(norms, block.book.clipped, moments))
+    return _layer(name, init, forward, backward, BookKeeping(norms, block.book.clipped, moments))
 
 
 def remat(layer: Layer) -> Layer:
@@ -207,30 +210,41 @@ def _blame(where: str, name: str, stage: str):
 
 def _check_init(where: str, name: str, input_shape: tuple, out) -> tuple:
     """A child's init result must be (output_shape, params), the shape a tuple of ints."""
-    if (not isinstance(out, (tuple, list)) or len(out) != 2
-            or not isinstance(out[0], (tuple, list))
-            or not all(isinstance(d, int) and d >= 0 for d in out[0])):
-        got = (f"a pair whose first entry is {out[0]!r}"
-               if isinstance(out, (tuple, list)) and len(out) == 2
-               else f"{type(out).__name__} of length {len(out)}"
-               if isinstance(out, (tuple, list)) else type(out).__name__)
+    if (
+        not isinstance(out, (tuple, list))
+        or len(out) != 2
+        or not isinstance(out[0], (tuple, list))
+        or not all(isinstance(d, int) and d >= 0 for d in out[0])
+    ):
+        got = (
+            f"a pair whose first entry is {out[0]!r}"
+            if isinstance(out, (tuple, list)) and len(out) == 2
+            else f"{type(out).__name__} of length {len(out)}"
+            if isinstance(out, (tuple, list))
+            else type(out).__name__
+        )
         raise TypeError(
             f"{where} {name}: init(key, {tuple(input_shape)}, dtype) must return "
             f"(output_shape, params) with output_shape a tuple of ints (one example, no batch "
-            f"axis), got {got}; see fnbp.make_layer")
+            f"axis), got {got}; see fnbp.make_layer"
+        )
     return tuple(out[0]), out[1]
 
 
 def _check_backward(where: str, name: str, params, out) -> tuple:
     """A child's backward result must be (dparams, dz), dparams shaped like params."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        got = (f"a tuple of {len(out)} values" if isinstance(out, (tuple, list))
-               else type(out).__name__)
+        got = (
+            f"a tuple of {len(out)} values"
+            if isinstance(out, (tuple, list))
+            else type(out).__name__
+        )
         raise TypeError(
             f"{where} {name}: backward must return the pair (dparams, dz), got {got}. A rule's "
             f"bwd returns one cotangent per argument (fnbp.rules.relu_bwd(res, v) -> (dz,)); "
             f"a Layer's backward returns (dparams, dz), e.g. `return (), relu_bwd(res, v)[0]` "
-            f"for a layer without params; see fnbp.make_layer")
+            f"for a layer without params; see fnbp.make_layer"
+        )
     dparams, dz = out
     want = jax.tree_util.tree_structure(params)
     got = jax.tree_util.tree_structure(dparams)
@@ -238,9 +252,11 @@ def _check_backward(where: str, name: str, params, out) -> tuple:
         raise TypeError(
             f"{where} {name}: backward returned dparams with structure {got}, but the params "
             f"have structure {want}; return (dparams, dz) with dparams shaped like params "
-            f"(() for a layer without params)")
+            f"(() for a layer without params)"
+        )
     if not hasattr(dz, "shape") or not hasattr(dz, "dtype"):
         raise TypeError(
             f"{where} {name}: backward returned dz of type {type(dz).__name__}; return "
-            f"(dparams, dz) with dz the cotangent of the layer's input, an array")
+            f"(dparams, dz) with dz the cotangent of the layer's input, an array"
+        )
     return dparams, dz

@@ -70,7 +70,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,8 @@ class MissingRuleError(NotImplementedError):
         self.layer, self.hook = layer, hook
         super().__init__(
             f"{layer}: this layer has parameters but no {hook} rule; give it one with "
-            f"fnbp.make_layer(name, init, forward, backward, {hook}=...) (see make_layer)")
+            f"fnbp.make_layer(name, init, forward, backward, {hook}=...) (see make_layer)"
+        )
 
 
 class BookKeeping(NamedTuple):
@@ -257,17 +259,29 @@ def make_layer(
         ``backward`` not callable, a hook given that is not callable.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"make_layer: name must be a non-empty str (shown in errors), got "
-                        f"{name!r}")
-    for arg, value in (("init", init), ("forward", forward), ("backward", backward),
-                       ("sq_norms", sq_norms), ("sq_grads", sq_grads), ("grads", grads),
-                       ("moments", moments)):
-        if not callable(value) and (value is not None or arg in ("init", "forward",
-                                                                   "backward")):
-            raise TypeError(f"make_layer: {arg} must be a function (see fnbp.make_layer for "
-                            f"its signature), got {type(value).__name__}")
-    return _layer(name, init, forward, backward,
-                  _leaf_book(name, backward, sq_norms, sq_grads, grads, moments), leaf=True)
+        raise TypeError(f"make_layer: name must be a non-empty str (shown in errors), got {name!r}")
+    for arg, value in (
+        ("init", init),
+        ("forward", forward),
+        ("backward", backward),
+        ("sq_norms", sq_norms),
+        ("sq_grads", sq_grads),
+        ("grads", grads),
+        ("moments", moments),
+    ):
+        if not callable(value) and (value is not None or arg in ("init", "forward", "backward")):
+            raise TypeError(
+                f"make_layer: {arg} must be a function (see fnbp.make_layer for "
+                f"its signature), got {type(value).__name__}"
+            )
+    return _layer(
+        name,
+        init,
+        forward,
+        backward,
+        _leaf_book(name, backward, sq_norms, sq_grads, grads, moments),
+        leaf=True,
+    )
 
 
 def _layer(name, init, forward, backward, book: BookKeeping, *, leaf: bool = False) -> Layer:
@@ -287,8 +301,16 @@ def _layer(name, init, forward, backward, book: BookKeeping, *, leaf: bool = Fal
     def sq_grads(params, residuals, v):
         return book.moments(params, residuals, v)[1]
 
-    return Layer(name, init, forward, backward, _make_apply(name, forward, backward),
-                 sq_norms, sq_grads, book)
+    return Layer(
+        name,
+        init,
+        forward,
+        backward,
+        _make_apply(name, forward, backward),
+        sq_norms,
+        sq_grads,
+        book,
+    )
 
 
 # --- where a layer sits: the checks of init and of checked mode --------------------------
@@ -314,8 +336,7 @@ class Site(NamedTuple):
 TOP = Site("", "params")
 """The site of a model called by the user: its input is the model's input x."""
 
-_SITE: contextvars.ContextVar[Site | None] = contextvars.ContextVar("fnbp_layer_site",
-                                                                     default=None)
+_SITE: contextvars.ContextVar[Site | None] = contextvars.ContextVar("fnbp_layer_site", default=None)
 
 
 def site() -> Site | None:
@@ -338,15 +359,21 @@ def quiet(where: Site | None) -> Site:
     return (where or TOP)._replace(quiet=True)
 
 
-_INPUT_FIX = ("clean the input or find where the non-finite values come from "
-              "(jax.config.update('jax_debug_nans', True))")
-_PARAMS_FIX = ("the parameters were not finite before this call: a training step that "
-               "diverged (lower the learning rate, clip the gradients), an init or a "
-               "checkpoint that holds them; find the step that made them")
-_OUTPUT_FIX = ("its input and parameters are finite, so the layer itself made it (an "
-               "overflow of its dtype, a 0/0); compute in a wider dtype (fnbp.Precision) or "
-               "scale the input, and find the operation with "
-               "jax.config.update('jax_debug_nans', True)")
+_INPUT_FIX = (
+    "clean the input or find where the non-finite values come from "
+    "(jax.config.update('jax_debug_nans', True))"
+)
+_PARAMS_FIX = (
+    "the parameters were not finite before this call: a training step that "
+    "diverged (lower the learning rate, clip the gradients), an init or a "
+    "checkpoint that holds them; find the step that made them"
+)
+_OUTPUT_FIX = (
+    "its input and parameters are finite, so the layer itself made it (an "
+    "overflow of its dtype, a 0/0); compute in a wider dtype (fnbp.Precision) or "
+    "scale the input, and find the operation with "
+    "jax.config.update('jax_debug_nans', True)"
+)
 
 
 def check_input(name: str, x: Any) -> None:
@@ -381,8 +408,11 @@ def _checked_forward(name: str, forward, leaf: bool):
         if not is_checking() or (where is not None and where.quiet):
             if not leaf:
                 return forward(params, z)
-            with at_site(Site(f"{(where or TOP).prefix}{name} ", None,
-                              quiet=where is not None and where.quiet)):
+            with at_site(
+                Site(
+                    f"{(where or TOP).prefix}{name} ", None, quiet=where is not None and where.quiet
+                )
+            ):
                 return forward(params, z)
         at = where or TOP
         place = at.prefix + name
@@ -394,16 +424,26 @@ def _checked_forward(name: str, forward, leaf: bool):
             base = at.path or "params"
             for key_path, value in jax.tree_util.tree_leaves_with_path(params):
                 if hasattr(value, "dtype") or isinstance(value, (int, float, complex)):
-                    check_finite(place, base + jax.tree_util.keystr(key_path), value,
-                                 fix=_PARAMS_FIX, locate=True)
+                    check_finite(
+                        place,
+                        base + jax.tree_util.keystr(key_path),
+                        value,
+                        fix=_PARAMS_FIX,
+                        locate=True,
+                    )
             with at_site(Site(place + " ", None)):
                 u, residuals = forward(params, z)
         else:
             u, residuals = forward(params, z)
         for key_path, value in jax.tree_util.tree_leaves_with_path(u):
             if hasattr(value, "dtype"):
-                check_finite(place, "its output" + jax.tree_util.keystr(key_path), value,
-                             fix=_OUTPUT_FIX, locate=True)
+                check_finite(
+                    place,
+                    "its output" + jax.tree_util.keystr(key_path),
+                    value,
+                    fix=_OUTPUT_FIX,
+                    locate=True,
+                )
         return u, residuals
 
     return checked_forward
@@ -436,8 +476,7 @@ def has_params(params: Params) -> bool:
     return bool(jax.tree_util.tree_leaves(params))
 
 
-def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
-               ) -> BookKeeping:
+def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None) -> BookKeeping:
     """The Book-Keeping passes of a layer from its backward and its hooks.
 
     The tape of a leaf layer is ``(residuals, v, g)``, g the per-leaf list of
@@ -450,23 +489,27 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
             return params, backward(params, residuals, v)[1], None
         if sq_norms is None:
             raise MissingRuleError(name, "sq_norms")
-        g = _per_leaf(name, "grads", grads, params, residuals, v,
-                      lambda p: (v.shape[0],) + jnp.shape(p))
+        g = _per_leaf(
+            name, "grads", grads, params, residuals, v, lambda p: (v.shape[0],) + jnp.shape(p)
+        )
         if g is not None and all(g_p is not None for g_p in g):
             # Every leaf's g_i are handed over: the norms come from them alone.
             sq_leaves, dz = [None] * len(g), backward(params, residuals, v)[1]
         else:
             out = sq_norms(params, residuals, v)
             if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise TypeError(f"{name}: sq_norms must return the pair (sq, dz), got "
-                                f"{type(out).__name__}; see fnbp.make_layer")
+                raise TypeError(
+                    f"{name}: sq_norms must return the pair (sq, dz), got "
+                    f"{type(out).__name__}; see fnbp.make_layer"
+                )
             sq, dz = out
             _check_per_leaf(name, "sq_norms", params, sq, lambda p: (v.shape[0],))
             if g is None:
                 return sq, dz, (residuals, v, None)
             sq_leaves = jax.tree_util.tree_leaves(sq)
         sq = jax.tree_util.tree_structure(params).unflatten(
-            [q if g_p is None else _squares(g_p)[0] for q, g_p in zip(sq_leaves, g)])
+            [q if g_p is None else _squares(g_p)[0] for q, g_p in zip(sq_leaves, g)]
+        )
         return sq, dz, (residuals, v, g)
 
     def clipped(params, tape, scales):
@@ -477,12 +520,19 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
             return scaled_backward(backward, params, residuals, v, scales)
         p_leaves, treedef = jax.tree_util.tree_flatten(params)
         s_leaves = jax.tree_util.tree_leaves(scales)
-        rest = (jax.tree_util.tree_leaves(scaled_backward(backward, params, residuals, v, scales))
-                if any(g_p is None for g_p in g) else None)
-        return treedef.unflatten([
-            rest[i] if g_p is None
-            else _example_sum(g_p, s.astype(g_p.dtype)).astype(jnp.result_type(p))
-            for i, (p, s, g_p) in enumerate(zip(p_leaves, s_leaves, g))])
+        rest = (
+            jax.tree_util.tree_leaves(scaled_backward(backward, params, residuals, v, scales))
+            if any(g_p is None for g_p in g)
+            else None
+        )
+        return treedef.unflatten(
+            [
+                rest[i]
+                if g_p is None
+                else _example_sum(g_p, s.astype(g_p.dtype)).astype(jnp.result_type(p))
+                for i, (p, s, g_p) in enumerate(zip(p_leaves, s_leaves, g))
+            ]
+        )
 
     def moments_pass(params, residuals, v):
         dparams, dz = backward(params, residuals, v)
@@ -502,37 +552,46 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
             sq_leaves = jax.tree_util.tree_leaves(sq)
         d_leaves, treedef = jax.tree_util.tree_flatten(dparams)
         sq = treedef.unflatten([q if m_p is None else m_p[1] for q, m_p in zip(sq_leaves, m)])
-        dparams = treedef.unflatten([d if m_p is None else m_p[0].astype(d.dtype)
-                                     for d, m_p in zip(d_leaves, m)])
+        dparams = treedef.unflatten(
+            [d if m_p is None else m_p[0].astype(d.dtype) for d, m_p in zip(d_leaves, m)]
+        )
         return dparams, sq, dz
 
     return BookKeeping(norms, clipped, moments_pass)
 
 
-def _per_leaf(name: str, hook: str, fn, params, residuals, v, shape_of, pairs: bool = False
-              ) -> list | None:
+def _per_leaf(
+    name: str, hook: str, fn, params, residuals, v, shape_of, pairs: bool = False
+) -> list | None:
     """The ``grads``/``moments`` hook's result as one entry per leaf of params (or None)."""
     if fn is None:
         return None
     out = fn(params, residuals, v)
     treedef = jax.tree_util.tree_structure(params)
-    what = ("a pair (sum_i g_i, sum_i g_i * g_i) shaped like the leaf" if pairs
-            else "the (n, *leaf.shape) per-example gradients")
+    what = (
+        "a pair (sum_i g_i, sum_i g_i * g_i) shaped like the leaf"
+        if pairs
+        else "the (n, *leaf.shape) per-example gradients"
+    )
     try:
         entries = treedef.flatten_up_to(out)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: {hook} returned {type(out).__name__} {out!r:.80}, but the "
-                        f"params have structure {treedef}; return a pytree like params with "
-                        f"{what} or None per leaf (see fnbp.make_layer)") from None
+        raise TypeError(
+            f"{name}: {hook} returned {type(out).__name__} {out!r:.80}, but the "
+            f"params have structure {treedef}; return a pytree like params with "
+            f"{what} or None per leaf (see fnbp.make_layer)"
+        ) from None
     for p, entry in zip(jax.tree_util.tree_leaves(params), entries):
         parts = entry if pairs and isinstance(entry, (tuple, list)) else (entry,)
         if entry is None:
             continue
         if (pairs and len(parts) != 2) or any(jnp.shape(e) != tuple(shape_of(p)) for e in parts):
-            raise TypeError(f"{name}: {hook} returned {what.split(' shaped')[0]} of shapes "
-                            f"{[jnp.shape(e) for e in parts]} for a parameter of shape "
-                            f"{jnp.shape(p)}; expected {what} ({tuple(shape_of(p))}) or None "
-                            f"(see fnbp.make_layer)")
+            raise TypeError(
+                f"{name}: {hook} returned {what.split(' shaped')[0]} of shapes "
+                f"{[jnp.shape(e) for e in parts]} for a parameter of shape "
+                f"{jnp.shape(p)}; expected {what} ({tuple(shape_of(p))}) or None "
+                f"(see fnbp.make_layer)"
+            )
     return entries
 
 
@@ -540,16 +599,23 @@ def _check_per_leaf(name: str, hook: str, params, sq, shape_of) -> None:
     """A hook's result must be a pytree like params with one array of the stated shape per leaf."""
     want = jax.tree_util.tree_structure(params)
     got = jax.tree_util.tree_structure(sq)
-    what = ("one (n,) array of per-example squared norms" if hook == "sq_norms"
-            else "one array shaped like the leaf")
+    what = (
+        "one (n,) array of per-example squared norms"
+        if hook == "sq_norms"
+        else "one array shaped like the leaf"
+    )
     if want != got:
-        raise TypeError(f"{name}: {hook} returned {got}, but the params have structure {want}; "
-                        f"return a pytree like params with {what} per leaf (see fnbp.make_layer)")
+        raise TypeError(
+            f"{name}: {hook} returned {got}, but the params have structure {want}; "
+            f"return a pytree like params with {what} per leaf (see fnbp.make_layer)"
+        )
     for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sq)):
         if jnp.shape(s) != tuple(shape_of(p)):
-            raise TypeError(f"{name}: {hook} returned a leaf of shape {jnp.shape(s)} for a "
-                            f"parameter of shape {jnp.shape(p)}; expected {tuple(shape_of(p))}, "
-                            f"{what} (see fnbp.make_layer)")
+            raise TypeError(
+                f"{name}: {hook} returned a leaf of shape {jnp.shape(s)} for a "
+                f"parameter of shape {jnp.shape(p)}; expected {tuple(shape_of(p))}, "
+                f"{what} (see fnbp.make_layer)"
+            )
 
 
 def scaled_backward(backward, params, residuals, v, scales) -> Params:
@@ -584,6 +650,7 @@ def scaled_backward(backward, params, residuals, v, scales) -> Params:
 def _no_params(key, input_shape, dtype=jnp.float32):
     del key, dtype
     return tuple(input_shape), ()
+
 
 @jax.tree_util.register_static
 class _StaticShape:
@@ -641,12 +708,16 @@ def layer_from_rule(
     """
     for arg, value in (("f_fwd", f_fwd), ("f_bwd", f_bwd)):
         if not callable(value):
-            raise TypeError(f"layer_from_rule: {arg} must be the rule's {arg[2:]} function "
-                            f"(as passed to f.defvjp), got {type(value).__name__}")
+            raise TypeError(
+                f"layer_from_rule: {arg} must be the rule's {arg[2:]} function "
+                f"(as passed to f.defvjp), got {type(value).__name__}"
+            )
     if init is not None and not callable(init):
-        raise TypeError(f"layer_from_rule: init must be a function "
-                        f"init(key, input_shape, dtype) -> (output_shape, params), got "
-                        f"{type(init).__name__}; pass init=None for a parameter-free rule")
+        raise TypeError(
+            f"layer_from_rule: init must be a function "
+            f"init(key, input_shape, dtype) -> (output_shape, params), got "
+            f"{type(init).__name__}; pass init=None for a parameter-free rule"
+        )
     name = name or getattr(f, "__name__", None) or "rule"
 
     def init_fn(key, input_shape, dtype=jnp.float32):
@@ -654,9 +725,11 @@ def layer_from_rule(
             return _no_params(key, input_shape, dtype)
         output_shape, params = init(key, input_shape, dtype)
         if not isinstance(params, tuple):
-            raise TypeError(f"{name}: init must return (output_shape, params) with params the "
-                            f"tuple (p_1, ..., p_k) of f's arguments after z; got params of "
-                            f"type {type(params).__name__}")
+            raise TypeError(
+                f"{name}: init must return (output_shape, params) with params the "
+                f"tuple (p_1, ..., p_k) of f's arguments after z; got params of "
+                f"type {type(params).__name__}"
+            )
         return tuple(output_shape), params
 
     def forward(params, z):
@@ -666,10 +739,15 @@ def layer_from_rule(
         cotangents = f_bwd(residuals, v)
         expected = 1 + len(params)
         if not isinstance(cotangents, (tuple, list)) or len(cotangents) != expected:
-            got = (f"{len(cotangents)} values" if isinstance(cotangents, (tuple, list))
-                   else f"a {type(cotangents).__name__}")
-            raise TypeError(f"{name}: f_bwd must return a tuple of {expected} cotangents, one "
-                            f"per argument of f (z and {len(params)} params), got {got}")
+            got = (
+                f"{len(cotangents)} values"
+                if isinstance(cotangents, (tuple, list))
+                else f"a {type(cotangents).__name__}"
+            )
+            raise TypeError(
+                f"{name}: f_bwd must return a tuple of {expected} cotangents, one "
+                f"per argument of f (z and {len(params)} params), got {got}"
+            )
         return tuple(cotangents[1:]), cotangents[0]
 
     return make_layer(name, init_fn, forward, backward)

@@ -3,7 +3,8 @@ normalization and Flatten (see :mod:`fnbp.nn.layer` for the Layer record)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,6 @@ from fnbp.nn import _args
 from fnbp.nn.layer import Layer, Params, _no_params, _StaticShape, make_layer
 from fnbp.rules import conv, linear, normalization, pooling, registry
 
-
 # --- parameter-free layers: the activations -------------------------------------
 
 
@@ -21,7 +21,7 @@ def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
     """A layer for an element-wise rule u = sigma(z): B[sigma, z](v) = sigma'(z) (.) v."""
 
     def forward(params, z):
-        _args.float_input(name, "z", z)   # as the rule's public function refuses it
+        _args.float_input(name, "z", z)  # as the rule's public function refuses it
         return fwd(z)
 
     def backward(params, residuals, v):
@@ -49,8 +49,10 @@ def rule_layer(name: str, **settings: Any) -> Layer:
         (the rule's own message, prefixed by the layer's constructor name).
     """
     if not isinstance(name, str):
-        raise ValueError(f"activation must be one of {sorted(_layer_rules())}, the matching "
-                         f"fnbp function (e.g. fnbp.relu) or a Layer; got {name!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(_layer_rules())}, the matching "
+            f"fnbp function (e.g. fnbp.relu) or a Layer; got {name!r}"
+        )
     rule = _layer_rules().get(name)
     if rule is not None:  # the same layer with or without its default settings spelled out
         settings = {**rule.layer.settings, **settings}
@@ -63,15 +65,18 @@ def rule_layer(name: str, **settings: Any) -> Layer:
 def _make_rule_layer(name: str, **settings: Any) -> Layer:
     rules = _layer_rules()
     if name not in rules:
-        raise ValueError(f"activation must be one of {sorted(rules)}, the matching fnbp "
-                         f"function (e.g. fnbp.relu) or a Layer; got {name!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(rules)}, the matching fnbp "
+            f"function (e.g. fnbp.relu) or a Layer; got {name!r}"
+        )
     rule = rules[name]
     spec = rule.layer
     factory = spec.factory or name
     unknown = sorted(set(settings) - set(spec.settings))
     if unknown:
-        raise ValueError(f"{factory}: unknown settings {unknown}; it takes "
-                         f"{sorted(spec.settings) or 'none'}")
+        raise ValueError(
+            f"{factory}: unknown settings {unknown}; it takes {sorted(spec.settings) or 'none'}"
+        )
     values = {**spec.settings, **settings}
     static = {k: v for k, v in values.items() if k not in spec.arrays}
 
@@ -80,13 +85,17 @@ def _make_rule_layer(name: str, **settings: Any) -> Layer:
 
     try:  # the rule's own validation of the settings, once, at construction
         concrete = [jnp.asarray(values[k], jnp.float32) for k in spec.arrays]
-        jax.eval_shape(lambda z: rule.function(z, *concrete, **static),
-                       jax.ShapeDtypeStruct((1,), jnp.float32))
+        jax.eval_shape(
+            lambda z: rule.function(z, *concrete, **static), jax.ShapeDtypeStruct((1,), jnp.float32)
+        )
     except (TypeError, ValueError) as err:
         raise type(err)(f"{factory}: {err}") from None
     label = name + (f"({', '.join(f'{k}={v}' for k, v in values.items())})" if values else "")
-    return _elementwise_layer(label, lambda z: rule.fwd(z, *arrays(z), **static),
-                              lambda res, v: rule.bwd(res, v, **static))
+    return _elementwise_layer(
+        label,
+        lambda z: rule.fwd(z, *arrays(z), **static),
+        lambda res, v: rule.bwd(res, v, **static),
+    )
 
 
 def _layer_rules() -> dict:
@@ -177,7 +186,8 @@ def _init_family(caller: str, layer: Layer, init: str | None = None) -> str:
         f"{caller}: the activation {layer.name!r} is not a declared rule's layer, so its "
         f"initialization family is unknown; pass init='he' (ReLU-like: variance 2/fan_in), "
         f"init='glorot' (tanh/sigmoid-like: 2/(fan_in + fan_out)) or init='lecun' "
-        f"(1/fan_in)")
+        f"(1/fan_in)"
+    )
 
 
 def _activation_name(layer: Layer) -> str:
@@ -187,8 +197,9 @@ def _activation_name(layer: Layer) -> str:
 # --- per-example hooks of the rules, per parameter leaf ------------------------------
 
 
-def _per_example_hooks(rule: str, names: tuple, backward: Callable, **settings: Any
-                       ) -> tuple[Callable | None, ...]:
+def _per_example_hooks(
+    rule: str, names: tuple, backward: Callable, **settings: Any
+) -> tuple[Callable | None, ...]:
     """A layer's ``sq_norms``, ``sq_grads``, ``grads`` and ``moments`` from its rule's hooks.
 
     A rule M(z, p_1, ..., p_k) declares ``hooks["sq_norms"](res, v, **settings)``
@@ -207,14 +218,14 @@ def _per_example_hooks(rule: str, names: tuple, backward: Callable, **settings: 
     hooks = registry()[rule].hooks
 
     def as_params(params, values):
-        return {name: value for name, value in zip(names, values)
-                if name is not None and name in params}
+        return {
+            name: value for name, value in zip(names, values) if name is not None and name in params
+        }
 
     def per_leaf(hook):
         if hook not in hooks:
             return None
-        return lambda params, residuals, v: as_params(params,
-                                                      hooks[hook](residuals, v, **settings))
+        return lambda params, residuals, v: as_params(params, hooks[hook](residuals, v, **settings))
 
     sq_norms = None
     if "sq_norms" in hooks:
@@ -236,8 +247,9 @@ def _normal_init(scale: float, mode: str, in_axis, out_axis):
     A plain normal compiles much faster than the truncated one and keeps the
     stated variance exactly.
     """
-    return jax.nn.initializers.variance_scaling(scale, mode, "normal",
-                                                in_axis=in_axis, out_axis=out_axis)
+    return jax.nn.initializers.variance_scaling(
+        scale, mode, "normal", in_axis=in_axis, out_axis=out_axis
+    )
 
 
 def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
@@ -287,8 +299,9 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         dz, dW, db = linear.mm_bwd(residuals, v)
         return ({"W": dW, "b": db} if bias else {"W": dW}), dz
 
-    return make_layer(name, init_fn, forward, backward,
-                      *_per_example_hooks("mm", ("W", "b"), backward))
+    return make_layer(
+        name, init_fn, forward, backward, *_per_example_hooks("mm", ("W", "b"), backward)
+    )
 
 
 def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int) -> None:
@@ -304,9 +317,10 @@ def _check_linear_params(name: str, params: Params, z: Array, bias: bool, n: int
         raise ValueError(
             f"{name}: params have W.shape={jnp.shape(W)}"
             + (f", b.shape={jnp.shape(params['b'])}" if bias else "")
-            + f"; expected W of shape ({n}, m)" + (f" and b of shape ({n},)" if bias else "")
+            + f"; expected W of shape ({n}, m)"
+            + (f" and b of shape ({n},)" if bias else "")
         )
-    _args.float_input(name, "z", z)   # as fnbp.mm refuses it
+    _args.float_input(name, "z", z)  # as fnbp.mm refuses it
     if jnp.ndim(z) < 1 or z.shape[-1] != W.shape[1]:
         raise ValueError(
             f"{name}: input has shape {jnp.shape(z)} but W.shape={W.shape} expects "
@@ -323,14 +337,14 @@ def Flatten(ndim: int) -> Layer:
         if len(input_shape) < ndim:
             raise ValueError(f"{name}: input shape {tuple(input_shape)} has fewer than {ndim} axes")
         size = 1
-        for s in input_shape[len(input_shape) - ndim:]:
+        for s in input_shape[len(input_shape) - ndim :]:
             size *= s
         return tuple(input_shape[: len(input_shape) - ndim]) + (size,), ()
 
     def forward(params, z):
         if z.ndim < ndim:
             raise ValueError(f"{name}: input of shape {z.shape} has fewer than {ndim} axes")
-        example_shape = _StaticShape(z.shape[z.ndim - ndim:])
+        example_shape = _StaticShape(z.shape[z.ndim - ndim :])
         return z.reshape(z.shape[: z.ndim - ndim] + (-1,)), example_shape
 
     def backward(params, example_shape, v):
@@ -342,23 +356,24 @@ def Flatten(ndim: int) -> Layer:
 # --- structured layers: convolution, pooling, normalization -------------------------
 
 
-def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, bias: bool
-                ) -> Layer:
+def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, bias: bool) -> Layer:
     fwd, bwd = (conv.conv1d_fwd, conv.conv1d_bwd) if n == 1 else (conv.conv2d_fwd, conv.conv2d_bwd)
     check = conv.conv1d if n == 1 else conv.conv2d
     factory = f"Conv{n}D"
     channels = _args.positive_int(factory, "channels", channels, "the number of output channels")
-    kernel = _args.positive_ints(factory, "kernel_size", kernel_size, n,
-                                 "the filter's size along each spatial axis")
+    kernel = _args.positive_ints(
+        factory, "kernel_size", kernel_size, n, "the filter's size along each spatial axis"
+    )
     _args.positive_ints(factory, "stride", stride, n)
     dilated = _args.positive_ints(factory, "dilation", dilation, n)
     bias = _args.flag(factory, "bias", bias)
     spatial = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilated))
     try:  # the rule's own checks of the settings (padding, ...), once, on an input that fits
-        jax.eval_shape(lambda z, w: check(z, w, stride=stride, padding=padding,
-                                          dilation=dilation),
-                       jax.ShapeDtypeStruct(spatial + (1,), jnp.float32),
-                       jax.ShapeDtypeStruct(kernel + (1, channels), jnp.float32))
+        jax.eval_shape(
+            lambda z, w: check(z, w, stride=stride, padding=padding, dilation=dilation),
+            jax.ShapeDtypeStruct(spatial + (1,), jnp.float32),
+            jax.ShapeDtypeStruct(kernel + (1, channels), jnp.float32),
+        )
     except (TypeError, ValueError) as err:
         raise type(err)(f"{factory}: {err}") from None
     name = f"conv{n}d({channels}, {kernel_size})"
@@ -367,35 +382,52 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
 
     def init(key, input_shape, dtype=jnp.float32):
         if len(input_shape) < n + 1:
-            raise ValueError(f"{name}: needs per-example inputs of shape "
-                             f"({'m, ' if n == 1 else 'H, W, '}C), got {tuple(input_shape)}")
+            raise ValueError(
+                f"{name}: needs per-example inputs of shape "
+                f"({'m, ' if n == 1 else 'H, W, '}C), got {tuple(input_shape)}"
+            )
         w = initializer(key, kernel + (input_shape[-1], channels), dtype)
         params = {"w": w, "b": jnp.zeros((channels,), dtype)} if bias else {"w": w}
         output_shape = jax.eval_shape(
-            lambda z: check(z, w, params.get("b"), stride=stride, padding=padding,
-                            dilation=dilation),
-            jax.ShapeDtypeStruct(tuple(input_shape), dtype)).shape
+            lambda z: check(
+                z, w, params.get("b"), stride=stride, padding=padding, dilation=dilation
+            ),
+            jax.ShapeDtypeStruct(tuple(input_shape), dtype),
+        ).shape
         return output_shape, params
 
     def forward(params, z):
         # The public rule validates shapes and settings at trace time (its
         # messages name the argument); the stored forward follows.
-        jax.eval_shape(lambda z, p: check(z, p["w"], p.get("b"), stride=stride,
-                                          padding=padding, dilation=dilation), z, params)
-        return fwd(z, params["w"], params.get("b"), stride=stride, padding=padding,
-                   dilation=dilation)
+        jax.eval_shape(
+            lambda z, p: check(
+                z, p["w"], p.get("b"), stride=stride, padding=padding, dilation=dilation
+            ),
+            z,
+            params,
+        )
+        return fwd(
+            z, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation
+        )
 
     def backward(params, residuals, v):
         dz, dw, db = bwd(residuals, v, stride=stride, padding=padding, dilation=dilation)
         return ({"w": dw, "b": db} if bias else {"w": dw}), dz
 
-    return make_layer(name, init, forward, backward,
-                      *_per_example_hooks(f"conv{n}d", ("w", "b"), backward, stride=stride,
-                                          padding=padding, dilation=dilation))
+    return make_layer(
+        name,
+        init,
+        forward,
+        backward,
+        *_per_example_hooks(
+            f"conv{n}d", ("w", "b"), backward, stride=stride, padding=padding, dilation=dilation
+        ),
+    )
 
 
-def Conv1D(channels: int, kernel_size: int, *, stride=1, padding="same", dilation=1,
-           bias: bool = True) -> Layer:
+def Conv1D(
+    channels: int, kernel_size: int, *, stride=1, padding="same", dilation=1, bias: bool = True
+) -> Layer:
     """Conv1D as a layer (eqs. 7.48-7.50): params ``{"w": (k, C, C2), "b": (C2,)}``.
 
     Inputs are (..., m, C), channels last; settings as :func:`fnbp.conv1d`.
@@ -410,8 +442,9 @@ def Conv1D(channels: int, kernel_size: int, *, stride=1, padding="same", dilatio
     return _conv_layer(1, channels, kernel_size, stride, padding, dilation, bias)
 
 
-def Conv2D(channels: int, kernel_size, *, stride=1, padding="same", dilation=1,
-           bias: bool = True) -> Layer:
+def Conv2D(
+    channels: int, kernel_size, *, stride=1, padding="same", dilation=1, bias: bool = True
+) -> Layer:
     """Conv2D as a layer (eq. 7.51): params ``{"w": (kh, kw, C, C2), "b": (C2,)}``.
 
     Inputs are (..., H, W, C), channels last; settings as :func:`fnbp.conv2d`.
@@ -434,18 +467,26 @@ def _pool_layer(kind: str, window, stride) -> Layer:
     }[kind]
     factory = {"max": "MaxPool", "avg": "AvgPool"}[kind]
     if not (_args.is_int(window) or isinstance(window, (tuple, list)) and len(window) in (1, 2)):
-        raise ValueError(f"{factory}: window must be a positive int (1-D pooling) or a tuple of "
-                         f"1 or 2 positive ints (1-D or 2-D pooling), got {window!r}")
+        raise ValueError(
+            f"{factory}: window must be a positive int (1-D pooling) or a tuple of "
+            f"1 or 2 positive ints (1-D or 2-D pooling), got {window!r}"
+        )
     axes = 1 if _args.is_int(window) else len(window)
     _args.positive_ints(factory, "window", window, axes)
     if stride is not None:
-        _args.positive_ints(factory, "stride", stride, axes,
-                            "the step between windows: None for non-overlapping ones")
+        _args.positive_ints(
+            factory,
+            "stride",
+            stride,
+            axes,
+            "the step between windows: None for non-overlapping ones",
+        )
     name = f"{kind}_pool({window})"
 
     def init(key, input_shape, dtype=jnp.float32):
-        shape = jax.eval_shape(lambda z: check(z, window, stride),
-                               jax.ShapeDtypeStruct(tuple(input_shape), dtype)).shape
+        shape = jax.eval_shape(
+            lambda z: check(z, window, stride), jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+        ).shape
         return shape, ()
 
     def forward(params, z):
@@ -487,15 +528,19 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
       ValueError: ``eps`` not a finite number >= 0.
       TypeError: ``eps`` not a number, ``per_feature`` not a bool.
     """
-    eps = _args.non_negative_float("LayerNorm", "eps", eps,
-                                   "added to the variance: 0 for the notes' exact form")
+    eps = _args.non_negative_float(
+        "LayerNorm", "eps", eps, "added to the variance: 0 for the notes' exact form"
+    )
     per_feature = _args.flag("LayerNorm", "per_feature", per_feature)
     name = f"layer_norm(eps={eps})"
 
     def init(key, input_shape, dtype=jnp.float32):
         _normalized_axis(name, input_shape)
         shape = (input_shape[-1],) if per_feature else ()
-        return tuple(input_shape), {"gamma": jnp.ones(shape, dtype), "beta": jnp.zeros(shape, dtype)}
+        return tuple(input_shape), {
+            "gamma": jnp.ones(shape, dtype),
+            "beta": jnp.zeros(shape, dtype),
+        }
 
     def forward(params, z):
         gamma, beta = params["gamma"], params["beta"]
@@ -507,8 +552,13 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
         dz, dgamma, dbeta, _ = normalization.layer_norm_bwd(residuals, v)
         return {"gamma": dgamma, "beta": dbeta}, dz
 
-    return make_layer(name, init, forward, backward,
-                      *_per_example_hooks("layer_norm", ("gamma", "beta", None), backward))
+    return make_layer(
+        name,
+        init,
+        forward,
+        backward,
+        *_per_example_hooks("layer_norm", ("gamma", "beta", None), backward),
+    )
 
 
 def RMSNorm(eps: float = 1e-6) -> Layer:
@@ -520,8 +570,9 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
       ValueError: ``eps`` not a finite number >= 0.
       TypeError: ``eps`` not a number.
     """
-    eps = _args.non_negative_float("RMSNorm", "eps", eps,
-                                   "added to the mean square: 0 for the exact form")
+    eps = _args.non_negative_float(
+        "RMSNorm", "eps", eps, "added to the mean square: 0 for the exact form"
+    )
     name = f"rms_norm(eps={eps})"
 
     def init(key, input_shape, dtype=jnp.float32):
@@ -537,11 +588,14 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
         dz, dgamma, _ = normalization.rms_norm_bwd(residuals, v)
         return {"gamma": dgamma}, dz
 
-    return make_layer(name, init, forward, backward,
-                      *_per_example_hooks("rms_norm", ("gamma", None), backward))
+    return make_layer(
+        name, init, forward, backward, *_per_example_hooks("rms_norm", ("gamma", None), backward)
+    )
 
 
 def _normalized_axis(name: str, input_shape: tuple) -> None:
     if len(input_shape) < 1:
-        raise ValueError(f"{name}: needs per-example inputs of shape (..., m), the last axis "
-                         f"normalized, got {tuple(input_shape)}")
+        raise ValueError(
+            f"{name}: needs per-example inputs of shape (..., m), the last axis "
+            f"normalized, got {tuple(input_shape)}"
+        )

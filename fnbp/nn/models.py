@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
 from fnbp.nn import _args
 from fnbp.nn.combinators import remat, residual, serial
 from fnbp.nn.layer import Layer, make_layer
-from fnbp.nn.layers import (Conv1D, Conv2D, Flatten, Linear, MaxPool, _init_family,
-                            activation_layer)
+from fnbp.nn.layers import Conv1D, Conv2D, Flatten, Linear, MaxPool, _init_family, activation_layer
 
 
 def mlp(
@@ -47,20 +46,28 @@ def mlp(
       ValueError: ``widths`` not a non-empty list of positive ints,
         ``remat_every`` not an int >= 0, an unknown activation or init.
     """
-    if not isinstance(widths, (list, tuple)) or not widths or not all(
-            _args.is_int(w) and w > 0 for w in widths):
-        raise ValueError(f"mlp: widths must be a non-empty list of positive ints, the output "
-                         f"width of each MM (e.g. [1024, 10]), got {widths!r}")
+    if (
+        not isinstance(widths, (list, tuple))
+        or not widths
+        or not all(_args.is_int(w) and w > 0 for w in widths)
+    ):
+        raise ValueError(
+            f"mlp: widths must be a non-empty list of positive ints, the output "
+            f"width of each MM (e.g. [1024, 10]), got {widths!r}"
+        )
     widths = [int(w) for w in widths]
     sigma = activation_layer(activation)
     init = _init_family("mlp", sigma, init)
     hidden = [serial(Linear(w, init=init), sigma, name=f"hidden({w})") for w in widths[:-1]]
-    remat_every = _args.non_negative_int("mlp", "remat_every", remat_every,
-                                         "the number of (MM, activation) pairs per "
-                                         "rematerialized segment: 0 for none")
+    remat_every = _args.non_negative_int(
+        "mlp",
+        "remat_every",
+        remat_every,
+        "the number of (MM, activation) pairs per rematerialized segment: 0 for none",
+    )
     if remat_every:
         hidden = [
-            remat(serial(*hidden[i:i + remat_every], name="segment"))
+            remat(serial(*hidden[i : i + remat_every], name="segment"))
             for i in range(0, len(hidden), remat_every)
         ]
         return serial(*hidden, Linear(widths[-1], init=init), name="mlp")
@@ -100,12 +107,14 @@ def resnet_s(
     sigma = activation_layer(activation)
     init = _init_family("resnet_s", sigma, init)
     blocks = [
-        residual(serial(Linear(width, init=init), sigma, Linear(width, init=init), sigma,
-                        name="block"))
+        residual(
+            serial(Linear(width, init=init), sigma, Linear(width, init=init), sigma, name="block")
+        )
         for _ in range(depth)
     ]
-    return serial(Linear(width, init=init), *blocks, Linear(num_outputs, init=init),
-                  name="resnet_s")
+    return serial(
+        Linear(width, init=init), *blocks, Linear(num_outputs, init=init), name="resnet_s"
+    )
 
 
 def cnn(
@@ -141,20 +150,31 @@ def cnn(
         ``input_ndim`` not 1, 2 or 3.
     """
     num_classes = _args.positive_int("cnn", "num_classes", num_classes, "the output width")
-    if (not isinstance(channels, (list, tuple)) or not channels
-            or not all(_args.is_int(c) and c > 0 for c in channels)):
-        raise ValueError(f"cnn: channels must be a non-empty list of positive ints, the output "
-                         f"channels of each convolution stage (e.g. (16, 32)), got {channels!r}")
-    kernel_size = _args.positive_int("cnn", "kernel_size", kernel_size,
-                                     "every convolution's kernel size")
+    if (
+        not isinstance(channels, (list, tuple))
+        or not channels
+        or not all(_args.is_int(c) and c > 0 for c in channels)
+    ):
+        raise ValueError(
+            f"cnn: channels must be a non-empty list of positive ints, the output "
+            f"channels of each convolution stage (e.g. (16, 32)), got {channels!r}"
+        )
+    kernel_size = _args.positive_int(
+        "cnn", "kernel_size", kernel_size, "every convolution's kernel size"
+    )
     if kernel_size % 2 == 0:
-        raise ValueError(f"cnn: kernel_size must be odd, got {kernel_size}: the convolutions "
-                         f"pad 'same', which needs an odd kernel; pass {kernel_size + 1}")
-    pool = _args.positive_int("cnn", "pool", pool, "the window and stride of every max "
-                                                   "pooling: 1 for none")
+        raise ValueError(
+            f"cnn: kernel_size must be odd, got {kernel_size}: the convolutions "
+            f"pad 'same', which needs an odd kernel; pass {kernel_size + 1}"
+        )
+    pool = _args.positive_int(
+        "cnn", "pool", pool, "the window and stride of every max pooling: 1 for none"
+    )
     if input_ndim not in (1, 2, 3) or isinstance(input_ndim, bool):
-        raise ValueError(f"cnn: input_ndim must be 3 (images (H, W, C)), 2 (signals (L, C)) "
-                         f"or 1 (signals (L,)), got {input_ndim!r}")
+        raise ValueError(
+            f"cnn: input_ndim must be 3 (images (H, W, C)), 2 (signals (L, C)) "
+            f"or 1 (signals (L,)), got {input_ndim!r}"
+        )
     sigma = activation_layer(activation)
     spatial = 2 if input_ndim == 3 else 1
     conv = Conv2D if spatial == 2 else Conv1D

@@ -10,8 +10,8 @@ Families, in the order of the notes: linear (MM), activations, losses,
 normalization, conv, pooling.
 """
 
+from fnbp.rules import activations, conv, linear, losses, normalization, pooling  # noqa: E402,F401
 from fnbp.rules._rule import Example, LayerSpec, Rule, declare, registry
-from fnbp.rules import linear, activations, losses, normalization, conv, pooling  # noqa: E402,F401
 
 for _rule in registry().values():
     globals()[_rule.fwd.__name__] = _rule.fwd

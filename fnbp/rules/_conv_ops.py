@@ -12,14 +12,16 @@ offset) serve the per-example hooks' patches and the pooling rules
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 from jax import Array
 
-from fnbp.rules._settings import ints_at_least, is_int as _is_int
+from fnbp.rules._settings import ints_at_least
+from fnbp.rules._settings import is_int as _is_int
 
-Padding = Union[str, int, Sequence]
+Padding = str | int | Sequence
 Pairs = tuple[tuple[int, int], ...]
 Ints = tuple[int, ...]
 
@@ -45,9 +47,15 @@ def _per_axis_ints(fn: str, name: str, value, n: int) -> Ints:
     """stride / dilation: one int >= 1 or one per spatial axis."""
     per_axis = "an int" if n == 1 else f"an int or a tuple of {n} ints (one per spatial axis)"
     return ints_at_least(
-        value, n, 1, f"{fn}: {name} must be {per_axis}, got {name}={value!r}",
-        lambda _: f"{fn}: {name} must be >= 1 in every spatial axis, got {name}={value!r}; "
-                  f"use {name}=1 for the notes' convolution")
+        value,
+        n,
+        1,
+        f"{fn}: {name} must be {per_axis}, got {name}={value!r}",
+        lambda _: (
+            f"{fn}: {name} must be >= 1 in every spatial axis, got {name}={value!r}; "
+            f"use {name}=1 for the notes' convolution"
+        ),
+    )
 
 
 def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
@@ -65,14 +73,21 @@ def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
                     f"{k_eff // 2}) for XLA's 'SAME' choice, or use an odd kernel"
                 )
             return ((k_eff - 1) // 2, (k_eff - 1) // 2)
-        raise ValueError(f"{fn}: padding must be 'same', 'valid', an int or a "
-                         f"(low, high) pair, got padding={spec!r}")
+        raise ValueError(
+            f"{fn}: padding must be 'same', 'valid', an int or a "
+            f"(low, high) pair, got padding={spec!r}"
+        )
     return ints_at_least(
-        spec, 2, 0,
+        spec,
+        2,
+        0,
         f"{fn}: padding along {axis} must be 'same', 'valid', an int or a (low, high) pair "
         f"of ints, got {spec!r}",
-        lambda pair: f"{fn}: padding must be >= 0 (zeros added), got {pair} along {axis}; "
-                     f"crop the input instead of padding negatively")
+        lambda pair: (
+            f"{fn}: padding must be >= 0 (zeros added), got {pair} along {axis}; "
+            f"crop the input instead of padding negatively"
+        ),
+    )
 
 
 def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
@@ -86,14 +101,20 @@ def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
     axes = ("the length axis",) if n == 1 else ("H", "W")
     if isinstance(padding, str) or _is_int(padding):
         specs = (padding,) * n
-    elif (n == 1 and isinstance(padding, (tuple, list)) and len(padding) == 2
-          and all(_is_int(x) for x in padding)):
+    elif (
+        n == 1
+        and isinstance(padding, (tuple, list))
+        and len(padding) == 2
+        and all(_is_int(x) for x in padding)
+    ):
         specs = (padding,)
     elif isinstance(padding, (tuple, list)) and len(padding) == n:
         specs = tuple(padding)
     elif n == 1:
-        raise TypeError(f"{fn}: padding must be 'same', 'valid', an int or a (low, high) "
-                        f"pair of ints, got padding={padding!r}")
+        raise TypeError(
+            f"{fn}: padding must be 'same', 'valid', an int or a (low, high) "
+            f"pair of ints, got padding={padding!r}"
+        )
     else:
         raise TypeError(
             f"{fn}: padding must be 'same', 'valid', an int, or {n} per-axis entries "
@@ -102,8 +123,9 @@ def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:
     return tuple(_axis_padding(fn, s, k, a) for s, k, a in zip(specs, k_eff, axes))
 
 
-def _settings(n: int, w_shape: tuple[int, ...], stride, padding, dilation
-              ) -> tuple[Ints, Pairs, Ints]:
+def _settings(
+    n: int, w_shape: tuple[int, ...], stride, padding, dilation
+) -> tuple[Ints, Pairs, Ints]:
     fn = _NAME[n]
     stride = _per_axis_ints(fn, "stride", stride, n)
     dilation = _per_axis_ints(fn, "dilation", dilation, n)
@@ -123,8 +145,11 @@ def _tap(zf: Array, offset: Ints, stride: Ints, out: Ints) -> Array:
     """z[:, s i + j, :] for every output position i: the entries at window offset j."""
     n = len(offset)
     start = (0, *offset, 0)
-    limit = (zf.shape[0], *(j + s * (o - 1) + 1 for j, s, o in zip(offset, stride, out)),
-             zf.shape[-1])
+    limit = (
+        zf.shape[0],
+        *(j + s * (o - 1) + 1 for j, s, o in zip(offset, stride, out)),
+        zf.shape[-1],
+    )
     return jax.lax.slice(zf, start, limit, (1, *stride, 1)) if n else zf
 
 
@@ -133,7 +158,7 @@ def _tap(zf: Array, offset: Ints, stride: Ints, out: Ints) -> Array:
 
 def _flat(z: Array, n: int) -> Array:
     """(..., *spatial, C) -> (N, *spatial, C): leading axes as one example axis."""
-    return z.reshape((-1,) + z.shape[z.ndim - n - 1:])
+    return z.reshape((-1,) + z.shape[z.ndim - n - 1 :])
 
 
 class ConvResiduals(NamedTuple):
@@ -150,12 +175,11 @@ class ConvResiduals(NamedTuple):
 _SETTINGS = ("stride", "padding", "dilation")
 
 
-def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
-             dilation: Ints) -> Array:
+def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs, dilation: Ints) -> Array:
     """B[Conv, z](v) = Q^T v as a convolution of the stride-dilated v with flip(w)."""
     n = w.ndim - 2
-    m = z.shape[z.ndim - n - 1:z.ndim - 1]
-    out = v.shape[1:1 + n]
+    m = z.shape[z.ndim - n - 1 : z.ndim - 1]
+    out = v.shape[1 : 1 + n]
     pads = []
     for i in range(n):
         k_eff = dilation[i] * (w.shape[i] - 1) + 1
@@ -164,23 +188,31 @@ def _conv_dz(z: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
         pads.append((low, high))
     w_flipped = jax.lax.rev(w.astype(v.dtype), tuple(range(n)))
     return jax.lax.conv_general_dilated(
-        v, w_flipped, window_strides=(1,) * n, padding=pads, lhs_dilation=stride,
-        rhs_dilation=dilation, dimension_numbers=_DZ_DN[n],
+        v,
+        w_flipped,
+        window_strides=(1,) * n,
+        padding=pads,
+        lhs_dilation=stride,
+        rhs_dilation=dilation,
+        dimension_numbers=_DZ_DN[n],
     )
 
 
-def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs,
-             dilation: Ints) -> Array:
+def _conv_dw(zf: Array, w: Array, v: Array, stride: Ints, padding: Pairs, dilation: Ints) -> Array:
     """B[Conv, w](v) = sum over examples, positions of zpad[s i + d j] v[i]^T, one conv."""
     n = w.ndim - 2
-    m = zf.shape[1:1 + n]
-    out = v.shape[1:1 + n]
+    m = zf.shape[1 : 1 + n]
+    out = v.shape[1 : 1 + n]
     pads = []
     for i in range(n):
         # Pad so that exactly k kernel taps fit: the high side may crop (negative).
         used = dilation[i] * (w.shape[i] - 1) + stride[i] * (out[i] - 1) + 1
         pads.append((padding[i][0], used - m[i] - padding[i][0]))
     return jax.lax.conv_general_dilated(
-        zf.astype(v.dtype), v, window_strides=dilation, padding=pads,
-        rhs_dilation=stride, dimension_numbers=_DW_DN[n],
+        zf.astype(v.dtype),
+        v,
+        window_strides=dilation,
+        padding=pads,
+        rhs_dilation=stride,
+        dimension_numbers=_DW_DN[n],
     )

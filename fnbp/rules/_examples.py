@@ -40,6 +40,8 @@ def elementwise(key, dtype):
 
 def with_scalar(value):
     """:func:`elementwise` followed by the scalar setting ``value`` in ``dtype``."""
+
     def make(key, dtype):
         return elementwise(key, dtype) + (jnp.asarray(value, dtype),)
+
     return make

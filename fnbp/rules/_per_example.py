@@ -62,7 +62,7 @@ def use_gram(positions: int, params: int) -> bool:
 def as_positions(x: Array, feature_ndim: int) -> Array:
     """(n, ..., *features) -> (n, T, prod(features)) in the accumulation dtype."""
     n = x.shape[0]
-    features = math.prod(x.shape[x.ndim - feature_ndim:])
+    features = math.prod(x.shape[x.ndim - feature_ndim :])
     return x.astype(accumulation_dtype(x)).reshape(n, -1, features)
 
 
@@ -176,8 +176,9 @@ def chunked_sums(fn, xs, numbers: int):
         split = [x[:full].reshape((full // step, step) + x.shape[1:]) for x in xs]
         first = jax.eval_shape(fn, *(x[0] for x in split))
         zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in first)
-        total, _ = jax.lax.scan(lambda carry, chunk: (add(carry, fn(*chunk)), None),
-                                zeros, tuple(split))
+        total, _ = jax.lax.scan(
+            lambda carry, chunk: (add(carry, fn(*chunk)), None), zeros, tuple(split)
+        )
     if full < n:
         total = add(total, fn(*(x[full:] for x in xs)))
     return total

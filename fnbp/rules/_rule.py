@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 
@@ -240,8 +241,7 @@ def _examples(name: str, examples) -> Mapping[str, Example]:
             example = Example(*example)
         out[variant] = example
     if not out or next(iter(out)) != name:
-        raise ValueError(f"declare: {name}'s first example must be named {name!r}, "
-                         f"got {list(out)}")
+        raise ValueError(f"declare: {name}'s first example must be named {name!r}, got {list(out)}")
     return types.MappingProxyType(out)
 
 
@@ -287,24 +287,40 @@ def declare(
     """
     name = function.__name__
     if name in _REGISTRY:
-        raise ValueError(f"declare: a rule named {name!r} is already declared "
-                         f"(in {_REGISTRY[name].function.__module__}); pick another name")
+        raise ValueError(
+            f"declare: a rule named {name!r} is already declared "
+            f"(in {_REGISTRY[name].function.__module__}); pick another name"
+        )
     for role, fn in (("fwd", fwd), ("bwd", bwd)):
         if getattr(fn, "__name__", None) != f"{name}_{role}":
-            raise ValueError(f"declare: {name}'s {role} must be named {name}_{role}, got "
-                             f"{getattr(fn, '__name__', fn)!r}")
+            raise ValueError(
+                f"declare: {name}'s {role} must be named {name}_{role}, got "
+                f"{getattr(fn, '__name__', fn)!r}"
+            )
     if family not in _FAMILIES:
         raise ValueError(f"declare: {name}'s family must be one of {_FAMILIES}, got {family!r}")
     if init not in _INIT_FAMILIES + (None,):
-        raise ValueError(f"declare: {name}'s init must be one of {_INIT_FAMILIES} or None, "
-                         f"got {init!r}")
+        raise ValueError(
+            f"declare: {name}'s init must be one of {_INIT_FAMILIES} or None, got {init!r}"
+        )
     if not kink:
-        raise ValueError(f"declare: {name} needs a kink convention (one sentence; "
-                         f"'none: smooth' for a smooth rule)")
+        raise ValueError(
+            f"declare: {name} needs a kink convention (one sentence; "
+            f"'none: smooth' for a smooth rule)"
+        )
     rule = Rule(
-        name=name, function=function, fwd=fwd, bwd=bwd, apply=custom_vjp(fwd, bwd),
-        reference=reference, examples=_examples(name, examples), equations=tuple(equations),
-        kink=kink, family=family, layer=layer, init=init,
+        name=name,
+        function=function,
+        fwd=fwd,
+        bwd=bwd,
+        apply=custom_vjp(fwd, bwd),
+        reference=reference,
+        examples=_examples(name, examples),
+        equations=tuple(equations),
+        kink=kink,
+        family=family,
+        layer=layer,
+        init=init,
         hooks=types.MappingProxyType(dict(hooks or {})),
     )
     _REGISTRY[name] = rule

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +25,9 @@ def as_ints(value, n: int) -> tuple[int, ...] | None:
     return None
 
 
-def ints_at_least(value, n: int, low: int, malformed: str,
-                  too_small: Callable[[tuple[int, ...]], str]) -> tuple[int, ...]:
+def ints_at_least(
+    value, n: int, low: int, malformed: str, too_small: Callable[[tuple[int, ...]], str]
+) -> tuple[int, ...]:
     """:func:`as_ints` of ``value``, each entry >= ``low``.
 
     Raises:

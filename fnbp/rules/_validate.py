@@ -22,8 +22,10 @@ import numpy as np
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-_ARRAY_LIKE = ("an array (a JAX or NumPy array, a Python number, or a nested list or tuple "
-               "of numbers of one rectangular shape)")
+_ARRAY_LIKE = (
+    "an array (a JAX or NumPy array, a Python number, or a nested list or tuple "
+    "of numbers of one rectangular shape)"
+)
 
 
 def _not_an_array(x: Any) -> str:
@@ -66,10 +68,12 @@ def as_array(fn: str, name: str, x: Any) -> jax.Array:
         pass
     seen = _not_an_array(x)
     if seen.startswith("a ragged"):
-        raise ValueError(f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; give every "
-                         f"row the same length") from None
-    raise TypeError(f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; pass its numbers "
-                    f"as an array") from None
+        raise ValueError(
+            f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; give every row the same length"
+        ) from None
+    raise TypeError(
+        f"{fn}: {name} must be {_ARRAY_LIKE}, got {seen}; pass its numbers as an array"
+    ) from None
 
 
 def float_array(fn: str, name: str, x: Any) -> jax.Array:
@@ -126,9 +130,7 @@ def require_ndim(fn: str, name: str, x: Any, ndim: int, meaning: str) -> None:
     """Raise ``ValueError`` unless ``x`` has exactly ``ndim`` axes."""
     shape = jnp.shape(x)
     if len(shape) != ndim:
-        raise ValueError(
-            f"{fn}: {name} must be {ndim}-D {meaning}, got {name}.shape={shape}"
-        )
+        raise ValueError(f"{fn}: {name} must be {ndim}-D {meaning}, got {name}.shape={shape}")
 
 
 def require_min_ndim(fn: str, name: str, x: Any, ndim: int, meaning: str) -> None:
@@ -136,8 +138,7 @@ def require_min_ndim(fn: str, name: str, x: Any, ndim: int, meaning: str) -> Non
     shape = jnp.shape(x)
     if len(shape) < ndim:
         raise ValueError(
-            f"{fn}: {name} must have at least {ndim} axes {meaning}, "
-            f"got {name}.shape={shape}"
+            f"{fn}: {name} must have at least {ndim} axes {meaning}, got {name}.shape={shape}"
         )
 
 
@@ -145,17 +146,14 @@ def concrete_float(x: Any) -> float | None:
     """``float(x)`` when ``x`` is a concrete scalar, ``None`` when it is traced."""
     try:
         return float(np.asarray(x))
-    except (TypeError, jax.errors.ConcretizationTypeError,
-            jax.errors.TracerArrayConversionError):
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
 
 
 def require_scalar(fn: str, name: str, x: Any) -> None:
     """Raise ``ValueError`` unless ``x`` is a scalar (shape ``()``)."""
     if jnp.shape(x) != ():
-        raise ValueError(
-            f"{fn}: {name} must be a scalar, got {name}.shape={jnp.shape(x)}"
-        )
+        raise ValueError(f"{fn}: {name} must be a scalar, got {name}.shape={jnp.shape(x)}")
 
 
 def require_open_interval(fn: str, name: str, x: Any, low: float, high: float) -> None:
@@ -166,9 +164,7 @@ def require_open_interval(fn: str, name: str, x: Any, low: float, high: float) -
     """
     value = concrete_float(x)
     if value is not None and not low < value < high:
-        raise ValueError(
-            f"{fn}: {name} must lie in the open interval ({low}, {high}), got {value}"
-        )
+        raise ValueError(f"{fn}: {name} must lie in the open interval ({low}, {high}), got {value}")
 
 
 def require_positive(fn: str, name: str, x: Any) -> None:

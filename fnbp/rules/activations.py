@@ -104,11 +104,16 @@ def relu(z: Array) -> Array:
 
 
 RELU = declare(
-    relu, relu_fwd, relu_bwd,
+    relu,
+    relu_fwd,
+    relu_bwd,
     reference=lambda z: jnp.where(z > 0, z, 0.0),
-    examples=elementwise, equations=("7.11", "7.69"),
+    examples=elementwise,
+    equations=("7.11", "7.69"),
     kink="relu'(0) = 0, as jax.nn.relu.",
-    family="activation", layer=LayerSpec(), init="he",
+    family="activation",
+    layer=LayerSpec(),
+    init="he",
 )
 
 
@@ -149,10 +154,16 @@ def sigmoid(z: Array) -> Array:
 
 
 SIGMOID = declare(
-    sigmoid, sigmoid_fwd, sigmoid_bwd,
+    sigmoid,
+    sigmoid_fwd,
+    sigmoid_bwd,
     reference=lambda z: 1.0 / (1.0 + jnp.exp(-z)),
-    examples=elementwise, equations=("7.24", "7.69"), kink="none: smooth.",
-    family="activation", layer=LayerSpec(), init="glorot",
+    examples=elementwise,
+    equations=("7.24", "7.69"),
+    kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec(),
+    init="glorot",
 )
 
 
@@ -189,9 +200,18 @@ def tanh(z: Array) -> Array:
     return TANH.apply(_float_input("tanh", z))
 
 
-TANH = declare(tanh, tanh_fwd, tanh_bwd, reference=jnp.tanh, examples=elementwise,
-               equations=("7.25", "7.69"), kink="none: smooth.", family="activation",
-               layer=LayerSpec(), init="glorot")
+TANH = declare(
+    tanh,
+    tanh_fwd,
+    tanh_bwd,
+    reference=jnp.tanh,
+    examples=elementwise,
+    equations=("7.25", "7.69"),
+    kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec(),
+    init="glorot",
+)
 
 
 # --- leaky ReLU (7.26) ---------------------------------------------------------
@@ -220,8 +240,10 @@ def leaky_relu_bwd(res: LeakyReluResiduals, v: Array) -> tuple[Array, Array]:
     z, gamma = res
     positive = z > 0
     dz = jnp.where(positive, v, gamma.astype(v.dtype) * v)
-    dgamma = jnp.sum(jnp.where(positive, jnp.zeros((), v.dtype), z * v),
-                     dtype=jnp.promote_types(gamma.dtype, jnp.float32))
+    dgamma = jnp.sum(
+        jnp.where(positive, jnp.zeros((), v.dtype), z * v),
+        dtype=jnp.promote_types(gamma.dtype, jnp.float32),
+    )
     return dz, dgamma.astype(gamma.dtype)
 
 
@@ -246,18 +268,21 @@ def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
     z = _float_input("leaky_relu", z)
     gamma = _scalar_setting("leaky_relu", "gamma", gamma, z)
     _validate.require_open_interval("leaky_relu", "gamma", gamma, 0.0, 1.0)
-    check((gamma > 0) & (gamma < 1),
-          "leaky_relu: gamma must lie in the open interval (0, 1)")
+    check((gamma > 0) & (gamma < 1), "leaky_relu: gamma must lie in the open interval (0, 1)")
     return LEAKY_RELU.apply(z, gamma)
 
 
 LEAKY_RELU = declare(
-    leaky_relu, leaky_relu_fwd, leaky_relu_bwd,
+    leaky_relu,
+    leaky_relu_fwd,
+    leaky_relu_bwd,
     reference=lambda z, gamma: jnp.where(z > 0, z, gamma * z),
-    examples=with_scalar(0.1), equations=("7.26", "7.69"),
+    examples=with_scalar(0.1),
+    equations=("7.26", "7.69"),
     kink="the derivative at z = 0 is gamma (jax.nn.leaky_relu takes 1 there).",
     family="activation",
-    layer=LayerSpec("LeakyRelu", {"gamma": 0.01}, arrays=("gamma",)), init="he",
+    layer=LayerSpec("LeakyRelu", {"gamma": 0.01}, arrays=("gamma",)),
+    init="he",
 )
 
 
@@ -333,8 +358,9 @@ def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tupl
     if approximate:
         s, s_minus, _ = _tanh_gate(w)
         bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
-        tail = jnp.where(bump == 0, jnp.zeros((), w.dtype),
-                         (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump)
+        tail = jnp.where(
+            bump == 0, jnp.zeros((), w.dtype), (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump
+        )
         slope = s + tail
     else:
         pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
@@ -375,11 +401,16 @@ def _gelu_reference(z, approximate=False):
 
 
 GELU = declare(
-    gelu, gelu_fwd, gelu_bwd, reference=_gelu_reference,
-    examples={"gelu": elementwise,
-              "gelu(approximate)": (elementwise, {"approximate": True})},
-    equations=("7.27", "7.69"), kink="none: smooth.", family="activation",
-    layer=LayerSpec("Gelu", {"approximate": False}), init="he",
+    gelu,
+    gelu_fwd,
+    gelu_bwd,
+    reference=_gelu_reference,
+    examples={"gelu": elementwise, "gelu(approximate)": (elementwise, {"approximate": True})},
+    equations=("7.27", "7.69"),
+    kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec("Gelu", {"approximate": False}),
+    init="he",
 )
 
 
@@ -424,8 +455,7 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
     z, beta, s, r = res
     va = v.astype(s.dtype)
     dz = (s * va).astype(v.dtype)
-    dbeta = jnp.sum(r * va / beta.astype(r.dtype),
-                    dtype=jnp.promote_types(beta.dtype, jnp.float32))
+    dbeta = jnp.sum(r * va / beta.astype(r.dtype), dtype=jnp.promote_types(beta.dtype, jnp.float32))
     return dz, dbeta.astype(beta.dtype)
 
 
@@ -451,11 +481,16 @@ def softplus(z: Array, beta: float | Array = 1.0) -> Array:
 
 
 SOFTPLUS = declare(
-    softplus, softplus_fwd, softplus_bwd,
+    softplus,
+    softplus_fwd,
+    softplus_bwd,
     reference=lambda z, beta: jnp.log1p(jnp.exp(beta * z)) / beta,
-    examples=with_scalar(1.5), equations=("7.28", "7.69"), kink="none: smooth.",
+    examples=with_scalar(1.5),
+    equations=("7.28", "7.69"),
+    kink="none: smooth.",
     family="activation",
-    layer=LayerSpec("Softplus", {"beta": 1.0}, arrays=("beta",)), init="he",
+    layer=LayerSpec("Softplus", {"beta": 1.0}, arrays=("beta",)),
+    init="he",
 )
 
 
@@ -504,9 +539,15 @@ def silu(z: Array) -> Array:
 
 
 SILU = declare(
-    silu, silu_fwd, silu_bwd, reference=lambda z: z / (1.0 + jnp.exp(-z)),
-    examples=elementwise, kink="none: smooth.",
-    family="activation", layer=LayerSpec(), init="he",
+    silu,
+    silu_fwd,
+    silu_bwd,
+    reference=lambda z: z / (1.0 + jnp.exp(-z)),
+    examples=elementwise,
+    kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec(),
+    init="he",
 )
 
 
@@ -539,8 +580,10 @@ def elu_bwd(res: EluResiduals, v: Array) -> tuple[Array, Array]:
     mask, m, alpha = res
     a = alpha.astype(v.dtype)
     dz = jnp.where(mask, v, a * (m + 1) * v)
-    dalpha = jnp.sum(jnp.where(mask, jnp.zeros((), v.dtype), m * v),
-                     dtype=jnp.promote_types(alpha.dtype, jnp.float32))
+    dalpha = jnp.sum(
+        jnp.where(mask, jnp.zeros((), v.dtype), m * v),
+        dtype=jnp.promote_types(alpha.dtype, jnp.float32),
+    )
     return dz, dalpha.astype(alpha.dtype)
 
 
@@ -568,11 +611,15 @@ def elu(z: Array, alpha: float | Array = 1.0) -> Array:
 
 
 ELU = declare(
-    elu, elu_fwd, elu_bwd,
+    elu,
+    elu_fwd,
+    elu_bwd,
     reference=lambda z, alpha: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.where(z > 0, 0.0, z))),
     examples=with_scalar(0.7),
     kink="the derivative at z = 0 is alpha, the z <= 0 side, as jax.nn.elu.",
-    family="activation", layer=LayerSpec("Elu", {"alpha": 1.0}, arrays=("alpha",)), init="he",
+    family="activation",
+    layer=LayerSpec("Elu", {"alpha": 1.0}, arrays=("alpha",)),
+    init="he",
 )
 
 
@@ -632,7 +679,13 @@ def _softmax_args(key, dtype):
 
 
 SOFTMAX = declare(
-    softmax, softmax_fwd, softmax_bwd, reference=lambda z: jax.nn.softmax(z, axis=-1),
-    examples=_softmax_args, kink="none: smooth.",
-    family="activation", layer=LayerSpec(), init="glorot",
+    softmax,
+    softmax_fwd,
+    softmax_bwd,
+    reference=lambda z: jax.nn.softmax(z, axis=-1),
+    examples=_softmax_args,
+    kink="none: smooth.",
+    family="activation",
+    layer=LayerSpec(),
+    init="glorot",
 )

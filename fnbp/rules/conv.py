@@ -65,9 +65,20 @@ from jax import Array
 
 from fnbp.checking import check_finite
 from fnbp.rules import _validate
-from fnbp.rules._conv_ops import (_FWD_DN, _NAME, _SETTINGS, _W_MEANING, _Z_MEANING,
-                                  ConvResiduals, Ints, Padding, _conv_dw, _conv_dz, _flat,
-                                  _settings)
+from fnbp.rules._conv_ops import (
+    _FWD_DN,
+    _NAME,
+    _SETTINGS,
+    _W_MEANING,
+    _Z_MEANING,
+    ConvResiduals,
+    Ints,
+    Padding,
+    _conv_dw,
+    _conv_dz,
+    _flat,
+    _settings,
+)
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
@@ -78,8 +89,9 @@ from fnbp.rules.conv_per_example import CONV1D_HOOKS, CONV2D_HOOKS
 # compiled call each when used eagerly, inlined when the caller is itself jitted.
 
 
-def _conv_fwd(n: int, z: Array, w: Array, b: Array | None, stride, padding, dilation
-              ) -> tuple[Array, ConvResiduals]:
+def _conv_fwd(
+    n: int, z: Array, w: Array, b: Array | None, stride, padding, dilation
+) -> tuple[Array, ConvResiduals]:
     """The forward convolution with its residuals; settings as the public functions take."""
     stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
     out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
@@ -88,19 +100,24 @@ def _conv_fwd(n: int, z: Array, w: Array, b: Array | None, stride, padding, dila
     # A result in the operands' dtype: bf16/f16 convolutions produce their
     # input dtype; the hardware accumulates in float32.
     u = jax.lax.conv_general_dilated(
-        zf, w.astype(compute), window_strides=stride, padding=padding,
-        rhs_dilation=dilation, dimension_numbers=_FWD_DN[n],
+        zf,
+        w.astype(compute),
+        window_strides=stride,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=_FWD_DN[n],
     )
     if b is not None:
         # In the conv's dtype; a bias of another dtype is added in at least float32.
         add = compute if out == compute else accumulation_dtype(compute)
         u = u.astype(add) + b.astype(add)
-    u = u.astype(out).reshape(z.shape[:z.ndim - n - 1] + u.shape[1:])
+    u = u.astype(out).reshape(z.shape[: z.ndim - n - 1] + u.shape[1:])
     return u, ConvResiduals(z, w, b)
 
 
-def _conv_bwd(n: int, res: ConvResiduals, v: Array, stride, padding, dilation
-              ) -> tuple[Array, Array, Array | None]:
+def _conv_bwd(
+    n: int, res: ConvResiduals, v: Array, stride, padding, dilation
+) -> tuple[Array, Array, Array | None]:
     z, w, b = res
     stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
     compute = v.dtype
@@ -111,8 +128,9 @@ def _conv_bwd(n: int, res: ConvResiduals, v: Array, stride, padding, dilation
     dw = _conv_dw(zf, w, vf, stride, padding, dilation).astype(w.dtype)
     db = None
     if b is not None:
-        db = jnp.sum(vf, axis=tuple(range(n + 1)),
-                     dtype=accumulation_dtype(compute)).astype(b.dtype)
+        db = jnp.sum(vf, axis=tuple(range(n + 1)), dtype=accumulation_dtype(compute)).astype(
+            b.dtype
+        )
     return dz, dw, db
 
 
@@ -134,11 +152,13 @@ def _validate_conv(n: int, z, w, b, stride, padding, dilation):
     if b is not None:
         b = _validate.float_array(fn, "b", b)
         if b.shape != (C2,):
-            raise ValueError(f"{fn}: b must have shape ({C2},) to match w.shape="
-                             f"{w.shape} (C2={C2} output channels), got b.shape={b.shape}")
+            raise ValueError(
+                f"{fn}: b must have shape ({C2},) to match w.shape="
+                f"{w.shape} (C2={C2} output channels), got b.shape={b.shape}"
+            )
         check_finite(fn, "b", b)
     stride, pads, dilation = _settings(n, w.shape, stride, padding, dilation)
-    spatial = z.shape[z.ndim - n - 1:z.ndim - 1]
+    spatial = z.shape[z.ndim - n - 1 : z.ndim - 1]
     for i in range(n):
         k_eff = dilation[i] * (w.shape[i] - 1) + 1
         padded = spatial[i] + pads[i][0] + pads[i][1]
@@ -159,17 +179,28 @@ def _validate_conv(n: int, z, w, b, stride, padding, dilation):
 
 
 @jit_static(*_SETTINGS)
-def conv1d_fwd(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
-               padding: Padding = "same", dilation: int | Ints = 1
-               ) -> tuple[Array, ConvResiduals]:
+def conv1d_fwd(
+    z: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, ConvResiduals]:
     """Forward pass of :func:`conv1d` with its residuals (settings as in conv1d)."""
     return _conv_fwd(1, z, w, b, stride, padding, dilation)
 
 
 @jit_static(*_SETTINGS)
-def conv1d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-               padding: Padding = "same", dilation: int | Ints = 1
-               ) -> tuple[Array, Array, Array | None]:
+def conv1d_bwd(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array, Array | None]:
     """B[Conv1D, .]: map v (..., m', C2) to (dz, dw, db), each as a convolution.
 
     ``dz = Q^T v`` (the transposed convolution: v dilated by the stride,
@@ -187,8 +218,15 @@ def conv1d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
     return _conv_bwd(1, res, v, stride, padding, dilation)
 
 
-def conv1d(z: Array, w: Array, b: Array | None = None, *, stride: int = 1,
-           padding: Padding = "same", dilation: int = 1) -> Array:
+def conv1d(
+    z: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    stride: int = 1,
+    padding: Padding = "same",
+    dilation: int = 1,
+) -> Array:
     """Conv1D: the notes' 1-D convolution (eqs. 7.48-7.50), channels last.
 
     ``u[i, c2] = b[c2] + sum_{j, c} w[j, c, c2] zpad[s i + d j, c]``: a
@@ -230,9 +268,10 @@ def _conv_reference(z, w, b, stride, padding, dilation):
     """Plain ``lax.conv_general_dilated`` with the same settings (no custom rule)."""
     n = w.ndim - 2
     stride, pads, dilation = _settings(n, w.shape, stride, padding, dilation)
-    lead = z.shape[:z.ndim - n - 1]
-    u = jax.lax.conv_general_dilated(_flat(z, n), w, stride, pads, rhs_dilation=dilation,
-                                     dimension_numbers=_FWD_DN[n])
+    lead = z.shape[: z.ndim - n - 1]
+    u = jax.lax.conv_general_dilated(
+        _flat(z, n), w, stride, pads, rhs_dilation=dilation, dimension_numbers=_FWD_DN[n]
+    )
     u = u.reshape(lead + u.shape[1:])
     return u if b is None else u + b
 
@@ -244,17 +283,30 @@ def _conv1d_reference(z, w, b=None, *, stride=1, padding="same", dilation=1):
 def _conv_args(spatial, kernel):
     def make(key, dtype):
         gen = rng(key)
-        return (normal(gen, (2,) + spatial + (2,), dtype),
-                normal(gen, kernel + (2, 3), dtype), normal(gen, (3,), dtype))
+        return (
+            normal(gen, (2,) + spatial + (2,), dtype),
+            normal(gen, kernel + (2, 3), dtype),
+            normal(gen, (3,), dtype),
+        )
+
     return make
 
 
 CONV1D = declare(
-    conv1d, conv1d_fwd, conv1d_bwd, reference=_conv1d_reference,
-    examples={"conv1d": _conv_args((9,), (3,)),
-              "conv1d(s2, p(1,2), d2)": (_conv_args((9,), (3,)),
-                                         {"stride": 2, "padding": (1, 2), "dilation": 2})},
-    equations=("7.48", "7.49", "7.50"), kink="none: linear.", family="conv",
+    conv1d,
+    conv1d_fwd,
+    conv1d_bwd,
+    reference=_conv1d_reference,
+    examples={
+        "conv1d": _conv_args((9,), (3,)),
+        "conv1d(s2, p(1,2), d2)": (
+            _conv_args((9,), (3,)),
+            {"stride": 2, "padding": (1, 2), "dilation": 2},
+        ),
+    },
+    equations=("7.48", "7.49", "7.50"),
+    kink="none: linear.",
+    family="conv",
     hooks=CONV1D_HOOKS,
 )
 
@@ -263,9 +315,15 @@ CONV1D = declare(
 
 
 @jit_static(*_SETTINGS)
-def conv2d_fwd(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
-               padding: Padding = "same", dilation: int | Ints = 1
-               ) -> tuple[Array, ConvResiduals]:
+def conv2d_fwd(
+    z: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, ConvResiduals]:
     """Forward pass of :func:`conv2d` with its residuals.
 
     Settings as in :func:`conv2d`; the residuals are the arguments z, w and b
@@ -275,9 +333,14 @@ def conv2d_fwd(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints
 
 
 @jit_static(*_SETTINGS)
-def conv2d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-               padding: Padding = "same", dilation: int | Ints = 1
-               ) -> tuple[Array, Array, Array | None]:
+def conv2d_bwd(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array, Array | None]:
     """B[Conv2D, .]: map v (..., H', W', C2) to (dz, dw, db), each as a convolution.
 
     As :func:`conv1d_bwd` over two spatial axes: ``dz`` (..., H, W, C) is the
@@ -289,8 +352,15 @@ def conv2d_bwd(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
     return _conv_bwd(2, res, v, stride, padding, dilation)
 
 
-def conv2d(z: Array, w: Array, b: Array | None = None, *, stride: int | Ints = 1,
-           padding: Padding = "same", dilation: int | Ints = 1) -> Array:
+def conv2d(
+    z: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> Array:
     """Conv2D (eq. 7.51), channels last: a 2-D cross-correlation of z with w.
 
     ``u[i1, i2, c2] = b[c2] + sum_{j1, j2, c} w[j1, j2, c, c2]
@@ -328,10 +398,16 @@ def _conv2d_reference(z, w, b=None, *, stride=1, padding="same", dilation=1):
 
 
 CONV2D = declare(
-    conv2d, conv2d_fwd, conv2d_bwd, reference=_conv2d_reference,
-    examples={"conv2d": _conv_args((7, 6), (3, 3)),
-              "conv2d(s2, valid)": (_conv_args((7, 6), (3, 2)),
-                                    {"stride": 2, "padding": "valid"})},
-    equations=("7.51",), kink="none: linear.", family="conv",
+    conv2d,
+    conv2d_fwd,
+    conv2d_bwd,
+    reference=_conv2d_reference,
+    examples={
+        "conv2d": _conv_args((7, 6), (3, 3)),
+        "conv2d(s2, valid)": (_conv_args((7, 6), (3, 2)), {"stride": 2, "padding": "valid"}),
+    },
+    equations=("7.51",),
+    kink="none: linear.",
+    family="conv",
     hooks=CONV2D_HOOKS,
 )

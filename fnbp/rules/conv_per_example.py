@@ -52,48 +52,60 @@ import jax.numpy as jnp
 from jax import Array
 
 from fnbp.rules import _per_example as _pe
-from fnbp.rules._conv_ops import (_NAME, _SETTINGS, ConvResiduals, Ints, Padding, Pairs,
-                                  _flat, _offsets, _settings, _tap)
+from fnbp.rules._conv_ops import (
+    _NAME,
+    _SETTINGS,
+    ConvResiduals,
+    Ints,
+    Padding,
+    Pairs,
+    _flat,
+    _offsets,
+    _settings,
+    _tap,
+)
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._rule import jit_static
 
 
-def _patches(zf: Array, w: Array, out: Ints, stride: Ints, padding: Pairs,
-             dilation: Ints) -> Array:
+def _patches(zf: Array, w: Array, out: Ints, stride: Ints, padding: Pairs, dilation: Ints) -> Array:
     """The input patch of every output position: (N, *out, k... * C), taps in w's order.
 
     ``patch[i][j, c] = zpad[s i + d j, c]``: the numbers each output position
     multiplies with w (eq. 7.48), gathered by one strided slice per kernel tap.
     """
     zp = jnp.pad(zf, ((0, 0),) + tuple(padding) + ((0, 0),))
-    taps = [_tap(zp, tuple(d * t for d, t in zip(dilation, j)), stride, out)
-            for j in _offsets(w.shape[:w.ndim - 2])]
+    taps = [
+        _tap(zp, tuple(d * t for d, t in zip(dilation, j)), stride, out)
+        for j in _offsets(w.shape[: w.ndim - 2])
+    ]
     return jnp.stack(taps, axis=-2).reshape(zf.shape[:1] + tuple(out) + (-1,))
 
 
 _V_MEANING = {1: "(m', C2)", 2: "(H', W', C2)"}
 
 
-def _per_example(n: int, res: ConvResiduals, v: Array, hook: str, settings
-                 ) -> tuple[Array, Array]:
+def _per_example(n: int, res: ConvResiduals, v: Array, hook: str, settings) -> tuple[Array, Array]:
     """The patches (n, T, k... C) and v as (n, T, C2), in >= float32: g_i = sum_t p_t v_t^T."""
     _pe.require_examples(f"{_NAME[n]}_{hook}", v, n + 1, _V_MEANING[n])
     z, w = res.z, res.w
     acc = accumulation_dtype(z, v)
     vt = _pe.as_positions(v, 1).astype(acc)
-    patches = _patches(_flat(z, n).astype(acc), w, v.shape[v.ndim - n - 1:v.ndim - 1],
-                       *_settings(n, w.shape, *settings))
+    patches = _patches(
+        _flat(z, n).astype(acc),
+        w,
+        v.shape[v.ndim - n - 1 : v.ndim - 1],
+        *_settings(n, w.shape, *settings),
+    )
     return patches.reshape(vt.shape[:2] + (-1,)), vt
 
 
-def _conv_sq_norms(n: int, res: ConvResiduals, v: Array, *settings
-                   ) -> tuple[Array, Array | None]:
+def _conv_sq_norms(n: int, res: ConvResiduals, v: Array, *settings) -> tuple[Array, Array | None]:
     patches, vt = _per_example(n, res, v, "sq_norms", settings)
     return _pe.outer_sq_norms(patches, vt), _pe.bias_squares(res.b, vt, 0)
 
 
-def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
-                   ) -> tuple[Array, Array | None]:
+def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings) -> tuple[Array, Array | None]:
     _pe.require_examples(f"{_NAME[n]}_sq_grads", v, n + 1, _V_MEANING[n])
     m_w, m_b = _conv_moments(n, res, v, *settings)
     if m_w is not None:
@@ -103,18 +115,20 @@ def _conv_sq_grads(n: int, res: ConvResiduals, v: Array, *settings
     return _pe.outer_sq_grads(patches, vt).reshape(res.w.shape), _pe.bias_squares(res.b, vt, 1)
 
 
-def _conv_grads(n: int, res: ConvResiduals, v: Array, *settings
-                ) -> tuple[Array | None, Array | None]:
+def _conv_grads(
+    n: int, res: ConvResiduals, v: Array, *settings
+) -> tuple[Array | None, Array | None]:
     patches, vt = _per_example(n, res, v, "grads", settings)
     g_w = _pe.outer_grads(patches, vt)
     g_b = _pe.bias_grads(res.b, vt, g_w)
     return (None if g_w is None else g_w.reshape(vt.shape[:1] + res.w.shape)), g_b
 
 
-def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
-                  ) -> tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]:
+def _conv_moments(
+    n: int, res: ConvResiduals, v: Array, *settings
+) -> tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]:
     _pe.require_examples(f"{_NAME[n]}_moments", v, n + 1, _V_MEANING[n])
-    if math.prod(v.shape[1:v.ndim - 1]) == 1:  # one output position: T of as_positions(v, 1)
+    if math.prod(v.shape[1 : v.ndim - 1]) == 1:  # one output position: T of as_positions(v, 1)
         return None, None
 
     def moments(z, v):
@@ -124,9 +138,10 @@ def _conv_moments(n: int, res: ConvResiduals, v: Array, *settings
         return m_w if res.b is None else m_w + _pe.sums(_pe.bias_grads(res.b, vt))
 
     lead = v.shape[0]
-    z = res.z.reshape((lead, -1) + res.z.shape[res.z.ndim - n - 1:])
-    out = _pe.chunked_sums(moments, (z, v.reshape((lead, -1) + v.shape[v.ndim - n - 1:])),
-                           res.w.size)
+    z = res.z.reshape((lead, -1) + res.z.shape[res.z.ndim - n - 1 :])
+    out = _pe.chunked_sums(
+        moments, (z, v.reshape((lead, -1) + v.shape[v.ndim - n - 1 :])), res.w.size
+    )
     m_w = tuple(m.reshape(res.w.shape) for m in out[:2])
     return m_w, (None if res.b is None else out[2:])
 
@@ -160,8 +175,14 @@ _MOMENTS_DOC = """``(sum_i g_i, sum_i g_i (.) g_i)`` from one materialization (`
 def _hook(body, n: int, name: str, doc: str):
     """The jitted hook ``name`` of conv{n}d with the rule's keyword settings."""
 
-    def hook(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-             padding: Padding = "same", dilation: int | Ints = 1):
+    def hook(
+        res: ConvResiduals,
+        v: Array,
+        *,
+        stride: int | Ints = 1,
+        padding: Padding = "same",
+        dilation: int | Ints = 1,
+    ):
         return body(n, res, v, stride, padding, dilation)
 
     hook.__name__ = hook.__qualname__ = name
@@ -176,9 +197,14 @@ conv2d_moments = _hook(_conv_moments, 2, "conv2d_moments", _MOMENTS_DOC)
 
 
 @jit_static(*_SETTINGS)
-def conv1d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-                    padding: Padding = "same", dilation: int | Ints = 1
-                    ) -> tuple[Array, Array | None]:
+def conv1d_sq_norms(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array | None]:
     """Per-example squared norms of Conv1D's parameter gradients (``sq_norms`` hook).
 
     ``||g_i||^2`` for the filters (eq. 7.50), by the Gram form over the
@@ -204,9 +230,14 @@ def conv1d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
 
 
 @jit_static(*_SETTINGS)
-def conv1d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-                    padding: Padding = "same", dilation: int | Ints = 1
-                    ) -> tuple[Array, Array | None]:
+def conv1d_sq_grads(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array | None]:
     """Sums over examples of Conv1D's squared per-example gradients (``sq_grads`` hook).
 
     ``sum_i g_i (.) g_i`` with each example's (k, C, C2) filter gradient
@@ -221,9 +252,14 @@ def conv1d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
 
 
 @jit_static(*_SETTINGS)
-def conv2d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-                    padding: Padding = "same", dilation: int | Ints = 1
-                    ) -> tuple[Array, Array | None]:
+def conv2d_sq_norms(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array | None]:
     """As :func:`conv1d_sq_norms` for Conv2D (eq. 7.51): v of shape (n, ..., H', W', C2).
 
     The Gram form when ``2 T^2 <= kh kw C C2`` (T = H' W' times the position
@@ -233,14 +269,28 @@ def conv2d_sq_norms(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
 
 
 @jit_static(*_SETTINGS)
-def conv2d_sq_grads(res: ConvResiduals, v: Array, *, stride: int | Ints = 1,
-                    padding: Padding = "same", dilation: int | Ints = 1
-                    ) -> tuple[Array, Array | None]:
+def conv2d_sq_grads(
+    res: ConvResiduals,
+    v: Array,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> tuple[Array, Array | None]:
     """As :func:`conv1d_sq_grads` for Conv2D: shaped like w (kh, kw, C, C2) and b (C2,)."""
     return _conv_sq_grads(2, res, v, stride, padding, dilation)
 
+
 # The per-example hooks each rule declares (fnbp.rules.conv: ``declare(..., hooks=...)``).
-CONV1D_HOOKS = {"sq_norms": conv1d_sq_norms, "sq_grads": conv1d_sq_grads,
-                "grads": conv1d_grads, "moments": conv1d_moments}
-CONV2D_HOOKS = {"sq_norms": conv2d_sq_norms, "sq_grads": conv2d_sq_grads,
-                "grads": conv2d_grads, "moments": conv2d_moments}
+CONV1D_HOOKS = {
+    "sq_norms": conv1d_sq_norms,
+    "sq_grads": conv1d_sq_grads,
+    "grads": conv1d_grads,
+    "moments": conv1d_moments,
+}
+CONV2D_HOOKS = {
+    "sq_norms": conv2d_sq_norms,
+    "sq_grads": conv2d_sq_grads,
+    "grads": conv2d_grads,
+    "moments": conv2d_moments,
+}

@@ -140,8 +140,7 @@ def mm(z: Array, W: Array, b: Array | None = None) -> Array:
         b = _validate.float_array("mm", "b", b)
         if b.shape != (n,):
             raise ValueError(
-                f"mm: b must have shape ({n},) to match W.shape={W.shape}, "
-                f"got b.shape={b.shape}"
+                f"mm: b must have shape ({n},) to match W.shape={W.shape}, got b.shape={b.shape}"
             )
         check_finite("mm", "b", b)
     check_finite("mm", "z", z)
@@ -254,8 +253,18 @@ def _mm_args(key, dtype):
 
 
 MM = declare(
-    mm, mm_fwd, mm_bwd, reference=_mm_reference, examples=_mm_args,
-    equations=("7.35", "7.63", "7.65", "7.66", "7.84"), kink="none: linear.",
-    family="linear", hooks={"sq_norms": mm_sq_norms, "sq_grads": mm_sq_grads,
-                            "grads": mm_grads, "moments": mm_moments},
+    mm,
+    mm_fwd,
+    mm_bwd,
+    reference=_mm_reference,
+    examples=_mm_args,
+    equations=("7.35", "7.63", "7.65", "7.66", "7.84"),
+    kink="none: linear.",
+    family="linear",
+    hooks={
+        "sq_norms": mm_sq_norms,
+        "sq_grads": mm_sq_grads,
+        "grads": mm_grads,
+        "moments": mm_moments,
+    },
 )

@@ -105,9 +105,14 @@ def _mse_args(key, dtype):
 
 
 MSE_LOSS = declare(
-    mse_loss, mse_loss_fwd, mse_loss_bwd,
+    mse_loss,
+    mse_loss_fwd,
+    mse_loss_bwd,
     reference=lambda t, y: 0.5 * jnp.sum((t - y) ** 2, axis=-1),
-    examples=_mse_args, equations=("7.1",), kink="none: smooth.", family="loss",
+    examples=_mse_args,
+    equations=("7.1",),
+    kink="none: smooth.",
+    family="loss",
 )
 
 
@@ -170,8 +175,10 @@ def logistic_loss(t: Array, y: Array) -> Array:
     t, y = _common_dtype(t, y)
     check_finite("logistic_loss", "t", t)
     check_finite("logistic_loss", "y", y)
-    check(jnp.all((y >= 0) & (y <= 1)),
-          "logistic_loss: y holds a target outside [0, 1]; targets are probabilities")
+    check(
+        jnp.all((y >= 0) & (y <= 1)),
+        "logistic_loss: y holds a target outside [0, 1]; targets are probabilities",
+    )
     return LOGISTIC_LOSS.apply(t, y)
 
 
@@ -181,9 +188,13 @@ def _logistic_args(key, dtype):
 
 
 LOGISTIC_LOSS = declare(
-    logistic_loss, logistic_loss_fwd, logistic_loss_bwd,
+    logistic_loss,
+    logistic_loss_fwd,
+    logistic_loss_bwd,
     reference=lambda t, y: y * jnp.log1p(jnp.exp(-t)) + (1 - y) * jnp.log1p(jnp.exp(t)),
-    examples=_logistic_args, equations=("2.3", "7.70"), kink="none: smooth.",
+    examples=_logistic_args,
+    equations=("2.3", "7.70"),
+    kink="none: smooth.",
     family="loss",
 )
 
@@ -277,8 +288,9 @@ def cross_entropy_loss(t: Array, y: Array) -> Array:
       ValueError: y's shape not t's shape without the last axis.
     """
     t = _validate.float_array("cross_entropy_loss", "t", t)
-    y = _validate.int_array("cross_entropy_loss", "y", y,
-                            "class indices in [0, k), not one-hot or probabilities")
+    y = _validate.int_array(
+        "cross_entropy_loss", "y", y, "class indices in [0, k), not one-hot or probabilities"
+    )
     _validate.require_min_ndim("cross_entropy_loss", "t", t, 1, "(..., k classes)")
     if y.shape != t.shape[:-1]:
         raise ValueError(
@@ -287,9 +299,11 @@ def cross_entropy_loss(t: Array, y: Array) -> Array:
         )
     k = t.shape[-1]
     check_finite("cross_entropy_loss", "t", t)
-    check(jnp.all(_validate.labels_in_range(y, k)),
-          f"cross_entropy_loss: y holds a label outside [0, {k}); labels are "
-          f"class indices for t's last axis of length {k}")
+    check(
+        jnp.all(_validate.labels_in_range(y, k)),
+        f"cross_entropy_loss: y holds a label outside [0, {k}); labels are "
+        f"class indices for t's last axis of length {k}",
+    )
     return CROSS_ENTROPY_LOSS.apply(t, y)
 
 
@@ -303,8 +317,12 @@ def _cross_entropy_args(key, dtype):
 
 
 CROSS_ENTROPY_LOSS = declare(
-    cross_entropy_loss, cross_entropy_loss_fwd, cross_entropy_loss_bwd,
-    reference=_cross_entropy_reference, examples=_cross_entropy_args,
-    equations=("2.14", "7.71"), kink="none: smooth in t; labels get no cotangent.",
+    cross_entropy_loss,
+    cross_entropy_loss_fwd,
+    cross_entropy_loss_bwd,
+    reference=_cross_entropy_reference,
+    examples=_cross_entropy_args,
+    equations=("2.14", "7.71"),
+    kink="none: smooth in t; labels get no cotangent.",
     family="loss",
 )

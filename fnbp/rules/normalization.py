@@ -63,11 +63,11 @@ import jax.numpy as jnp
 from jax import Array
 
 from fnbp.checking import check, check_finite, is_checking
-from fnbp.rules import _per_example as _pe, _validate
+from fnbp.rules import _per_example as _pe
+from fnbp.rules import _validate
 from fnbp.rules._dtypes import accumulation_dtype
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
-
 
 # --- shared argument handling ----------------------------------------------------
 
@@ -76,8 +76,9 @@ def _float_input(fn: str, z) -> Array:
     z = _validate.float_array(fn, "z", z)
     _validate.require_min_ndim(fn, "z", z, 1, "(..., m): the last axis is normalized")
     if z.shape[-1] < 1:
-        raise ValueError(f"{fn}: z's last axis is empty (z.shape={z.shape}); "
-                         f"there is nothing to normalize")
+        raise ValueError(
+            f"{fn}: z's last axis is empty (z.shape={z.shape}); there is nothing to normalize"
+        )
     check_finite(fn, "z", z)
     return z
 
@@ -86,15 +87,19 @@ def _eps_argument(fn: str, eps, z: Array) -> Array:
     """``eps`` as a scalar array; a Python number takes z's accumulation dtype."""
     if isinstance(eps, (int, float)) and not isinstance(eps, bool):
         if eps < 0:
-            raise ValueError(f"{fn}: eps must be >= 0, got eps={eps}; pass eps=0.0 "
-                             f"for the notes' exact form or a small positive number")
+            raise ValueError(
+                f"{fn}: eps must be >= 0, got eps={eps}; pass eps=0.0 "
+                f"for the notes' exact form or a small positive number"
+            )
         return jnp.asarray(eps, dtype=accumulation_dtype(z))
     eps = _validate.float_array(fn, "eps", eps)
     _validate.require_scalar(fn, "eps", eps)
     value = _validate.concrete_float(eps)
     if value is not None and value < 0:
-        raise ValueError(f"{fn}: eps must be >= 0, got eps={value}; pass eps=0.0 "
-                         f"for the notes' exact form or a small positive number")
+        raise ValueError(
+            f"{fn}: eps must be >= 0, got eps={value}; pass eps=0.0 "
+            f"for the notes' exact form or a small positive number"
+        )
     check(eps >= 0, f"{fn}: eps must be >= 0")
     return eps
 
@@ -116,9 +121,11 @@ def _affine_argument(fn: str, name: str, p, z: Array) -> Array:
 
 
 def _check_spread(fn: str, what: str, spread: Array) -> None:
-    check(jnp.all(spread > 0),
-          f"{fn}: an example has {what} = 0 with eps = 0, so the output is 0/0 = NaN; "
-          f"pass eps > 0 or drop constant examples")
+    check(
+        jnp.all(spread > 0),
+        f"{fn}: an example has {what} = 0 with eps = 0, so the output is 0/0 = NaN; "
+        f"pass eps > 0 or drop constant examples",
+    )
 
 
 def _sum_to(x: Array, shape: tuple[int, ...], dtype) -> Array:
@@ -131,8 +138,9 @@ def _mean_last(x: Array) -> Array:
     return jnp.mean(x, axis=-1, keepdims=True)
 
 
-def _affine_squares(hook: str, y: Array, v: Array, which: int, gamma: Array,
-                    beta: Array | None = None) -> tuple[Array | None, ...]:
+def _affine_squares(
+    hook: str, y: Array, v: Array, which: int, gamma: Array, beta: Array | None = None
+) -> tuple[Array | None, ...]:
     """The squared per-example gradients of gamma (and beta), then ``None`` for eps.
 
     Example i's gradients are its own sums over its positions (every axis
@@ -254,8 +262,12 @@ def _layer_norm_s_args(key, dtype):
 
 
 LAYER_NORM_S = declare(
-    layer_norm_s, layer_norm_s_fwd, layer_norm_s_bwd,
-    reference=_layer_norm_s_reference, examples=_layer_norm_s_args, equations=("7.40", "7.42"),
+    layer_norm_s,
+    layer_norm_s_fwd,
+    layer_norm_s_bwd,
+    reference=_layer_norm_s_reference,
+    examples=_layer_norm_s_args,
+    equations=("7.40", "7.42"),
     kink="none: smooth for eps > 0; with eps = 0 a constant example is 0/0 = NaN.",
     family="normalization",
 )
@@ -282,8 +294,9 @@ def _affine(y: Array, gamma: Array, beta: Array, z: Array) -> Array:
 
 
 @jit_static()
-def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
-                   ) -> tuple[Array, LayerNormResiduals]:
+def layer_norm_fwd(
+    z: Array, gamma: Array, beta: Array, eps: Array
+) -> tuple[Array, LayerNormResiduals]:
     """Forward pass of :func:`layer_norm` with its residuals."""
     y, inv_sigma, _ = _scale(z, eps, center=True)
     u = _affine(y, gamma, beta, z)
@@ -291,8 +304,7 @@ def layer_norm_fwd(z: Array, gamma: Array, beta: Array, eps: Array
 
 
 @jit_static()
-def layer_norm_bwd(res: LayerNormResiduals, v: Array
-                   ) -> tuple[Array, Array, Array, Array]:
+def layer_norm_bwd(res: LayerNormResiduals, v: Array) -> tuple[Array, Array, Array, Array]:
     """B[LN, .]: map the cotangent ``v`` (..., m) to (dz, dgamma, dbeta, deps).
 
     With g = gamma (.) v: ``dz = (1/sigma)(g - mean(g) - y mean(g (.) y))``;
@@ -309,8 +321,9 @@ def layer_norm_bwd(res: LayerNormResiduals, v: Array
     return dz, dgamma, dbeta, _d_eps(y, inv_sigma, g, eps)
 
 
-def layer_norm(z: Array, gamma: float | Array, beta: float | Array,
-               eps: float | Array = 1e-5) -> Array:
+def layer_norm(
+    z: Array, gamma: float | Array, beta: float | Array, eps: float | Array = 1e-5
+) -> Array:
     """LN(z) = beta + gamma * LN-S(z) over the last axis (eq. 7.41).
 
     ``gamma`` and ``beta`` are scalars, as in the notes, or vectors of the last
@@ -381,14 +394,21 @@ def layer_norm_sq_grads(res: LayerNormResiduals, v: Array) -> tuple[Array, Array
 
 def _layer_norm_args(key, dtype):
     gen = rng(key)
-    return (normal(gen, (5, 8), dtype, scale=2.0, shift=1.0), normal(gen, (8,), dtype, shift=1.0),
-            normal(gen, (8,), dtype), jnp.asarray(0.1, dtype))
+    return (
+        normal(gen, (5, 8), dtype, scale=2.0, shift=1.0),
+        normal(gen, (8,), dtype, shift=1.0),
+        normal(gen, (8,), dtype),
+        jnp.asarray(0.1, dtype),
+    )
 
 
 LAYER_NORM = declare(
-    layer_norm, layer_norm_fwd, layer_norm_bwd,
+    layer_norm,
+    layer_norm_fwd,
+    layer_norm_bwd,
     reference=lambda z, gamma, beta, eps=1e-5: beta + gamma * _layer_norm_s_reference(z, eps),
-    examples=_layer_norm_args, equations=("7.41",),
+    examples=_layer_norm_args,
+    equations=("7.41",),
     kink="none: smooth for eps > 0; with eps = 0 a constant example is 0/0 = NaN.",
     family="normalization",
     hooks={"sq_norms": layer_norm_sq_norms, "sq_grads": layer_norm_sq_grads},
@@ -494,14 +514,20 @@ def rms_norm_sq_grads(res: RmsNormResiduals, v: Array) -> tuple[Array, None]:
 
 def _rms_norm_args(key, dtype):
     gen = rng(key)
-    return (normal(gen, (5, 8), dtype), normal(gen, (8,), dtype, shift=1.0),
-            jnp.asarray(0.1, dtype))
+    return (
+        normal(gen, (5, 8), dtype),
+        normal(gen, (8,), dtype, shift=1.0),
+        jnp.asarray(0.1, dtype),
+    )
 
 
 RMS_NORM = declare(
-    rms_norm, rms_norm_fwd, rms_norm_bwd,
-    reference=lambda z, gamma, eps=1e-6: gamma * z / jnp.sqrt(jnp.mean(z * z, axis=-1,
-                                                                        keepdims=True) + eps),
+    rms_norm,
+    rms_norm_fwd,
+    rms_norm_bwd,
+    reference=lambda z, gamma, eps=1e-6: (
+        gamma * z / jnp.sqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
+    ),
     examples=_rms_norm_args,
     kink="none: smooth for eps > 0; with eps = 0 an all-zero example is 0/0 = NaN.",
     family="normalization",

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare, jit_static
 from fnbp.rules._settings import ints_at_least
 
-Window = Union[int, Sequence[int]]
+Window = int | Sequence[int]
 Ints = tuple[int, ...]
 
 
@@ -72,10 +73,13 @@ Ints = tuple[int, ...]
 def _window(fn: str, value) -> Ints:
     n = len(value) if isinstance(value, (tuple, list)) and len(value) in (1, 2) else 1
     return ints_at_least(
-        value, n, 1,
+        value,
+        n,
+        1,
         f"{fn}: window must be an int (1-D pooling) or a tuple of 1 or 2 ints (1-D or "
         f"2-D pooling), got window={value!r}",
-        lambda window: f"{fn}: window must be >= 1 in every spatial axis, got window={window}")
+        lambda window: f"{fn}: window must be >= 1 in every spatial axis, got window={window}",
+    )
 
 
 def _stride(fn: str, value, window: Ints) -> Ints:
@@ -83,11 +87,16 @@ def _stride(fn: str, value, window: Ints) -> Ints:
         return window
     n = len(window)
     return ints_at_least(
-        value, n, 1,
+        value,
+        n,
+        1,
         f"{fn}: stride must be None (= window), an int or a tuple of {n} ints (one per "
         f"pooled axis), got stride={value!r}",
-        lambda stride: f"{fn}: stride must be >= 1 in every spatial axis, got "
-                       f"stride={stride}; use stride=None for non-overlapping windows")
+        lambda stride: (
+            f"{fn}: stride must be >= 1 in every spatial axis, got "
+            f"stride={stride}; use stride=None for non-overlapping windows"
+        ),
+    )
 
 
 def _validate_pool(fn: str, z, window, stride) -> tuple[Array, Ints, Ints]:
@@ -97,7 +106,7 @@ def _validate_pool(fn: str, z, window, stride) -> tuple[Array, Ints, Ints]:
     n = len(window)
     meaning = "(..., m, C) for 1-D pooling" if n == 1 else "(..., H, W, C) for 2-D pooling"
     _validate.require_min_ndim(fn, "z", z, n + 1, meaning)
-    spatial = z.shape[z.ndim - n - 1:z.ndim - 1]
+    spatial = z.shape[z.ndim - n - 1 : z.ndim - 1]
     if any(k > m for k, m in zip(window, spatial)):
         raise ValueError(
             f"{fn}: window={window} is larger than the input's spatial size {spatial} "
@@ -111,11 +120,11 @@ def _validate_pool(fn: str, z, window, stride) -> tuple[Array, Ints, Ints]:
 
 
 def _flat(z: Array, n: int) -> Array:
-    return z.reshape((-1,) + z.shape[z.ndim - n - 1:])
+    return z.reshape((-1,) + z.shape[z.ndim - n - 1 :])
 
 
 def _unflat(u: Array, like_shape: tuple[int, ...], n: int) -> Array:
-    return u.reshape(like_shape[:len(like_shape) - n - 1] + u.shape[1:])
+    return u.reshape(like_shape[: len(like_shape) - n - 1] + u.shape[1:])
 
 
 def _reduce_window(zf: Array, init, op, window: Ints, stride: Ints) -> Array:
@@ -141,7 +150,7 @@ def _spatial_of(res_shape: Array) -> Ints:
 
 def _shape_record(zf: Array, n: int) -> Array:
     """An empty array whose shape records z's spatial size (no memory)."""
-    return jnp.zeros(zf.shape[1:1 + n] + (0,), zf.dtype)
+    return jnp.zeros(zf.shape[1 : 1 + n] + (0,), zf.dtype)
 
 
 # --- average pooling ---------------------------------------------------------------------
@@ -167,15 +176,16 @@ def _prepared(fn: str, x: Array, window, stride) -> tuple[Ints, Ints, int, Array
 def _cotangent(dz: Array, res_shape: Array, v: Array, n: int) -> Array:
     """dz (N, *spatial, C) in z's dtype with v's leading example axes."""
     dz = dz.astype(res_shape.dtype)
-    return dz.reshape(v.shape[:v.ndim - n - 1] + dz.shape[1:])
+    return dz.reshape(v.shape[: v.ndim - n - 1] + dz.shape[1:])
 
 
 _SETTINGS = ("window", "stride")
 
 
 @jit_static(*_SETTINGS)
-def avg_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
-                 ) -> tuple[Array, AvgPoolResiduals]:
+def avg_pool_fwd(
+    z: Array, *, window: Window, stride: Window | None = None
+) -> tuple[Array, AvgPoolResiduals]:
     """Forward pass of :func:`avg_pool` with its residuals."""
     window, stride, n, zf = _prepared("avg_pool", z, window, stride)
     za = zf.astype(accumulation_dtype(z))
@@ -186,8 +196,9 @@ def avg_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
 
 
 @jit_static(*_SETTINGS)
-def avg_pool_bwd(res: AvgPoolResiduals, v: Array, *, window: Window,
-                 stride: Window | None = None) -> tuple[Array]:
+def avg_pool_bwd(
+    res: AvgPoolResiduals, v: Array, *, window: Window, stride: Window | None = None
+) -> tuple[Array]:
     """B[avg, z](v): every entry gets v / |K| from each window that holds it.
 
     Computed as the sum over window offsets j of v / |K| placed at the
@@ -195,7 +206,7 @@ def avg_pool_bwd(res: AvgPoolResiduals, v: Array, *, window: Window,
     """
     window, stride, n, vf = _prepared("avg_pool", v, window, stride)
     spatial = _spatial_of(res.z_shape)
-    share = (vf.astype(accumulation_dtype(vf)) / math.prod(window))
+    share = vf.astype(accumulation_dtype(vf)) / math.prod(window)
     dz = sum(_place(share, j, stride, spatial) for j in _offsets(window))
     return (_cotangent(dz, res.z_shape, v, n),)
 
@@ -240,9 +251,13 @@ def _pool_args(key, dtype):
 
 
 AVG_POOL = declare(
-    avg_pool, avg_pool_fwd, avg_pool_bwd, reference=_avg_pool_reference,
+    avg_pool,
+    avg_pool_fwd,
+    avg_pool_bwd,
+    reference=_avg_pool_reference,
     examples=(_pool_args, {"window": (2, 2)}),
-    kink="none: linear.", family="pooling",
+    kink="none: linear.",
+    family="pooling",
 )
 
 
@@ -266,12 +281,13 @@ def _max_forward(zf: Array, window: Ints, stride: Ints) -> Array:
 
 
 @jit_static(*_SETTINGS)
-def max_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
-                 ) -> tuple[Array, MaxPoolResiduals]:
+def max_pool_fwd(
+    z: Array, *, window: Window, stride: Window | None = None
+) -> tuple[Array, MaxPoolResiduals]:
     """Forward pass of :func:`max_pool`; residuals are the selected offsets."""
     window, stride, n, zf = _prepared("max_pool", z, window, stride)
     u = _max_forward(zf, window, stride)
-    out = u.shape[1:1 + n]
+    out = u.shape[1 : 1 + n]
     index_dtype = jnp.int8 if math.prod(window) <= 127 else jnp.int32
     # Walk the offsets backwards so the first (row-major) maximum wins ties.
     offsets = list(_offsets(window))
@@ -283,8 +299,9 @@ def max_pool_fwd(z: Array, *, window: Window, stride: Window | None = None
 
 
 @jit_static(*_SETTINGS)
-def max_pool_bwd(res: MaxPoolResiduals, v: Array, *, window: Window,
-                 stride: Window | None = None) -> tuple[Array]:
+def max_pool_bwd(
+    res: MaxPoolResiduals, v: Array, *, window: Window, stride: Window | None = None
+) -> tuple[Array]:
     """B[max, z](v): each window's cotangent goes to its selected (first) maximum.
 
     Computed as the sum over window offsets j of ``where(selected == j, v, 0)``
@@ -294,8 +311,10 @@ def max_pool_bwd(res: MaxPoolResiduals, v: Array, *, window: Window,
     spatial = _spatial_of(res.z_shape)
     selected = res.selected.reshape(vf.shape)
     zero = jnp.zeros((), vf.dtype)
-    dz = sum(_place(jnp.where(selected == number, vf, zero), j, stride, spatial)
-             for number, j in enumerate(_offsets(window)))
+    dz = sum(
+        _place(jnp.where(selected == number, vf, zero), j, stride, spatial)
+        for number, j in enumerate(_offsets(window))
+    )
     return (_cotangent(dz, res.z_shape, v, n),)
 
 
@@ -320,12 +339,17 @@ def max_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
 
 
 MAX_POOL = declare(
-    max_pool, max_pool_fwd, max_pool_bwd,
-    reference=lambda z, window, stride=None: _pool_reference(z, window, stride, -jnp.inf,
-                                                             jax.lax.max),
-    examples={"max_pool": (_pool_args, {"window": (2, 2)}),
-              "max_pool(3x3, s1)": (_pool_args, {"window": (3, 3), "stride": 1})},
+    max_pool,
+    max_pool_fwd,
+    max_pool_bwd,
+    reference=lambda z, window, stride=None: _pool_reference(
+        z, window, stride, -jnp.inf, jax.lax.max
+    ),
+    examples={
+        "max_pool": (_pool_args, {"window": (2, 2)}),
+        "max_pool(3x3, s1)": (_pool_args, {"window": (3, 3), "stride": 1}),
+    },
     kink="ties: the whole cotangent of a window goes to its first maximum in row-major "
-         "order, as XLA's select-and-scatter.",
+    "order, as XLA's select-and-scatter.",
     family="pooling",
 )

@@ -22,10 +22,17 @@ The names most code needs are also at the top level (``fnbp.fit``,
 
 from fnbp.train import checkpoint, data, dp, loop, precision, sharding, steps, stopping
 from fnbp.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fnbp.train.data import DataError, DataWarning, Dataset, load_dataset
+from fnbp.train.data import DataError, Dataset, DataWarning, load_dataset
 from fnbp.train.dp import DPConfig
-from fnbp.train.loop import (FitResult, TrainState, epoch_order, evaluate, fit, init_state,
-                             steps_per_epoch)
+from fnbp.train.loop import (
+    FitResult,
+    TrainState,
+    epoch_order,
+    evaluate,
+    fit,
+    init_state,
+    steps_per_epoch,
+)
 from fnbp.train.precision import (
     DynamicLossScale,
     Precision,
@@ -34,7 +41,6 @@ from fnbp.train.precision import (
     with_precision,
 )
 from fnbp.train.sharding import initialize_distributed, make_mesh
-from fnbp.train.stopping import StopRequest, TrainingStopped, stop_on_signals
 from fnbp.train.steps import (
     ShardedEvalStep,
     ShardedTrainStep,
@@ -44,6 +50,7 @@ from fnbp.train.steps import (
     make_train_step,
     train_step,
 )
+from fnbp.train.stopping import StopRequest, TrainingStopped, stop_on_signals
 
 __all__ = [
     # the loop and the steps

@@ -18,7 +18,8 @@ against the number of outputs of the model.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +37,14 @@ def _where(i: int, rows: Sequence[int] | np.ndarray | None) -> str:
     return f"example {i}" if rows is None else f"line {int(rows[i])}"
 
 
-def validate_arrays(x: Any, y: Any, source: str, *, dtype: Any = np.float32,
-                    rows: Sequence[int] | np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def validate_arrays(
+    x: Any,
+    y: Any,
+    source: str,
+    *,
+    dtype: Any = np.float32,
+    rows: Sequence[int] | np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Check inputs and labels and return them as ``dtype`` and int32 arrays.
 
     The inputs are checked for NaN and infinity both as given and after the
@@ -66,60 +72,80 @@ def validate_arrays(x: Any, y: Any, source: str, *, dtype: Any = np.float32,
     x = np.asarray(x)
     y = np.asarray(y)
     if x.dtype.kind not in "biuf":
-        raise DataError(f"{source}: x has dtype {x.dtype}; inputs must be real numbers "
-                        f"(int or float arrays)")
+        raise DataError(
+            f"{source}: x has dtype {x.dtype}; inputs must be real numbers (int or float arrays)"
+        )
     if y.dtype.kind not in "biuf":
-        raise DataError(f"{source}: y has dtype {y.dtype}; labels must be integer class "
-                        f"indices 0, 1, ..., k-1")
+        raise DataError(
+            f"{source}: y has dtype {y.dtype}; labels must be integer class indices 0, 1, ..., k-1"
+        )
     if x.ndim < 2:
-        raise DataError(f"{source}: x has shape {x.shape}, but inputs must have shape "
-                        f"(n, features...) with one row per example; for one feature use "
-                        f"x.reshape(-1, 1)")
+        raise DataError(
+            f"{source}: x has shape {x.shape}, but inputs must have shape "
+            f"(n, features...) with one row per example; for one feature use "
+            f"x.reshape(-1, 1)"
+        )
     if x.shape[0] == 0:
         raise DataError(f"{source}: x holds no examples (shape {x.shape})")
     if y.ndim != 1:
-        hint = ("; for one-hot labels pass y.argmax(axis=1)" if y.ndim == 2 else "")
-        raise DataError(f"{source}: y has shape {y.shape}, but labels must have shape "
-                        f"(n,), one class index per example{hint}")
+        hint = "; for one-hot labels pass y.argmax(axis=1)" if y.ndim == 2 else ""
+        raise DataError(
+            f"{source}: y has shape {y.shape}, but labels must have shape "
+            f"(n,), one class index per example{hint}"
+        )
     if y.shape[0] != x.shape[0]:
-        raise DataError(f"{source}: x has {x.shape[0]} examples but y has {y.shape[0]} "
-                        f"labels; they must match one to one")
+        raise DataError(
+            f"{source}: x has {x.shape[0]} examples but y has {y.shape[0]} "
+            f"labels; they must match one to one"
+        )
     flat = x.reshape(x.shape[0], -1)
     check_finite(source, "x", x, rows=rows)
     dtype = np.dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = x.astype(dtype)
     if not np.all(np.isfinite(cast)):
-        bad_example, bad_feature = (int(i) for i in np.argwhere(
-            ~np.isfinite(cast.reshape(flat.shape)))[0])
+        bad_example, bad_feature = (
+            int(i) for i in np.argwhere(~np.isfinite(cast.reshape(flat.shape)))[0]
+        )
         value = flat[bad_example, bad_feature]
-        raise DataError(f"{source}: x holds {value:g} in {_where(bad_example, rows)}, too "
-                        f"large for {dtype.name} (largest {float(np.finfo(dtype).max):.3g}); "
-                        f"rescale the inputs (e.g. divide by {float(abs(value)):.0e}) or "
-                        f"remove that value")
+        raise DataError(
+            f"{source}: x holds {value:g} in {_where(bad_example, rows)}, too "
+            f"large for {dtype.name} (largest {float(np.finfo(dtype).max):.3g}); "
+            f"rescale the inputs (e.g. divide by {float(abs(value)):.0e}) or "
+            f"remove that value"
+        )
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)):
             bad = int(np.flatnonzero(~np.isfinite(y))[0])
-            raise DataError(f"{source}: y holds {float(y[bad])} in {_where(bad, rows)}; "
-                            f"labels must be integer class indices 0, 1, ..., k-1")
+            raise DataError(
+                f"{source}: y holds {float(y[bad])} in {_where(bad, rows)}; "
+                f"labels must be integer class indices 0, 1, ..., k-1"
+            )
         if not np.all(y == np.round(y)):
             bad = int(np.flatnonzero(y != np.round(y))[0])
-            raise DataError(f"{source}: y holds non-integer labels (e.g. {float(y[bad])!r} in "
-                            f"{_where(bad, rows)}); labels must be class indices 0, 1, ..., "
-                            f"k-1")
+            raise DataError(
+                f"{source}: y holds non-integer labels (e.g. {float(y[bad])!r} in "
+                f"{_where(bad, rows)}); labels must be class indices 0, 1, ..., "
+                f"k-1"
+            )
     if np.any(y < 0):
         bad = int(np.argmin(y))
-        raise DataError(f"{source}: y holds the negative label {y[bad]:g} in "
-                        f"{_where(bad, rows)}; labels must be class indices 0, 1, ..., k-1")
+        raise DataError(
+            f"{source}: y holds the negative label {y[bad]:g} in "
+            f"{_where(bad, rows)}; labels must be class indices 0, 1, ..., k-1"
+        )
     if np.any(y >= 2**31):
         bad = int(np.argmax(y))
-        raise DataError(f"{source}: y holds the label {y[bad]:g} in {_where(bad, rows)}, "
-                        f"too large for a class index; labels must be 0, 1, ..., k-1")
+        raise DataError(
+            f"{source}: y holds the label {y[bad]:g} in {_where(bad, rows)}, "
+            f"too large for a class index; labels must be 0, 1, ..., k-1"
+        )
     return cast, y.astype(np.int32)
 
 
-def check_finite(source: str, name: str, x: Any, *,
-                 rows: Sequence[int] | np.ndarray | None = None) -> None:
+def check_finite(
+    source: str, name: str, x: Any, *, rows: Sequence[int] | np.ndarray | None = None
+) -> None:
     """Raise :class:`DataError` if the floating-point array ``x`` holds NaN or infinity.
 
     The one check of non-finite inputs, for the data loaders (``source`` the
@@ -153,8 +179,10 @@ def check_finite(source: str, name: str, x: Any, *,
             return
     finite = finite.reshape(finite.shape[0], -1) if finite.ndim else finite.reshape(1, 1)
     bad = int(np.argwhere(~finite)[0][0])
-    raise DataError(f"{source}: {name} contains NaN or infinity (first in "
-                    f"{_where(bad, rows)}); remove or impute those values")
+    raise DataError(
+        f"{source}: {name} contains NaN or infinity (first in "
+        f"{_where(bad, rows)}); remove or impute those values"
+    )
 
 
 def available_memory() -> int | None:
@@ -182,10 +210,13 @@ def available_memory() -> int | None:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return None
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max",
-                                    "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
         try:
             with open(limit_file, encoding="ascii") as handle:
                 limit = handle.read().strip()
@@ -217,12 +248,15 @@ def check_memory(what: str, nbytes: int, remedy: str) -> None:
     """
     available = available_memory()
     if available is not None and nbytes > available:
-        raise DataError(f"{what} needs about {size_text(nbytes)} of memory, but "
-                        f"{size_text(available)} is available; {remedy}")
+        raise DataError(
+            f"{what} needs about {size_text(nbytes)} of memory, but "
+            f"{size_text(available)} is available; {remedy}"
+        )
 
 
-def count_classes(y: np.ndarray, source: str, *,
-                  rows: Sequence[int] | np.ndarray | None = None) -> int:
+def count_classes(
+    y: np.ndarray, source: str, *, rows: Sequence[int] | np.ndarray | None = None
+) -> int:
     """The number of classes k: the distinct labels, which must be 0 .. k-1.
 
     Args:
@@ -241,8 +275,10 @@ def count_classes(y: np.ndarray, source: str, *,
     k = len(labels)
     if k < 2:
         value = int(labels[0]) if k else None
-        raise DataError(f"{source}: every label is {value}; classification needs at "
-                        f"least two classes, labelled 0, 1, ..., k-1")
+        raise DataError(
+            f"{source}: every label is {value}; classification needs at "
+            f"least two classes, labelled 0, 1, ..., k-1"
+        )
     if int(labels[-1]) == k - 1:
         return k
     present = labels[labels < k]
@@ -256,14 +292,21 @@ def count_classes(y: np.ndarray, source: str, *,
     more = f" (and {len(rows_of) - 1} more)" if len(rows_of) > 1 else ""
     shown = ", ".join(str(int(c)) for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
     empty = f"classes {shown} have" if len(missing) > 1 else f"class {shown} has"
-    raise DataError(f"{source}: label {label} in {first}{more} is not a class index: the "
-                    f"{k} distinct labels must be 0 .. {k - 1}, but {empty} no examples; fix "
-                    f"or drop that row, or renumber the labels 0 .. {k - 1} "
-                    f"(np.unique(y, return_inverse=True)[1])")
+    raise DataError(
+        f"{source}: label {label} in {first}{more} is not a class index: the "
+        f"{k} distinct labels must be 0 .. {k - 1}, but {empty} no examples; fix "
+        f"or drop that row, or renumber the labels 0 .. {k - 1} "
+        f"(np.unique(y, return_inverse=True)[1])"
+    )
 
 
-def check_test_labels(y_test: np.ndarray, num_classes: int, source: str, *,
-                      rows: Sequence[int] | np.ndarray | None = None) -> list[int]:
+def check_test_labels(
+    y_test: np.ndarray,
+    num_classes: int,
+    source: str,
+    *,
+    rows: Sequence[int] | np.ndarray | None = None,
+) -> list[int]:
     """Check held-out labels against the training classes.
 
     Returns:
@@ -276,10 +319,12 @@ def check_test_labels(y_test: np.ndarray, num_classes: int, source: str, *,
     outside = np.flatnonzero(y_test >= num_classes)
     if outside.size:
         i = int(outside[0])
-        raise DataError(f"{source}: label {int(y_test[i])} in {_where(i, rows)} is not one of "
-                        f"the {num_classes} classes of the training split (0 .. "
-                        f"{num_classes - 1}); fix or drop that row, or add training examples "
-                        f"of that class")
+        raise DataError(
+            f"{source}: label {int(y_test[i])} in {_where(i, rows)} is not one of "
+            f"the {num_classes} classes of the training split (0 .. "
+            f"{num_classes - 1}); fix or drop that row, or add training examples "
+            f"of that class"
+        )
     return [int(c) for c in np.setdiff1d(np.arange(num_classes), y_test)]
 
 
@@ -301,10 +346,12 @@ def check_label_range(fn: str, name: str, y: Any, num_classes: int) -> None:
     bad = np.flatnonzero((y.ravel() < 0) | (y.ravel() >= num_classes))[0]
     index = np.unravel_index(int(bad), y.shape)
     at = index[0] if len(index) == 1 else tuple(int(i) for i in index)
-    raise ValueError(f"{fn}: {name} holds the label {int(y.ravel()[bad])} (at {at}), "
-                     f"outside [0, {num_classes}): the model has {num_classes} outputs, one "
-                     f"per class; fix the labels or give the model's last layer as many "
-                     f"outputs as there are classes")
+    raise ValueError(
+        f"{fn}: {name} holds the label {int(y.ravel()[bad])} (at {at}), "
+        f"outside [0, {num_classes}): the model has {num_classes} outputs, one "
+        f"per class; fix the labels or give the model's last layer as many "
+        f"outputs as there are classes"
+    )
 
 
 def model_classes(model: Any, params: Any, x: Any, y: Any, output: Any = None) -> int | None:
@@ -321,8 +368,13 @@ def model_classes(model: Any, params: Any, x: Any, y: Any, output: Any = None) -
     y_dtype = getattr(y, "dtype", None)
     if y_dtype is None or not jnp.issubdtype(y_dtype, jnp.integer):
         return None
-    t = output if output is not None else jax.eval_shape(
-        model.apply, params, jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)))
+    t = (
+        output
+        if output is not None
+        else jax.eval_shape(
+            model.apply, params, jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+        )
+    )
     if len(t.shape) != np.ndim(y) + 1:
         return None
     return int(t.shape[-1])
@@ -362,8 +414,17 @@ class LabelCheck:
             self._device_checked = True
 
 
-def check_fit_labels(fn: str, model: Any, params: Any, x: Any, y: Any,
-                     x_test: Any = None, y_test: Any = None, *, output: Any = None) -> None:
+def check_fit_labels(
+    fn: str,
+    model: Any,
+    params: Any,
+    x: Any,
+    y: Any,
+    x_test: Any = None,
+    y_test: Any = None,
+    *,
+    output: Any = None,
+) -> None:
     """Once before training: integer labels lie in [0, k), k the model's outputs.
 
     A label outside that range makes the cross-entropy NaN and training

@@ -31,7 +31,8 @@ import json
 import os
 import secrets
 import zipfile
-from typing import Any, BinaryIO, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -86,10 +87,12 @@ def _encode_key(key: Any) -> dict | None:
         return None
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return {"typed": True, "impl": str(jax.random.key_impl(key)),
-                "data": np.asarray(jax.random.key_data(key)).tolist()}
-    return {"typed": False, "impl": None, "data": np.asarray(key).tolist(),
-            "dtype": str(key.dtype)}
+        return {
+            "typed": True,
+            "impl": str(jax.random.key_impl(key)),
+            "data": np.asarray(jax.random.key_data(key)).tolist(),
+        }
+    return {"typed": False, "impl": None, "data": np.asarray(key).tolist(), "dtype": str(key.dtype)}
 
 
 def _decode_key(path: str, record: Any) -> jax.Array | None:
@@ -101,13 +104,20 @@ def _decode_key(path: str, record: Any) -> jax.Array | None:
             return jax.random.wrap_key_data(data, impl=record["impl"])
         return jnp.asarray(np.asarray(record["data"], dtype=record["dtype"]))
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path}: its PRNG key record is unreadable "
-                              f"({error}); the file is corrupted") from error
+        raise CheckpointError(
+            f"checkpoint {path}: its PRNG key record is unreadable ({error}); the file is corrupted"
+        ) from error
 
 
-def save_checkpoint(path: str | os.PathLike, params: Any, opt_state: Any, *, step: int,
-                    key: jax.Array | None = None, metadata: Mapping[str, Any] | None = None
-                    ) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: Any,
+    opt_state: Any,
+    *,
+    step: int,
+    key: jax.Array | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
     """Write a checkpoint atomically (temporary file, fsync, ``os.replace``).
 
     Args:
@@ -138,18 +148,28 @@ def save_checkpoint(path: str | os.PathLike, params: Any, opt_state: Any, *, ste
             name = f"{tree_name}.{i}"
             stored = _storable(array)
             arrays[name] = stored
-            records.append({"name": name, "path": jax.tree_util.keystr(leaf_path),
-                            "shape": list(array.shape), "dtype": str(array.dtype),
-                            "sha256": _digest(stored)})
+            records.append(
+                {
+                    "name": name,
+                    "path": jax.tree_util.keystr(leaf_path),
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "sha256": _digest(stored),
+                }
+            )
         trees[tree_name] = {"treedef": str(treedef), "leaves": records}
-    document = {"format": FORMAT, "version": VERSION, "step": int(step),
-                "key": _encode_key(key), "trees": trees,
-                "metadata": dict(metadata or {})}
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "key": _encode_key(key),
+        "trees": trees,
+        "metadata": dict(metadata or {}),
+    }
     try:
         encoded = json.dumps(document, allow_nan=True, sort_keys=True).encode("utf-8")
     except (TypeError, ValueError) as error:
-        raise TypeError(f"save_checkpoint: metadata must be JSON-serializable ({error})"
-                        ) from error
+        raise TypeError(f"save_checkpoint: metadata must be JSON-serializable ({error})") from error
     arrays[_METADATA] = np.frombuffer(encoded, dtype=np.uint8)
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
@@ -171,7 +191,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     directory = os.path.dirname(os.path.abspath(path))
     while True:
         temporary = os.path.join(
-            directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        )
         try:
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break
@@ -205,33 +226,42 @@ def _open(path: str) -> tuple[Any, dict]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"checkpoint {path} is not a readable .npz archive; it is "
-                              f"corrupted or not an fnbp checkpoint ({error})") from error
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable .npz archive; it is "
+            f"corrupted or not an fnbp checkpoint ({error})"
+        ) from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"checkpoint {path} is a single .npy array, not an fnbp "
-                              f"checkpoint archive")
+        raise CheckpointError(
+            f"checkpoint {path} is a single .npy array, not an fnbp checkpoint archive"
+        )
     try:
         if _METADATA not in archive.files:
-            raise CheckpointError(f"checkpoint {path} has no {_METADATA} entry; it was "
-                                  f"not written by fnbp.save_checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} has no {_METADATA} entry; it was "
+                f"not written by fnbp.save_checkpoint"
+            )
         raw = _read_member(path, archive, _METADATA)
         try:
             document = json.loads(raw.tobytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"checkpoint {path}: its metadata is not valid JSON "
-                                  f"({error}); the file is corrupted") from error
+            raise CheckpointError(
+                f"checkpoint {path}: its metadata is not valid JSON "
+                f"({error}); the file is corrupted"
+            ) from error
         found = document.get("format") if isinstance(document, dict) else None
         if found != FORMAT:
-            raise CheckpointError(f"checkpoint {path} is not an fnbp checkpoint (format "
-                                  f"{found!r})")
+            raise CheckpointError(f"checkpoint {path} is not an fnbp checkpoint (format {found!r})")
         if document.get("version") != VERSION:
-            raise CheckpointError(f"checkpoint {path} has format version "
-                                  f"{document.get('version')!r}; this fnbp reads version "
-                                  f"{VERSION}")
+            raise CheckpointError(
+                f"checkpoint {path} has format version "
+                f"{document.get('version')!r}; this fnbp reads version "
+                f"{VERSION}"
+            )
         for field in ("step", "key", "trees", "metadata"):
             if field not in document:
-                raise CheckpointError(f"checkpoint {path}: its metadata lacks {field!r}; "
-                                      f"the file is corrupted")
+                raise CheckpointError(
+                    f"checkpoint {path}: its metadata lacks {field!r}; the file is corrupted"
+                )
     except BaseException:
         archive.close()
         raise
@@ -242,11 +272,13 @@ def _read_member(path: str, archive: Any, name: str) -> np.ndarray:
     try:
         return archive[name]
     except KeyError as error:
-        raise CheckpointError(f"checkpoint {path} lacks the array {name}; the file is "
-                              f"corrupted or truncated") from error
+        raise CheckpointError(
+            f"checkpoint {path} lacks the array {name}; the file is corrupted or truncated"
+        ) from error
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"checkpoint {path}: the array {name} is unreadable "
-                              f"({error}); the file is corrupted") from error
+        raise CheckpointError(
+            f"checkpoint {path}: the array {name} is unreadable ({error}); the file is corrupted"
+        ) from error
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
@@ -266,8 +298,9 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     archive, document = _open(path)
     archive.close()
     if not isinstance(document["metadata"], dict):
-        raise CheckpointError(f"checkpoint {path}: its metadata is not a JSON object; "
-                              f"the file is corrupted")
+        raise CheckpointError(
+            f"checkpoint {path}: its metadata is not a JSON object; the file is corrupted"
+        )
     return {**document["metadata"], "step": document["step"]}
 
 
@@ -275,12 +308,13 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _restore_tree(path: str, archive: Any, tree_name: str, record: Any,
-                  template: Any) -> Any:
+def _restore_tree(path: str, archive: Any, tree_name: str, record: Any, template: Any) -> Any:
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     if not isinstance(record, dict) or "leaves" not in record or "treedef" not in record:
-        raise CheckpointError(f"checkpoint {path}: the record of {tree_name} is missing "
-                              f"or malformed; the file is corrupted")
+        raise CheckpointError(
+            f"checkpoint {path}: the record of {tree_name} is missing "
+            f"or malformed; the file is corrupted"
+        )
     stored = record["leaves"]
     if record["treedef"] != str(treedef) or len(stored) != len(leaves_with_paths):
         stored_paths = [leaf.get("path") for leaf in stored if isinstance(leaf, dict)]
@@ -288,15 +322,20 @@ def _restore_tree(path: str, archive: Any, tree_name: str, record: Any,
         extra = sorted(set(stored_paths) - set(wanted_paths))
         missing = sorted(set(wanted_paths) - set(stored_paths))
         if extra or missing or len(stored) != len(leaves_with_paths):
-            detail = (f"it has {len(stored)} leaves, {len(leaves_with_paths)} expected"
-                      + (f"; only in the checkpoint: {', '.join(extra[:3])}" if extra else "")
-                      + (f"; missing from it: {', '.join(missing[:3])}" if missing else ""))
+            detail = (
+                f"it has {len(stored)} leaves, {len(leaves_with_paths)} expected"
+                + (f"; only in the checkpoint: {', '.join(extra[:3])}" if extra else "")
+                + (f"; missing from it: {', '.join(missing[:3])}" if missing else "")
+            )
         else:
-            detail = (f"its structure is {_short(record['treedef'])}, this one is "
-                      f"{_short(str(treedef))}")
-        raise CheckpointError(f"checkpoint {path}: its {tree_name} do not match this "
-                              f"model/optimizer ({detail}); load it with the model and "
-                              f"optimizer of the run that wrote it")
+            detail = (
+                f"its structure is {_short(record['treedef'])}, this one is {_short(str(treedef))}"
+            )
+        raise CheckpointError(
+            f"checkpoint {path}: its {tree_name} do not match this "
+            f"model/optimizer ({detail}); load it with the model and "
+            f"optimizer of the run that wrote it"
+        )
     leaves = []
     for (leaf_path, leaf), entry in zip(leaves_with_paths, stored, strict=True):
         where = jax.tree_util.keystr(leaf_path)
@@ -306,33 +345,42 @@ def _restore_tree(path: str, archive: Any, tree_name: str, record: Any,
             name, shape = entry["name"], tuple(entry["shape"])
             dtype, digest = np.dtype(jnp.dtype(entry["dtype"])), entry["sha256"]
         except (KeyError, TypeError) as error:
-            raise CheckpointError(f"checkpoint {path}: the record of {tree_name}{where} is "
-                                  f"malformed ({error!r}); the file is corrupted") from error
+            raise CheckpointError(
+                f"checkpoint {path}: the record of {tree_name}{where} is "
+                f"malformed ({error!r}); the file is corrupted"
+            ) from error
         if entry.get("path") != where:
-            raise CheckpointError(f"checkpoint {path}: {tree_name} leaf {entry.get('path')} "
-                                  f"found where {where} was expected; it was written for "
-                                  f"another model or optimizer")
+            raise CheckpointError(
+                f"checkpoint {path}: {tree_name} leaf {entry.get('path')} "
+                f"found where {where} was expected; it was written for "
+                f"another model or optimizer"
+            )
         if shape != want_shape or dtype != want_dtype:
-            raise CheckpointError(f"checkpoint {path}: {tree_name}{where} has shape "
-                                  f"{shape} and dtype {dtype}, but this model needs "
-                                  f"{want_shape} and {want_dtype}; use the same model, "
-                                  f"sizes and dtype as the run that wrote it")
+            raise CheckpointError(
+                f"checkpoint {path}: {tree_name}{where} has shape "
+                f"{shape} and dtype {dtype}, but this model needs "
+                f"{want_shape} and {want_dtype}; use the same model, "
+                f"sizes and dtype as the run that wrote it"
+            )
         array = _read_member(path, archive, name)
         if _digest(array) != digest:
-            raise CheckpointError(f"checkpoint {path}: the data of {tree_name}{where} "
-                                  f"do not match their SHA-256 digest; the file is corrupted")
+            raise CheckpointError(
+                f"checkpoint {path}: the data of {tree_name}{where} "
+                f"do not match their SHA-256 digest; the file is corrupted"
+            )
         if array.dtype != dtype:
             array = array.view(dtype) if array.dtype.itemsize == dtype.itemsize else array
         if array.shape != shape or array.dtype != dtype:
-            raise CheckpointError(f"checkpoint {path}: the array {name} has shape "
-                                  f"{array.shape} and dtype {array.dtype} but its record "
-                                  f"says {shape} and {dtype}; the file is corrupted")
+            raise CheckpointError(
+                f"checkpoint {path}: the array {name} has shape "
+                f"{array.shape} and dtype {array.dtype} but its record "
+                f"says {shape} and {dtype}; the file is corrupted"
+            )
         leaves.append(jnp.asarray(array))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def load_checkpoint(path: str | os.PathLike, params_like: Any, opt_state_like: Any
-                    ) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, params_like: Any, opt_state_like: Any) -> Checkpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint`.
 
     Args:
@@ -354,21 +402,26 @@ def load_checkpoint(path: str | os.PathLike, params_like: Any, opt_state_like: A
     path = os.fspath(path)
     archive, document = _open(path)
     try:
-        params = _restore_tree(path, archive, "params",
-                               document["trees"].get("params"), params_like)
-        opt_state = _restore_tree(path, archive, "opt_state",
-                                  document["trees"].get("opt_state"), opt_state_like)
+        params = _restore_tree(
+            path, archive, "params", document["trees"].get("params"), params_like
+        )
+        opt_state = _restore_tree(
+            path, archive, "opt_state", document["trees"].get("opt_state"), opt_state_like
+        )
     except AttributeError as error:
-        raise CheckpointError(f"checkpoint {path}: its tree records are malformed; the "
-                              f"file is corrupted") from error
+        raise CheckpointError(
+            f"checkpoint {path}: its tree records are malformed; the file is corrupted"
+        ) from error
     finally:
         archive.close()
     step = document["step"]
     if not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"checkpoint {path}: its step {step!r} is not an int >= 0; "
-                              f"the file is corrupted")
+        raise CheckpointError(
+            f"checkpoint {path}: its step {step!r} is not an int >= 0; the file is corrupted"
+        )
     if not isinstance(document["metadata"], dict):
-        raise CheckpointError(f"checkpoint {path}: its metadata is not a JSON object; "
-                              f"the file is corrupted")
+        raise CheckpointError(
+            f"checkpoint {path}: its metadata is not a JSON object; the file is corrupted"
+        )
     key = _decode_key(path, document["key"])
     return Checkpoint(params, opt_state, step, key, document["metadata"])

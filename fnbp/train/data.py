@@ -38,19 +38,42 @@ import dataclasses
 import importlib.util
 import os
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from fnbp.train._data_checks import (DataError, DataWarning, check_memory, check_test_labels,
-                                     count_classes, validate_arrays)
+from fnbp.train._data_checks import (
+    DataError,
+    DataWarning,
+    check_memory,
+    check_test_labels,
+    count_classes,
+    validate_arrays,
+)
 from fnbp.train.data_files import load_csv, load_idx, load_npz, read_csv, read_idx
 
-__all__ = ["DATASETS", "FILE_DATASETS", "DataError", "DataWarning", "Dataset",
-           "check_dataset_arguments", "check_synthetic_size", "check_test_labels",
-           "count_classes", "load_csv", "load_dataset", "load_digits",
-           "load_idx", "load_npz", "make_moons", "make_spirals", "read_idx",
-           "standardize", "train_test_split", "validate_arrays"]
+__all__ = [
+    "DATASETS",
+    "FILE_DATASETS",
+    "DataError",
+    "DataWarning",
+    "Dataset",
+    "check_dataset_arguments",
+    "check_synthetic_size",
+    "check_test_labels",
+    "count_classes",
+    "load_csv",
+    "load_dataset",
+    "load_digits",
+    "load_idx",
+    "load_npz",
+    "make_moons",
+    "make_spirals",
+    "read_idx",
+    "standardize",
+    "train_test_split",
+    "validate_arrays",
+]
 
 DATASETS = ("digits", "spirals", "moons", "npz", "csv", "idx")
 """The names :func:`load_dataset` accepts."""
@@ -112,18 +135,26 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the digits dataset ships with scikit-learn, which is not "
-                        "installed; install the train extra: pip install \"fnbp[train]\"")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data",
-                        "digits.csv.gz")
+        raise DataError(
+            "the digits dataset ships with scikit-learn, which is not "
+            'installed; install the train extra: pip install "fnbp[train]"'
+        )
+    path = os.path.join(
+        list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz"
+    )
     table = None
     if os.path.isfile(path):
         try:
             table = np.loadtxt(path, delimiter=",", dtype=np.float64)
         except (OSError, ValueError, EOFError):
             table = None
-    if (table is None or table.shape != (1797, 65) or table.min() < 0
-            or table[:, :64].max() > 16 or set(np.unique(table[:, 64])) != set(range(10))):
+    if (
+        table is None
+        or table.shape != (1797, 65)
+        or table.min() < 0
+        or table[:, :64].max() > 16
+        or set(np.unique(table[:, 64])) != set(range(10))
+    ):
         from sklearn.datasets import load_digits as sklearn_load_digits
 
         bunch = sklearn_load_digits()
@@ -132,8 +163,14 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, table[:, 64].astype(np.int32)
 
 
-def make_spirals(num_examples: int = 2000, *, num_classes: int = 2, turns: float = 1.5,
-                 noise: float = 0.02, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_spirals(
+    num_examples: int = 2000,
+    *,
+    num_classes: int = 2,
+    turns: float = 1.5,
+    noise: float = 0.02,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Interleaved spirals in the plane, one arm per class.
 
     Example i of class c sits at radius r = 0.1 + 0.9 t and angle
@@ -154,8 +191,10 @@ def make_spirals(num_examples: int = 2000, *, num_classes: int = 2, turns: float
       ``(x, y)``: x float32 of shape (num_examples, 2), y int32.
     """
     if num_examples < num_classes or num_classes < 2:
-        raise DataError(f"spirals: need num_classes >= 2 and at least one example per "
-                        f"class, got num_examples={num_examples}, num_classes={num_classes}")
+        raise DataError(
+            f"spirals: need num_classes >= 2 and at least one example per "
+            f"class, got num_examples={num_examples}, num_classes={num_classes}"
+        )
     check_synthetic_size("spirals", num_examples)
     rng = np.random.default_rng(seed)
     y = np.arange(num_examples) % num_classes
@@ -167,8 +206,9 @@ def make_spirals(num_examples: int = 2000, *, num_classes: int = 2, turns: float
     return x.astype(np.float32), y.astype(np.int32)
 
 
-def make_moons(num_examples: int = 2000, *, noise: float = 0.1,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_moons(
+    num_examples: int = 2000, *, noise: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Two interleaving half circles (class 0 on top, class 1 below, shifted).
 
     Args:
@@ -204,23 +244,28 @@ def check_synthetic_size(name: str, num_examples: int) -> None:
     The points need about :data:`SYNTHETIC_BYTES_PER_EXAMPLE` bytes each, compared
     with the memory available now (:func:`fnbp.train._data_checks.available_memory`).
     """
-    check_memory(f"{name}: `num_examples` {num_examples}",
-                 int(num_examples) * SYNTHETIC_BYTES_PER_EXAMPLE,
-                 "pass a smaller `num_examples`")
+    check_memory(
+        f"{name}: `num_examples` {num_examples}",
+        int(num_examples) * SYNTHETIC_BYTES_PER_EXAMPLE,
+        "pass a smaller `num_examples`",
+    )
 
 
 # --- split and standardization -----------------------------------------------------
 
 
 def _check_test_fraction(test_fraction: float) -> None:
-    if (not isinstance(test_fraction, (int, float, np.integer, np.floating))
-            or isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0):
-        raise DataError(f"`test_fraction` must lie strictly between 0 and 1, got "
-                        f"{test_fraction}")
+    if (
+        not isinstance(test_fraction, (int, float, np.integer, np.floating))
+        or isinstance(test_fraction, bool)
+        or not 0.0 < test_fraction < 1.0
+    ):
+        raise DataError(f"`test_fraction` must lie strictly between 0 and 1, got {test_fraction}")
 
 
-def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def train_test_split(
+    x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hold out a stratified fraction of the examples for testing.
 
     ``round(test_fraction * n)`` examples go to the test split, shared out over
@@ -241,8 +286,10 @@ def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2
     n = len(y)
     n_test = int(round(test_fraction * n))
     if n_test == 0 or n_test == n:
-        raise DataError(f"{n} examples are too few to hold out a test fraction of "
-                        f"{test_fraction}; provide more examples or change the fraction")
+        raise DataError(
+            f"{n} examples are too few to hold out a test fraction of "
+            f"{test_fraction}; provide more examples or change the fraction"
+        )
     classes, counts = np.unique(y, return_counts=True)
     # n_test split over the classes in proportion to their counts (largest remainder)
     share = test_fraction * counts
@@ -255,9 +302,11 @@ def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2
             per_class[c] += 1
             left -= 1
     if per_class.sum() == 0:
-        raise DataError(f"{n} examples in {len(classes)} classes are too few to hold out "
-                        f"a test fraction of {test_fraction} and keep every class in "
-                        f"training; provide more examples")
+        raise DataError(
+            f"{n} examples in {len(classes)} classes are too few to hold out "
+            f"a test fraction of {test_fraction} and keep every class in "
+            f"training; provide more examples"
+        )
     rng = np.random.default_rng(seed)
     test_parts, train_parts = [], []
     for c, k in zip(classes, per_class, strict=True):
@@ -269,9 +318,13 @@ def train_test_split(x: np.ndarray, y: np.ndarray, *, test_fraction: float = 0.2
     return x[train], y[train], x[test], y[test]
 
 
-def standardize(x_train: np.ndarray, x_test: np.ndarray, *, per_channel: bool | None = None,
-                min_std: float = 1e-6
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def standardize(
+    x_train: np.ndarray,
+    x_test: np.ndarray,
+    *,
+    per_channel: bool | None = None,
+    min_std: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardize the inputs with statistics of the training split only.
 
     x' = (x - mean) / std, applied to both splits with the training split's
@@ -307,13 +360,18 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray, *, per_channel: bool | 
 
 def _check_split_shapes(source: str, x_train: np.ndarray, x_test: np.ndarray) -> None:
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{source}: training examples have shape {x_train.shape[1:]} but "
-                        f"test examples have shape {x_test.shape[1:]}; they must match")
+        raise DataError(
+            f"{source}: training examples have shape {x_train.shape[1:]} but "
+            f"test examples have shape {x_test.shape[1:]}; they must match"
+        )
 
 
-def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
-                            num_examples: int | None = None,
-                            test_fraction: float = 0.2) -> None:
+def check_dataset_arguments(
+    name: str,
+    path: str | os.PathLike | None = None,
+    num_examples: int | None = None,
+    test_fraction: float = 0.2,
+) -> None:
     """Check :func:`load_dataset`'s ``name``, ``path``, ``num_examples`` and ``test_fraction``.
 
     Cheap and reads nothing (but the memory available, for ``num_examples``
@@ -329,29 +387,38 @@ def check_dataset_arguments(name: str, path: str | os.PathLike | None = None,
         available, ``test_fraction`` outside (0, 1).
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r} (`name`); choose one of "
-                        f"{', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r} (`name`); choose one of {', '.join(DATASETS)}")
     if path is not None and not isinstance(path, (str, os.PathLike)):
-        raise DataError(f"`path` must be a file or folder name (str or os.PathLike), got "
-                        f"{type(path).__name__}")
+        raise DataError(
+            f"`path` must be a file or folder name (str or os.PathLike), got {type(path).__name__}"
+        )
     if name in FILE_DATASETS and path is None:
         raise DataError(f"dataset {name!r} is read from a file; pass its `path`")
     if name not in FILE_DATASETS and path is not None:
-        raise DataError(f"dataset {name!r} is built in and reads no file; drop `path` "
-                        f"or pick {', '.join(FILE_DATASETS)}")
+        raise DataError(
+            f"dataset {name!r} is built in and reads no file; drop `path` "
+            f"or pick {', '.join(FILE_DATASETS)}"
+        )
     if num_examples is not None and name not in ("spirals", "moons"):
         raise DataError(f"`num_examples` only applies to spirals and moons, not {name!r}")
-    if num_examples is not None and (not isinstance(num_examples, int)
-                                     or isinstance(num_examples, bool) or num_examples < 1):
+    if num_examples is not None and (
+        not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1
+    ):
         raise DataError(f"`num_examples` must be a positive integer, got {num_examples!r}")
     if num_examples is not None and name in ("spirals", "moons"):
         check_synthetic_size(name, num_examples)
     _check_test_fraction(test_fraction)
 
 
-def load_dataset(name: str, *, path: str | os.PathLike | None = None,
-                 test_fraction: float = 0.2, split_seed: int = 0,
-                 num_examples: int | None = None, standardized: bool = True) -> Dataset:
+def load_dataset(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    num_examples: int | None = None,
+    standardized: bool = True,
+) -> Dataset:
     """Load a dataset by name, split it and standardize it.
 
     Args:
@@ -401,7 +468,8 @@ def load_dataset(name: str, *, path: str | os.PathLike | None = None,
         # every class keeps a training example, so these are the training split's classes
         num_classes = count_classes(y, source, rows=rows)
         x_train, y_train, x_test, y_test = train_test_split(
-            x, y, test_fraction=test_fraction, seed=split_seed)
+            x, y, test_fraction=test_fraction, seed=split_seed
+        )
         missing = check_test_labels(y_test, num_classes, source)
     else:
         train_source, test_source = f"{source} (training split)", f"{source} (test split)"
@@ -412,10 +480,13 @@ def load_dataset(name: str, *, path: str | os.PathLike | None = None,
         missing = check_test_labels(y_test, num_classes, test_source)
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        warnings.warn(f"{source}: the test split has no examples of class"
-                      f"{'es' if len(missing) > 1 else ''} {shown} (of {num_classes}); the "
-                      f"test accuracy does not measure {'them' if len(missing) > 1 else 'it'}",
-                      DataWarning, stacklevel=2)
+        warnings.warn(
+            f"{source}: the test split has no examples of class"
+            f"{'es' if len(missing) > 1 else ''} {shown} (of {num_classes}); the "
+            f"test accuracy does not measure {'them' if len(missing) > 1 else 'it'}",
+            DataWarning,
+            stacklevel=2,
+        )
     mean = std = None
     if standardized:
         x_train, x_test, mean, std = standardize(x_train, x_test)

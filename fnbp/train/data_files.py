@@ -26,9 +26,22 @@ import numpy as np
 from fnbp.train._data_checks import DataError, DataWarning, check_memory
 
 # Everything a corrupted archive, .npy header or compressed stream can raise.
-_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
-                struct.error, MemoryError, NotImplementedError, OverflowError, SyntaxError,
-                TypeError, IndexError, RuntimeError)
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    MemoryError,
+    NotImplementedError,
+    OverflowError,
+    SyntaxError,
+    TypeError,
+    IndexError,
+    RuntimeError,
+)
 
 
 def _require_file(path: str | os.PathLike, what: str) -> str:
@@ -40,9 +53,13 @@ def _require_file(path: str | os.PathLike, what: str) -> str:
     return path
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def not_a_regular_file(path: str | os.PathLike) -> str | None:
@@ -101,9 +118,11 @@ def describe_content(head: bytes) -> str:
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
-NPZ_LAYOUTS = (("x_train", "y_train", "x_test", "y_test"),
-               ("x", "y", "x_test", "y_test"),
-               ("x", "y"))
+NPZ_LAYOUTS = (
+    ("x_train", "y_train", "x_test", "y_test"),
+    ("x", "y", "x_test", "y_test"),
+    ("x", "y"),
+)
 """The array names :func:`load_npz` accepts, in order of preference."""
 
 
@@ -147,31 +166,45 @@ def _read_npz(path: str, handle: Any) -> dict[str, np.ndarray]:
     except OSError as error:
         raise DataError(f"npz: cannot read {path} ({error.strerror or error})") from error
     if not head.startswith(_ZIP_MAGIC):
-        raise DataError(f"npz: {path} is {describe_content(head)}, not a .npz archive; "
-                        f"write one with np.savez(path, x=x, y=y)")
+        raise DataError(
+            f"npz: {path} is {describe_content(head)}, not a .npz archive; "
+            f"write one with np.savez(path, x=x, y=y)"
+        )
     try:
         archive = np.load(handle, allow_pickle=False)
     except _READ_ERRORS as error:
-        raise DataError(f"npz: cannot read {path} as a .npz archive ({_reason(error)}); "
-                        f"the file is corrupted, write it again with "
-                        f"np.savez(path, x=x, y=y)") from error
+        raise DataError(
+            f"npz: cannot read {path} as a .npz archive ({_reason(error)}); "
+            f"the file is corrupted, write it again with "
+            f"np.savez(path, x=x, y=y)"
+        ) from error
     if not isinstance(archive, np.lib.npyio.NpzFile):  # pragma: no cover - magic checked
         raise DataError(f"npz: {path} is not a .npz archive")
     with archive:
         names = set(archive.files)
         layout = next((keys for keys in NPZ_LAYOUTS if set(keys) <= names), None)
         if layout is None:
-            raise DataError(f"npz: {path} holds arrays {sorted(names)}, but fnbp expects "
-                            f"x and y; or x_train, y_train, x_test and y_test; or x, y, "
-                            f"x_test and y_test")
+            raise DataError(
+                f"npz: {path} holds arrays {sorted(names)}, but fnbp expects "
+                f"x and y; or x_train, y_train, x_test and y_test; or x, y, "
+                f"x_test and y_test"
+            )
         ignored = sorted(names - set(layout))
         if ignored:
-            warnings.warn(f"npz: {path}: training on {', '.join(layout)}; ignoring the "
-                          f"other arrays {', '.join(ignored)}", DataWarning, stacklevel=2)
+            warnings.warn(
+                f"npz: {path}: training on {', '.join(layout)}; ignoring the "
+                f"other arrays {', '.join(ignored)}",
+                DataWarning,
+                stacklevel=2,
+            )
         arrays = {name: _read_member(path, archive, name) for name in layout}
     if len(layout) == 4 and "x" in arrays:
-        arrays = {"x_train": arrays["x"], "y_train": arrays["y"],
-                  "x_test": arrays["x_test"], "y_test": arrays["y_test"]}
+        arrays = {
+            "x_train": arrays["x"],
+            "y_train": arrays["y"],
+            "x_test": arrays["x_test"],
+            "y_test": arrays["y_test"],
+        }
     return arrays
 
 
@@ -186,20 +219,29 @@ def _read_member(path: str, archive: Any, name: str) -> np.ndarray:
     except (KeyError, AttributeError):
         size = None
     if size:
-        check_memory(f"npz: {path}: the array {name}", size,
-                     "train on a subset of the examples, or on a machine with more memory")
+        check_memory(
+            f"npz: {path}: the array {name}",
+            size,
+            "train on a subset of the examples, or on a machine with more memory",
+        )
     try:
         value = archive[name]
     except _READ_ERRORS as error:
         if isinstance(error, ValueError) and "pickle" in str(error).lower():
-            raise DataError(f"npz: {path}: the array {name} holds Python objects, which "
-                            f"fnbp does not unpickle; save plain numeric arrays (x as float, "
-                            f"y as int)") from error
-        raise DataError(f"npz: {path}: the array {name} is unreadable ({_reason(error)}); "
-                        f"the file is corrupted, write it again with np.savez") from error
+            raise DataError(
+                f"npz: {path}: the array {name} holds Python objects, which "
+                f"fnbp does not unpickle; save plain numeric arrays (x as float, "
+                f"y as int)"
+            ) from error
+        raise DataError(
+            f"npz: {path}: the array {name} is unreadable ({_reason(error)}); "
+            f"the file is corrupted, write it again with np.savez"
+        ) from error
     if not isinstance(value, np.ndarray):
-        raise DataError(f"npz: {path}: the member {name} is not a NumPy array; write the "
-                        f"file with np.savez(path, x=x, y=y)")
+        raise DataError(
+            f"npz: {path}: the member {name} is not a NumPy array; write the "
+            f"file with np.savez(path, x=x, y=y)"
+        )
     return value
 
 
@@ -221,66 +263,84 @@ def _is_missing(cell: str) -> bool:
     return cell.strip().lower() in MISSING_VALUES
 
 
-def read_csv(path: str | os.PathLike, *, header: bool | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_csv(
+    path: str | os.PathLike, *, header: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`load_csv`, plus each example's line number in the file (for messages)."""
     path = _require_file(path, "csv")
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is removed, not read
         # as part of the first cell
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [(n, row) for n, row in enumerate(csv.reader(handle), start=1)
-                    if row and any(cell.strip() for cell in row)]
+            rows = [
+                (n, row)
+                for n, row in enumerate(csv.reader(handle), start=1)
+                if row and any(cell.strip() for cell in row)
+            ]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"csv: cannot read {path} ({_reason(error)}); save it as UTF-8 "
-                        f"text with comma-separated numbers") from error
+        raise DataError(
+            f"csv: cannot read {path} ({_reason(error)}); save it as UTF-8 "
+            f"text with comma-separated numbers"
+        ) from error
     if not rows:
         raise DataError(f"csv: {path} is empty")
     label_column = -1
     first_line, first = rows[0]
     if header is None:
-        header = not any(_is_number(cell) or _is_missing(cell) and cell.strip()
-                         for cell in first)
+        header = not any(_is_number(cell) or _is_missing(cell) and cell.strip() for cell in first)
     if header:
         names = [cell.strip().lower() for cell in first]
-        label_column = next((names.index(name) for name in _LABEL_COLUMNS if name in names),
-                            -1)
+        label_column = next((names.index(name) for name in _LABEL_COLUMNS if name in names), -1)
         rows = rows[1:]
         if not rows:
             raise DataError(f"csv: {path} has a header but no rows")
     width = len(rows[0][1])
     if width < 2:
-        raise DataError(f"csv: {path} has one column; it needs at least one input column "
-                        f"and a label column")
+        raise DataError(
+            f"csv: {path} has one column; it needs at least one input column and a label column"
+        )
     if header and len(first) != width:
-        raise DataError(f"csv: {path} has {len(first)} names in its header (line "
-                        f"{first_line}) but {width} columns in line {rows[0][0]}; give every "
-                        f"column one name")
+        raise DataError(
+            f"csv: {path} has {len(first)} names in its header (line "
+            f"{first_line}) but {width} columns in line {rows[0][0]}; give every "
+            f"column one name"
+        )
     values = np.empty((len(rows), width), dtype=np.float64)
     for i, (line, row) in enumerate(rows):
         if len(row) != width:
-            raise DataError(f"csv: {path} line {line} has {len(row)} columns but line "
-                            f"{rows[0][0]} has {width}; every row needs the same columns")
+            raise DataError(
+                f"csv: {path} line {line} has {len(row)} columns but line "
+                f"{rows[0][0]} has {width}; every row needs the same columns"
+            )
         try:
             values[i] = [float(cell) for cell in row]
         except ValueError:
-            column, bad = next((c, cell) for c, cell in enumerate(row, start=1)
-                               if not _is_number(cell))
+            column, bad = next(
+                (c, cell) for c, cell in enumerate(row, start=1) if not _is_number(cell)
+            )
             if _is_missing(bad):
-                raise DataError(f"csv: {path} line {line} column {column} is a missing value "
-                                f"({bad.strip()!r}); fill it in or drop the row") from None
-            hint = ("; a header row must have no numbers in it (row 1 is a header only when "
-                    "none of its cells is a number)" if line == first_line else
-                    "; every cell must be a number")
-            raise DataError(f"csv: {path} line {line} column {column} holds {bad.strip()!r}, "
-                            f"which is not a number{hint}") from None
+                raise DataError(
+                    f"csv: {path} line {line} column {column} is a missing value "
+                    f"({bad.strip()!r}); fill it in or drop the row"
+                ) from None
+            hint = (
+                "; a header row must have no numbers in it (row 1 is a header only when "
+                "none of its cells is a number)"
+                if line == first_line
+                else "; every cell must be a number"
+            )
+            raise DataError(
+                f"csv: {path} line {line} column {column} holds {bad.strip()!r}, "
+                f"which is not a number{hint}"
+            ) from None
     y = values[:, label_column]
     x = np.delete(values, label_column % width, axis=1)
     return x, y, np.array([line for line, _ in rows], dtype=np.int64)
 
 
-def load_csv(path: str | os.PathLike, *, header: bool | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+def load_csv(
+    path: str | os.PathLike, *, header: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read your own examples from a CSV file (UTF-8), one example per row.
 
     The header rule: row 1 is a header when none of its cells is a number or
@@ -331,24 +391,27 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"idx: cannot read {path} ({_reason(error)})") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise DataError(f"idx: {path} is not an IDX file (bad magic number "
-                        f"{raw[:4].hex() or 'empty'}); expected 0000 then a type byte "
-                        f"(08, 09, 0b, 0c, 0d or 0e) and the number of dimensions")
+        raise DataError(
+            f"idx: {path} is not an IDX file (bad magic number "
+            f"{raw[:4].hex() or 'empty'}); expected 0000 then a type byte "
+            f"(08, 09, 0b, 0c, 0d or 0e) and the number of dimensions"
+        )
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
-        raise DataError(f"idx: {path} has a truncated header ({ndim} dimensions, "
-                        f"{len(raw)} bytes)")
+        raise DataError(f"idx: {path} has a truncated header ({ndim} dimensions, {len(raw)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     size = 1
     for d in shape:  # Python ints: no overflow for any header
         size *= d
     expected = header + size * dtype.itemsize
     if len(raw) != expected:
-        raise DataError(f"idx: {path} holds {len(raw)} bytes but its header (shape "
-                        f"{shape}, {dtype.name}) needs {expected}; the file is truncated "
-                        f"or corrupted")
+        raise DataError(
+            f"idx: {path} holds {len(raw)} bytes but its header (shape "
+            f"{shape}, {dtype.name}) needs {expected}; the file is truncated "
+            f"or corrupted"
+        )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
@@ -378,19 +441,24 @@ def load_idx(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise DataError(f"idx: no such folder: {folder} (pass the folder that holds "
-                        f"train-images-idx3-ubyte and its three siblings)")
+        raise DataError(
+            f"idx: no such folder: {folder} (pass the folder that holds "
+            f"train-images-idx3-ubyte and its three siblings)"
+        )
     arrays = {}
     for key, names in _IDX_FILES.items():
-        candidates = [os.path.join(folder, name + suffix)
-                      for name in names for suffix in ("", ".gz")]
+        candidates = [
+            os.path.join(folder, name + suffix) for name in names for suffix in ("", ".gz")
+        ]
         # anything of that name: read_idx says what it is when it is not a file
         found = next((c for c in candidates if os.path.exists(c)), None)
         if found is None:
-            raise DataError(f"idx: {folder} has no {names[0]} (or {names[0]}.gz); it "
-                            f"needs the four MNIST files train-images-idx3-ubyte, "
-                            f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                            f"t10k-labels-idx1-ubyte")
+            raise DataError(
+                f"idx: {folder} has no {names[0]} (or {names[0]}.gz); it "
+                f"needs the four MNIST files train-images-idx3-ubyte, "
+                f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                f"t10k-labels-idx1-ubyte"
+            )
         array = read_idx(found)
         if key.startswith("x") and array.ndim == 3:
             array = array[..., None]

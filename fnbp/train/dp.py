@@ -145,16 +145,25 @@ class DPConfig:
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier"):
             value = getattr(self, name)
-            if (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"DPConfig: `{name}` must be a positive finite number, "
-                                 f"got {value!r}")
+            if (
+                not isinstance(value, (int, float, np.number))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(
+                    f"DPConfig: `{name}` must be a positive finite number, got {value!r}"
+                )
         if self.delta is not None and (
-                not isinstance(self.delta, (int, float, np.number))
-                or isinstance(self.delta, bool) or not 0 < self.delta < 1):
-            raise ValueError(f"DPConfig: `delta` must lie strictly between 0 and 1 (usually "
-                             f"below 1/N for N training examples, e.g. 1e-5), got "
-                             f"{self.delta!r}")
+            not isinstance(self.delta, (int, float, np.number))
+            or isinstance(self.delta, bool)
+            or not 0 < self.delta < 1
+        ):
+            raise ValueError(
+                f"DPConfig: `delta` must lie strictly between 0 and 1 (usually "
+                f"below 1/N for N training examples, e.g. 1e-5), got "
+                f"{self.delta!r}"
+            )
         check_accountant("DPConfig", self.accountant)
 
     def delta_for(self, num_examples: int) -> float:
@@ -198,10 +207,12 @@ def sampling_threshold(rate: float) -> int:
     Raises:
       ValueError: ``rate`` not a number in [0, 1].
     """
-    if (not isinstance(rate, (int, float, np.number)) or isinstance(rate, bool)
-            or not 0 <= rate <= 1):
-        raise ValueError(f"poisson_batch: `rate` must be a probability in [0, 1], got "
-                         f"{rate!r}")
+    if (
+        not isinstance(rate, (int, float, np.number))
+        or isinstance(rate, bool)
+        or not 0 <= rate <= 1
+    ):
+        raise ValueError(f"poisson_batch: `rate` must be a probability in [0, 1], got {rate!r}")
     return math.floor(float(rate) * (1 << SAMPLING_BITS))
 
 
@@ -239,8 +250,9 @@ def _bernoulli(key: Array, threshold: int, num_examples: int) -> Array:
     return bits < jnp.uint32(threshold)
 
 
-def poisson_batch(key: Array, num_examples: int, rate: float, multiple: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def poisson_batch(
+    key: Array, num_examples: int, rate: float, multiple: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One Poisson-sampled batch, padded: ``(indices, mask)``, both of a bucket's length.
 
     Each example i in 0 .. N-1 is kept independently, when its uniform bits
@@ -256,17 +268,26 @@ def poisson_batch(key: Array, num_examples: int, rate: float, multiple: int
     Raises:
       ValueError: ``rate`` not in [0, 1].
     """
-    chosen = np.flatnonzero(np.asarray(_bernoulli(key, sampling_threshold(rate),
-                                                  num_examples)))
+    chosen = np.flatnonzero(np.asarray(_bernoulli(key, sampling_threshold(rate), num_examples)))
     length = bucket(len(chosen), multiple)
     indices = np.zeros(length, np.int32)
-    indices[:len(chosen)] = chosen
+    indices[: len(chosen)] = chosen
     return indices, np.arange(length) < len(chosen)
 
 
-def noisy_grad(model: Layer, loss: Loss, params: Params, x: Array, y: Array, key: Array,
-               *, clip_norm: float, noise_multiplier: float, expected_batch_size: float,
-               mask: Array | None = None) -> tuple[Array, Params, Array]:
+def noisy_grad(
+    model: Layer,
+    loss: Loss,
+    params: Params,
+    x: Array,
+    y: Array,
+    key: Array,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    mask: Array | None = None,
+) -> tuple[Array, Params, Array]:
     """DP-SGD's gradient: the clipped sum plus Gaussian noise, over the expected batch.
 
     ``g~ = (sum_i k_i min(1, C/||g_i||) g_i + N(0, sigma^2 C^2 I)) / B`` with k
@@ -288,20 +309,33 @@ def noisy_grad(model: Layer, loss: Loss, params: Params, x: Array, y: Array, key
     """
     from fnbp.per_example import clipped_grads
 
-    J, summed, norms = clipped_grads(model, loss, params, x, y, clip_norm, mask=mask,
-                                     reduction="sum")
+    J, summed, norms = clipped_grads(
+        model, loss, params, x, y, clip_norm, mask=mask, reduction="sum"
+    )
     leaves, treedef = jax.tree_util.tree_flatten(summed)
     keys = jax.random.split(key, max(len(leaves), 1))
     std = noise_multiplier * clip_norm
-    noisy = [(g + std * jax.random.normal(k, g.shape, g.dtype)) / expected_batch_size
-             for g, k in zip(leaves, keys)]
+    noisy = [
+        (g + std * jax.random.normal(k, g.shape, g.dtype)) / expected_batch_size
+        for g, k in zip(leaves, keys)
+    ]
     return J, jax.tree_util.tree_unflatten(treedef, noisy), norms
 
 
-def dp_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-                  config: DPConfig, expected_batch_size: float, params: Params,
-                  opt_state: Any, x: Array, y: Array, indices: Array, mask: Array,
-                  noise_key: Array) -> tuple[Params, Any, dict[str, Array]]:
+def dp_train_step(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    config: DPConfig,
+    expected_batch_size: float,
+    params: Params,
+    opt_state: Any,
+    x: Array,
+    y: Array,
+    indices: Array,
+    mask: Array,
+    noise_key: Array,
+) -> tuple[Params, Any, dict[str, Array]]:
     """One DP-SGD step on the padded batch ``x[indices]`` with ``mask``, not jitted.
 
     ``metrics`` holds ``loss`` (the kept examples' mean loss before the
@@ -311,10 +345,18 @@ def dp_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformat
     from fnbp.train.steps import _is_classification
 
     xb, yb = jnp.take(x, indices, axis=0), jnp.take(y, indices, axis=0)
-    J, grads, _ = noisy_grad(model, loss, params, xb, yb, noise_key,
-                             clip_norm=config.clip_norm,
-                             noise_multiplier=config.noise_multiplier,
-                             expected_batch_size=expected_batch_size, mask=mask)
+    J, grads, _ = noisy_grad(
+        model,
+        loss,
+        params,
+        xb,
+        yb,
+        noise_key,
+        clip_norm=config.clip_norm,
+        noise_multiplier=config.noise_multiplier,
+        expected_batch_size=expected_batch_size,
+        mask=mask,
+    )
     kept = jnp.sum(mask.astype(jnp.float32))
     metrics = {"loss": J, "batch": kept}
     if _is_classification(jax.eval_shape(model.apply, params, xb), yb):
@@ -342,8 +384,17 @@ class Stepper:
     few tenths of a second) does not hold up the training.
     """
 
-    def __init__(self, model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-                 config: DPConfig, x: Array, y: Array, key: Array, batch_size: int):
+    def __init__(
+        self,
+        model: Layer,
+        loss: Loss,
+        optimizer: optax.GradientTransformation,
+        config: DPConfig,
+        x: Array,
+        y: Array,
+        key: Array,
+        batch_size: int,
+    ):
         from fnbp.train.loop import steps_per_epoch
 
         self.model, self.loss, self.optimizer, self.config = model, loss, optimizer, config
@@ -357,20 +408,33 @@ class Stepper:
         self._ahead: dict[int, concurrent.futures.Future[float]] = {}  # steps -> epsilon
         require_accountant("fit")  # before the first step, not after the first epoch
 
-    def __call__(self, step: int, params: Params, opt_state: Any
-                 ) -> tuple[Params, Any, dict[str, Array]]:
+    def __call__(
+        self, step: int, params: Params, opt_state: Any
+    ) -> tuple[Params, Any, dict[str, Array]]:
         epoch_end = (step // self.per_epoch + 1) * self.per_epoch
         if epoch_end not in self._ahead:
             self._ahead[epoch_end] = _in_background(self._epsilon, epoch_end)
         sample_key, noise_key = step_keys(self.key, step)
         indices, mask = poisson_batch(sample_key, self.num_examples, self.rate, self.multiple)
-        return _dp_train_step_jit(self.model, self.loss, self.optimizer, self.config,
-                                  float(self.batch_size), params, opt_state, self.x, self.y,
-                                  jnp.asarray(indices), jnp.asarray(mask), noise_key)
+        return _dp_train_step_jit(
+            self.model,
+            self.loss,
+            self.optimizer,
+            self.config,
+            float(self.batch_size),
+            params,
+            opt_state,
+            self.x,
+            self.y,
+            jnp.asarray(indices),
+            jnp.asarray(mask),
+            noise_key,
+        )
 
     def _epsilon(self, steps: int) -> float:
-        return epsilon(self.config.noise_multiplier, self.rate, steps, self.delta,
-                       self.config.accountant)
+        return epsilon(
+            self.config.noise_multiplier, self.rate, steps, self.delta, self.config.accountant
+        )
 
     def privacy(self, steps: int) -> dict[str, float]:
         """epsilon at this run's delta after ``steps`` steps, and that delta.
@@ -409,8 +473,10 @@ def require_accountant(fn: str) -> Any:
     try:
         import dp_accounting
     except ImportError as error:
-        raise ImportError(f"{fn}: differentially private training needs the privacy "
-                          f"accountant of the dp-accounting package: {_INSTALL}") from error
+        raise ImportError(
+            f"{fn}: differentially private training needs the privacy "
+            f"accountant of the dp-accounting package: {_INSTALL}"
+        ) from error
     return dp_accounting
 
 
@@ -421,8 +487,9 @@ def check_accountant(fn: str, accountant: Any) -> None:
         raise ValueError(f"{fn}: `accountant` must be {names}, got {accountant!r}")
 
 
-def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
-            accountant: str = "rdp") -> float:
+def epsilon(
+    noise_multiplier: float, rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
     """epsilon of ``steps`` DP-SGD steps at ``delta``, by the RDP or the PLD accountant.
 
     The mechanism is ``PoissonSampledDpEvent(rate, GaussianDpEvent(noise_multiplier))``
@@ -466,7 +533,8 @@ def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
 
     rdp_accountant = rdp.RdpAccountant(list(RDP_ORDERS))
     event = dp_accounting.PoissonSampledDpEvent(
-        rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+        rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
     rdp_accountant.compose(event, int(steps))
     return float(rdp_accountant.get_epsilon(delta))
 
@@ -483,9 +551,11 @@ def _one_step_pld(noise_multiplier: float, rate: float) -> Any:
     from dp_accounting.pld import privacy_loss_distribution
 
     return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, sampling_prob=rate,
+        standard_deviation=noise_multiplier,
+        sampling_prob=rate,
         value_discretization_interval=PLD_DISCRETIZATION,
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
 
 
 def check_options(fn: str, config: Any, *, mesh: Any = None, precision: Any = None) -> None:
@@ -500,19 +570,25 @@ def check_options(fn: str, config: Any, *, mesh: Any = None, precision: Any = No
     float32 policy: float32 parameters, computation and output.
     """
     if not isinstance(config, DPConfig):
-        raise TypeError(f"{fn}: `dp` must be a fnbp.train.DPConfig(clip_norm, "
-                        f"noise_multiplier, delta), got {type(config).__name__}")
+        raise TypeError(
+            f"{fn}: `dp` must be a fnbp.train.DPConfig(clip_norm, "
+            f"noise_multiplier, delta), got {type(config).__name__}"
+        )
     if mesh is not None:
-        raise ValueError(f"{fn}: DP-SGD runs on one device; its per-example clipping and "
-                         f"noise are not sharded over a device mesh yet, so train without a "
-                         f"mesh, on one device (`devices` 1)")
+        raise ValueError(
+            f"{fn}: DP-SGD runs on one device; its per-example clipping and "
+            f"noise are not sharded over a device mesh yet, so train without a "
+            f"mesh, on one device (`devices` 1)"
+        )
     if precision is None:
         return
     from fnbp.train.precision import Precision, as_precision
 
     policy = as_precision(precision, fn)
     if policy != Precision():  # float32 parameters, computation and output
-        raise ValueError(f"{fn}: DP-SGD runs in float32; `precision` {policy.name} is not "
-                         f"supported with it (float16's loss scaling skips and rescales "
-                         f"steps, and low-precision gradients would be clipped), so drop "
-                         f"`precision`")
+        raise ValueError(
+            f"{fn}: DP-SGD runs in float32; `precision` {policy.name} is not "
+            f"supported with it (float16's loss scaling skips and rescales "
+            f"steps, and low-precision gradients would be clipped), so drop "
+            f"`precision`"
+        )

@@ -31,7 +31,8 @@ computation as on one device, up to the order of floating-point additions.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,24 @@ import optax
 from jax import Array
 from jax.sharding import Mesh
 
+from fnbp.backprop import Loss
+from fnbp.nn.layer import Layer, Params
 from fnbp.train import dp as _dp
 from fnbp.train import precision as _precision
 from fnbp.train import sharding as _sharding
 from fnbp.train import stopping as _stopping
 from fnbp.train._data_checks import check_finite, check_fit_labels
-from fnbp.backprop import Loss
-from fnbp.nn.layer import Layer, Params
-from fnbp.train.steps import (Layout, Metrics, ShardedTrainStep, _batch_step_jit, _check_parts,
-                              _layout, _shardings, accuracy, make_eval_step)
+from fnbp.train.steps import (
+    Layout,
+    Metrics,
+    ShardedTrainStep,
+    _batch_step_jit,
+    _check_parts,
+    _layout,
+    _shardings,
+    accuracy,
+    make_eval_step,
+)
 
 
 class TrainState(NamedTuple):
@@ -87,8 +97,13 @@ class FitResult(NamedTuple):
     state: TrainState
 
 
-def _initialize(model: Layer, optimizer: optax.GradientTransformation,
-                input_shape: tuple[int, ...], dtype: Any, key: Array) -> tuple[Params, Any]:
+def _initialize(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    input_shape: tuple[int, ...],
+    dtype: Any,
+    key: Array,
+) -> tuple[Params, Any]:
     _, params = model.init(key, input_shape, dtype)
     return params, optimizer.init(params)
 
@@ -99,10 +114,16 @@ def _initialize(model: Layer, optimizer: optax.GradientTransformation,
 _initialize_jit = jax.jit(_initialize, static_argnums=(0, 1, 2, 3))
 
 
-def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array,
-               input_shape: tuple[int, ...], dtype: Any = jnp.float32, *,
-               mesh: Mesh | None = None,
-               min_shard_size: int = _sharding.MIN_SHARD_SIZE) -> TrainState:
+def init_state(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: Array,
+    input_shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+) -> TrainState:
     """Initial parameters and optimizer state at step 0, in one compiled call.
 
     ``params = model.init(key, input_shape, dtype)[1]`` and
@@ -134,33 +155,49 @@ def init_state(model: Layer, optimizer: optax.GradientTransformation, key: Array
     check_key("init_state", key)
     input_shape = tuple(int(d) for d in input_shape)
     if mesh is None:
-        params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype),
-                                            key)
+        params, opt_state = _initialize_jit(model, optimizer, input_shape, jnp.dtype(dtype), key)
         return TrainState(params, opt_state)
     _sharding.check_mesh("init_state", mesh)
     shapes = jax.eval_shape(
-        functools.partial(_initialize, model, optimizer, input_shape, jnp.dtype(dtype)), key)
+        functools.partial(_initialize, model, optimizer, input_shape, jnp.dtype(dtype)), key
+    )
     initialize = _sharded_initialize_jit(
-        model, optimizer, input_shape, jnp.dtype(dtype), mesh,
-        _layout(shapes[0], mesh, min_shard_size), _layout(shapes[1], mesh, min_shard_size))
+        model,
+        optimizer,
+        input_shape,
+        jnp.dtype(dtype),
+        mesh,
+        _layout(shapes[0], mesh, min_shard_size),
+        _layout(shapes[1], mesh, min_shard_size),
+    )
     params, opt_state = initialize(_sharding.put(key, _sharding.replicated(mesh)))
     return TrainState(params, opt_state)
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_initialize_jit(model: Layer, optimizer: optax.GradientTransformation,
-                            input_shape: tuple[int, ...], dtype: Any, mesh: Mesh,
-                            params_layout: Layout, state_layout: Layout) -> Callable:
-    return jax.jit(functools.partial(_initialize, model, optimizer, input_shape, dtype),
-                   in_shardings=_sharding.replicated(mesh),
-                   out_shardings=(_shardings(params_layout), _shardings(state_layout)))
+def _sharded_initialize_jit(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    input_shape: tuple[int, ...],
+    dtype: Any,
+    mesh: Mesh,
+    params_layout: Layout,
+    state_layout: Layout,
+) -> Callable:
+    return jax.jit(
+        functools.partial(_initialize, model, optimizer, input_shape, dtype),
+        in_shardings=_sharding.replicated(mesh),
+        out_shardings=(_shardings(params_layout), _shardings(state_layout)),
+    )
 
 
-
-
-
-def evaluate(eval_step: Callable[[Params, Array, Array], Metrics], params: Params,
-             x: Array, y: Array, batch_size: int = 1024) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable[[Params, Array, Array], Metrics],
+    params: Params,
+    x: Array,
+    y: Array,
+    batch_size: int = 1024,
+) -> dict[str, float]:
     """Metrics over a whole dataset, in batches of ``batch_size`` examples.
 
     Batch means are combined weighted by the batch sizes, so the result is the
@@ -172,8 +209,11 @@ def evaluate(eval_step: Callable[[Params, Array, Array], Metrics], params: Param
     n = int(np.shape(x)[0])
     if n == 0:
         raise ValueError("evaluate: x holds no examples")
-    if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
-            or batch_size < 1):
+    if (
+        not isinstance(batch_size, (int, np.integer))
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size!r}")
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
@@ -230,12 +270,17 @@ def check_key(fn: str, key: Any) -> None:
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():
             return
-        raise TypeError(f"{fn}: `key` must be one PRNG key, got an array of keys of shape "
-                        f"{shape}; pass jax.random.key(seed)")
+        raise TypeError(
+            f"{fn}: `key` must be one PRNG key, got an array of keys of shape "
+            f"{shape}; pass jax.random.key(seed)"
+        )
     if dtype is not None and np.dtype(dtype) == np.uint32 and shape in ((2,), (4,)):
         return
-    seen = (type(key).__name__ if dtype is None
-            else f"an array of dtype {np.dtype(dtype).name} and shape {shape}")
+    seen = (
+        type(key).__name__
+        if dtype is None
+        else f"an array of dtype {np.dtype(dtype).name} and shape {shape}"
+    )
     raise TypeError(f"{fn}: `key` must be a PRNG key, jax.random.key(seed), got {seen}")
 
 
@@ -245,8 +290,10 @@ def _data(fn: str, name: str, value: Any, host: bool) -> Any:
         try:
             value = np.asarray(value)
         except (ValueError, TypeError) as error:  # ragged nested lists
-            raise TypeError(f"{fn}: `{name}` must be an array (n, ...) of numbers; "
-                            f"np.asarray could not make one ({error})") from None
+            raise TypeError(
+                f"{fn}: `{name}` must be an array (n, ...) of numbers; "
+                f"np.asarray could not make one ({error})"
+            ) from None
     dtype = np.dtype(value.dtype)
     if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
         raise TypeError(f"{fn}: `{name}` must hold numbers, got dtype {dtype}")
@@ -255,8 +302,7 @@ def _data(fn: str, name: str, value: Any, host: bool) -> Any:
 
 def _check_callable(fn: str, name: str, value: Any) -> None:
     if value is not None and not callable(value):
-        raise TypeError(f"{fn}: `{name}` must be a function or None, got "
-                        f"{type(value).__name__}")
+        raise TypeError(f"{fn}: `{name}` must be a function or None, got {type(value).__name__}")
 
 
 def _check_model_fits(fn: str, model: Layer, params: Params, x: Any) -> Any:
@@ -267,10 +313,12 @@ def _check_model_fits(fn: str, model: Layer, params: Params, x: Any) -> Any:
         return jax.eval_shape(model.apply, params, example)
     except (TypeError, KeyError, AttributeError, IndexError) as error:
         detail = " ".join(str(error).split()) or type(error).__name__
-        raise TypeError(f"{fn}: the model cannot be applied to `params` and inputs of "
-                        f"shape {tuple(np.shape(x))} ({type(error).__name__}: "
-                        f"{detail[:200]}); pass the params of model.init(key, "
-                        f"{tuple(np.shape(x))[1:]})[1]") from error
+        raise TypeError(
+            f"{fn}: the model cannot be applied to `params` and inputs of "
+            f"shape {tuple(np.shape(x))} ({type(error).__name__}: "
+            f"{detail[:200]}); pass the params of model.init(key, "
+            f"{tuple(np.shape(x))[1:]})[1]"
+        ) from error
 
 
 def check_batch_size(fn: str, batch_size: Any, num_examples: int) -> None:
@@ -280,25 +328,43 @@ def check_batch_size(fn: str, batch_size: Any, num_examples: int) -> None:
     before it writes anything). The message names the argument in backticks
     (`batch_size`), as every library message does.
     """
-    if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
-            or batch_size < 1):
+    if (
+        not isinstance(batch_size, (int, np.integer))
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
         raise ValueError(f"{fn}: `batch_size` must be a positive int, got {batch_size!r}")
     if batch_size > num_examples:
-        raise ValueError(f"{fn}: `batch_size` {batch_size} is larger than the {num_examples} "
-                         f"training examples; pass a `batch_size` of {num_examples} or less")
+        raise ValueError(
+            f"{fn}: `batch_size` {batch_size} is larger than the {num_examples} "
+            f"training examples; pass a `batch_size` of {num_examples} or less"
+        )
 
 
-def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, params: Params,
-        x: Any, y: Any, *, key: Array, epochs: int, batch_size: int,
-        x_test: Any = None, y_test: Any = None, state: TrainState | None = None,
-        history: list[dict[str, float]] | None = None,
-        on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
-        on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
-        eval_batch_size: int = 1024, mesh: Mesh | None = None,
-        min_shard_size: int = _sharding.MIN_SHARD_SIZE,
-        precision: _precision.Precision | str | None = None,
-        dp: _dp.DPConfig | None = None,
-        stop: Callable[[], bool] | None = None) -> FitResult:
+def fit(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    x: Any,
+    y: Any,
+    *,
+    key: Array,
+    epochs: int,
+    batch_size: int,
+    x_test: Any = None,
+    y_test: Any = None,
+    state: TrainState | None = None,
+    history: list[dict[str, float]] | None = None,
+    on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
+    eval_batch_size: int = 1024,
+    mesh: Mesh | None = None,
+    min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+    precision: _precision.Precision | str | None = None,
+    dp: _dp.DPConfig | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> FitResult:
     """Train for ``epochs`` epochs of shuffled minibatches; deterministic given ``key``.
 
     Each epoch visits ``steps_per_epoch = n // batch_size`` minibatches in the
@@ -387,16 +453,23 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     for name, callback in (("on_step", on_step), ("on_epoch", on_epoch), ("stop", stop)):
         _check_callable("fit", name, callback)
     if state is not None and not isinstance(state, TrainState):
-        raise TypeError(f"fit: `state` must be a fnbp.train.TrainState (from init_state, or "
-                        f"a FitResult's state), got {type(state).__name__}")
-    if history is not None and not (isinstance(history, (list, tuple))
-                                    and all(isinstance(h, dict) for h in history)):
-        raise TypeError(f"fit: `history` must be a list of dicts (a FitResult's history), "
-                        f"got {type(history).__name__}")
-    if (not isinstance(eval_batch_size, (int, np.integer)) or isinstance(eval_batch_size, bool)
-            or eval_batch_size < 1):
-        raise ValueError(f"fit: `eval_batch_size` must be a positive int, got "
-                         f"{eval_batch_size!r}")
+        raise TypeError(
+            f"fit: `state` must be a fnbp.train.TrainState (from init_state, or "
+            f"a FitResult's state), got {type(state).__name__}"
+        )
+    if history is not None and not (
+        isinstance(history, (list, tuple)) and all(isinstance(h, dict) for h in history)
+    ):
+        raise TypeError(
+            f"fit: `history` must be a list of dicts (a FitResult's history), "
+            f"got {type(history).__name__}"
+        )
+    if (
+        not isinstance(eval_batch_size, (int, np.integer))
+        or isinstance(eval_batch_size, bool)
+        or eval_batch_size < 1
+    ):
+        raise ValueError(f"fit: `eval_batch_size` must be a positive int, got {eval_batch_size!r}")
     if dp is not None:
         _dp.check_options("fit", dp, mesh=mesh, precision=precision)
     model = _precision.applied("fit", model, precision)
@@ -406,8 +479,9 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     x, y = _data("fit", "x", x, mesh is not None), _data("fit", "y", y, mesh is not None)
     n = x.shape[0] if x.ndim else 0
     if y.ndim == 0 or y.shape[0] != n:
-        raise ValueError(f"fit: x has {n} examples but y has shape {y.shape}; pass one "
-                         f"target per example")
+        raise ValueError(
+            f"fit: x has {n} examples but y has shape {y.shape}; pass one target per example"
+        )
     check_batch_size("fit", batch_size, n)
     if not isinstance(epochs, (int, np.integer)) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
@@ -417,12 +491,16 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
         x_test = _data("fit", "x_test", x_test, mesh is not None)
         y_test = _data("fit", "y_test", y_test, mesh is not None)
         if x_test.ndim != x.ndim or x_test.shape[1:] != x.shape[1:]:
-            raise ValueError(f"fit: `x_test` has shape {x_test.shape}, but the examples of "
-                             f"`x` have shape {x.shape[1:]}; pass test examples of that "
-                             f"shape")
+            raise ValueError(
+                f"fit: `x_test` has shape {x_test.shape}, but the examples of "
+                f"`x` have shape {x.shape[1:]}; pass test examples of that "
+                f"shape"
+            )
         if y_test.ndim == 0 or y_test.shape[0] != x_test.shape[0]:
-            raise ValueError(f"fit: `x_test` has {x_test.shape[0]} examples but `y_test` has "
-                             f"shape {y_test.shape}; pass one target per example")
+            raise ValueError(
+                f"fit: `x_test` has {x_test.shape[0]} examples but `y_test` has "
+                f"shape {y_test.shape}; pass one target per example"
+            )
     for name, array in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
         if array is not None:  # integer labels pass; their range is checked below
             check_finite("fit", f"`{name}`", array)
@@ -433,22 +511,34 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
     if state is None:
         state = TrainState(params, optimizer.init(params))
     if state.step > total:
-        raise ValueError(f"fit: the state is at step {state.step}, past the {total} steps of "
-                         f"{epochs} epochs; pass more epochs")
+        raise ValueError(
+            f"fit: the state is at step {state.step}, past the {total} steps of "
+            f"{epochs} epochs; pass more epochs"
+        )
     history = list(history or [])
     evaluator = None
     if x_test is not None:
         evaluator = make_eval_step(model, loss, mesh=mesh, min_shard_size=min_shard_size)
     output = _check_model_fits("fit", model, state.params, x)
-    check_fit_labels("fit", model, state.params, x, y, x_test, y_test,  # once, on the host
-                     output=output)
+    check_fit_labels(
+        "fit",
+        model,
+        state.params,
+        x,
+        y,
+        x_test,
+        y_test,  # once, on the host
+        output=output,
+    )
 
     params, opt_state, step = state.params, state.opt_state, int(state.step)
-    dp_step = None if dp is None else _dp.Stepper(model, loss, optimizer, dp, x, y, key,
-                                                  int(batch_size))
+    dp_step = (
+        None if dp is None else _dp.Stepper(model, loss, optimizer, dp, x, y, key, int(batch_size))
+    )
     if mesh is not None:
         sharded_step, params_sharding, state_sharding = ShardedTrainStep(
-            model, loss, optimizer, mesh, min_shard_size).jitted_for(params, opt_state)
+            model, loss, optimizer, mesh, min_shard_size
+        ).jitted_for(params, opt_state)
         params = _sharding.put_tree(params, params_sharding)
         opt_state = _sharding.put_tree(opt_state, state_sharding)
         batch_sharding = _sharding.batch_sharding(mesh)
@@ -463,8 +553,9 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
             where = f"at step {step} of {total}, after epoch {step // per_epoch} of {epochs}"
         else:
             where = f"at step {step} of {total}, in epoch {step // per_epoch + 1} of {epochs}"
-        _stopping.check(stop, where,
-                        TrainState(params, opt_state, step, loss_sum, correct_sum), history)
+        _stopping.check(
+            stop, where, TrainState(params, opt_state, step, loss_sum, correct_sum), history
+        )
 
     while step < total:
         epoch = step // per_epoch
@@ -477,13 +568,25 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
                 params, opt_state, metrics = dp_step(step, params, opt_state)
             elif mesh is None:
                 params, opt_state, metrics = _batch_step_jit(
-                    model, loss, optimizer, int(batch_size), params, opt_state, x, y, order,
-                    i * batch_size)
+                    model,
+                    loss,
+                    optimizer,
+                    int(batch_size),
+                    params,
+                    opt_state,
+                    x,
+                    y,
+                    order,
+                    i * batch_size,
+                )
             else:
-                idx = order[i * batch_size:(i + 1) * batch_size]
+                idx = order[i * batch_size : (i + 1) * batch_size]
                 params, opt_state, metrics = sharded_step(
-                    params, opt_state, _sharding.put(x[idx], batch_sharding),
-                    _sharding.put(y[idx], batch_sharding))
+                    params,
+                    opt_state,
+                    _sharding.put(x[idx], batch_sharding),
+                    _sharding.put(y[idx], batch_sharding),
+                )
             step += 1
             loss_sum += float(metrics["loss"])
             correct_sum += float(metrics.get("accuracy", 0.0))
@@ -493,13 +596,15 @@ def fit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, param
                 if "accuracy" in metrics:
                     running["accuracy"] = correct_sum / done
                 on_step(TrainState(params, opt_state, step, loss_sum, correct_sum), running)
-        entry: dict[str, float] = {"epoch": epoch + 1, "step": step,
-                                   "train_loss": loss_sum / per_epoch}
+        entry: dict[str, float] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss_sum / per_epoch,
+        }
         if "accuracy" in metrics:
             entry["train_accuracy"] = correct_sum / per_epoch
         if evaluator is not None:
-            for name, value in evaluate(evaluator, params, x_test, y_test,
-                                        eval_batch_size).items():
+            for name, value in evaluate(evaluator, params, x_test, y_test, eval_batch_size).items():
                 entry[f"test_{name}"] = value
         if dp_step is not None:
             entry.update(dp_step.privacy(step))

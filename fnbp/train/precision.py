@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,16 +59,31 @@ from fnbp.nn.layer import BookKeeping, Layer, Params, _layer
 # The names fnbp train's --precision takes: the compute dtype of a policy whose
 # parameters and output are float32.
 PRECISIONS = ("float32", "bfloat16", "float16")
-_DTYPES = {"float16": jnp.float16, "f16": jnp.float16, "bfloat16": jnp.bfloat16,
-           "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
-           "float64": jnp.float64, "f64": jnp.float64}
-_ROLES = {"params": "param_dtype", "p": "param_dtype", "compute": "compute_dtype",
-          "c": "compute_dtype", "output": "output_dtype", "o": "output_dtype"}
+_DTYPES = {
+    "float16": jnp.float16,
+    "f16": jnp.float16,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "f32": jnp.float32,
+    "float64": jnp.float64,
+    "f64": jnp.float64,
+}
+_ROLES = {
+    "params": "param_dtype",
+    "p": "param_dtype",
+    "compute": "compute_dtype",
+    "c": "compute_dtype",
+    "output": "output_dtype",
+    "o": "output_dtype",
+}
 
 
 def _valid_names() -> str:
-    return (f"one of {', '.join(PRECISIONS)} or a full policy such as "
-            f"'params=float32,compute=bfloat16,output=float32' (short: 'p=f32,c=bf16,o=f32')")
+    return (
+        f"one of {', '.join(PRECISIONS)} or a full policy such as "
+        f"'params=float32,compute=bfloat16,output=float32' (short: 'p=f32,c=bf16,o=f32')"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +110,10 @@ class Precision:
             except TypeError:
                 dtype = None
             if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(f"Precision: {field} must be a floating dtype (float16, "
-                                f"bfloat16, float32, float64), got {value!r}")
+                raise TypeError(
+                    f"Precision: {field} must be a floating dtype (float16, "
+                    f"bfloat16, float32, float64), got {value!r}"
+                )
             object.__setattr__(self, field, dtype)
 
     @classmethod
@@ -113,8 +131,10 @@ class Precision:
           ValueError: an unknown name, naming the valid ones.
         """
         if not isinstance(name, str):
-            raise TypeError(f"Precision.from_name: name must be a str, got "
-                            f"{type(name).__name__}; pass {_valid_names()}")
+            raise TypeError(
+                f"Precision.from_name: name must be a str, got "
+                f"{type(name).__name__}; pass {_valid_names()}"
+            )
         text = name.strip().lower()
         if text in PRECISIONS:
             return cls(compute_dtype=_DTYPES[text])
@@ -122,8 +142,9 @@ class Precision:
         for part in text.split(","):
             role, _, dtype = (s.strip() for s in part.partition("="))
             if role not in _ROLES or dtype not in _DTYPES or _ROLES[role] in dtypes:
-                raise ValueError(f"Precision.from_name: unknown precision {name!r}; pass "
-                                 f"{_valid_names()}")
+                raise ValueError(
+                    f"Precision.from_name: unknown precision {name!r}; pass {_valid_names()}"
+                )
             dtypes[_ROLES[role]] = _DTYPES[dtype]
         return cls(**dtypes)
 
@@ -131,11 +152,16 @@ class Precision:
     def name(self) -> str:
         """The shortest name :meth:`from_name` reads back to this policy."""
         f32 = jnp.dtype(jnp.float32)
-        if self.param_dtype == f32 and self.output_dtype == f32 and \
-                self.compute_dtype.name in PRECISIONS:
+        if (
+            self.param_dtype == f32
+            and self.output_dtype == f32
+            and self.compute_dtype.name in PRECISIONS
+        ):
             return self.compute_dtype.name
-        return (f"params={self.param_dtype.name},compute={self.compute_dtype.name},"
-                f"output={self.output_dtype.name}")
+        return (
+            f"params={self.param_dtype.name},compute={self.compute_dtype.name},"
+            f"output={self.output_dtype.name}"
+        )
 
     @property
     def needs_loss_scale(self) -> bool:
@@ -171,10 +197,13 @@ def as_precision(precision: Precision | str, fn: str = "precision") -> Precision
         try:
             return Precision.from_name(precision)
         except ValueError:
-            raise ValueError(f"{fn}: unknown precision {precision!r}; pass "
-                             f"{_valid_names()}") from None
-    raise TypeError(f"{fn}: precision must be a fnbp.Precision or a name ({_valid_names()}), "
-                    f"got {type(precision).__name__}")
+            raise ValueError(
+                f"{fn}: unknown precision {precision!r}; pass {_valid_names()}"
+            ) from None
+    raise TypeError(
+        f"{fn}: precision must be a fnbp.Precision or a name ({_valid_names()}), "
+        f"got {type(precision).__name__}"
+    )
 
 
 # --- the policy applied to a network ---------------------------------------------------
@@ -215,8 +244,10 @@ def with_precision(model: Layer, precision: Precision | str) -> Layer:
       A :class:`fnbp.Layer` with the same parameters as ``model``.
     """
     if not isinstance(model, Layer):
-        raise TypeError(f"with_precision: model must be a fnbp Layer (fnbp.mlp(...), "
-                        f"fnbp.serial(...)), got {type(model).__name__}")
+        raise TypeError(
+            f"with_precision: model must be a fnbp Layer (fnbp.mlp(...), "
+            f"fnbp.serial(...)), got {type(model).__name__}"
+        )
     return _with_precision(model, as_precision(precision, "with_precision"))
 
 
@@ -238,35 +269,43 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
 
     def backward(params, saved, v):
         residuals, dtypes = saved
-        grads, dz = model.backward(policy.cast_to_compute(params), residuals,
-                                   v.astype(dtypes.u))
+        grads, dz = model.backward(policy.cast_to_compute(params), residuals, v.astype(dtypes.u))
         return in_param_dtypes(grads, params), input_cotangent(dz, dtypes)
 
     def at_least_f32(tree):
         return jax.tree_util.tree_map(
-            lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), tree)
+            lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), tree
+        )
 
     # The per-example passes are the model's own, cast like backward: the model's
     # tape travels through, so its one-contraction clipping (and mixed ghost
     # clipping) holds under a policy too.
     def norms(params, saved, v):
         residuals, dtypes = saved
-        sq, dz, tape = model.book.norms(policy.cast_to_compute(params), residuals,
-                                        v.astype(dtypes.u))
+        sq, dz, tape = model.book.norms(
+            policy.cast_to_compute(params), residuals, v.astype(dtypes.u)
+        )
         return at_least_f32(sq), input_cotangent(dz, dtypes), tape
 
     def clipped(params, tape, scales):
-        return in_param_dtypes(model.book.clipped(policy.cast_to_compute(params), tape, scales),
-                               params)
+        return in_param_dtypes(
+            model.book.clipped(policy.cast_to_compute(params), tape, scales), params
+        )
 
     def moments(params, saved, v):
         residuals, dtypes = saved
-        grads, sq, dz = model.book.moments(policy.cast_to_compute(params), residuals,
-                                           v.astype(dtypes.u))
+        grads, sq, dz = model.book.moments(
+            policy.cast_to_compute(params), residuals, v.astype(dtypes.u)
+        )
         return in_param_dtypes(grads, params), at_least_f32(sq), input_cotangent(dz, dtypes)
 
-    layer = _layer(f"{model.name} @ {policy.name}", init, forward, backward,
-                   BookKeeping(norms, clipped, moments))
+    layer = _layer(
+        f"{model.name} @ {policy.name}",
+        init,
+        forward,
+        backward,
+        BookKeeping(norms, clipped, moments),
+    )
     _POLICIES[layer] = policy
     return layer
 
@@ -293,8 +332,9 @@ class DynamicLossScale(NamedTuple):
     update: Callable[[LossScaleState, Array], LossScaleState]
 
 
-def dynamic_loss_scale(initial_scale: float = 2.0**15, period: int = 2000,
-                       factor: float = 2.0, min_scale: float = 1.0) -> DynamicLossScale:
+def dynamic_loss_scale(
+    initial_scale: float = 2.0**15, period: int = 2000, factor: float = 2.0, min_scale: float = 1.0
+) -> DynamicLossScale:
     """Dynamic loss scaling as a pure ``(init, update)`` pair.
 
     ``init()`` is S = ``initial_scale`` with no good steps. ``update(state,
@@ -316,23 +356,27 @@ def dynamic_loss_scale(initial_scale: float = 2.0**15, period: int = 2000,
     if not isinstance(period, int) or period < 1:
         raise ValueError(f"dynamic_loss_scale: period must be an int >= 1, got {period!r}")
     if not factor > 1 or not 0 < min_scale <= initial_scale:
-        raise ValueError(f"dynamic_loss_scale: need factor > 1 and 0 < min_scale <= "
-                         f"initial_scale, got factor={factor}, min_scale={min_scale}, "
-                         f"initial_scale={initial_scale}")
+        raise ValueError(
+            f"dynamic_loss_scale: need factor > 1 and 0 < min_scale <= "
+            f"initial_scale, got factor={factor}, min_scale={min_scale}, "
+            f"initial_scale={initial_scale}"
+        )
 
     def init() -> LossScaleState:
-        return LossScaleState(jnp.asarray(initial_scale, jnp.float32),
-                              jnp.zeros((), jnp.int32))
+        return LossScaleState(jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32))
 
     def update(state: LossScaleState, finite: Array) -> LossScaleState:
         good = state.good_steps + 1
         grown = state.scale * factor
         grow = good >= period
-        scale = jnp.where(finite,
-                          jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
-                          jnp.maximum(state.scale / factor, min_scale))
-        return LossScaleState(scale.astype(jnp.float32),
-                              jnp.where(finite & ~grow, good, 0).astype(jnp.int32))
+        scale = jnp.where(
+            finite,
+            jnp.where(grow & jnp.isfinite(grown), grown, state.scale),
+            jnp.maximum(state.scale / factor, min_scale),
+        )
+        return LossScaleState(
+            scale.astype(jnp.float32), jnp.where(finite & ~grow, good, 0).astype(jnp.int32)
+        )
 
     return DynamicLossScale(init, update)
 
@@ -350,8 +394,9 @@ def all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def loss_scaled(optimizer: optax.GradientTransformation,
-                loss_scale: DynamicLossScale | None = None) -> optax.GradientTransformation:
+def loss_scaled(
+    optimizer: optax.GradientTransformation, loss_scale: DynamicLossScale | None = None
+) -> optax.GradientTransformation:
     """An optax optimizer that takes loss-scaled gradients S dJ/dtheta.
 
     ``update(scaled_grads, state, params)``: if every scaled gradient is finite,
@@ -375,25 +420,28 @@ def loss_scaled(optimizer: optax.GradientTransformation,
       An optax ``GradientTransformation``.
     """
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"loss_scaled: optimizer must be an optax GradientTransformation "
-                        f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}")
+        raise TypeError(
+            f"loss_scaled: optimizer must be an optax GradientTransformation "
+            f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}"
+        )
     loss_scale = loss_scale or dynamic_loss_scale()
 
     def init(params: Params) -> LossScaledState:
         return LossScaledState(loss_scale.init(), optimizer.init(params))
 
-    def update(scaled_grads: Any, state: LossScaledState, params: Params | None = None
-               ) -> tuple[Any, LossScaledState]:
+    def update(
+        scaled_grads: Any, state: LossScaledState, params: Params | None = None
+    ) -> tuple[Any, LossScaledState]:
         finite = all_finite(scaled_grads)
         scale = state.loss_scale.scale
         grads = jax.tree_util.tree_map(
-            lambda g: jnp.where(finite, g / scale.astype(g.dtype), jnp.zeros_like(g)),
-            scaled_grads)
+            lambda g: jnp.where(finite, g / scale.astype(g.dtype), jnp.zeros_like(g)), scaled_grads
+        )
         updates, inner = optimizer.update(grads, state.inner_state, params)
-        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-                                         updates)
-        inner = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), inner,
-                                       state.inner_state)
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        inner = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), inner, state.inner_state
+        )
         return updates, LossScaledState(loss_scale.update(state.loss_scale, finite), inner)
 
     return optax.GradientTransformation(init, update)
@@ -409,23 +457,28 @@ def loss_scale_of(opt_state: Any) -> Array | None:
     if isinstance(opt_state, LossScaledState):
         return opt_state.loss_scale.scale
     nodes = jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda node: isinstance(node, LossScaledState))
+        opt_state, is_leaf=lambda node: isinstance(node, LossScaledState)
+    )
     if any(isinstance(node, LossScaledState) for node in nodes):
-        raise ValueError("train_step: the optimizer state holds a fnbp.loss_scaled state "
-                         "inside another optimizer's; make fnbp.loss_scaled the outermost "
-                         "wrapper, e.g. fnbp.loss_scaled(optax.chain(...)), so that the "
-                         "loss is scaled by its S")
+        raise ValueError(
+            "train_step: the optimizer state holds a fnbp.loss_scaled state "
+            "inside another optimizer's; make fnbp.loss_scaled the outermost "
+            "wrapper, e.g. fnbp.loss_scaled(optax.chain(...)), so that the "
+            "loss is scaled by its S"
+        )
     return None
 
 
 def _scaled(loss: Loss, scale: Array) -> Loss:
     def scaled_loss(t: Array, y: Array) -> Array:
-        return loss(t, y) * scale   # promotes a float16 loss to float32: S J cannot overflow
+        return loss(t, y) * scale  # promotes a float16 loss to float32: S J cannot overflow
+
     return scaled_loss
 
 
-def scaled_backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array,
-                    opt_state: Any) -> tuple[Array, Params]:
+def scaled_backprop(
+    model: Layer, loss: Loss, params: Params, x: Array, y: Array, opt_state: Any
+) -> tuple[Array, Params]:
     """:func:`fnbp.backprop`, with the loss scaled by the S of a loss-scaled optimizer.
 
     Without a :class:`LossScaledState` it is ``backprop(model, loss, params, x,
@@ -441,10 +494,12 @@ def scaled_backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array
     if scale is None:
         policy = policy_of(model)
         if policy is not None and policy.needs_loss_scale:
-            raise ValueError(f"train_step: precision {policy.name!r} computes in float16, "
-                             f"whose small gradients underflow to zero; wrap the optimizer "
-                             f"in fnbp.loss_scaled(optimizer) and make its state with that "
-                             f"wrapped optimizer's init")
+            raise ValueError(
+                f"train_step: precision {policy.name!r} computes in float16, "
+                f"whose small gradients underflow to zero; wrap the optimizer "
+                f"in fnbp.loss_scaled(optimizer) and make its state with that "
+                f"wrapped optimizer's init"
+            )
         return backprop(model, loss, params, x, y)
     J, grads = backprop(model, _scaled(loss, scale), params, x, y)
     return J / scale, grads

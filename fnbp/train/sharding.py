@@ -43,7 +43,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -66,10 +67,12 @@ DEFAULT_TIMEOUT = 60
 """Seconds :func:`initialize_distributed` waits for the processes to join, by default."""
 
 
-def check_distributed_arguments(coordinator_address: str | None = None,
-                                num_processes: int | None = None,
-                                process_id: int | None = None,
-                                timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int] | None:
+def check_distributed_arguments(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[str, int] | None:
     """Check :func:`initialize_distributed`'s arguments without touching JAX or the network.
 
     ``coordinator_address`` is ``"host:port"`` (an IPv6 host in brackets,
@@ -85,71 +88,98 @@ def check_distributed_arguments(coordinator_address: str | None = None,
         a timeout that is not a positive finite number.
     """
     fn = "initialize_distributed"
-    if (not isinstance(timeout, (int, float, np.integer, np.floating)) or isinstance(timeout, bool)
-            or not math.isfinite(timeout) or timeout <= 0):
-        raise ValueError(f"{fn}: `timeout` must be a positive number of seconds, got "
-                         f"{timeout!r}")
+    if (
+        not isinstance(timeout, (int, float, np.integer, np.floating))
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ValueError(f"{fn}: `timeout` must be a positive number of seconds, got {timeout!r}")
     address = None
     if coordinator_address is not None:
         address = _parse_address(fn, coordinator_address)
     if num_processes is None or num_processes == 1:
         if process_id not in (None, 0):
-            raise ValueError(f"{fn}: `process_id` {process_id} needs `num_processes` > "
-                             f"{process_id}")
+            raise ValueError(
+                f"{fn}: `process_id` {process_id} needs `num_processes` > {process_id}"
+            )
         return address
-    if (not isinstance(num_processes, (int, np.integer)) or isinstance(num_processes, bool)
-            or num_processes < 1):
-        raise ValueError(f"{fn}: `num_processes` must be a positive int, got "
-                         f"{num_processes!r}")
+    if (
+        not isinstance(num_processes, (int, np.integer))
+        or isinstance(num_processes, bool)
+        or num_processes < 1
+    ):
+        raise ValueError(f"{fn}: `num_processes` must be a positive int, got {num_processes!r}")
     if address is None:
-        raise ValueError(f"{fn}: {num_processes} processes need a `coordinator_address` "
-                         f"'host:port' (the address of process 0)")
-    if (not isinstance(process_id, (int, np.integer)) or isinstance(process_id, bool)
-            or not 0 <= process_id < num_processes):
-        raise ValueError(f"{fn}: `process_id` must be an int in [0, {num_processes}), got "
-                         f"{process_id!r}")
+        raise ValueError(
+            f"{fn}: {num_processes} processes need a `coordinator_address` "
+            f"'host:port' (the address of process 0)"
+        )
+    if (
+        not isinstance(process_id, (int, np.integer))
+        or isinstance(process_id, bool)
+        or not 0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"{fn}: `process_id` must be an int in [0, {num_processes}), got {process_id!r}"
+        )
     return address
 
 
 def _parse_address(fn: str, address: Any) -> tuple[str, int]:
     """``(host, port)`` of ``"host:port"`` or ``"[v6 host]:port"``, or fnbp's error."""
     if not isinstance(address, str):
-        raise TypeError(f"{fn}: `coordinator_address` must be a string 'host:port', got "
-                        f"{type(address).__name__}")
+        raise TypeError(
+            f"{fn}: `coordinator_address` must be a string 'host:port', got "
+            f"{type(address).__name__}"
+        )
     example = "e.g. 'localhost:1234' or '10.0.0.1:1234'"
     if ":" not in address:
-        raise ValueError(f"{fn}: `coordinator_address` {address!r} has no port; pass "
-                         f"'host:port', {example}")
+        raise ValueError(
+            f"{fn}: `coordinator_address` {address!r} has no port; pass 'host:port', {example}"
+        )
     if address.startswith("["):
         close = address.find("]")
-        if close < 0 or address[close + 1:close + 2] != ":":
-            raise ValueError(f"{fn}: `coordinator_address` {address!r}: an IPv6 host in "
-                             f"brackets is followed by ':port', e.g. '[::1]:1234'")
-        host, port_text = address[1:close], address[close + 2:]
+        if close < 0 or address[close + 1 : close + 2] != ":":
+            raise ValueError(
+                f"{fn}: `coordinator_address` {address!r}: an IPv6 host in "
+                f"brackets is followed by ':port', e.g. '[::1]:1234'"
+            )
+        host, port_text = address[1:close], address[close + 2 :]
     else:
         host, port_text = address.rsplit(":", 1)
         if ":" in host:
-            raise ValueError(f"{fn}: `coordinator_address` {address!r}: write an IPv6 host "
-                             f"in brackets, e.g. '[{host}]:{port_text}'")
+            raise ValueError(
+                f"{fn}: `coordinator_address` {address!r}: write an IPv6 host "
+                f"in brackets, e.g. '[{host}]:{port_text}'"
+            )
     if not host.strip() or host != host.strip() or any(c.isspace() for c in host):
-        raise ValueError(f"{fn}: `coordinator_address` {address!r} has "
-                         f"{'no host' if not host.strip() else 'spaces in its host'}; pass "
-                         f"'host:port', {example}")
+        raise ValueError(
+            f"{fn}: `coordinator_address` {address!r} has "
+            f"{'no host' if not host.strip() else 'spaces in its host'}; pass "
+            f"'host:port', {example}"
+        )
     if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"{fn}: `coordinator_address` {address!r}: the port "
-                         f"{port_text!r} is not a number; pass 'host:port', {example}")
+        raise ValueError(
+            f"{fn}: `coordinator_address` {address!r}: the port "
+            f"{port_text!r} is not a number; pass 'host:port', {example}"
+        )
     port = int(port_text)
     if not 1 <= port <= 65535:
-        raise ValueError(f"{fn}: `coordinator_address` {address!r}: the port {port} is "
-                         f"outside 1 .. 65535")
+        raise ValueError(
+            f"{fn}: `coordinator_address` {address!r}: the port {port} is outside 1 .. 65535"
+        )
     return host, port
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None, *,
-                           timeout: float = DEFAULT_TIMEOUT,
-                           on_timeout: Callable[[str], Any] | None = None) -> int:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_timeout: Callable[[str], Any] | None = None,
+) -> int:
     """Join a multi-process (multi-host) run, or stay a single process.
 
     With ``num_processes`` > 1 this calls ``jax.distributed.initialize``
@@ -197,41 +227,48 @@ def initialize_distributed(coordinator_address: str | None = None,
     # jax.distributed.is_initialized is newer than some JAX versions fnbp supports
     if getattr(jax.distributed, "is_initialized", lambda: False)():
         return jax.process_count()
-    address = check_distributed_arguments(coordinator_address, num_processes, process_id,
-                                          timeout)
+    address = check_distributed_arguments(coordinator_address, num_processes, process_id, timeout)
     if num_processes is None or num_processes == 1:
         return 1
     assert address is not None  # checked: several processes need one
     deadline = time.monotonic() + timeout
     if process_id != 0:
         _wait_for_port(coordinator_address, address, deadline, timeout)
-    message = (f"initialize_distributed: the {num_processes} processes did not all join the "
-               f"coordinator {coordinator_address} (`coordinator_address`) within "
-               f"{timeout:g} s (`timeout`); start every process with the same "
-               f"`coordinator_address` and `num_processes` and its own `process_id`, or "
-               f"pass a larger `timeout`")
+    message = (
+        f"initialize_distributed: the {num_processes} processes did not all join the "
+        f"coordinator {coordinator_address} (`coordinator_address`) within "
+        f"{timeout:g} s (`timeout`); start every process with the same "
+        f"`coordinator_address` and `num_processes` and its own `process_id`, or "
+        f"pass a larger `timeout`"
+    )
     joined = threading.Event()
     watchdog = threading.Thread(
-        target=_watch, args=(joined, deadline, message, on_timeout or _exit_with),
-        name="fnbp-initialize-distributed-watchdog", daemon=True)
+        target=_watch,
+        args=(joined, deadline, message, on_timeout or _exit_with),
+        name="fnbp-initialize-distributed-watchdog",
+        daemon=True,
+    )
     watchdog.start()
     # JAX's own deadline (which ends the process) after the watchdog's
     remaining = max(deadline - time.monotonic(), 0.0)
     try:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=int(num_processes), process_id=int(process_id),
-                                   initialization_timeout=int(math.ceil(remaining)) + 30)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=int(num_processes),
+            process_id=int(process_id),
+            initialization_timeout=int(math.ceil(remaining)) + 30,
+        )
     except (RuntimeError, ValueError) as error:
         message = " ".join(str(error).split())
-        raise ValueError(f"initialize_distributed: jax.distributed.initialize failed: "
-                         f"{message}") from error
+        raise ValueError(
+            f"initialize_distributed: jax.distributed.initialize failed: {message}"
+        ) from error
     finally:
         joined.set()
     return jax.process_count()
 
 
-def _wait_for_port(text: str, address: tuple[str, int], deadline: float,
-                   timeout: float) -> None:
+def _wait_for_port(text: str, address: tuple[str, int], deadline: float, timeout: float) -> None:
     """Until ``deadline``, try to connect to the coordinator's port; TimeoutError if never."""
     host, port = address
     while True:
@@ -240,23 +277,27 @@ def _wait_for_port(text: str, address: tuple[str, int], deadline: float,
             with socket.create_connection((host, port), timeout=max(min(left, 2.0), 0.05)):
                 return
         except socket.gaierror as error:
-            raise ValueError(f"initialize_distributed: the host {host!r} of "
-                             f"`coordinator_address` {text} is unknown "
-                             f"({error.strerror or error}); pass the address of process 0"
-                             ) from error
+            raise ValueError(
+                f"initialize_distributed: the host {host!r} of "
+                f"`coordinator_address` {text} is unknown "
+                f"({error.strerror or error}); pass the address of process 0"
+            ) from error
         except OSError:
             pass
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"initialize_distributed: nothing answers at the coordinator "
-                               f"{text} (`coordinator_address`) after {timeout:g} s "
-                               f"(`timeout`); start process 0 with the same "
-                               f"`coordinator_address`, check the host and the port, or pass a "
-                               f"larger `timeout`")
+            raise TimeoutError(
+                f"initialize_distributed: nothing answers at the coordinator "
+                f"{text} (`coordinator_address`) after {timeout:g} s "
+                f"(`timeout`); start process 0 with the same "
+                f"`coordinator_address`, check the host and the port, or pass a "
+                f"larger `timeout`"
+            )
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
-def _watch(joined: threading.Event, deadline: float, message: str,
-           on_timeout: Callable[[str], Any]) -> None:
+def _watch(
+    joined: threading.Event, deadline: float, message: str, on_timeout: Callable[[str], Any]
+) -> None:
     if not joined.wait(max(deadline - time.monotonic(), 0.0)):
         on_timeout(message)
 
@@ -300,15 +341,19 @@ def make_mesh(devices: int | None = None, *, fsdp: int = 1) -> Mesh:
     devices = int(devices)
     if devices > len(present):
         are = "device is" if len(present) == 1 else "devices are"
-        raise ValueError(f"make_mesh: `devices` {devices}: only {len(present)} {are} present "
-                         f"({_device_summary(present)}); pass `devices` {len(present)} or "
-                         f"fewer")
+        raise ValueError(
+            f"make_mesh: `devices` {devices}: only {len(present)} {are} present "
+            f"({_device_summary(present)}); pass `devices` {len(present)} or "
+            f"fewer"
+        )
     if not isinstance(fsdp, (int, np.integer)) or isinstance(fsdp, bool) or fsdp < 1:
         raise ValueError(f"make_mesh: `fsdp` must be a positive int, got {fsdp!r}")
     if devices % fsdp:
-        raise ValueError(f"make_mesh: `fsdp` {fsdp} does not divide `devices` {devices}; "
-                         f"the devices form a ({devices} // fsdp) x fsdp mesh, so pass an "
-                         f"`fsdp` that divides {devices}")
+        raise ValueError(
+            f"make_mesh: `fsdp` {fsdp} does not divide `devices` {devices}; "
+            f"the devices form a ({devices} // fsdp) x fsdp mesh, so pass an "
+            f"`fsdp` that divides {devices}"
+        )
     chosen = _pick_devices(present, devices)
     if fsdp == 1:
         return Mesh(np.array(chosen), (DATA_AXIS,))
@@ -321,11 +366,16 @@ def _pick_devices(present: list[Any], count: int) -> list[Any]:
     if len(processes) == 1:
         return present[:count]
     if count % len(processes):
-        raise ValueError(f"make_mesh: `devices` {count} do not split evenly over the "
-                         f"{len(processes)} processes; pass a multiple of {len(processes)}")
+        raise ValueError(
+            f"make_mesh: `devices` {count} do not split evenly over the "
+            f"{len(processes)} processes; pass a multiple of {len(processes)}"
+        )
     per_process = count // len(processes)
-    return [device for p in processes
-            for device in [d for d in present if d.process_index == p][:per_process]]
+    return [
+        device
+        for p in processes
+        for device in [d for d in present if d.process_index == p][:per_process]
+    ]
 
 
 def _device_summary(devices: list[Any]) -> str:
@@ -338,12 +388,16 @@ def _device_summary(devices: list[Any]) -> str:
 def check_mesh(fn: str, mesh: Any) -> Mesh:
     """``mesh`` itself, after checking that its axes are ``"data"`` and maybe ``"fsdp"``."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"{fn}: mesh must be a jax.sharding.Mesh (from fnbp.make_mesh), "
-                        f"got {type(mesh).__name__}")
+        raise TypeError(
+            f"{fn}: mesh must be a jax.sharding.Mesh (from fnbp.make_mesh), "
+            f"got {type(mesh).__name__}"
+        )
     names = tuple(mesh.axis_names)
     if names not in ((DATA_AXIS,), (DATA_AXIS, FSDP_AXIS)):
-        raise ValueError(f"{fn}: the mesh axes must be ('data',) or ('data', 'fsdp'), got "
-                         f"{names}; make the mesh with fnbp.make_mesh(devices, fsdp=...)")
+        raise ValueError(
+            f"{fn}: the mesh axes must be ('data',) or ('data', 'fsdp'), got "
+            f"{names}; make the mesh with fnbp.make_mesh(devices, fsdp=...)"
+        )
     return mesh
 
 
@@ -386,14 +440,20 @@ def check_batch(fn: str, mesh: Mesh, batch_size: int, argument: str | None = Non
     if batch_size % split:
         lower = batch_size - batch_size % split
         suggestion = f"{lower} or {lower + split}" if lower else f"{split}"
-        subject, remedy = (f"a batch of {batch_size} examples",
-                           f"a batch of a multiple of {split} examples ({suggestion})")
+        subject, remedy = (
+            f"a batch of {batch_size} examples",
+            f"a batch of a multiple of {split} examples ({suggestion})",
+        )
         if argument is not None:
-            subject, remedy = (f"`{argument}` {batch_size}",
-                               f"a `{argument}` that is a multiple of {split} ({suggestion})")
-        raise ValueError(f"{fn}: {subject} does not split evenly over the {split} devices "
-                         f"of the mesh {_mesh_text(mesh)}, each of which takes an equal part "
-                         f"of every batch; pass {remedy} or fewer `devices`")
+            subject, remedy = (
+                f"`{argument}` {batch_size}",
+                f"a `{argument}` that is a multiple of {split} ({suggestion})",
+            )
+        raise ValueError(
+            f"{fn}: {subject} does not split evenly over the {split} devices "
+            f"of the mesh {_mesh_text(mesh)}, each of which takes an equal part "
+            f"of every batch; pass {remedy} or fewer `devices`"
+        )
 
 
 def _mesh_text(mesh: Mesh) -> str:
@@ -403,8 +463,9 @@ def _mesh_text(mesh: Mesh) -> str:
 # --- parameters ---------------------------------------------------------------------
 
 
-def param_spec(shape: tuple[int, ...], mesh: Mesh,
-               min_shard_size: int = MIN_SHARD_SIZE) -> PartitionSpec:
+def param_spec(
+    shape: tuple[int, ...], mesh: Mesh, min_shard_size: int = MIN_SHARD_SIZE
+) -> PartitionSpec:
     """Where a parameter (or optimizer-state leaf) of this shape lives.
 
     Replicated (``PartitionSpec()``) on a data-parallel mesh. On an FSDP mesh
@@ -433,8 +494,8 @@ def param_shardings(tree: Any, mesh: Mesh, min_shard_size: int = MIN_SHARD_SIZE)
     Each leaf's sharding is ``NamedSharding(mesh, param_spec(leaf.shape, ...))``.
     """
     return jax.tree_util.tree_map(
-        lambda leaf: NamedSharding(mesh, param_spec(np.shape(leaf), mesh, min_shard_size)),
-        tree)
+        lambda leaf: NamedSharding(mesh, param_spec(np.shape(leaf), mesh, min_shard_size)), tree
+    )
 
 
 # --- placing data -------------------------------------------------------------------
@@ -454,8 +515,9 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
         if jax.process_count() == 1 or not x.is_fully_addressable:
             return jax.device_put(x, sharding)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
-                                            impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+            )
     value = np.asarray(x)
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)

@@ -16,7 +16,8 @@ they return a :class:`ShardedTrainStep`/:class:`ShardedEvalStep`, jitted with
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,11 @@ import optax
 from jax import Array
 from jax.sharding import Mesh
 
+from fnbp.backprop import Loss
+from fnbp.nn.layer import Layer, Params
 from fnbp.train import precision as _precision
 from fnbp.train import sharding as _sharding
 from fnbp.train._data_checks import LabelCheck, with_label_check
-from fnbp.backprop import Loss
-from fnbp.nn.layer import Layer, Params
-
 
 Metrics = dict[str, Array]
 
@@ -44,9 +44,15 @@ def _is_classification(t: Any, y: Any) -> bool:
     return jnp.issubdtype(y.dtype, jnp.integer) and len(t.shape) == len(y.shape) + 1
 
 
-def train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-               params: Params, opt_state: Any, x: Array, y: Array
-               ) -> tuple[Params, Any, Metrics]:
+def train_step(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    opt_state: Any,
+    x: Array,
+    y: Array,
+) -> tuple[Params, Any, Metrics]:
     """One training step, not jitted (see :func:`make_train_step` for the jitted one).
 
     The gradient is :func:`fnbp.backprop` (Algorithm 3 with the hand-written
@@ -67,22 +73,43 @@ def train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation
 _train_step_jit = jax.jit(train_step, static_argnums=(0, 1, 2))
 
 
-def _batch_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-                batch_size: int, params: Params, opt_state: Any, x: Array, y: Array,
-                order: Array, start: Array) -> tuple[Params, Any, Metrics]:
+def _batch_step(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    params: Params,
+    opt_state: Any,
+    x: Array,
+    y: Array,
+    order: Array,
+    start: Array,
+) -> tuple[Params, Any, Metrics]:
     """The step on the minibatch ``order[start:start + batch_size]`` of (x, y)."""
     idx = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
-    return train_step(model, loss, optimizer, params, opt_state,
-                      jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
+    return train_step(
+        model,
+        loss,
+        optimizer,
+        params,
+        opt_state,
+        jnp.take(x, idx, axis=0),
+        jnp.take(y, idx, axis=0),
+    )
 
 
 _batch_step_jit = jax.jit(_batch_step, static_argnums=(0, 1, 2, 3))
 
 
-def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
-                    mesh: Mesh | None = None, min_shard_size: int = _sharding.MIN_SHARD_SIZE,
-                    precision: _precision.Precision | str | None = None
-                    ) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
+def make_train_step(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+    precision: _precision.Precision | str | None = None,
+) -> Callable[[Params, Any, Array, Array], tuple[Params, Any, Metrics]]:
     """A jitted training step: gradients from :func:`fnbp.backprop`, update from optax.
 
     With a ``mesh`` (:func:`fnbp.make_mesh`) the step is data parallel: the
@@ -125,8 +152,9 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
     _check_parts("make_train_step", model, loss, optimizer)
     model = _precision.applied("make_train_step", model, precision)
     if mesh is None:
-        return with_label_check("train_step", model,
-                                functools.partial(_train_step_jit, model, loss, optimizer))
+        return with_label_check(
+            "train_step", model, functools.partial(_train_step_jit, model, loss, optimizer)
+        )
     _sharding.check_mesh("make_train_step", mesh)
     return ShardedTrainStep(model, loss, optimizer, mesh, min_shard_size)
 
@@ -145,10 +173,14 @@ def eval_step(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> M
 _eval_step_jit = jax.jit(eval_step, static_argnums=(0, 1))
 
 
-def make_eval_step(model: Layer, loss: Loss, *, mesh: Mesh | None = None,
-                   min_shard_size: int = _sharding.MIN_SHARD_SIZE,
-                   precision: _precision.Precision | str | None = None
-                   ) -> Callable[[Params, Array, Array], Metrics]:
+def make_eval_step(
+    model: Layer,
+    loss: Loss,
+    *,
+    mesh: Mesh | None = None,
+    min_shard_size: int = _sharding.MIN_SHARD_SIZE,
+    precision: _precision.Precision | str | None = None,
+) -> Callable[[Params, Array, Array], Metrics]:
     """A jitted evaluation: ``eval_step(params, x, y) -> {"loss", "accuracy"}``.
 
     The loss is the mean over examples of ``loss(model.apply(params, x), y)``,
@@ -173,9 +205,9 @@ def _layout(tree: Any, mesh: Mesh, min_shard_size: int) -> Layout:
     """(treedef, one NamedSharding per leaf): a hashable key for the compiled step."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple(
-        jax.sharding.NamedSharding(mesh, _sharding.param_spec(np.shape(leaf), mesh,
-                                                              min_shard_size))
-        for leaf in leaves)
+        jax.sharding.NamedSharding(mesh, _sharding.param_spec(np.shape(leaf), mesh, min_shard_size))
+        for leaf in leaves
+    )
 
 
 def _shardings(layout: Layout) -> Any:
@@ -186,22 +218,32 @@ def _shardings(layout: Layout) -> Any:
 # Each is compiled once per (model, loss, optimizer, mesh, layout): later calls
 # with the same objects reuse the compiled program.
 @functools.lru_cache(maxsize=32)
-def _sharded_train_step_jit(model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-                            mesh: Mesh, params_layout: Layout, state_layout: Layout
-                            ) -> Callable:
+def _sharded_train_step_jit(
+    model: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    params_layout: Layout,
+    state_layout: Layout,
+) -> Callable:
     params, state = _shardings(params_layout), _shardings(state_layout)
     batch = _sharding.batch_sharding(mesh)
-    return jax.jit(functools.partial(train_step, model, loss, optimizer),
-                   in_shardings=(params, state, batch, batch),
-                   out_shardings=(params, state, _sharding.replicated(mesh)))
+    return jax.jit(
+        functools.partial(train_step, model, loss, optimizer),
+        in_shardings=(params, state, batch, batch),
+        out_shardings=(params, state, _sharding.replicated(mesh)),
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_eval_step_jit(model: Layer, loss: Loss, mesh: Mesh, params_layout: Layout,
-                           data: Hashable) -> Callable:
-    return jax.jit(functools.partial(eval_step, model, loss),
-                   in_shardings=(_shardings(params_layout), data, data),
-                   out_shardings=_sharding.replicated(mesh))
+def _sharded_eval_step_jit(
+    model: Layer, loss: Loss, mesh: Mesh, params_layout: Layout, data: Hashable
+) -> Callable:
+    return jax.jit(
+        functools.partial(eval_step, model, loss),
+        in_shardings=(_shardings(params_layout), data, data),
+        out_shardings=_sharding.replicated(mesh),
+    )
 
 
 class ShardedTrainStep:
@@ -217,8 +259,14 @@ class ShardedTrainStep:
     ``compile().input_shardings`` are the layouts actually used.
     """
 
-    def __init__(self, model: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-                 mesh: Mesh, min_shard_size: int):
+    def __init__(
+        self,
+        model: Layer,
+        loss: Loss,
+        optimizer: optax.GradientTransformation,
+        mesh: Mesh,
+        min_shard_size: int,
+    ):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.mesh, self.min_shard_size = mesh, min_shard_size
         self._check_labels = LabelCheck("train_step", model)
@@ -231,8 +279,9 @@ class ShardedTrainStep:
         """
         params_layout = _layout(params, self.mesh, self.min_shard_size)
         state_layout = _layout(opt_state, self.mesh, self.min_shard_size)
-        step = _sharded_train_step_jit(self.model, self.loss, self.optimizer, self.mesh,
-                                       params_layout, state_layout)
+        step = _sharded_train_step_jit(
+            self.model, self.loss, self.optimizer, self.mesh, params_layout, state_layout
+        )
         return step, _shardings(params_layout), _shardings(state_layout)
 
     def _placed(self, params: Params, opt_state: Any, x: Any, y: Any) -> tuple[Callable, tuple]:
@@ -242,12 +291,16 @@ class ShardedTrainStep:
         self._check_labels(params, x, y)
         step, params_sharding, state_sharding = self.jitted_for(params, opt_state)
         batch = _sharding.batch_sharding(self.mesh)
-        return step, (_sharding.put_tree(params, params_sharding),
-                      _sharding.put_tree(opt_state, state_sharding),
-                      _sharding.put(x, batch), _sharding.put(y, batch))
+        return step, (
+            _sharding.put_tree(params, params_sharding),
+            _sharding.put_tree(opt_state, state_sharding),
+            _sharding.put(x, batch),
+            _sharding.put(y, batch),
+        )
 
-    def __call__(self, params: Params, opt_state: Any, x: Any, y: Any
-                 ) -> tuple[Params, Any, Metrics]:
+    def __call__(
+        self, params: Params, opt_state: Any, x: Any, y: Any
+    ) -> tuple[Params, Any, Metrics]:
         step, arguments = self._placed(params, opt_state, x, y)
         return step(*arguments)
 
@@ -271,23 +324,31 @@ class ShardedEvalStep:
 
     def __call__(self, params: Params, x: Any, y: Any) -> Metrics:
         params_layout = _layout(params, self.mesh, self.min_shard_size)
-        data = (_sharding.batch_sharding(self.mesh)
-                if np.ndim(x) and np.shape(x)[0] % _sharding.batch_split(self.mesh) == 0
-                else _sharding.replicated(self.mesh))
+        data = (
+            _sharding.batch_sharding(self.mesh)
+            if np.ndim(x) and np.shape(x)[0] % _sharding.batch_split(self.mesh) == 0
+            else _sharding.replicated(self.mesh)
+        )
         step = _sharded_eval_step_jit(self.model, self.loss, self.mesh, params_layout, data)
-        return step(_sharding.put_tree(params, _shardings(params_layout)),
-                    _sharding.put(x, data), _sharding.put(y, data))
+        return step(
+            _sharding.put_tree(params, _shardings(params_layout)),
+            _sharding.put(x, data),
+            _sharding.put(y, data),
+        )
 
 
 def _check_parts(fn: str, model: Any, loss: Any, optimizer: Any) -> None:
     if not isinstance(model, Layer):
-        raise TypeError(f"{fn}: model must be a fnbp Layer (fnbp.mlp(...), fnbp.serial(...)), "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"{fn}: model must be a fnbp Layer (fnbp.mlp(...), fnbp.serial(...)), "
+            f"got {type(model).__name__}"
+        )
     if not callable(loss):
-        raise TypeError(f"{fn}: loss must be callable (t, y) -> per-example loss, "
-                        f"got {type(loss).__name__}")
+        raise TypeError(
+            f"{fn}: loss must be callable (t, y) -> per-example loss, got {type(loss).__name__}"
+        )
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation "
-                        f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}")
-
-
+        raise TypeError(
+            f"{fn}: optimizer must be an optax GradientTransformation "
+            f"(e.g. optax.adam(1e-3)), got {type(optimizer).__name__}"
+        )

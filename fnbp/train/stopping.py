@@ -30,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 class TrainingStopped(Exception):
@@ -46,8 +47,14 @@ class TrainingStopped(Exception):
       where: where it stopped, in words ("at step 37 of 400, in epoch 5 of 50").
     """
 
-    def __init__(self, message: str, state: Any = None, history: list | None = None,
-                 signum: int | None = None, where: str = ""):
+    def __init__(
+        self,
+        message: str,
+        state: Any = None,
+        history: list | None = None,
+        signum: int | None = None,
+        where: str = "",
+    ):
         super().__init__(message)
         self.where = where
         self.state = state
@@ -85,8 +92,9 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
-                    ) -> Iterator[StopRequest]:
+def stop_on_signals(
+    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[StopRequest]:
     """While inside, ``signals`` request a stop instead of interrupting; yields the request.
 
     The handler only records the signal (``request.signum``) and returns;
@@ -136,8 +144,7 @@ def _restore(previous: dict[int, Any]) -> None:
 
 
 @contextlib.contextmanager
-def default_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)
-                    ) -> Iterator[None]:
+def default_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """While inside, ``signals`` have their default action (SIGINT and SIGTERM end the
     process at once); for a call that blocks where no Python handler can run."""
     previous: dict[int, Any] = {}

@@ -116,8 +116,8 @@ Python bool, a string, an axis) are not arrays: pass them as
 """
 
 from fnbp.verify.check import check_vjp
-from fnbp.verify.layer import check_layer
 from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
+from fnbp.verify.layer import check_layer
 from fnbp.verify.programs import FAST_COMPILE, TRANSFORMS, jit_fast
 from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPCheck, VJPReport
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fnbp.verify.report import _f64
+
 
 @dataclass(frozen=True)
 class _Arg:
@@ -20,7 +22,7 @@ class _Arg:
     treedef: Any
     leaves: tuple[jax.Array, ...]
     paths: tuple[str, ...]
-    floats: tuple[int, ...]      # indices of the floating leaves
+    floats: tuple[int, ...]  # indices of the floating leaves
 
     def rebuild(self, leaves: Sequence[Any]) -> Any:
         return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
@@ -59,10 +61,12 @@ def _as_leaf(fn: str, name: str, leaf: Any) -> jax.Array:
     if isinstance(leaf, (np.ndarray, np.generic)):
         leaf = _put(leaf)
     elif not isinstance(leaf, jax.Array):
-        leaf = jnp.asarray(leaf)   # a Python number: weakly typed, as JAX treats it
+        leaf = jnp.asarray(leaf)  # a Python number: weakly typed, as JAX treats it
     if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-        raise TypeError(f"{fn}: argument {name!r} is complex; only real floating and "
-                        f"integer arguments are supported")
+        raise TypeError(
+            f"{fn}: argument {name!r} is complex; only real floating and "
+            f"integer arguments are supported"
+        )
     return leaf
 
 
@@ -86,15 +90,13 @@ def _put(x: np.ndarray) -> jax.Array:
     return jax.device_put(x)
 
 
-
 def _as_dtype(x: np.ndarray, dtype: Any) -> jax.Array:
     # The cast happens in numpy, so no XLA program is compiled for it.
     return _put(np.asarray(x).astype(np.dtype(dtype)))
 
 
 def _stack(trees: Sequence[Any]) -> Any:
-    return jax.tree_util.tree_map(lambda *xs: _put(np.stack([np.asarray(x) for x in xs])),
-                                  *trees)
+    return jax.tree_util.tree_map(lambda *xs: _put(np.stack([np.asarray(x) for x in xs])), *trees)
 
 
 def _to64(tree: Any) -> Any:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,8 @@ import numpy as np
 from fnbp.backward import _uses_custom_vjp
 from fnbp.verify.arguments import _argument_names, _coarsest, _describe_arg
 from fnbp.verify.checker import _Checker
-from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
 from fnbp.verify.draws import check_factory
+from fnbp.verify.finite_diff import FD_RTOL, FD_STEP
 from fnbp.verify.probes import PROBES
 from fnbp.verify.programs import TRANSFORMS, _Bound
 from fnbp.verify.report import DEFAULT_TOLERANCES, Tolerance, VJPReport
@@ -32,10 +33,8 @@ wrong): the Clarke subdifferential's bounds that one-sided differences see.
 _TOLERANCE_HINTS = {
     "rtol": "a row passes when max abs err <= atol + rtol * max |want|",
     "atol": "a row passes when max abs err <= atol + rtol * max |want|",
-    "fd_rtol": "the relative tolerance of the float64 finite differences (default "
-               f"{FD_RTOL:g})",
-    "fd_step": "the central-difference step relative to max(1, max |x|) (default "
-               f"{FD_STEP:.2g})",
+    "fd_rtol": f"the relative tolerance of the float64 finite differences (default {FD_RTOL:g})",
+    "fd_step": f"the central-difference step relative to max(1, max |x|) (default {FD_STEP:.2g})",
 }
 
 
@@ -47,13 +46,16 @@ def positive_finite(fn: str, name: str, value: Any) -> float:
     and an infinite one passes anything, so each is refused.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{fn}: {name} must be a positive number, got "
-                        f"{type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{fn}: {name} must be a positive number, got {type(value).__name__} {value!r}"
+        )
     number = float(value)
     if not (math.isfinite(number) and number > 0):
         default = " (or None for the dtype's default)" if name in ("rtol", "atol") else ""
-        raise ValueError(f"{fn}: {name} must be a positive finite number, got {number!r}; "
-                         f"{_TOLERANCE_HINTS[name]}: pass a positive value{default}")
+        raise ValueError(
+            f"{fn}: {name} must be a positive finite number, got {number!r}; "
+            f"{_TOLERANCE_HINTS[name]}: pass a positive value{default}"
+        )
     return number
 
 
@@ -169,57 +171,85 @@ def check_vjp(
     if not callable(f):
         raise TypeError(f"{fn}: f must be callable, got {type(f).__name__}")
     if reference is not None and not callable(reference):
-        raise TypeError(f"{fn}: reference must be callable or None, "
-                        f"got {type(reference).__name__}")
+        raise TypeError(f"{fn}: reference must be callable or None, got {type(reference).__name__}")
     if static_kwargs is not None and not isinstance(static_kwargs, Mapping):
-        raise TypeError(f"{fn}: static_kwargs must be a dict of keyword settings, "
-                        f"got {type(static_kwargs).__name__}")
+        raise TypeError(
+            f"{fn}: static_kwargs must be a dict of keyword settings, "
+            f"got {type(static_kwargs).__name__}"
+        )
     transforms = TRANSFORMS if transforms is None else tuple(transforms)
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         raise ValueError(f"{fn}: unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
     if not transforms:
         raise ValueError(f"{fn}: transforms is empty; choose from {list(TRANSFORMS)}")
-    for name, value in (("rtol", rtol), ("atol", atol), ("fd_rtol", fd_rtol),
-                        ("fd_step", fd_step)):
+    for name, value in (("rtol", rtol), ("atol", atol), ("fd_rtol", fd_rtol), ("fd_step", fd_step)):
         if value is not None or name.startswith("fd"):
             positive_finite(fn, name, value)
     if kinks not in KINKS:
-        raise ValueError(f"{fn}: kinks must be one of {', '.join(map(repr, KINKS))}, "
-                         f"got {kinks!r}")
+        raise ValueError(f"{fn}: kinks must be one of {', '.join(map(repr, KINKS))}, got {kinks!r}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 2:
         raise ValueError(f"{fn}: n_directions must be an int >= 2, got {n_directions!r}")
     kinds = PROBES if probes is True else () if probes is False else tuple(probes)
     bad = [k for k in kinds if k not in PROBES]
     if bad:
-        raise ValueError(f"{fn}: unknown probe(s) {bad}; choose from {list(PROBES)} "
-                         f"(or probes=True / False)")
-    settings = dict(reference=reference, static_kwargs=static_kwargs, transforms=transforms,
-                    n_directions=n_directions, seed=seed, rtol=rtol, atol=atol,
-                    fd_rtol=fd_rtol, fd_step=fd_step, kinks=kinks)
+        raise ValueError(
+            f"{fn}: unknown probe(s) {bad}; choose from {list(PROBES)} (or probes=True / False)"
+        )
+    settings = dict(
+        reference=reference,
+        static_kwargs=static_kwargs,
+        transforms=transforms,
+        n_directions=n_directions,
+        seed=seed,
+        rtol=rtol,
+        atol=atol,
+        fd_rtol=fd_rtol,
+        fd_step=fd_step,
+        kinks=kinks,
+    )
     if args is not None:
         if arrays:
-            raise ValueError(f"{fn}: pass the arguments either positionally or as a factory "
-                             f"args=, not both")
+            raise ValueError(
+                f"{fn}: pass the arguments either positionally or as a factory args=, not both"
+            )
         if not callable(args):
-            raise TypeError(f"{fn}: args must be a factory (key, dtype) -> tuple, "
-                            f"got {type(args).__name__}")
+            raise TypeError(
+                f"{fn}: args must be a factory (key, dtype) -> tuple, got {type(args).__name__}"
+            )
         return check_factory(f, args, dtype, draws, kinds, settings)
     if dtype is not None:
         raise ValueError(f"{fn}: dtype= is for the factory args=; cast the arrays instead")
     if not jax.config.jax_enable_x64 and any(
-            isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype == np.float64
-            for leaf in jax.tree_util.tree_leaves(arrays)):
+        isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype == np.float64
+        for leaf in jax.tree_util.tree_leaves(arrays)
+    ):
         with jax.enable_x64(True):
             report = _check(f, arrays, kinds, **settings)
-        note = ("float64 NumPy arguments with jax_enable_x64 off: checked in float64, with "
-                "x64 turned on for this check")
+        note = (
+            "float64 NumPy arguments with jax_enable_x64 off: checked in float64, with "
+            "x64 turned on for this check"
+        )
         return dataclasses.replace(report, notes=report.notes + (note,))
     return _check(f, arrays, kinds, **settings)
 
 
-def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, transforms,
-           n_directions, seed, rtol, atol, fd_rtol, fd_step, kinks) -> VJPReport:
+def _check(
+    f,
+    args: tuple,
+    kinds: Sequence[str],
+    *,
+    reference,
+    static_kwargs,
+    transforms,
+    n_directions,
+    seed,
+    rtol,
+    atol,
+    fd_rtol,
+    fd_step,
+    kinks,
+) -> VJPReport:
     """check_vjp at one point (its arguments validated)."""
     fn = "check_vjp"
     kwargs = dict(static_kwargs or {})
@@ -236,7 +266,8 @@ def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, tr
     except Exception as err:
         raise ValueError(
             f"{fn}: f(*args) raised {type(err).__name__}: {err}; pass arguments that "
-            f"{name} accepts (static settings go in static_kwargs)") from err
+            f"{name} accepts (static settings go in static_kwargs)"
+        ) from err
     out_structs, out_treedef = jax.tree_util.tree_flatten(out_shape)
     if not out_structs:
         raise ValueError(f"{fn}: {name} returns no array, there is nothing to differentiate")
@@ -244,46 +275,80 @@ def _check(f, args: tuple, kinds: Sequence[str], *, reference, static_kwargs, tr
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(
                 f"{fn}: {name} returns a {leaf.dtype} output; check_vjp needs floating "
-                f"outputs (wrap f so it returns only its floating outputs)")
+                f"outputs (wrap f so it returns only its floating outputs)"
+            )
     if refk is not None:
         try:
             ref_shape = jax.eval_shape(refk, *args)
         except Exception as err:
-            raise ValueError(f"{fn}: reference(*args) raised {type(err).__name__}: {err}; "
-                             f"the reference must take f's arguments") from err
+            raise ValueError(
+                f"{fn}: reference(*args) raised {type(err).__name__}: {err}; "
+                f"the reference must take f's arguments"
+            ) from err
         ref_structs, ref_treedef = jax.tree_util.tree_flatten(ref_shape)
         shapes = [tuple(s.shape) for s in out_structs]
         ref_shapes = [tuple(s.shape) for s in ref_structs]
         if ref_treedef != out_treedef or ref_shapes != shapes:
-            show = (lambda s: s[0] if len(s) == 1 else s)  # noqa: E731
+            show = lambda s: s[0] if len(s) == 1 else s  # noqa: E731
             raise ValueError(
                 f"{fn}: the reference returns shape {show(ref_shapes)} but {name} returns "
                 f"shape {show(shapes)} for the same arguments; the reference must compute "
-                f"the same function as f")
+                f"the same function as f"
+            )
 
     diff = [k for k, info in enumerate(infos) if info.floats]
     if not diff:
-        raise ValueError(f"{fn}: no argument of {name} has a floating leaf, so there is "
-                         f"no cotangent to check")
-    dtype = _coarsest([info.leaves[k].dtype for info in infos for k in info.floats]
-                      + [s.dtype for s in out_structs])
+        raise ValueError(
+            f"{fn}: no argument of {name} has a floating leaf, so there is no cotangent to check"
+        )
+    dtype = _coarsest(
+        [info.leaves[k].dtype for info in infos for k in info.floats]
+        + [s.dtype for s in out_structs]
+    )
     default = DEFAULT_TOLERANCES.get(dtype.name, DEFAULT_TOLERANCES["float32"])
-    tol = Tolerance(default.rtol if rtol is None else rtol,
-                    default.atol if atol is None else atol)
+    tol = Tolerance(default.rtol if rtol is None else rtol, default.atol if atol is None else atol)
 
-    checker = _Checker(fk, refk, args, infos, diff, out_structs, out_treedef, tol, fd_rtol,
-                       fd_step, n_directions, seed, transforms, dtype, kinds, kinks)
+    checker = _Checker(
+        fk,
+        refk,
+        args,
+        infos,
+        diff,
+        out_structs,
+        out_treedef,
+        tol,
+        fd_rtol,
+        fd_step,
+        n_directions,
+        seed,
+        transforms,
+        dtype,
+        kinds,
+        kinks,
+    )
     checker.run()
     notes = []
     if not _uses_custom_vjp(jaxpr.jaxpr):
         notes.append(f"{name} has no jax.custom_vjp rule: its derivative comes from autodiff")
     if checker.kinks:
-        notes.append("at a kink: " + ", ".join(infos[i].name for i in checker.kinks)
-                     + " (finite differences leave those directions out)")
+        notes.append(
+            "at a kink: "
+            + ", ".join(infos[i].name for i in checker.kinks)
+            + " (finite differences leave those directions out)"
+        )
     if checker.probed:
-        oracle = ("the reference decides at kinks and ties (its convention)" if refk is not None
-                  else "finite differences, which leave kinks out")
+        oracle = (
+            "the reference decides at kinks and ties (its convention)"
+            if refk is not None
+            else "finite differences, which leave kinks out"
+        )
         notes.append(f"probes: {', '.join(checker.probed)}; oracle there: {oracle}")
     plain = not _uses_custom_vjp(jaxpr.jaxpr)
-    return VJPReport(name, dtype.name, jax.default_backend(), tuple(checker.rows), tuple(notes),
-                     custom_vjp=not plain)
+    return VJPReport(
+        name,
+        dtype.name,
+        jax.default_backend(),
+        tuple(checker.rows),
+        tuple(notes),
+        custom_vjp=not plain,
+    )

@@ -6,25 +6,42 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-from fnbp.verify.diagnose import (cotangent_mismatch, error_note, explain, raised_at,
-                                  rule_location, swapped)
 from fnbp.verify.arguments import _Arg, _as_dtype, _fetch, _put, _stack, _to64, _unstack
+from fnbp.verify.diagnose import (
+    cotangent_mismatch,
+    error_note,
+    explain,
+    raised_at,
+    rule_location,
+    swapped,
+)
 from fnbp.verify.finite_diff import _FiniteDifferences
 from fnbp.verify.kinks import _Kinks
 from fnbp.verify.probes import fits, fixed_probes, inspect_function, large_factors, offset, scaled
-from fnbp.verify.programs import (Cotangents, Selection, _B, _batched_inputs, _batched_v,
-                                  _core, _second, _select, _x64, jit_fast)
-from fnbp.verify.round_off import sampled
+from fnbp.verify.programs import (
+    _B,
+    Cotangents,
+    Selection,
+    _batched_inputs,
+    _batched_v,
+    _core,
+    _second,
+    _select,
+    _x64,
+    jit_fast,
+)
 from fnbp.verify.report import Tolerance, VJPCheck, _f64, _row
+from fnbp.verify.round_off import sampled
 
-_PERTURBATION = 0.05        # vmap(inputs): member m is x (1 + 0.05 u), u uniform in [-1, 1]
+_PERTURBATION = 0.05  # vmap(inputs): member m is x (1 + 0.05 u), u uniform in [-1, 1]
 _LINEAR_A, _LINEAR_B = 0.5, -2.0
-_ROUND_OFF = 4.0            # allowance for the reference's own round-off below float64
+_ROUND_OFF = 4.0  # allowance for the reference's own round-off below float64
 
 
 class _Checker(_FiniteDifferences, _Kinks):
@@ -40,11 +57,25 @@ class _Checker(_FiniteDifferences, _Kinks):
     sliced in numpy, so no XLA program is compiled for that.
     """
 
-    def __init__(self, fk, refk, args: tuple, infos: list[_Arg], diff: list[int],
-                 out_structs: list, out_treedef, tol: Tolerance, fd_rtol: float,
-                 fd_step: float, n: int, seed: int, transforms: Sequence[str],
-                 dtype: Any = np.float64, probe_kinds: Sequence[str] = (),
-                 kink_policy: str = "reference"):
+    def __init__(
+        self,
+        fk,
+        refk,
+        args: tuple,
+        infos: list[_Arg],
+        diff: list[int],
+        out_structs: list,
+        out_treedef,
+        tol: Tolerance,
+        fd_rtol: float,
+        fd_step: float,
+        n: int,
+        seed: int,
+        transforms: Sequence[str],
+        dtype: Any = np.float64,
+        probe_kinds: Sequence[str] = (),
+        kink_policy: str = "reference",
+    ):
         self.fk, self.refk, self.args, self.infos, self.diff = fk, refk, args, infos, diff
         self.tol, self.fd_rtol, self.fd_step, self.n = tol, fd_rtol, fd_step, n
         self.transforms, self.dtype, self.seed = transforms, dtype, seed
@@ -59,14 +90,26 @@ class _Checker(_FiniteDifferences, _Kinks):
         rng = np.random.default_rng(seed)
 
         def draw_output():
-            return out_treedef.unflatten([_as_dtype(rng.standard_normal(s.shape), s.dtype)
-                                          for s in out_structs])
+            return out_treedef.unflatten(
+                [_as_dtype(rng.standard_normal(s.shape), s.dtype) for s in out_structs]
+            )
+
         self.C = [draw_output() for _ in range(n)]
         self.v0 = draw_output()
-        self.T = [[self._unit([rng.standard_normal(infos[i].leaves[k].shape)
-                               for k in infos[i].floats]) for _ in range(n)] for i in diff]
-        self.U = [tuple(tuple(rng.standard_normal(infos[i].leaves[k].shape)
-                              for k in infos[i].floats) for i in diff) for _ in range(n)]
+        self.T = [
+            [
+                self._unit([rng.standard_normal(infos[i].leaves[k].shape) for k in infos[i].floats])
+                for _ in range(n)
+            ]
+            for i in diff
+        ]
+        self.U = [
+            tuple(
+                tuple(rng.standard_normal(infos[i].leaves[k].shape) for k in infos[i].floats)
+                for i in diff
+            )
+            for _ in range(n)
+        ]
         self.members = [args] + [self._perturb(rng) for _ in range(n - 1)]
         self.jit = "jit" in transforms
 
@@ -100,13 +143,14 @@ class _Checker(_FiniteDifferences, _Kinks):
 
     def u_like(self, cotangents: Cotangents, j: int) -> Cotangents:
         """The j-th 2nd-order weight u_j, in the dtypes B returns."""
-        return tuple(tuple(_as_dtype(u, np.asarray(s).dtype) for u, s in zip(us, ss))
-                     for us, ss in zip(self.U[j], cotangents))
+        return tuple(
+            tuple(_as_dtype(u, np.asarray(s).dtype) for u, s in zip(us, ss))
+            for us, ss in zip(self.U[j], cotangents)
+        )
 
     # --- rows -----------------------------------------------------------------
 
-    def attempt(self, transform: str, fn: Callable[[], Any], oracle: str = "runs",
-                probe: str = ""):
+    def attempt(self, transform: str, fn: Callable[[], Any], oracle: str = "runs", probe: str = ""):
         """``fn()``, or ``None`` and a failing row naming the exception.
 
         One exception is one row: the same error under another transform adds
@@ -118,31 +162,60 @@ class _Checker(_FiniteDifferences, _Kinks):
             self._record_error(transform, oracle, err, probe)
             return None
 
-    def _record_error(self, transform: str, oracle: str, err: BaseException,
-                      probe: str = "") -> None:
+    def _record_error(
+        self, transform: str, oracle: str, err: BaseException, probe: str = ""
+    ) -> None:
         key = (type(err).__name__, re.sub(r"b?float\d+", "float", " ".join(str(err).split())))
         if key in self._errors:
             index, note, seen = self._errors[key]
             if transform not in seen and transform != self.rows[index].transform:
                 seen.append(transform)
                 self.rows[index] = dataclasses.replace(
-                    self.rows[index], note=f"{note}; also under {', '.join(seen)}")
+                    self.rows[index], note=f"{note}; also under {', '.join(seen)}"
+                )
             return
         if self._account is None:
-            self._account = cotangent_mismatch(self.fk.f, dict(self.fk.kwargs), self.args,
-                                               self.C[0], [info.name for info in self.infos])
+            self._account = cotangent_mismatch(
+                self.fk.f,
+                dict(self.fk.kwargs),
+                self.args,
+                self.C[0],
+                [info.name for info in self.infos],
+            )
         name, account = self._account
         where = raised_at(err) or rule_location(self.fk.f)
         note = error_note(err, where)
         self._errors[key] = (len(self.rows), note, [])
-        self.rows.append(VJPCheck(name or "(all)", transform, oracle, math.nan, math.nan, "",
-                                  self.tol.rtol, self.tol.atol, False, note, probe,
-                                  diagnosis=account or f"raised {type(err).__name__}"))
+        self.rows.append(
+            VJPCheck(
+                name or "(all)",
+                transform,
+                oracle,
+                math.nan,
+                math.nan,
+                "",
+                self.tol.rtol,
+                self.tol.atol,
+                False,
+                note,
+                probe,
+                diagnosis=account or f"raised {type(err).__name__}",
+            )
+        )
 
-    def compare(self, transform: str, oracle: str, got: Sequence[Cotangents],
-                want: Sequence[Cotangents], label: str = "v", note: str = "",
-                probe: str = "", point: tuple | None = None,
-                tols: Sequence[Tolerance] | None = None, why: str = "") -> None:
+    def compare(
+        self,
+        transform: str,
+        oracle: str,
+        got: Sequence[Cotangents],
+        want: Sequence[Cotangents],
+        label: str = "v",
+        note: str = "",
+        probe: str = "",
+        point: tuple | None = None,
+        tols: Sequence[Tolerance] | None = None,
+        why: str = "",
+    ) -> None:
         """One row per differentiable argument: got[j] against want[j], all j.
 
         ``point``: the arguments B was taken at (for the sign diagnosis);
@@ -162,24 +235,47 @@ class _Checker(_FiniteDifferences, _Kinks):
                     triples.append((path + "{idx}" + suffix, gl, wl))
             tol = self.tol if tols is None else tols[p]
             kink = self.kinks.get(i, "") if oracle == "reference" and not probe else ""
-            row = _row(info.name, transform, oracle, triples, tol,
-                       "; ".join(x for x in (kink, note) if x), probe)
-            if (not row.passed and oracle == "reference" and transform != "2nd order"
-                    and self.refk is not None and not row.diagnosis):
+            row = _row(
+                info.name,
+                transform,
+                oracle,
+                triples,
+                tol,
+                "; ".join(x for x in (kink, note) if x),
+                probe,
+            )
+            if (
+                not row.passed
+                and oracle == "reference"
+                and transform != "2nd order"
+                and self.refk is not None
+                and not row.diagnosis
+            ):
                 row = self.attempt_kinks(row, p, i, got, want, point, tol, triples)
             if row.diagnosis.startswith("NaN at index"):
-                bad = [(k, g[p][n]) for g, w in zip(got, want) for n, k in enumerate(info.floats)
-                       if (np.isnan(_f64(g[p][n])) & ~np.isnan(_f64(w[p][n]))).any()]
+                bad = [
+                    (k, g[p][n])
+                    for g, w in zip(got, want)
+                    for n, k in enumerate(info.floats)
+                    if (np.isnan(_f64(g[p][n])) & ~np.isnan(_f64(w[p][n]))).any()
+                ]
                 row = dataclasses.replace(
-                    row, diagnosis=row.diagnosis + self._nan_value(info, point[i], bad))
+                    row, diagnosis=row.diagnosis + self._nan_value(info, point[i], bad)
+                )
             elif not row.passed and why:
                 row = dataclasses.replace(row, diagnosis=why)
             elif not row.passed and not row.diagnosis:
                 z = jax.tree_util.tree_leaves(point[i])
-                row = dataclasses.replace(row, diagnosis=explain(
-                    [g for _, g, _ in triples], [w for _, _, w in triples],
-                    [np.asarray(z[k]) for _ in got for k in info.floats],
-                    [info.paths[k] for _ in got for k in info.floats], tol.rtol))
+                row = dataclasses.replace(
+                    row,
+                    diagnosis=explain(
+                        [g for _, g, _ in triples],
+                        [w for _, _, w in triples],
+                        [np.asarray(z[k]) for _ in got for k in info.floats],
+                        [info.paths[k] for _ in got for k in info.floats],
+                        tol.rtol,
+                    ),
+                )
             rows.append(row)
         self._swaps(rows, got, want)
         self.rows.extend(rows)
@@ -200,16 +296,21 @@ class _Checker(_FiniteDifferences, _Kinks):
 
     def _swaps(self, rows: list[VJPCheck], got, want) -> None:
         """Name two failing arguments that hold each other's cotangents."""
+
         def leaves(trees, p):
             return [x for tree in trees for x in tree[p]]
 
         failing = [p for p, row in enumerate(rows) if not row.passed]
         for a in failing:
             for b in failing:
-                if a < b and swapped([leaves(got, a), leaves(got, b)],
-                                     [leaves(want, a), leaves(want, b)], self.tol.rtol):
-                    text = (f"the cotangents of {rows[a].argument} and {rows[b].argument} "
-                            f"look swapped")
+                if a < b and swapped(
+                    [leaves(got, a), leaves(got, b)],
+                    [leaves(want, a), leaves(want, b)],
+                    self.tol.rtol,
+                ):
+                    text = (
+                        f"the cotangents of {rows[a].argument} and {rows[b].argument} look swapped"
+                    )
                     for p in (a, b):
                         rows[p] = dataclasses.replace(rows[p], diagnosis=text)
 
@@ -220,24 +321,44 @@ class _Checker(_FiniteDifferences, _Kinks):
             for k, ct in zip(info.floats, got[p]):
                 leaf = info.leaves[k]
                 if np.shape(ct) != leaf.shape or np.asarray(ct).dtype != leaf.dtype:
-                    bad.append(f"{info.paths[k] or info.name}: cotangent "
-                               f"{np.asarray(ct).dtype}{list(np.shape(ct))} for primal "
-                               f"{leaf.dtype}{list(leaf.shape)}")
+                    bad.append(
+                        f"{info.paths[k] or info.name}: cotangent "
+                        f"{np.asarray(ct).dtype}{list(np.shape(ct))} for primal "
+                        f"{leaf.dtype}{list(leaf.shape)}"
+                    )
             err = math.inf if bad else 0.0
-            self.rows.append(VJPCheck(info.name, transform, "shape/dtype", err, err, "",
-                                      0.0, 0.0, not bad, "; ".join(bad),
-                                      diagnosis="a cotangent of the wrong shape or dtype"
-                                      if bad else ""))
+            self.rows.append(
+                VJPCheck(
+                    info.name,
+                    transform,
+                    "shape/dtype",
+                    err,
+                    err,
+                    "",
+                    0.0,
+                    0.0,
+                    not bad,
+                    "; ".join(bad),
+                    diagnosis="a cotangent of the wrong shape or dtype" if bad else "",
+                )
+            )
 
     # --- the matrix -----------------------------------------------------------
 
     def run(self) -> None:
         """Every transform, oracle and property, appending rows to ``self.rows``."""
-        n, C, args, fk, sel, transforms = (self.n, self.C, self.args, self.fk, self.sel,
-                                           self.transforms)
+        n, C, args, fk, sel, transforms = (
+            self.n,
+            self.C,
+            self.args,
+            self.fk,
+            self.sel,
+            self.transforms,
+        )
         # B at each c_j (and f and the primal output), the loop of the batched checks.
-        core_out = self.attempt("jit" if self.jit else "eager",
-                                lambda: [self.core(args, c) for c in C])
+        core_out = self.attempt(
+            "jit" if self.jit else "eager", lambda: [self.core(args, c) for c in C]
+        )
         loop = [r[2] for r in core_out] if core_out is not None else None
         second = "2nd order" in transforms and loop is not None
         U = [self.u_like(loop[0], j) for j in range(n)] if second else None
@@ -253,28 +374,36 @@ class _Checker(_FiniteDifferences, _Kinks):
             weights = [C64, U64] if second else [C64]
             return self.fd_probe(F, args64, weights)
 
-        def F(a):   # f and B(v0), in float64
+        def F(a):  # f and B(v0), in float64
             return jit_fast(_core)(fk, sel, a, v064)[::2]
+
         probes = self.attempt("eager", fd, "finite diff")
         fd1, fd2 = (probes[0], probes[1] if second else None) if probes else (None, None)
         if fd1 is not None:
             self.note_kinks(fd1)
         ref = None
         if self.refk is not None:
+
             def reference():
                 refk = self.refk
                 with _x64():
                     first = [_fetch(jit_fast(_core)(refk, sel, args64, c)) for c in C64]
-                    grad2 = [_fetch(jit_fast(_second)(refk, sel, args64, v064, u))
-                             for u in U64] if second else None
+                    grad2 = (
+                        [_fetch(jit_fast(_second)(refk, sel, args64, v064, u)) for u in U64]
+                        if second
+                        else None
+                    )
                 return first[0][0], [r[2] for r in first], grad2
+
             ref = self.attempt("eager", reference, "reference")
 
         results: dict[str, list[Cotangents]] = {}
         if "eager" in transforms:
+
             def eager():
                 _, pull = jax.vjp(fk, *args)
                 return [_fetch(_select(sel, pull(c))) for c in C]
+
             results["eager"] = self.attempt("eager", eager)
         if self.jit:
             results["jit"] = loop
@@ -304,25 +433,46 @@ class _Checker(_FiniteDifferences, _Kinks):
                 continue
             if "inputs" in transform:
                 if member_loop is None:
-                    member_loop = self.attempt(transform, lambda: [
-                        self.core(m, c)[2] for m, c in zip(self.members, C)], "loop")
+                    member_loop = self.attempt(
+                        transform,
+                        lambda: [self.core(m, c)[2] for m, c in zip(self.members, C)],
+                        "loop",
+                    )
                 if member_loop is not None:
                     self.compare(transform, "loop", got, member_loop, label="member ")
             elif loop is not None:
                 self.compare(transform, "loop", got, loop)
 
         if second:
-            got = self.attempt("2nd order", lambda: [
-                _fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U])
+            got = self.attempt(
+                "2nd order",
+                lambda: [_fetch(jit_fast(_second)(fk, sel, args, self.v0, u)) for u in U],
+            )
             if got is not None:
                 if ref is not None:
                     self.compare_with_round_off(
-                        "2nd order", got, ref[2],
-                        lambda: [_fetch(jit_fast(_second)(self.refk, sel, args, self.v0, u))
-                                 for u in U],
-                        lambda: [_fetch(sampled(_second, self.refk, sel, (args64, v064, u),
-                                                self.dtype, self.seed + j, jit_fast))
-                                 for j, u in enumerate(U64)], label="u")
+                        "2nd order",
+                        got,
+                        ref[2],
+                        lambda: [
+                            _fetch(jit_fast(_second)(self.refk, sel, args, self.v0, u)) for u in U
+                        ],
+                        lambda: [
+                            _fetch(
+                                sampled(
+                                    _second,
+                                    self.refk,
+                                    sel,
+                                    (args64, v064, u),
+                                    self.dtype,
+                                    self.seed + j,
+                                    jit_fast,
+                                )
+                            )
+                            for j, u in enumerate(U64)
+                        ],
+                        label="u",
+                    )
                 if fd2 is not None:
                     self.fd_rows("2nd order", fd2, got)
 
@@ -331,9 +481,15 @@ class _Checker(_FiniteDifferences, _Kinks):
         if core_out is not None and self.probe_kinds and (ref is not None or fd1 is not None):
             self.run_probes("jit" if self.jit else "eager", C64, F if ref is None else None)
 
-    def compare_with_round_off(self, transform: str, got: list, want: list,
-                               low: Callable[[], list], model: Callable[[], list],
-                               **kwargs: Any) -> None:
+    def compare_with_round_off(
+        self,
+        transform: str,
+        got: list,
+        want: list,
+        low: Callable[[], list],
+        model: Callable[[], list],
+        **kwargs: Any,
+    ) -> None:
         """:meth:`compare` with the reference, allowing its own round-off below float64.
 
         A correct rule cannot beat the reference computed in the working
@@ -376,13 +532,19 @@ class _Checker(_FiniteDifferences, _Kinks):
             for lo in estimates:
                 for a, b in zip(lo, want):
                     for x, y in zip(a[p], b[p]):
-                        d = np.abs(_f64(x) - _f64(y))   # x may hold samples: a leading axis
+                        d = np.abs(_f64(x) - _f64(y))  # x may hold samples: a leading axis
                         d = d[np.isfinite(d)]
                         floor = max(floor, float(d.max(initial=0.0)))
             widest = max(widest, floor)
             tols.append(Tolerance(self.tol.rtol, self.tol.atol + _ROUND_OFF * floor))
-        note = (f"atol includes {_ROUND_OFF:g}x the reference's own {np.dtype(self.dtype).name} "
-                f"round-off here ({widest:.1e})") if _ROUND_OFF * widest > self.tol.atol else ""
+        note = (
+            (
+                f"atol includes {_ROUND_OFF:g}x the reference's own {np.dtype(self.dtype).name} "
+                f"round-off here ({widest:.1e})"
+            )
+            if _ROUND_OFF * widest > self.tol.atol
+            else ""
+        )
         return tols, note
 
     # --- probes ---------------------------------------------------------------
@@ -402,7 +564,7 @@ class _Checker(_FiniteDifferences, _Kinks):
         rng = np.random.default_rng(self.seed + 1)
         points = fixed_probes(self.infos, self.diff, kinks, max_like, kinds, rng)
 
-        def at64(point, c):   # the oracle function at a probe, in float64
+        def at64(point, c):  # the oracle function at a probe, in float64
             with _x64():
                 return _fetch(jit_fast(_core)(oracle_fn, sel, self.args64(point), c))
 
@@ -429,30 +591,55 @@ class _Checker(_FiniteDifferences, _Kinks):
             if shifted is not None and usable(shifted[1]):
                 points.append(shifted)
         for name, point in points:
-            got = self.attempt(transform, lambda point=point: [
-                self.core(point, c)[2] for c in self.C], probe=name)
+            got = self.attempt(
+                transform, lambda point=point: [self.core(point, c)[2] for c in self.C], probe=name
+            )
             if got is None:
                 continue
             self.probed.append(name)
             if F is None:
-                want = self.attempt("eager", lambda point=point: [
-                    at64(point, c)[2] for c in C64], "reference", probe=name)
+                want = self.attempt(
+                    "eager",
+                    lambda point=point: [at64(point, c)[2] for c in C64],
+                    "reference",
+                    probe=name,
+                )
                 if want is not None and name.startswith(("large", "offset")):
                     self.compare_with_round_off(
-                        transform, got, want,
-                        lambda point=point: [_fetch(jit_fast(_core)(self.refk, sel, point, c))[2]
-                                             for c in self.C],
-                        lambda point=point: [_fetch(sampled(
-                            _B, self.refk, sel, (self.args64(point), c), self.dtype,
-                            self.seed + j, jit_fast)) for j, c in enumerate(C64)],
-                        probe=name, point=point)
-                elif want is not None:   # the caller's magnitudes: the plain tolerance
+                        transform,
+                        got,
+                        want,
+                        lambda point=point: [
+                            _fetch(jit_fast(_core)(self.refk, sel, point, c))[2] for c in self.C
+                        ],
+                        lambda point=point: [
+                            _fetch(
+                                sampled(
+                                    _B,
+                                    self.refk,
+                                    sel,
+                                    (self.args64(point), c),
+                                    self.dtype,
+                                    self.seed + j,
+                                    jit_fast,
+                                )
+                            )
+                            for j, c in enumerate(C64)
+                        ],
+                        probe=name,
+                        point=point,
+                    )
+                elif want is not None:  # the caller's magnitudes: the plain tolerance
                     self.compare(transform, "reference", got, want, probe=name, point=point)
             else:
                 with _x64():
                     point64 = self.args64(point)
-                found = self.attempt("eager", lambda point64=point64: self.fd_probe(
-                    F, point64, [C64]), "finite diff", probe=name)
+                found = self.attempt(
+                    "eager",
+                    lambda point64=point64: self.fd_probe(F, point64, [C64]),
+                    "finite diff",
+                    probe=name,
+                )
                 if found is not None:
                     self.fd_rows(transform, found[0], got, probe_name=name)
 
@@ -460,44 +647,73 @@ class _Checker(_FiniteDifferences, _Kinks):
         """Shapes and dtypes, linearity, zero, rerun, the fwd rule's primal output."""
         transform = "jit" if "jit" in self.transforms else "eager"
         args, C = self.args, self.C
-        self.check_shapes("eager" if eager is not None else transform,
-                          eager[0] if eager is not None else core_out[0][2])
+        self.check_shapes(
+            "eager" if eager is not None else transform,
+            eager[0] if eager is not None else core_out[0][2],
+        )
         first = [r[2] for r in core_out]
 
         combo = jax.tree_util.tree_map(
-            lambda a, b: _as_dtype(_LINEAR_A * _f64(a) + _LINEAR_B * _f64(b), a.dtype), C[0], C[1])
+            lambda a, b: _as_dtype(_LINEAR_A * _f64(a) + _LINEAR_B * _f64(b), a.dtype), C[0], C[1]
+        )
         got = self.attempt(transform, lambda: [self.core(args, combo)[2]], "linearity")
         if got is not None:
-            want = [tuple(tuple(_LINEAR_A * _f64(a) + _LINEAR_B * _f64(b) for a, b in zip(x, y))
-                          for x, y in zip(first[0], first[1]))]
+            want = [
+                tuple(
+                    tuple(_LINEAR_A * _f64(a) + _LINEAR_B * _f64(b) for a, b in zip(x, y))
+                    for x, y in zip(first[0], first[1])
+                )
+            ]
             self.compare(transform, "linearity", got, want, why="not linear in v")
 
         zero = jax.tree_util.tree_map(lambda x: _as_dtype(np.zeros(x.shape), x.dtype), C[0])
         got = self.attempt(transform, lambda: [self.core(args, zero)[2]], "zero v")
         if got is not None:
             want = [tuple(tuple(np.zeros(np.shape(x)) for x in p) for p in got[0])]
-            self.compare(transform, "zero v", got, want,
-                         why="B(0) != 0: B is affine, not linear, in v")
+            self.compare(
+                transform, "zero v", got, want, why="B(0) != 0: B is affine, not linear, in v"
+            )
 
         again = self.attempt(transform, lambda: [self.core(args, C[0])[2]], "rerun")
         if again is not None:
-            self.compare(transform, "rerun", again, first[:1],
-                         why="nondeterministic: two runs of B differ")
+            self.compare(
+                transform, "rerun", again, first[:1], why="nondeterministic: two runs of B differ"
+            )
 
         out, primal, _ = core_out[0]
-        triples = [("{idx}", a, b) for a, b in zip(jax.tree_util.tree_leaves(primal),
-                                                   jax.tree_util.tree_leaves(out))]
-        self.rows.append(_row("(output)", transform, "primal", triples, self.tol,
-                              "jax.vjp's primal output (the fwd rule) vs f(*args)",
-                              diagnosis=_unless_nan(triples, "the fwd rule's output differs "
-                                                             "from f(*args)")))
+        triples = [
+            ("{idx}", a, b)
+            for a, b in zip(jax.tree_util.tree_leaves(primal), jax.tree_util.tree_leaves(out))
+        ]
+        self.rows.append(
+            _row(
+                "(output)",
+                transform,
+                "primal",
+                triples,
+                self.tol,
+                "jax.vjp's primal output (the fwd rule) vs f(*args)",
+                diagnosis=_unless_nan(triples, "the fwd rule's output differs from f(*args)"),
+            )
+        )
         if ref is not None:
-            triples = [("{idx}", a, b) for a, b in zip(jax.tree_util.tree_leaves(out),
-                                                       jax.tree_util.tree_leaves(ref[0]))]
-            self.rows.append(_row("(output)", transform, "reference", triples, self.tol,
-                                  "f(*args) vs reference(*args) in float64",
-                                  diagnosis=_unless_nan(triples, "f and the reference compute "
-                                                                 "different functions")))
+            triples = [
+                ("{idx}", a, b)
+                for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref[0]))
+            ]
+            self.rows.append(
+                _row(
+                    "(output)",
+                    transform,
+                    "reference",
+                    triples,
+                    self.tol,
+                    "f(*args) vs reference(*args) in float64",
+                    diagnosis=_unless_nan(
+                        triples, "f and the reference compute different functions"
+                    ),
+                )
+            )
 
 
 def _unless_nan(triples, text: str) -> str:

@@ -22,13 +22,14 @@ import math
 import os
 import sysconfig
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-_FACTOR_AGREE = 1e-3    # got / want within this (relative) of one constant: a factor
-_SIGNIFICANT = 1e-6     # entries with |want| above this fraction of max |want| count
+_FACTOR_AGREE = 1e-3  # got / want within this (relative) of one constant: a factor
+_SIGNIFICANT = 1e-6  # entries with |want| above this fraction of max |want| count
 
 
 def _f64(x: Any) -> np.ndarray:
@@ -57,8 +58,9 @@ def constant_factor(got: np.ndarray, want: np.ndarray, rtol: float) -> float | N
     return None
 
 
-def sign_flip_where_negative(got: np.ndarray, want: np.ndarray, z: np.ndarray | None,
-                             rtol: float) -> bool:
+def sign_flip_where_negative(
+    got: np.ndarray, want: np.ndarray, z: np.ndarray | None, rtol: float
+) -> bool:
     """got = want where z >= 0 and -want where z < 0 (with both parts present)."""
     if z is None or z.shape != got.shape or got.shape != want.shape:
         return False
@@ -67,8 +69,11 @@ def sign_flip_where_negative(got: np.ndarray, want: np.ndarray, z: np.ndarray | 
         return False
     flipped = np.where(negative, -want, want)
     scale = float(np.abs(want[negative]).max(initial=0.0))
-    return scale > 0 and _close(got, flipped, max(10 * rtol, 1e-6)) and not _close(
-        got, want, max(10 * rtol, 1e-6))
+    return (
+        scale > 0
+        and _close(got, flipped, max(10 * rtol, 1e-6))
+        and not _close(got, want, max(10 * rtol, 1e-6))
+    )
 
 
 def _explain_leaf(got: np.ndarray, want: np.ndarray, rtol: float) -> str:
@@ -82,8 +87,13 @@ def _explain_leaf(got: np.ndarray, want: np.ndarray, rtol: float) -> str:
     return f"off by a constant factor {c:.4g}"
 
 
-def explain(got: Sequence[np.ndarray], want: Sequence[np.ndarray],
-            points: Sequence[np.ndarray | None], leaves: Sequence[str], rtol: float) -> str:
+def explain(
+    got: Sequence[np.ndarray],
+    want: Sequence[np.ndarray],
+    points: Sequence[np.ndarray | None],
+    leaves: Sequence[str],
+    rtol: float,
+) -> str:
     """A diagnosis of one argument's failing comparison, or ``""``.
 
     ``got``/``want`` are that argument's cotangent leaves, one per (leaf,
@@ -93,14 +103,15 @@ def explain(got: Sequence[np.ndarray], want: Sequence[np.ndarray],
     got = [_f64(g) for g in got]
     want = [_f64(w) for w in want]
     if any(g.shape != w.shape for g, w in zip(got, want)) or any(
-            (np.isnan(g) & ~np.isnan(w)).any() for g, w in zip(got, want)):
-        return ""   # a shape error or "NaN at index ..." says it already
+        (np.isnan(g) & ~np.isnan(w)).any() for g, w in zip(got, want)
+    ):
+        return ""  # a shape error or "NaN at index ..." says it already
     flat = [np.concatenate([x.ravel() for x in xs]) for xs in (got, want)]
     text = _explain_leaf(flat[0], flat[1], rtol) if got else ""
     if text:
         return text
     paths = list(dict.fromkeys(leaves))
-    if len(paths) > 1:   # a pytree argument: which leaf is wrong, and how
+    if len(paths) > 1:  # a pytree argument: which leaf is wrong, and how
         found = []
         for path in paths:
             g = np.concatenate([x.ravel() for x, q in zip(got, leaves) if q == path])
@@ -109,16 +120,16 @@ def explain(got: Sequence[np.ndarray], want: Sequence[np.ndarray],
                 found.append((path, _explain_leaf(g, w, rtol)))
         if len(found) == 1 and found[0][1]:
             return f"{found[0][0]} {found[0][1]}"
-    if got and all(sign_flip_where_negative(g, w, z, rtol)
-                   for g, w, z in zip(got, want, points)):
+    if got and all(sign_flip_where_negative(g, w, z, rtol) for g, w, z in zip(got, want, points)):
         return "sign flipped where z < 0"
     if got and _close(np.abs(flat[0]), np.abs(flat[1]), max(10 * rtol, 1e-6)):
         return "right magnitude, wrong sign at some entries (a lost sign or abs)"
     return ""
 
 
-def swapped(got: Sequence[Sequence[np.ndarray]], want: Sequence[Sequence[np.ndarray]],
-            rtol: float) -> bool:
+def swapped(
+    got: Sequence[Sequence[np.ndarray]], want: Sequence[Sequence[np.ndarray]], rtol: float
+) -> bool:
     """Two arguments whose cotangents look exchanged: got[a] = want[b], got[b] = want[a]."""
     a, b = (np.concatenate([_f64(x).ravel() for x in leaves]) for leaves in got)
     wa, wb = (np.concatenate([_f64(x).ravel() for x in leaves]) for leaves in want)
@@ -139,7 +150,7 @@ _NOT_USER = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np)) + (
 def _jaxlib_dir() -> str | None:
     try:
         import jaxlib
-    except ImportError:   # pragma: no cover - jax needs jaxlib
+    except ImportError:  # pragma: no cover - jax needs jaxlib
         return None
     return os.path.dirname(jaxlib.__file__) + os.sep
 
@@ -153,9 +164,11 @@ def raised_at(err: BaseException) -> str:
         chain.append(err)
         err = err.__cause__ or err.__context__
     for e in chain:
-        frames = [fr for fr in traceback.extract_tb(e.__traceback__)
-                  if not os.path.abspath(fr.filename).startswith(skip)
-                  and not fr.filename.startswith("<")]
+        frames = [
+            fr
+            for fr in traceback.extract_tb(e.__traceback__)
+            if not os.path.abspath(fr.filename).startswith(skip) and not fr.filename.startswith("<")
+        ]
         if frames:
             return f"{frames[-1].filename}:{frames[-1].lineno}"
     return ""
@@ -177,8 +190,9 @@ def rule_location(f: Callable[..., Any]) -> str:
     return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
 
 
-def cotangent_mismatch(f: Callable[..., Any], kwargs: dict, args: tuple, v: Any,
-                       names: Sequence[str]) -> tuple[str, str]:
+def cotangent_mismatch(
+    f: Callable[..., Any], kwargs: dict, args: tuple, v: Any, names: Sequence[str]
+) -> tuple[str, str]:
     """fnbp's own account of a bwd output that does not match the primal arguments.
 
     Calls f's fwd and bwd rules (shapes only, nothing runs) and compares each
@@ -201,26 +215,34 @@ def cotangent_mismatch(f: Callable[..., Any], kwargs: dict, args: tuple, v: Any,
         def run():
             _, res = fwd(*primal)
             return bwd(*[primal[k] for k in nondiff], res, v)
+
         cts = jax.eval_shape(run)
     except Exception:  # noqa: BLE001 - no account; the exception row says what happened
         return "", ""
     if not isinstance(cts, (tuple, list)):
-        return "", (f"the bwd rule returns a {type(cts).__name__}, not a tuple of one "
-                    f"cotangent per argument")
+        return "", (
+            f"the bwd rule returns a {type(cts).__name__}, not a tuple of one "
+            f"cotangent per argument"
+        )
     if len(cts) != len(diff):
-        return "", (f"the bwd rule returns {len(cts)} cotangent(s) for {len(diff)} "
-                    f"differentiable argument(s)")
+        return "", (
+            f"the bwd rule returns {len(cts)} cotangent(s) for {len(diff)} "
+            f"differentiable argument(s)"
+        )
     for k, ct in zip(diff, cts):
         if ct is None or k < offset:
             continue
         name = names[k - offset] if k - offset < len(names) else f"arg{k - offset}"
-        for leaf_ct, leaf in zip(jax.tree_util.tree_leaves(ct),
-                                 jax.tree_util.tree_leaves(primal[k])):
+        for leaf_ct, leaf in zip(
+            jax.tree_util.tree_leaves(ct), jax.tree_util.tree_leaves(primal[k])
+        ):
             shape = tuple(np.shape(leaf))
             if tuple(leaf_ct.shape) != shape:
-                return name, (f"the bwd rule returns a cotangent of shape "
-                              f"{tuple(leaf_ct.shape)} for {name} of shape {shape}; "
-                              f"return one of shape {shape}")
+                return name, (
+                    f"the bwd rule returns a cotangent of shape "
+                    f"{tuple(leaf_ct.shape)} for {name} of shape {shape}; "
+                    f"return one of shape {shape}"
+                )
     return "", ""
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,23 +61,32 @@ def distinct_sizes(sizes: Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def draw(factory: Callable[..., Any], key: jax.Array, dtype: Any,
-         sizes: tuple[int, ...] | None = None) -> tuple:
+def draw(
+    factory: Callable[..., Any], key: jax.Array, dtype: Any, sizes: tuple[int, ...] | None = None
+) -> tuple:
     """One call of the factory, as a tuple of positional arguments."""
     try:
         made = factory(key, dtype) if sizes is None else factory(key, dtype, sizes=sizes)
     except Exception as err:
         at = "" if sizes is None else f" with sizes={sizes}"
-        raise ValueError(f"check_vjp: the argument factory {getattr(factory, '__name__', '')}"
-                         f"(key, {jnp.dtype(dtype).name}){at} raised {type(err).__name__}: "
-                         f"{err}") from err
+        raise ValueError(
+            f"check_vjp: the argument factory {getattr(factory, '__name__', '')}"
+            f"(key, {jnp.dtype(dtype).name}){at} raised {type(err).__name__}: "
+            f"{err}"
+        ) from err
     return tuple(made) if isinstance(made, (tuple, list)) else (made,)
 
 
-def check_factory(f: Callable[..., Any], factory: Callable[..., Any], dtype: Any, draws: int,
-                  kinds: Sequence[str], settings: dict) -> VJPReport:
+def check_factory(
+    f: Callable[..., Any],
+    factory: Callable[..., Any],
+    dtype: Any,
+    draws: int,
+    kinds: Sequence[str],
+    settings: dict,
+) -> VJPReport:
     """check_vjp over the draws of a factory, as one report."""
-    from fnbp.verify.check import check_vjp   # the entry point calls back in here
+    from fnbp.verify.check import check_vjp  # the entry point calls back in here
 
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"check_vjp: draws must be an int >= 1, got {draws!r}")
@@ -84,8 +94,9 @@ def check_factory(f: Callable[..., Any], factory: Callable[..., Any], dtype: Any
     wide = dtype == jnp.float64 and not jax.config.jax_enable_x64
     with jax.enable_x64(True) if wide else contextlib.nullcontext():
         seed = settings["seed"]
-        first = check_vjp(f, *draw(factory, jax.random.PRNGKey(seed), dtype), probes=kinds,
-                          **settings)
+        first = check_vjp(
+            f, *draw(factory, jax.random.PRNGKey(seed), dtype), probes=kinds, **settings
+        )
         transforms = settings["transforms"]
         quick = dict(settings, transforms=("jit",) if "jit" in transforms else transforms[:1])
         extra = [(f"key {k + 1}", jax.random.PRNGKey(seed + k), None) for k in range(1, draws)]
@@ -96,7 +107,7 @@ def check_factory(f: Callable[..., Any], factory: Callable[..., Any], dtype: Any
         for label, key, at in extra:
             try:
                 report = check_vjp(f, *draw(factory, key, dtype, at), probes=False, **quick)
-            except ValueError as err:   # f rejects the new shapes: a finding of its own
+            except ValueError as err:  # f rejects the new shapes: a finding of its own
                 if at is None:
                     raise
                 rows.append(_raised_row(first, label, err))
@@ -108,18 +119,29 @@ def check_factory(f: Callable[..., Any], factory: Callable[..., Any], dtype: Any
 
 def _raised_row(first: VJPReport, label: str, err: Exception) -> VJPCheck:
     tol = first.rows[0] if first.rows else None
-    return VJPCheck("(all)", "jit", "runs", float("nan"), float("nan"), "",
-                    tol.rtol if tol else 0.0, tol.atol if tol else 0.0, False,
-                    " ".join(str(err).split()), label,
-                    f"f fails at distinct sizes: {type(err.__cause__ or err).__name__}")
+    return VJPCheck(
+        "(all)",
+        "jit",
+        "runs",
+        float("nan"),
+        float("nan"),
+        "",
+        tol.rtol if tol else 0.0,
+        tol.atol if tol else 0.0,
+        False,
+        " ".join(str(err).split()),
+        label,
+        f"f fails at distinct sizes: {type(err.__cause__ or err).__name__}",
+    )
 
 
 def _call_factory(make_args, dtype, key):
     return _as_tuple(make_args(key, dtype))
 
 
-def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
-                 drawn: dict | None = None) -> tuple:
+def example_args(
+    make_args: Callable[..., Any], dtype: str, seed: int = 0, drawn: dict | None = None
+) -> tuple:
     """Example arguments from a factory ``make_args(key, dtype)`` (a rule record's ``examples``).
 
     A factory that draws with ``jax.random`` runs once, in float64, as one
@@ -146,8 +168,7 @@ def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
     drawn = {} if drawn is None else drawn
     if (make_args, seed) not in drawn:
         try:
-            drawn[make_args, seed] = jit_fast(_call_factory)(make_args, jnp.dtype("float64"),
-                                                             key)
+            drawn[make_args, seed] = jit_fast(_call_factory)(make_args, jnp.dtype("float64"), key)
         except Exception:  # cannot be traced: remembered, so it is tried once
             drawn[make_args, seed] = None
     base = drawn[make_args, seed]
@@ -159,9 +180,12 @@ def example_args(make_args: Callable[..., Any], dtype: str, seed: int = 0,
         wanted, wanted_def = jax.tree_util.tree_flatten(shape)
         if treedef != wanted_def or [x.shape for x in leaves] != [w.shape for w in wanted]:
             raise ValueError("the arguments change structure with the dtype")
-        return treedef.unflatten([
-            x if x.dtype == w.dtype else jax.device_put(np.asarray(x).astype(w.dtype))
-            for x, w in zip(leaves, wanted)])
+        return treedef.unflatten(
+            [
+                x if x.dtype == w.dtype else jax.device_put(np.asarray(x).astype(w.dtype))
+                for x, w in zip(leaves, wanted)
+            ]
+        )
     except Exception:  # a factory that cannot be traced at this dtype runs as it is
         return _as_tuple(make_args(key, jnp.dtype(dtype)))
 

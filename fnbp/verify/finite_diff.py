@@ -8,7 +8,8 @@ point close to a kink shrinks the step until two steps agree.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,18 +18,17 @@ from fnbp.verify.arguments import _put
 from fnbp.verify.programs import Cotangents, _x64
 from fnbp.verify.report import VJPCheck, _f64, _index, _over
 
-
 FD_RTOL = 1e-6
 """Relative tolerance of a float64 central difference at the default step."""
 
 FD_STEP = float(np.finfo(np.float64).eps) ** (1.0 / 3.0)
 """Default central-difference step, relative to max(1, max |x|): about 6e-6."""
 
-_FD_LEVELS = 4              # steps h, h/10, h/100, h/1000
-_FD_CONVERGED = 1e-6        # two steps agree: |E_k - E_k+1| <= this * scale
-_KINK = 1e-3                # one-sided slopes disagree by more than this * scale: a kink
+_FD_LEVELS = 4  # steps h, h/10, h/100, h/1000
+_FD_CONVERGED = 1e-6  # two steps agree: |E_k - E_k+1| <= this * scale
+_KINK = 1e-3  # one-sided slopes disagree by more than this * scale: a kink
 _EPS = float(np.finfo(np.float64).eps)
-_NOISE = 8.0                # round-off allowance, in units of the estimated round-off R
+_NOISE = 8.0  # round-off allowance, in units of the estimated round-off R
 
 
 class _FiniteDifferences:
@@ -54,6 +54,7 @@ class _FiniteDifferences:
         the round-off of E[j, k]: eps * sum |w_j F_m(x +- h_k t_j)| / (2 h_k),
         what the differences cannot resolve (large where |F| is large).
         """
+
         def leaves(tree):
             return [_f64(y) for y in jax.tree_util.tree_leaves(tree)]
 
@@ -82,21 +83,27 @@ class _FiniteDifferences:
                         outs = []
                         for step in (h[k], -h[k]):
                             a = list(args64)
-                            a[i] = info.with_floats([_put(x + step * t)
-                                                     for x, t in zip(xs, self.T[p][j])])
+                            a[i] = info.with_floats(
+                                [_put(x + step * t) for x, t in zip(xs, self.T[p][j])]
+                            )
                             outs.append([leaves(y) for y in F(tuple(a))])
                         for m in range(len(weights)):
                             delta = [u - d for u, d in zip(outs[0][m], outs[1][m])]
                             E[m, j, k] = dot(W[m][j], delta) / (2 * h[k])
                             S[m, j, k] = size(W[m][j], delta) / (2 * h[k])
-                            R[m, j, k] = _EPS * (size(W[m][j], outs[0][m])
-                                                 + size(W[m][j], outs[1][m])) / (2 * h[k])
-                    for m in range(len(weights)):   # one-sided, at the finest step
+                            R[m, j, k] = (
+                                _EPS
+                                * (size(W[m][j], outs[0][m]) + size(W[m][j], outs[1][m]))
+                                / (2 * h[k])
+                            )
+                    for m in range(len(weights)):  # one-sided, at the finest step
                         rise = [u - b for u, b in zip(outs[0][m], base[m])]
                         fall = [b - d for d, b in zip(outs[1][m], base[m])]
                         one_sided[m, :, j] = (
-                            dot(W[m][j], rise) / h[-1], dot(W[m][j], fall) / h[-1],
-                            max(size(W[m][j], rise), size(W[m][j], fall)) / h[-1])
+                            dot(W[m][j], rise) / h[-1],
+                            dot(W[m][j], fall) / h[-1],
+                            max(size(W[m][j], rise), size(W[m][j], fall)) / h[-1],
+                        )
                 for m in range(len(weights)):
                     probes[m].append((E[m], S[m], *one_sided[m], R[m]))
             return probes
@@ -118,10 +125,15 @@ class _FiniteDifferences:
             if abs(fw[j] - bw[j]) > _KINK * S1[j]:
                 levels.append("kink")
                 continue
-            level = next((k for k in range(_FD_LEVELS - 1)
-                          if abs(E[j, k] - E[j, k + 1])
-                          <= _FD_CONVERGED * max(S[j, k], S[j, k + 1])
-                          + _NOISE * (R[j, k] + R[j, k + 1])), None)
+            level = next(
+                (
+                    k
+                    for k in range(_FD_LEVELS - 1)
+                    if abs(E[j, k] - E[j, k + 1])
+                    <= _FD_CONVERGED * max(S[j, k], S[j, k + 1]) + _NOISE * (R[j, k] + R[j, k + 1])
+                ),
+                None,
+            )
             levels.append("unsettled" if level is None else level)
         return levels
 
@@ -130,11 +142,13 @@ class _FiniteDifferences:
         for p, i in enumerate(self.diff):
             kinks = self.fd_levels(probe[p]).count("kink")
             if kinks:
-                self.kinks[i] = (f"at a kink ({kinks}/{self.n} directions): the "
-                                 f"reference's convention decides")
+                self.kinks[i] = (
+                    f"at a kink ({kinks}/{self.n} directions): the reference's convention decides"
+                )
 
-    def fd_rows(self, transform: str, probe, got: Sequence[Cotangents],
-                probe_name: str = "") -> None:
+    def fd_rows(
+        self, transform: str, probe, got: Sequence[Cotangents], probe_name: str = ""
+    ) -> None:
         """The dot-product test per argument: <J t_j, c_j> vs <t_j, B(c_j)>.
 
         A direction passes when the two sides agree within
@@ -161,27 +175,34 @@ class _FiniteDifferences:
                         ratios.append(side / estimate)
                 else:
                     err, scale = math.inf, S[j, level]
-                    for x, path in zip(leaves, (self.infos[i].paths[k]
-                                                for k in self.infos[i].floats)):
+                    for x, path in zip(
+                        leaves, (self.infos[i].paths[k] for k in self.infos[i].floats)
+                    ):
                         if np.isnan(x).any() and not nan_at:
                             idx = np.unravel_index(int(np.argmax(np.isnan(x))), x.shape)
                             nan_at = f"{path}{_index(idx)} v{j + 1}"
-                rtol_j = max(tol.rtol, self.fd_rtol * 10.0 ** level)
+                rtol_j = max(tol.rtol, self.fd_rtol * 10.0**level)
                 rtol_used = max(rtol_used, rtol_j)
                 rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
                 over = max(over, _over(err, tol.atol + rtol_j * scale + _NOISE * R[j, level]))
                 if rel > worst_rel or not where:
                     worst_abs, worst_rel, where = err, rel, f"dir {j + 1}"
             notes = []
-            for status, text in (("kink", "kink: f is not differentiable along direction(s) "
-                                           "{} of {}, left out"),
-                                 ("unsettled", "finite differences did not settle along "
-                                               "direction(s) {} of {}, left out")):
+            for status, text in (
+                ("kink", "kink: f is not differentiable along direction(s) {} of {}, left out"),
+                (
+                    "unsettled",
+                    "finite differences did not settle along direction(s) {} of {}, left out",
+                ),
+            ):
                 bad = [str(j + 1) for j, level in enumerate(levels) if level == status]
                 if bad:
                     notes.append(text.format(", ".join(bad), self.n))
-            near = [str(j + 1) for j, level in enumerate(levels)
-                    if not isinstance(level, str) and level > 0]
+            near = [
+                str(j + 1)
+                for j, level in enumerate(levels)
+                if not isinstance(level, str) and level > 0
+            ]
             if near:
                 notes.append(f"near a kink: step reduced along direction(s) {', '.join(near)}")
             if not where:
@@ -191,11 +212,28 @@ class _FiniteDifferences:
             if not passed and len(ratios) >= 2:
                 c = float(np.median(ratios))
                 if all(abs(r - c) <= 1e-3 * abs(c) for r in ratios) and abs(c - 1) > 1e-2:
-                    diagnosis = ("sign flipped (factor -1)" if abs(c + 1) <= 1e-3
-                                 else f"off by a constant factor {c:.4g}")
+                    diagnosis = (
+                        "sign flipped (factor -1)"
+                        if abs(c + 1) <= 1e-3
+                        else f"off by a constant factor {c:.4g}"
+                    )
             if nan_at:
                 worst_abs = worst_rel = math.nan
                 where, diagnosis = nan_at, f"NaN at index {nan_at}"
-            self.rows.append(VJPCheck(self.infos[i].name, transform, "finite diff", worst_abs,
-                                      worst_rel, where, rtol_used, tol.atol, passed,
-                                      "; ".join(notes), probe_name, diagnosis, over))
+            self.rows.append(
+                VJPCheck(
+                    self.infos[i].name,
+                    transform,
+                    "finite diff",
+                    worst_abs,
+                    worst_rel,
+                    where,
+                    rtol_used,
+                    tol.atol,
+                    passed,
+                    "; ".join(notes),
+                    probe_name,
+                    diagnosis,
+                    over,
+                )
+            )

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +48,26 @@ slope 1/2 at 0), which need not be the layer's; zeros and ties are left to
 
 def _to64(tree: Any) -> Any:
     return jax.tree_util.tree_map(
-        lambda x: np.asarray(x, np.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
-        else np.asarray(x), tree)
+        lambda x: (
+            np.asarray(x, np.float64)
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+            else np.asarray(x)
+        ),
+        tree,
+    )
 
 
-def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = (
-        "jit", "jit(vmap(inputs))", "2nd order"), probes: bool | Sequence[str] = LAYER_PROBES,
-        seed: int = 0, example_axes: int = 1, kinks: str = "reference") -> VJPReport:
+def check_layer(
+    layer: Any,
+    params: Any,
+    x: Any,
+    *,
+    transforms: Sequence[str] = ("jit", "jit(vmap(inputs))", "2nd order"),
+    probes: bool | Sequence[str] = LAYER_PROBES,
+    seed: int = 0,
+    example_axes: int = 1,
+    kinks: str = "reference",
+) -> VJPReport:
     """Check a Layer's backward, sq_norms, sq_grads and init, in float64.
 
     Example::
@@ -88,8 +102,10 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
     """
     for name in ("init", "forward", "backward", "apply"):
         if not callable(getattr(layer, name, None)):
-            raise TypeError(f"check_layer: layer must be a fnbp Layer (with init, forward, "
-                            f"backward, apply); {type(layer).__name__} has no {name}()")
+            raise TypeError(
+                f"check_layer: layer must be a fnbp Layer (with init, forward, "
+                f"backward, apply); {type(layer).__name__} has no {name}()"
+            )
     if isinstance(example_axes, bool) or not isinstance(example_axes, int) or example_axes < 1:
         raise ValueError(f"check_layer: example_axes must be an int >= 1, got {example_axes!r}")
     if np.ndim(x) <= example_axes - 1:
@@ -106,8 +122,16 @@ def check_layer(layer: Any, params: Any, x: Any, *, transforms: Sequence[str] = 
             return layer.forward(params, x)[0]
 
         apply.__name__ = f"{label}.apply"
-        report = check_vjp(apply, params64, x64, reference=forward, transforms=transforms,
-                           probes=probes, seed=seed, kinks=kinks)
+        report = check_vjp(
+            apply,
+            params64,
+            x64,
+            reference=forward,
+            transforms=transforms,
+            probes=probes,
+            seed=seed,
+            kinks=kinks,
+        )
         tol = DEFAULT_TOLERANCES["float64"]
         rows, notes = list(report.rows), report.notes
         if callable(getattr(layer, "sq_norms", None)):
@@ -129,16 +153,17 @@ def _per_example_rows(layer, params, x, tol, seed: int) -> tuple[list[VJPCheck],
     rng = np.random.default_rng(seed + 7)
     v = jax.device_put(rng.standard_normal(np.shape(u)))
 
-    def one(xi, vi):   # example i's parameter gradient, by autodiff of forward
+    def one(xi, vi):  # example i's parameter gradient, by autodiff of forward
         _, pull = jax.vjp(lambda p: layer.forward(p, xi[None])[0], params)
         return pull(vi[None])[0]
 
     per_example = jax.jit(jax.vmap(one))(x, v)
     want_sq = jax.tree_util.tree_map(
-        lambda g: np.sum(np.square(np.asarray(g)), axis=tuple(range(1, np.ndim(g)))),
-        per_example)
-    want_sg = jax.tree_util.tree_map(lambda g: np.sum(np.square(np.asarray(g)), axis=0),
-                                     per_example)
+        lambda g: np.sum(np.square(np.asarray(g)), axis=tuple(range(1, np.ndim(g)))), per_example
+    )
+    want_sg = jax.tree_util.tree_map(
+        lambda g: np.sum(np.square(np.asarray(g)), axis=0), per_example
+    )
     rows, notes = [], ()
     for hook in ("sq_norms", "sq_grads"):
         try:
@@ -147,48 +172,96 @@ def _per_example_rows(layer, params, x, tol, seed: int) -> tuple[list[VJPCheck],
             notes += (f"{hook}: none (the per-example functions materialize the gradients)",)
             continue
         except Exception as err:  # a finding: the row says what raised
-            rows.append(VJPCheck("params", "eager", hook, math.nan, math.nan, "", tol.rtol,
-                                 tol.atol, False, f"raised {type(err).__name__}: {err}",
-                                 diagnosis=f"{hook} raises"))
+            rows.append(
+                VJPCheck(
+                    "params",
+                    "eager",
+                    hook,
+                    math.nan,
+                    math.nan,
+                    "",
+                    tol.rtol,
+                    tol.atol,
+                    False,
+                    f"raised {type(err).__name__}: {err}",
+                    diagnosis=f"{hook} raises",
+                )
+            )
             continue
         if hook == "sq_norms":
             sq, dz = out
-            total = sum((np.asarray(q, np.float64) for q in jax.tree_util.tree_leaves(sq)),
-                        np.zeros(np.shape(x)[:1]))
+            total = sum(
+                (np.asarray(q, np.float64) for q in jax.tree_util.tree_leaves(sq)),
+                np.zeros(np.shape(x)[:1]),
+            )
             want = sum(jax.tree_util.tree_leaves(want_sq), np.zeros(np.shape(x)[:1]))
             _, dz_want = layer.backward(params, residuals, v)
-            total_row = _row("params", "eager", "sq_norms", [("{idx}", total, want)], tol,
-                             "per-example sum ||dparams||^2 vs autodiff of forward, one "
-                             "example at a time",
-                             diagnosis="sq_norms disagrees with the per-example gradients")
+            total_row = _row(
+                "params",
+                "eager",
+                "sq_norms",
+                [("{idx}", total, want)],
+                tol,
+                "per-example sum ||dparams||^2 vs autodiff of forward, one example at a time",
+                diagnosis="sq_norms disagrees with the per-example gradients",
+            )
             # Right totals with wrong leaves: the norms are filed under the wrong leaves.
             rows += [
                 total_row,
-                _row("params", "eager", "sq_norms per leaf", _leaves(sq, want_sq), tol,
-                     "each leaf's ||dparams^(i)||^2 vs autodiff of forward",
-                     diagnosis=("sq_norms puts a leaf's norm in another leaf" if total_row.passed
-                                else "sq_norms disagrees with the per-example gradients")),
-                _row("x", "eager", "sq_norms dz", [("{idx}", dz, dz_want)], tol,
-                     "sq_norms' input cotangent vs backward's",
-                     diagnosis="sq_norms returns another dz than backward")]
+                _row(
+                    "params",
+                    "eager",
+                    "sq_norms per leaf",
+                    _leaves(sq, want_sq),
+                    tol,
+                    "each leaf's ||dparams^(i)||^2 vs autodiff of forward",
+                    diagnosis=(
+                        "sq_norms puts a leaf's norm in another leaf"
+                        if total_row.passed
+                        else "sq_norms disagrees with the per-example gradients"
+                    ),
+                ),
+                _row(
+                    "x",
+                    "eager",
+                    "sq_norms dz",
+                    [("{idx}", dz, dz_want)],
+                    tol,
+                    "sq_norms' input cotangent vs backward's",
+                    diagnosis="sq_norms returns another dz than backward",
+                ),
+            ]
         else:
-            rows.append(_row("params", "eager", "sq_grads", _leaves(out, want_sg), tol,
-                             "sum_i dparams^(i) (.) dparams^(i) vs autodiff of forward",
-                             diagnosis="sq_grads disagrees with the per-example gradients"))
+            rows.append(
+                _row(
+                    "params",
+                    "eager",
+                    "sq_grads",
+                    _leaves(out, want_sg),
+                    tol,
+                    "sum_i dparams^(i) (.) dparams^(i) vs autodiff of forward",
+                    diagnosis="sq_grads disagrees with the per-example gradients",
+                )
+            )
     return rows, notes
 
 
 def _leaves(got, want) -> list[tuple[str, Any, Any]]:
     """(label, got, want) per leaf, the label naming the leaf's path."""
     paths = jax.tree_util.tree_leaves_with_path(want)
-    return [(jax.tree_util.keystr(path) + "{idx}", np.asarray(g, np.float64), w)
-            for (path, w), g in zip(paths, jax.tree_util.tree_leaves(got))]
+    return [
+        (jax.tree_util.keystr(path) + "{idx}", np.asarray(g, np.float64), w)
+        for (path, w), g in zip(paths, jax.tree_util.tree_leaves(got))
+    ]
 
 
 def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
     example = tuple(np.shape(x)[axes:])
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params)
-              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    leaves = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(params)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    ]
     dtype = leaves[0].dtype if leaves else jnp.result_type(x)
     problems = []
     try:
@@ -198,19 +271,34 @@ def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
         if made != given:
             problems.append(f"init gives parameters {made}, apply was called with {given}")
         else:
-            for path_leaf, leaf in zip(jax.tree_util.tree_leaves_with_path(fresh),
-                                       jax.tree_util.tree_leaves(params)):
+            for path_leaf, leaf in zip(
+                jax.tree_util.tree_leaves_with_path(fresh), jax.tree_util.tree_leaves(params)
+            ):
                 path, new = path_leaf
                 if np.shape(new) != np.shape(leaf):
-                    problems.append(f"init gives {jax.tree_util.keystr(path)} shape "
-                                    f"{np.shape(new)}, apply was called with {np.shape(leaf)}")
+                    problems.append(
+                        f"init gives {jax.tree_util.keystr(path)} shape "
+                        f"{np.shape(new)}, apply was called with {np.shape(leaf)}"
+                    )
         u = jax.eval_shape(layer.apply, params, x)
         if tuple(out_shape) != tuple(u.shape[axes:]):
-            problems.append(f"init says the output of an example has shape "
-                            f"{tuple(out_shape)}, apply returns {tuple(u.shape[axes:])}")
+            problems.append(
+                f"init says the output of an example has shape "
+                f"{tuple(out_shape)}, apply returns {tuple(u.shape[axes:])}"
+            )
     except Exception as err:  # a finding: the row says what raised
         problems.append(f"raised {type(err).__name__}: {err}")
     err = math.inf if problems else 0.0
-    return VJPCheck("(init)", "eager", "init", err, err, "", 0.0, 0.0, not problems,
-                    "; ".join(problems) or f"shapes agree for examples of shape {example}",
-                    diagnosis="init disagrees with apply" if problems else "")
+    return VJPCheck(
+        "(init)",
+        "eager",
+        "init",
+        err,
+        err,
+        "",
+        0.0,
+        0.0,
+        not problems,
+        "; ".join(problems) or f"shapes agree for examples of shape {example}",
+        diagnosis="init disagrees with apply" if problems else "",
+    )

@@ -49,6 +49,7 @@ def _scale_jvp(primals, tangents):
 
 def sin_wrong_under_vmap() -> Any:
     """sin with B[sin, z](v) = cos(z) v, except under ``jax.vmap`` (see :func:`scale_wrong_under_vmap`)."""
+
     def sin(z):
         return jnp.sin(z)
 

@@ -35,7 +35,8 @@ cancellation E[z^2] - E[z]^2 does far worse.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,22 @@ PROBES: tuple[str, ...] = ("zeros", "kinks", "signs", "large", "offset", "ties")
 """Every probe kind :func:`fnbp.check_vjp` derives (all by default)."""
 
 _COMPARISONS = frozenset({"gt", "ge", "lt", "le", "max", "min", "clamp"})
-_MAX_LIKE = frozenset({"max", "reduce_max", "argmax", "reduce_window_max", "cummax",
-                       "sort", "min", "reduce_min", "argmin", "reduce_window_min",
-                       "select_and_scatter_add", "select_and_gather_add"})
+_MAX_LIKE = frozenset(
+    {
+        "max",
+        "reduce_max",
+        "argmax",
+        "reduce_window_max",
+        "cummax",
+        "sort",
+        "min",
+        "reduce_min",
+        "argmin",
+        "reduce_window_min",
+        "select_and_scatter_add",
+        "select_and_gather_add",
+    }
+)
 _MAX_KINKS = 2
 _LARGEST_POWER = 8
 
@@ -93,8 +107,9 @@ def _spread(x: np.ndarray) -> float:
     return s if s > 0 else max(1.0, float(np.abs(x).max(initial=0.0)))
 
 
-def _map(infos: Sequence[_Arg], diff: Sequence[int],
-         fn: Callable[[np.ndarray, Any], np.ndarray | None]) -> tuple | None:
+def _map(
+    infos: Sequence[_Arg], diff: Sequence[int], fn: Callable[[np.ndarray, Any], np.ndarray | None]
+) -> tuple | None:
     """The arguments with fn applied to every probed leaf (float64 in, cast back)."""
     changed, out = False, []
     for i, info in enumerate(infos):
@@ -112,9 +127,14 @@ def _map(infos: Sequence[_Arg], diff: Sequence[int],
     return tuple(out) if changed else None
 
 
-def fixed_probes(infos: Sequence[_Arg], diff: Sequence[int], kinks: Sequence[float],
-                 max_like: bool, kinds: Sequence[str], rng: np.random.Generator
-                 ) -> list[tuple[str, tuple]]:
+def fixed_probes(
+    infos: Sequence[_Arg],
+    diff: Sequence[int],
+    kinks: Sequence[float],
+    max_like: bool,
+    kinds: Sequence[str],
+    rng: np.random.Generator,
+) -> list[tuple[str, tuple]]:
     """The probes that need no evaluation: zeros, kinks, signs, ties."""
     points = []
 
@@ -127,19 +147,24 @@ def fixed_probes(infos: Sequence[_Arg], diff: Sequence[int], kinks: Sequence[flo
         points.append(("zeros", _map(infos, diff, lambda x, d: np.where(subset(x), 0.0, x))))
     if "kinks" in kinds:
         for c in kinks:
-            points.append((f"kink z={c:g}",
-                           _map(infos, diff, lambda x, d, c=c: np.where(subset(x), c, x))))
+            points.append(
+                (f"kink z={c:g}", _map(infos, diff, lambda x, d, c=c: np.where(subset(x), c, x)))
+            )
     if "signs" in kinds:
+
         def flip(x, d):
             sign = np.where(rng.random(x.shape) < 0.5, -1.0, 1.0)
             if np.all(x >= 0) or np.all(x <= 0):
                 sign.flat[::2] = -1.0
             return x * sign
+
         points.append(("signs", _map(infos, diff, flip)))
     if "ties" in kinds and max_like:
+
         def tie(x, d):
             grid = _spread(x) / 2
             return np.round(x / grid) * grid
+
         points.append(("ties", _map(infos, diff, tie)))
     return [(name, p) for name, p in points if p is not None]
 
@@ -157,6 +182,7 @@ def offset(infos: Sequence[_Arg], diff: Sequence[int], rtol: float) -> tuple[str
         m = _spread(x) * rtol / (10 * float(jnp.finfo(dtype).eps))
         shifts.append(m)
         return x + m
+
     point = _map(infos, diff, shift)
     if point is None:
         return None
@@ -166,7 +192,7 @@ def offset(infos: Sequence[_Arg], diff: Sequence[int], rtol: float) -> tuple[str
 def large_factors(dtype: Any) -> list[float]:
     """Candidate factors 10^k, largest first, that stay below the dtype's range."""
     top = min(_LARGEST_POWER, int(math.log10(float(jnp.finfo(dtype).max))) // 2)
-    return [10.0 ** k for k in range(top, 0, -1)]
+    return [10.0**k for k in range(top, 0, -1)]
 
 
 def fits(values: Sequence[Any], dtype: Any) -> bool:

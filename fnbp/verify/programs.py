@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 
 from fnbp._compile import FAST_CPU_COMPILE, fast_compile_options
 
 TRANSFORMS: tuple[str, ...] = (
-    "eager", "jit", "vmap", "jit(vmap)", "vmap(inputs)", "jit(vmap(inputs))", "2nd order",
+    "eager",
+    "jit",
+    "vmap",
+    "jit(vmap)",
+    "vmap(inputs)",
+    "jit(vmap(inputs))",
+    "2nd order",
 )
 """Every transform :func:`check_vjp` runs B under (all by default)."""
 
@@ -22,7 +29,7 @@ def _x64():
 
 
 Cotangents = tuple  # per differentiable argument, the cotangents of its floating leaves
-Selection = tuple   # per differentiable argument: (its position, its floating leaves)
+Selection = tuple  # per differentiable argument: (its position, its floating leaves)
 
 
 class _Bound:
@@ -36,7 +43,7 @@ class _Bound:
         self.f, self.kwargs = f, tuple(sorted(kwargs.items()))
         try:
             self._key = hash((self.f, self.kwargs))
-        except TypeError:   # unhashable settings: this object is its own key
+        except TypeError:  # unhashable settings: this object is its own key
             self._key = None
         self.__name__ = getattr(f, "__name__", None) or type(f).__name__
 
@@ -54,8 +61,7 @@ class _Bound:
 
 def _select(sel: Selection, cts: Sequence[Any]) -> Cotangents:
     """Per differentiable argument, the cotangents of its floating leaves."""
-    return tuple(tuple(jax.tree_util.tree_leaves(cts[i])[k] for k in floats)
-                 for i, floats in sel)
+    return tuple(tuple(jax.tree_util.tree_leaves(cts[i])[k] for k in floats) for i, floats in sel)
 
 
 def _B(fk: Callable[..., Any], sel: Selection, args: tuple, v: Any) -> Cotangents:
@@ -90,10 +96,12 @@ installed jaxlib does not know are skipped; see :mod:`fnbp._compile`."""
 
 
 @functools.cache
-def _compiled(fn: Callable[..., Any], backend: str,
-              options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    return jax.jit(fn, static_argnums=(0, 1),
-                   compiler_options=fast_compile_options(backend, dict(options)))
+def _compiled(
+    fn: Callable[..., Any], backend: str, options: tuple[tuple[str, Any], ...]
+) -> Callable[..., Any]:
+    return jax.jit(
+        fn, static_argnums=(0, 1), compiler_options=fast_compile_options(backend, dict(options))
+    )
 
 
 def jit_fast(fn: Callable[..., Any]) -> Callable[..., Any]:

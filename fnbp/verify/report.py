@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -21,12 +23,14 @@ class Tolerance:
     atol: float
 
 
-DEFAULT_TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
-    "float64": Tolerance(rtol=1e-10, atol=1e-12),
-    "float32": Tolerance(rtol=1e-4, atol=1e-6),
-    "float16": Tolerance(rtol=1e-2, atol=1e-3),
-    "bfloat16": Tolerance(rtol=5e-2, atol=1e-2),
-})
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
+    {
+        "float64": Tolerance(rtol=1e-10, atol=1e-12),
+        "float32": Tolerance(rtol=1e-4, atol=1e-6),
+        "float16": Tolerance(rtol=1e-2, atol=1e-3),
+        "bfloat16": Tolerance(rtol=5e-2, atol=1e-2),
+    }
+)
 """The default :class:`Tolerance` of a check by working dtype (``check_vjp``'s ``rtol``/``atol``
 override them). Below float64 a comparison also allows the reference's own round-off in that
 dtype (see :mod:`fnbp.verify.round_off`)."""
@@ -107,10 +111,12 @@ class VJPCheck:
         probe = f" at probe {self.probe!r}" if self.probe else ""
         why = f"; likely bug: {self.diagnosis}" if self.diagnosis else ""
         note = f"; {self.note}" if self.note else ""
-        return (f"argument {self.argument!r}, transform {self.transform!r}, oracle "
-                f"{self.oracle!r}{probe}: max rel err {_num(self.max_rel_err)} (max abs err "
-                f"{_num(self.max_abs_err)}{where}), rtol {_num(self.rtol)}, atol "
-                f"{_num(self.atol)}{why}{note}")
+        return (
+            f"argument {self.argument!r}, transform {self.transform!r}, oracle "
+            f"{self.oracle!r}{probe}: max rel err {_num(self.max_rel_err)} (max abs err "
+            f"{_num(self.max_abs_err)}{where}), rtol {_num(self.rtol)}, atol "
+            f"{_num(self.atol)}{why}{note}"
+        )
 
     @property
     def compared(self) -> bool:
@@ -178,8 +184,10 @@ class VJPReport:
 
     def _header(self) -> str:
         passed = sum(row.passed for row in self.rows)
-        return (f"check_vjp({self.function}) dtype={self.dtype} backend={self.backend}: "
-                f"{passed}/{len(self.rows)} checks pass")
+        return (
+            f"check_vjp({self.function}) dtype={self.dtype} backend={self.backend}: "
+            f"{passed}/{len(self.rows)} checks pass"
+        )
 
     @property
     def diagnosis(self) -> str:
@@ -187,8 +195,9 @@ class VJPReport:
         named = [row for row in self.failures if row.diagnosis]
         if not named:
             return ""
-        return max(named, key=lambda row: (row.oracle in ("runs", "linearity", "zero v"),
-                                           row.ratio)).diagnosis
+        return max(
+            named, key=lambda row: (row.oracle in ("runs", "linearity", "zero v"), row.ratio)
+        ).diagnosis
 
     @property
     def worst_ratio(self) -> float:
@@ -201,28 +210,52 @@ class VJPReport:
     def table(self, rows: Sequence[VJPCheck] | None = None) -> str:
         """The rows (all by default) as an aligned text table."""
         rows = self.rows if rows is None else rows
-        head = ("argument", "transform", "oracle", "probe", "max abs err", "max rel err",
-                "worst index", "rtol", "err/tol", "result", "note")
+        head = (
+            "argument",
+            "transform",
+            "oracle",
+            "probe",
+            "max abs err",
+            "max rel err",
+            "worst index",
+            "rtol",
+            "err/tol",
+            "result",
+            "note",
+        )
 
         def cell(r: VJPCheck, x: float) -> str:
             return _num(x) if r.compared else "-"
 
-        body = [(r.argument, r.transform, r.oracle, r.probe or "args",
-                 cell(r, r.max_abs_err), cell(r, r.max_rel_err), r.worst_index, _num(r.rtol),
-                 f"{r.ratio:.2g}", "PASS" if r.passed else "FAIL",
-                 "; ".join(x for x in (r.diagnosis and f"likely bug: {r.diagnosis}", r.note)
-                           if x))
-                for r in rows]
+        body = [
+            (
+                r.argument,
+                r.transform,
+                r.oracle,
+                r.probe or "args",
+                cell(r, r.max_abs_err),
+                cell(r, r.max_rel_err),
+                r.worst_index,
+                _num(r.rtol),
+                f"{r.ratio:.2g}",
+                "PASS" if r.passed else "FAIL",
+                "; ".join(x for x in (r.diagnosis and f"likely bug: {r.diagnosis}", r.note) if x),
+            )
+            for r in rows
+        ]
         widths = [max(len(str(line[c])) for line in [head, *body]) for c in range(len(head))]
-        lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
-                 for line in [head, *body]]
+        lines = [
+            "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
+            for line in [head, *body]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
     def __str__(self) -> str:
         diagnosis = [f"likely bug: {self.diagnosis}"] if self.diagnosis else []
-        return "\n".join([self._header(), *diagnosis, self.table(),
-                          *(f"note: {n}" for n in self.notes)])
+        return "\n".join(
+            [self._header(), *diagnosis, self.table(), *(f"note: {n}" for n in self.notes)]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain Python data, ready for ``json.dumps``.
@@ -235,9 +268,16 @@ class VJPReport:
             for key in ("max_abs_err", "max_rel_err", "rtol", "atol", "err_over_tol"):
                 data[key] = _json_float(data[key])
             rows.append(data)
-        return {"function": self.function, "dtype": self.dtype, "backend": self.backend,
-                "passed": self.ok, "custom_vjp": self.custom_vjp,
-                "diagnosis": self.diagnosis, "notes": list(self.notes), "rows": rows}
+        return {
+            "function": self.function,
+            "dtype": self.dtype,
+            "backend": self.backend,
+            "passed": self.ok,
+            "custom_vjp": self.custom_vjp,
+            "diagnosis": self.diagnosis,
+            "notes": list(self.notes),
+            "rows": rows,
+        }
 
     def assert_ok(self) -> None:
         """Raise ``AssertionError`` listing every failing row; return if all pass."""
@@ -248,7 +288,6 @@ class VJPReport:
                 lines.append(f"  likely bug: {self.diagnosis}")
             lines += [f"  {row.describe()}" for row in failures]
             raise AssertionError("\n".join(lines))
-
 
 
 # --- comparisons ------------------------------------------------------------------
@@ -262,8 +301,9 @@ def _index(idx: tuple[int, ...]) -> str:
     return f"[{', '.join(str(int(i)) for i in idx)}]" if idx else "()"
 
 
-def _measure(triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = False
-             ) -> tuple[float, float, str, float, int]:
+def _measure(
+    triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = False
+) -> tuple[float, float, str, float, int]:
     """max |got - want|, max |want| and where, over (label, got, want) leaves.
 
     Returns (max abs err, max rel err, worst index, scale, entries left out).
@@ -299,18 +339,41 @@ def _measure(triples: Sequence[tuple[str, Any, Any]], skip_nan_want: bool = Fals
     return worst, rel, where, scale, skipped
 
 
-def _row(argument: str, transform: str, oracle: str, triples, tol: Tolerance,
-         note: str = "", probe: str = "", diagnosis: str = "") -> VJPCheck:
+def _row(
+    argument: str,
+    transform: str,
+    oracle: str,
+    triples,
+    tol: Tolerance,
+    note: str = "",
+    probe: str = "",
+    diagnosis: str = "",
+) -> VJPCheck:
     abs_err, rel_err, where, scale, skipped = _measure(triples, oracle == "reference")
     ratio = _over(abs_err, tol.atol + tol.rtol * scale)
     passed = ratio <= 1
     if skipped:
-        blind = (f"the reference's derivative is NaN at {skipped} entr"
-                 f"{'y' if skipped == 1 else 'ies'} (no derivative there), left out")
+        blind = (
+            f"the reference's derivative is NaN at {skipped} entr"
+            f"{'y' if skipped == 1 else 'ies'} (no derivative there), left out"
+        )
         note = f"{note}; {blind}" if note else blind
     if math.isnan(abs_err):
         diagnosis = f"NaN at index {where}"
     elif passed:
         diagnosis = ""
-    return VJPCheck(argument, transform, oracle, abs_err, rel_err, where, tol.rtol,
-                    tol.atol, passed, note, probe, diagnosis, ratio)
+    return VJPCheck(
+        argument,
+        transform,
+        oracle,
+        abs_err,
+        rel_err,
+        where,
+        tol.rtol,
+        tol.atol,
+        passed,
+        note,
+        probe,
+        diagnosis,
+        ratio,
+    )

@@ -33,7 +33,8 @@ conditionals) count as one operation each.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +45,71 @@ SAMPLES = 8
 """Monte Carlo samples of the reference's program per estimate."""
 
 # Primitives whose floating result is exact (no rounding): left unperturbed.
-_EXACT = frozenset({
-    "neg", "abs", "sign", "max", "min", "clamp", "select_n", "reshape", "broadcast_in_dim",
-    "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice", "dynamic_update_slice",
-    "gather", "concatenate", "pad", "rev", "copy", "copy_p", "convert_element_type",
-    "reduce_max", "reduce_min", "argmax", "argmin", "sort", "floor", "ceil", "round",
-    "iota", "cummax", "cummin", "reduce_and", "reduce_or", "stop_gradient",
-    "optimization_barrier", "device_put", "split", "real", "imag", "copysign",
-    "reduce_precision", "is_finite", "nextafter", "squeeze_p", "select_and_scatter",
-})
+_EXACT = frozenset(
+    {
+        "neg",
+        "abs",
+        "sign",
+        "max",
+        "min",
+        "clamp",
+        "select_n",
+        "reshape",
+        "broadcast_in_dim",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "slice",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "gather",
+        "concatenate",
+        "pad",
+        "rev",
+        "copy",
+        "copy_p",
+        "convert_element_type",
+        "reduce_max",
+        "reduce_min",
+        "argmax",
+        "argmin",
+        "sort",
+        "floor",
+        "ceil",
+        "round",
+        "iota",
+        "cummax",
+        "cummin",
+        "reduce_and",
+        "reduce_or",
+        "stop_gradient",
+        "optimization_barrier",
+        "device_put",
+        "split",
+        "real",
+        "imag",
+        "copysign",
+        "reduce_precision",
+        "is_finite",
+        "nextafter",
+        "squeeze_p",
+        "select_and_scatter",
+    }
+)
 
 # Call-like primitives: their program is evaluated operation by operation.
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-          "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr"}
+_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+}
 
 
 def _inner(eqn) -> tuple[Any, Sequence[Any]] | None:
@@ -91,8 +142,11 @@ def count(jaxpr) -> int:
         if inner is not None:
             total += count(inner[0])
         elif _rounds(eqn):
-            total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars
-                         if _floating(getattr(v, "aval", None)))
+            total += sum(
+                int(np.prod(v.aval.shape))
+                for v in eqn.outvars
+                if _floating(getattr(v, "aval", None))
+            )
     return total
 
 
@@ -104,7 +158,7 @@ class _Draws:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         size = int(np.prod(np.shape(x)))
-        r = self.noise[self.at:self.at + size]
+        r = self.noise[self.at : self.at + size]
         self.at += size
         return x * (1 + r.reshape(np.shape(x)).astype(x.dtype))
 
@@ -128,8 +182,10 @@ def _evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any], perturb: _Draws
             outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             outs = list(outs) if eqn.primitive.multiple_results else [outs]
             if _rounds(eqn):
-                outs = [perturb(x) if _floating(getattr(v, "aval", None)) else x
-                        for v, x in zip(eqn.outvars, outs)]
+                outs = [
+                    perturb(x) if _floating(getattr(v, "aval", None)) else x
+                    for v, x in zip(eqn.outvars, outs)
+                ]
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, core.DropVar):
                 env[v] = x
@@ -139,18 +195,27 @@ def _evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any], perturb: _Draws
 def _sampled(spec: tuple, sel: Any, noise: jax.Array, operands: tuple) -> Any:
     """The program ``spec = (program, fk)`` at ``operands``, once per row of ``noise``."""
     program, fk = spec
-    closed, shape = jax.make_jaxpr(functools.partial(program, fk, sel),
-                                   return_shape=True)(*operands)
+    closed, shape = jax.make_jaxpr(functools.partial(program, fk, sel), return_shape=True)(
+        *operands
+    )
     flat = jax.tree_util.tree_leaves(operands)
     treedef = jax.tree_util.tree_structure(shape)
 
     def one(row):
         return treedef.unflatten(_evaluate(closed.jaxpr, closed.consts, flat, _Draws(row)))
+
     return jax.vmap(one)(noise)
 
 
-def sampled(program: Callable[..., Any], fk: Any, sel: Any, operands: tuple, dtype: Any,
-            seed: int, jit: Callable[[Callable], Callable]) -> Any:
+def sampled(
+    program: Callable[..., Any],
+    fk: Any,
+    sel: Any,
+    operands: tuple,
+    dtype: Any,
+    seed: int,
+    jit: Callable[[Callable], Callable],
+) -> Any:
     """``program(fk, sel, *operands)`` under Monte Carlo arithmetic at ``dtype``'s epsilon.
 
     ``operands`` are float64; the result has a leading axis of
