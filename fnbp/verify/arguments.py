@@ -85,7 +85,7 @@ def _coarsest(dtypes: Sequence[Any]) -> np.dtype:
 # --- host-side arrays (numpy casts and stacks compile nothing) --------------------
 
 
-def _put(x: np.ndarray) -> jax.Array:
+def _put(x: np.ndarray | np.generic) -> jax.Array:
     # jax.device_put compiles nothing; jnp.asarray compiles a program per shape.
     return jax.device_put(x)
 

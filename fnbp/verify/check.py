@@ -285,6 +285,7 @@ def _check(
                 f"{fn}: reference(*args) raised {type(err).__name__}: {err}; "
                 f"the reference must take f's arguments"
             ) from err
+        ref_treedef: jax.tree_util.PyTreeDef
         ref_structs, ref_treedef = jax.tree_util.tree_flatten(ref_shape)
         shapes = [tuple(s.shape) for s in out_structs]
         ref_shapes = [tuple(s.shape) for s in ref_structs]

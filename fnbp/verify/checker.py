@@ -361,14 +361,14 @@ class _Checker(_FiniteDifferences, _Kinks):
         )
         loop = [r[2] for r in core_out] if core_out is not None else None
         second = "2nd order" in transforms and loop is not None
-        U = [self.u_like(loop[0], j) for j in range(n)] if second else None
+        U = [self.u_like(loop[0], j) for j in range(n)] if second and loop is not None else []
 
         # The oracles first: finite differences find the kinks the notes mention.
         with _x64():
             args64 = self.args64()
             C64 = [_to64(c) for c in C]
             v064 = _to64(self.v0)
-            U64 = [_to64(u) for u in U] if second else None
+            U64 = [_to64(u) for u in U]
 
         def fd():
             weights = [C64, U64] if second else [C64]
@@ -397,7 +397,7 @@ class _Checker(_FiniteDifferences, _Kinks):
 
             ref = self.attempt("eager", reference, "reference")
 
-        results: dict[str, list[Cotangents]] = {}
+        results: dict[str, list[Cotangents] | None] = {}
         if "eager" in transforms:
 
             def eager():
@@ -418,17 +418,19 @@ class _Checker(_FiniteDifferences, _Kinks):
 
         C_stack = _stack(C)
         members = _stack(self.members)
-        batched = {
-            "vmap": lambda: _batched_v(fk, sel, args, C_stack),
-            "jit(vmap)": lambda: jit_fast(_batched_v)(fk, sel, args, C_stack),
-            "vmap(inputs)": lambda: _batched_inputs(fk, sel, members, C_stack),
-            "jit(vmap(inputs))": lambda: jit_fast(_batched_inputs)(fk, sel, members, C_stack),
+        batched = {  # each unstacked into its n members' cotangents
+            "vmap": lambda: _unstack(_batched_v(fk, sel, args, C_stack), n),
+            "jit(vmap)": lambda: _unstack(jit_fast(_batched_v)(fk, sel, args, C_stack), n),
+            "vmap(inputs)": lambda: _unstack(_batched_inputs(fk, sel, members, C_stack), n),
+            "jit(vmap(inputs))": lambda: _unstack(
+                jit_fast(_batched_inputs)(fk, sel, members, C_stack), n
+            ),
         }
         member_loop = None
         for transform, compute in batched.items():
             if transform not in transforms:
                 continue
-            got = self.attempt(transform, lambda compute=compute: _unstack(compute(), n))
+            got = self.attempt(transform, compute)
             if got is None:
                 continue
             if "inputs" in transform:
@@ -558,7 +560,8 @@ class _Checker(_FiniteDifferences, _Kinks):
         """
         kinds, sel = self.probe_kinds, self.sel
         oracle_fn = self.refk if self.refk is not None else self.fk
-        kinks, max_like = ([], False)
+        kinks: list[float] = []
+        max_like = False
         if "kinks" in kinds or "ties" in kinds:
             kinks, max_like = inspect_function(oracle_fn, self.args)
         rng = np.random.default_rng(self.seed + 1)
@@ -590,17 +593,18 @@ class _Checker(_FiniteDifferences, _Kinks):
             shifted = offset(self.infos, self.diff, self.tol.rtol)
             if shifted is not None and usable(shifted[1]):
                 points.append(shifted)
-        for name, point in points:
+
+        def at_probe(name: str, point: tuple) -> None:  # B there, compared with the oracle
             got = self.attempt(
-                transform, lambda point=point: [self.core(point, c)[2] for c in self.C], probe=name
+                transform, lambda: [self.core(point, c)[2] for c in self.C], probe=name
             )
             if got is None:
-                continue
+                return
             self.probed.append(name)
             if F is None:
                 want = self.attempt(
                     "eager",
-                    lambda point=point: [at64(point, c)[2] for c in C64],
+                    lambda: [at64(point, c)[2] for c in C64],
                     "reference",
                     probe=name,
                 )
@@ -609,10 +613,10 @@ class _Checker(_FiniteDifferences, _Kinks):
                         transform,
                         got,
                         want,
-                        lambda point=point: [
+                        lambda: [
                             _fetch(jit_fast(_core)(self.refk, sel, point, c))[2] for c in self.C
                         ],
-                        lambda point=point: [
+                        lambda: [
                             _fetch(
                                 sampled(
                                     _B,
@@ -636,12 +640,15 @@ class _Checker(_FiniteDifferences, _Kinks):
                     point64 = self.args64(point)
                 found = self.attempt(
                     "eager",
-                    lambda point64=point64: self.fd_probe(F, point64, [C64]),
+                    lambda: self.fd_probe(F, point64, [C64]),
                     "finite diff",
                     probe=name,
                 )
                 if found is not None:
                     self.fd_rows(transform, found[0], got, probe_name=name)
+
+        for name, point in points:
+            at_probe(name, point)
 
     def properties(self, core_out: list, eager: list | None, ref) -> None:
         """Shapes and dtypes, linearity, zero, rerun, the fwd rule's primal output."""

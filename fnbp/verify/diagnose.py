@@ -141,7 +141,9 @@ def swapped(
 
 # --- exceptions -------------------------------------------------------------------
 
-_NOT_USER = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np)) + (
+_NOT_USER = (
+    os.path.dirname(jax.__file__) + os.sep,
+    os.path.dirname(np.__file__) + os.sep,
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
     sysconfig.get_paths()["stdlib"] + os.sep,
 )
@@ -159,10 +161,11 @@ def raised_at(err: BaseException) -> str:
     """file:line of the innermost frame in the caller's code that the error passed through."""
     skip = _NOT_USER + tuple(d for d in (_jaxlib_dir(),) if d)
     seen, chain = set(), []
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     for e in chain:
         frames = [
             fr
@@ -175,7 +178,8 @@ def raised_at(err: BaseException) -> str:
 
 
 def _unwrap(f: Callable[..., Any]) -> tuple[Callable[..., Any], tuple, dict]:
-    args, kwargs = (), {}
+    args: tuple = ()
+    kwargs: dict[str, Any] = {}
     while isinstance(f, functools.partial):
         args, kwargs = f.args + args, {**f.keywords, **kwargs}
         f = f.func

@@ -99,7 +99,9 @@ def check_factory(
         )
         transforms = settings["transforms"]
         quick = dict(settings, transforms=("jit",) if "jit" in transforms else transforms[:1])
-        extra = [(f"key {k + 1}", jax.random.PRNGKey(seed + k), None) for k in range(1, draws)]
+        extra: list[tuple[str, jax.Array, tuple[int, ...] | None]] = [
+            (f"key {k + 1}", jax.random.PRNGKey(seed + k), None) for k in range(1, draws)
+        ]
         sizes = distinct_sizes(default_sizes(factory))
         if sizes is not None:
             extra.append((f"sizes {sizes}", jax.random.PRNGKey(seed), sizes))
@@ -176,6 +178,7 @@ def example_args(
         return _as_tuple(make_args(key, jnp.dtype(dtype)))
     try:
         shape = jax.eval_shape(lambda k: _call_factory(make_args, jnp.dtype(dtype), k), key)
+        treedef: jax.tree_util.PyTreeDef
         leaves, treedef = jax.tree_util.tree_flatten(base)
         wanted, wanted_def = jax.tree_util.tree_flatten(shape)
         if treedef != wanted_def or [x.shape for x in leaves] != [w.shape for w in wanted]:

@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from fnbp.verify.arguments import _put
+from fnbp.verify.arguments import _Arg, _put
 from fnbp.verify.programs import Cotangents, _x64
-from fnbp.verify.report import VJPCheck, _f64, _index, _over
+from fnbp.verify.report import Tolerance, VJPCheck, _f64, _index, _over
 
 FD_RTOL = 1e-6
 """Relative tolerance of a float64 central difference at the default step."""
@@ -37,6 +37,17 @@ class _FiniteDifferences:
     Uses the checker's ``diff``, ``infos``, ``n``, ``T`` (directions),
     ``fd_step``, ``fd_rtol``, ``tol``, ``rows`` and ``kinks``.
     """
+
+    # The checker's, declared here for type checkers (the checker sets them).
+    diff: list[int]
+    infos: list[_Arg]
+    n: int
+    T: list[list[list[np.ndarray]]]  # T[p][j]: direction j's leaves for argument diff[p]
+    fd_step: float
+    fd_rtol: float
+    tol: Tolerance
+    rows: list[VJPCheck]
+    kinks: dict[int, str]
 
     def fd_probe(self, F, args64: tuple, weights: Sequence[Sequence[Any]]) -> list:
         """Differences of <w_j, F_m> along t_j in each argument, in float64.
@@ -67,7 +78,7 @@ class _FiniteDifferences:
         with _x64():
             base = [leaves(y) for y in F(args64)]
             W = [[leaves(w) for w in ws] for ws in weights]
-            probes = [[] for _ in weights]
+            probes: list[list[tuple]] = [[] for _ in weights]
             for p, i in enumerate(self.diff):
                 info = self.infos[i]
                 point = jax.tree_util.tree_leaves(args64[i])

@@ -38,13 +38,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from fnbp.verify.arguments import _as_dtype, _fetch, _put
-from fnbp.verify.programs import _core, _x64, jit_fast
+from fnbp.verify.arguments import _Arg, _as_dtype, _fetch, _put
+from fnbp.verify.programs import Selection, _Bound, _core, _x64, jit_fast
 from fnbp.verify.report import VJPCheck, _f64, _index, _row
 
 _MAX_ENTRIES = 256  # more entries than this to examine: not "only at a kink"
@@ -62,6 +62,21 @@ class _Kinks:
     ``seed``, ``kink_policy``, ``args64`` and ``core``. Every evaluation
     runs the reference's float64 program that the check has compiled.
     """
+
+    # The checker's, declared here for type checkers (the checker sets them).
+    refk: _Bound | None
+    sel: Selection
+    infos: list[_Arg]
+    C: list[Any]  # the cotangents c_j, pytrees like f's output
+    fd_step: float
+    seed: int
+    kink_policy: str
+
+    if TYPE_CHECKING:
+
+        def args64(self, point: tuple | None = None) -> tuple: ...
+
+        def core(self, args: tuple, v: Any) -> Any: ...
 
     def attempt_kinks(self, row: VJPCheck, *args: Any) -> VJPCheck:
         """:meth:`at_kinks`, or ``row`` unchanged when the reference cannot be evaluated there."""
@@ -106,7 +121,7 @@ class _Kinks:
         }
         moved = np.concatenate(
             [
-                np.logical_or.reduce([outs[s][m] != base[m] for s in outs]).ravel()
+                np.any([outs[s][m] != base[m] for s in outs], axis=0).ravel()
                 for m in range(len(base))
             ]
         )
@@ -152,10 +167,10 @@ class _Kinks:
         thr = tol.atol + tol.rtol * scale
         err: dict[Entry, float] = {}  # the entries where B differs, and by how much
         for gs, ws in zip(G, W):
-            for n, (g, w) in enumerate(zip(gs, ws)):
-                d = np.abs(g - w).ravel()
-                for e in np.flatnonzero(~(d <= thr)):
-                    err[n, int(e)] = max(err.get((n, int(e)), 0.0), float(d[e]))
+            for n, (gl, wl) in enumerate(zip(gs, ws)):
+                d = np.abs(gl - wl).ravel()
+                for e in map(int, np.flatnonzero(~(d <= thr))):
+                    err[n, e] = max(err.get((n, e), 0.0), float(d[e]))
         if not err or len(err) > _MAX_ENTRIES:
             return row
         with _x64():

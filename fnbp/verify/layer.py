@@ -164,7 +164,8 @@ def _per_example_rows(layer, params, x, tol, seed: int) -> tuple[list[VJPCheck],
     want_sg = jax.tree_util.tree_map(
         lambda g: np.sum(np.square(np.asarray(g)), axis=0), per_example
     )
-    rows, notes = [], ()
+    rows: list[VJPCheck] = []
+    notes: tuple[str, ...] = ()
     for hook in ("sq_norms", "sq_grads"):
         try:
             out = getattr(layer, hook)(params, residuals, v)
@@ -266,8 +267,8 @@ def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
     problems = []
     try:
         out_shape, fresh = layer.init(jax.random.PRNGKey(seed), example, dtype)
-        made = jax.tree_util.tree_structure(fresh)
-        given = jax.tree_util.tree_structure(params)
+        made: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(fresh)
+        given: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(params)
         if made != given:
             problems.append(f"init gives parameters {made}, apply was called with {given}")
         else:
@@ -288,13 +289,13 @@ def _init_row(layer, params, x, axes: int, seed: int) -> VJPCheck:
             )
     except Exception as err:  # a finding: the row says what raised
         problems.append(f"raised {type(err).__name__}: {err}")
-    err = math.inf if problems else 0.0
+    worst = math.inf if problems else 0.0
     return VJPCheck(
         "(init)",
         "eager",
         "init",
-        err,
-        err,
+        worst,
+        worst,
         "",
         0.0,
         0.0,

@@ -146,10 +146,12 @@ def fixed_probes(
     if "zeros" in kinds:
         points.append(("zeros", _map(infos, diff, lambda x, d: np.where(subset(x), 0.0, x))))
     if "kinks" in kinds:
+
+        def to_kink(c: float) -> Callable[[np.ndarray, Any], np.ndarray]:
+            return lambda x, d: np.where(subset(x), c, x)
+
         for c in kinks:
-            points.append(
-                (f"kink z={c:g}", _map(infos, diff, lambda x, d, c=c: np.where(subset(x), c, x)))
-            )
+            points.append((f"kink z={c:g}", _map(infos, diff, to_kink(c))))
     if "signs" in kinds:
 
         def flip(x, d):

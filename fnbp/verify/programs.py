@@ -41,6 +41,7 @@ class _Bound:
 
     def __init__(self, f: Callable[..., Any], kwargs: Mapping[str, Any]):
         self.f, self.kwargs = f, tuple(sorted(kwargs.items()))
+        self._key: int | None
         try:
             self._key = hash((self.f, self.kwargs))
         except TypeError:  # unhashable settings: this object is its own key

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -297,7 +297,7 @@ def _f64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _index(idx: tuple[int, ...]) -> str:
+def _index(idx: Sequence[SupportsIndex]) -> str:
     return f"[{', '.join(str(int(i)) for i in idx)}]" if idx else "()"
 
 

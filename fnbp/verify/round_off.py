@@ -199,7 +199,7 @@ def _sampled(spec: tuple, sel: Any, noise: jax.Array, operands: tuple) -> Any:
         *operands
     )
     flat = jax.tree_util.tree_leaves(operands)
-    treedef = jax.tree_util.tree_structure(shape)
+    treedef: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(shape)
 
     def one(row):
         return treedef.unflatten(_evaluate(closed.jaxpr, closed.consts, flat, _Draws(row)))
