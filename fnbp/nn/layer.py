@@ -507,8 +507,9 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
             if g is None:
                 return sq, dz, (residuals, v, None)
             sq_leaves = jax.tree_util.tree_leaves(sq)
-        sq = jax.tree_util.tree_structure(params).unflatten(
-            [q if g_p is None else _squares(g_p)[0] for q, g_p in zip(sq_leaves, g)]
+        sq = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params),
+            [q if g_p is None else _squares(g_p)[0] for q, g_p in zip(sq_leaves, g)],
         )
         return sq, dz, (residuals, v, g)
 
@@ -518,12 +519,13 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
         residuals, v, g = tape
         if g is None:
             return scaled_backward(backward, params, residuals, v, scales)
+        treedef: jax.tree_util.PyTreeDef
         p_leaves, treedef = jax.tree_util.tree_flatten(params)
         s_leaves = jax.tree_util.tree_leaves(scales)
-        rest = (
+        rest = (  # the leaves without per-example gradients, by backward
             jax.tree_util.tree_leaves(scaled_backward(backward, params, residuals, v, scales))
             if any(g_p is None for g_p in g)
-            else None
+            else []
         )
         return treedef.unflatten(
             [
@@ -550,6 +552,7 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
             if m is None:
                 return dparams, sq, dz
             sq_leaves = jax.tree_util.tree_leaves(sq)
+        treedef: jax.tree_util.PyTreeDef
         d_leaves, treedef = jax.tree_util.tree_flatten(dparams)
         sq = treedef.unflatten([q if m_p is None else m_p[1] for q, m_p in zip(sq_leaves, m)])
         dparams = treedef.unflatten(
@@ -567,7 +570,7 @@ def _per_leaf(
     if fn is None:
         return None
     out = fn(params, residuals, v)
-    treedef = jax.tree_util.tree_structure(params)
+    treedef: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(params)
     what = (
         "a pair (sum_i g_i, sum_i g_i * g_i) shaped like the leaf"
         if pairs
@@ -597,8 +600,8 @@ def _per_leaf(
 
 def _check_per_leaf(name: str, hook: str, params, sq, shape_of) -> None:
     """A hook's result must be a pytree like params with one array of the stated shape per leaf."""
-    want = jax.tree_util.tree_structure(params)
-    got = jax.tree_util.tree_structure(sq)
+    want: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(params)
+    got: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(sq)
     what = (
         "one (n,) array of per-example squared norms"
         if hook == "sq_norms"
@@ -633,6 +636,7 @@ def scaled_backward(backward, params, residuals, v, scales) -> Params:
       params, residuals, v: as for ``backward``; v's first axis holds the n examples.
       scales: a pytree like params whose leaves are (n,) arrays.
     """
+    treedef: jax.tree_util.PyTreeDef
     leaves, treedef = jax.tree_util.tree_flatten(scales)
     out = [None] * len(leaves)
     groups: dict[int, list[int]] = {}

@@ -4,7 +4,7 @@ normalization and Flatten (see :mod:`fnbp.nn.layer` for the Layer record)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +240,7 @@ def _per_example_hooks(
 # --- MM (linear) ------------------------------------------------------------------
 
 
-def _normal_init(scale: float, mode: str, in_axis, out_axis):
+def _normal_init(scale: float, mode: Literal["fan_in", "fan_out", "fan_avg"], in_axis, out_axis):
     """Variance-scaling initializer with a plain (untruncated) normal.
 
     He: variance 2 / fan_in; Glorot: 2 / (fan_in + fan_out); LeCun: 1 / fan_in.
