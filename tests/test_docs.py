@@ -14,11 +14,9 @@ are complete.
 - The quick start's two commands stand verbatim in README.md and on the site's home page, and
   the places that cite the design notes (``docs/design.md#<section>``) name sections that
   exist.
-- The docs build's griffe extension (docs/_griffe) reads the docstrings' reST habits as
-  Markdown (with the dev extra's griffe installed; skipped without it).
-
 The site itself (``mkdocs build --strict``) is built by the project's checks, with the dev
-extra; nothing here needs mkdocs.
+extra, which also run the docs build's griffe extension's own test
+(docs/_griffe/test_fnbp_docstrings.py); nothing here needs mkdocs or griffe.
 """
 
 from __future__ import annotations
@@ -329,23 +327,3 @@ def test_citations_of_the_design_notes_name_sections_that_exist():
     }
     assert cited, "nothing cites docs/design.md"
     assert sorted((where, anchor) for where, anchor in cited if anchor not in anchors) == []
-
-
-def test_docstrings_read_as_markdown_in_the_site():
-    pytest.importorskip("griffe")  # the dev extra's; the docs build loads the same extension
-    sys.path.insert(0, str(DOCS / "_griffe"))
-    try:
-        from fnbp_docstrings import markdown
-    finally:
-        sys.path.remove(str(DOCS / "_griffe"))
-    assert markdown("by :func:`fit` and :class:`~fnbp.Layer`") == "by `fit` and `fnbp.Layer`"
-    assert markdown("B[relu, z](v) and x[0][1], `B[M, z](v)`, [site](https://x.org)") == (
-        "B\\[relu, z](v) and x\\[0][1], `B[M, z](v)`, [site](https://x.org)"
-    )
-    assert markdown("Example::\n\n    B[f, z](v)\n\nafter") == "Example:\n\n    B[f, z](v)\n\nafter"
-    table = "a:\n\n    ==  ==\n    x   y\n    ==  ==\n    1   2\n    ==  ==\n"
-    assert "| x | y |\n| --- | --- |\n| 1 | 2 |" in markdown(table)
-    assert markdown("Args:\n  z, W: the input\n    and the weight.\n  b: bias.") == (
-        "Args:\n  z: the input\n    and the weight.\n  W: the input\n    and the weight.\n"
-        "  b: bias."
-    )

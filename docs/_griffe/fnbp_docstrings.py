@@ -70,8 +70,9 @@ def _table(lines: list[str], start: int) -> tuple[list[str], int] | None:
     header, body_end = borders[1], borders[2]
 
     def cells(line: str) -> list[str]:
-        return [line[a:b if k + 1 < len(spans) else None].strip()
-                for k, (a, b) in enumerate(spans)]
+        return [
+            line[a : b if k + 1 < len(spans) else None].strip() for k, (a, b) in enumerate(spans)
+        ]
 
     rows = [cells(lines[i]) for i in range(start + 1, header)]
     body = [cells(lines[i]) for i in range(header + 1, body_end) if lines[i].strip()]
@@ -84,7 +85,7 @@ def _table(lines: list[str], start: int) -> tuple[list[str], int] | None:
 def _one_name_per_entry(lines: list[str]) -> list[str]:
     """``a, b: text`` entries of an ``Args:`` section as one entry per name."""
     out: list[str] = []
-    section: int | None = None      # the indent of the Args: line we are in
+    section: int | None = None  # the indent of the Args: line we are in
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -96,9 +97,10 @@ def _one_name_per_entry(lines: list[str]) -> list[str]:
         elif section is not None and (match := _GROUPED.match(line)) is not None:
             item_indent, names, first = match.groups()
             body = []
-            while i + 1 < len(lines) and (not lines[i + 1].strip() or
-                                          len(lines[i + 1]) - len(lines[i + 1].lstrip())
-                                          > len(item_indent)):
+            while i + 1 < len(lines) and (
+                not lines[i + 1].strip()
+                or len(lines[i + 1]) - len(lines[i + 1].lstrip()) > len(item_indent)
+            ):
                 body.append(lines[i + 1])
                 i += 1
             while body and not body[-1].strip():
@@ -118,9 +120,9 @@ def markdown(docstring: str) -> str:
     lines = _one_name_per_entry(docstring.split("\n"))
     out: list[str] = []
     fenced = False
-    prose_indent = 0       # the indent of the last line of prose
-    in_code = False        # inside an indented code block
-    blank = True           # the previous line was blank
+    prose_indent = 0  # the indent of the last line of prose
+    in_code = False  # inside an indented code block
+    blank = True  # the previous line was blank
     i = 0
     while i < len(lines):
         line = lines[i]
