@@ -370,6 +370,7 @@ def _clip_norms(fn: str, clip_norm, params):
     where C is not > 0 (see :func:`clipped_grads`).
     """
     traced: list = []
+    treedef: jax.tree_util.PyTreeDef
     leaves, treedef = jax.tree_util.tree_flatten(clip_norm)
     flat = treedef == jax.tree_util.tree_structure(0.0)
     if not flat and treedef != jax.tree_util.tree_structure(params):

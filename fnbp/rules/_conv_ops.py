@@ -77,7 +77,7 @@ def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
             f"{fn}: padding must be 'same', 'valid', an int or a "
             f"(low, high) pair, got padding={spec!r}"
         )
-    return ints_at_least(
+    low, high = ints_at_least(
         spec,
         2,
         0,
@@ -88,6 +88,7 @@ def _axis_padding(fn: str, spec, k_eff: int, axis: str) -> tuple[int, int]:
             f"crop the input instead of padding negatively"
         ),
     )
+    return low, high
 
 
 def _padding(fn: str, padding: Padding, k_eff: Ints) -> Pairs:

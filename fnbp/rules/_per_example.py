@@ -109,9 +109,10 @@ def outer_sq_grads(a: Array, b: Array) -> Array:
     at a time (:func:`outer_moments`), and squared; a Gram-like form would
     cost T times the flops.
     """
-    if a.shape[1] == 1:
+    moments = outer_moments(a, b)  # None for one position
+    if moments is None:
         return jnp.einsum("ip,iq->pq", a[:, 0] ** 2, b[:, 0] ** 2)
-    return outer_moments(a, b)[1]
+    return moments[1]
 
 
 def outer_grads(a: Array, b: Array) -> Array | None:
@@ -229,4 +230,5 @@ def bias_squares(b: Array | None, vt: Array, which: int) -> Array | None:
     """A bias' ``||sum_t v_t||^2`` per example (which=0, ``sq_norms``), shape (n,),
     or ``sum_i (sum_t v_t)^2`` (which=1, ``sq_grads``), shape (q,); None without a bias.
     """
-    return None if b is None else squares(bias_grads(b, vt))[which]
+    g = bias_grads(b, vt)
+    return None if g is None else squares(g)[which]

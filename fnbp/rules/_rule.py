@@ -224,7 +224,9 @@ def jit_static(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
         def call(*args, **settings):
             return jitted(*args, **{k: _frozen(v) for k, v in settings.items()})
 
-        call.static_settings = names
+        # For custom_vjp, which reads it with getattr; a function attribute set through
+        # __dict__, since the function's type declares none.
+        vars(call)["static_settings"] = names
         return call
 
     return decorate

@@ -135,7 +135,8 @@ def _conv_moments(
         # The patches of a chunk of examples only: k... times its input, not the batch's.
         patches, vt = _per_example(n, res._replace(z=z), v, "moments", settings)
         m_w = _pe.sums(_pe.outer_sums(patches, vt))
-        return m_w if res.b is None else m_w + _pe.sums(_pe.bias_grads(res.b, vt))
+        g_b = _pe.bias_grads(res.b, vt)
+        return m_w if g_b is None else m_w + _pe.sums(g_b)
 
     lead = v.shape[0]
     z = res.z.reshape((lead, -1) + res.z.shape[res.z.ndim - n - 1 :])

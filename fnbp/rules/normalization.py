@@ -140,8 +140,8 @@ def _mean_last(x: Array) -> Array:
 
 def _affine_squares(
     hook: str, y: Array, v: Array, which: int, gamma: Array, beta: Array | None = None
-) -> tuple[Array | None, ...]:
-    """The squared per-example gradients of gamma (and beta), then ``None`` for eps.
+) -> tuple[Array, ...]:
+    """The squared per-example gradients of gamma (and beta); the hooks add ``None`` for eps.
 
     Example i's gradients are its own sums over its positions (every axis
     between the example axis and the features) of ``v (.) y`` and of ``v``,
@@ -157,7 +157,7 @@ def _affine_squares(
     for x, p in pairs:
         axes = tuple(range(1, x.ndim - (p.ndim == 1)))  # keep the features of a vector
         result.append(_pe.squares(jnp.sum(x, axis=axes))[which])
-    return tuple(result) + (None,)
+    return tuple(result)
 
 
 # --- LN-S (7.40) -------------------------------------------------------------------
@@ -375,7 +375,8 @@ def layer_norm_sq_norms(res: LayerNormResiduals, v: Array) -> tuple[Array, Array
     Raises:
       ValueError: v without an example axis (v.ndim < 2).
     """
-    return _affine_squares("layer_norm_sq_norms", res.y, v, 0, res.gamma, res.beta)
+    sq_gamma, sq_beta = _affine_squares("layer_norm_sq_norms", res.y, v, 0, res.gamma, res.beta)
+    return sq_gamma, sq_beta, None
 
 
 @jit_static()
@@ -389,7 +390,8 @@ def layer_norm_sq_grads(res: LayerNormResiduals, v: Array) -> tuple[Array, Array
       ``(sq_gamma, sq_beta, None)`` shaped like gamma and beta, in at least
       float32; ``None`` for eps.
     """
-    return _affine_squares("layer_norm_sq_grads", res.y, v, 1, res.gamma, res.beta)
+    sq_gamma, sq_beta = _affine_squares("layer_norm_sq_grads", res.y, v, 1, res.gamma, res.beta)
+    return sq_gamma, sq_beta, None
 
 
 def _layer_norm_args(key, dtype):
@@ -500,7 +502,8 @@ def rms_norm_sq_norms(res: RmsNormResiduals, v: Array) -> tuple[Array, None]:
     Raises:
       ValueError: v without an example axis (v.ndim < 2).
     """
-    return _affine_squares("rms_norm_sq_norms", res.y, v, 0, res.gamma)
+    (sq_gamma,) = _affine_squares("rms_norm_sq_norms", res.y, v, 0, res.gamma)
+    return sq_gamma, None
 
 
 @jit_static()
@@ -509,7 +512,8 @@ def rms_norm_sq_grads(res: RmsNormResiduals, v: Array) -> tuple[Array, None]:
 
     Returns ``(sq_gamma, None)`` in at least float32; as :func:`rms_norm_sq_norms`.
     """
-    return _affine_squares("rms_norm_sq_grads", res.y, v, 1, res.gamma)
+    (sq_gamma,) = _affine_squares("rms_norm_sq_grads", res.y, v, 1, res.gamma)
+    return sq_gamma, None
 
 
 def _rms_norm_args(key, dtype):

@@ -207,7 +207,7 @@ def avg_pool_bwd(
     window, stride, n, vf = _prepared("avg_pool", v, window, stride)
     spatial = _spatial_of(res.z_shape)
     share = vf.astype(accumulation_dtype(vf)) / math.prod(window)
-    dz = sum(_place(share, j, stride, spatial) for j in _offsets(window))
+    dz = functools.reduce(jnp.add, (_place(share, j, stride, spatial) for j in _offsets(window)))
     return (_cotangent(dz, res.z_shape, v, n),)
 
 
@@ -311,9 +311,12 @@ def max_pool_bwd(
     spatial = _spatial_of(res.z_shape)
     selected = res.selected.reshape(vf.shape)
     zero = jnp.zeros((), vf.dtype)
-    dz = sum(
-        _place(jnp.where(selected == number, vf, zero), j, stride, spatial)
-        for number, j in enumerate(_offsets(window))
+    dz = functools.reduce(
+        jnp.add,
+        (
+            _place(jnp.where(selected == number, vf, zero), j, stride, spatial)
+            for number, j in enumerate(_offsets(window))
+        ),
     )
     return (_cotangent(dz, res.z_shape, v, n),)
 
