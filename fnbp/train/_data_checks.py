@@ -285,7 +285,7 @@ def count_classes(
     missing = np.setdiff1d(np.arange(k), present)
     stray, stray_counts = labels[labels >= k], counts[labels >= k]
     # name the stray label with the fewest examples (a typo), the largest on ties
-    fewest = np.flatnonzero(stray_counts == stray_counts.min())[-1]
+    fewest = np.flatnonzero(stray_counts == np.min(stray_counts))[-1]
     label = int(stray[fewest])
     rows_of = np.flatnonzero(y == label)
     first = _where(int(rows_of[0]), rows)
@@ -408,8 +408,9 @@ class LabelCheck:
         key = (np.shape(x)[1:], str(getattr(x, "dtype", type(x))), np.ndim(y))
         if key not in self._classes:
             self._classes[key] = model_classes(self.model, params, x, y)
-        if self._classes[key] is not None:
-            check_label_range(self.fn, "y", y, self._classes[key])
+        classes = self._classes[key]
+        if classes is not None:
+            check_label_range(self.fn, "y", y, classes)
         if not on_host:
             self._device_checked = True
 

@@ -171,7 +171,7 @@ def save_checkpoint(
     except (TypeError, ValueError) as error:
         raise TypeError(f"save_checkpoint: metadata must be JSON-serializable ({error})") from error
     arrays[_METADATA] = np.frombuffer(encoded, dtype=np.uint8)
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    atomic_write(path, lambda handle: np.savez(handle, allow_pickle=True, **arrays))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -317,7 +317,12 @@ def _restore_tree(path: str, archive: Any, tree_name: str, record: Any, template
         )
     stored = record["leaves"]
     if record["treedef"] != str(treedef) or len(stored) != len(leaves_with_paths):
-        stored_paths = [leaf.get("path") for leaf in stored if isinstance(leaf, dict)]
+        # a corrupted record may hold leaves without a path, or with one that is not a string
+        stored_paths = [
+            leaf["path"]
+            for leaf in stored
+            if isinstance(leaf, dict) and isinstance(leaf.get("path"), str)
+        ]
         wanted_paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_paths]
         extra = sorted(set(stored_paths) - set(wanted_paths))
         missing = sorted(set(wanted_paths) - set(stored_paths))

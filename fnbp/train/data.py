@@ -151,8 +151,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     if (
         table is None
         or table.shape != (1797, 65)
-        or table.min() < 0
-        or table[:, :64].max() > 16
+        or np.min(table) < 0
+        or np.max(table[:, :64]) > 16
         or set(np.unique(table[:, 64])) != set(range(10))
     ):
         from sklearn.datasets import load_digits as sklearn_load_digits
@@ -446,22 +446,23 @@ def load_dataset(
     check_dataset_arguments(name, path, num_examples, test_fraction)
     splits: Mapping[str, np.ndarray] | None = None
     rows = None  # the file's line of each example (csv), for the messages
-    if name == "digits":
+    if path is not None:  # a file dataset: exactly those take a path (checked above)
+        if name == "csv":
+            x, y, rows = read_csv(path)
+        elif name == "npz":
+            arrays = load_npz(path)
+            if "x" in arrays:
+                x, y = arrays["x"], arrays["y"]
+            else:
+                splits = arrays
+        else:
+            splits = load_idx(path)
+    elif name == "digits":
         x, y = load_digits()
     elif name == "spirals":
         x, y = make_spirals(2000 if num_examples is None else num_examples, seed=split_seed)
-    elif name == "moons":
+    else:  # moons
         x, y = make_moons(2000 if num_examples is None else num_examples, seed=split_seed)
-    elif name == "csv":
-        x, y, rows = read_csv(path)
-    elif name == "npz":
-        arrays = load_npz(path)
-        if "x" in arrays:
-            x, y = arrays["x"], arrays["y"]
-        else:
-            splits = arrays
-    else:
-        splits = load_idx(path)
     source = name if path is None else f"{name} {os.fspath(path)}"
     if splits is None:
         x, y = validate_arrays(x, y, source, rows=rows)

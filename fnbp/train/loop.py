@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
 from jax import Array
 from jax.sharding import Mesh
 
@@ -559,9 +559,10 @@ def fit(
 
     while step < total:
         epoch = step // per_epoch
-        order = epoch_order(key, epoch, n) if dp_step is None else None
-        if mesh is None and dp_step is None:
-            order = jnp.asarray(order)
+        if dp_step is None:  # the epoch's order (DP-SGD samples each batch on its own)
+            order: np.ndarray | Array = epoch_order(key, epoch, n)
+            if mesh is None:
+                order = jnp.asarray(order)
         for i in range(step % per_epoch, per_epoch):
             check_stop()
             if dp_step is not None:  # a Poisson-sampled batch, not the epoch's order

@@ -230,7 +230,8 @@ def initialize_distributed(
     address = check_distributed_arguments(coordinator_address, num_processes, process_id, timeout)
     if num_processes is None or num_processes == 1:
         return 1
-    assert address is not None  # checked: several processes need one
+    # checked: several processes need an address and an id
+    assert address is not None and coordinator_address is not None and process_id is not None
     deadline = time.monotonic() + timeout
     if process_id != 0:
         _wait_for_port(coordinator_address, address, deadline, timeout)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
 from jax import Array
 from jax.sharding import Mesh
 
@@ -225,7 +225,7 @@ def _sharded_train_step_jit(
     mesh: Mesh,
     params_layout: Layout,
     state_layout: Layout,
-) -> Callable:
+) -> jax.stages.Wrapped:
     params, state = _shardings(params_layout), _shardings(state_layout)
     batch = _sharding.batch_sharding(mesh)
     return jax.jit(
@@ -271,7 +271,7 @@ class ShardedTrainStep:
         self.mesh, self.min_shard_size = mesh, min_shard_size
         self._check_labels = LabelCheck("train_step", model)
 
-    def jitted_for(self, params: Params, opt_state: Any) -> tuple[Callable, Any, Any]:
+    def jitted_for(self, params: Params, opt_state: Any) -> tuple[jax.stages.Wrapped, Any, Any]:
         """The jitted step for parameters and state of these shapes, and their shardings.
 
         Compiled at its first call; later steps made from the same model, loss,
@@ -284,7 +284,9 @@ class ShardedTrainStep:
         )
         return step, _shardings(params_layout), _shardings(state_layout)
 
-    def _placed(self, params: Params, opt_state: Any, x: Any, y: Any) -> tuple[Callable, tuple]:
+    def _placed(
+        self, params: Params, opt_state: Any, x: Any, y: Any
+    ) -> tuple[jax.stages.Wrapped, tuple]:
         if np.ndim(x) == 0:
             raise ValueError("train_step: x must have a leading example axis, got a scalar")
         _sharding.check_batch("train_step", self.mesh, int(np.shape(x)[0]))
