@@ -18,7 +18,7 @@ import sys
 def main() -> int:
     """Entry point of the ``fnbp`` console script; returns the exit status."""
     noted: list[int] = []
-    previous = {}
+    previous: dict[int, object] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if handler is not signal.SIG_IGN:  # an ignored signal (nohup) stays ignored

@@ -23,6 +23,7 @@ is imported by nothing here.
 """
 
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from fnbp import rules
 from fnbp.rules import registry as _registry
@@ -31,6 +32,29 @@ from fnbp.rules import registry as _registry
 # The rules (mm, relu, ..., cross_entropy_loss, conv2d, ...), one per record of the
 # registry: a rule declared in fnbp/rules/ appears here under its notes-facing name.
 globals().update({_name: _rule.function for _name, _rule in _registry().items()})
+# The same functions by name for type checkers, which do not run the registry (a rule
+# declared in fnbp/rules/ is named here too).
+if _TYPE_CHECKING:
+    from fnbp.rules.activations import elu as elu
+    from fnbp.rules.activations import gelu as gelu
+    from fnbp.rules.activations import leaky_relu as leaky_relu
+    from fnbp.rules.activations import relu as relu
+    from fnbp.rules.activations import sigmoid as sigmoid
+    from fnbp.rules.activations import silu as silu
+    from fnbp.rules.activations import softmax as softmax
+    from fnbp.rules.activations import softplus as softplus
+    from fnbp.rules.activations import tanh as tanh
+    from fnbp.rules.conv import conv1d as conv1d
+    from fnbp.rules.conv import conv2d as conv2d
+    from fnbp.rules.linear import mm as mm
+    from fnbp.rules.losses import cross_entropy_loss as cross_entropy_loss
+    from fnbp.rules.losses import logistic_loss as logistic_loss
+    from fnbp.rules.losses import mse_loss as mse_loss
+    from fnbp.rules.normalization import layer_norm as layer_norm
+    from fnbp.rules.normalization import layer_norm_s as layer_norm_s
+    from fnbp.rules.normalization import rms_norm as rms_norm
+    from fnbp.rules.pooling import avg_pool as avg_pool
+    from fnbp.rules.pooling import max_pool as max_pool
 # --- networks -----------------------------------------------------------------------
 # --- training -----------------------------------------------------------------------
 # --- the floors below ---------------------------------------------------------------

@@ -75,6 +75,28 @@ def test_rule_is_exported_at_the_top_and_its_fwd_bwd_in_fnbp_rules(rule):
     assert getattr(fnbp.rules, f"{rule.name}_bwd") is rule.bwd
 
 
+def test_type_checkers_see_every_rule_at_the_top():
+    """fnbp/__init__.py names each rule for type checkers (the registry is not run by
+    them): the block imports exactly the registry's rules, from the modules that define
+    them, so that a rule declared in fnbp/rules/ and left out there fails here."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(fnbp))
+    blocks = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "_TYPE_CHECKING"
+    ]
+    assert len(blocks) == 1
+    imported = {
+        alias.asname or alias.name: node.module
+        for node in blocks[0].body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == {r.name: r.function.__module__ for r in RULES}
+
+
 def test_activation_has_a_layer_and_an_initialization_family(rule):
     if rule.family != "activation":
         assert rule.init is None

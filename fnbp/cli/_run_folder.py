@@ -132,7 +132,7 @@ def folder_state(folder: str) -> Any:
 def is_temporary(name: str) -> bool:
     """A temporary file of an interrupted write of one of the run's outputs."""
     match = _TEMPORARY.match(name)
-    return bool(match) and match["name"] in OUTPUTS
+    return match is not None and match["name"] in OUTPUTS
 
 
 def unstarted_run(folder: str) -> bool:
@@ -192,7 +192,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     Files of a process that is still running (another run writing into the
     same folder) are left alone. Returns the names removed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = sorted(os.listdir(folder))
     except OSError:
@@ -257,10 +257,17 @@ class Progress:
         self.config_written = False
         self.output = Output()
 
+    @property
+    def folder(self) -> str:
+        """``out``, for what writes into the run folder (chosen before anything is written)."""
+        if self.out is None:
+            raise RuntimeError("fnbp train: the run folder is used before it is chosen")
+        return self.out
+
     def write_config(self, run_config: dict[str, Any]) -> None:
         """Write config.json into the run folder."""
-        path = os.path.join(self.out, CONFIG)
-        with writing(self.out, path, self.saved_step):
+        path = os.path.join(self.folder, CONFIG)
+        with writing(self.folder, path, self.saved_step):
             write_json(path, run_config)
         self.config_written = True
 
@@ -306,13 +313,13 @@ def prepare(
     run that fails before (disk full) leaves config and checkpoint matching.
     """
     if numbered:
-        progress.out = run_config["out"] = claim_numbered(progress.out)
+        progress.out = run_config["out"] = claim_numbered(progress.folder)
     else:
-        make_folder(progress.out)
-    lock = RunLock(progress.out)
+        make_folder(progress.folder)
+    lock = RunLock(progress.folder)
     lock.acquire(words)
     try:
-        if not numbered and folder_state(progress.out) != before:
+        if not numbered and folder_state(progress.folder) != before:
             raise RunFolderError(
                 f"{words}: the run folder changed while this run was "
                 f"starting (another fnbp train run wrote into it); run the "
@@ -326,7 +333,7 @@ def prepare(
 
 
 def _clean_and_configure(progress: Progress, run_config: dict[str, Any]) -> None:
-    removed = remove_stale_temporaries(progress.out)
+    removed = remove_stale_temporaries(progress.folder)
     if removed:
         print(
             f"fnbp train: removed {len(removed)} temporary file(s) left in {progress.out} "
@@ -590,7 +597,7 @@ def write_results(
     also holds ``epsilon`` and ``delta`` (the privacy spent by all the run's
     steps) and ``dp``, and a line states them.
     """
-    out, final = progress.out, result.history[-1]
+    out, final = progress.folder, result.history[-1]
     metrics = {
         "test_loss": final["test_loss"],
         "test_accuracy": final["test_accuracy"],

@@ -61,7 +61,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from fnbp.cli import without_function
 from fnbp.cli._train_config import (
@@ -234,10 +234,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{_COORDINATOR_TIMEOUT:g})",
     )
 
-    def one_line_error(message: str) -> None:
+    def one_line_error(message: str) -> NoReturn:
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
-    parser.error = one_line_error  # argparse's errors as one line too
+    # argparse's errors as one line too (the subparser is argparse's own, so its
+    # method is replaced on the instance rather than by a subclass)
+    parser.error = one_line_error  # type: ignore[method-assign]
 
 
 # --- data and model ----------------------------------------------------------------

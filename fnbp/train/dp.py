@@ -84,7 +84,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
+import optax
 from jax import Array
 
 from fnbp.backprop import Loss

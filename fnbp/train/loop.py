@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
+import optax
 from jax import Array
 from jax.sharding import Mesh
 

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax  # type: ignore[import-untyped]  # optax ships no py.typed marker
+import optax
 from jax import Array
 
 from fnbp.backprop import Loss, backprop
