@@ -818,8 +818,8 @@ def test_layers_take_a_list_input_and_refuse_what_is_not_numbers():
     with pytest.raises(
         TypeError,
         match=r"^net\[0\] linear\(2\): z has dtype int32, but a real "
-        r"floating dtype is needed \(float16, bfloat16, float32 "
-        r"or float64\); convert it, e.g. z.astype\(jnp.float32\)",
+        r"floating dtype is needed \(one of float16, bfloat16, float32, "
+        r"float64\); convert it, e.g. z.astype\(jnp.float32\)",
     ):
         model.apply(params, jnp.ones((1, 3), jnp.int32))
     with pytest.raises(TypeError, match=r"^relu: z has dtype bool"):

@@ -759,11 +759,25 @@ def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
         ["--resume", out],
         f"--resume {out}: the run stopped before its first checkpoint, so "
         f"there is nothing to resume; start it again: fnbp train --dataset "
-        f"spirals --epochs 2 --num-examples 200 --out {out}",
+        f"spirals --num-examples 200 --epochs 2 --out {out}",
     )
     assert train(*SMALL, "--out", out) == 0
     assert "removed 1 temporary file(s) left in" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.json", "plot.png"]
+
+
+def test_the_restart_command_of_a_private_run_keeps_its_dp_flags(tmp_path):
+    from fnbp.cli._train_config import restart_command
+
+    config = {"dataset": "spirals", "epochs": 2, "dp_clip": 1.0, "dp_noise": 1.1}
+    config |= {"dp_delta": 1e-5, "dp_accountant": "pld", "precision": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert restart_command(str(tmp_path)) == (
+        "fnbp train --dataset spirals --precision float32 --dp-clip 1.0 --dp-noise 1.1 "
+        f"--dp-delta 1e-05 --dp-accountant pld --epochs 2 --out {tmp_path}"
+    )
+    (tmp_path / "config.json").write_text("{not json")
+    assert restart_command(str(tmp_path)) == f"fnbp train ... --out {tmp_path}"
 
 
 def test_stale_temporary_checkpoints_are_removed_at_resume(finished_run, capsys):

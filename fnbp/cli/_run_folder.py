@@ -144,36 +144,6 @@ def unstarted_run(folder: str) -> bool:
     return CONFIG in names and all(name in (CONFIG, LOCK) or is_temporary(name) for name in names)
 
 
-def restart_command(folder: str) -> str:
-    """The ``fnbp train`` command that starts the run of ``folder/config.json`` again."""
-    try:
-        with open(os.path.join(folder, CONFIG), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
-        return f"fnbp train ... --out {folder}"
-    flags = (
-        "dataset",
-        "data_path",
-        "model",
-        "width",
-        "depth",
-        "optimizer",
-        "lr",
-        "batch_size",
-        "epochs",
-        "seed",
-        "test_fraction",
-        "num_examples",
-        "precision",
-    )
-    words = ["fnbp train"]
-    for name in flags:
-        value = config.get(name) if isinstance(config, dict) else None
-        if value is not None:
-            words.append(f"--{name.replace('_', '-')} {value}")
-    return " ".join(words + [f"--out {folder}"])
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this process writes nothing yet: a leftover from a reused pid

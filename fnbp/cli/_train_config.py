@@ -12,6 +12,7 @@ and :func:`library_error` turns its message into a :class:`UsageError`, which
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -98,6 +99,25 @@ def _infer_dataset(data_path: str) -> str:
     )
 
 
+def restart_command(folder: str) -> str:
+    """The ``fnbp train`` command that starts the run of ``folder/config.json`` again:
+    every flag that defines a run (``_RUN_FLAGS``, the DP flags included) and --epochs,
+    as the config states them."""
+    from fnbp.cli import _run_folder
+
+    try:
+        with open(os.path.join(folder, _run_folder.CONFIG), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return f"fnbp train ... --out {folder}"
+    words = ["fnbp train"]
+    for name in (*_RUN_FLAGS, "epochs"):
+        value = config.get(name) if isinstance(config, dict) else None
+        if value is not None:
+            words.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(words + [f"--out {folder}"])
+
+
 def _checkpoint_path(resume: str) -> str:
     from fnbp.cli import _run_folder
 
@@ -106,7 +126,7 @@ def _checkpoint_path(resume: str) -> str:
             raise UsageError(
                 f"--resume {resume}: the run stopped before its first "
                 f"checkpoint, so there is nothing to resume; start it again: "
-                f"{_run_folder.restart_command(resume)}"
+                f"{restart_command(resume)}"
             )
         return os.path.join(resume, CHECKPOINT)
     if not os.path.exists(resume):

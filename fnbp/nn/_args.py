@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnbp.rules import _validate
+
 
 def is_int(value: Any) -> bool:
     """A Python or NumPy integer, not a bool."""
@@ -174,13 +176,7 @@ def float_dtype(fn: str, dtype: Any) -> Any:
 
 def float_input(fn: str, name: str, z: Any) -> None:
     """A layer whose rule computes in floating point refuses other inputs, as the rule does."""
-    dtype = jnp.result_type(z)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} has dtype {dtype}, but a real floating dtype is needed "
-            f"(float16, bfloat16, float32 or float64); convert it, e.g. "
-            f"{name}.astype(jnp.float32)"
-        )
+    _validate.require_float(fn, name, z)
 
 
 def model_input(fn: str, x: Any) -> Any:
