@@ -9,6 +9,7 @@ import os
 import sys
 from fractions import Fraction
 
+import _small_run
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -476,18 +477,7 @@ def run_train(*args):
     return cli.main(["train", *map(str, args), "--no-progress"])
 
 
-SPIRALS = [
-    "--dataset",
-    "spirals",
-    "--num-examples",
-    "200",
-    "--width",
-    "16",
-    "--depth",
-    "1",
-    "--batch-size",
-    "20",
-]
+SPIRALS = [*_small_run.SPIRALS, "--batch-size", "20"]
 
 
 @pytest.mark.parametrize(

@@ -13,25 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from _small_run import SMALL
 
 from fnbp import cli
 from fnbp.cli import _run_folder
 
-SMALL = [
-    "--dataset",
-    "spirals",
-    "--num-examples",
-    "200",
-    "--width",
-    "16",
-    "--depth",
-    "1",
-    "--batch-size",
-    "20",
-    "--epochs",
-    "2",
-    "--no-progress",
-]
 RUN_FILES = ["checkpoint.npz", "config.json", "metrics.json", "plot.png"]
 
 

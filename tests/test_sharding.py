@@ -26,25 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _small_run import SPIRALS
 
 import fnbp
 from fnbp import cli, train
 from fnbp.train import sharding
 
 HERE = Path(__file__).resolve()
-SMALL = [
-    "--dataset",
-    "spirals",
-    "--num-examples",
-    "200",
-    "--width",
-    "16",
-    "--depth",
-    "1",
-    "--epochs",
-    "1",
-    "--no-progress",
-]
+SMALL = [*SPIRALS, "--epochs", "1", "--no-progress"]
 SUBPROCESS_TIMEOUT = 240
 
 # --- an independent plain-jnp reference: the MLP of eq. 7.36 and cross-entropy (2.14) ---

@@ -13,25 +13,9 @@ import time
 import numpy as np
 import pytest
 from _checkpoint_files import edit_metadata
+from _small_run import SMALL
 
 from fnbp import cli
-
-# A small, fast configuration: 200 spiral points, one hidden layer of 16.
-SMALL = [
-    "--dataset",
-    "spirals",
-    "--num-examples",
-    "200",
-    "--width",
-    "16",
-    "--depth",
-    "1",
-    "--batch-size",
-    "20",
-    "--epochs",
-    "2",
-    "--no-progress",
-]
 
 
 def train(*args):
