@@ -6,7 +6,8 @@ names the notes use, grouped as below; everything else is one floor down:
 
 - the rules (``fnbp.mm``, ``fnbp.relu``, ..., one per record of
   ``fnbp.rules.registry()``), Algorithm 3 (:func:`backward`,
-  :func:`backprop`) and the per-example gradients;
+  :func:`backprop`), the per-example gradients and the curvature
+  (:func:`diag_ggn`, :func:`kfac_factors`);
 - checking a rule or a layer against autodiff (:func:`check_vjp`,
   :func:`check_layer`, :func:`checked`);
 - networks: :class:`Layer`, the layers, :func:`serial`, :func:`residual`,
@@ -64,6 +65,7 @@ from fnbp.backward import backward
 
 # --- checking hand-written rules ----------------------------------------------------
 from fnbp.checking import checked
+from fnbp.curvature import KroneckerFactors, diag_ggn, kfac_factors
 from fnbp.nn import (
     AvgPool,
     Conv1D,
@@ -148,6 +150,10 @@ __all__ = [
     "clipped_grads",
     "grad_moments",
     "PerExampleFallbackWarning",
+    # curvature from the backward pass
+    "diag_ggn",
+    "kfac_factors",
+    "KroneckerFactors",
     # checking
     "VJPReport",
     "check_layer",

@@ -22,7 +22,9 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     Its Book-Keeping passes (:class:`fnbp.nn.layer.BookKeeping`) chain the
     children's the same way: the norms pass returns the tuple of the
     children's per-leaf squared norms and of their tapes, and the clipped
-    contraction hands each child its own tape and scales.
+    contraction hands each child its own tape and scales; the curvature
+    pass carries the loss Hessian's columns back through every child, each
+    taking its part (:mod:`fnbp.curvature`).
     """
     for i, layer in enumerate(layers):
         _args.layer("serial", f"argument {i}", layer)
@@ -99,7 +101,16 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
                 grads[i], sq[i], v = layers[i].book.moments(params[i], residuals[i], v)
         return _like(params, grads), _like(params, sq), v
 
-    return _layer(name, init, forward, backward, BookKeeping(norms, clipped, moments))
+    def curvature(params, residuals, columns, kind):
+        out = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            with _blame(where(i), layers[i].name, "curvature pass"):
+                out[i], columns = layers[i].book.curvature(params[i], residuals[i], columns, kind)
+        return _like(params, out), columns
+
+    return _layer(
+        name, init, forward, backward, BookKeeping(norms, clipped, moments, curvature)
+    )
 
 
 def residual(block: Layer) -> Layer:
@@ -137,7 +148,17 @@ def residual(block: Layer) -> Layer:
         grads, sq, dz = block.book.moments(params, residuals, v)
         return grads, sq, v + dz
 
-    return _layer(name, init, forward, backward, BookKeeping(norms, block.book.clipped, moments))
+    def curvature(params, residuals, columns, kind):
+        out, dz = block.book.curvature(params, residuals, columns, kind)
+        return out, columns + dz
+
+    return _layer(
+        name,
+        init,
+        forward,
+        backward,
+        BookKeeping(norms, block.book.clipped, moments, curvature),
+    )
 
 
 def remat(layer: Layer) -> Layer:
@@ -186,7 +207,13 @@ def remat(layer: Layer) -> Layer:
         params, z, v = jax.lax.optimization_barrier((params, z, v))
         return layer.book.moments(params, recompute(params, z), v)
 
-    return _layer(name, layer.init, forward, backward, BookKeeping(norms, clipped, moments))
+    def curvature(params, z, columns, kind):
+        params, z, columns = jax.lax.optimization_barrier((params, z, columns))
+        return layer.book.curvature(params, recompute(params, z), columns, kind)
+
+    return _layer(
+        name, layer.init, forward, backward, BookKeeping(norms, clipped, moments, curvature)
+    )
 
 
 def _like(params, values: list):

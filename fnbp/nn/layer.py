@@ -89,7 +89,7 @@ Tape = Any
 
 
 class MissingRuleError(NotImplementedError):
-    """A layer with parameters has no rule for a per-example quantity.
+    """A layer with parameters has no rule for a per-example (or curvature) quantity.
 
     Raised while tracing ``sq_norms``/``sq_grads`` (or the :class:`BookKeeping`
     passes); :mod:`fnbp.per_example` catches it and falls back to
@@ -109,6 +109,30 @@ class MissingRuleError(NotImplementedError):
         )
 
 
+class KroneckerFactors(NamedTuple):
+    """K-FAC's two factors of one layer's weight: its GGN block is approximated by B (x) A.
+
+    For a weight W of shape (out, in) (a convolution's filters as the
+    (C2, k... C) matrix ``w.reshape(-1, C2).T``) with the bias as its last
+    column when the layer has one, and vec row-major (``W.reshape(-1)``):
+
+    - ``A``: (in [+ 1], in [+ 1]), ``(1/(n T)) sum_{i,t} z~ z~^T`` of the
+      layer's inputs (z~ = [z; 1] with a bias), from the forward pass;
+    - ``B``: (out, out), ``sum_c sum_{i,t} b b^T`` of the loss Hessian's
+      columns pulled back to the layer's output (the 1/n of the mean loss
+      inside).
+
+    See :func:`fnbp.kfac_factors`.
+    """
+
+    A: Array
+    B: Array
+
+
+CURVATURE = ("diag", "kfac")
+"""The quantities of the curvature pass: the GGN's diagonal, K-FAC's factors."""
+
+
 class BookKeeping(NamedTuple):
     """The passes of the per-example engine, derived for every layer by :func:`make_layer`.
 
@@ -121,11 +145,20 @@ class BookKeeping(NamedTuple):
       like params of (n,) arrays s, each leaf P gets sum_i s_i g_i(P).
     - ``moments(params, residuals, v) -> (dparams, sq_grads, dz)``: the
       backward pass that also returns ``sum_i g_i (.) g_i`` per leaf.
+    - ``curvature(params, residuals, columns, kind) -> (out, dcolumns)``:
+      the backward pass of C columns at once, ``columns`` of shape
+      (C, *u.shape) (the loss Hessian's factor pulled back to the layer's
+      output, :mod:`fnbp.curvature`), ``dcolumns`` the same for its input
+      (B applied to each column, one ``jax.vmap``). ``kind`` ``"diag"``:
+      ``out`` a pytree like params, ``sum_{c,i} g_ic (.) g_ic`` per leaf;
+      ``"kfac"``: a :class:`KroneckerFactors` for a layer with a ``kfac``
+      rule, ``None`` for one with params and none; ``()`` without params.
     """
 
     norms: Callable[[Params, Residuals, Array], tuple[Params, Array, Tape]]
     clipped: Callable[[Params, Tape, Params], Params]
     moments: Callable[[Params, Residuals, Array], tuple[Params, Params, Array]]
+    curvature: Callable[[Params, Residuals, Array, str], tuple[Any, Array]]
 
 
 class Layer(NamedTuple):
@@ -181,6 +214,9 @@ def make_layer(
     sq_grads: Callable[[Params, Residuals, Array], Params] | None = None,
     grads: Callable[[Params, Residuals, Array], Params] | None = None,
     moments: Callable[[Params, Residuals, Array], Params] | None = None,
+    *,
+    diag_ggn: Callable[[Params, Residuals, Array], Params] | None = None,
+    kfac: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
 ) -> Layer:
     """Build a :class:`Layer` from its init, forward and backward functions.
 
@@ -224,6 +260,21 @@ def make_layer(
     Both must agree with ``sq_norms``/``sq_grads`` and ``backward`` (the same
     g_i); they are optimizations, never needed for correctness.
 
+    Curvature (:func:`fnbp.diag_ggn`, :func:`fnbp.kfac_factors`). The loss
+    Hessian's C columns travel back as one batched cotangent ``columns`` of
+    shape (C, n, ...); ``backward`` is applied to each (``jax.vmap``). The
+    GGN's diagonal needs nothing more than ``sq_grads`` (column by column,
+    summed); two optional keyword hooks:
+
+    - ``diag_ggn(params, residuals, columns) -> d``: a pytree like params,
+      ``sum_{c,i} g_ic (.) g_ic`` per leaf, where a layer can do better than
+      C calls of ``sq_grads`` (MM on vectors: the columns' squares summed
+      first, one contraction whatever C).
+    - ``kfac(params, residuals, columns) -> (A, B)``: the Kronecker factors
+      of the layer's weight (see :class:`KroneckerFactors`); a layer with
+      params and no ``kfac`` hook has no factors (``None`` in
+      :func:`fnbp.kfac_factors`' result).
+
     A layer without params needs neither. A layer with params but without a
     hook still works everywhere: the per-example functions then materialize
     every example's gradient (``jax.vmap`` of the per-example backprop) and
@@ -246,6 +297,8 @@ def make_layer(
       sq_grads: optional, as above.
       grads: optional, as above (needs ``sq_norms``).
       moments: optional, as above (needs ``sq_grads``).
+      diag_ggn: optional, keyword only, as above.
+      kfac: optional, keyword only, as above.
 
     Returns:
       The :class:`Layer`; its ``apply`` calls a ``jax.custom_vjp`` whose rule
@@ -268,6 +321,8 @@ def make_layer(
         ("sq_grads", sq_grads),
         ("grads", grads),
         ("moments", moments),
+        ("diag_ggn", diag_ggn),
+        ("kfac", kfac),
     ):
         if not callable(value) and (value is not None or arg in ("init", "forward", "backward")):
             raise TypeError(
@@ -279,7 +334,7 @@ def make_layer(
         init,
         forward,
         backward,
-        _leaf_book(name, backward, sq_norms, sq_grads, grads, moments),
+        _leaf_book(name, backward, sq_norms, sq_grads, grads, moments, diag_ggn, kfac),
         leaf=True,
     )
 
@@ -476,7 +531,9 @@ def has_params(params: Params) -> bool:
     return bool(jax.tree_util.tree_leaves(params))
 
 
-def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None) -> BookKeeping:
+def _leaf_book(
+    name: str, backward, sq_norms, sq_grads, grads=None, moments=None, diag_ggn=None, kfac=None
+) -> BookKeeping:
     """The Book-Keeping passes of a layer from its backward and its hooks.
 
     The tape of a leaf layer is ``(residuals, v, g)``, g the per-leaf list of
@@ -560,7 +617,40 @@ def _leaf_book(name: str, backward, sq_norms, sq_grads, grads=None, moments=None
         )
         return dparams, sq, dz
 
-    return BookKeeping(norms, clipped, moments_pass)
+    def curvature(params, residuals, columns, kind):
+        dz = jax.vmap(lambda v: backward(params, residuals, v)[1])(columns)
+        if not has_params(params):
+            return params, dz
+        if kind == "kfac":
+            if kfac is None:
+                return None, dz
+            return _kronecker(name, kfac(params, residuals, columns)), dz
+        if diag_ggn is not None:
+            diag = diag_ggn(params, residuals, columns)
+            _check_per_leaf(name, "diag_ggn", params, diag, jnp.shape)
+            return diag, dz
+        if sq_grads is None:
+            raise MissingRuleError(name, "sq_grads")
+        per_column = jax.vmap(lambda v: sq_grads(params, residuals, v))(columns)
+        _check_per_leaf(name, "sq_grads", params, per_column, lambda p: (columns.shape[0],) + jnp.shape(p))
+        return jax.tree_util.tree_map(lambda q: jnp.sum(q, axis=0), per_column), dz
+
+    return BookKeeping(norms, clipped, moments_pass, curvature)
+
+
+def _kronecker(name: str, out) -> KroneckerFactors:
+    """A ``kfac`` hook's result as :class:`KroneckerFactors`, its shapes checked."""
+    if (
+        not isinstance(out, (tuple, list))
+        or len(out) != 2
+        or any(jnp.ndim(f) != 2 or jnp.shape(f)[0] != jnp.shape(f)[1] for f in out)
+    ):
+        raise TypeError(
+            f"{name}: kfac must return the pair (A, B) of square matrices (A over the "
+            f"layer's inputs, B over its outputs), got {type(out).__name__} {out!r:.80}; "
+            f"see fnbp.make_layer"
+        )
+    return KroneckerFactors(*out)
 
 
 def _per_leaf(

@@ -199,21 +199,24 @@ def _activation_name(layer: Layer) -> str:
 
 def _per_example_hooks(
     rule: str, names: tuple, backward: Callable, **settings: Any
-) -> tuple[Callable | None, ...]:
-    """A layer's ``sq_norms``, ``sq_grads``, ``grads`` and ``moments`` from its rule's hooks.
+) -> dict[str, Callable | None]:
+    """A layer's per-example and curvature hooks from its rule's, as make_layer's keywords.
 
     A rule M(z, p_1, ..., p_k) declares ``hooks["sq_norms"](res, v, **settings)``
     and ``hooks["sq_grads"](...)``, each returning one entry per argument after
     z (``None`` for an absent bias or a fixed setting such as eps), and
     optionally ``hooks["grads"]`` and ``hooks["moments"]`` (the per-example
     gradients its ``sq_norms`` materializes, and ``(sum_i g_i, sum_i g_i (.)
-    g_i)`` where its ``sq_grads`` does; ``None`` elsewhere). ``names`` gives
-    the layer's params key of each argument (``None`` for a setting). The
+    g_i)`` where its ``sq_grads`` does; ``None`` elsewhere),
+    ``hooks["diag_ggn"](res, columns, ...)`` (per argument, as ``sq_grads``)
+    and ``hooks["kfac"](res, columns, ...) -> (A, B)``. ``names`` gives the
+    layer's params key of each argument (``None`` for a setting). The
     layer's dz is its ``backward``'s (under ``jax.jit`` the unused parameter
     cotangents of that call are dead code). A rule without a hook gives
     ``None``: for ``sq_norms``/``sq_grads`` the per-example engine then
     materializes the gradients; without ``grads``/``moments`` it contracts
-    with the backward as usual.
+    with the backward as usual; without ``diag_ggn`` the curvature pass
+    calls ``sq_grads`` per column; without ``kfac`` the layer has no factors.
     """
     hooks = registry()[rule].hooks
 
@@ -234,7 +237,20 @@ def _per_example_hooks(
             sq = hooks["sq_norms"](residuals, v, **settings)
             return as_params(params, sq), backward(params, residuals, v)[1]
 
-    return sq_norms, per_leaf("sq_grads"), per_leaf("grads"), per_leaf("moments")
+    kfac = None
+    if "kfac" in hooks:
+
+        def kfac(params, residuals, columns):
+            return hooks["kfac"](residuals, columns, **settings)
+
+    return {
+        "sq_norms": sq_norms,
+        "sq_grads": per_leaf("sq_grads"),
+        "grads": per_leaf("grads"),
+        "moments": per_leaf("moments"),
+        "diag_ggn": per_leaf("diag_ggn"),
+        "kfac": kfac,
+    }
 
 
 # --- MM (linear) ------------------------------------------------------------------
@@ -300,7 +316,7 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         return ({"W": dW, "b": db} if bias else {"W": dW}), dz
 
     return make_layer(
-        name, init_fn, forward, backward, *_per_example_hooks("mm", ("W", "b"), backward)
+        name, init_fn, forward, backward, **_per_example_hooks("mm", ("W", "b"), backward)
     )
 
 
@@ -419,7 +435,7 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
         init,
         forward,
         backward,
-        *_per_example_hooks(
+        **_per_example_hooks(
             f"conv{n}d", ("w", "b"), backward, stride=stride, padding=padding, dilation=dilation
         ),
     )
@@ -557,7 +573,7 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
         init,
         forward,
         backward,
-        *_per_example_hooks("layer_norm", ("gamma", "beta", None), backward),
+        **_per_example_hooks("layer_norm", ("gamma", "beta", None), backward),
     )
 
 
@@ -589,7 +605,7 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
         return {"gamma": dgamma}, dz
 
     return make_layer(
-        name, init, forward, backward, *_per_example_hooks("rms_norm", ("gamma", None), backward)
+        name, init, forward, backward, **_per_example_hooks("rms_norm", ("gamma", None), backward)
     )
 
 

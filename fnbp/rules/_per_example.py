@@ -211,6 +211,63 @@ def squares(g: Array) -> tuple[Array, Array]:
     return jnp.sum(sq, axis=tuple(range(1, g.ndim))), example_sum(sq)
 
 
+# --- curvature: columns of the loss Hessian's factor, pulled back (fnbp.curvature) --------
+
+
+def columns_diag_ggn(sq_grads, columns: Array) -> tuple:
+    """``sum_c sq_grads(v_c)``: the GGN's diagonal from a ``sq_grads`` hook, column by column.
+
+    ``columns`` is (C, n, ...): the C pulled-back columns of every example's
+    loss-Hessian factor; each is a batch of n pseudo-examples, so the sum
+    over c of their ``sum_i g_ic (.) g_ic`` is the diagonal of
+    ``sum_i J_i^T H_i J_i`` (the columns carry the 1/n). One ``jax.vmap``
+    over the columns, then the sum; ``None`` entries stay ``None``.
+    """
+    per_column = jax.vmap(sq_grads)(columns)
+    return tuple(None if q is None else jnp.sum(q, axis=0) for q in per_column)
+
+
+def outer_diag_ggn(a: Array, b: Array) -> Array:
+    """``sum_{c,i} g_ic (.) g_ic`` for ``g_ic = a_ic b_i^T`` with one position.
+
+    Args:
+      a: the columns, (C, n, 1, p), in the accumulation dtype.
+      b: the residual side, (n, 1, q).
+
+    Returns:
+      ``(sum_c A_c (.) A_c)^T (B (.) B)``, shape (p, q): the columns' squares
+      are summed first, so the cost is one contraction over the examples,
+      whatever C.
+    """
+    return jnp.einsum("ip,iq->pq", jnp.sum(a[:, :, 0] ** 2, axis=0), b[:, 0] ** 2)
+
+
+def kronecker_factors(z: Array, columns: Array, bias: bool) -> tuple[Array, Array]:
+    """K-FAC's ``(A, B)`` of a weight whose per-example gradient is ``sum_t v_t z_t^T``.
+
+    KFAC-expand (Grosse & Martens 2016; Eschenhagen et al. 2023): the n T
+    positions count as examples, ::
+
+        A = (1 / (n T)) sum_{i,t} z~_it z~_it^T,   z~ = [z; 1] with a bias
+        B = sum_c sum_{i,t} b_ict b_ict^T
+
+    so that the GGN block of the weight (row-major vec, the bias as its last
+    column) is approximated by B (x) A; with one example and one position it
+    is exact (the columns carry the 1/n of the mean loss).
+
+    Args:
+      z: the layer's input as (n, T, p) rows, in the accumulation dtype.
+      columns: the pulled-back columns, (C, n, T, q).
+      bias: append a 1 to z (the bias as the weight's last column).
+    """
+    rows = z.reshape(-1, z.shape[-1])
+    if bias:
+        rows = jnp.concatenate([rows, jnp.ones(rows.shape[:1] + (1,), rows.dtype)], axis=1)
+    A = jnp.einsum("rp,rq->pq", rows, rows) / rows.shape[0]
+    cols = columns.reshape(-1, columns.shape[-1])
+    return A, jnp.einsum("rp,rq->pq", cols, cols)
+
+
 def bias_grads(b: Array | None, vt: Array, w_part=()) -> Array | None:
     """A bias' per-example gradients ``g_i = sum_t v_t`` (eq. 7.66), shape (n, q).
 

@@ -147,6 +147,28 @@ def _conv_moments(
     return m_w, (None if res.b is None else out[2:])
 
 
+def _conv_kfac(n: int, res: ConvResiduals, columns: Array, *settings) -> tuple[Array, Array]:
+    _pe.require_examples(f"{_NAME[n]}_kfac", columns, n + 2, "(C columns, n examples, ...)")
+    patches, _ = _per_example(n, res, columns[0], "kfac", settings)
+    cols = columns.astype(patches.dtype).reshape(columns.shape[0], -1, columns.shape[-1])
+    return _pe.kronecker_factors(patches, cols, res.b is not None)
+
+
+_KFAC_DOC = """K-FAC's Kronecker factors ``(A, B)`` of the filters (``kfac`` hook).
+
+    The filters as a matrix ``W = w.reshape(-1, C2).T`` of shape
+    (C2, k... C) (the patch layout, taps in w's order), with the bias as its
+    last column when there is one: the GGN block of W (row-major vec) is
+    approximated by B (x) A, KFAC-expand (Grosse & Martens 2016): every
+    output position t of every example is an example of its own, ::
+
+        A = (1 / (n T)) sum_{{i,t}} p~_it p~_it^T     p~ = [input patch; 1]
+        B = sum_c sum_{{i,t}} b_ict b_ict^T           (C2, C2)
+
+    from the input patches and the columns (C, n, ..., C2) pulled back to the
+    layer's output. In at least float32.
+    """
+
 _GRADS_DOC = """The per-example gradients that ``sq_norms`` materializes (``grads`` hook).
 
     Mixed ghost clipping (Bu et al.): where the cost rule of
@@ -194,6 +216,8 @@ def _hook(body, n: int, name: str, doc: str):
 conv1d_grads = _hook(_conv_grads, 1, "conv1d_grads", _GRADS_DOC)
 conv2d_grads = _hook(_conv_grads, 2, "conv2d_grads", _GRADS_DOC)
 conv1d_moments = _hook(_conv_moments, 1, "conv1d_moments", _MOMENTS_DOC)
+conv1d_kfac = _hook(_conv_kfac, 1, "conv1d_kfac", _KFAC_DOC)
+conv2d_kfac = _hook(_conv_kfac, 2, "conv2d_kfac", _KFAC_DOC)
 conv2d_moments = _hook(_conv_moments, 2, "conv2d_moments", _MOMENTS_DOC)
 
 
@@ -288,10 +312,12 @@ CONV1D_HOOKS = {
     "sq_grads": conv1d_sq_grads,
     "grads": conv1d_grads,
     "moments": conv1d_moments,
+    "kfac": conv1d_kfac,
 }
 CONV2D_HOOKS = {
     "sq_norms": conv2d_sq_norms,
     "sq_grads": conv2d_sq_grads,
     "grads": conv2d_grads,
     "moments": conv2d_moments,
+    "kfac": conv2d_kfac,
 }

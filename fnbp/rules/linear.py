@@ -242,6 +242,54 @@ def mm_moments(res: MMResiduals, v: Array) -> tuple[tuple | None, tuple | None]:
     return m_W, None if g_b is None else _per_example.sums(g_b)
 
 
+def mm_diag_ggn(res: MMResiduals, columns: Array) -> tuple[Array, Array | None]:
+    """The GGN's diagonal for W and b from the pulled-back columns: the ``diag_ggn`` hook.
+
+    ``columns`` is (C, n, T..., d_out): the C columns of every example's
+    loss-Hessian factor carried back to this layer's output (see
+    :mod:`fnbp.curvature`). Each column c is a batch of pseudo-examples with
+    gradients ``g_ic = sum_t b_ict z_it^T`` (eq. 7.65), and the diagonal is
+    ``sum_{c,i} g_ic (.) g_ic``.
+
+    - One position: ``(sum_c B_c (.) B_c)^T (Z (.) Z)``, the columns' squares
+      summed first: one contraction over the examples, whatever C.
+    - T positions: :func:`mm_sq_grads` column by column, summed.
+    - For b: ``sum_{c,i} (sum_t b_ict)^2``.
+
+    Returns:
+      ``(diag_W, diag_b)`` shaped like W and b, in at least float32; ``diag_b``
+      is ``None`` without a bias.
+    """
+    _per_example.require_examples("mm_diag_ggn", columns, 2, "(C columns, n examples, d_out)")
+    zt = _per_example.as_positions(res.z, 1)
+    if zt.shape[1] != 1:
+        return _per_example.columns_diag_ggn(lambda v: mm_sq_grads(res, v), columns)
+    ct = jax.vmap(lambda v: _per_example.as_positions(v, 1))(columns)
+    diag_W = _per_example.outer_diag_ggn(ct, zt)
+    diag_b = None if res.b is None else jnp.sum(ct[:, :, 0] ** 2, axis=(0, 1))
+    return diag_W, diag_b
+
+
+def mm_kfac(res: MMResiduals, columns: Array) -> tuple[Array, Array]:
+    """K-FAC's Kronecker factors ``(A, B)`` of MM: the ``kfac`` hook.
+
+    The GGN block of the weight ``[W | b]`` (shape (d_out, d_in + 1) with a
+    bias, (d_out, d_in) without; row-major vec) is approximated by B (x) A,
+    ::
+
+        A = (1 / (n T)) sum_{i,t} z~_it z~_it^T      (d_in [+ 1])^2, z~ = [z; 1]
+        B = sum_c sum_{i,t} b_ict b_ict^T            d_out^2
+
+    from the input z the forward pass stored and the columns (C, n, T...,
+    d_out) pulled back to this layer's output. Positions of a sequence count
+    as examples (KFAC-expand). In at least float32.
+    """
+    _per_example.require_examples("mm_kfac", columns, 2, "(C columns, n examples, d_out)")
+    zt = _per_example.as_positions(res.z, 1)
+    ct = columns.astype(zt.dtype).reshape(columns.shape[:1] + zt.shape[:2] + columns.shape[-1:])
+    return _per_example.kronecker_factors(zt, ct, res.b is not None)
+
+
 def _mm_reference(z, W, b=None):
     u = z @ W.T
     return u if b is None else u + b
@@ -266,5 +314,7 @@ MM = declare(
         "sq_grads": mm_sq_grads,
         "grads": mm_grads,
         "moments": mm_moments,
+        "diag_ggn": mm_diag_ggn,
+        "kfac": mm_kfac,
     },
 )

@@ -18,6 +18,24 @@ is rounded, so a loss is as accurate for logits near 1e4 as near 0, and in
 at least float32 for float16 and bfloat16 logits (rounded once to t's dtype).
 Class labels may have any integer dtype: their range is checked exactly
 (uint8 labels with 256 classes are valid).
+
+Curvature. Each loss also declares, in its record's hooks, its Hessian with
+respect to the output t as a symmetric factor S, H = d^2 J / dt^2 = S S^T
+(``hessian_factor``), and a sampler of the Monte-Carlo gradient
+(``sample_grad``): the gradient dJ(t, y_hat)/dt at a label y_hat drawn from
+the model's own predictive distribution p(y | t), whose outer product has
+expectation H. Both hold for every label y: for these losses the Hessian
+does not depend on it (the GGN is the Fisher). :mod:`fnbp.curvature` pulls
+the columns of S (or the sampled gradients) back through the network::
+
+    MSE          H = I                    S = I (k columns)          y_hat ~ N(t, I)
+    logistic     H = p (1 - p)            S = sqrt(p (1 - p))        y_hat ~ Bernoulli(p)
+    cross-entr.  H = diag(p) - p p^T      S = diag(sqrt p) - p sqrt(p)^T   y_hat ~ Cat(p)
+
+with p = sigmoid(t) or softmax(t). The factor's shape is ``t.shape + (C,)``:
+column c of the loss value at index l is ``S[l, ..., c]`` over the entries
+of t that value depends on (the last axis for MSE and cross-entropy, one
+logit for the logistic loss).
 """
 
 from __future__ import annotations
@@ -30,7 +48,7 @@ from jax import Array
 
 from fnbp.checking import check, check_finite
 from fnbp.rules import _validate
-from fnbp.rules._dtypes import at_least_float32
+from fnbp.rules._dtypes import accumulation_dtype, at_least_float32
 from fnbp.rules._examples import normal, rng
 from fnbp.rules._rule import declare
 
@@ -104,6 +122,27 @@ def _mse_args(key, dtype):
     return (normal(gen, (5, 3), dtype), normal(gen, (5, 3), dtype))
 
 
+def mse_loss_hessian_factor(t: Array, y: Array) -> Array:
+    """S with S S^T = d^2 J/dt^2 = I for J = 1/2 ||t - y||^2: the identity, shape t.shape + (k,).
+
+    The Gaussian likelihood with unit variance; y does not enter.
+    """
+    del y
+    k = t.shape[-1]
+    eye = jnp.eye(k, dtype=accumulation_dtype(t))
+    return jnp.broadcast_to(eye, t.shape + (k,))
+
+
+def mse_loss_sample_grad(t: Array, y: Array, key: Array) -> Array:
+    """dJ(t, y_hat)/dt = t - y_hat at y_hat ~ N(t, I): a standard normal draw, shape t.shape.
+
+    E[g g^T] = I = H. y does not enter.
+    """
+    del y
+    y_hat = t.astype(accumulation_dtype(t)) + jax.random.normal(key, t.shape, accumulation_dtype(t))
+    return t - y_hat
+
+
 MSE_LOSS = declare(
     mse_loss,
     mse_loss_fwd,
@@ -113,6 +152,7 @@ MSE_LOSS = declare(
     equations=("7.1",),
     kink="none: smooth.",
     family="loss",
+    hooks={"hessian_factor": mse_loss_hessian_factor, "sample_grad": mse_loss_sample_grad},
 )
 
 
@@ -187,6 +227,35 @@ def _logistic_args(key, dtype):
     return (normal(gen, (6,), dtype, scale=3.0), jnp.asarray(gen.random(6), dtype))
 
 
+def _sigmoid_parts(t: Array) -> tuple[Array, Array]:
+    """(sigmoid(t), sigmoid(t) (1 - sigmoid(t))) in at least float32, without overflow."""
+    tw = at_least_float32(t)
+    e = jnp.exp(-jnp.abs(tw))  # <= 1
+    p = jnp.where(tw > 0, 1 / (1 + e), e / (1 + e))
+    return p, e / jnp.square(1 + e)
+
+
+def logistic_loss_hessian_factor(t: Array, y: Array) -> Array:
+    """S = sqrt(p (1 - p)) with p = sigmoid(t): S S^T = d^2 J/dt^2, shape t.shape + (1,).
+
+    p (1 - p) = e / (1 + e)^2 with e = exp(-|t|), finite for every t; y does
+    not enter (the Bernoulli likelihood's Fisher). In at least float32.
+    """
+    del y
+    return jnp.sqrt(_sigmoid_parts(t)[1])[..., None]
+
+
+def logistic_loss_sample_grad(t: Array, y: Array, key: Array) -> Array:
+    """dJ(t, y_hat)/dt = sigmoid(t) - y_hat at y_hat ~ Bernoulli(sigmoid(t)), shape t.shape.
+
+    E[g^2] = p (1 - p) = H. In at least float32; y does not enter.
+    """
+    del y
+    p = _sigmoid_parts(t)[0]
+    y_hat = jax.random.bernoulli(key, p).astype(p.dtype)
+    return p - y_hat
+
+
 LOGISTIC_LOSS = declare(
     logistic_loss,
     logistic_loss_fwd,
@@ -196,6 +265,10 @@ LOGISTIC_LOSS = declare(
     equations=("2.3", "7.70"),
     kink="none: smooth.",
     family="loss",
+    hooks={
+        "hessian_factor": logistic_loss_hessian_factor,
+        "sample_grad": logistic_loss_sample_grad,
+    },
 )
 
 
@@ -316,6 +389,39 @@ def _cross_entropy_args(key, dtype):
     return (normal(gen, (5, 4), dtype, scale=2.0), jnp.asarray(gen.integers(0, 4, 5), jnp.int32))
 
 
+def _softmax(t: Array) -> Array:
+    """softmax(t) over the last axis in at least float32, from t - max(t) (no overflow)."""
+    w = at_least_float32(t)
+    e = jnp.exp(w - jnp.max(w, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def cross_entropy_loss_hessian_factor(t: Array, y: Array) -> Array:
+    """S = diag(sqrt p) - p sqrt(p)^T with p = softmax(t), shape t.shape + (k,).
+
+    S S^T = diag(p) - p p^T = d^2 J/dt^2 (the categorical likelihood's Fisher;
+    the labels do not enter): with s = sqrt(p), S S^T = diag(p) - 2 p p^T +
+    p (s^T s) p^T and s^T s = sum p = 1. In at least float32.
+    """
+    del y
+    p = _softmax(t)
+    s = jnp.sqrt(p)
+    k = t.shape[-1]
+    return jnp.eye(k, dtype=p.dtype) * s[..., None] - p[..., :, None] * s[..., None, :]
+
+
+def cross_entropy_loss_sample_grad(t: Array, y: Array, key: Array) -> Array:
+    """dJ(t, y_hat)/dt = p - e_{y_hat} at y_hat ~ Categorical(softmax(t)), shape t.shape.
+
+    E[g g^T] = diag(p) - p p^T = H. In at least float32; y does not enter.
+    """
+    del y
+    w = at_least_float32(t)
+    p = _softmax(w)
+    y_hat = jax.random.categorical(key, w, axis=-1)  # logits: no log of a rounded p
+    return p - jax.nn.one_hot(y_hat, t.shape[-1], dtype=p.dtype)
+
+
 CROSS_ENTROPY_LOSS = declare(
     cross_entropy_loss,
     cross_entropy_loss_fwd,
@@ -325,4 +431,8 @@ CROSS_ENTROPY_LOSS = declare(
     equations=("2.14", "7.71"),
     kink="none: smooth in t; labels get no cotangent.",
     family="loss",
+    hooks={
+        "hessian_factor": cross_entropy_loss_hessian_factor,
+        "sample_grad": cross_entropy_loss_sample_grad,
+    },
 )

@@ -299,12 +299,19 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
         )
         return in_param_dtypes(grads, params), at_least_f32(sq), input_cotangent(dz, dtypes)
 
+    def curvature(params, saved, columns, kind):
+        residuals, dtypes = saved
+        out, dz = model.book.curvature(
+            policy.cast_to_compute(params), residuals, columns.astype(dtypes.u), kind
+        )
+        return at_least_f32(out), input_cotangent(dz, dtypes)
+
     layer = _layer(
         f"{model.name} @ {policy.name}",
         init,
         forward,
         backward,
-        BookKeeping(norms, clipped, moments),
+        BookKeeping(norms, clipped, moments, curvature),
     )
     _POLICIES[layer] = policy
     return layer
