@@ -66,7 +66,7 @@ def hessian_per_value(ref, t, y, r):
     H = jax.hessian(lambda t: jnp.sum(ref(t, y)))(t)
     L = t.size // r
     H = np.asarray(H).reshape(L, r, L, r)
-    return np.stack([H[l, :, l, :] for l in range(L)])
+    return np.stack([H[i, :, i, :] for i in range(L)])
 
 
 @pytest.mark.parametrize("batch", [(5,), (3, 2)], ids=["examples", "positions"])
@@ -211,9 +211,9 @@ def test_the_columns_travel_as_one_batched_backward_pass():
         model = fnbp.mlp([5, classes])
         params = model.init(jax.random.key(0), (4,), jnp.float64)[1]
         x, y = jnp.ones((6, 4)), jnp.zeros((6,), jnp.int32)
-        jaxpr = jax.make_jaxpr(
-            lambda p: fnbp.diag_ggn(model, fnbp.cross_entropy_loss, p, x, y)
-        )(params)
+        jaxpr = jax.make_jaxpr(lambda p: fnbp.diag_ggn(model, fnbp.cross_entropy_loss, p, x, y))(
+            params
+        )
         return sum(1 for _ in iter_eqns(jaxpr.jaxpr))
 
     assert size(3) == size(10)
@@ -299,9 +299,7 @@ def test_kfac_mc_factors_average_to_kflr():
     _, _, exact = fnbp_kfac(model, fnbp.cross_entropy_loss, params, x, y)
     keys = jax.random.split(jax.random.key(2), 2000)
     _, _, mc = jax.jit(
-        jax.vmap(
-            lambda k: fnbp.kfac_factors(model, fnbp.cross_entropy_loss, params, x, y, key=k)
-        ),
+        jax.vmap(lambda k: fnbp.kfac_factors(model, fnbp.cross_entropy_loss, params, x, y, key=k)),
         compiler_options=COMPILE,
     )(keys)
     for e, m in zip(exact[0::2], mc[0::2]):
@@ -322,9 +320,12 @@ def test_kfac_expand_of_a_convolution_counts_its_positions_as_examples():
     y = jnp.asarray(rng.integers(0, K, N), jnp.int32)
     _, _, factors = fnbp_kfac(model, fnbp.cross_entropy_loss, params, x, y)
     conv, head = params[0], params[3]
-    u = jax.lax.conv_general_dilated(
-        x, conv["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    ) + conv["b"]
+    u = (
+        jax.lax.conv_general_dilated(
+            x, conv["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + conv["b"]
+    )
 
     def to_logits(u):
         h = jnp.tanh(u).reshape(N, -1)

@@ -108,9 +108,7 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
                 out[i], columns = layers[i].book.curvature(params[i], residuals[i], columns, kind)
         return _like(params, out), columns
 
-    return _layer(
-        name, init, forward, backward, BookKeeping(norms, clipped, moments, curvature)
-    )
+    return _layer(name, init, forward, backward, BookKeeping(norms, clipped, moments, curvature))
 
 
 def residual(block: Layer) -> Layer:

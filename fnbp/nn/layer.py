@@ -632,7 +632,9 @@ def _leaf_book(
         if sq_grads is None:
             raise MissingRuleError(name, "sq_grads")
         per_column = jax.vmap(lambda v: sq_grads(params, residuals, v))(columns)
-        _check_per_leaf(name, "sq_grads", params, per_column, lambda p: (columns.shape[0],) + jnp.shape(p))
+        _check_per_leaf(
+            name, "sq_grads", params, per_column, lambda p: (columns.shape[0],) + jnp.shape(p)
+        )
         return jax.tree_util.tree_map(lambda q: jnp.sum(q, axis=0), per_column), dz
 
     return BookKeeping(norms, clipped, moments_pass, curvature)
