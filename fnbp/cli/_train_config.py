@@ -22,7 +22,7 @@ from typing import Any
 from fnbp.cli import with_flags, without_function
 
 MODELS = ("mlp", "cnn", "cnn1d", "resnet-s")  # cnn1d: 1-D signals (L,) or (L, C)
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "kfac")  # kfac: fnbp.train.kfac
 PRECISIONS = ("float32", "bfloat16", "float16")  # fnbp.train.precision.PRECISIONS, without JAX
 DP_ACCOUNTANTS = ("rdp", "pld")  # fnbp.train.dp.ACCOUNTANTS, without JAX
 CHECKPOINT = "checkpoint.npz"
@@ -34,7 +34,7 @@ _DATASET_DEFAULTS = {
 }
 _OTHER_DEFAULTS = {"width": 256, "epochs": 10, "lr_scale": 1.0}
 _MODEL_DEFAULTS = {"cnn": {"width": 32, "depth": 2}, "resnet-s": {"width": 256, "depth": 2}}
-_LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01}
+_LR = {"adam": 1e-3, "sgd": 0.05, "momentum": 0.01, "kfac": 0.01}
 _MOMENTUM = 0.9
 _BATCH_SIZE = 32
 _TEST_FRACTION = 0.2
@@ -319,6 +319,17 @@ def _validate(
     ):  # argparse checks the flags' own
         if config[name] not in choices:
             fail(name, f"must be one of {', '.join(choices)}")
+    if config["optimizer"] == "kfac":
+        if config["precision"] == "float16":
+            fail(
+                "optimizer",
+                "kfac does not take float16's loss scaling; use --precision float32 or bfloat16, not kfac",
+            )
+        if config["dp_clip"] is not None or config["dp_noise"] is not None:
+            fail(
+                "optimizer",
+                "kfac preconditions the plain gradient, not DP-SGD's noisy clipped one; drop --dp-clip/--dp-noise or use another optimizer, not kfac",
+            )
     if config["data_path"] is not None and not isinstance(config["data_path"], str):
         fail("data_path", "must be a path")
     from fnbp.train.data import DataError, check_dataset_arguments

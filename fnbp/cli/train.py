@@ -115,13 +115,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "convolution stages (cnn); default 2",
     )
     parser.add_argument(
-        "--optimizer", choices=OPTIMIZERS, help="optax optimizer (default adam; momentum is 0.9)"
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optax optimizer (default adam; momentum is 0.9; kfac: K-FAC, the gradient "
+        "preconditioned by the Kronecker factors of each Linear and Conv layer)",
     )
     parser.add_argument(
         "--lr",
         type=float,
         help="learning rate (default 1e-3 for adam, "
-        "0.05 for sgd, 0.01 for momentum; 10x on "
+        "0.05 for sgd, 0.01 for momentum and kfac; 10x on "
         "spirals)",
     )
     parser.add_argument("--batch-size", type=int, help=f"examples per step (default {_BATCH_SIZE})")
@@ -302,6 +305,10 @@ def _optimizer(name: str, lr: float, precision: str = "float32") -> Any:
 
     from fnbp.train.precision import loss_scaled
 
+    if name == "kfac":  # K-FAC: damping 0.1, momentum 0.9, factors averaged, inverses every 10
+        from fnbp.train.preconditioning import kfac
+
+        return kfac(lr, momentum=_MOMENTUM)
     if name == "adam":
         optimizer = optax.adam(lr)
     elif name == "momentum":

@@ -13,6 +13,9 @@ the command line):
 - :mod:`fnbp.train.precision`: mixed precision policies and loss scaling;
 - :mod:`fnbp.train.dp`: differentially private training (DP-SGD, :class:`DPConfig`,
   ``fit(..., dp=...)``) and its privacy accounting;
+- :mod:`fnbp.train.preconditioning`: K-FAC (:func:`kfac`,
+  :func:`kfac_preconditioner`), the optax transformation that preconditions
+  the gradient with the step's Kronecker factors (:func:`fnbp.kfac_factors`);
 - :mod:`fnbp.train.stopping`: stopping ``fit`` cleanly at a step boundary
   (``fit(..., stop=...)``, :func:`stop_on_signals`, :class:`TrainingStopped`).
 
@@ -20,7 +23,17 @@ The names most code needs are also at the top level (``fnbp.fit``,
 ``fnbp.make_train_step``, ``fnbp.DataError``, ``fnbp.make_mesh``, ...).
 """
 
-from fnbp.train import checkpoint, data, dp, loop, precision, sharding, steps, stopping
+from fnbp.train import (
+    checkpoint,
+    data,
+    dp,
+    loop,
+    precision,
+    preconditioning,
+    sharding,
+    steps,
+    stopping,
+)
 from fnbp.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fnbp.train.data import DataError, Dataset, DataWarning, load_dataset
 from fnbp.train.dp import DPConfig
@@ -40,6 +53,7 @@ from fnbp.train.precision import (
     loss_scaled,
     with_precision,
 )
+from fnbp.train.preconditioning import KfacState, kfac, kfac_preconditioner
 from fnbp.train.sharding import initialize_distributed, make_mesh
 from fnbp.train.steps import (
     ShardedEvalStep,
@@ -92,12 +106,17 @@ __all__ = [
     "with_precision",
     # differential privacy
     "DPConfig",
+    # second-order optimization
+    "KfacState",
+    "kfac",
+    "kfac_preconditioner",
     # the modules
     "checkpoint",
     "data",
     "dp",
     "loop",
     "precision",
+    "preconditioning",
     "sharding",
     "steps",
     "stopping",

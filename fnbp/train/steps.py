@@ -27,8 +27,10 @@ from jax import Array
 from jax.sharding import Mesh
 
 from fnbp.backprop import Loss
+from fnbp.curvature import kfac_factors
 from fnbp.nn.layer import Layer, Params
 from fnbp.train import precision as _precision
+from fnbp.train import preconditioning as _kfac
 from fnbp.train import sharding as _sharding
 from fnbp.train._data_checks import LabelCheck, with_label_check
 
@@ -59,14 +61,28 @@ def train_step(
     backward functions); ``metrics`` holds ``loss`` (J before the update) and,
     for integer labels, ``accuracy``. With a :func:`fnbp.loss_scaled` optimizer
     the loss is scaled by the S in ``opt_state`` (:mod:`fnbp.train.precision`).
+    With K-FAC (:func:`fnbp.train.kfac`, found by its state in ``opt_state``)
+    the gradient and the Kronecker factors come from one
+    :func:`fnbp.kfac_factors` call, which the optimizer's update receives.
     """
-    J, grads = _precision.scaled_backprop(model, loss, params, x, y, opt_state)
+    kfac_state = _kfac.find_kfac_state(opt_state)
+    extra = {}
+    if kfac_state is None:
+        J, grads = _precision.scaled_backprop(model, loss, params, x, y, opt_state)
+    else:  # K-FAC: the factors from the step's own backward pass (one sampled column)
+        if _precision.loss_scale_of(opt_state) is not None:
+            raise ValueError(
+                "train_step: K-FAC (fnbp.train.kfac) does not take loss scaling; train in "
+                "float32 or bfloat16"
+            )
+        key = jax.random.fold_in(jax.random.wrap_key_data(kfac_state.key), kfac_state.count)
+        J, grads, extra["factors"] = kfac_factors(model, loss, params, x, y, kind="mc", key=key)
     metrics = {"loss": J}
     y = jnp.asarray(y)
     if _is_classification(jax.eval_shape(model.apply, params, x), y):
         # a second forward call; under jit XLA shares it with backprop's forward pass
         metrics["accuracy"] = accuracy(model.apply(params, x), y)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
