@@ -48,10 +48,10 @@ class KfacState(NamedTuple):
     """The preconditioner's state: steps, the key of the MC columns, the averaged factors.
 
     Attributes:
-      count: the updates taken so far (int32).
+      step: the updates taken so far (int32).
       key: the raw data (``jax.random.key_data``, uint32) of the PRNG key the
         training step draws its Monte-Carlo columns from
-        (``jax.random.fold_in(wrap_key_data(key), count)`` at each step); raw
+        (``jax.random.fold_in(wrap_key_data(key), step)`` at each step); raw
         so that checkpoints store it as any other array.
       factors: the running averages, a pytree like params down to the layers:
         a :class:`fnbp.KroneckerFactors` for each Linear and Conv layer, ``None``
@@ -60,7 +60,7 @@ class KfacState(NamedTuple):
         :class:`fnbp.KroneckerFactors`.
     """
 
-    count: Array
+    step: Array
     key: Array
     factors: Any
     inverses: Any
@@ -71,7 +71,7 @@ def _is_layer(node: Any) -> bool:
     return (
         isinstance(node, dict)
         and set(node) - {"b"} in ({"W"}, {"w"})
-        and jnp.ndim(node.get("W", node.get("w"))) >= 2
+        and jnp.ndim(node["W"] if "W" in node else node["w"]) >= 2
     )
 
 
@@ -202,7 +202,7 @@ def kfac_preconditioner(
                 f"update(grads, state, params, factors=fnbp.kfac_factors(...)[2]); "
                 f"fnbp.make_train_step and fnbp.fit pass them for you"
             )
-        first = state.count == 0
+        first = state.step == 0
 
         def average(old, new):
             if old is None or not isinstance(new, KroneckerFactors):
@@ -226,7 +226,7 @@ def kfac_preconditioner(
             )
 
         inverses = jax.lax.cond(
-            state.count % inverse_every == 0, refresh, lambda _: state.inverses, None
+            state.step % inverse_every == 0, refresh, lambda _: state.inverses, None
         )
 
         def precondition(inv, grads):
@@ -236,7 +236,7 @@ def kfac_preconditioner(
             return _from_matrix(inv.B @ G @ inv.A, grads)
 
         updates = _walk(precondition, inverses, updates)
-        return updates, KfacState(state.count + 1, state.key, averaged, inverses)
+        return updates, KfacState(state.step + 1, state.key, averaged, inverses)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -75,7 +75,7 @@ def train_step(
                 "train_step: K-FAC (fnbp.train.kfac) does not take loss scaling; train in "
                 "float32 or bfloat16"
             )
-        key = jax.random.fold_in(jax.random.wrap_key_data(kfac_state.key), kfac_state.count)
+        key = jax.random.fold_in(jax.random.wrap_key_data(kfac_state.key), kfac_state.step)
         J, grads, extra["factors"] = kfac_factors(model, loss, params, x, y, kind="mc", key=key)
     metrics = {"loss": J}
     y = jnp.asarray(y)
