@@ -59,7 +59,7 @@ if _TYPE_CHECKING:
 # --- networks -----------------------------------------------------------------------
 # --- training -----------------------------------------------------------------------
 # --- the floors below ---------------------------------------------------------------
-from fnbp import nn, testing, train, verify
+from fnbp import curvature, nn, posterior, testing, train, verify
 from fnbp.backprop import backprop
 from fnbp.backward import backward
 
@@ -102,6 +102,7 @@ from fnbp.per_example import (
     per_example_grad_norms,
     per_example_grads,
 )
+from fnbp.posterior import Laplace, laplace
 from fnbp.train import (
     Checkpoint,
     CheckpointError,
@@ -154,6 +155,8 @@ __all__ = [
     "diag_ggn",
     "kfac_factors",
     "KroneckerFactors",
+    "laplace",
+    "Laplace",
     # checking
     "VJPReport",
     "check_layer",
@@ -222,4 +225,6 @@ __all__ = [
     "train",
     "verify",
     "testing",
+    "curvature",
+    "posterior",
 ]

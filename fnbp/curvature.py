@@ -60,7 +60,17 @@ from fnbp.nn.layer import KroneckerFactors, Layer, MissingRuleError, Params
 from fnbp.per_example import _examples, _per_example_inputs
 from fnbp.rules._rule import Rule, registry
 
-__all__ = ["KroneckerFactors", "diag_ggn", "kfac_factors", "loss_curvature"]
+__all__ = [
+    "KroneckerFactors",
+    "as_matrix",
+    "diag_ggn",
+    "from_matrix",
+    "is_kronecker_layer",
+    "kfac_factors",
+    "layer_structure",
+    "loss_curvature",
+    "map_layers",
+]
 
 KINDS = ("mc", "exact")
 
@@ -304,3 +314,73 @@ def kfac_factors(
         mc_samples = 0
     mc_samples, key = _settings(fn, mc_samples, key, "kind='exact'")
     return _pass(fn, model, loss, rule, params, x, y, mc_samples, key, "kfac")
+
+
+# --- the layers' Kronecker blocks in a params pytree (K-FAC, Laplace) -------------------------
+
+
+def is_kronecker_layer(node: Any) -> bool:
+    """A Linear layer's params ``{"W"[, "b"]}`` or a convolution's ``{"w"[, "b"]}``."""
+    return (
+        isinstance(node, dict)
+        and set(node) - {"b"} in ({"W"}, {"w"})
+        and jnp.ndim(node["W"] if "W" in node else node["w"]) >= 2
+    )
+
+
+def as_matrix(params: dict) -> Array:
+    """``[W | b]`` of a layer, the matrix whose GGN block is B (x) A (row-major vec).
+
+    W of shape (out, in); a convolution's filters w (k..., C, C2) as
+    ``w.reshape(-1, C2).T``, (C2, k... C); the bias as the last column.
+    """
+    if "W" in params:
+        W = params["W"]
+    else:
+        w = params["w"]
+        W = w.reshape(-1, w.shape[-1]).T
+    if "b" in params:
+        W = jnp.concatenate([W, params["b"][:, None].astype(W.dtype)], axis=1)
+    return W
+
+
+def from_matrix(G: Array, like: dict) -> dict:
+    """The inverse of :func:`as_matrix`: a dict shaped (and typed) like ``like``."""
+    out = {}
+    if "b" in like:
+        out["b"] = G[:, -1].astype(like["b"].dtype)
+        G = G[:, :-1]
+    if "W" in like:
+        out["W"] = G.astype(like["W"].dtype)
+    else:
+        out["w"] = G.T.reshape(like["w"].shape).astype(like["w"].dtype)
+    return out
+
+
+def layer_structure(params: Params, make: Any) -> Any:
+    """``make(layer_params)`` for every Linear and Conv layer in params, ``None`` for the others.
+
+    A dict is one layer's params (fnbp's layers keep theirs in one); tuples and
+    lists are combinators' (one entry per child), kept as such.
+    """
+    if isinstance(params, dict):
+        return make(params) if is_kronecker_layer(params) else None
+    if isinstance(params, (tuple, list)):
+        children = [layer_structure(p, make) for p in params]
+        return children if isinstance(params, list) else tuple(children)
+    return None
+
+
+def map_layers(fn: Any, structure: Any, other: Any) -> Any:
+    """``fn(leaf, other_node)`` at each leaf of a :func:`layer_structure` tree.
+
+    Its leaves are :class:`KroneckerFactors` (or anything but a tuple or list)
+    and ``None``; ``other`` follows params' containers (params themselves, the
+    gradients, :func:`kfac_factors`' result): where it does not (``None`` or
+    ``()`` for a whole combinator), its nodes count as ``None``.
+    """
+    if not isinstance(structure, (tuple, list)) or isinstance(structure, KroneckerFactors):
+        return fn(structure, other)
+    matches = isinstance(other, (tuple, list)) and len(other) == len(structure)
+    out = [map_layers(fn, s, other[i] if matches else None) for i, s in enumerate(structure)]
+    return out if isinstance(structure, list) else tuple(out)

@@ -38,8 +38,15 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
+from fnbp.curvature import (
+    as_matrix,
+    from_matrix,
+    is_kronecker_layer,
+    layer_structure,
+    map_layers,
+)
 from fnbp.nn import _args
-from fnbp.nn.layer import KroneckerFactors, Params
+from fnbp.nn.layer import KroneckerFactors
 
 __all__ = ["KfacState", "find_kfac_state", "kfac", "kfac_preconditioner"]
 
@@ -66,75 +73,11 @@ class KfacState(NamedTuple):
     inverses: Any
 
 
-def _is_layer(node: Any) -> bool:
-    """A Linear layer's params ``{"W"[, "b"]}`` or a convolution's ``{"w"[, "b"]}``."""
-    return (
-        isinstance(node, dict)
-        and set(node) - {"b"} in ({"W"}, {"w"})
-        and jnp.ndim(node["W"] if "W" in node else node["w"]) >= 2
-    )
-
-
-def _as_matrix(params: dict) -> Array:
-    """[W | b] of a layer: W (out, in), a convolution's filters as (C2, k... C)."""
-    if "W" in params:
-        W = params["W"]
-    else:
-        w = params["w"]
-        W = w.reshape(-1, w.shape[-1]).T
-    if "b" in params:
-        W = jnp.concatenate([W, params["b"][:, None].astype(W.dtype)], axis=1)
-    return W
-
-
-def _from_matrix(G: Array, like: dict) -> dict:
-    """The inverse of :func:`_as_matrix`: a dict shaped like ``like``."""
-    out = {}
-    if "b" in like:
-        out["b"] = G[:, -1].astype(like["b"].dtype)
-        G = G[:, :-1]
-    if "W" in like:
-        out["W"] = G.astype(like["W"].dtype)
-    else:
-        out["w"] = G.T.reshape(like["w"].shape).astype(like["w"].dtype)
-    return out
-
-
 def _zero_factors(params: dict) -> KroneckerFactors:
-    W = _as_matrix(params)
+    W = as_matrix(params)
     out, inp = W.shape
     dtype = jnp.promote_types(W.dtype, jnp.float32)
     return KroneckerFactors(jnp.zeros((inp, inp), dtype), jnp.zeros((out, out), dtype))
-
-
-def _layers(params: Params) -> Any:
-    """The zero factors of every Linear and Conv layer in params, ``None`` for any other layer.
-
-    A dict is one layer's params (fnbp's layers keep theirs in one); tuples and
-    lists are combinators' (one entry per child). The structure is the state's.
-    """
-    if isinstance(params, dict):
-        return _zero_factors(params) if _is_layer(params) else None
-    if isinstance(params, (tuple, list)):
-        return (
-            type(params)(_layers(p) for p in params)
-            if isinstance(params, list)
-            else tuple(_layers(p) for p in params)
-        )
-    return None
-
-
-def _walk(fn, state: Any, other: Any) -> Any:
-    """``fn(state_leaf, other_node)`` for each layer of the state's structure (see _layers).
-
-    ``other`` follows params' containers; where it does not (a step's factors
-    ``None`` or ``()`` for a whole combinator), its nodes count as ``None``.
-    """
-    if isinstance(state, KroneckerFactors) or state is None:
-        return fn(state, other)
-    children = other if isinstance(other, (tuple, list)) and len(other) == len(state) else None
-    out = [_walk(fn, s, None if children is None else c) for s, c in zip(state, children or state)]
-    return out if isinstance(state, list) else tuple(out)
 
 
 def _damped_inverses(f: KroneckerFactors, damping: Array) -> KroneckerFactors:
@@ -189,7 +132,7 @@ def kfac_preconditioner(
     seed = _args.non_negative_int(fn, "seed", seed)
 
     def init(params):
-        zeros = _layers(params)
+        zeros = layer_structure(params, _zero_factors)
         return KfacState(
             jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed)), zeros, zeros
         )
@@ -214,10 +157,10 @@ def kfac_preconditioner(
                 )
             )
 
-        averaged = _walk(average, state.factors, factors)
+        averaged = map_layers(average, state.factors, factors)
 
         def refresh(_):
-            return _walk(
+            return map_layers(
                 lambda f, _: (
                     None if f is None else _damped_inverses(f, jnp.asarray(damping, f.A.dtype))
                 ),
@@ -230,12 +173,12 @@ def kfac_preconditioner(
         )
 
         def precondition(inv, grads):
-            if inv is None or not _is_layer(grads):
+            if inv is None or not is_kronecker_layer(grads):
                 return grads
-            G = _as_matrix(grads).astype(inv.A.dtype)
-            return _from_matrix(inv.B @ G @ inv.A, grads)
+            G = as_matrix(grads).astype(inv.A.dtype)
+            return from_matrix(inv.B @ G @ inv.A, grads)
 
-        updates = _walk(precondition, inverses, updates)
+        updates = map_layers(precondition, inverses, updates)
         return updates, KfacState(state.step + 1, state.key, averaged, inverses)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,307 @@
+"""Curvature from the backward pass against ``fnbp.backprop``, and BackPACK's against torch's.
+
+Run: ``python benchmarks/bench_curvature.py`` (``--quick`` for fewer rounds,
+``--smoke`` for tiny nets that only check the script, ``--json FILE`` to keep
+the figures). Every figure is a ratio time(program) / time(fnbp.backprop of
+the same model and batch), measured in one process: compiled once, warmed up,
+timed beside the baseline in alternating order round after round, the median
+of the per-round ratios (``timing.paired_ratios``). ``aa`` times backprop
+against a second compiled copy of itself: the noise floor of a ratio.
+
+Networks, float32, cross-entropy over C = 10 classes, batch 256:
+
+- ``mlp``: ``fnbp.mlp([1024, 1024, 10])`` on 784 inputs;
+- ``cnn``: ``fnbp.cnn(10, (32, 64))`` on 8 x 8 x 1 (the README's conv net).
+
+Programs (each jitted; targets of the curvature issue in brackets):
+
+- ``grad_moments``: for scale, the one-extra-contraction quantity;
+- ``diag_mc``: ``fnbp.diag_ggn(mc_samples=1)`` [<= 1.6];
+- ``kfac_mc``: ``fnbp.kfac_factors(kind="mc")`` [<= 1.6];
+- ``diag_exact``: ``fnbp.diag_ggn`` exact, 10 columns [<= 1 + 0.6 C = 7];
+- ``kflr``: ``fnbp.kfac_factors(kind="exact")`` [<= 7];
+- ``kfac_step`` / ``adam_step``: a K-FAC training step (``fnbp.train.kfac``,
+  inverses every 10 steps: each timing is 10 steps back to back, so the
+  inverses are amortized as in training) against an Adam step
+  (``optax.adam``) of the same model and batch, both through
+  ``fnbp.make_train_step``; the ratio kfac/adam [<= 2].
+
+``flops`` is XLA's cost analysis of each program against backprop's: the
+arithmetic floor a ratio can be judged by. ``memory`` is the temporary memory
+XLA reports for the compiled program against backprop's.
+
+BackPACK (PyTorch, where ``backpack-for-pytorch`` is installed; never a
+dependency of fnbp): DiagGGNExact, DiagGGNMC, KFAC and KFLR on the same MLP
+and batch, each as the ratio of ``loss.backward()`` inside
+``backpack(extension)`` to torch's own ``loss.backward()``, eager, timed side
+by side the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import paired_ratios, temp_bytes  # noqa: E402
+
+import fnbp  # noqa: E402
+
+LOSS = fnbp.cross_entropy_loss
+CLASSES = 10
+TARGETS = {
+    "diag_mc": 1.6,
+    "kfac_mc": 1.6,
+    "diag_exact": 1 + 0.6 * CLASSES,
+    "kflr": 1 + 0.6 * CLASSES,
+    "kfac_step_over_adam": 2.0,
+}
+INVERSE_EVERY = 10
+
+
+def nets(mode: str):
+    if mode == "smoke":
+        return [
+            ("mlp", fnbp.mlp([16, CLASSES]), (12,), 8),
+            ("cnn", fnbp.cnn(CLASSES, (4,)), (8, 8, 1), 8),
+        ]
+    return [
+        ("mlp", fnbp.mlp([1024, 1024, CLASSES]), (784,), 256),
+        ("cnn", fnbp.cnn(CLASSES, (32, 64)), (8, 8, 1), 256),
+    ]
+
+
+def flops(fn, args) -> float | None:
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    return None if not analysis else float(analysis.get("flops", 0.0)) or None
+
+
+def programs(model):
+    key = jax.random.key(7)
+
+    def backprop(p, x, y):
+        return fnbp.backprop(model, LOSS, p, x, y)
+
+    return {
+        "aa": backprop,
+        "grad_moments": lambda p, x, y: fnbp.grad_moments(model, LOSS, p, x, y),
+        "diag_mc": lambda p, x, y: fnbp.diag_ggn(model, LOSS, p, x, y, mc_samples=1, key=key),
+        "kfac_mc": lambda p, x, y: fnbp.kfac_factors(model, LOSS, p, x, y, key=key),
+        "diag_exact": lambda p, x, y: fnbp.diag_ggn(model, LOSS, p, x, y),
+        "kflr": lambda p, x, y: fnbp.kfac_factors(model, LOSS, p, x, y, kind="exact"),
+    }, backprop
+
+
+def bench_steps(model, params, x, y, rounds: int) -> dict[str, Any]:
+    """kfac_step / adam_step, INVERSE_EVERY steps back to back per timing."""
+    out: dict[str, Any] = {}
+    steps = {}
+    for name, optimizer in (
+        ("adam", optax.adam(1e-3)),
+        ("kfac", fnbp.train.kfac(1e-3, inverse_every=INVERSE_EVERY)),
+    ):
+        step = fnbp.make_train_step(model, LOSS, optimizer)
+        state = optimizer.init(params)
+
+        def run(p, s, step=step):
+            for _ in range(INVERSE_EVERY):
+                p, s, _ = step(p, s, x, y)
+            return p, s
+
+        steps[name] = (run, (params, state))
+    measured = paired_ratios({"kfac": steps["kfac"]}, steps["adam"], rounds=rounds, warmup=2)
+    out["kfac_step_over_adam"] = measured.ratios["kfac"]
+    out["ms_per_step"] = {
+        "kfac": 1e3 * measured.seconds["kfac"] / INVERSE_EVERY,
+        "adam": 1e3 * measured.seconds["baseline"] / INVERSE_EVERY,
+    }
+    return out
+
+
+def bench_net(name, model, example_shape, batch, rounds) -> dict[str, Any]:
+    _, params = model.init(jax.random.key(0), example_shape)
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (batch, *example_shape), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, CLASSES)
+    args = (params, x, y)
+    candidates, baseline = programs(model)
+    compiled = {k: jax.jit(f) for k, f in candidates.items()}
+    base = jax.jit(baseline)
+    measured = paired_ratios(
+        {k: (f, args) for k, f in compiled.items()}, (base, args), rounds=rounds
+    )
+    base_flops, base_mem = flops(baseline, args), temp_bytes(baseline, args)
+    row: dict[str, Any] = {
+        "net": name,
+        "batch": batch,
+        "ratios": measured.ratios,
+        "ms": {k: 1e3 * v for k, v in measured.seconds.items()},
+        "flops": {},
+        "memory": {},
+    }
+    for k, f in candidates.items():
+        fl, mem = flops(f, args), temp_bytes(f, args)
+        row["flops"][k] = None if not (fl and base_flops) else fl / base_flops
+        row["memory"][k] = None if mem is None or not base_mem else mem / base_mem
+    row.update(bench_steps(model, params, x, y, max(3, rounds // 4)))
+    return row
+
+
+# --- BackPACK, in PyTorch ------------------------------------------------------------------
+
+
+def bench_backpack(batch: int, rounds: int, smoke: bool) -> dict[str, Any] | str:
+    try:
+        import torch
+        from backpack import backpack, extend, extensions
+    except ImportError:
+        return "not installed (pip install backpack-for-pytorch)"
+    torch.manual_seed(0)
+    widths = (12, 16, CLASSES) if smoke else (784, 1024, 1024, CLASSES)
+    layers: list[Any] = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    model = extend(torch.nn.Sequential(*layers))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    x = torch.randn(batch, widths[0])
+    y = torch.randint(0, CLASSES, (batch,))
+
+    def plain():
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    def with_ext(ext):
+        def run():
+            model.zero_grad()
+            with backpack(ext()):
+                loss_fn(model(x), y).backward()
+
+        return run
+
+    def once(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    # x needs no gradient: torch's note that its full backward hooks see only outputs.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    for name, ext in (
+        ("diag_exact", extensions.DiagGGNExact),
+        ("diag_mc", extensions.DiagGGNMC),
+        ("kfac_mc", extensions.KFAC),
+        ("kflr", extensions.KFLR),
+    ):
+        run = with_ext(ext)
+        for _ in range(2):
+            run()
+            plain()
+        ratios = []
+        for r in range(rounds):
+            if r % 2:
+                base, t = once(plain), once(run)
+            else:
+                t, base = once(run), once(plain)
+            ratios.append(t / base)
+        out[name] = statistics.median(ratios)
+    return out
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer rounds")
+    mode.add_argument("--smoke", action="store_true", help="tiny nets, a few rounds")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--no-torch", action="store_true", help="skip BackPACK")
+    opts = parser.parse_args(argv)
+    opts.mode = "smoke" if opts.smoke else "quick" if opts.quick else "full"
+    opts.rounds = {"smoke": 3, "quick": 15, "full": 41}[opts.mode]
+    return opts
+
+
+def main(argv=None) -> dict[str, Any]:
+    opts = parse(argv)
+    figures: dict[str, Any] = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "mode": opts.mode,
+        "targets": TARGETS,
+        "rows": [],
+    }
+    print(
+        f"backend {figures['backend']} ({figures['device']}), jax {jax.__version__}, "
+        f"{figures['cpus']} cpus; ratio = time / time(fnbp.backprop), median of "
+        f"{opts.rounds} side-by-side rounds; * = above its target"
+    )
+    names = ["aa", "grad_moments", "diag_mc", "kfac_mc", "diag_exact", "kflr"]
+    print(f"{'net':>5} {'batch':>5} " + " ".join(f"{n:>12}" for n in names) + f" {'kfac/adam':>10}")
+    for name, model, shape, batch in nets(opts.mode):
+        row = bench_net(name, model, shape, batch, opts.rounds)
+        figures["rows"].append(row)
+
+        def cell(k, row=row):
+            mark = "*" if k in TARGETS and row["ratios"][k] > TARGETS[k] else " "
+            return f"{row['ratios'][k]:>11.2f}{mark}"
+
+        step = row["kfac_step_over_adam"]
+        print(
+            f"{name:>5} {batch:>5} "
+            + " ".join(cell(k) for k in names)
+            + f" {step:>9.2f}{'*' if step > TARGETS['kfac_step_over_adam'] else ' '}"
+        )
+        print(
+            f"{'':>11}flops "
+            + " ".join(
+                f"{'-' if row['flops'][k] is None else format(row['flops'][k], '.2f'):>12}"
+                for k in names
+            )
+        )
+        print(
+            f"{'':>10}memory "
+            + " ".join(
+                f"{'-' if row['memory'][k] is None else format(row['memory'][k], '.2f'):>12}"
+                for k in names
+            )
+        )
+        ms = row["ms_per_step"]
+        print(f"{'':>11}steps: kfac {ms['kfac']:.2f} ms, adam {ms['adam']:.2f} ms per step")
+    batch = nets(opts.mode)[0][3]
+    figures["backpack"] = (
+        "not run (--no-torch)" if opts.no_torch else bench_backpack(batch, opts.rounds, opts.smoke)
+    )
+    if isinstance(figures["backpack"], dict):
+        bp = figures["backpack"]
+        print(
+            f"BackPACK (torch {bp['torch']}, {bp['threads']} threads), MLP batch {batch}, ratio "
+            f"to torch's backward: "
+            + ", ".join(f"{k} {bp[k]:.2f}" for k in ("diag_mc", "kfac_mc", "diag_exact", "kflr"))
+        )
+    else:
+        print(f"BackPACK: {figures['backpack']}")
+    if opts.json:
+        opts.json.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The Laplace approximation: a Gaussian posterior around the trained parameters, from the GGN.
+
+With the MAP parameters theta (the trained network), the loss summed over the
+N training examples and an isotropic Gaussian prior of precision delta, the
+posterior is approximated by N(theta, Sigma) with (MacKay 1992; Daxberger et
+al. 2021, laplace-torch) ::
+
+    Sigma^{-1} = G_sum + delta I,     G_sum = sum_i J_i^T H_i J_i
+
+G_sum the GGN of the whole training set, from fnbp's own backward pass
+(:func:`fnbp.diag_ggn`, :func:`fnbp.kfac_factors`, exact):
+
+- ``structure="diag"``: its diagonal;
+- ``structure="kfac"``: per Linear and Conv layer the Kronecker product
+  N (B (x) A) of the dataset's averaged factors (KFLR), whose damped
+  eigendecomposition gives the determinant, the variances and samples; the
+  other parameters (LayerNorm, RMSNorm) keep the diagonal.
+
+The log marginal likelihood (the evidence) ::
+
+    log p(D) ~ log p(D | theta) - (delta/2) ||theta||^2
+               + (1/2) (P log delta - log det Sigma^{-1})
+
+(P parameters; the Gaussian constants cancel) chooses the prior precision:
+:meth:`Laplace.optimize_prior_precision` maximizes it over a grid, without
+another pass over the data. The predictive (classification losses) is the
+linearized one with the probit approximation (MacKay; laplace-torch's
+default): the logits' variances v_c = J_c Sigma J_c^T per test example, then
+softmax(f / sqrt(1 + pi v / 8)) (cross-entropy) or sigmoid of the same
+(logistic), or Monte Carlo over parameter samples (``method="mc"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from fnbp.backprop import Loss
+from fnbp.curvature import (
+    KroneckerFactors,
+    as_matrix,
+    diag_ggn,
+    from_matrix,
+    kfac_factors,
+    layer_structure,
+    loss_curvature,
+    map_layers,
+)
+from fnbp.nn import _args
+from fnbp.nn.layer import Layer, Params
+
+__all__ = ["Laplace", "laplace"]
+
+STRUCTURES = ("diag", "kfac")
+METHODS = ("probit", "mc")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KroneckerEigen:
+    """A layer's averaged factors by their eigendecomposition: A = Qa diag(la) Qa^T, B likewise."""
+
+    qa: Array
+    la: Array
+    qb: Array
+    lb: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Laplace:
+    """A Laplace approximation (see the module doc); made by :func:`laplace`.
+
+    Attributes:
+      model, loss: as given to :func:`laplace`.
+      mean: the MAP parameters theta.
+      structure: ``"diag"`` or ``"kfac"``.
+      prior_precision: delta.
+      n: the number of training examples N.
+      outputs: the network's outputs per example (k of MSE's Gaussian).
+      loss_sum: sum_i loss_i at theta over the training set.
+      diagonal: the GGN's diagonal summed over the training set, like params
+        (for ``"kfac"``, used for the parameters of layers without factors).
+      eigen: for ``"kfac"``, a :class:`KroneckerEigen` per Linear and Conv
+        layer (``None`` elsewhere), of the factors averaged over the data.
+    """
+
+    model: Layer
+    loss: Loss
+    mean: Params
+    structure: str
+    prior_precision: float
+    n: int
+    outputs: int
+    loss_sum: float
+    diagonal: Params
+    eigen: Any
+
+    # --- the posterior --------------------------------------------------------------
+
+    def _precision_eigenvalues(self, delta: float) -> list[Array]:
+        """Every eigenvalue of Sigma^{-1}: per layer N lb (x) la + delta, else diag + delta."""
+        values: list[Array] = []
+
+        def layer(e, params):
+            if e is None:
+                values.extend(d + delta for d in jax.tree_util.tree_leaves(params))
+            else:
+                values.append(self.n * jnp.outer(e.lb, e.la) + delta)
+            return None
+
+        if self.structure == "diag":
+            return [d + delta for d in jax.tree_util.tree_leaves(self.diagonal)]
+        map_layers(layer, self.eigen, self.diagonal)
+        return values
+
+    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
+        """log p(D) of the Laplace approximation at prior precision delta (default: its own).
+
+        ``-loss_sum - (delta/2) ||theta||^2 + (1/2) (P log delta - log det Sigma^{-1})``
+        for the cross-entropy and logistic losses (their log-likelihood is
+        ``-loss_sum``); for MSE, the unit-variance Gaussian's ``-(N k / 2) log 2 pi``
+        is added to the log-likelihood.
+        """
+        delta = self.prior_precision if prior_precision is None else prior_precision
+        delta = _positive("log_marginal_likelihood", "prior_precision", delta)
+        theta = [np.asarray(t, np.float64) for t in jax.tree_util.tree_leaves(self.mean)]
+        count = sum(t.size for t in theta)
+        square = sum(float(np.sum(t * t)) for t in theta)
+        log_det = sum(
+            float(np.sum(np.log(np.asarray(v, np.float64))))
+            for v in self._precision_eigenvalues(delta)
+        )
+        log_lik = -self.loss_sum
+        if loss_curvature("log_marginal_likelihood", self.loss).name == "mse_loss":
+            log_lik -= 0.5 * self.n * self.outputs * math.log(2 * math.pi)
+        return log_lik - 0.5 * delta * square + 0.5 * (count * math.log(delta) - log_det)
+
+    def with_prior_precision(self, prior_precision: float) -> Laplace:
+        """The same approximation with another prior precision (no pass over the data)."""
+        delta = _positive("with_prior_precision", "prior_precision", prior_precision)
+        return dataclasses.replace(self, prior_precision=delta)
+
+    def optimize_prior_precision(self, grid: Any = None) -> Laplace:
+        """The approximation at the prior precision of the grid with the largest evidence.
+
+        Args:
+          grid: candidate precisions, all > 0; default ``10 ** linspace(-4, 4, 33)``.
+        """
+        grid = np.logspace(-4, 4, 33) if grid is None else np.asarray(grid, np.float64)
+        if grid.ndim != 1 or grid.size == 0 or not np.all(grid > 0):
+            raise ValueError(
+                f"optimize_prior_precision: grid must be a non-empty 1-D list of prior "
+                f"precisions > 0, got {grid!r:.80}"
+            )
+        evidence = [self.log_marginal_likelihood(float(d)) for d in grid]
+        return self.with_prior_precision(float(grid[int(np.argmax(evidence))]))
+
+    # --- samples and the predictive -----------------------------------------------
+
+    def sample(self, key: Array, samples: int) -> Params:
+        """``samples`` draws of the parameters from N(theta, Sigma): leaves (samples, *shape)."""
+        samples = _args.positive_int("sample", "samples", samples)
+        key = _args.prng_key("sample", key)
+        delta = self.prior_precision
+        leaves, treedef = jax.tree_util.tree_flatten(self.mean)
+        keys = iter(jax.random.split(key, len(leaves) + 1))
+
+        def diagonal_draw(mean, d):
+            eps = jax.random.normal(next(keys), (samples,) + mean.shape, d.dtype)
+            return mean + (eps / jnp.sqrt(d + delta)).astype(mean.dtype)
+
+        def layer(e, pair):
+            mean, d = pair
+            if e is None:
+                return jax.tree_util.tree_map(diagonal_draw, mean, d)
+            W = as_matrix(mean)
+            eps = jax.random.normal(next(keys), (samples,) + W.shape, e.la.dtype)
+            eps = eps / jnp.sqrt(self.n * jnp.outer(e.lb, e.la) + delta)
+            draws = W + jnp.einsum("ab,sbc,dc->sad", e.qb, eps, e.qa).astype(W.dtype)
+            return jax.vmap(lambda G: from_matrix(G, mean))(draws)
+
+        if self.structure == "diag":
+            return jax.tree_util.tree_map(diagonal_draw, self.mean, self.diagonal)
+        pairs = _zip_params(self.mean, self.diagonal)
+        return map_layers(layer, self.eigen, pairs)
+
+    def logit_variances(self, x: Array) -> Array:
+        """v_c = J_c Sigma J_c^T for every example and output: shape (n, *output shape).
+
+        The Jacobians come from ``jax.jacrev`` through ``model.apply``, i.e. from
+        the model's hand-written backward functions, one example at a time.
+        """
+        delta = self.prior_precision
+
+        def diagonal_part(j, d):
+            axes = tuple(range(j.ndim - d.ndim, j.ndim))
+            return jnp.sum(j.astype(d.dtype) ** 2 / (d + delta), axis=axes)
+
+        def layer(e, pair):
+            j, d = pair
+            if e is None:
+                return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(diagonal_part, j, d)))
+            flat = jax.tree_util.tree_map(lambda a, d: a.reshape((-1,) + d.shape), j, d)
+            G = jax.vmap(as_matrix)(flat).astype(e.la.dtype)
+            rotated = jnp.einsum("ba,sbc,cd->sad", e.qb, G, e.qa)
+            return jnp.sum(rotated**2 / (self.n * jnp.outer(e.lb, e.la) + delta), axis=(1, 2))
+
+        def one(x_i):
+            jac = jax.jacrev(lambda p: self.model.apply(p, x_i[None])[0])(self.mean)
+            out_shape = jax.tree_util.tree_leaves(jac)[0].shape[
+                : jax.tree_util.tree_leaves(jac)[0].ndim
+                - jax.tree_util.tree_leaves(self.mean)[0].ndim
+            ]
+            if self.structure == "diag":
+                parts = jax.tree_util.tree_leaves(
+                    jax.tree_util.tree_map(diagonal_part, jac, self.diagonal)
+                )
+            else:
+                parts = jax.tree_util.tree_leaves(
+                    map_layers(layer, self.eigen, _zip_params(jac, self.diagonal))
+                )
+            return sum(jnp.reshape(p, out_shape) for p in parts)
+
+        return jax.lax.map(one, jnp.asarray(x))
+
+    def predictive(
+        self, x: Array, *, method: str = "probit", samples: int = 100, key: Array | None = None
+    ) -> Array:
+        """Predictive class probabilities p(y | x, D) for the classification losses.
+
+        Args:
+          x: inputs (n, *example_shape).
+          method: ``"probit"`` (linearized, probit approximation) or ``"mc"``
+            (the mean of the network's probabilities over ``samples`` draws of
+            the parameters; needs ``key``).
+
+        Returns:
+          (n, C) probabilities for the cross-entropy loss; (n, ...) the
+          probability of label 1 for the logistic loss.
+
+        Raises:
+          ValueError: an unknown method; ``"mc"`` without a key.
+          NotImplementedError: the MSE loss (its predictive is the Gaussian
+            N(f, v + 1): use :meth:`logit_variances`).
+        """
+        if method not in METHODS:
+            raise ValueError(f"predictive: method must be 'probit' or 'mc', got {method!r}")
+        name = loss_curvature("predictive", self.loss).name
+        if name not in ("cross_entropy_loss", "logistic_loss"):
+            raise NotImplementedError(
+                f"predictive: the predictive of {name} is the Gaussian N(f(x), v + 1); take "
+                f"f from model.apply and v from logit_variances(x)"
+            )
+        link = jax.nn.softmax if name == "cross_entropy_loss" else jax.nn.sigmoid
+        if method == "mc":
+            if key is None:
+                raise ValueError("predictive: method='mc' draws parameters and needs a key")
+            draws = self.sample(key, samples)
+            return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
+        f = self.model.apply(self.mean, x)
+        v = self.logit_variances(x)
+        return link(f / jnp.sqrt(1 + math.pi / 8 * v))
+
+
+def _eigen(layers: Any, factors: Any) -> Any:
+    """The eigendecomposition of each layer's averaged factors (eigenvalues clipped at 0)."""
+
+    def one(layer, f):
+        if layer is None or not isinstance(f, KroneckerFactors):
+            return None
+        la, qa = jnp.linalg.eigh(f.A)
+        lb, qb = jnp.linalg.eigh(f.B)
+        return KroneckerEigen(qa, jnp.maximum(la, 0), qb, jnp.maximum(lb, 0))
+
+    return map_layers(one, layers, factors)
+
+
+def _zip_params(a, b):
+    """The pytree of pairs (a_leaf_subtree, b_leaf_subtree) at each layer dict."""
+    if isinstance(a, dict):
+        return (a, b)
+    if isinstance(a, (tuple, list)):
+        out = [_zip_params(x, y) for x, y in zip(a, b)]
+        return out if isinstance(a, list) else tuple(out)
+    return (a, b)
+
+
+def _positive(fn: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{fn}: {name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{fn}: {name} must be a positive finite float, got {value}")
+    return value
+
+
+def laplace(
+    model: Layer,
+    loss: Loss,
+    params: Params,
+    data: tuple[Array, Array],
+    *,
+    structure: str = "kfac",
+    prior_precision: float = 1.0,
+    batch_size: int = 256,
+) -> Laplace:
+    """The Laplace approximation around ``params`` with the GGN of the whole training set.
+
+    One pass over ``data`` in batches of ``batch_size``: each batch's exact
+    GGN diagonal (and, for ``"kfac"``, its KFLR factors) from fnbp's backward
+    pass, summed (the factors averaged) over the batches.
+
+    Args:
+      model, loss: as :func:`fnbp.backprop`; ``loss`` one of fnbp's losses.
+      params: the trained (MAP) parameters.
+      data: ``(x, y)``, the training set.
+      structure: ``"diag"`` or ``"kfac"``.
+      prior_precision: delta > 0 (see :meth:`Laplace.optimize_prior_precision`).
+      batch_size: examples per pass (memory), >= 1.
+
+    Returns:
+      A :class:`Laplace`.
+
+    Raises:
+      TypeError, ValueError: a bad structure, prior precision, batch size,
+        data not a pair of arrays with one label per example; the loss and
+        model as :func:`fnbp.diag_ggn`.
+    """
+    fn = "laplace"
+    if structure not in STRUCTURES:
+        raise ValueError(f"{fn}: structure must be 'diag' or 'kfac', got {structure!r}")
+    delta = _positive(fn, "prior_precision", prior_precision)
+    batch_size = _args.positive_int(fn, "batch_size", batch_size, "examples per pass")
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(
+            f"{fn}: data must be the pair (x, y) of the training set, got {type(data).__name__}"
+        )
+    x, y = (jnp.asarray(a) for a in data)
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: data must hold one label per example and at least one example, got "
+            f"x.shape={x.shape} and y.shape={y.shape}"
+        )
+    loss_curvature(fn, loss)
+    n = x.shape[0]
+
+    @jax.jit
+    def batch_pass(params, xb, yb):
+        J, _, diag = diag_ggn(model, loss, params, xb, yb)
+        factors = None
+        if structure == "kfac":
+            _, _, factors = kfac_factors(model, loss, params, xb, yb, kind="exact")
+        return J, diag, factors
+
+    loss_sum, diagonal, factors = 0.0, None, None
+    for start in range(0, n, batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        m = xb.shape[0]
+        J, diag, f = batch_pass(params, xb, yb)
+        loss_sum += float(J) * m
+        diag = jax.tree_util.tree_map(lambda d, m=m: d * m, diag)  # the batch's sum over examples
+        diagonal = diag if diagonal is None else jax.tree_util.tree_map(jnp.add, diagonal, diag)
+        if f is not None:  # the factors' average over the data: weights m / n
+            f = jax.tree_util.tree_map(lambda a, w=m / n: a * w, f)
+            factors = f if factors is None else jax.tree_util.tree_map(jnp.add, factors, f)
+    eigen = _eigen(layer_structure(params, lambda p: p), factors) if structure == "kfac" else None
+    outputs = math.prod(jax.eval_shape(model.apply, params, x[:1]).shape[1:])
+    return Laplace(model, loss, params, structure, delta, n, outputs, loss_sum, diagonal, eigen)
