@@ -58,6 +58,7 @@ from fnbp.nn.layer import Layer, Params
 __all__ = ["Laplace", "laplace"]
 
 STRUCTURES = ("diag", "kfac")
+SUBSETS = ("all", "last_layer")
 METHODS = ("probit", "mc")
 
 
@@ -129,13 +130,18 @@ class Laplace:
         """
         delta = self.prior_precision if prior_precision is None else prior_precision
         delta = _positive("log_marginal_likelihood", "prior_precision", delta)
-        theta = [np.asarray(t, np.float64) for t in jax.tree_util.tree_leaves(self.mean)]
-        count = sum(t.size for t in theta)
-        square = sum(float(np.sum(t * t)) for t in theta)
-        log_det = sum(
-            float(np.sum(np.log(np.asarray(v, np.float64))))
-            for v in self._precision_eigenvalues(delta)
-        )
+        free = [
+            (np.asarray(t, np.float64), np.isfinite(np.asarray(d)))
+            for t, d in zip(
+                jax.tree_util.tree_leaves(self.mean), jax.tree_util.tree_leaves(self.diagonal)
+            )
+        ]
+        count = sum(int(np.sum(m)) for _, m in free)  # fixed parameters: infinite precision
+        square = sum(float(np.sum(np.where(m, t * t, 0))) for t, m in free)
+        log_det = 0.0
+        for v in self._precision_eigenvalues(delta):
+            v = np.asarray(v, np.float64)
+            log_det += float(np.sum(np.log(v[np.isfinite(v)])))
         log_lik = -self.loss_sum
         if loss_curvature("log_marginal_likelihood", self.loss).name == "mse_loss":
             log_lik -= 0.5 * self.n * self.outputs * math.log(2 * math.pi)
@@ -281,6 +287,23 @@ def _eigen(layers: Any, factors: Any) -> Any:
     return map_layers(one, layers, factors)
 
 
+def _last_layer(fn: str, params, layers, diagonal, eigen):
+    """Fix every parameter but the last Linear or Conv layer's: infinite precision."""
+    found = [
+        leaf for leaf in jax.tree_util.tree_leaves(layers, is_leaf=lambda n: isinstance(n, dict))
+    ]
+    if not found:
+        raise ValueError(f"{fn}: subset='last_layer' needs a Linear or Conv layer in the model")
+    last = found[-1]
+    free = {id(a) for a in jax.tree_util.tree_leaves(last)}
+    diagonal = jax.tree_util.tree_map(
+        lambda p, d: d if id(p) in free else jnp.full_like(d, jnp.inf), params, diagonal
+    )
+    if eigen is not None:
+        eigen = map_layers(lambda e, layer: e if layer is last else None, eigen, layers)
+    return diagonal, eigen
+
+
 def _zip_params(a, b):
     """The pytree of pairs (a_leaf_subtree, b_leaf_subtree) at each layer dict."""
     if isinstance(a, dict):
@@ -307,6 +330,7 @@ def laplace(
     data: tuple[Array, Array],
     *,
     structure: str = "kfac",
+    subset: str = "all",
     prior_precision: float = 1.0,
     batch_size: int = 256,
 ) -> Laplace:
@@ -321,6 +345,10 @@ def laplace(
       params: the trained (MAP) parameters.
       data: ``(x, y)``, the training set.
       structure: ``"diag"`` or ``"kfac"``.
+      subset: ``"all"`` parameters, or ``"last_layer"``: only the last Linear
+        (or Conv) layer's are random, the others fixed at the MAP (infinite
+        precision: their diagonal is ``inf``, they add nothing to the
+        variances, the samples or the evidence); laplace-torch's default.
       prior_precision: delta > 0 (see :meth:`Laplace.optimize_prior_precision`).
       batch_size: examples per pass (memory), >= 1.
 
@@ -335,6 +363,8 @@ def laplace(
     fn = "laplace"
     if structure not in STRUCTURES:
         raise ValueError(f"{fn}: structure must be 'diag' or 'kfac', got {structure!r}")
+    if subset not in SUBSETS:
+        raise ValueError(f"{fn}: subset must be 'all' or 'last_layer', got {subset!r}")
     delta = _positive(fn, "prior_precision", prior_precision)
     batch_size = _args.positive_int(fn, "batch_size", batch_size, "examples per pass")
     if not isinstance(data, (tuple, list)) or len(data) != 2:
@@ -369,6 +399,9 @@ def laplace(
         if f is not None:  # the factors' average over the data: weights m / n
             f = jax.tree_util.tree_map(lambda a, w=m / n: a * w, f)
             factors = f if factors is None else jax.tree_util.tree_map(jnp.add, factors, f)
-    eigen = _eigen(layer_structure(params, lambda p: p), factors) if structure == "kfac" else None
+    layers = layer_structure(params, lambda p: p)
+    eigen = _eigen(layers, factors) if structure == "kfac" else None
+    if subset == "last_layer":
+        diagonal, eigen = _last_layer(fn, params, layers, diagonal, eigen)
     outputs = math.prod(jax.eval_shape(model.apply, params, x[:1]).shape[1:])
     return Laplace(model, loss, params, structure, delta, n, outputs, loss_sum, diagonal, eigen)

@@ -135,3 +135,26 @@ def test_dp_benchmark_smoke_run_measures_every_program_it_has(tmp_path):
     assert figures["rows"][0]["hlo"]["clipped_grads"]["convolutions"] > 0
     assert figures["opacus"] == "not run"
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
+
+
+def test_curvature_benchmark_smoke_run_gives_every_ratio(tmp_path):
+    """bench_curvature --smoke on the tiny MLP and cnn: every program compiles and runs, with
+    finite positive ratios, XLA's flop ratios and the K-FAC step against Adam's."""
+    out = tmp_path / "bench_curvature.json"
+    figures = load("bench_curvature").main(["--smoke", "--no-torch", "--json", str(out)])
+    assert [row["net"] for row in figures["rows"]] == ["mlp", "cnn"]
+    for row in figures["rows"]:
+        assert set(row["ratios"]) == {
+            "aa",
+            "grad_moments",
+            "diag_mc",
+            "kfac_mc",
+            "diag_exact",
+            "kflr",
+        }
+        for name, ratio in row["ratios"].items():
+            assert math.isfinite(ratio) and ratio > 0, (row["net"], name)
+        assert math.isfinite(row["kfac_step_over_adam"]) and row["kfac_step_over_adam"] > 0
+        assert row["ms_per_step"]["kfac"] > 0 and row["ms_per_step"]["adam"] > 0
+    assert figures["backpack"] == "not run (--no-torch)"
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
