@@ -139,8 +139,8 @@ class Laplace:
         count = sum(int(np.sum(m)) for _, m in free)  # fixed parameters: infinite precision
         square = sum(float(np.sum(np.where(m, t * t, 0))) for t, m in free)
         log_det = 0.0
-        for v in self._precision_eigenvalues(delta):
-            v = np.asarray(v, np.float64)
+        for eigenvalues in self._precision_eigenvalues(delta):
+            v = np.asarray(eigenvalues, np.float64)
             log_det += float(np.sum(np.log(v[np.isfinite(v)])))
         log_lik = -self.loss_sum
         if loss_curvature("log_marginal_likelihood", self.loss).name == "mse_loss":
