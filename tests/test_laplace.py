@@ -138,3 +138,27 @@ def test_laplace_refuses_bad_arguments():
         la.predictive(x, method="mc")
     with pytest.raises(ValueError, match="optimize_prior_precision: grid must be"):
         la.optimize_prior_precision([1.0, -1.0])
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac"])
+def test_the_last_layer_subset_is_the_last_layers_posterior_alone(structure):
+    model, ref, params, x, y = problem("mlp")
+    full = fnbp.laplace(model, fnbp.cross_entropy_loss, params, (x, y), structure=structure)
+    last = fnbp.laplace(
+        model, fnbp.cross_entropy_loss, params, (x, y), structure=structure, subset="last_layer"
+    )
+    _, idx = layer_blocks(params)[-1]
+    P = dense_precision(full, params)[np.ix_(idx, idx)]  # the last layer's block
+    theta = np.asarray(ravel_pytree(params)[0])[idx]
+    want = (
+        -last.loss_sum
+        - 0.5 * theta @ theta
+        + 0.5 * (theta.size * np.log(1.0) - np.linalg.slogdet(P)[1])
+    )
+    assert abs(last.log_marginal_likelihood() - want) <= 1e-10 * abs(want)
+    flat, unravel = ravel_pytree(params)
+    jac = np.asarray(jax.jacrev(lambda f: ref(unravel(f), x))(flat))[:, :, idx]
+    v = np.einsum("nkp,pq,nkq->nk", jac, np.linalg.inv(P), jac)
+    assert rel_err(last.logit_variances(x), v) <= 1e-10
+    draws = last.sample(jax.random.key(0), 3)
+    assert rel_err(jax.tree_util.tree_map(lambda d: d[1], draws[0]), params[0]) == 0
