@@ -72,6 +72,10 @@ class KroneckerEigen:
     qb: Array
     lb: Array
 
+    def precision(self, n: int, delta: float) -> Array:
+        """The eigenvalues of the layer's posterior precision N B (x) A + delta I, (out, in)."""
+        return n * jnp.outer(self.lb, self.la) + delta
+
 
 @dataclasses.dataclass(frozen=True)
 class Laplace:
@@ -112,7 +116,7 @@ class Laplace:
             if e is None:
                 values.extend(d + delta for d in jax.tree_util.tree_leaves(params))
             else:
-                values.append(self.n * jnp.outer(e.lb, e.la) + delta)
+                values.append(e.precision(self.n, delta))
             return None
 
         if self.structure == "diag":
@@ -187,7 +191,7 @@ class Laplace:
                 return jax.tree_util.tree_map(diagonal_draw, mean, d)
             W = as_matrix(mean)
             eps = jax.random.normal(next(keys), (samples,) + W.shape, e.la.dtype)
-            eps = eps / jnp.sqrt(self.n * jnp.outer(e.lb, e.la) + delta)
+            eps = eps / jnp.sqrt(e.precision(self.n, delta))
             draws = W + jnp.einsum("ab,sbc,dc->sad", e.qb, eps, e.qa).astype(W.dtype)
             return jax.vmap(lambda G: from_matrix(G, mean))(draws)
 
@@ -215,7 +219,7 @@ class Laplace:
             flat = jax.tree_util.tree_map(lambda a, d: a.reshape((-1,) + d.shape), j, d)
             G = jax.vmap(as_matrix)(flat).astype(e.la.dtype)
             rotated = jnp.einsum("ba,sbc,cd->sad", e.qb, G, e.qa)
-            return jnp.sum(rotated**2 / (self.n * jnp.outer(e.lb, e.la) + delta), axis=(1, 2))
+            return jnp.sum(rotated**2 / (e.precision(self.n, delta)), axis=(1, 2))
 
         def one(x_i):
             jac = jax.jacrev(lambda p: self.model.apply(p, x_i[None])[0])(self.mean)
