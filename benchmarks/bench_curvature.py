@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import paired_ratios, temp_bytes  # noqa: E402
+from timing import compiled_costs, paired_ratios  # noqa: E402
 
 import fnbp  # noqa: E402
 
@@ -81,13 +81,6 @@ def nets(mode: str):
         ("mlp", fnbp.mlp([1024, 1024, CLASSES]), (784,), 256),
         ("cnn", fnbp.cnn(CLASSES, (32, 64)), (8, 8, 1), 256),
     ]
-
-
-def flops(fn, args) -> float | None:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else None
-    return None if not analysis else float(analysis.get("flops", 0.0)) or None
 
 
 def programs(model):
@@ -138,13 +131,13 @@ def bench_net(name, model, example_shape, batch, rounds) -> dict[str, Any]:
     x = jax.random.normal(kx, (batch, *example_shape), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, CLASSES)
     args = (params, x, y)
-    candidates, baseline = programs(model)
-    compiled = {k: jax.jit(f) for k, f in candidates.items()}
-    base = jax.jit(baseline)
+    candidates, _ = programs(model)
+    compiled = {k: jax.jit(f).lower(*args).compile() for k, f in candidates.items()}
+    base = compiled["aa"]  # the same program as the baseline, compiled once for both
     measured = paired_ratios(
         {k: (f, args) for k, f in compiled.items()}, (base, args), rounds=rounds
     )
-    base_flops, base_mem = flops(baseline, args), temp_bytes(baseline, args)
+    base_flops, base_mem = compiled_costs(base)
     row: dict[str, Any] = {
         "net": name,
         "batch": batch,
@@ -153,8 +146,8 @@ def bench_net(name, model, example_shape, batch, rounds) -> dict[str, Any]:
         "flops": {},
         "memory": {},
     }
-    for k, f in candidates.items():
-        fl, mem = flops(f, args), temp_bytes(f, args)
+    for k, f in compiled.items():
+        fl, mem = compiled_costs(f)
         row["flops"][k] = None if not (fl and base_flops) else fl / base_flops
         row["memory"][k] = None if mem is None or not base_mem else mem / base_mem
     row.update(bench_steps(model, params, x, y, max(3, rounds // 4)))

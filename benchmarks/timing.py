@@ -153,7 +153,14 @@ def compile_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int = 
 
 def temp_bytes(fn: Callable[..., Any], args: Sequence[Any]) -> int | None:
     """Temporary memory of the compiled ``jax.jit(fn)`` in bytes, if XLA reports it."""
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if analysis is None:
-        return None
-    return int(analysis.temp_size_in_bytes)
+    return compiled_costs(jax.jit(fn).lower(*args).compile())[1]
+
+
+def compiled_costs(compiled: Any) -> tuple[float | None, int | None]:
+    """XLA's flop count and temporary memory (bytes) of a compiled program, where reported."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    flops = float(analysis.get("flops", 0.0)) or None if analysis else None
+    memory = compiled.memory_analysis()
+    return flops, None if memory is None else int(memory.temp_size_in_bytes)
