@@ -177,6 +177,9 @@ class Laplace:
         """``samples`` draws of the parameters from N(theta, Sigma): leaves (samples, *shape)."""
         samples = _args.positive_int("sample", "samples", samples)
         key = _args.prng_key("sample", key)
+        return jax.jit(self._draw, static_argnums=1)(key, samples)  # one program, not op by op
+
+    def _draw(self, key: Array, samples: int) -> Params:
         delta = self.prior_precision
         leaves, treedef = jax.tree_util.tree_flatten(self.mean)
         keys = iter(jax.random.split(key, len(leaves) + 1))
@@ -272,7 +275,12 @@ class Laplace:
             if key is None:
                 raise ValueError("predictive: method='mc' draws parameters and needs a key")
             draws = self.sample(key, samples)
-            return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
+
+            @jax.jit
+            def average(draws, x):
+                return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
+
+            return average(draws, x)
         f = self.model.apply(self.mean, x)
         v = self.logit_variances(x)
         return link(f / jnp.sqrt(1 + math.pi / 8 * v))
