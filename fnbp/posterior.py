@@ -274,13 +274,15 @@ class Laplace:
         if method == "mc":
             if key is None:
                 raise ValueError("predictive: method='mc' draws parameters and needs a key")
-            draws = self.sample(key, samples)
+            samples = _args.positive_int("predictive", "samples", samples)
+            key = _args.prng_key("predictive", key)
 
             @jax.jit
-            def average(draws, x):
+            def average(key, x):  # the draws and their average in one program
+                draws = self._draw(key, samples)
                 return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
 
-            return average(draws, x)
+            return average(key, x)
         f = self.model.apply(self.mean, x)
         v = self.logit_variances(x)
         return link(f / jnp.sqrt(1 + math.pi / 8 * v))
