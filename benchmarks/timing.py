@@ -161,6 +161,6 @@ def compiled_costs(compiled: Any) -> tuple[float | None, int | None]:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else None
-    flops = float(analysis.get("flops", 0.0)) or None if analysis else None
+    flops = (float(analysis.get("flops", 0.0)) or None) if analysis else None
     memory = compiled.memory_analysis()
     return flops, None if memory is None else int(memory.temp_size_in_bytes)
