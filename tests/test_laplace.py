@@ -87,6 +87,44 @@ def test_the_log_marginal_likelihood_is_the_dense_formula(structure):
 
 
 @pytest.mark.parametrize("structure", ["diag", "kfac"])
+def test_the_validation_grid_search_picks_the_smallest_held_out_nll(structure):
+    """optimize_prior_precision(validation=...) is the argmin of -mean log p(y | x, D)
+    over the grid, with p the probit predictive written out here (a dense J Sigma J^T)."""
+    model, ref, params, x, y = problem("mlp")
+    la = fnbp.laplace(model, fnbp.cross_entropy_loss, params, (x, y), structure=structure)
+    rng = np.random.default_rng(7)
+    x_val = jnp.asarray(rng.standard_normal(x.shape))
+    y_val = jnp.asarray(rng.integers(0, 3, N), jnp.int32)
+    flat, unravel = ravel_pytree(params)
+    jac = np.asarray(jax.jacrev(lambda f: ref(unravel(f), x_val))(flat))
+    f = np.asarray(ref(params, x_val))
+    grid = [0.01, 0.3, 3.0, 30.0, 1000.0]
+    nll = []
+    for delta in grid:
+        Sigma = np.linalg.inv(dense_precision(la.with_prior_precision(delta), params))
+        v = np.einsum("nkp,pq,nkq->nk", jac, Sigma, jac)
+        probs = np.asarray(jax.nn.softmax(f / np.sqrt(1 + np.pi / 8 * v)))
+        nll.append(-np.mean(np.log(probs[np.arange(N), np.asarray(y_val)])))
+    best = la.optimize_prior_precision(grid, validation=(x_val, y_val))
+    assert best.prior_precision == grid[int(np.argmin(nll))]
+    assert len(set(np.round(nll, 12))) == len(grid)  # the grid values are told apart
+    assert best.diagonal is la.diagonal  # no other pass over the data
+
+
+def test_the_validation_grid_search_refuses_what_it_cannot_score():
+    model, _, params, x, y = problem("mlp")
+    la = fnbp.laplace(model, fnbp.cross_entropy_loss, params, (x, y))
+    with pytest.raises(TypeError, match=r"optimize_prior_precision: validation must be the pair"):
+        la.optimize_prior_precision(validation=x)
+    with pytest.raises(ValueError, match="optimize_prior_precision: validation must hold one"):
+        la.optimize_prior_precision(validation=(x, y[:2]))
+    targets = jnp.asarray(np.random.default_rng(8).standard_normal((N, 3)))
+    mse = fnbp.laplace(model, fnbp.mse_loss, params, (x, targets))
+    with pytest.raises(ValueError, match="validation needs a classification loss"):
+        mse.optimize_prior_precision(validation=(x, targets))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac"])
 def test_logit_variances_are_j_sigma_j_transposed(structure):
     model, ref, params, x, y = problem("mlp")
     la = fnbp.laplace(model, fnbp.cross_entropy_loss, params, (x, y), structure=structure)

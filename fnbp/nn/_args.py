@@ -102,6 +102,29 @@ def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
     return number
 
 
+def positive_float(fn: str, name: str, value: Any, what: str = "") -> float:
+    """A finite real number > 0 (as :func:`non_negative_float`, and not 0)."""
+    if isinstance(value, (bool, np.bool_)) or not (
+        isinstance(value, numbers.Real) or (hasattr(value, "dtype") and jnp.ndim(value) == 0)
+    ):
+        raise TypeError(
+            f"{fn}: {name} must be a positive float, got "
+            f"{type(value).__name__} {value!r}{_meaning(name, what)}"
+        )
+    try:
+        number = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            f"{fn}: {name} is a fixed setting and must be a concrete number, got "
+            f"a traced value; pass a Python float"
+        ) from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(
+            f"{fn}: {name} must be a positive finite float, got {number}{_meaning(name, what)}"
+        )
+    return number
+
+
 def layer(fn: str, name: str, value: Any) -> Any:
     """``value`` if it is a :class:`fnbp.Layer`, with a hint when it is a factory."""
     from fnbp.nn.layer import Layer
