@@ -34,7 +34,10 @@ BackPACK (PyTorch, where ``backpack-for-pytorch`` is installed; never a
 dependency of fnbp): DiagGGNExact, DiagGGNMC, KFAC and KFLR on the same MLP
 and batch, each as the ratio of ``loss.backward()`` inside
 ``backpack(extension)`` to torch's own ``loss.backward()``, eager, timed side
-by side the same way.
+by side the same way. kfac-jax (where ``kfac-jax`` is installed and runs
+with this jax): its optimizer's step on the same MLP in plain JAX, against an
+optax Adam step of that network, with fnbp's K-FAC settings. ``--no-torch``
+skips both.
 """
 
 from __future__ import annotations
@@ -216,6 +219,105 @@ def bench_backpack(batch: int, rounds: int, smoke: bool) -> dict[str, Any] | str
     return out
 
 
+# --- kfac-jax, the same step in plain JAX ----------------------------------------------------
+
+
+def bench_kfac_jax(batch: int, rounds: int, smoke: bool) -> dict[str, Any] | str:
+    """kfac-jax's optimizer step against an optax Adam step of the same plain-JAX MLP.
+
+    Its settings match ``fnbp.train.kfac``'s in bench_steps: fixed learning rate,
+    momentum 0.9 and damping 0.1, factors averaged with 0.95, inverses every
+    INVERSE_EVERY steps, one sampled label per example (``"fisher_gradients"``);
+    each timing is INVERSE_EVERY steps back to back.
+    """
+    try:
+        import kfac_jax
+    except ImportError:
+        return "not installed (pip install kfac-jax)"
+    widths = (12, 16, CLASSES) if smoke else (784, 1024, 1024, CLASSES)
+    keys = jax.random.split(jax.random.key(0), len(widths) + 1)
+    params = [
+        {"W": jax.random.normal(k, (i, o)) / i**0.5, "b": jnp.zeros(o)}
+        for k, i, o in zip(keys, widths[:-1], widths[1:])
+    ]
+    x = jax.random.normal(keys[-1], (batch, widths[0]))
+    y = jax.random.randint(keys[-2], (batch,), 0, CLASSES)
+
+    def net(params, x):
+        for i, p in enumerate(params):
+            x = x @ p["W"] + p["b"]
+            x = jax.nn.relu(x) if i < len(params) - 1 else x
+        return x
+
+    def mean_loss(params, batch):
+        logits = net(params, batch[0])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+    def registered_loss(params, batch):
+        kfac_jax.register_softmax_cross_entropy_loss(net(params, batch[0]), batch[1])
+        return mean_loss(params, batch)
+
+    adam = optax.adam(1e-3)
+
+    @jax.jit
+    def adam_steps(p, s):
+        for _ in range(INVERSE_EVERY):
+            u, s = adam.update(jax.grad(mean_loss)(p, (x, y)), s, p)
+            p = optax.apply_updates(p, u)
+        return p, s
+
+    out: dict[str, Any] = {"kfac_jax": getattr(kfac_jax, "__version__", "?")}
+    try:
+        optimizer = kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(registered_loss),
+            l2_reg=0.0,
+            learning_rate_schedule=lambda step: 1e-3,
+            momentum_schedule=lambda step: 0.9,
+            damping_schedule=lambda step: 0.1,
+            curvature_ema=0.95,
+            inverse_update_period=INVERSE_EVERY,
+            estimation_mode="fisher_gradients",
+            num_burnin_steps=0,
+            multi_device=False,
+        )
+        rng = jax.random.key(3)
+        state = optimizer.init(params, rng, (x, y))
+        step_count = [0]
+
+        def kfac_steps(p, s):
+            for _ in range(INVERSE_EVERY):
+                p, s, _ = optimizer.step(p, s, rng, batch=(x, y), global_step_int=step_count[0])
+                step_count[0] += 1
+            return p, s
+
+        kfac_state: Any = (params, state)
+        fresh = jax.tree_util.tree_map(jnp.copy, params)  # kfac-jax donates its arguments
+        adam_state: Any = (fresh, adam.init(fresh))
+        for _ in range(2):  # compile and warm up
+            kfac_state = jax.block_until_ready(kfac_steps(*kfac_state))
+            adam_state = jax.block_until_ready(adam_steps(*adam_state))
+        ratios, ms = [], []
+        for r in range(max(3, rounds // 4)):
+            times = {}
+            for name in ("kfac", "adam") if r % 2 else ("adam", "kfac"):
+                start = time.perf_counter()
+                if name == "kfac":
+                    kfac_state = jax.block_until_ready(kfac_steps(*kfac_state))
+                else:
+                    adam_state = jax.block_until_ready(adam_steps(*adam_state))
+                times[name] = time.perf_counter() - start
+            ratios.append(times["kfac"] / times["adam"])
+            ms.append(1e3 * times["kfac"] / INVERSE_EVERY)
+    except Exception as error:  # a kfac-jax that does not run with this jax
+        return (
+            f"kfac-jax {out['kfac_jax']} failed with jax {jax.__version__}: "
+            + (f"{type(error).__name__}: {error}".splitlines()[0][:160])
+        )
+    out["kfac_step_over_adam"] = statistics.median(ratios)
+    out["ms_per_step"] = statistics.median(ms)
+    return out
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -291,6 +393,17 @@ def main(argv=None) -> dict[str, Any]:
         )
     else:
         print(f"BackPACK: {figures['backpack']}")
+    figures["kfac_jax"] = (
+        "not run (--no-torch)" if opts.no_torch else bench_kfac_jax(batch, opts.rounds, opts.smoke)
+    )
+    if isinstance(figures["kfac_jax"], dict):
+        kj = figures["kfac_jax"]
+        print(
+            f"kfac-jax {kj['kfac_jax']}, MLP batch {batch}: its step / an Adam step "
+            f"{kj['kfac_step_over_adam']:.2f} ({kj['ms_per_step']:.2f} ms per step)"
+        )
+    else:
+        print(f"kfac-jax: {figures['kfac_jax']}")
     if opts.json:
         opts.json.write_text(json.dumps(figures, indent=2))
     return figures
