@@ -41,6 +41,7 @@ FIGURES = {
     ],
     "05_per_example_gradients": ["per_example_norms.png"],
     "06_performance": ["ratios.png", "depth.png"],
+    "07_curvature": ["kfac_vs_adam.png", "reliability.png"],
 }
 """The figures each notebook must write, by notebook."""
 
