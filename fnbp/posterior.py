@@ -33,6 +33,7 @@ softmax(f / sqrt(1 + pi v / 8)) (cross-entropy) or sigmoid of the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -170,7 +171,8 @@ class Laplace:
 
         With ``validation=(x, y)``, held-out examples of a classification loss:
         the smallest negative log-likelihood of the probit predictive on them
-        (laplace-torch's ``method="gridsearch"``), one predictive per grid value.
+        (laplace-torch's ``method="gridsearch"``); the logits' variances at every grid
+        value come from one pass over the validation examples.
 
         Args:
           grid: candidate precisions, all > 0; default ``10 ** linspace(-4, 4, 33)``.
@@ -196,7 +198,10 @@ class Laplace:
                 f"logistic_loss), got {name}; choose the prior precision by the evidence"
             )
         x, y = _pair(fn, "validation", validation)
-        nll = [_nll(name, self.with_prior_precision(float(d)).predictive(x), y) for d in grid]
+        link = jax.nn.softmax if name == "cross_entropy_loss" else jax.nn.sigmoid
+        f = self.model.apply(self.mean, x)
+        v = self._variances(x, jnp.asarray(grid, self._dtype()))  # all the grid in one pass
+        nll = [_nll(name, _probit(link, f, v[..., g]), y) for g in range(grid.size)]
         return self.with_prior_precision(float(grid[int(np.argmin(nll))]))
 
     # --- samples and the predictive -----------------------------------------------
@@ -237,38 +242,17 @@ class Laplace:
         The Jacobians come from ``jax.jacrev`` through ``model.apply``, i.e. from
         the model's hand-written backward functions, one example at a time.
         """
-        delta = self.prior_precision
+        deltas = jnp.asarray([self.prior_precision], self._dtype())
+        return self._variances(jnp.asarray(x), deltas)[..., 0]
 
-        def diagonal_part(j, d):
-            axes = tuple(range(j.ndim - d.ndim, j.ndim))
-            return jnp.sum(j.astype(d.dtype) ** 2 / (d + delta), axis=axes)
+    def _dtype(self):
+        return jnp.result_type(*jax.tree_util.tree_leaves(self.diagonal))
 
-        def layer(e, pair):
-            j, d = pair
-            if e is None:
-                return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(diagonal_part, j, d)))
-            flat = jax.tree_util.tree_map(lambda a, d: a.reshape((-1,) + d.shape), j, d)
-            G = jax.vmap(as_matrix)(flat).astype(e.la.dtype)
-            rotated = jnp.einsum("ba,sbc,cd->sad", e.qb, G, e.qa)
-            return jnp.sum(rotated**2 / (e.precision(self.n, delta)), axis=(1, 2))
-
-        def one(x_i):
-            jac = jax.jacrev(lambda p: self.model.apply(p, x_i[None])[0])(self.mean)
-            out_shape = jax.tree_util.tree_leaves(jac)[0].shape[
-                : jax.tree_util.tree_leaves(jac)[0].ndim
-                - jax.tree_util.tree_leaves(self.mean)[0].ndim
-            ]
-            if self.structure == "diag":
-                parts = jax.tree_util.tree_leaves(
-                    jax.tree_util.tree_map(diagonal_part, jac, self.diagonal)
-                )
-            else:
-                parts = jax.tree_util.tree_leaves(
-                    map_layers(layer, self.eigen, _zip_params(jac, self.diagonal))
-                )
-            return sum(jnp.reshape(p, out_shape) for p in parts)
-
-        return jax.lax.map(one, jnp.asarray(x))
+    def _variances(self, x: Array, deltas: Array) -> Array:
+        """The logits' variances at each prior precision of ``deltas``: (n, *outputs, G)."""
+        return _logit_variances(
+            self.model, self.structure, self.n, self.mean, self.diagonal, self.eigen, x, deltas
+        )
 
     def predictive(
         self, x: Array, *, method: str = "probit", samples: int = 100, key: Array | None = None
@@ -311,9 +295,45 @@ class Laplace:
                 return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
 
             return average(key, x)
-        f = self.model.apply(self.mean, x)
-        v = self.logit_variances(x)
-        return link(f / jnp.sqrt(1 + math.pi / 8 * v))
+        return _probit(link, self.model.apply(self.mean, x), self.logit_variances(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _logit_variances(model, structure, n, mean, diagonal, eigen, x, deltas):
+    """v_c = J_c Sigma(delta) J_c^T per example, output and delta of ``deltas`` (last axis).
+
+    One program for all the deltas: each example's Jacobian (in a Kronecker layer's
+    eigenbasis) is squared once and contracted with 1 / (eigenvalue + delta).
+    """
+
+    def diagonal_part(j, d):
+        axes = tuple(range(j.ndim - d.ndim, j.ndim))
+        j2 = (j.astype(d.dtype) ** 2)[..., None]
+        return jnp.sum(j2 / (d[..., None] + deltas), axis=axes)
+
+    def layer(e, pair):
+        j, d = pair
+        if e is None:
+            return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(diagonal_part, j, d)))
+        flat = jax.tree_util.tree_map(lambda a, d: a.reshape((-1,) + d.shape), j, d)
+        G = jax.vmap(as_matrix)(flat).astype(e.la.dtype)
+        rotated = jnp.einsum("ba,sbc,cd->sad", e.qb, G, e.qa)
+        precision = e.precision(n, 0.0)[..., None] + deltas  # (out, in, G)
+        return jnp.einsum("sad,adg->sg", rotated**2, 1 / precision)
+
+    leaf = jax.tree_util.tree_leaves(mean)[0]
+
+    def one(x_i):
+        jac = jax.jacrev(lambda p: model.apply(p, x_i[None])[0])(mean)
+        j0 = jax.tree_util.tree_leaves(jac)[0]
+        out_shape = j0.shape[: j0.ndim - leaf.ndim] + deltas.shape
+        if structure == "diag":
+            parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(diagonal_part, jac, diagonal))
+        else:
+            parts = jax.tree_util.tree_leaves(map_layers(layer, eigen, _zip_params(jac, diagonal)))
+        return sum(jnp.reshape(p, out_shape) for p in parts)
+
+    return jax.lax.map(one, x)
 
 
 def _eigen(layers: Any, factors: Any) -> Any:
@@ -370,6 +390,11 @@ def _pair(fn: str, name: str, data: Any, what: str = "") -> tuple[Array, Array]:
             f"x.shape={x.shape} and y.shape={y.shape}"
         )
     return x, y
+
+
+def _probit(link, f: Array, v: Array) -> Array:
+    """The probit approximation of E[link(f + sqrt(v) eps)]: link(f / sqrt(1 + pi v / 8))."""
+    return link(f / jnp.sqrt(1 + math.pi / 8 * v))
 
 
 def _nll(name: str, probs: Array, y: Array) -> float:
