@@ -313,6 +313,27 @@ def test_hessian_vector_products_equal_oracle(model_id):
     assert rel_err(by_apply, want) <= F64_RTOL
 
 
+@pytest.mark.parametrize("model_id", HVP_IDS)
+def test_forward_mode_over_the_backward_pass_works_and_pure_forward_mode_is_refused(model_id):
+    """What docs/limitations.md says: jax.jvp of a function through fnbp's rules is refused
+    (JAX's rule for custom_vjp), forward over reverse works (jax.hessian's way: the backward
+    pass is B's own code), and J t comes from transposing the vjp."""
+    model, ref, params, x, y = setup(model_id)
+    loss, t = fnbp.cross_entropy_loss, direction(params)
+    with pytest.raises(TypeError):
+        jax.jvp(lambda p: model.apply(p, x), (params,), (t,))
+    want_hvp = hvp(
+        lambda p: jax.grad(ref_objective, argnums=2)(ref, ref_cross_entropy, p, x, y), params, t
+    )
+    grad_fn = functools.partial(jax.grad(apply_objective, argnums=2), model, loss)
+    _, forward_over_reverse = jax.jvp(lambda p: grad_fn(p, x, y), (params,), (t,))
+    assert rel_err(forward_over_reverse, want_hvp) <= F64_RTOL
+    out, vjp_fn = jax.vjp(lambda p: model.apply(p, x), params)
+    (jt,) = jax.linear_transpose(vjp_fn, out)((t,))
+    _, want_jt = jax.jvp(lambda p: ref(p, x), (params,), (t,))
+    assert rel_err(jt, want_jt) <= F64_RTOL
+
+
 @pytest.mark.parametrize("model_id", ["mlp-4-gelu", "resnet_s-2-tanh"])
 def test_under_jit(model_id):
     model, _, params, x, y = setup(model_id)
