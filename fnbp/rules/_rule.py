@@ -12,12 +12,16 @@ function B[M, z]. It is declared once, beside its code, by :func:`declare`::
     def relu(z):                          # the public, validating function
         return RELU.apply(_float_input("relu", z))
 
-    RELU = declare(relu, relu_fwd, relu_bwd, reference=..., examples=...,
+    def relu_jvp(res, t):                 # the forward function F[relu, z](t)
+        return jnp.where(res.mask, t[0], 0)
+
+    RELU = declare(relu, relu_fwd, relu_bwd, jvp=relu_jvp, reference=..., examples=...,
                    equations=("7.11", "7.69"), kink="relu'(0) = 0",
                    family="activation", layer=LayerSpec(), init="he")
 
-:func:`declare` builds the ``jax.custom_vjp`` in one uniform way and registers
-the :class:`Rule` record. Everything else is derived from the registry: the
+:func:`declare` builds the ``jax.custom_vjp`` in one uniform way (and, from
+``fwd`` and the forward function ``jvp``, the rule's ``jax.custom_jvp``) and
+registers the :class:`Rule` record. Everything else is derived from the registry: the
 top-level names, ``fnbp.rules.relu_fwd``/``relu_bwd``, the catalog that
 ``fnbp check`` runs, the layers and activation names of ``fnbp.mlp``, and the
 rule tests.
@@ -28,6 +32,14 @@ positional; static settings (``stride``, ``approximate``) are keyword
 arguments, passed to both ``fwd(*arrays, **settings)`` and
 ``bwd(res, v, **settings)``. ``bwd`` returns exactly one cotangent per
 positional argument (``None`` for integer labels and absent arguments).
+
+The forward function is the mirror of the backward one: for M(a_1, ..., a_k),
+B[M](v) = (J_1^T v, ..., J_k^T v) and F[M](t_1, ..., t_k) = sum_j J_j t_j, the
+change of the output along the tangents. ``jvp(res, tangents, **settings)``
+takes ``fwd``'s residuals and a tuple of one tangent per positional argument
+(``None`` for integer labels and absent arguments) and returns the output's
+tangent. The two are adjoint: <F(t), v> = sum_j <t_j, B(v)_j> for all t, v
+(the test of tests/test_forward_functions.py).
 """
 
 from __future__ import annotations
@@ -91,6 +103,12 @@ class Rule:
       bwd: ``bwd(residuals, v, **settings) -> cotangents``, one per array.
       apply: the ``jax.custom_vjp`` built from ``fwd`` and ``bwd``; the public
         function calls it after validating.
+      jvp: ``jvp(residuals, tangents, **settings) -> output tangent``, the
+        forward function F[M] (see the module doc); ``None`` for a rule
+        declared without one.
+      forward_apply: the ``jax.custom_jvp`` built from ``fwd`` and ``jvp``:
+        the rule in forward mode (``jax.jvp``, ``jax.linearize``,
+        ``jax.jacfwd`` of it use F).
       reference: a plain jnp function with the public function's signature and
         no custom derivative (the oracle of ``fnbp check``).
       examples: named example-argument factories; the first is named after
@@ -143,6 +161,8 @@ class Rule:
     fwd: Callable[..., Any]
     bwd: Callable[..., Any]
     apply: Callable[..., Any]
+    jvp: Callable[..., Any] | None
+    forward_apply: Callable[..., Any] | None
     reference: Callable[..., Any]
     examples: Mapping[str, Example]
     equations: tuple[str, ...]
@@ -202,6 +222,43 @@ def custom_vjp(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[...
     return apply
 
 
+def custom_jvp(fwd: Callable[..., Any], jvp: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``jax.custom_jvp`` whose rule is ``fwd`` and the forward function ``jvp``.
+
+    Called as ``f(*arrays, **settings)``, like :func:`custom_vjp`'s. The output
+    tangent is ``jvp(residuals, tangents, **settings)``, with ``None`` as the
+    tangent of an integer argument (labels); the others are arrays (zeros
+    where the caller's tangent is zero).
+    """
+
+    def forward(*arrays, **settings):
+        return fwd(*arrays, **settings)[0]
+
+    static = getattr(fwd, "static_settings", None)
+    if static is not None:
+        forward = jit_static(*static)(forward)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def primal(settings, *arrays):
+        return forward(*arrays, **dict(settings))
+
+    def primal_jvp(settings, primals, tangents):
+        out, res = fwd(*primals, **dict(settings))
+        tangents = tuple(
+            None if t is None or jax.dtypes.result_type(t) == jax.dtypes.float0 else t
+            for t in tangents
+        )
+        return out, jvp(res, tangents, **dict(settings))
+
+    primal_jvp.__name__ = primal_jvp.__qualname__ = jvp.__name__
+    primal.defjvp(primal_jvp)
+
+    def apply(*arrays, **settings):
+        return primal(tuple(sorted(settings.items())), *arrays)
+
+    return apply
+
+
 def _frozen(value: Any) -> Any:
     """Lists as tuples, recursively: static settings must be hashable."""
     if isinstance(value, (list, tuple)):
@@ -252,6 +309,7 @@ def declare(
     fwd: Callable[..., Any],
     bwd: Callable[..., Any],
     *,
+    jvp: Callable[..., Any] | None = None,
     reference: Callable[..., Any],
     examples,
     equations: tuple[str, ...] = (),
@@ -268,6 +326,9 @@ def declare(
         validates its arguments and calls the returned record's ``apply``.
       fwd, bwd: the forward with residuals and the backward function (the
         convention is in the module doc); named ``<name>_fwd``/``<name>_bwd``.
+      jvp: the forward function F[M], named ``<name>_jvp`` (module doc);
+        every built-in rule has one. Without it the rule has no forward mode
+        (``Rule.jvp`` and ``Rule.forward_apply`` are ``None``).
       reference: plain jnp code with ``function``'s signature.
       examples: the rule's example: ``(key, dtype) -> args``, an
         :class:`Example` or ``(make_args, kwargs)``; or a mapping from example
@@ -284,7 +345,7 @@ def declare(
       The registered :class:`Rule`.
 
     Raises:
-      ValueError: a name declared twice, a misnamed fwd or bwd, an unknown
+      ValueError: a name declared twice, a misnamed fwd, bwd or jvp, an unknown
         family or initialization family, a missing kink convention.
     """
     name = function.__name__
@@ -293,7 +354,8 @@ def declare(
             f"declare: a rule named {name!r} is already declared "
             f"(in {_REGISTRY[name].function.__module__}); pick another name"
         )
-    for role, fn in (("fwd", fwd), ("bwd", bwd)):
+    roles = (("fwd", fwd), ("bwd", bwd)) + ((("jvp", jvp),) if jvp is not None else ())
+    for role, fn in roles:
         if getattr(fn, "__name__", None) != f"{name}_{role}":
             raise ValueError(
                 f"declare: {name}'s {role} must be named {name}_{role}, got "
@@ -316,6 +378,8 @@ def declare(
         fwd=fwd,
         bwd=bwd,
         apply=custom_vjp(fwd, bwd),
+        jvp=jvp,
+        forward_apply=None if jvp is None else custom_jvp(fwd, jvp),
         reference=reference,
         examples=_examples(name, examples),
         equations=tuple(equations),

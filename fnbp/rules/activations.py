@@ -70,6 +70,19 @@ def _positive_setting(fn: str, name: str, value, z: Array) -> Array:
     return value
 
 
+def _tangent_sum(terms, shape, dtype) -> Array:
+    """sum_j J_j t_j from its terms, ``None`` for an argument without a tangent,
+    cast once to the output's ``dtype``; zeros of ``shape`` when every term is
+    ``None``."""
+    present = [term for term in terms if term is not None]
+    if not present:
+        return jnp.zeros(shape, dtype)
+    total = present[0]
+    for term in present[1:]:
+        total = total + term
+    return total.astype(dtype)
+
+
 # --- ReLU (7.11) -------------------------------------------------------------
 
 
@@ -87,6 +100,16 @@ def relu_fwd(z: Array) -> tuple[Array, ReluResiduals]:
 def relu_bwd(res: ReluResiduals, v: Array) -> tuple[Array]:
     """B[relu, z](v) = 1[z > 0] (.) v; the derivative at z = 0 is 0."""
     return (jnp.where(res.mask, v, jnp.zeros((), v.dtype)),)
+
+
+def relu_jvp(res: ReluResiduals, t: tuple) -> Array:
+    """F[relu, z](t) = 1[z > 0] (.) t, the same mask as B: relu's Jacobian is
+    diagonal (so symmetric), with relu'(0) = 0. A ``None`` tangent gives zeros
+    (in the default float dtype: the mask does not record z's)."""
+    (t_z,) = t
+    if t_z is None:
+        return jnp.zeros(res.mask.shape)
+    return jnp.where(res.mask, t_z, jnp.zeros((), t_z.dtype))
 
 
 def relu(z: Array) -> Array:
@@ -107,6 +130,7 @@ RELU = declare(
     relu,
     relu_fwd,
     relu_bwd,
+    jvp=relu_jvp,
     reference=lambda z: jnp.where(z > 0, z, 0.0),
     examples=elementwise,
     equations=("7.11", "7.69"),
@@ -138,6 +162,14 @@ def sigmoid_bwd(res: SigmoidResiduals, v: Array) -> tuple[Array]:
     return (s * (1 - s) * v,)
 
 
+def sigmoid_jvp(res: SigmoidResiduals, t: tuple) -> Array:
+    """F[sigmoid, z](t) = s (1 - s) (.) t with s = sigmoid(z), the saved output:
+    the Jacobian is diagonal (symmetric), so F and B are the same product."""
+    s = res.s
+    (t_z,) = t
+    return _tangent_sum((None if t_z is None else s * (1 - s) * t_z,), s.shape, s.dtype)
+
+
 def sigmoid(z: Array) -> Array:
     """sigmoid(z) = 1 / (1 + exp(-z)) (eq. 7.24), element-wise, stable for all z.
 
@@ -157,6 +189,7 @@ SIGMOID = declare(
     sigmoid,
     sigmoid_fwd,
     sigmoid_bwd,
+    jvp=sigmoid_jvp,
     reference=lambda z: 1.0 / (1.0 + jnp.exp(-z)),
     examples=elementwise,
     equations=("7.24", "7.69"),
@@ -187,6 +220,14 @@ def tanh_bwd(res: TanhResiduals, v: Array) -> tuple[Array]:
     return ((1 - res.y * res.y) * v,)
 
 
+def tanh_jvp(res: TanhResiduals, t: tuple) -> Array:
+    """F[tanh, z](t) = (1 - y^2) (.) t with y = tanh(z), the saved output: the
+    Jacobian is diagonal (symmetric), so F and B are the same product."""
+    y = res.y
+    (t_z,) = t
+    return _tangent_sum((None if t_z is None else (1 - y * y) * t_z,), y.shape, y.dtype)
+
+
 def tanh(z: Array) -> Array:
     """tanh(z) = (e^z - e^-z) / (e^z + e^-z) (eq. 7.25), element-wise.
 
@@ -204,6 +245,7 @@ TANH = declare(
     tanh,
     tanh_fwd,
     tanh_bwd,
+    jvp=tanh_jvp,
     reference=jnp.tanh,
     examples=elementwise,
     equations=("7.25", "7.69"),
@@ -247,6 +289,25 @@ def leaky_relu_bwd(res: LeakyReluResiduals, v: Array) -> tuple[Array, Array]:
     return dz, dgamma.astype(gamma.dtype)
 
 
+def leaky_relu_jvp(res: LeakyReluResiduals, t: tuple) -> Array:
+    """F[leaky_relu](t_z, t_gamma) = where(z > 0, t_z, gamma t_z) + where(z > 0, 0, z) t_gamma.
+
+    The z-part is diagonal (symmetric), the same slope as B (gamma at z = 0);
+    the scalar gamma's tangent moves every z <= 0 entry by z t_gamma, the
+    mirror of B's sum for d gamma. ``None`` tangents add nothing.
+    """
+    z, gamma = res
+    t_z, t_gamma = t
+    positive = z > 0
+    dz = None if t_z is None else jnp.where(positive, t_z, gamma.astype(t_z.dtype) * t_z)
+    dgamma = (
+        None
+        if t_gamma is None
+        else jnp.where(positive, jnp.zeros((), z.dtype), z * t_gamma.astype(z.dtype))
+    )
+    return _tangent_sum((dz, dgamma), z.shape, z.dtype)
+
+
 def leaky_relu(z: Array, gamma: float | Array = 0.01) -> Array:
     """Leaky ReLU max(z, gamma z) (eq. 7.26) for gamma in (0, 1), element-wise.
 
@@ -276,6 +337,7 @@ LEAKY_RELU = declare(
     leaky_relu,
     leaky_relu_fwd,
     leaky_relu_bwd,
+    jvp=leaky_relu_jvp,
     reference=lambda z, gamma: jnp.where(z > 0, z, gamma * z),
     examples=with_scalar(0.1),
     equations=("7.26", "7.69"),
@@ -343,6 +405,19 @@ def gelu_fwd(z: Array, *, approximate: bool = False) -> tuple[Array, GeluResidua
     return u.astype(z.dtype), GeluResiduals(z)
 
 
+def _gelu_slope(w: Array, approximate: bool) -> Array:
+    """GELU'(w), exact or of the tanh form (see :func:`gelu_bwd`), in w's dtype."""
+    if approximate:
+        s, s_minus, _ = _tanh_gate(w)
+        bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
+        tail = jnp.where(
+            bump == 0, jnp.zeros((), w.dtype), (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump
+        )
+        return s + tail
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
+    return _normal_cdf(w) + _times(w, pdf)
+
+
 def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tuple[Array]:
     """B[GELU, z](v) = (Phi(z) + z phi(z)) (.) v for the exact form.
 
@@ -355,17 +430,23 @@ def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tupl
     limits at z = -inf and inf are 0 and 1; float16/bfloat16 in float32.
     """
     w = at_least_float32(res.z)
-    if approximate:
-        s, s_minus, _ = _tanh_gate(w)
-        bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
-        tail = jnp.where(
-            bump == 0, jnp.zeros((), w.dtype), (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump
-        )
-        slope = s + tail
-    else:
-        pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
-        slope = _normal_cdf(w) + _times(w, pdf)
-    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
+    return ((_gelu_slope(w, approximate) * v.astype(w.dtype)).astype(v.dtype),)
+
+
+def gelu_jvp(res: GeluResiduals, t: tuple, *, approximate: bool = False) -> Array:
+    """F[GELU, z](t) = (Phi(z) + z phi(z)) (.) t for the exact form; diagonal
+    (symmetric), the slope of B. For ``approximate=True`` the slope is
+    s + 2 z s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 z^2) with s = sigmoid(2a),
+    a = sqrt(2/pi) (z + 0.044715 z^3), 1 - s computed as sigmoid(-2a) (no
+    cancellation); limits 0 and 1 at z = -inf and inf; in at least float32,
+    cast back once.
+    """
+    z = res.z
+    (t_z,) = t
+    if t_z is None:
+        return jnp.zeros(z.shape, z.dtype)
+    w = at_least_float32(z)
+    return (_gelu_slope(w, approximate) * t_z.astype(w.dtype)).astype(z.dtype)
 
 
 def gelu(z: Array, approximate: bool = False) -> Array:
@@ -404,6 +485,7 @@ GELU = declare(
     gelu,
     gelu_fwd,
     gelu_bwd,
+    jvp=gelu_jvp,
     reference=_gelu_reference,
     examples={"gelu": elementwise, "gelu(approximate)": (elementwise, {"approximate": True})},
     equations=("7.27", "7.69"),
@@ -459,6 +541,21 @@ def softplus_bwd(res: SoftplusResiduals, v: Array) -> tuple[Array, Array]:
     return dz, dbeta.astype(beta.dtype)
 
 
+def softplus_jvp(res: SoftplusResiduals, t: tuple) -> Array:
+    """F[softplus](t_z, t_beta) = sigmoid(beta z) (.) t_z + (z s - u) / beta t_beta.
+
+    The z-part is diagonal (symmetric), the slope s = sigmoid(beta z) of B;
+    the scalar beta's tangent moves every entry by d u / d beta = r / beta,
+    with the forward's r = z s - u (no cancellation for large beta z). In at
+    least float32, cast back once.
+    """
+    z, beta, s, r = res
+    t_z, t_beta = t
+    dz = None if t_z is None else s * t_z.astype(s.dtype)
+    dbeta = None if t_beta is None else r / beta.astype(r.dtype) * t_beta.astype(r.dtype)
+    return _tangent_sum((dz, dbeta), z.shape, z.dtype)
+
+
 def softplus(z: Array, beta: float | Array = 1.0) -> Array:
     """softplus(z) = (1 / beta) log(1 + exp(beta z)) (eq. 7.28), element-wise.
 
@@ -484,6 +581,7 @@ SOFTPLUS = declare(
     softplus,
     softplus_fwd,
     softplus_bwd,
+    jvp=softplus_jvp,
     reference=lambda z, beta: jnp.log1p(jnp.exp(beta * z)) / beta,
     examples=with_scalar(1.5),
     equations=("7.28", "7.69"),
@@ -510,6 +608,12 @@ def silu_fwd(z: Array) -> tuple[Array, SiluResiduals]:
     return u.astype(z.dtype), SiluResiduals(z)
 
 
+def _silu_slope(w: Array) -> Array:
+    """silu'(w) = s + w s sigmoid(-w), s = sigmoid(w), in w's dtype."""
+    s, s_minus = _sigmoids(w)
+    return s + _times(w, s * s_minus)
+
+
 def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     """B[silu, z](v) = s (1 + z (1 - s)) (.) v with s = sigmoid(z).
 
@@ -517,9 +621,20 @@ def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     for z >> 0); the limits at z = -inf and inf are 0 and 1.
     """
     w = at_least_float32(res.z)
-    s, s_minus = _sigmoids(w)
-    slope = s + _times(w, s * s_minus)
-    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
+    return ((_silu_slope(w) * v.astype(w.dtype)).astype(v.dtype),)
+
+
+def silu_jvp(res: SiluResiduals, t: tuple) -> Array:
+    """F[silu, z](t) = s (1 + z (1 - s)) (.) t with s = sigmoid(z); diagonal
+    (symmetric), the slope of B, computed as s + z s sigmoid(-z) (1 - s is not
+    a difference); limits 0 and 1 at z = -inf and inf; in at least float32,
+    cast back once."""
+    z = res.z
+    (t_z,) = t
+    if t_z is None:
+        return jnp.zeros(z.shape, z.dtype)
+    w = at_least_float32(z)
+    return (_silu_slope(w) * t_z.astype(w.dtype)).astype(z.dtype)
 
 
 def silu(z: Array) -> Array:
@@ -542,6 +657,7 @@ SILU = declare(
     silu,
     silu_fwd,
     silu_bwd,
+    jvp=silu_jvp,
     reference=lambda z: z / (1.0 + jnp.exp(-z)),
     examples=elementwise,
     kink="none: smooth.",
@@ -587,6 +703,25 @@ def elu_bwd(res: EluResiduals, v: Array) -> tuple[Array, Array]:
     return dz, dalpha.astype(alpha.dtype)
 
 
+def elu_jvp(res: EluResiduals, t: tuple) -> Array:
+    """F[elu](t_z, t_alpha) = where(z > 0, t_z, alpha e^z t_z) + where(z > 0, 0, e^z - 1) t_alpha.
+
+    The z-part is diagonal (symmetric), the same slope as B (alpha at z = 0),
+    alpha e^z computed as alpha (m + 1) from the forward's m = e^z - 1; the
+    scalar alpha's tangent moves every z <= 0 entry by m t_alpha, the mirror
+    of B's sum for d alpha. ``None`` tangents add nothing.
+    """
+    mask, m, alpha = res
+    t_z, t_alpha = t
+    dz = None if t_z is None else jnp.where(mask, t_z, alpha.astype(t_z.dtype) * (m + 1) * t_z)
+    dalpha = (
+        None
+        if t_alpha is None
+        else jnp.where(mask, jnp.zeros((), m.dtype), m * t_alpha.astype(m.dtype))
+    )
+    return _tangent_sum((dz, dalpha), m.shape, m.dtype)
+
+
 def elu(z: Array, alpha: float | Array = 1.0) -> Array:
     """ELU(z) = z for z > 0, alpha (e^z - 1) for z <= 0, element-wise.
 
@@ -614,6 +749,7 @@ ELU = declare(
     elu,
     elu_fwd,
     elu_bwd,
+    jvp=elu_jvp,
     reference=lambda z, alpha: jnp.where(z > 0, z, alpha * jnp.expm1(jnp.where(z > 0, 0.0, z))),
     examples=with_scalar(0.7),
     kink="the derivative at z = 0 is alpha, the z <= 0 side, as jax.nn.elu.",
@@ -652,6 +788,21 @@ def softmax_bwd(res: SoftmaxResiduals, v: Array) -> tuple[Array]:
     return (dz.astype(res.s.dtype),)
 
 
+def softmax_jvp(res: SoftmaxResiduals, t: tuple) -> Array:
+    """F[softmax, z](t) = s (.) (t - <s, t>), the inner product over the last axis.
+
+    It is (diag(s) - s s^T) t: the Jacobian is symmetric, so F is the same
+    product as B, from the saved output alone; no k x k matrix is built.
+    Summed in at least float32, cast back once.
+    """
+    (t_z,) = t
+    if t_z is None:
+        return jnp.zeros(res.s.shape, res.s.dtype)
+    acc = accumulation_dtype(res.s, t_z)
+    s, ta = res.s.astype(acc), t_z.astype(acc)
+    return (s * (ta - jnp.sum(s * ta, axis=-1, keepdims=True))).astype(res.s.dtype)
+
+
 def softmax(z: Array) -> Array:
     """softmax(z)_i = e^{z_i} / sum_j e^{z_j} over the last axis, per example.
 
@@ -682,6 +833,7 @@ SOFTMAX = declare(
     softmax,
     softmax_fwd,
     softmax_bwd,
+    jvp=softmax_jvp,
     reference=lambda z: jax.nn.softmax(z, axis=-1),
     examples=_softmax_args,
     kink="none: smooth.",

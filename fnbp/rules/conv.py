@@ -96,23 +96,33 @@ def _conv_fwd(
     stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
     out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
     compute = jnp.result_type(z, w)
-    zf = _flat(z, n).astype(compute)
-    # A result in the operands' dtype: bf16/f16 convolutions produce their
-    # input dtype; the hardware accumulates in float32.
-    u = jax.lax.conv_general_dilated(
-        zf,
+    u = _convolve(n, z, w, compute, stride, padding, dilation)
+    return _with_bias(n, z, u, b, out, compute), ConvResiduals(z, w, b)
+
+
+def _convolve(n: int, z: Array, w: Array, compute, stride: Ints, padding, dilation: Ints) -> Array:
+    """conv(z, w) on z's examples flattened to (N, *spatial, C), in ``compute``.
+
+    A result in the operands' dtype: bf16/f16 convolutions produce their
+    input dtype; the hardware accumulates in float32. Settings parsed.
+    """
+    return jax.lax.conv_general_dilated(
+        _flat(z, n).astype(compute),
         w.astype(compute),
         window_strides=stride,
         padding=padding,
         rhs_dilation=dilation,
         dimension_numbers=_FWD_DN[n],
     )
+
+
+def _with_bias(n: int, z: Array, u: Array, b: Array | None, out, compute) -> Array:
+    """u + b in ``out`` with z's leading example axes restored."""
     if b is not None:
         # In the conv's dtype; a bias of another dtype is added in at least float32.
         add = compute if out == compute else accumulation_dtype(compute)
         u = u.astype(add) + b.astype(add)
-    u = u.astype(out).reshape(z.shape[: z.ndim - n - 1] + u.shape[1:])
-    return u, ConvResiduals(z, w, b)
+    return u.astype(out).reshape(z.shape[: z.ndim - n - 1] + u.shape[1:])
 
 
 def _conv_bwd(
@@ -132,6 +142,25 @@ def _conv_bwd(
             b.dtype
         )
     return dz, dw, db
+
+
+def _conv_jvp(n: int, res: ConvResiduals, t: tuple, stride, padding, dilation) -> Array:
+    z, w, b = res
+    t_z, t_w, t_b = (tuple(t) + (None, None, None))[:3]
+    stride, padding, dilation = _settings(n, w.shape, stride, padding, dilation)
+    out = jnp.result_type(z, w) if b is None else jnp.result_type(z, w, b)
+    compute = jnp.result_type(z, w)
+    terms = []
+    if t_z is not None:
+        terms.append(_convolve(n, t_z, w, compute, stride, padding, dilation))
+    if t_w is not None:
+        terms.append(_convolve(n, z, t_w, compute, stride, padding, dilation))
+    if terms:
+        u = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    else:
+        shape = jax.eval_shape(lambda: _convolve(n, z, w, compute, stride, padding, dilation)).shape
+        u = jnp.zeros(shape, compute)
+    return _with_bias(n, z, u, t_b if b is not None else None, out, compute)
 
 
 def _validate_conv(n: int, z, w, b, stride, padding, dilation):
@@ -218,6 +247,29 @@ def conv1d_bwd(
     return _conv_bwd(1, res, v, stride, padding, dilation)
 
 
+@jit_static(*_SETTINGS)
+def conv1d_jvp(
+    res: ConvResiduals,
+    t: tuple,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> Array:
+    """F[Conv1D, .]: the tangents (t_z, t_w, t_b) to u's, conv(t_z, w) + conv(z, t_w) + t_b.
+
+    The mirror of :func:`conv1d_bwd`: Conv1D is bilinear in (z, w) plus the
+    bias (eqs. 7.48-7.50), so its change is the forward convolution applied
+    to each tangent with the other argument fixed, ``Q t_z`` and the same
+    correlation of z with the filters t_w, plus t_b broadcast over examples
+    and positions. ``None`` tangents (an absent bias, an argument held fixed)
+    add nothing. Precision as the forward pass: convolutions in
+    ``result_type(z, w)`` with results in that dtype, the output in
+    ``result_type(z, w, b)``.
+    """
+    return _conv_jvp(1, res, t, stride, padding, dilation)
+
+
 def conv1d(
     z: Array,
     w: Array,
@@ -296,6 +348,7 @@ CONV1D = declare(
     conv1d,
     conv1d_fwd,
     conv1d_bwd,
+    jvp=conv1d_jvp,
     reference=_conv1d_reference,
     examples={
         "conv1d": _conv_args((9,), (3,)),
@@ -352,6 +405,24 @@ def conv2d_bwd(
     return _conv_bwd(2, res, v, stride, padding, dilation)
 
 
+@jit_static(*_SETTINGS)
+def conv2d_jvp(
+    res: ConvResiduals,
+    t: tuple,
+    *,
+    stride: int | Ints = 1,
+    padding: Padding = "same",
+    dilation: int | Ints = 1,
+) -> Array:
+    """F[Conv2D, .]: the tangents (t_z, t_w, t_b) to u's, conv(t_z, w) + conv(z, t_w) + t_b.
+
+    As :func:`conv1d_jvp` over two spatial axes (eq. 7.51): each tangent
+    through the forward convolution with the other argument fixed, plus t_b;
+    ``None`` tangents add nothing; precision as the forward pass.
+    """
+    return _conv_jvp(2, res, t, stride, padding, dilation)
+
+
 def conv2d(
     z: Array,
     w: Array,
@@ -401,6 +472,7 @@ CONV2D = declare(
     conv2d,
     conv2d_fwd,
     conv2d_bwd,
+    jvp=conv2d_jvp,
     reference=_conv2d_reference,
     examples={
         "conv2d": _conv_args((7, 6), (3, 3)),

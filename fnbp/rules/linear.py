@@ -103,6 +103,28 @@ def mm_bwd(res: MMResiduals, v: Array) -> tuple[Array, Array, Array | None]:
     return dz, dW, db
 
 
+def mm_jvp(res: MMResiduals, t: tuple) -> Array:
+    """F[MM, .]: the tangents (t_z, t_W, t_b) to the output's, W t_z + t_W z + t_b.
+
+    The mirror of :func:`mm_bwd`: MM is linear in z and in (W, b) separately,
+    so its change is the sum of MM applied to each tangent with the other
+    arguments fixed (eq. 7.35 twice). ``None`` tangents (an absent bias, or
+    an argument held fixed) add nothing. Dots in ``result_type`` of the
+    arrays involved, like the forward pass.
+    """
+    z, W, b = res
+    t_z, t_W, t_b = (tuple(t) + (None, None, None))[:3]
+    out_dtype = jnp.result_type(z, W) if b is None else jnp.result_type(z, W, b)
+    u = jnp.zeros(z.shape[:-1] + W.shape[:1], out_dtype)
+    if t_z is not None:
+        u = u + _dot(t_z, W, (((t_z.ndim - 1,), (1,)), ((), ())), jnp.result_type(t_z, W))
+    if t_W is not None:
+        u = u + _dot(z, t_W, (((z.ndim - 1,), (1,)), ((), ())), jnp.result_type(z, t_W))
+    if t_b is not None and b is not None:
+        u = u + t_b
+    return u.astype(out_dtype)
+
+
 def mm(z: Array, W: Array, b: Array | None = None) -> Array:
     """The matrix multiplication module MM_{W,b}(z) = W z + b (eq. 7.35).
 
@@ -304,6 +326,7 @@ MM = declare(
     mm,
     mm_fwd,
     mm_bwd,
+    jvp=mm_jvp,
     reference=_mm_reference,
     examples=_mm_args,
     equations=("7.35", "7.63", "7.65", "7.66", "7.84"),

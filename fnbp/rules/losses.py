@@ -92,6 +92,15 @@ def mse_loss_bwd(res: MseResiduals, v: Array) -> tuple[Array, Array]:
     return dt, -dt
 
 
+def mse_loss_jvp(res: MseResiduals, t: tuple) -> Array:
+    """F[MSE](t_t, t_y) = <t - y, t_t - t_y> per example, the sum over the last axis."""
+    t_t, t_y = t
+    d = jnp.zeros_like(res.r)
+    d = d if t_t is None else d + t_t.astype(res.r.dtype)
+    d = d if t_y is None else d - t_y.astype(res.r.dtype)
+    return jnp.sum(res.r * d, axis=-1)
+
+
 def mse_loss(t: Array, y: Array) -> Array:
     """Squared error J = 1/2 sum_k (t_k - y_k)^2 over the last axis (eq. 7.1).
 
@@ -147,6 +156,7 @@ MSE_LOSS = declare(
     mse_loss,
     mse_loss_fwd,
     mse_loss_bwd,
+    jvp=mse_loss_jvp,
     reference=lambda t, y: 0.5 * jnp.sum((t - y) ** 2, axis=-1),
     examples=_mse_args,
     equations=("7.1",),
@@ -190,6 +200,18 @@ def logistic_loss_bwd(res: LogisticResiduals, v: Array) -> tuple[Array, Array]:
     t, p_minus_y = res
     va = v.astype(p_minus_y.dtype)
     return (p_minus_y * va).astype(t.dtype), (-t.astype(va.dtype) * va).astype(t.dtype)
+
+
+def logistic_loss_jvp(res: LogisticResiduals, t: tuple) -> Array:
+    """F[J](t_t, t_y) = (sigmoid(t) - y) t_t - t t_y, the mirror of B (eq. 7.70)."""
+    logit, p_minus_y = res
+    out = jnp.zeros_like(p_minus_y)
+    t_t, t_y = t
+    if t_t is not None:
+        out = out + p_minus_y * t_t.astype(p_minus_y.dtype)
+    if t_y is not None:
+        out = out - logit.astype(p_minus_y.dtype) * t_y.astype(p_minus_y.dtype)
+    return out.astype(logit.dtype)
 
 
 def logistic_loss(t: Array, y: Array) -> Array:
@@ -260,6 +282,7 @@ LOGISTIC_LOSS = declare(
     logistic_loss,
     logistic_loss_fwd,
     logistic_loss_bwd,
+    jvp=logistic_loss_jvp,
     reference=lambda t, y: y * jnp.log1p(jnp.exp(-t)) + (1 - y) * jnp.log1p(jnp.exp(t)),
     examples=_logistic_args,
     equations=("2.3", "7.70"),
@@ -335,6 +358,23 @@ def cross_entropy_loss_bwd(res: CrossEntropyResiduals, v: Array) -> tuple[Array,
     labels = jnp.where(valid, y, 0).astype(jnp.int32).reshape(-1)
     dt = dt.at[rows, labels].add(-scale.reshape(-1), mode="promise_in_bounds")
     return dt.reshape(p.shape).astype(v.dtype), None
+
+
+def cross_entropy_loss_jvp(res: CrossEntropyResiduals, t: tuple) -> Array:
+    """F[J, t](t_t) = <softmax(t) - e_y, t_t> = sum_c p_c t_c - t_y (eq. 7.71's mirror).
+
+    The one-hot e_y is a gather of the label's entry, not a dense matrix; an
+    out-of-range label gives NaN, like its loss. Labels have no tangent.
+    """
+    p, y, valid = res
+    (t_t, _) = t
+    if t_t is None:
+        return jnp.zeros(p.shape[:-1], p.dtype)
+    tw = t_t.astype(p.dtype)
+    index = jnp.where(valid, y, 0).astype(jnp.int32)
+    at_label = jnp.take_along_axis(tw, index[..., None], axis=-1)[..., 0]
+    out = jnp.sum(p * tw, axis=-1) - at_label
+    return jnp.where(valid, out, jnp.asarray(jnp.nan, p.dtype)).astype(t_t.dtype)
 
 
 def cross_entropy_loss(t: Array, y: Array) -> Array:
@@ -426,6 +466,7 @@ CROSS_ENTROPY_LOSS = declare(
     cross_entropy_loss,
     cross_entropy_loss_fwd,
     cross_entropy_loss_bwd,
+    jvp=cross_entropy_loss_jvp,
     reference=_cross_entropy_reference,
     examples=_cross_entropy_args,
     equations=("2.14", "7.71"),

@@ -201,6 +201,21 @@ def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
     return (-0.5 * jnp.sum(per_example)).astype(eps.dtype)
 
 
+def _dy(y: Array, inv: Array, t_z: Array | None, t_eps: Array | None, center: bool) -> Array:
+    """The change of y = LN-S(z) (``center``) or z / r along (t_z, t_eps), accumulation dtype.
+
+    dy/dz t = (1/sigma)(t - mean(t) - y mean(t y)): the Jacobian is symmetric, the
+    same map as B's dz; dy/deps = -y / (2 sigma^2) for a scalar eps.
+    """
+    dy = jnp.zeros_like(y)
+    if t_z is not None:
+        tz = t_z.astype(y.dtype)
+        dy = dy + inv * ((tz - _mean_last(tz) if center else tz) - y * _mean_last(tz * y))
+    if t_eps is not None:
+        dy = dy - 0.5 * y * (inv * inv) * t_eps.astype(y.dtype)
+    return dy
+
+
 @jit_static()
 def layer_norm_s_fwd(z: Array, eps: Array) -> tuple[Array, LayerNormSResiduals]:
     """Forward pass of :func:`layer_norm_s` with its residuals."""
@@ -220,6 +235,18 @@ def layer_norm_s_bwd(res: LayerNormSResiduals, v: Array) -> tuple[Array, Array]:
     g = v.astype(y.dtype)
     dz = _ln_s_dz(y, inv_sigma, g).astype(z_like.dtype)
     return dz, _d_eps(y, inv_sigma, g, eps)
+
+
+@jit_static()
+def layer_norm_s_jvp(res: LayerNormSResiduals, t: tuple) -> Array:
+    """F[LN-S, .](t_z, t_eps) = (1/sigma)(t_z - mean(t_z) - y mean(t_z (.) y)) - y t_eps / (2 sigma^2).
+
+    The z-part is B's own map: LN-S's Jacobian (1/sigma)(I - 11^T/m - y y^T/m)
+    is symmetric.
+    """
+    y, inv_sigma, _, z_like = res
+    t_z, t_eps = t
+    return _dy(y, inv_sigma, t_z, t_eps, center=True).astype(z_like.dtype)
 
 
 def layer_norm_s(z: Array, eps: float | Array = 1e-5) -> Array:
@@ -265,6 +292,7 @@ LAYER_NORM_S = declare(
     layer_norm_s,
     layer_norm_s_fwd,
     layer_norm_s_bwd,
+    jvp=layer_norm_s_jvp,
     reference=_layer_norm_s_reference,
     examples=_layer_norm_s_args,
     equations=("7.40", "7.42"),
@@ -319,6 +347,22 @@ def layer_norm_bwd(res: LayerNormResiduals, v: Array) -> tuple[Array, Array, Arr
     dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
     dbeta = _sum_to(va, beta.shape, beta.dtype)
     return dz, dgamma, dbeta, _d_eps(y, inv_sigma, g, eps)
+
+
+@jit_static()
+def layer_norm_jvp(res: LayerNormResiduals, t: tuple) -> Array:
+    """F[LN, .](t_z, t_gamma, t_beta, t_eps) = gamma (.) dy + t_gamma (.) y + t_beta.
+
+    dy is LN-S's change along (t_z, t_eps) (see :func:`layer_norm_s_jvp`).
+    """
+    y, inv_sigma, gamma, beta, _, z_like = res
+    t_z, t_gamma, t_beta, t_eps = t
+    out = gamma.astype(y.dtype) * _dy(y, inv_sigma, t_z, t_eps, center=True)
+    if t_gamma is not None:
+        out = out + t_gamma.astype(y.dtype) * y
+    if t_beta is not None:
+        out = out + t_beta.astype(y.dtype)
+    return out.astype(jnp.result_type(z_like, gamma, beta))
 
 
 def layer_norm(
@@ -408,6 +452,7 @@ LAYER_NORM = declare(
     layer_norm,
     layer_norm_fwd,
     layer_norm_bwd,
+    jvp=layer_norm_jvp,
     reference=lambda z, gamma, beta, eps=1e-5: beta + gamma * _layer_norm_s_reference(z, eps),
     examples=_layer_norm_args,
     equations=("7.41",),
@@ -455,6 +500,21 @@ def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
     dz = (inv_r * (g - y * _mean_last(g * y))).astype(z_like.dtype)
     dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
     return dz, dgamma, _d_eps(y, inv_r, g, eps)
+
+
+@jit_static()
+def rms_norm_jvp(res: RmsNormResiduals, t: tuple) -> Array:
+    """F[RMSNorm, .](t_z, t_gamma, t_eps) = gamma (.) dy + t_gamma (.) y, y = z / r.
+
+    dy = (1/r)(t_z - y mean(t_z (.) y)) - y t_eps / (2 r^2); the z-part is B's map
+    (the Jacobian (1/r)(I - y y^T / m) is symmetric).
+    """
+    y, inv_r, gamma, _, z_like = res
+    t_z, t_gamma, t_eps = t
+    out = gamma.astype(y.dtype) * _dy(y, inv_r, t_z, t_eps, center=False)
+    if t_gamma is not None:
+        out = out + t_gamma.astype(y.dtype) * y
+    return out.astype(jnp.result_type(z_like, gamma))
 
 
 def rms_norm(z: Array, gamma: float | Array, eps: float | Array = 1e-6) -> Array:
@@ -529,6 +589,7 @@ RMS_NORM = declare(
     rms_norm,
     rms_norm_fwd,
     rms_norm_bwd,
+    jvp=rms_norm_jvp,
     reference=lambda z, gamma, eps=1e-6: (
         gamma * z / jnp.sqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
     ),

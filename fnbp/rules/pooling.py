@@ -211,6 +211,34 @@ def avg_pool_bwd(
     return (_cotangent(dz, res.z_shape, v, n),)
 
 
+def _pool_tangent(fn: str, t: tuple) -> Array:
+    """The one tangent t_z; the residuals do not record z's example axes, so a
+    ``None`` (which jax never passes here: z is floating) cannot become zeros."""
+    (t_z,) = t
+    if t_z is None:
+        raise ValueError(
+            f"{fn}_jvp: the tangent of z is None; pass zeros of z's shape for no change "
+            f"(the residuals record only z's spatial shape, not its example axes)"
+        )
+    return t_z
+
+
+@jit_static(*_SETTINGS)
+def avg_pool_jvp(
+    res: AvgPoolResiduals, t: tuple, *, window: Window, stride: Window | None = None
+) -> Array:
+    """F[avg, z](t) = avg_pool(t_z): the mean of each window of the tangent.
+
+    avg pooling is linear, so its forward function is the pooling itself with
+    the same window and stride (the sum of the |K| strided slices t_z[s i + j]
+    in at least float32, divided by |K|), the transpose of :func:`avg_pool_bwd`.
+    Output in z's dtype.
+    """
+    t_z = _pool_tangent("avg_pool", t)
+    u, _ = avg_pool_fwd(t_z, window=window, stride=stride)
+    return u.astype(res.z_shape.dtype)
+
+
 def avg_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
     """Average pooling: the mean of each window, channel by channel, no padding.
 
@@ -254,6 +282,7 @@ AVG_POOL = declare(
     avg_pool,
     avg_pool_fwd,
     avg_pool_bwd,
+    jvp=avg_pool_jvp,
     reference=_avg_pool_reference,
     examples=(_pool_args, {"window": (2, 2)}),
     kink="none: linear.",
@@ -321,6 +350,33 @@ def max_pool_bwd(
     return (_cotangent(dz, res.z_shape, v, n),)
 
 
+@jit_static(*_SETTINGS)
+def max_pool_jvp(
+    res: MaxPoolResiduals, t: tuple, *, window: Window, stride: Window | None = None
+) -> Array:
+    """F[max, z](t): each window's tangent is that of its selected (first) maximum.
+
+    ``u_t[i] = t_z[s i + j*(i)]`` with ``j*(i)`` the offset recorded in
+    ``selected``, the same one :func:`max_pool_bwd` routes v to, so F and B
+    are exact adjoints (the same tie convention). Computed as the sum over
+    window offsets j of ``where(selected == j, t_z[s i + j], 0)``, the
+    transpose of bwd's placement. Output in z's dtype.
+    """
+    t_z = _pool_tangent("max_pool", t)
+    window, stride, n, tf = _prepared("max_pool", t_z, window, stride)
+    selected = res.selected
+    out = selected.shape[1 : 1 + n]
+    zero = jnp.zeros((), tf.dtype)
+    u = functools.reduce(
+        jnp.add,
+        (
+            jnp.where(selected == number, _tap(tf, j, stride, out), zero)
+            for number, j in enumerate(_offsets(window))
+        ),
+    )
+    return _unflat(u.astype(res.z_shape.dtype), t_z.shape, n)
+
+
 def max_pool(z: Array, window: Window, stride: Window | None = None) -> Array:
     """Max pooling: the maximum of each window, channel by channel, no padding.
 
@@ -345,6 +401,7 @@ MAX_POOL = declare(
     max_pool,
     max_pool_fwd,
     max_pool_bwd,
+    jvp=max_pool_jvp,
     reference=lambda z, window, stride=None: _pool_reference(
         z, window, stride, -jnp.inf, jax.lax.max
     ),
