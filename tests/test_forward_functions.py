@@ -47,17 +47,22 @@ def problem(name: str, variant: str):
     return rule, args, dict(example.kwargs), tangents
 
 
-def reference_jvp(rule, args, kwargs, tangents):
-    """jax.jvp of the reference in its float arguments, the others held fixed."""
+def of_floats(fn, args, kwargs, tangents):
+    """(f, primals, tangents): fn as a function of the float arguments, the others fixed."""
     where = [i for i, a in enumerate(args) if is_float(a)]
 
     def f(*floats):
         full = list(args)
         for i, a in zip(where, floats):
             full[i] = a
-        return rule.reference(*full, **kwargs)
+        return fn(*full, **kwargs)
 
-    return jax.jvp(f, tuple(args[i] for i in where), tuple(tangents[i] for i in where))
+    return f, tuple(args[i] for i in where), tuple(tangents[i] for i in where)
+
+
+def reference_jvp(rule, args, kwargs, tangents):
+    """jax.jvp of the reference in its float arguments, the others held fixed."""
+    return jax.jvp(*of_floats(rule.reference, args, kwargs, tangents))
 
 
 def inner(a, b) -> float:
@@ -98,16 +103,7 @@ def test_forward_apply_runs_f_under_jit_and_vmap(name, variant):
     rule, args, kwargs, tangents = problem(name, variant)
     _, res = rule.fwd(*args, **kwargs)
     want = rule.jvp(res, tangents, **kwargs)
-    where = [i for i, a in enumerate(args) if is_float(a)]
-
-    def f(*floats):
-        full = list(args)
-        for i, a in zip(where, floats):
-            full[i] = a
-        return rule.forward_apply(*full, **kwargs)
-
-    primals = tuple(args[i] for i in where)
-    floats = tuple(tangents[i] for i in where)
+    f, primals, floats = of_floats(rule.forward_apply, args, kwargs, tangents)
     _, got = jax.jit(functools.partial(jax.jvp, f))(primals, floats)
     assert rel_err(got, want) <= 1e-13
     # jvp is linear in the tangents: a batch of 3 scaled copies, under vmap

@@ -71,8 +71,9 @@ def flag(fn: str, name: str, value: Any) -> bool:
     return bool(value)
 
 
-def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
-    """A finite real number >= 0 (a Python or NumPy number or a concrete scalar array)."""
+def _real(fn: str, name: str, value: Any, what: str, kind: str) -> float:
+    """A real number (Python, NumPy or a concrete scalar array) as a float; ``kind`` names
+    what it must be in the TypeError ("a number >= 0")."""
     if isinstance(value, (bool, np.bool_)) or not (
         isinstance(value, numbers.Real)
         or (
@@ -85,16 +86,21 @@ def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
         )
     ):
         raise TypeError(
-            f"{fn}: {name} must be a number >= 0, got "
+            f"{fn}: {name} must be {kind}, got "
             f"{type(value).__name__} {value!r}{_meaning(name, what)}"
         )
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
         raise TypeError(
             f"{fn}: {name} is a fixed setting and must be a concrete number, got "
             f"a traced value; pass a Python float"
         ) from None
+
+
+def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
+    """A finite real number >= 0 (a Python or NumPy number or a concrete scalar array)."""
+    number = _real(fn, name, value, what, "a number >= 0")
     if not math.isfinite(number) or number < 0:
         raise ValueError(
             f"{fn}: {name} must be a finite number >= 0, got {number}{_meaning(name, what)}"
@@ -104,20 +110,7 @@ def non_negative_float(fn: str, name: str, value: Any, what: str = "") -> float:
 
 def positive_float(fn: str, name: str, value: Any, what: str = "") -> float:
     """A finite real number > 0 (as :func:`non_negative_float`, and not 0)."""
-    if isinstance(value, (bool, np.bool_)) or not (
-        isinstance(value, numbers.Real) or (hasattr(value, "dtype") and jnp.ndim(value) == 0)
-    ):
-        raise TypeError(
-            f"{fn}: {name} must be a positive float, got "
-            f"{type(value).__name__} {value!r}{_meaning(name, what)}"
-        )
-    try:
-        number = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise TypeError(
-            f"{fn}: {name} is a fixed setting and must be a concrete number, got "
-            f"a traced value; pass a Python float"
-        ) from None
+    number = _real(fn, name, value, what, "a positive float")
     if not (number > 0 and math.isfinite(number)):
         raise ValueError(
             f"{fn}: {name} must be a positive finite float, got {number}{_meaning(name, what)}"
