@@ -184,6 +184,17 @@ def registry() -> Mapping[str, Rule]:
     return types.MappingProxyType(_REGISTRY)
 
 
+def _primal(fwd: Callable[..., Any]) -> Callable[..., Any]:
+    """``fwd(...)[0]``, the output alone; jitted as ``fwd`` is (:func:`jit_static`), so an
+    eager call compiles it without the residuals."""
+
+    def forward(*arrays, **settings):
+        return fwd(*arrays, **settings)[0]
+
+    static = getattr(fwd, "static_settings", None)
+    return forward if static is None else jit_static(*static)(forward)
+
+
 def custom_vjp(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[..., Any]:
     """The ``jax.custom_vjp`` whose rule is ``fwd``/``bwd``, as ``f(*arrays, **settings)``.
 
@@ -194,12 +205,7 @@ def custom_vjp(fwd: Callable[..., Any], bwd: Callable[..., Any]) -> Callable[...
     non-differentiable argument.
     """
 
-    def forward(*arrays, **settings):
-        return fwd(*arrays, **settings)[0]
-
-    static = getattr(fwd, "static_settings", None)
-    if static is not None:
-        forward = jit_static(*static)(forward)
+    forward = _primal(fwd)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def primal(settings, *arrays):
@@ -231,12 +237,7 @@ def custom_jvp(fwd: Callable[..., Any], jvp: Callable[..., Any]) -> Callable[...
     where the caller's tangent is zero).
     """
 
-    def forward(*arrays, **settings):
-        return fwd(*arrays, **settings)[0]
-
-    static = getattr(fwd, "static_settings", None)
-    if static is not None:
-        forward = jit_static(*static)(forward)
+    forward = _primal(fwd)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def primal(settings, *arrays):
