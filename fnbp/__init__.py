@@ -59,13 +59,14 @@ if _TYPE_CHECKING:
 # --- networks -----------------------------------------------------------------------
 # --- training -----------------------------------------------------------------------
 # --- the floors below ---------------------------------------------------------------
-from fnbp import curvature, nn, posterior, testing, train, verify
+from fnbp import curvature, forward, nn, posterior, testing, train, verify
 from fnbp.backprop import backprop
 from fnbp.backward import backward
 
 # --- checking hand-written rules ----------------------------------------------------
 from fnbp.checking import checked
 from fnbp.curvature import KroneckerFactors, diag_ggn, kfac_factors
+from fnbp.forward import jacfwd, jvp, linearize
 from fnbp.nn import (
     AvgPool,
     Conv1D,
@@ -157,6 +158,10 @@ __all__ = [
     "KroneckerFactors",
     "laplace",
     "Laplace",
+    # forward mode through the forward functions
+    "jvp",
+    "linearize",
+    "jacfwd",
     # checking
     "VJPReport",
     "check_layer",
@@ -226,5 +231,6 @@ __all__ = [
     "verify",
     "testing",
     "curvature",
+    "forward",
     "posterior",
 ]

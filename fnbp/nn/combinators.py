@@ -108,7 +108,21 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
                 out[i], columns = layers[i].book.curvature(params[i], residuals[i], columns, kind)
         return _like(params, out), columns
 
-    return _layer(name, init, forward, backward, BookKeeping(norms, clipped, moments, curvature))
+    def tangent(params, residuals, dparams, dz):
+        """The mirror of Algorithm 3: F of each child, from the first to the last."""
+        for i, layer in enumerate(layers):
+            with _blame(where(i), layer.name, "tangent pass"):
+                dz = _tangent_of(layer, where(i))(params[i], residuals[i], dparams[i], dz)
+        return dz
+
+    return _layer(
+        name,
+        init,
+        forward,
+        backward,
+        BookKeeping(norms, clipped, moments, curvature),
+        tangent=tangent,
+    )
 
 
 def residual(block: Layer) -> Layer:
@@ -150,12 +164,16 @@ def residual(block: Layer) -> Layer:
         out, dz = block.book.curvature(params, residuals, columns, kind)
         return out, columns + dz
 
+    def tangent(params, residuals, dparams, dz):  # F[Res](t) = t + F[block](t)
+        return dz + _tangent_of(block)(params, residuals, dparams, dz)
+
     return _layer(
         name,
         init,
         forward,
         backward,
         BookKeeping(norms, block.book.clipped, moments, curvature),
+        tangent=tangent,
     )
 
 
@@ -209,9 +227,28 @@ def remat(layer: Layer) -> Layer:
         params, z, columns = jax.lax.optimization_barrier((params, z, columns))
         return layer.book.curvature(params, recompute(params, z), columns, kind)
 
+    def tangent(params, z, dparams, dz):  # the residuals again, then the layer's F
+        return _tangent_of(layer)(params, recompute(params, z), dparams, dz)
+
     return _layer(
-        name, layer.init, forward, backward, BookKeeping(norms, clipped, moments, curvature)
+        name,
+        layer.init,
+        forward,
+        backward,
+        BookKeeping(norms, clipped, moments, curvature),
+        tangent=tangent,
     )
+
+
+def _tangent_of(layer: Layer, where: str | None = None):
+    """The layer's forward function, or a refusal that names the layer (and its place)."""
+    if layer.tangent is None:
+        named = repr(layer.name) if where is None else f"{where} ({layer.name})"
+        raise NotImplementedError(
+            f"fnbp.jvp: layer {named} has no forward function; give it one with "
+            f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
+        )
+    return layer.tangent
 
 
 def _like(params, values: list):

@@ -81,6 +81,7 @@ from fnbp.checking import check_finite, is_checking
 from fnbp.nn import _args
 from fnbp.rules._per_example import example_sum as _example_sum
 from fnbp.rules._per_example import squares as _squares
+from fnbp.rules._rule import in_forward_mode
 
 Shape = tuple[int, ...]
 Params = Any
@@ -172,22 +173,34 @@ class Layer(NamedTuple):
     sq_norms: Callable[[Params, Residuals, Array], tuple[Params, Array]]
     sq_grads: Callable[[Params, Residuals, Array], Params]
     book: BookKeeping
+    tangent: Callable[[Params, Residuals, Params, Array], Array] | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.name})"
 
 
-def _make_apply(name, forward, backward):
+def _make_apply(name, forward, backward, tangent):
     """``apply``: a custom_vjp whose rule is the layer's own forward/backward.
 
     A model called by the user gets its input converted (or refused) first,
-    as ``forward`` does, since the custom_vjp takes only arrays.
+    as ``forward`` does, since the custom_vjp takes only arrays. While
+    :func:`fnbp.jvp` traces (forward mode), ``apply`` is instead a custom_jvp
+    whose rule is ``forward`` and the layer's forward function ``tangent``:
+    the forward pass stores the residuals and the tangent pass chains F,
+    the mirror of Algorithm 3.
     """
 
     def apply(params, z):
         if site() is None:
             z = _args.model_input(name, z)
-        return rule(params, z)
+        if not in_forward_mode():
+            return rule(params, z)
+        if tangent is None:
+            raise NotImplementedError(
+                f"fnbp.jvp: layer {name!r} has no forward function; give it one with "
+                f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
+            )
+        return forward_rule(params, z)
 
     @jax.custom_vjp
     def rule(params, z):
@@ -202,6 +215,18 @@ def _make_apply(name, forward, backward):
         return backward(params, residuals, v)
 
     rule.defvjp(apply_fwd, apply_bwd)
+
+    @jax.custom_jvp
+    def forward_rule(params, z):
+        return forward(params, z)[0]
+
+    @forward_rule.defjvp
+    def forward_rule_jvp(primals, tangents):
+        params, z = primals
+        dparams, dz = tangents
+        u, residuals = forward(params, z)
+        return u, tangent(params, residuals, dparams, dz)
+
     return apply
 
 
@@ -217,6 +242,7 @@ def make_layer(
     *,
     diag_ggn: Callable[[Params, Residuals, Array], Params] | None = None,
     kfac: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
+    tangent: Callable[[Params, Residuals, Params, Array], Array] | None = None,
 ) -> Layer:
     """Build a :class:`Layer` from its init, forward and backward functions.
 
@@ -299,6 +325,12 @@ def make_layer(
       moments: optional, as above (needs ``sq_grads``).
       diag_ggn: optional, keyword only, as above.
       kfac: optional, keyword only, as above.
+      tangent: optional, keyword only: the layer's forward function F,
+        ``tangent(params, residuals, dparams, dz) -> du``, the change of the
+        output for a change ``dparams`` of the params (a pytree like params)
+        and ``dz`` of the input, from ``forward``'s residuals; the adjoint of
+        ``backward``. :func:`fnbp.jvp` uses it; without it the layer has no
+        forward mode.
 
     Returns:
       The :class:`Layer`; its ``apply`` calls a ``jax.custom_vjp`` whose rule
@@ -323,6 +355,7 @@ def make_layer(
         ("moments", moments),
         ("diag_ggn", diag_ggn),
         ("kfac", kfac),
+        ("tangent", tangent),
     ):
         if not callable(value) and (value is not None or arg in ("init", "forward", "backward")):
             raise TypeError(
@@ -336,10 +369,13 @@ def make_layer(
         backward,
         _leaf_book(name, backward, sq_norms, sq_grads, grads, moments, diag_ggn, kfac),
         leaf=True,
+        tangent=tangent,
     )
 
 
-def _layer(name, init, forward, backward, book: BookKeeping, *, leaf: bool = False) -> Layer:
+def _layer(
+    name, init, forward, backward, book: BookKeeping, *, leaf: bool = False, tangent=None
+) -> Layer:
     """The Layer record of a layer whose Book-Keeping passes are given (combinators).
 
     ``leaf``: the layer's params are its own (:func:`make_layer`), so checked
@@ -361,10 +397,11 @@ def _layer(name, init, forward, backward, book: BookKeeping, *, leaf: bool = Fal
         init,
         forward,
         backward,
-        _make_apply(name, forward, backward),
+        _make_apply(name, forward, backward, tangent),
         sq_norms,
         sq_grads,
         book,
+        tangent,
     )
 
 

@@ -17,8 +17,9 @@ from fnbp.rules import conv, linear, normalization, pooling, registry
 # --- parameter-free layers: the activations -------------------------------------
 
 
-def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
-    """A layer for an element-wise rule u = sigma(z): B[sigma, z](v) = sigma'(z) (.) v."""
+def _elementwise_layer(name: str, fwd: Callable, bwd: Callable, jvp: Callable) -> Layer:
+    """A layer for an element-wise rule u = sigma(z): B[sigma, z](v) = sigma'(z) (.) v,
+    F[sigma, z](t) = sigma'(z) (.) t."""
 
     def forward(params, z):
         _args.float_input(name, "z", z)  # as the rule's public function refuses it
@@ -27,7 +28,10 @@ def _elementwise_layer(name: str, fwd: Callable, bwd: Callable) -> Layer:
     def backward(params, residuals, v):
         return (), bwd(residuals, v)[0]
 
-    return make_layer(name, _no_params, forward, backward)
+    def tangent(params, residuals, dparams, dz):
+        return jvp(residuals, dz)
+
+    return make_layer(name, _no_params, forward, backward, tangent=tangent)
 
 
 _RULE_LAYERS: dict[tuple, Layer] = {}
@@ -95,6 +99,7 @@ def _make_rule_layer(name: str, **settings: Any) -> Layer:
         label,
         lambda z: rule.fwd(z, *arrays(z), **static),
         lambda res, v: rule.bwd(res, v, **static),
+        lambda res, t: rule.jvp(res, (t,) + (None,) * len(spec.arrays), **static),
     )
 
 
@@ -315,8 +320,16 @@ def Linear(n: int, *, bias: bool = True, init: str = "he") -> Layer:
         dz, dW, db = linear.mm_bwd(residuals, v)
         return ({"W": dW, "b": db} if bias else {"W": dW}), dz
 
+    def tangent(params, residuals, dparams, dz):
+        return linear.mm_jvp(residuals, (dz, dparams["W"], dparams.get("b")))
+
     return make_layer(
-        name, init_fn, forward, backward, **_per_example_hooks("mm", ("W", "b"), backward)
+        name,
+        init_fn,
+        forward,
+        backward,
+        **_per_example_hooks("mm", ("W", "b"), backward),
+        tangent=tangent,
     )
 
 
@@ -366,14 +379,21 @@ def Flatten(ndim: int) -> Layer:
     def backward(params, example_shape, v):
         return (), v.reshape(v.shape[:-1] + example_shape.shape)
 
-    return make_layer(name, init, forward, backward)
+    def tangent(params, example_shape, dparams, dz):
+        return dz.reshape(dz.shape[: dz.ndim - ndim] + (-1,))
+
+    return make_layer(name, init, forward, backward, tangent=tangent)
 
 
 # --- structured layers: convolution, pooling, normalization -------------------------
 
 
 def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, bias: bool) -> Layer:
-    fwd, bwd = (conv.conv1d_fwd, conv.conv1d_bwd) if n == 1 else (conv.conv2d_fwd, conv.conv2d_bwd)
+    fwd, bwd, jvp = (
+        (conv.conv1d_fwd, conv.conv1d_bwd, conv.conv1d_jvp)
+        if n == 1
+        else (conv.conv2d_fwd, conv.conv2d_bwd, conv.conv2d_jvp)
+    )
     check = conv.conv1d if n == 1 else conv.conv2d
     factory = f"Conv{n}D"
     channels = _args.positive_int(factory, "channels", channels, "the number of output channels")
@@ -430,6 +450,10 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
         dz, dw, db = bwd(residuals, v, stride=stride, padding=padding, dilation=dilation)
         return ({"w": dw, "b": db} if bias else {"w": dw}), dz
 
+    def tangent(params, residuals, dparams, dz):
+        t = (dz, dparams["w"], dparams.get("b"))
+        return jvp(residuals, t, stride=stride, padding=padding, dilation=dilation)
+
     return make_layer(
         name,
         init,
@@ -438,6 +462,7 @@ def _conv_layer(n: int, channels: int, kernel_size, stride, padding, dilation, b
         **_per_example_hooks(
             f"conv{n}d", ("w", "b"), backward, stride=stride, padding=padding, dilation=dilation
         ),
+        tangent=tangent,
     )
 
 
@@ -481,6 +506,7 @@ def _pool_layer(kind: str, window, stride) -> Layer:
         "max": (pooling.max_pool_fwd, pooling.max_pool_bwd, pooling.max_pool),
         "avg": (pooling.avg_pool_fwd, pooling.avg_pool_bwd, pooling.avg_pool),
     }[kind]
+    jvp = {"max": pooling.max_pool_jvp, "avg": pooling.avg_pool_jvp}[kind]
     factory = {"max": "MaxPool", "avg": "AvgPool"}[kind]
     if not (_args.is_int(window) or isinstance(window, (tuple, list)) and len(window) in (1, 2)):
         raise ValueError(
@@ -512,7 +538,10 @@ def _pool_layer(kind: str, window, stride) -> Layer:
     def backward(params, residuals, v):
         return (), bwd(residuals, v, window=window, stride=stride)[0]
 
-    return make_layer(name, init, forward, backward)
+    def tangent(params, residuals, dparams, dz):
+        return jvp(residuals, (dz,), window=window, stride=stride)
+
+    return make_layer(name, init, forward, backward, tangent=tangent)
 
 
 def MaxPool(window, stride=None) -> Layer:
@@ -568,12 +597,17 @@ def LayerNorm(eps: float = 1e-5, *, per_feature: bool = True) -> Layer:
         dz, dgamma, dbeta, _ = normalization.layer_norm_bwd(residuals, v)
         return {"gamma": dgamma, "beta": dbeta}, dz
 
+    def tangent(params, residuals, dparams, dz):
+        t = (dz, dparams["gamma"], dparams["beta"], None)  # eps is a fixed setting
+        return normalization.layer_norm_jvp(residuals, t)
+
     return make_layer(
         name,
         init,
         forward,
         backward,
         **_per_example_hooks("layer_norm", ("gamma", "beta", None), backward),
+        tangent=tangent,
     )
 
 
@@ -604,8 +638,16 @@ def RMSNorm(eps: float = 1e-6) -> Layer:
         dz, dgamma, _ = normalization.rms_norm_bwd(residuals, v)
         return {"gamma": dgamma}, dz
 
+    def tangent(params, residuals, dparams, dz):
+        return normalization.rms_norm_jvp(residuals, (dz, dparams["gamma"], None))
+
     return make_layer(
-        name, init, forward, backward, **_per_example_hooks("rms_norm", ("gamma", None), backward)
+        name,
+        init,
+        forward,
+        backward,
+        **_per_example_hooks("rms_norm", ("gamma", None), backward),
+        tangent=tangent,
     )
 
 

@@ -199,4 +199,7 @@ def _channel_axis() -> Layer:
     def backward(params, residuals, v):
         return (), v[..., 0]
 
-    return make_layer("channel_axis", init, forward, backward)
+    def tangent(params, residuals, dparams, dz):
+        return dz[..., None]
+
+    return make_layer("channel_axis", init, forward, backward, tangent=tangent)

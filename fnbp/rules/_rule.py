@@ -44,9 +44,11 @@ tangent. The two are adjoint: <F(t), v> = sum_j <t_j, B(v)_j> for all t, v
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,8 +103,9 @@ class Rule:
       function: the public, validating function (``fnbp.relu``).
       fwd: ``fwd(*arrays, **settings) -> (output, residuals)``.
       bwd: ``bwd(residuals, v, **settings) -> cotangents``, one per array.
-      apply: the ``jax.custom_vjp`` built from ``fwd`` and ``bwd``; the public
-        function calls it after validating.
+      apply: the ``jax.custom_vjp`` built from ``fwd`` and ``bwd`` (while
+        :func:`fnbp.jvp` traces, ``forward_apply``); the public function calls
+        it after validating.
       jvp: ``jvp(residuals, tangents, **settings) -> output tangent``, the
         forward function F[M] (see the module doc); ``None`` for a rule
         declared without one.
@@ -182,6 +185,43 @@ _REGISTRY: dict[str, Rule] = {}
 def registry() -> Mapping[str, Rule]:
     """Every declared rule by name, in declaration order (read-only)."""
     return types.MappingProxyType(_REGISTRY)
+
+
+_FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fnbp_forward_mode", default=False
+)
+
+
+def in_forward_mode() -> bool:
+    """True while :func:`fnbp.jvp` (or ``linearize``, ``jacfwd``) traces its function."""
+    return _FORWARD_MODE.get()
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """Trace the rules and layers called inside as ``jax.custom_jvp`` (their F), not
+    ``jax.custom_vjp`` (their B): JAX's forward mode goes through the former only."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+def _by_mode(name: str, reverse: Callable[..., Any], forward: Callable[..., Any] | None):
+    """The rule's ``apply``: its custom_vjp, or in forward mode its custom_jvp."""
+
+    def apply(*arrays, **settings):
+        if not _FORWARD_MODE.get():
+            return reverse(*arrays, **settings)
+        if forward is None:
+            raise NotImplementedError(
+                f"fnbp.jvp: the rule {name} has no forward function; declare it with "
+                f"jvp={name}_jvp (see fnbp.rules.declare)"
+            )
+        return forward(*arrays, **settings)
+
+    return apply
 
 
 def _primal(fwd: Callable[..., Any]) -> Callable[..., Any]:
@@ -373,14 +413,15 @@ def declare(
             f"declare: {name} needs a kink convention (one sentence; "
             f"'none: smooth' for a smooth rule)"
         )
+    forward_apply = None if jvp is None else custom_jvp(fwd, jvp)
     rule = Rule(
         name=name,
         function=function,
         fwd=fwd,
         bwd=bwd,
-        apply=custom_vjp(fwd, bwd),
+        apply=_by_mode(name, custom_vjp(fwd, bwd), forward_apply),
         jvp=jvp,
-        forward_apply=None if jvp is None else custom_jvp(fwd, jvp),
+        forward_apply=forward_apply,
         reference=reference,
         examples=_examples(name, examples),
         equations=tuple(equations),
