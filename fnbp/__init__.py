@@ -66,7 +66,7 @@ from fnbp.backward import backward
 # --- checking hand-written rules ----------------------------------------------------
 from fnbp.checking import checked
 from fnbp.curvature import KroneckerFactors, diag_ggn, kfac_factors
-from fnbp.forward import jacfwd, jvp, linearize
+from fnbp.forward import ggn_vp, hvp, jacfwd, jvp, linearize
 from fnbp.nn import (
     AvgPool,
     Conv1D,
@@ -162,6 +162,8 @@ __all__ = [
     "jvp",
     "linearize",
     "jacfwd",
+    "ggn_vp",
+    "hvp",
     # checking
     "VJPReport",
     "check_layer",

@@ -1,4 +1,4 @@
-"""Forward mode through the hand-written forward functions: jvp, linearize, jacfwd.
+"""Forward mode through the hand-written forward functions: jvp, linearize, jacfwd, ggn_vp.
 
 The notes' backward function B[M, z](v) = (dM/dz)^T v has a mirror, the
 forward function F[M, z](t) = (dM/dz) t, declared beside it for every rule
@@ -26,10 +26,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import Array
 
+from fnbp.backprop import Loss, _backprop, _check, _inputs
+from fnbp.curvature import loss_curvature
+from fnbp.nn.layer import Layer, Params
 from fnbp.rules._rule import forward_mode
 
-__all__ = ["jacfwd", "jvp", "linearize"]
+__all__ = ["ggn_vp", "hvp", "jacfwd", "jvp", "linearize"]
 
 _NOTE = (
     "fnbp.jvp: f was traced in forward mode, with fnbp's rules and layers as custom_jvp "
@@ -108,3 +113,75 @@ def jacfwd(f: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[
         return _traced(lambda: jax.jacfwd(f, argnums=argnums)(*args))
 
     return jacobian
+
+
+# --- curvature-vector products -------------------------------------------------------------
+
+
+def ggn_vp(
+    model: Layer, loss: Loss, params: Params, x: Array, y: Array
+) -> Callable[[Params], Params]:
+    """``v -> G v`` for the GGN G = (1/N) sum_l J_l^T H_l J_l of the mean loss.
+
+    One forward pass stores the residuals; each product then runs the model's
+    forward functions (J v, the mirror of Algorithm 3), the loss Hessian at the
+    output as its factor (H u = S (S^T u), the loss's ``hessian_factor``) and
+    the backward functions (J^T w, Algorithm 3). N is the number of loss
+    values, as in :func:`fnbp.diag_ggn`, whose diagonal this is the matrix of.
+    Jit the call and the products together:
+    ``jax.jit(lambda p, v: fnbp.ggn_vp(model, loss, p, x, y)(v))``.
+
+    Args:
+      model, loss, params, x, y: as :func:`fnbp.backprop`; ``loss`` one of
+        fnbp's losses (or a rule declaring ``hessian_factor``).
+
+    Returns:
+      The linear map ``v -> G v`` on pytrees like ``params``.
+
+    Raises:
+      TypeError: a loss without a Hessian factor; a layer without a forward
+        function (NotImplementedError, naming it).
+    """
+    fn = "ggn_vp"
+    rule = loss_curvature(fn, loss)
+    x, y = _inputs(fn, x, y)
+    _check(fn, model, loss, x, y)
+    tangent = model.tangent
+    if tangent is None:
+        raise NotImplementedError(
+            f"{fn}: layer {model.name!r} has no forward function; give it one with "
+            f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
+        )
+    t, residuals = model.forward(params, x)
+    losses = loss(t, y)
+    S = rule.hooks["hessian_factor"](t, y).astype(t.dtype)  # t.shape + (C,)
+    per_entry = losses.shape == t.shape  # one loss value per entry of t (logistic)
+    dx = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))  # x held fixed
+
+    def matvec(v: Params) -> Params:
+        dt = tangent(params, residuals, v, dx)  # J v
+        if per_entry:
+            w = S[..., 0] * S[..., 0] * dt
+        else:
+            w = jnp.einsum("...kc,...c->...k", S, jnp.einsum("...kc,...k->...c", S, dt))
+        grads, _ = model.backward(params, residuals, w / losses.size)  # J^T H J v / N
+        return grads
+
+    return matvec
+
+
+def hvp(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> Callable[[Params], Params]:
+    """``v -> H v`` for the Hessian of J = mean loss: forward over reverse mode.
+
+    The tangent of :func:`fnbp.backprop`'s gradient along v (``jax.jvp`` of the
+    backward pass, which is the rules' B as plain code). Jit the call and the
+    products together, as for :func:`ggn_vp`.
+
+    Returns:
+      The linear map ``v -> H v`` on pytrees like ``params``.
+    """
+    fn = "hvp"
+    x, y = _inputs(fn, x, y)
+    _check(fn, model, loss, x, y)
+    _, linear = jax.linearize(lambda p: _backprop(model, loss, p, x, y)[1], params)
+    return linear

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _networks import CASES, COMPILE, problem, ref_cross_entropy, scale_layer
+from _networks import CASES, COMPILE, problem, random_params, ref_cross_entropy, scale_layer
 from _oracle import rel_err
+from jax.flatten_util import ravel_pytree
+from test_curvature import explicit_ggn, ref_logistic, ref_mse
 
 import fnbp
 
@@ -137,3 +139,52 @@ def test_reverse_mode_is_unchanged_after_forward_mode():
         params, dparams
     )
     assert not any("custom_vjp" in str(e.primitive) for e in jaxpr.jaxpr.eqns)
+
+
+# --- curvature-vector products ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn-2d", "resnet_s", "layer_norm-rms_norm", "remat"])
+def test_ggn_vp_is_the_explicit_ggn_times_v(case):
+    model, ref, params, x, y = problem(case)
+    G = np.asarray(explicit_ggn(ref, ref_cross_entropy, params, x, y))
+    v, _ = directions(params, x)
+    Gv = jax.jit(lambda p, v: fnbp.ggn_vp(model, fnbp.cross_entropy_loss, p, x, y)(v))(params, v)
+    assert jax.tree_util.tree_structure(Gv) == jax.tree_util.tree_structure(params)
+    assert rel_err(ravel_pytree(Gv)[0], G @ np.asarray(ravel_pytree(v)[0])) <= F64_RTOL
+
+
+@pytest.mark.parametrize("loss", ["mse_loss", "logistic_loss"])
+def test_ggn_vp_of_the_other_losses(loss):
+    model, ref, params, x, _ = problem("mlp")
+    rng = np.random.default_rng(4)
+    if loss == "mse_loss":
+        y, ref_loss = jnp.asarray(rng.standard_normal((x.shape[0], 3))), ref_mse
+    else:
+        model = fnbp.mlp([5, 4, 1])
+        params = random_params(model, (4,))
+        y, ref_loss = jnp.asarray(rng.random((x.shape[0], 1))), ref_logistic
+    G = np.asarray(explicit_ggn(ref, ref_loss, params, x, y))
+    v, _ = directions(params, x)
+    Gv = fnbp.ggn_vp(model, getattr(fnbp, loss), params, x, y)(v)
+    assert rel_err(ravel_pytree(Gv)[0], G @ np.asarray(ravel_pytree(v)[0])) <= F64_RTOL
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet_s", "layer_norm-rms_norm"])
+def test_hvp_is_the_hessian_of_the_reference_objective_times_v(case):
+    model, ref, params, x, y = problem(case)
+    flat, unravel = ravel_pytree(params)
+
+    def objective(f):
+        return jnp.mean(ref_cross_entropy(ref(unravel(f), x), y))
+
+    H = np.asarray(jax.hessian(objective)(flat))
+    v, _ = directions(params, x)
+    Hv = jax.jit(lambda p, v: fnbp.hvp(model, fnbp.cross_entropy_loss, p, x, y)(v))(params, v)
+    assert rel_err(ravel_pytree(Hv)[0], H @ np.asarray(ravel_pytree(v)[0])) <= F64_RTOL
+
+
+def test_ggn_vp_refuses_a_loss_without_a_hessian_factor():
+    model, _, params, x, y = problem("mlp")
+    with pytest.raises(TypeError, match="ggn_vp: the loss must declare its Hessian"):
+        fnbp.ggn_vp(model, lambda t, y: fnbp.cross_entropy_loss(t, y), params, x, y)
