@@ -156,10 +156,9 @@ def ggn_vp(
     losses = loss(t, y)
     S = rule.hooks["hessian_factor"](t, y).astype(t.dtype)  # t.shape + (C,)
     per_entry = losses.shape == t.shape  # one loss value per entry of t (logistic)
-    dx = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))  # x held fixed
 
     def matvec(v: Params) -> Params:
-        dt = tangent(params, residuals, v, dx)  # J v
+        dt = tangent(params, residuals, v, None)  # J v; x held fixed (no tangent)
         if per_entry:
             w = S[..., 0] * S[..., 0] * dt
         else:

@@ -158,3 +158,13 @@ def test_curvature_benchmark_smoke_run_gives_every_ratio(tmp_path):
         assert row["ms_per_step"]["kfac"] > 0 and row["ms_per_step"]["adam"] > 0
     assert figures["backpack"] == "not run (--no-torch)"
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
+
+
+def test_forward_benchmark_smoke_run_gives_every_ratio(tmp_path):
+    """bench_forward --smoke: fnbp.jvp, ggn_vp and hvp against autodiff, finite positive ratios."""
+    out = tmp_path / "bench_forward.json"
+    figures = load("bench_forward").main(["--smoke", "--json", str(out)])
+    assert set(figures["ratios"]) == {"aa", "jvp", "ggn_vp", "hvp"}
+    for name, ratio in figures["ratios"].items():
+        assert math.isfinite(ratio) and ratio > 0, name
+    assert json.loads(out.read_text())["ratios"] == figures["ratios"]

@@ -111,6 +111,8 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     def tangent(params, residuals, dparams, dz):
         """The mirror of Algorithm 3: F of each child, from the first to the last."""
         for i, layer in enumerate(layers):
+            if dz is None and not jax.tree_util.tree_leaves(dparams[i]):
+                continue  # a zero tangent in, none of its own: a zero tangent out
             with _blame(where(i), layer.name, "tangent pass"):
                 dz = _tangent_of(layer, where(i))(params[i], residuals[i], dparams[i], dz)
         return dz
@@ -165,7 +167,8 @@ def residual(block: Layer) -> Layer:
         return out, columns + dz
 
     def tangent(params, residuals, dparams, dz):  # F[Res](t) = t + F[block](t)
-        return dz + _tangent_of(block)(params, residuals, dparams, dz)
+        inner = _tangent_of(block)(params, residuals, dparams, dz)
+        return dz if inner is None else inner if dz is None else dz + inner
 
     return _layer(
         name,
@@ -228,6 +231,8 @@ def remat(layer: Layer) -> Layer:
         return layer.book.curvature(params, recompute(params, z), columns, kind)
 
     def tangent(params, z, dparams, dz):  # the residuals again, then the layer's F
+        if dz is None and not jax.tree_util.tree_leaves(dparams):
+            return None
         return _tangent_of(layer)(params, recompute(params, z), dparams, dz)
 
     return _layer(

@@ -76,6 +76,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.custom_derivatives import SymbolicZero
 
 from fnbp.checking import check_finite, is_checking
 from fnbp.nn import _args
@@ -173,7 +174,7 @@ class Layer(NamedTuple):
     sq_norms: Callable[[Params, Residuals, Array], tuple[Params, Array]]
     sq_grads: Callable[[Params, Residuals, Array], Params]
     book: BookKeeping
-    tangent: Callable[[Params, Residuals, Params, Array], Array] | None = None
+    tangent: Callable[[Params, Residuals, Params, Array | None], Array | None] | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.name})"
@@ -220,14 +221,26 @@ def _make_apply(name, forward, backward, tangent):
     def forward_rule(params, z):
         return forward(params, z)[0]
 
-    @forward_rule.defjvp
     def forward_rule_jvp(primals, tangents):
         params, z = primals
-        dparams, dz = tangents
+        dparams, dz = _none_for_zeros(tangents)  # no product with a zero tangent
         u, residuals = forward(params, z)
-        return u, tangent(params, residuals, dparams, dz)
+        if dz is None and not jax.tree_util.tree_leaves(dparams):
+            return u, jnp.zeros_like(u)
+        du = tangent(params, residuals, dparams, dz)
+        return u, jnp.zeros_like(u) if du is None else du
 
+    forward_rule.defjvp(forward_rule_jvp, symbolic_zeros=True)
     return apply
+
+
+def _none_for_zeros(tangents):
+    """JAX's symbolic zero tangents as ``None`` (the layers' forward functions skip them)."""
+    return jax.tree_util.tree_map(
+        lambda t: None if isinstance(t, SymbolicZero) else t,
+        tangents,
+        is_leaf=lambda t: isinstance(t, SymbolicZero),
+    )
 
 
 def make_layer(
@@ -242,7 +255,7 @@ def make_layer(
     *,
     diag_ggn: Callable[[Params, Residuals, Array], Params] | None = None,
     kfac: Callable[[Params, Residuals, Array], tuple[Array, Array]] | None = None,
-    tangent: Callable[[Params, Residuals, Params, Array], Array] | None = None,
+    tangent: Callable[[Params, Residuals, Params, Array | None], Array | None] | None = None,
 ) -> Layer:
     """Build a :class:`Layer` from its init, forward and backward functions.
 
@@ -329,8 +342,9 @@ def make_layer(
         ``tangent(params, residuals, dparams, dz) -> du``, the change of the
         output for a change ``dparams`` of the params (a pytree like params)
         and ``dz`` of the input, from ``forward``'s residuals; the adjoint of
-        ``backward``. :func:`fnbp.jvp` uses it; without it the layer has no
-        forward mode.
+        ``backward``. ``dz`` or a leaf of ``dparams`` is ``None`` where its
+        tangent is zero (skip its term), and ``du`` may be ``None`` when all
+        are. :func:`fnbp.jvp` uses it; without it the layer has no forward mode.
 
     Returns:
       The :class:`Layer`; its ``apply`` calls a ``jax.custom_vjp`` whose rule
