@@ -106,6 +106,38 @@ def test_layer_from_rule_gradients_equal_the_oracle():
     assert_backprop_equals_oracle(model, ref, params, x, y)
 
 
+def test_layer_from_rule_with_a_forward_function_runs_under_fnbp_jvp():
+    """f_jvp gives the layer its forward mode: fnbp.jvp equals jax.jvp of the reference."""
+
+    def softsign_jvp(d, t):
+        (t_z,) = t
+        return t_z / d**2
+
+    def scale_jvp(res, t):
+        z, a = res
+        t_z, t_a = t
+        out = 0 if t_z is None else a * t_z
+        return out if t_a is None else out + t_a * z
+
+    act = fnbp.layer_from_rule(softsign, softsign_fwd, softsign_bwd, f_jvp=softsign_jvp)
+    sc = fnbp.layer_from_rule(scale, scale_fwd, scale_bwd, init=scale_init, f_jvp=scale_jvp)
+    model = fnbp.serial(fnbp.Linear(6), sc, act, fnbp.Linear(3))
+    _, params = model.init(jax.random.key(0), (5,), jnp.float64)
+    x = normal((4, 5), 1)
+    dparams = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.3, params)
+
+    def ref(p, x):
+        first, (a,), _, last = p
+        z = a * ref_mm(first, x)
+        return ref_mm(last, z / (1 + jnp.abs(z)))
+
+    _, got = fnbp.jvp(lambda p: model.apply(p, x), (params,), (dparams,))
+    _, want = jax.jvp(lambda p: ref(p, x), (params,), (dparams,))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="f_jvp must be the rule's forward function"):
+        fnbp.layer_from_rule(softsign, softsign_fwd, softsign_bwd, f_jvp="no")
+
+
 def test_layer_from_rule_backward_is_the_users_rule_not_autodiff():
     # straight-through rounding: autodiff of round() gives 0, the rule passes v on
     def round_fwd(z):

@@ -820,6 +820,7 @@ def layer_from_rule(
     *,
     init: Callable[..., tuple[Shape, tuple]] | None = None,
     name: str | None = None,
+    f_jvp: Callable | None = None,
 ) -> Layer:
     """A Layer from a rule written as ``jax.custom_vjp`` functions: f, f_fwd, f_bwd.
 
@@ -844,6 +845,10 @@ def layer_from_rule(
         for a rule with parameters; ``None`` for a parameter-free rule whose
         output has its input's shape.
       name: the layer's name; defaults to ``f.__name__``.
+      f_jvp: optional, the rule's forward function F, as fnbp's rules declare
+        theirs: ``f_jvp(residuals, (t_z, t_p1, ..., t_pk)) -> t_u``, a
+        tangent ``None`` where it is zero; it gives the layer its forward
+        mode (:func:`fnbp.jvp`).
 
     Returns:
       A :class:`Layer`; use it in :func:`fnbp.serial` like fnbp's own.
@@ -859,6 +864,11 @@ def layer_from_rule(
                 f"layer_from_rule: {arg} must be the rule's {arg[2:]} function "
                 f"(as passed to f.defvjp), got {type(value).__name__}"
             )
+    if f_jvp is not None and not callable(f_jvp):
+        raise TypeError(
+            f"layer_from_rule: f_jvp must be the rule's forward function "
+            f"f_jvp(residuals, tangents) -> tangent, got {type(f_jvp).__name__}"
+        )
     if init is not None and not callable(init):
         raise TypeError(
             f"layer_from_rule: init must be a function "
@@ -897,4 +907,14 @@ def layer_from_rule(
             )
         return tuple(cotangents[1:]), cotangents[0]
 
-    return make_layer(name, init_fn, forward, backward)
+    tangent = None if f_jvp is None else _rule_tangent(f_jvp)
+    return make_layer(name, init_fn, forward, backward, tangent=tangent)
+
+
+def _rule_tangent(f_jvp: Callable) -> Callable:
+    """The layer's forward function from a rule's: the tangents (dz, *dparams) in order."""
+
+    def tangent(params, residuals, dparams, dz):
+        return f_jvp(residuals, (dz, *dparams))
+
+    return tangent
