@@ -188,3 +188,16 @@ def test_ggn_vp_refuses_a_loss_without_a_hessian_factor():
     model, _, params, x, y = problem("mlp")
     with pytest.raises(TypeError, match="ggn_vp: the loss must declare its Hessian"):
         fnbp.ggn_vp(model, lambda t, y: fnbp.cross_entropy_loss(t, y), params, x, y)
+
+
+def test_jvp_of_a_model_under_a_precision_policy():
+    """The cast network's F: tangents in the compute dtype, the output tangent cast out."""
+    model = fnbp.mlp([8, 3])
+    _, params = model.init(jax.random.key(0), (4,), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    dparams = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.1), params)
+    mixed = fnbp.with_precision(model, "bfloat16")
+    out, tangent = fnbp.jvp(lambda p: mixed.apply(p, x), (params,), (dparams,))
+    _, want = fnbp.jvp(lambda p: model.apply(p, x), (params,), (dparams,))
+    assert out.dtype == tangent.dtype == mixed.apply(params, x).dtype
+    np.testing.assert_allclose(np.asarray(tangent, np.float32), want, rtol=0.05, atol=0.05)

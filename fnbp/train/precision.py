@@ -306,12 +306,26 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
         )
         return at_least_f32(out), input_cotangent(dz, dtypes)
 
+    def tangent(params, saved, dparams, dz):
+        """F of the cast network: the tangents cast to the compute dtype, F, cast out."""
+        residuals, _ = saved
+        if model.tangent is None:
+            raise NotImplementedError(
+                f"fnbp.jvp: layer {model.name!r} has no forward function; give it one with "
+                f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
+            )
+        dparams = policy.cast_to_compute(dparams)  # None (zero) leaves stay None
+        dz = None if dz is None else policy.cast_to_compute(dz)
+        du = model.tangent(policy.cast_to_compute(params), residuals, dparams, dz)
+        return None if du is None else policy.cast_to_output(du)
+
     layer = _layer(
         f"{model.name} @ {policy.name}",
         init,
         forward,
         backward,
         BookKeeping(norms, clipped, moments, curvature),
+        tangent=tangent,
     )
     _POLICIES[layer] = policy
     return layer
