@@ -58,11 +58,36 @@ def _primals(fn: str, primals: Any, tangents: Any) -> tuple[tuple, tuple]:
     return tuple(primals), tuple(tangents)
 
 
-def _traced(call: Callable[[], Any]) -> Any:
+def _custom_vjp_rules(jaxpr: Any) -> list[str]:
+    """The backward rules' names of the custom_vjp calls in a jaxpr, nested ones included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        if "bwd" in eqn.params and "call_jaxpr" in eqn.params:
+            names.append(getattr(eqn.params["bwd"], "__name__", "an unnamed rule"))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+            if hasattr(inner, "eqns"):
+                names.extend(_custom_vjp_rules(inner))
+    return names
+
+
+def _traced(call: Callable[[], Any], f: Callable[..., Any], args: tuple) -> Any:
     with forward_mode():
         try:
             return call()
         except TypeError as error:
+            try:  # which custom_vjp stopped it: trace f alone, in forward mode
+                rules = _custom_vjp_rules(jax.make_jaxpr(f)(*args).jaxpr)
+            except Exception:  # f does not trace on its own: keep JAX's error
+                rules = []
+            if rules:
+                raise TypeError(
+                    f"fnbp.jvp: f calls the jax.custom_vjp whose backward rule is {rules[0]}, "
+                    f"which forward mode cannot go through: give it a forward function "
+                    f"(fnbp.rules.declare(..., jvp=...), fnbp.layer_from_rule(..., f_jvp=...)) "
+                    f"or, if it is fnbp's and jitted on its own before, jit the whole fnbp.jvp "
+                    f"call instead"
+                ) from error
             error.add_note(_NOTE)
             raise
 
@@ -89,7 +114,7 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]) 
         (it is named).
     """
     primals, tangents = _primals("jvp", primals, tangents)
-    return _traced(lambda: jax.jvp(f, primals, tangents))
+    return _traced(lambda: jax.jvp(f, primals, tangents), f, primals)
 
 
 def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
@@ -98,7 +123,7 @@ def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., 
     The forward pass runs once; the returned linear function applies the
     chained F's to any tangent (it is jit-able and vmap-able).
     """
-    return _traced(lambda: jax.linearize(f, *primals))
+    return _traced(lambda: jax.linearize(f, *primals), f, primals)
 
 
 def jacfwd(f: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[..., Any]:
@@ -110,7 +135,7 @@ def jacfwd(f: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[
     argnums = argnums if isinstance(argnums, int) else tuple(argnums)
 
     def jacobian(*args: Any) -> Any:
-        return _traced(lambda: jax.jacfwd(f, argnums=argnums)(*args))
+        return _traced(lambda: jax.jacfwd(f, argnums=argnums)(*args), f, args)
 
     return jacobian
 
