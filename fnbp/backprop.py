@@ -117,6 +117,11 @@ def backprop(model: Layer, loss: Loss, params: Params, x: Array, y: Array) -> tu
 
     Jit it with the model and loss static:
     ``jax.jit(fnbp.backprop, static_argnums=(0, 1))``.
+
+    ``J`` comes from the forward pass (the rules' ``fwd``, plain code), so
+    ``jax.grad`` of the ``J`` returned here is JAX's autodiff of that code, not
+    the backward functions; differentiate ``loss(model.apply(params, x), y)``
+    (which goes through B) or use ``grads`` itself.
     """
     x, y = _inputs("backprop", x, y)
     _check("backprop", model, loss, x, y)

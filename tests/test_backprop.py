@@ -686,3 +686,35 @@ def test_mismatched_params_are_rejected_by_the_engine():
     other = setup("resnet_s-1-relu")[2]
     with pytest.raises(ValueError, match=r"mlp: params must be a tuple of 5 entries"):
         fnbp.per_example_grads(model, fnbp.cross_entropy_loss, other, x, y)
+
+
+def test_jax_grad_of_backprops_J_is_autodiff_of_the_forward_pass():
+    """What backprop's docstring says: J is computed by the forward pass (the rules' fwd, plain
+    code), so jax.grad of the J it returns is JAX's autodiff of that code, not B. A layer
+    whose B is deliberately doubled shows it: backprop's grads and jax.grad through
+    model.apply are doubled; jax.grad of backprop's J is not."""
+
+    def init(key, input_shape, dtype=jnp.float32):
+        return tuple(input_shape), {"a": jnp.full(input_shape[-1:], 1.5, dtype)}
+
+    def forward(params, z):
+        return params["a"] * z, z
+
+    def doubled(params, z, v):
+        return {"a": 2 * jnp.sum(v * z, axis=0)}, 2 * params["a"] * v
+
+    model = fnbp.serial(fnbp.Linear(3), fnbp.make_layer("scale2", init, forward, doubled))
+    _, params = model.init(jax.random.key(0), (4,), jnp.float64)
+    x, y = jnp.ones((5, 4)), jnp.arange(5) % 3
+    loss = fnbp.cross_entropy_loss
+
+    def plain(p):  # the same network, autodiff only
+        return jnp.mean(ref_cross_entropy(p[1]["a"] * fnbp.rules.mm_fwd(x, **p[0])[0], y))
+
+    true = jax.grad(plain)(params)
+    _, by_backprop = fnbp.backprop(model, loss, params, x, y)
+    by_apply = jax.grad(lambda p: jnp.mean(loss(model.apply(p, x), y)))(params)
+    of_J = jax.grad(lambda p: fnbp.backprop(model, loss, p, x, y)[0])(params)
+    assert rel_err(by_backprop[1]["a"], 2 * true[1]["a"]) <= 1e-12
+    assert rel_err(by_apply[1]["a"], 2 * true[1]["a"]) <= 1e-12
+    assert rel_err(of_J, true) <= 1e-12
