@@ -59,7 +59,7 @@ if _TYPE_CHECKING:
 # --- networks -----------------------------------------------------------------------
 # --- training -----------------------------------------------------------------------
 # --- the floors below ---------------------------------------------------------------
-from fnbp import curvature, forward, nn, posterior, testing, train, verify
+from fnbp import curvature, forward, nn, posterior, spectrum, testing, train, verify
 from fnbp.backprop import backprop
 from fnbp.backward import backward
 
@@ -104,6 +104,7 @@ from fnbp.per_example import (
     per_example_grads,
 )
 from fnbp.posterior import Laplace, laplace
+from fnbp.spectrum import top_eigenvalues
 from fnbp.train import (
     Checkpoint,
     CheckpointError,
@@ -164,6 +165,7 @@ __all__ = [
     "jacfwd",
     "ggn_vp",
     "hvp",
+    "top_eigenvalues",
     # checking
     "VJPReport",
     "check_layer",
@@ -235,4 +237,5 @@ __all__ = [
     "curvature",
     "forward",
     "posterior",
+    "spectrum",
 ]

@@ -212,3 +212,35 @@ def test_jvp_of_a_model_under_a_precision_policy():
     _, want = fnbp.jvp(lambda p: model.apply(p, x), (params,), (dparams,))
     assert out.dtype == tangent.dtype == mixed.apply(params, x).dtype
     np.testing.assert_allclose(np.asarray(tangent, np.float32), want, rtol=0.05, atol=0.05)
+
+
+# --- the top eigenvalues ----------------------------------------------------------------------
+
+
+def test_top_eigenvalues_of_the_ggn_and_the_hessian_equal_numpys():
+    model, ref, params, x, y = problem("mlp")
+    G = np.asarray(explicit_ggn(ref, ref_cross_entropy, params, x, y))
+    matvec = fnbp.ggn_vp(model, fnbp.cross_entropy_loss, params, x, y)
+    values, vectors = jax.jit(lambda p: fnbp.top_eigenvalues(matvec, p, k=3))(params)
+    want = np.sort(np.linalg.eigvalsh(G))[::-1][:3]
+    assert values.shape == (3,) and rel_err(values, want) <= 1e-8
+    for i in range(3):  # unit Ritz vectors with G u = lambda u
+        u = np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda a: a[i], vectors))[0])
+        assert abs(np.linalg.norm(u) - 1) <= 1e-10
+        assert np.max(np.abs(G @ u - want[i] * u)) <= 1e-6 * want[0]
+    flat, unravel = ravel_pytree(params)
+    H = np.asarray(jax.hessian(lambda f: jnp.mean(ref_cross_entropy(ref(unravel(f), x), y)))(flat))
+    top, _ = fnbp.top_eigenvalues(
+        fnbp.hvp(model, fnbp.cross_entropy_loss, params, x, y), params, k=2, key=jax.random.key(3)
+    )
+    assert rel_err(top, np.sort(np.linalg.eigvalsh(H))[::-1][:2]) <= 1e-8
+
+
+def test_top_eigenvalues_refuses_bad_arguments():
+    params = {"a": jnp.ones(3)}
+    with pytest.raises(ValueError, match="top_eigenvalues: k must be a positive int"):
+        fnbp.top_eigenvalues(lambda v: v, params, k=0)
+    with pytest.raises(ValueError, match="k must be at most the number of entries, 3; got 4"):
+        fnbp.top_eigenvalues(lambda v: v, params, k=4)
+    with pytest.raises(ValueError, match="iterations must be between k = 2 and"):
+        fnbp.top_eigenvalues(lambda v: v, params, k=2, iterations=1)
