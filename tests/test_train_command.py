@@ -84,6 +84,21 @@ def test_train_writes_metrics_plot_config_and_checkpoint(tmp_path, capsys):
     assert meta["metadata"]["history"] == metrics["history"]
 
 
+def test_track_sharpness_records_the_ggns_top_eigenvalue_every_epoch(tmp_path, capsys):
+    """--track-sharpness: each epoch's history entry gets 'sharpness', the largest GGN
+    eigenvalue on the first training examples (fnbp.top_eigenvalues of fnbp.ggn_vp, whose
+    values tests/test_jvp.py checks against NumPy); without the flag there is none."""
+    out = tmp_path / "run"
+    assert train(*SMALL, "--track-sharpness", "--out", out) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["sharpness"]) and h["sharpness"] > 0 for h in history)
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert train(*SMALL, "--out", tmp_path / "plain") == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["history"]
+    assert all("sharpness" not in h for h in plain)
+
+
 def test_train_progress_bar_shows_running_loss_and_accuracy(tmp_path, capsys):
     args = [a for a in SMALL if a != "--no-progress"]
     assert train(*args, "--epochs", "1", "--out", tmp_path / "run") == 0

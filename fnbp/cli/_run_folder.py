@@ -587,6 +587,7 @@ def write_results(
             result.history,
             f"fnbp: {config['model']} on {config['dataset']}, {config['optimizer']} "
             f"lr {config['lr']:g}",
+            lr=config["lr"],
         )
     progress.output.say(
         f"test accuracy {100 * final['test_accuracy']:.2f}%  test loss "
@@ -621,15 +622,26 @@ def write_json(path: str, document: Any) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def plot(path: str, history: list[dict[str, Any]], title: str) -> None:
-    """plot.png: the loss (log scale) and the accuracy per epoch, train and test."""
+def plot(path: str, history: list[dict[str, Any]], title: str, lr: float | None = None) -> None:
+    """plot.png: the loss (log scale) and the accuracy per epoch, train and test; with
+    ``--track-sharpness``, a third panel: the sharpness per epoch and 2/lr (the value
+    full-batch gradient descent's sharpness rises to, Cohen et al. 2021)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [entry["epoch"] for entry in history]
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    sharp = [e for e in history if "sharpness" in e]
+    figure, panels = plt.subplots(1, 3 if sharp else 2, figsize=(15 if sharp else 10, 4))
+    loss_axes, accuracy_axes = panels[0], panels[1]
+    if sharp:
+        panels[2].plot([e["epoch"] for e in sharp], [e["sharpness"] for e in sharp], "-o")
+        if lr:
+            panels[2].axhline(2 / lr, color="gray", linestyle="--", label=f"2/lr = {2 / lr:g}")
+            panels[2].legend()
+        panels[2].set(xlabel="epoch", ylabel="largest GGN eigenvalue", title="sharpness")
+        panels[2].grid(alpha=0.3)
     for split, style in (("train", "-o"), ("test", "-s")):
         if f"{split}_loss" in history[0]:
             loss_axes.plot(epochs, [e[f"{split}_loss"] for e in history], style, label=split)

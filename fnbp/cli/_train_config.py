@@ -190,6 +190,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 config[name] = value
         config["epochs"] = args.epochs if args.epochs is not None else dataset_defaults["epochs"]
     config["checkpoint_every"] = args.checkpoint_every
+    config["track_sharpness"] = bool(getattr(args, "track_sharpness", False))
     _validate(config, checkpoint, from_checkpoint)
     _validate_parallel(args)
     return config, checkpoint

@@ -158,6 +158,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also save a checkpoint every N steps (default: every epoch only)",
     )
     parser.add_argument(
+        "--track-sharpness",
+        action="store_true",
+        help="after every epoch, record the largest eigenvalue of the GGN of the loss on a fixed "
+        "batch (the first 256 training examples; fnbp.top_eigenvalues of fnbp.ggn_vp) as "
+        "'sharpness' in metrics.json, and plot it with 2/lr",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="compute dtype; bfloat16 and float16 are mixed precision with "
@@ -718,6 +725,22 @@ def _train(args: argparse.Namespace, progress: Any, stop: Any = None) -> int:
             lock.release()
 
 
+def _sharpness(run: _Run) -> Any:
+    """params -> the largest eigenvalue of the GGN of the mean loss on a fixed batch, jitted."""
+    import jax
+
+    import fnbp
+
+    x, y = run.x_train[:256], run.y_train[:256]
+
+    @jax.jit
+    def largest(params):
+        matvec = fnbp.ggn_vp(run.model, fnbp.cross_entropy_loss, params, x, y)
+        return fnbp.top_eigenvalues(matvec, params, k=1, iterations=20)[0][0]
+
+    return largest
+
+
 def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any, started: float) -> int:
     """Train the prepared run; its folder is ready (and locked, on process 0)."""
     import fnbp
@@ -745,7 +768,11 @@ def _run(args: argparse.Namespace, run: _Run, progress: Any, stop: Any, started:
         if every and current.step % every == 0 and current.step % run.per_epoch:
             save(current, history_so_far)
 
+    sharpness = _sharpness(run) if config["track_sharpness"] else None
+
     def on_epoch(current: Any, epochs_done: list[dict[str, Any]]) -> None:
+        if sharpness is not None:
+            epochs_done[-1]["sharpness"] = float(sharpness(current.params))
         history_so_far[:] = epochs_done
         save(current, epochs_done)
 
