@@ -42,6 +42,7 @@ FIGURES = {
     "05_per_example_gradients": ["per_example_norms.png"],
     "06_performance": ["ratios.png", "depth.png"],
     "07_curvature": ["kfac_vs_adam.png", "reliability.png"],
+    "08_sharpness": ["sharpness.png"],
 }
 """The figures each notebook must write, by notebook."""
 
