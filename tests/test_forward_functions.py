@@ -5,7 +5,8 @@ For a rule M(a_1, ..., a_k) the forward function is F[M](t) = sum_j J_j t_j
 ``bwd``). On every example of every rule in the registry, in float64:
 
 - F(t) equals ``jax.jvp`` of the rule's plain-jnp reference along the same
-  tangents (one random tangent per float argument; integer labels get none);
+  tangents (one random tangent per float argument; integer labels get none),
+  and central finite differences of the rule's own forward pass (h = 1e-6);
 - F and B are adjoint: <F(t), v> = sum_j <t_j, B(v)_j> for random t and v
   (a forward function that disagrees with its own backward function is the
   bug this finds, whichever of the two is wrong);
@@ -85,6 +86,22 @@ def test_forward_function_equals_jax_jvp_of_the_reference(name, variant):
     assert got.shape == want.shape and got.dtype == out.dtype
     assert rel_err(got, want) <= F64_RTOL
     assert rel_err(out, want_out) <= F64_RTOL
+
+
+@pytest.mark.parametrize("name, variant", CASES, ids=[v for _, v in CASES])
+def test_forward_function_equals_central_finite_differences_of_the_rule(name, variant):
+    """F(t) against (M(a + h t) - M(a - h t)) / 2h of the rule's own forward pass, float64."""
+    rule, args, kwargs, tangents = problem(name, variant)
+    _, res = rule.fwd(*args, **kwargs)
+    got = rule.jvp(res, tangents, **kwargs)
+    h = 1e-6
+
+    def shifted(sign):
+        moved = [a if t is None else a + sign * h * t for a, t in zip(args, tangents)]
+        return rule.fwd(*moved, **kwargs)[0]
+
+    want = (shifted(1.0) - shifted(-1.0)) / (2 * h)
+    assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("name, variant", CASES, ids=[v for _, v in CASES])
