@@ -61,6 +61,8 @@ __all__ = ["Laplace", "laplace"]
 STRUCTURES = ("diag", "kfac")
 SUBSETS = ("all", "last_layer")
 METHODS = ("probit", "mc")
+# The classification losses' links from the network's output to class probabilities.
+_LINKS = {"cross_entropy_loss": jax.nn.softmax, "logistic_loss": jax.nn.sigmoid}
 
 
 @jax.tree_util.register_dataclass
@@ -192,13 +194,13 @@ class Laplace:
             evidence = [self.log_marginal_likelihood(float(d)) for d in grid]
             return self.with_prior_precision(float(grid[int(np.argmax(evidence))]))
         name = loss_curvature(fn, self.loss).name
-        if name not in ("cross_entropy_loss", "logistic_loss"):
+        if name not in _LINKS:
             raise ValueError(
                 f"{fn}: validation needs a classification loss (cross_entropy_loss or "
                 f"logistic_loss), got {name}; choose the prior precision by the evidence"
             )
         x, y = _pair(fn, "validation", validation)
-        link = jax.nn.softmax if name == "cross_entropy_loss" else jax.nn.sigmoid
+        link = _LINKS[name]
         f = self.model.apply(self.mean, x)
         v = self._variances(x, jnp.asarray(grid, self._dtype()))  # all the grid in one pass
         nll = [_nll(name, _probit(link, f, v[..., g]), y) for g in range(grid.size)]
@@ -210,31 +212,11 @@ class Laplace:
         """``samples`` draws of the parameters from N(theta, Sigma): leaves (samples, *shape)."""
         samples = _args.positive_int("sample", "samples", samples)
         key = _args.prng_key("sample", key)
-        return jax.jit(self._draw, static_argnums=1)(key, samples)  # one program, not op by op
+        return _draw(self.structure, self.n, samples, *self._arrays(), key)
 
-    def _draw(self, key: Array, samples: int) -> Params:
-        delta = self.prior_precision
-        leaves, treedef = jax.tree_util.tree_flatten(self.mean)
-        keys = iter(jax.random.split(key, len(leaves) + 1))
-
-        def diagonal_draw(mean, d):
-            eps = jax.random.normal(next(keys), (samples,) + mean.shape, d.dtype)
-            return mean + (eps / jnp.sqrt(d + delta)).astype(mean.dtype)
-
-        def layer(e, pair):
-            mean, d = pair
-            if e is None:
-                return jax.tree_util.tree_map(diagonal_draw, mean, d)
-            W = as_matrix(mean)
-            eps = jax.random.normal(next(keys), (samples,) + W.shape, e.la.dtype)
-            eps = eps / jnp.sqrt(e.precision(self.n, delta))
-            draws = W + jnp.einsum("ab,sbc,dc->sad", e.qb, eps, e.qa).astype(W.dtype)
-            return jax.vmap(lambda G: from_matrix(G, mean))(draws)
-
-        if self.structure == "diag":
-            return jax.tree_util.tree_map(diagonal_draw, self.mean, self.diagonal)
-        pairs = _zip_params(self.mean, self.diagonal)
-        return map_layers(layer, self.eigen, pairs)
+    def _arrays(self) -> tuple:
+        """The posterior's arrays, as the compiled functions below take them."""
+        return self.mean, self.diagonal, self.eigen, self.prior_precision
 
     def logit_variances(self, x: Array) -> Array:
         """v_c = J_c Sigma J_c^T for every example and output: shape (n, *output shape).
@@ -277,25 +259,55 @@ class Laplace:
         if method not in METHODS:
             raise ValueError(f"predictive: method must be 'probit' or 'mc', got {method!r}")
         name = loss_curvature("predictive", self.loss).name
-        if name not in ("cross_entropy_loss", "logistic_loss"):
+        if name not in _LINKS:
             raise NotImplementedError(
                 f"predictive: the predictive of {name} is the Gaussian N(f(x), v + 1); take "
                 f"f from model.apply and v from logit_variances(x)"
             )
-        link = jax.nn.softmax if name == "cross_entropy_loss" else jax.nn.sigmoid
+        link = _LINKS[name]
         if method == "mc":
             if key is None:
                 raise ValueError("predictive: method='mc' draws parameters and needs a key")
             samples = _args.positive_int("predictive", "samples", samples)
             key = _args.prng_key("predictive", key)
 
-            @jax.jit
-            def average(key, x):  # the draws and their average in one program
-                draws = self._draw(key, samples)
-                return jnp.mean(jax.lax.map(lambda p: link(self.model.apply(p, x)), draws), axis=0)
-
-            return average(key, x)
+            return _mc_predictive(
+                self.model, link, self.structure, self.n, samples, *self._arrays(), key, x
+            )
         return _probit(link, self.model.apply(self.mean, x), self.logit_variances(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _draw(structure, n, samples, mean, diagonal, eigen, delta, key):
+    """``samples`` draws from N(mean, Sigma(delta)): one compiled program per structure,
+    shapes and number of draws, cached across calls and approximations."""
+    leaves, _ = jax.tree_util.tree_flatten(mean)
+    keys = iter(jax.random.split(key, len(leaves) + 1))
+
+    def diagonal_draw(mean, d):
+        eps = jax.random.normal(next(keys), (samples,) + mean.shape, d.dtype)
+        return mean + (eps / jnp.sqrt(d + delta)).astype(mean.dtype)
+
+    def layer(e, pair):
+        mean, d = pair
+        if e is None:
+            return jax.tree_util.tree_map(diagonal_draw, mean, d)
+        W = as_matrix(mean)
+        eps = jax.random.normal(next(keys), (samples,) + W.shape, e.la.dtype)
+        eps = eps / jnp.sqrt(e.precision(n, delta))
+        draws = W + jnp.einsum("ab,sbc,dc->sad", e.qb, eps, e.qa).astype(W.dtype)
+        return jax.vmap(lambda G: from_matrix(G, mean))(draws)
+
+    if structure == "diag":
+        return jax.tree_util.tree_map(diagonal_draw, mean, diagonal)
+    return map_layers(layer, eigen, _zip_params(mean, diagonal))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _mc_predictive(model, link, structure, n, samples, mean, diagonal, eigen, delta, key, x):
+    """The mean of link(model(theta_s, x)) over :func:`_draw`'s draws, in one program."""
+    draws = _draw(structure, n, samples, mean, diagonal, eigen, delta, key)
+    return jnp.mean(jax.lax.map(lambda p: link(model.apply(p, x)), draws), axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
