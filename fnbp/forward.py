@@ -31,7 +31,7 @@ from jax import Array
 
 from fnbp.backprop import Loss, _backprop, _check, _inputs
 from fnbp.curvature import loss_curvature
-from fnbp.nn.layer import Layer, Params
+from fnbp.nn.layer import Layer, Params, no_forward_function
 from fnbp.rules._rule import forward_mode
 
 __all__ = ["ggn_vp", "hvp", "jacfwd", "jvp", "linearize"]
@@ -173,10 +173,7 @@ def ggn_vp(
     _check(fn, model, loss, x, y)
     tangent = model.tangent
     if tangent is None:
-        raise NotImplementedError(
-            f"{fn}: layer {model.name!r} has no forward function; give it one with "
-            f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
-        )
+        raise no_forward_function(repr(model.name), fn)
     t, residuals = model.forward(params, x)
     losses = loss(t, y)
     S = rule.hooks["hessian_factor"](t, y).astype(t.dtype)  # t.shape + (C,)

@@ -8,7 +8,17 @@ import jax
 import jax.numpy as jnp
 
 from fnbp.nn import _args
-from fnbp.nn.layer import TOP, BookKeeping, Layer, Site, _layer, at_site, quiet, site
+from fnbp.nn.layer import (
+    TOP,
+    BookKeeping,
+    Layer,
+    Site,
+    _layer,
+    at_site,
+    quiet,
+    site,
+    tangent_pass,
+)
 
 
 def serial(*layers: Layer, name: str | None = None) -> Layer:
@@ -111,10 +121,9 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     def tangent(params, residuals, dparams, dz):
         """The mirror of Algorithm 3: F of each child, from the first to the last."""
         for i, layer in enumerate(layers):
-            if dz is None and not jax.tree_util.tree_leaves(dparams[i]):
-                continue  # a zero tangent in, none of its own: a zero tangent out
             with _blame(where(i), layer.name, "tangent pass"):
-                dz = _tangent_of(layer, where(i))(params[i], residuals[i], dparams[i], dz)
+                named = f"{where(i)} ({layer.name})"
+                dz = tangent_pass(layer.tangent, named, params[i], residuals[i], dparams[i], dz)
         return dz
 
     return _layer(
@@ -167,7 +176,7 @@ def residual(block: Layer) -> Layer:
         return out, columns + dz
 
     def tangent(params, residuals, dparams, dz):  # F[Res](t) = t + F[block](t)
-        inner = _tangent_of(block)(params, residuals, dparams, dz)
+        inner = tangent_pass(block.tangent, repr(block.name), params, residuals, dparams, dz)
         return dz if inner is None else inner if dz is None else dz + inner
 
     return _layer(
@@ -232,8 +241,10 @@ def remat(layer: Layer) -> Layer:
 
     def tangent(params, z, dparams, dz):  # the residuals again, then the layer's F
         if dz is None and not jax.tree_util.tree_leaves(dparams):
-            return None
-        return _tangent_of(layer)(params, recompute(params, z), dparams, dz)
+            return None  # no tangent in: nothing to recompute
+        return tangent_pass(
+            layer.tangent, repr(layer.name), params, recompute(params, z), dparams, dz
+        )
 
     return _layer(
         name,
@@ -243,17 +254,6 @@ def remat(layer: Layer) -> Layer:
         BookKeeping(norms, clipped, moments, curvature),
         tangent=tangent,
     )
-
-
-def _tangent_of(layer: Layer, where: str | None = None):
-    """The layer's forward function, or a refusal that names the layer (and its place)."""
-    if layer.tangent is None:
-        named = repr(layer.name) if where is None else f"{where} ({layer.name})"
-        raise NotImplementedError(
-            f"fnbp.jvp: layer {named} has no forward function; give it one with "
-            f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
-        )
-    return layer.tangent
 
 
 def _like(params, values: list):

@@ -197,10 +197,7 @@ def _make_apply(name, forward, backward, tangent):
         if not in_forward_mode():
             return rule(params, z)
         if tangent is None:
-            raise NotImplementedError(
-                f"fnbp.jvp: layer {name!r} has no forward function; give it one with "
-                f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
-            )
+            raise no_forward_function(repr(name))
         return forward_rule(params, z)
 
     @jax.custom_vjp
@@ -225,13 +222,33 @@ def _make_apply(name, forward, backward, tangent):
         params, z = primals
         dparams, dz = _none_for_zeros(tangents)  # no product with a zero tangent
         u, residuals = forward(params, z)
-        if dz is None and not jax.tree_util.tree_leaves(dparams):
-            return u, jnp.zeros_like(u)
-        du = tangent(params, residuals, dparams, dz)
+        du = tangent_pass(tangent, repr(name), params, residuals, dparams, dz)
         return u, jnp.zeros_like(u) if du is None else du
 
     forward_rule.defjvp(forward_rule_jvp, symbolic_zeros=True)
     return apply
+
+
+def no_forward_function(named: str, fn: str = "fnbp.jvp") -> NotImplementedError:
+    """The refusal of forward mode for a layer without a forward function, naming it."""
+    return NotImplementedError(
+        f"{fn}: layer {named} has no forward function; give it one with "
+        f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
+    )
+
+
+def tangent_pass(tangent, named: str, params, residuals, dparams, dz):
+    """A layer's forward function ``tangent`` applied, for every layer and combinator alike.
+
+    ``None`` (a zero tangent out) without calling it where no tangent comes in
+    (``dz`` and every leaf of ``dparams`` ``None``); a layer without a forward
+    function is refused only where one is needed (``named`` names it).
+    """
+    if dz is None and not jax.tree_util.tree_leaves(dparams):
+        return None
+    if tangent is None:
+        raise no_forward_function(named)
+    return tangent(params, residuals, dparams, dz)
 
 
 def _none_for_zeros(tangents):

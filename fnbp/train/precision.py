@@ -54,7 +54,7 @@ import optax
 from jax import Array
 
 from fnbp.backprop import Loss, backprop
-from fnbp.nn.layer import BookKeeping, Layer, Params, _layer
+from fnbp.nn.layer import BookKeeping, Layer, Params, _layer, tangent_pass
 
 # The names fnbp train's --precision takes: the compute dtype of a policy whose
 # parameters and output are float32.
@@ -309,14 +309,11 @@ def _with_precision(model: Layer, policy: Precision) -> Layer:
     def tangent(params, saved, dparams, dz):
         """F of the cast network: the tangents cast to the compute dtype, F, cast out."""
         residuals, _ = saved
-        if model.tangent is None:
-            raise NotImplementedError(
-                f"fnbp.jvp: layer {model.name!r} has no forward function; give it one with "
-                f"fnbp.make_layer(name, init, forward, backward, tangent=...)"
-            )
         dparams = policy.cast_to_compute(dparams)  # None (zero) leaves stay None
         dz = None if dz is None else policy.cast_to_compute(dz)
-        du = model.tangent(policy.cast_to_compute(params), residuals, dparams, dz)
+        du = tangent_pass(
+            model.tangent, repr(model.name), policy.cast_to_compute(params), residuals, dparams, dz
+        )
         return None if du is None else policy.cast_to_output(du)
 
     layer = _layer(
