@@ -103,13 +103,13 @@ def relu_bwd(res: ReluResiduals, v: Array) -> tuple[Array]:
 
 
 def relu_jvp(res: ReluResiduals, t: tuple) -> Array:
-    """F[relu, z](t) = 1[z > 0] (.) t, the same mask as B: relu's Jacobian is
-    diagonal (so symmetric), with relu'(0) = 0. A ``None`` tangent gives zeros
-    (in the default float dtype: the mask does not record z's)."""
+    """F[relu, z](t) = 1[z > 0] (.) t: relu's Jacobian is diagonal (so symmetric), so F is
+    B's own map, relu'(0) = 0. A ``None`` tangent gives zeros (in the default float
+    dtype: the mask does not record z's)."""
     (t_z,) = t
     if t_z is None:
         return jnp.zeros(res.mask.shape)
-    return jnp.where(res.mask, t_z, jnp.zeros((), t_z.dtype))
+    return relu_bwd(res, t_z)[0]
 
 
 def relu(z: Array) -> Array:
@@ -163,11 +163,10 @@ def sigmoid_bwd(res: SigmoidResiduals, v: Array) -> tuple[Array]:
 
 
 def sigmoid_jvp(res: SigmoidResiduals, t: tuple) -> Array:
-    """F[sigmoid, z](t) = s (1 - s) (.) t with s = sigmoid(z), the saved output:
-    the Jacobian is diagonal (symmetric), so F and B are the same product."""
-    s = res.s
+    """F[sigmoid, z](t) = s (1 - s) (.) t with s = sigmoid(z): the Jacobian is diagonal
+    (symmetric), so F is B's own map."""
     (t_z,) = t
-    return _tangent_sum((None if t_z is None else s * (1 - s) * t_z,), s.shape, s.dtype)
+    return jnp.zeros(res.s.shape, res.s.dtype) if t_z is None else sigmoid_bwd(res, t_z)[0]
 
 
 def sigmoid(z: Array) -> Array:
@@ -221,11 +220,10 @@ def tanh_bwd(res: TanhResiduals, v: Array) -> tuple[Array]:
 
 
 def tanh_jvp(res: TanhResiduals, t: tuple) -> Array:
-    """F[tanh, z](t) = (1 - y^2) (.) t with y = tanh(z), the saved output: the
-    Jacobian is diagonal (symmetric), so F and B are the same product."""
-    y = res.y
+    """F[tanh, z](t) = (1 - y^2) (.) t with y = tanh(z): the Jacobian is diagonal
+    (symmetric), so F is B's own map."""
     (t_z,) = t
-    return _tangent_sum((None if t_z is None else (1 - y * y) * t_z,), y.shape, y.dtype)
+    return jnp.zeros(res.y.shape, res.y.dtype) if t_z is None else tanh_bwd(res, t_z)[0]
 
 
 def tanh(z: Array) -> Array:
@@ -405,19 +403,6 @@ def gelu_fwd(z: Array, *, approximate: bool = False) -> tuple[Array, GeluResidua
     return u.astype(z.dtype), GeluResiduals(z)
 
 
-def _gelu_slope(w: Array, approximate: bool) -> Array:
-    """GELU'(w), exact or of the tanh form (see :func:`gelu_bwd`), in w's dtype."""
-    if approximate:
-        s, s_minus, _ = _tanh_gate(w)
-        bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
-        tail = jnp.where(
-            bump == 0, jnp.zeros((), w.dtype), (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump
-        )
-        return s + tail
-    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
-    return _normal_cdf(w) + _times(w, pdf)
-
-
 def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tuple[Array]:
     """B[GELU, z](v) = (Phi(z) + z phi(z)) (.) v for the exact form.
 
@@ -430,23 +415,26 @@ def gelu_bwd(res: GeluResiduals, v: Array, *, approximate: bool = False) -> tupl
     limits at z = -inf and inf are 0 and 1; float16/bfloat16 in float32.
     """
     w = at_least_float32(res.z)
-    return ((_gelu_slope(w, approximate) * v.astype(w.dtype)).astype(v.dtype),)
+    if approximate:
+        s, s_minus, _ = _tanh_gate(w)
+        bump = s * s_minus  # s (1 - s), 0 where z^2 may be inf
+        tail = jnp.where(
+            bump == 0, jnp.zeros((), w.dtype), (2 * _TANH_K) * w * (1 + 3 * _TANH_C * w * w) * bump
+        )
+        slope = s + tail
+    else:
+        pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * w * w)
+        slope = _normal_cdf(w) + _times(w, pdf)
+    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
 
 
 def gelu_jvp(res: GeluResiduals, t: tuple, *, approximate: bool = False) -> Array:
-    """F[GELU, z](t) = (Phi(z) + z phi(z)) (.) t for the exact form; diagonal
-    (symmetric), the slope of B. For ``approximate=True`` the slope is
-    s + 2 z s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 z^2) with s = sigmoid(2a),
-    a = sqrt(2/pi) (z + 0.044715 z^3), 1 - s computed as sigmoid(-2a) (no
-    cancellation); limits 0 and 1 at z = -inf and inf; in at least float32,
-    cast back once.
-    """
-    z = res.z
+    """F[GELU, z](t) = GELU'(z) (.) t: the Jacobian is diagonal (symmetric), so F is B's
+    own map (:func:`gelu_bwd`: the exact or the tanh form's slope, in at least float32)."""
     (t_z,) = t
     if t_z is None:
-        return jnp.zeros(z.shape, z.dtype)
-    w = at_least_float32(z)
-    return (_gelu_slope(w, approximate) * t_z.astype(w.dtype)).astype(z.dtype)
+        return jnp.zeros(res.z.shape, res.z.dtype)
+    return gelu_bwd(res, t_z, approximate=approximate)[0]
 
 
 def gelu(z: Array, approximate: bool = False) -> Array:
@@ -608,12 +596,6 @@ def silu_fwd(z: Array) -> tuple[Array, SiluResiduals]:
     return u.astype(z.dtype), SiluResiduals(z)
 
 
-def _silu_slope(w: Array) -> Array:
-    """silu'(w) = s + w s sigmoid(-w), s = sigmoid(w), in w's dtype."""
-    s, s_minus = _sigmoids(w)
-    return s + _times(w, s * s_minus)
-
-
 def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     """B[silu, z](v) = s (1 + z (1 - s)) (.) v with s = sigmoid(z).
 
@@ -621,20 +603,16 @@ def silu_bwd(res: SiluResiduals, v: Array) -> tuple[Array]:
     for z >> 0); the limits at z = -inf and inf are 0 and 1.
     """
     w = at_least_float32(res.z)
-    return ((_silu_slope(w) * v.astype(w.dtype)).astype(v.dtype),)
+    s, s_minus = _sigmoids(w)
+    slope = s + _times(w, s * s_minus)
+    return ((slope * v.astype(w.dtype)).astype(v.dtype),)
 
 
 def silu_jvp(res: SiluResiduals, t: tuple) -> Array:
-    """F[silu, z](t) = s (1 + z (1 - s)) (.) t with s = sigmoid(z); diagonal
-    (symmetric), the slope of B, computed as s + z s sigmoid(-z) (1 - s is not
-    a difference); limits 0 and 1 at z = -inf and inf; in at least float32,
-    cast back once."""
-    z = res.z
+    """F[silu, z](t) = s (1 + z (1 - s)) (.) t with s = sigmoid(z): the Jacobian is
+    diagonal (symmetric), so F is B's own map (:func:`silu_bwd`)."""
     (t_z,) = t
-    if t_z is None:
-        return jnp.zeros(z.shape, z.dtype)
-    w = at_least_float32(z)
-    return (_silu_slope(w) * t_z.astype(w.dtype)).astype(z.dtype)
+    return jnp.zeros(res.z.shape, res.z.dtype) if t_z is None else silu_bwd(res, t_z)[0]
 
 
 def silu(z: Array) -> Array:
@@ -789,18 +767,10 @@ def softmax_bwd(res: SoftmaxResiduals, v: Array) -> tuple[Array]:
 
 
 def softmax_jvp(res: SoftmaxResiduals, t: tuple) -> Array:
-    """F[softmax, z](t) = s (.) (t - <s, t>), the inner product over the last axis.
-
-    It is (diag(s) - s s^T) t: the Jacobian is symmetric, so F is the same
-    product as B, from the saved output alone; no k x k matrix is built.
-    Summed in at least float32, cast back once.
-    """
+    """F[softmax, z](t) = s (.) (t - <s, t>) = (diag(s) - s s^T) t: the Jacobian is
+    symmetric, so F is B's own map (:func:`softmax_bwd`, summed in at least float32)."""
     (t_z,) = t
-    if t_z is None:
-        return jnp.zeros(res.s.shape, res.s.dtype)
-    acc = accumulation_dtype(res.s, t_z)
-    s, ta = res.s.astype(acc), t_z.astype(acc)
-    return (s * (ta - jnp.sum(s * ta, axis=-1, keepdims=True))).astype(res.s.dtype)
+    return jnp.zeros(res.s.shape, res.s.dtype) if t_z is None else softmax_bwd(res, t_z)[0]
 
 
 def softmax(z: Array) -> Array:

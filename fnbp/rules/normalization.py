@@ -195,6 +195,11 @@ def _ln_s_dz(y: Array, inv_sigma: Array, g: Array) -> Array:
     return inv_sigma * (g - _mean_last(g) - y * _mean_last(g * y))
 
 
+def _rms_dz(y: Array, inv_r: Array, g: Array) -> Array:
+    """B[RMSNorm-S, z](g) = (1/r)(g - y mean(g y)), y = z / r."""
+    return inv_r * (g - y * _mean_last(g * y))
+
+
 def _d_eps(y: Array, inv_sigma: Array, g: Array, eps: Array) -> Array:
     """B[., eps](g) = -sum of g (.) y / (2 sigma^2), over every entry."""
     per_example = jnp.sum(g * y, axis=-1, keepdims=True) * (inv_sigma * inv_sigma)
@@ -210,7 +215,7 @@ def _dy(y: Array, inv: Array, t_z: Array | None, t_eps: Array | None, center: bo
     dy = jnp.zeros_like(y)
     if t_z is not None:
         tz = t_z.astype(y.dtype)
-        dy = dy + inv * ((tz - _mean_last(tz) if center else tz) - y * _mean_last(tz * y))
+        dy = dy + (_ln_s_dz if center else _rms_dz)(y, inv, tz)
     if t_eps is not None:
         dy = dy - 0.5 * y * (inv * inv) * t_eps.astype(y.dtype)
     return dy
@@ -497,7 +502,7 @@ def rms_norm_bwd(res: RmsNormResiduals, v: Array) -> tuple[Array, Array, Array]:
     y, inv_r, gamma, eps, z_like = res
     va = v.astype(y.dtype)
     g = gamma.astype(y.dtype) * va
-    dz = (inv_r * (g - y * _mean_last(g * y))).astype(z_like.dtype)
+    dz = _rms_dz(y, inv_r, g).astype(z_like.dtype)
     dgamma = _sum_to(va * y, gamma.shape, gamma.dtype)
     return dz, dgamma, _d_eps(y, inv_r, g, eps)
 
