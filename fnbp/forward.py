@@ -22,6 +22,7 @@ whole ``fnbp.jvp`` call instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -175,7 +176,8 @@ def ggn_vp(
     if tangent is None:
         raise no_forward_function(repr(model.name), fn)
     t, residuals = model.forward(params, x)
-    losses = loss(t, y)
+    losses = jax.eval_shape(loss, t, y)  # their number and shape; the values are not needed
+    count = math.prod(losses.shape)
     S = rule.hooks["hessian_factor"](t, y).astype(t.dtype)  # t.shape + (C,)
     per_entry = losses.shape == t.shape  # one loss value per entry of t (logistic)
 
@@ -185,7 +187,7 @@ def ggn_vp(
             w = S[..., 0] * S[..., 0] * dt
         else:
             w = jnp.einsum("...kc,...c->...k", S, jnp.einsum("...kc,...k->...c", S, dt))
-        grads, _ = model.backward(params, residuals, w / losses.size)  # J^T H J v / N
+        grads, _ = model.backward(params, residuals, w / count)  # J^T H J v / N
         return grads
 
     return matvec
