@@ -97,10 +97,12 @@ def top_eigenvalues(
         # round-off. Go on from a fresh random direction orthogonal to the basis, and
         # decouple T there (its beta is 0), as in exact arithmetic.
         broke = b <= tiny * scale
-        fresh = orthogonal(
-            jax.random.normal(jax.random.fold_in(key, j + 1), (size,), dtype), inside
-        )
-        w = jnp.where(broke, fresh, w)
+
+        def fresh(_):  # drawn and projected only where the space is exhausted
+            draw = jax.random.normal(jax.random.fold_in(key, j + 1), (size,), dtype)
+            return orthogonal(draw, inside)
+
+        w = jax.lax.cond(broke, fresh, lambda _: w, None)
         basis = basis.at[j + 1].set(w / jnp.linalg.norm(w))
         return basis, alpha.at[j].set(a), beta.at[j].set(jnp.where(broke, 0, b)), scale
 
