@@ -296,6 +296,8 @@ def bench_kfac_jax(batch: int, rounds: int, smoke: bool) -> dict[str, Any] | str
         for _ in range(2):  # compile and warm up
             kfac_state = jax.block_until_ready(kfac_steps(*kfac_state))
             adam_state = jax.block_until_ready(adam_steps(*adam_state))
+        # timed here, not by timing.paired_ratios: kfac-jax donates its arguments, so each
+        # call must take the state the previous one returned, not the same arguments again
         ratios, ms = [], []
         for r in range(max(3, rounds // 4)):
             times = {}
